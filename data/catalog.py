@@ -1,0 +1,64 @@
+"""DuckDB over the lake: the views of `sql/views/` and the per-run catalog file.
+
+Queries never block a running stage: `connect()` is an in-memory connection over the Parquet files.
+`refresh_catalog()` builds `runs/<run>/catalog.duckdb` in a temporary file and renames it into place,
+so the writer is short-lived and never waits on (or locks out) someone who has the old catalog open.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import duckdb
+
+SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+
+
+def view_statements(run_dir: Path) -> list[tuple[str, str]]:
+    run_dir = Path(run_dir).resolve()
+    return [
+        (path.stem, path.read_text().replace("${run_dir}", str(run_dir).replace("'", "''")))
+        for path in sorted((SQL_DIR / "views").glob("*.sql"))
+    ]
+
+
+def named_queries() -> dict[str, Path]:
+    return {path.stem: path for path in sorted((SQL_DIR / "queries").glob("*.sql"))}
+
+
+def create_views(con: duckdb.DuckDBPyConnection, run_dir: Path) -> None:
+    for name, statement in view_statements(run_dir):
+        try:
+            con.execute(statement)
+        except duckdb.Error as err:
+            raise RuntimeError(f"sql/views/{name}.sql: {err}") from err
+
+
+def connect(run_dir: Path) -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect(":memory:")
+    create_views(con, run_dir)
+    return con
+
+
+def refresh_catalog(run_dir: Path) -> Path:
+    target = Path(run_dir) / "catalog.duckdb"
+    tmp = target.parent / f".catalog.duckdb.tmp-{uuid.uuid4().hex}"
+    try:
+        con = duckdb.connect(str(tmp))
+        try:
+            create_views(con, run_dir)
+            con.execute("CHECKPOINT")
+        finally:
+            con.close()
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+        Path(str(tmp) + ".wal").unlink(missing_ok=True)
+    return target
+
+
+def resolve_query(text: str) -> str:
+    """A named query of `sql/queries/` (by file stem), or the text itself."""
+    queries = named_queries()
+    return queries[text].read_text() if text in queries else text

@@ -1,0 +1,317 @@
+"""Ingest: JSONL, Parquet or a `datasets` dataset on disk -> `problems` + `quarantine`.
+
+Every input row ends as exactly one problem or one quarantine row (file, row, field, reason), so
+`rows_read == problems + quarantined` always holds and nothing is dropped silently. Only a file that
+is not of its format at all is an error (`IngestError`, naming the file).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Literal
+
+import pyarrow as pa
+from pydantic import BaseModel, Field
+
+from data import schemas
+from data.decontam import Decontaminator
+from models.prompts import last_boxed
+
+Preset = Literal["gsm8k", "math", "plain"]
+PRESET_FIELDS: dict[str, tuple[str, str]] = {
+    "gsm8k": ("question", "answer"),
+    "math": ("problem", "solution"),
+    "plain": ("question", "answer"),
+}
+RAW_CHARS = 500
+
+
+class IngestError(ValueError):
+    pass
+
+
+class SourceConfig(BaseModel):
+    path: str
+    preset: Preset = "plain"
+    question_field: str | None = None
+    answer_field: str | None = None
+    name: str | None = Field(None, description="source name recorded on each problem; default: folder/file name")
+    limit: int | None = Field(None, ge=1, description="read only the first N rows")
+    split: str | None = Field(None, description="split of a datasets DatasetDict")
+    max_question_chars: int = 4000
+
+
+class EvalSetConfig(BaseModel):
+    name: str
+    path: str
+    preset: Preset = "plain"
+    question_field: str | None = None
+    answer_field: str | None = None
+
+
+@dataclass
+class Record:
+    row: int  # 1-based line (JSONL) or row (Parquet, datasets)
+    value: dict | None
+    raw: str
+    error: tuple[str, str] | None = None  # (reason, detail) when the row could not even be read
+
+
+@dataclass
+class IngestResult:
+    problems: pa.Table
+    quarantine: pa.Table
+    rows_read: int
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+def normalize_question(text: str) -> str:
+    return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text)).strip().lower()
+
+
+def problem_id(question: str) -> str:
+    return hashlib.sha256(normalize_question(question).encode()).hexdigest()[:16]
+
+
+_NUMBER = re.compile(r"^[-+]?(\d{1,3}(,\d{3})+|\d+)(\.\d+)?$")
+
+
+def normalize_answer(answer: str) -> str:
+    """'1,000' -> '1000', '27.0' -> '27', '$5' -> '5'; anything that is not a plain number is kept."""
+    text = answer.strip().strip("$").strip()
+    if _NUMBER.match(text):
+        text = text.replace(",", "").lstrip("+")
+        if "." in text:
+            text = text.rstrip("0").rstrip(".")
+        return text or "0"
+    return answer.strip()
+
+
+# -- reading ------------------------------------------------------------------------------------
+def read_records(path: Path, limit: int | None = None, split: str | None = None) -> Iterator[Record]:
+    if not path.exists():
+        raise IngestError(f"{path}: no such file or folder")
+    if path.is_dir():
+        yield from _read_dataset(path, limit, split)
+    elif path.suffix == ".parquet":
+        yield from _read_parquet(path, limit)
+    elif path.suffix in (".jsonl", ".json", ".ndjson"):
+        yield from _read_jsonl(path, limit)
+    else:
+        raise IngestError(f"{path}: unknown format; expected .jsonl, .parquet or a `datasets` folder")
+
+
+def _read_jsonl(path: Path, limit: int | None) -> Iterator[Record]:
+    parsed_any = False
+    count = 0
+    with open(path, "rb") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            if limit is not None and count >= limit:
+                break
+            count += 1
+            raw = line.decode("utf-8", errors="replace").rstrip("\n")[:RAW_CHARS]
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield Record(number, None, raw, ("not_utf8", f"byte {err.start} is not UTF-8"))
+                continue
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as err:
+                yield Record(number, None, raw, ("not_json", err.msg))
+                continue
+            if not isinstance(value, dict):
+                yield Record(number, None, raw, ("not_object", f"a JSON {type(value).__name__}, not an object"))
+                continue
+            parsed_any = True
+            yield Record(number, value, raw)
+    if count and not parsed_any:
+        raise IngestError(f"{path}: not a JSONL file (no line is a JSON object)")
+
+
+def _read_parquet(path: Path, limit: int | None) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise IngestError(f"{path}: not a Parquet file ({err})") from None
+    if limit is not None:
+        table = table.slice(0, limit)
+    for number, value in enumerate(table.to_pylist(), start=1):
+        yield Record(number, value, json.dumps(value, default=str)[:RAW_CHARS])
+
+
+def _read_dataset(path: Path, limit: int | None, split: str | None) -> Iterator[Record]:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as err:
+        raise IngestError(f"{path}: not a `datasets` folder saved with save_to_disk ({err})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        names = list(loaded.keys())
+        chosen = split or ("train" if "train" in names else names[0] if len(names) == 1 else None)
+        if chosen not in loaded:
+            raise IngestError(f"{path}: holds splits {names}; name one with split")
+        loaded = loaded[chosen]
+    if limit is not None:
+        loaded = loaded.select(range(min(limit, len(loaded))))
+    for number, value in enumerate(loaded, start=1):
+        yield Record(number, dict(value), json.dumps(value, default=str)[:RAW_CHARS])
+
+
+# -- interpreting -------------------------------------------------------------------------------
+class RowProblem(Exception):
+    def __init__(self, reason: str, field_name: str | None, detail: str):
+        super().__init__(detail)
+        self.reason, self.field_name, self.detail = reason, field_name, detail
+
+
+def _text_field(value: dict, name: str) -> str:
+    if name not in value or value[name] is None:
+        raise RowProblem("missing_field", name, f"no field {name!r} (fields: {sorted(value)[:10]})")
+    text = value[name]
+    if not isinstance(text, (str, int, float)) or isinstance(text, bool):
+        raise RowProblem("missing_field", name, f"field {name!r} is a {type(text).__name__}, not text")
+    text = str(text)
+    if not text.strip():
+        raise RowProblem("empty_field", name, f"field {name!r} is empty")
+    return text
+
+
+def fields_for(config: SourceConfig | EvalSetConfig) -> tuple[str, str]:
+    default_q, default_a = PRESET_FIELDS[config.preset]
+    return config.question_field or default_q, config.answer_field or default_a
+
+
+def extract_answer(value: dict, config: SourceConfig | EvalSetConfig) -> str:
+    question_field, answer_field = fields_for(config)
+    if config.preset == "gsm8k":
+        text = _text_field(value, answer_field)
+        if "####" not in text:
+            raise RowProblem("unparseable_answer", answer_field, "no '#### <answer>' marker in the solution")
+        return normalize_answer(text.rsplit("####", 1)[1])
+    if config.preset == "math":
+        if config.answer_field is None and answer_field not in value and "answer" in value:
+            answer_field = "answer"
+        text = _text_field(value, answer_field)
+        boxed = last_boxed(text)
+        if boxed is not None:
+            if not boxed:
+                raise RowProblem("unparseable_answer", answer_field, "the last \\boxed{} is empty")
+            return boxed
+        if "\\boxed" in text or len(text) > 200:
+            raise RowProblem("unparseable_answer", answer_field, "no complete \\boxed{} answer in the solution")
+        return normalize_answer(text)
+    return normalize_answer(_text_field(value, answer_field))
+
+
+def question_of(value: dict, config: SourceConfig | EvalSetConfig) -> str:
+    question_field, _ = fields_for(config)
+    if config.preset == "math" and config.question_field is None and question_field not in value:
+        question_field = "question"
+    return _text_field(value, question_field).strip()
+
+
+def ingest(
+    path: Path,
+    config: SourceConfig,
+    *,
+    check_golds: Callable[[list[str]], list[bool]],
+    known_ids: set[str] = frozenset(),
+    decontaminator: Decontaminator | None = None,
+    source_label: str | None = None,
+) -> IngestResult:
+    """Read one source. `check_golds` says which answers math-verify can parse (the grader pool's job);
+    `known_ids` are problems already in the run, so a duplicate across files is caught too."""
+    label = source_label or str(path)
+    source = config.name or (path.parent.name if path.stem in ("train", "test", "validation") else path.stem)
+    candidates: list[dict] = []
+    quarantined: list[dict] = []
+
+    def reject(record: Record, reason: str, field_name: str | None, detail: str, matched=(None, None)) -> None:
+        quarantined.append(
+            dict(
+                source_file=label, source_row=record.row, field=field_name, reason=reason, detail=detail,
+                raw=record.raw, matched_set=matched[0], matched_id=matched[1],
+            )
+        )
+
+    records = list(read_records(path, config.limit, config.split))
+    seen: dict[str, int] = {}
+    for record in records:
+        if record.error:
+            reject(record, record.error[0], None, record.error[1])
+            continue
+        try:
+            question = question_of(record.value, config)
+            answer = extract_answer(record.value, config)
+        except RowProblem as problem:
+            reject(record, problem.reason, problem.field_name, problem.detail)
+            continue
+        if len(question) > config.max_question_chars:
+            reject(record, "too_long", fields_for(config)[0],
+                   f"question has {len(question)} characters; the limit is {config.max_question_chars}")
+            continue
+        pid = problem_id(question)
+        if pid in known_ids or pid in seen:
+            where = f"row {seen[pid]} of this file" if pid in seen else "an earlier ingest of this run"
+            reject(record, "duplicate", fields_for(config)[0], f"same normalised question as {where}", (None, pid))
+            continue
+        if decontaminator is not None:
+            hit = decontaminator.match(question)
+            if hit is not None:
+                reject(record, "contaminated", fields_for(config)[0],
+                       f"shares an 8-word run with {hit.set_name} problem {hit.problem_id}",
+                       (hit.set_name, hit.problem_id))
+                continue
+        seen[pid] = record.row
+        candidates.append(dict(problem_id=pid, question=question, answer=answer, record=record))
+
+    parseable = check_golds([c["answer"] for c in candidates]) if candidates else []
+    problems = []
+    for candidate, ok in zip(candidates, parseable):
+        if not ok:
+            reject(candidate["record"], "unparseable_answer", fields_for(config)[1],
+                   f"math-verify cannot parse the answer {candidate['answer'][:80]!r}")
+            continue
+        problems.append(
+            dict(
+                problem_id=candidate["problem_id"], question=candidate["question"], answer=candidate["answer"],
+                source=source, source_file=label, source_row=candidate["record"].row, origin="seed",
+                parent_problem_id=None,
+            )
+        )
+    reasons: dict[str, int] = {}
+    for row in quarantined:
+        reasons[row["reason"]] = reasons.get(row["reason"], 0) + 1
+    quarantined.sort(key=lambda r: r["source_row"])
+    return IngestResult(
+        problems=pa.Table.from_pylist(problems, schema=schemas.PROBLEMS),
+        quarantine=pa.Table.from_pylist(quarantined, schema=schemas.QUARANTINE),
+        rows_read=len(records),
+        reasons=reasons,
+    )
+
+
+def load_eval_questions(config: EvalSetConfig, root: Path) -> list[tuple[str, str]]:
+    """(problem_id, question) of an evaluation set, for decontamination; unreadable rows are skipped
+    here on purpose: an eval row we cannot read cannot leak into training through us either."""
+    path = (root / config.path) if not Path(config.path).is_absolute() else Path(config.path)
+    out = []
+    for record in read_records(path):
+        if record.value is None:
+            continue
+        try:
+            question = question_of(record.value, config)
+        except RowProblem:
+            continue
+        out.append((problem_id(question), question))
+    return out

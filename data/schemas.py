@@ -1,0 +1,122 @@
+"""Arrow schemas of every artifact table: the contract between stages, the lake and `sql/views/`.
+
+`round` is not a column of the round-partitioned tables: it comes from the lake path
+(`round=<r>/`), which both pyarrow and DuckDB read as a hive partition.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+PROBLEMS = pa.schema(
+    [
+        ("problem_id", pa.string()),
+        ("question", pa.string()),
+        ("answer", pa.string()),
+        ("source", pa.string()),
+        ("source_file", pa.string()),
+        ("source_row", pa.int64()),
+        ("origin", pa.string()),
+        ("parent_problem_id", pa.string()),
+    ]
+)
+
+QUARANTINE = pa.schema(
+    [
+        ("source_file", pa.string()),
+        ("source_row", pa.int64()),
+        ("field", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("raw", pa.string()),
+        ("matched_set", pa.string()),
+        ("matched_id", pa.string()),
+    ]
+)
+
+ROLLOUTS = pa.schema(
+    [
+        ("rollout_id", pa.string()),
+        ("problem_id", pa.string()),
+        ("model_id", pa.string()),
+        ("seed", pa.int64()),
+        ("sample_index", pa.int32()),
+        ("text", pa.string()),
+        ("completion_tokens", pa.int32()),
+        ("finish_reason", pa.string()),
+        ("mean_logprob", pa.float64()),
+    ]
+)
+
+VERDICTS = pa.schema(
+    [
+        ("rollout_id", pa.string()),
+        ("problem_id", pa.string()),
+        ("verdict", pa.string()),
+        ("extracted_answer", pa.string()),
+        ("gold", pa.string()),
+        ("detail", pa.string()),
+        ("seconds", pa.float64()),
+    ]
+)
+
+PROBLEM_STATS = pa.schema(
+    [
+        ("problem_id", pa.string()),
+        ("n", pa.int32()),
+        ("correct", pa.int32()),
+        ("accuracy", pa.float64()),
+        ("pass_at_k", pa.map_(pa.int32(), pa.float64())),
+        ("mean_tokens", pa.float64()),
+        ("bucket", pa.string()),
+    ]
+)
+
+STAGE_RUNS = pa.schema(
+    [
+        ("stage_run_id", pa.string()),
+        ("run", pa.string()),
+        ("round", pa.int32()),
+        ("stage", pa.string()),
+        ("flow_run_id", pa.string()),
+        ("config_hash", pa.string()),
+        ("model_id", pa.string()),
+        ("input_fingerprint", pa.string()),
+        ("output_fingerprint", pa.string()),
+        ("rows_in", pa.int64()),
+        ("rows_out", pa.int64()),
+        ("rows_quarantined", pa.int64()),
+        ("started_at", pa.timestamp("us", tz="UTC")),
+        ("finished_at", pa.timestamp("us", tz="UTC")),
+        ("status", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+
+# the artifact tables stored under runs/<run>/round=<r>/<stage>/<table>/
+ROUND_TABLES: dict[str, pa.Schema] = {
+    "problems": PROBLEMS,
+    "quarantine": QUARANTINE,
+    "rollouts": ROLLOUTS,
+    "verdicts": VERDICTS,
+    "problem_stats": PROBLEM_STATS,
+}
+# tables of the whole run, stored under runs/<run>/<table>/
+RUN_TABLES: dict[str, pa.Schema] = {"stage_runs": STAGE_RUNS}
+
+VERDICT_VALUES = ("correct", "wrong", "no_answer", "bad_gold", "timeout")
+BUCKETS = ("unsolved", "underperforming", "learnable", "solved")
+
+
+def empty(schema: pa.Schema) -> pa.Table:
+    return schema.empty_table()
+
+
+def conform(table: pa.Table, schema: pa.Schema, *, where: str) -> pa.Table:
+    """Cast `table` to exactly `schema` (column order and types), naming what does not fit."""
+    missing = [f.name for f in schema if f.name not in table.column_names]
+    if missing:
+        raise ValueError(f"{where}: missing column(s) {missing}; expected {schema.names}")
+    try:
+        return table.select(schema.names).cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        raise ValueError(f"{where}: columns do not match the schema: {err}") from err

@@ -1,0 +1,256 @@
+"""`evoforge`: the command line. Every command is a thin call into the flows.
+
+Errors a user can fix print as one line (`error: ...`) with exit status 2, not a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+from data import home
+
+home.configure()  # before Prefect, vLLM, torch or HF are imported anywhere
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from data.ingest import IngestError
+    from data.lake import LakeError
+    from flows.config import ConfigError
+    from flows.stage_runner import MissingInput, StageFailed
+    from models.registry import ModelError
+
+    return (IngestError, LakeError, ConfigError, MissingInput, StageFailed, ModelError, FileNotFoundError)
+
+
+def _run_config(run: str, config_path: str | None):
+    from flows.config import ConfigError, load_config
+    from flows.stage_runner import lake
+
+    if config_path:
+        return load_config(config_path)
+    saved = lake().run_dir(run) / "config.yaml"
+    if not saved.exists():
+        raise ConfigError(f"run {run!r} has no saved config: pass --config FILE")
+    return load_config(saved)
+
+
+def cmd_ingest(args) -> None:
+    from data.ingest import EvalSetConfig, SourceConfig
+    from flows.config import load_config
+    from flows.ingest import ingest_flow
+
+    source = SourceConfig(
+        path=str(Path(args.path).resolve()), preset=args.preset, question_field=args.question_field,
+        answer_field=args.answer_field, name=args.name, limit=args.limit,
+    )
+    eval_sets: list[EvalSetConfig] = load_config(args.config).eval_sets if args.config else []
+    result = ingest_flow(args.run, source, eval_sets, force=args.force)
+    from flows.stage_runner import lake
+
+    reasons = lake().read(args.run, "quarantine", 0, "ingest")
+    print(f"ingest {args.path} -> run {args.run}: {result.rows_in} rows read, {result.rows_out} problems, "
+          f"{result.rows_quarantined} quarantined ({result.status})")
+    if reasons.num_rows:
+        counts: dict[str, int] = {}
+        for reason in reasons["reason"].to_pylist():
+            counts[reason] = counts.get(reason, 0) + 1
+        print("  quarantine in the run by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+
+
+def _print_stage_results(results) -> None:
+    for r in results:
+        print(f"  {r.stage:<9} round {r.round}: {r.status:<9} in {r.rows_in:>6}  out {r.rows_out:>6}  "
+              f"quarantined {r.rows_quarantined}")
+
+
+def cmd_round(args) -> None:
+    from flows.config import load_config, save_config
+    from flows.round import round_flow
+    from flows.stage_runner import lake
+    from flows.summary import format_summary, round_summary
+
+    config = load_config(args.config)
+    save_config(config, lake().ensure_run(args.run) / "config.yaml")
+    started = time.monotonic()
+    results = round_flow(args.run, config, round=args.round, force=args.force)
+    _print_stage_results(results)
+    print(format_summary(round_summary(args.run, args.round)))
+    print(f"round took {time.monotonic() - started:.0f} s")
+
+
+def cmd_stage(args) -> None:
+    from flows.round import STAGES
+    from flows.stage_runner import lake
+
+    config = _run_config(args.run, args.config)
+    if args.name == "ingest":
+        from flows.ingest import ingest_flow
+
+        results = [ingest_flow(args.run, s, config.eval_sets, config.verify, force=args.force) for s in config.sources]
+    else:
+        lake().run_dir(args.run)
+        results = [STAGES[args.name](args.run, args.round, config, force=args.force)]
+    _print_stage_results(results)
+
+
+def cmd_demo(args) -> None:
+    from flows.config import DEFAULT_CONFIG
+
+    started = time.monotonic()
+    args.config = args.config or str(DEFAULT_CONFIG)
+    args.round = 0
+    cmd_round(args)
+    from flows.stage_runner import lake
+
+    run_dir = lake().run_dir(args.run)
+    print(f"\ndemo finished in {time.monotonic() - started:.0f} s")
+    print(f"  lake:    {run_dir}")
+    print(f"  catalog: {run_dir / 'catalog.duckdb'}   (evoforge sql --run {args.run} buckets)")
+    print("  Prefect: this run used a temporary API server; to browse flow runs, start the UI with\n"
+          f"           PREFECT_HOME={home.home() / '.prefect'} {sys.executable.rsplit('/', 1)[0]}/prefect server start "
+          "--host 127.0.0.1 --port 4200  and open http://127.0.0.1:4200")
+
+
+def cmd_sql(args) -> None:
+    from data import catalog
+    from flows.stage_runner import lake
+
+    con = catalog.connect(lake().run_dir(args.run))
+    cursor = con.execute(catalog.resolve_query(args.query))
+    names = [d[0] for d in cursor.description]
+    rows = cursor.fetchall()
+    if args.csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(names)
+        writer.writerows(rows)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*names)
+    for row in rows:
+        table.add_row(*["" if v is None else str(v) for v in row])
+    Console().print(table)
+
+
+def cmd_status(args) -> None:
+    args.query = (
+        "SELECT round, stage, status, rows_in, rows_out, rows_quarantined, "
+        "strftime(started_at, '%Y-%m-%d %H:%M:%S') AS started, "
+        "round(epoch(finished_at) - epoch(started_at), 1) AS seconds, left(error, 80) AS error "
+        "FROM stage_runs ORDER BY started_at"
+    )
+    args.csv = False
+    cmd_sql(args)
+
+
+def cmd_verify_file(args) -> None:
+    from tasks.verify import VerifyConfig, grade_pairs
+
+    path = Path(args.input)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    rows, pairs = [], []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            pairs.append((str(row["gold"]), str(row["pred"])))
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}:{number}: each line needs JSON with 'gold' and 'pred' ({err!r})") from None
+        rows.append(row)
+    config = VerifyConfig(workers=args.workers, deadline_seconds=args.deadline)
+    results = grade_pairs(pairs, config)
+    out = Path(args.out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(tmp, "w") as fh:
+        for row, (verdict, extracted, detail, seconds) in zip(rows, results):
+            fh.write(json.dumps({**row, "verdict": verdict, "extracted_answer": extracted, "detail": detail,
+                                 "seconds": round(seconds, 4)}) + "\n")
+    tmp.replace(out)
+    counts: dict[str, int] = {}
+    for verdict, *_ in results:
+        counts[verdict] = counts.get(verdict, 0) + 1
+    print(f"{len(rows)} pairs -> {out}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="evoforge", description="A data factory for self-evolving reasoning models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="a round (ingest -> filter) on the default model into the run 'demo'")
+    demo.add_argument("--run", default="demo")
+    demo.add_argument("--config", default=None, help="default: deploy/configs/demo.yaml")
+    demo.add_argument("--force", action="store_true")
+    demo.set_defaults(func=cmd_demo)
+
+    ingest = sub.add_parser("ingest", help="read a JSONL/Parquet/datasets source into a run's problem pool")
+    ingest.add_argument("path")
+    ingest.add_argument("--run", required=True)
+    ingest.add_argument("--preset", choices=["gsm8k", "math", "plain"], default="plain")
+    ingest.add_argument("--question-field")
+    ingest.add_argument("--answer-field")
+    ingest.add_argument("--name", help="source name recorded on each problem")
+    ingest.add_argument("--limit", type=int, help="read only the first N rows")
+    ingest.add_argument("--config", help="a round config whose eval_sets to decontaminate against")
+    ingest.add_argument("--force", action="store_true")
+    ingest.set_defaults(func=cmd_ingest)
+
+    rnd = sub.add_parser("round", help="run a whole round from a config")
+    rnd.add_argument("--run", required=True)
+    rnd.add_argument("--config", required=True)
+    rnd.add_argument("--round", type=int, default=0)
+    rnd.add_argument("--force", action="store_true")
+    rnd.set_defaults(func=cmd_round)
+
+    stage = sub.add_parser("stage", help="rerun one stage of one round")
+    stage.add_argument("name", choices=["ingest", "generate", "verify", "filter"])
+    stage.add_argument("--run", required=True)
+    stage.add_argument("--round", type=int, default=0)
+    stage.add_argument("--config", help="default: the config the run was started with")
+    stage.add_argument("--force", action="store_true", help="recompute even if inputs, config and model are unchanged")
+    stage.set_defaults(func=cmd_stage)
+
+    sql = sub.add_parser("sql", help="query a run's tables (or a named query of sql/queries/) with DuckDB")
+    sql.add_argument("query")
+    sql.add_argument("--run", required=True)
+    sql.add_argument("--csv", action="store_true")
+    sql.set_defaults(func=cmd_sql)
+
+    status = sub.add_parser("status", help="the stage_runs of a run")
+    status.add_argument("--run", required=True)
+    status.set_defaults(func=cmd_status)
+
+    vf = sub.add_parser("verify-file", help="grade {gold, pred} JSONL lines exactly as the verify stage does")
+    vf.add_argument("input")
+    vf.add_argument("--out", required=True)
+    vf.add_argument("--workers", type=int, default=2)
+    vf.add_argument("--deadline", type=float, default=10.0)
+    vf.set_defaults(func=cmd_verify_file)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        import duckdb
+
+        if isinstance(err, _user_errors() + (ValueError, duckdb.Error)):
+            print(f"error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""filter flow: the round's `verdicts` -> `problem_stats` (accuracy, pass@k, bucket)."""
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.config import RoundConfig, config_hash
+from flows.stage_runner import StageResult, execute_stage, fingerprint_inputs
+from flows.verify import round_table
+from tasks.filter import filter_problems
+
+
+@flow(name="filter", flow_run_name="{run}/round-{round}/filter")
+def filter_flow(run: str, round: int, config: RoundConfig, force: bool = False) -> StageResult:
+    verdicts = round_table(run, round, "verdicts", "verify").select(["rollout_id", "problem_id", "verdict"])
+    rollouts = round_table(run, round, "rollouts", "generate").select(["rollout_id", "completion_tokens"])
+    return execute_stage(
+        run, round, "filter",
+        config_hash=config_hash(config.filter),
+        model_id=None,
+        input_fingerprint=fingerprint_inputs(verdicts, rollouts),
+        rows_in=verdicts.num_rows,
+        compute=lambda: {"problem_stats": filter_problems(verdicts, rollouts, config.filter)},
+        force=force,
+    )

@@ -1,0 +1,70 @@
+"""ingest flow: one source file -> round 0 `problems` + `quarantine` (one part per source)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from data.decontam import Decontaminator
+from data.ingest import EvalSetConfig, IngestError, SourceConfig, ingest, load_eval_questions
+from data.lake import fingerprint_files
+from flows.config import config_hash, resolve_path
+from flows.stage_runner import StageResult, execute_stage, lake
+from tasks.verify import VerifyConfig, check_golds
+
+
+def _input_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+
+
+def build_decontaminator(eval_sets: list[EvalSetConfig]) -> Decontaminator | None:
+    if not eval_sets:
+        return None
+    decontaminator = Decontaminator()
+    for eval_set in eval_sets:
+        decontaminator.add_set(eval_set.name, load_eval_questions(eval_set, resolve_path(".")))
+    return decontaminator
+
+
+@flow(name="ingest", flow_run_name="{run}/ingest")
+def ingest_flow(
+    run: str,
+    source: SourceConfig,
+    eval_sets: list[EvalSetConfig] | None = None,
+    verify: VerifyConfig | None = None,
+    force: bool = False,
+) -> StageResult:
+    eval_sets = eval_sets or []
+    verify = verify or VerifyConfig()
+    path = resolve_path(source.path)
+    if not path.exists():
+        raise IngestError(f"{source.path}: no such file or folder")
+    files = _input_files(path)
+    source_fp = fingerprint_files(files) if files else "empty"
+    eval_fp = fingerprint_files([f for s in eval_sets for f in _input_files(resolve_path(s.path))]) if eval_sets else ""
+    settings = {"source": source.model_dump(mode="json", exclude={"path"}), "eval_sets": [
+        e.model_dump(mode="json") for e in eval_sets]}
+    input_fp = f"{source_fp}:{eval_fp}"
+    part = source_fp  # a source is identified by its content, wherever it lies
+    store = lake()
+
+    def compute():
+        known = set(store.read(run, "problems")["problem_id"].to_pylist())
+        own = store.stage_dir(run, 0, "ingest") / "problems" / f"part-{part}.parquet"
+        if own.exists():  # a forced re-ingest must not call its own earlier rows duplicates
+            import pyarrow.parquet as pq
+
+            known -= set(pq.read_table(own, columns=["problem_id"])["problem_id"].to_pylist())
+        result = ingest(
+            path, source,
+            check_golds=lambda answers: check_golds(answers, verify),
+            known_ids=known,
+            decontaminator=build_decontaminator(eval_sets),
+            source_label=source.path,
+        )
+        return {"problems": result.problems, "quarantine": result.quarantine}
+
+    return execute_stage(
+        run, 0, "ingest", config_hash=config_hash(settings), model_id=None, input_fingerprint=input_fp,
+        rows_in=None, compute=compute, force=force, part=part,
+    )

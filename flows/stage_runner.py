@@ -1,0 +1,141 @@
+"""What every stage flow does around its task: fingerprints, skip-if-unchanged, `stage_runs`, atomic
+publication of the outputs, and the catalog refresh.
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable
+
+import pyarrow as pa
+
+from data import catalog, home
+from data.lake import Lake, fingerprint_files, fingerprint_table
+from tasks.progress import run_logger
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+class MissingInput(RuntimeError):
+    pass
+
+
+@dataclass
+class StageResult:
+    stage: str
+    round: int
+    status: str  # completed | skipped
+    rows_in: int
+    rows_out: int
+    rows_quarantined: int
+    output_fingerprint: str | None
+    tables: dict[str, pa.Table] = field(default_factory=dict)  # empty when skipped
+
+
+def lake() -> Lake:
+    return Lake(home.runs_root())
+
+
+def fingerprint_inputs(*tables: pa.Table, extra: str = "") -> str:
+    return fingerprint_table(pa.table({"fp": [fingerprint_table(t) for t in tables] + [extra]}))
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _flow_run_id() -> str | None:
+    try:
+        from prefect.runtime import flow_run
+
+        return str(flow_run.id) if flow_run.id else None
+    except Exception:
+        return None
+
+
+def _event(base: dict, **changes) -> pa.Table:
+    return pa.Table.from_pylist([{**base, **changes}])
+
+
+def execute_stage(
+    run: str,
+    round_: int,
+    stage: str,
+    *,
+    config_hash: str,
+    model_id: str | None,
+    input_fingerprint: str,
+    rows_in: int | None,
+    compute: Callable[[], dict[str, pa.Table]],
+    force: bool = False,
+    part: str | None = None,
+) -> StageResult:
+    """Run `compute` unless an identical earlier execution's output is still in place.
+
+    `part`: the stage adds/replaces one named part per input (ingest: one per source) instead of
+    replacing its whole output. `rows_in=None`: every input row ends in an output or in quarantine
+    (ingest), so rows in = rows out + rows quarantined.
+    """
+    store = lake()
+    store.ensure_run(run)
+    log = run_logger()
+    stage_dir = store.stage_dir(run, round_, stage)
+
+    def current_output() -> str | None:
+        files = sorted(stage_dir.glob(f"*/part-{part or '*'}.parquet"))
+        return fingerprint_files(files) if files else None
+
+    previous = [
+        r
+        for r in store.read(run, "stage_runs").to_pylist()
+        if r["round"] == round_ and r["stage"] == stage and r["status"] in ("completed", "skipped")
+        and r["config_hash"] == config_hash and r["model_id"] == model_id
+        and r["input_fingerprint"] == input_fingerprint
+    ]
+    output_fp = current_output()
+    base = dict(
+        stage_run_id=uuid.uuid4().hex, run=run, round=round_, stage=stage, flow_run_id=_flow_run_id(),
+        config_hash=config_hash, model_id=model_id, input_fingerprint=input_fingerprint,
+        output_fingerprint=None, rows_in=rows_in, rows_out=None, rows_quarantined=None,
+        started_at=_now(), finished_at=None, status="running", error=None,
+    )
+    if not force and output_fp is not None and any(r["output_fingerprint"] == output_fp for r in previous):
+        done = max((r for r in previous if r["output_fingerprint"] == output_fp), key=lambda r: r["finished_at"])
+        store.append_run_table(
+            run, "stage_runs",
+            _event(base, status="skipped", output_fingerprint=output_fp, rows_out=done["rows_out"],
+                   rows_quarantined=done["rows_quarantined"], finished_at=_now()),
+        )
+        log.info(
+            f"{stage} (run {run}, round {round_}): inputs, config and model unchanged since "
+            f"{done['finished_at']:%Y-%m-%d %H:%M:%S}; nothing to do (use --force to recompute)"
+        )
+        return StageResult(stage, round_, "skipped", done["rows_in"] or 0, done["rows_out"] or 0,
+                           done["rows_quarantined"] or 0, output_fp)
+
+    store.append_run_table(run, "stage_runs", _event(base))
+    try:
+        tables = compute()
+        if part is None:
+            output_fp = store.publish_stage(run, round_, stage, tables)
+        else:
+            written = [store.write_part(run, round_, stage, name, rows, part) for name, rows in tables.items()]
+            output_fp = fingerprint_files(written)
+    except BaseException as err:
+        message = f"{type(err).__name__}: {err}".splitlines()[0][:500]
+        store.append_run_table(run, "stage_runs", _event(base, status="failed", error=message, finished_at=_now()))
+        raise
+    rows_quarantined = tables["quarantine"].num_rows if "quarantine" in tables else 0
+    rows_out = sum(t.num_rows for name, t in tables.items() if name != "quarantine")
+    rows_in = rows_out + rows_quarantined if rows_in is None else rows_in
+    store.append_run_table(
+        run, "stage_runs",
+        _event(base, status="completed", output_fingerprint=output_fp, rows_in=rows_in, rows_out=rows_out,
+               rows_quarantined=rows_quarantined, finished_at=_now()),
+    )
+    catalog.refresh_catalog(store.run_dir(run))
+    log.info(f"{stage} (run {run}, round {round_}): {rows_in} in, {rows_out} out, {rows_quarantined} quarantined")
+    return StageResult(stage, round_, "completed", rows_in, rows_out, rows_quarantined, output_fp, tables)

@@ -1,0 +1,58 @@
+"""Prompts and the answer format, in one place: what the policy is asked and how its answer is read.
+
+The answer format is `\\boxed{...}`; the final answer is the content of the LAST box. math-verify's
+own extraction concatenates repeated boxes, so extraction happens here, before math-verify sees text.
+"""
+from __future__ import annotations
+
+import re
+
+from models.engine import Messages
+
+SYSTEM = (
+    "You are a careful math tutor. Solve the problem step by step in a few short sentences, "
+    "then write the final answer as \\boxed{ANSWER} and stop."
+)
+
+# Worked examples in the chat, written for this project (not taken from any evaluation set):
+# with them SmolLM2-135M boxes ~78% of its answers instead of ~17% (NOTES.md).
+FEW_SHOT: list[tuple[str, str]] = [
+    (
+        "Maria has 7 pencils. She buys 5 more pencils. How many pencils does Maria have now?",
+        "Maria starts with 7 pencils and buys 5 more, so she has 7 + 5 = 12 pencils.\n\\boxed{12}",
+    ),
+    (
+        "A box holds 6 eggs. How many eggs are in 4 boxes?",
+        "Each box holds 6 eggs, so 4 boxes hold 4 * 6 = 24 eggs.\n\\boxed{24}",
+    ),
+    (
+        "Sam had 30 dollars. He spent 12 dollars on a book and then earned 5 dollars. How many dollars does Sam have?",
+        "After the book Sam has 30 - 12 = 18 dollars. After earning 5 he has 18 + 5 = 23 dollars.\n\\boxed{23}",
+    ),
+]
+
+
+def solve_messages(question: str, few_shot: bool = True) -> Messages:
+    messages: Messages = [{"role": "system", "content": SYSTEM}]
+    if few_shot:
+        for q, a in FEW_SHOT:
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    messages.append({"role": "user", "content": question})
+    return messages
+
+
+_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` (or `\\fbox{...}`) whose braces close, or None."""
+    for match in reversed(list(_BOX.finditer(text))):
+        depth = 0
+        for j in range(match.end() - 1, len(text)):
+            if text[j] == "{":
+                depth += 1
+            elif text[j] == "}":
+                depth -= 1
+                if depth == 0:
+                    return text[match.end() : j].strip()
+    return None

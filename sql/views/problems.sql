@@ -1,0 +1,13 @@
+-- problems: the problem pool. One row per problem and the round it entered the pool.
+CREATE OR REPLACE VIEW problems AS
+SELECT
+    problem_id,         -- sha256 (16 hex) of the question after NFKC, lower-casing and whitespace collapsing
+    question,
+    answer,             -- gold answer as math-verify parses it: GSM8K after '####' without commas, MATH's last \boxed{}, '27.0' -> '27'
+    source,             -- dataset name (the ingest config's name, else the folder or file name)
+    source_file,        -- file the row was read from, as given to ingest
+    source_row,         -- 1-based line (JSONL) or row (Parquet, datasets) in source_file
+    origin,             -- 'seed' (ingested) or 'synthetic' (written by the policy in a later round)
+    parent_problem_id,  -- for synthetic problems: the problem they were derived from
+    round               -- round the problem entered the pool (from the lake path round=<r>)
+FROM read_parquet('${run_dir}/round=*/*/problems/part-*.parquet', hive_partitioning = true, union_by_name = true);

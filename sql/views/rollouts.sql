@@ -1,0 +1,14 @@
+-- rollouts: one row per sampled completion.
+CREATE OR REPLACE VIEW rollouts AS
+SELECT
+    rollout_id,         -- sha256 of (problem_id, model_id, seed, sample_index): stable across reruns
+    problem_id,
+    model_id,           -- model name @ hash of its weights and config
+    seed,               -- the problem's own sampling seed (derived from the config seed and problem_id)
+    sample_index,       -- 0 .. n-1 among the problem's samples
+    text,
+    completion_tokens,
+    finish_reason,      -- 'stop' (end of sequence or stop string) or 'length' (hit max_tokens)
+    mean_logprob,       -- mean log-probability of the sampled tokens (before temperature); its negative estimates entropy
+    round
+FROM read_parquet('${run_dir}/round=*/*/rollouts/part-*.parquet', hive_partitioning = true, union_by_name = true);

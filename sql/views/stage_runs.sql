@@ -1,0 +1,21 @@
+-- stage_runs: one row per stage execution (its latest event: running, then completed / skipped / failed).
+CREATE OR REPLACE VIEW stage_runs AS
+SELECT
+    stage_run_id,
+    run,
+    round,
+    stage,
+    flow_run_id,        -- Prefect flow run that executed the stage (open it in the UI)
+    config_hash,        -- hash of the stage's config section
+    model_id,           -- engine model for stages that generate, else NULL
+    input_fingerprint,  -- content hash of the stage's inputs
+    output_fingerprint, -- content hash of the output files; an unchanged rerun is skipped when all three match
+    rows_in,
+    rows_out,
+    rows_quarantined,
+    started_at,
+    finished_at,        -- NULL while running (or when the process died mid-stage)
+    status,             -- running | completed | skipped | failed
+    error               -- failed: the one-line error
+FROM read_parquet('${run_dir}/stage_runs/part-*.parquet')
+QUALIFY row_number() OVER (PARTITION BY stage_run_id ORDER BY finished_at IS NOT NULL DESC, finished_at DESC) = 1;

@@ -1,0 +1,12 @@
+-- verdicts: the grade of each rollout against its problem's gold answer.
+CREATE OR REPLACE VIEW verdicts AS
+SELECT
+    rollout_id,
+    problem_id,
+    verdict,            -- correct | wrong | no_answer (no \boxed{}) | bad_gold (gold unparseable) | timeout (past the deadline or the memory limit)
+    extracted_answer,   -- content of the LAST \boxed{} of the response
+    gold,
+    detail,             -- why, for anything but a plain correct/wrong
+    seconds,            -- grading time of this item
+    round
+FROM read_parquet('${run_dir}/round=*/*/verdicts/part-*.parquet', hive_partitioning = true, union_by_name = true);

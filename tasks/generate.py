@@ -1,0 +1,66 @@
+"""generate: G samples per problem from the engine -> `rollouts`."""
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow as pa
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, Field
+
+from data import schemas
+from models.engine import Engine, GenerationRequest, SamplingConfig
+from models.prompts import solve_messages
+from tasks.progress import Progress
+
+
+class GenerateConfig(BaseModel):
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    few_shot: bool = Field(True, description="worked examples in the prompt (see models/prompts.py)")
+    batch_problems: int = Field(64, ge=1, description="problems per engine call; progress is reported per call")
+
+
+def stable_hash(*parts: object, length: int = 16) -> str:
+    return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()[:length]
+
+
+def rollout_id(problem_id: str, model_id: str, seed: int, sample_index: int) -> str:
+    return stable_hash("rollout", problem_id, model_id, seed, sample_index)
+
+
+def problem_seed(base_seed: int, problem_id: str) -> int:
+    """Each problem gets its own seed, so its samples do not depend on the batch it lands in."""
+    return int(stable_hash("seed", base_seed, problem_id, length=8), 16) & 0x7FFFFFFF
+
+
+@task(name="generate", cache_policy=NO_CACHE, persist_result=False)
+def generate(problems: pa.Table, engine: Engine, config: GenerateConfig) -> pa.Table:
+    sampling = config.sampling
+    rows = problems.select(["problem_id", "question"]).to_pylist()
+    out: list[dict] = []
+    tokens = 0
+    with Progress("generate", len(rows), "problems") as progress:
+        for start in range(0, len(rows), config.batch_problems):
+            batch = rows[start : start + config.batch_problems]
+            requests = [
+                GenerationRequest(solve_messages(r["question"], config.few_shot), problem_seed(sampling.seed, r["problem_id"]))
+                for r in batch
+            ]
+            for row, request, completions in zip(batch, requests, engine.generate(requests, sampling)):
+                for index, c in enumerate(completions):
+                    out.append(
+                        dict(
+                            rollout_id=rollout_id(row["problem_id"], engine.model_id, request.seed, index),
+                            problem_id=row["problem_id"],
+                            model_id=engine.model_id,
+                            seed=request.seed,
+                            sample_index=index,
+                            text=c.text,
+                            completion_tokens=c.token_count,
+                            finish_reason=c.finish_reason,
+                            mean_logprob=c.mean_logprob,
+                        )
+                    )
+                    tokens += c.token_count
+            progress.update(start + len(batch), f", {tokens} tokens")
+    return pa.Table.from_pylist(out, schema=schemas.ROLLOUTS)

@@ -1,0 +1,66 @@
+"""Grading one response against a gold answer with math-verify. Runs inside grader worker processes.
+
+math-verify's own timeouts use `signal.alarm` (main thread only) and do not stop a C-level big-integer
+power; here they are switched off and the pool's hard deadline, which kills the worker, is the only
+clock. A memory blow-up (e.g. `2^{10^{10}}`) hits the worker's address-space limit instead.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from functools import lru_cache
+
+from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+from models.prompts import last_boxed
+
+# it warns on every call that its own timeouts are off; that is deliberate here (see above)
+logging.getLogger("math_verify").setLevel(logging.ERROR)
+
+_EXTRACTION = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
+
+
+def _parse_boxed(content: str) -> list:
+    return parse("\\boxed{" + content + "}", extraction_config=_EXTRACTION, parsing_timeout=None)
+
+
+@lru_cache(maxsize=4096)
+def parse_gold(gold: str) -> tuple:
+    """The parsed gold, or () when math-verify finds nothing it can compare against."""
+    if not gold or not gold.strip():
+        return ()
+    return tuple(_parse_boxed(gold.strip()))
+
+
+def grade(gold: str, response: str) -> tuple[str, str | None, str | None]:
+    """(verdict, extracted answer, detail) with verdict in correct / wrong / no_answer / bad_gold."""
+    gold_parsed = parse_gold(gold)
+    if not gold_parsed:
+        return "bad_gold", None, f"math-verify cannot parse the gold answer {gold[:80]!r}"
+    extracted = last_boxed(response or "")
+    if extracted is None:
+        return "no_answer", None, "no \\boxed{} answer in the response"
+    if not extracted:
+        return "no_answer", "", "empty \\boxed{}"
+    pred_parsed = _parse_boxed(extracted)
+    if not pred_parsed:
+        return "wrong", extracted, "math-verify cannot parse the boxed answer"
+    ok = verify(list(gold_parsed), pred_parsed, timeout_seconds=None)
+    return ("correct" if ok else "wrong"), extracted, None
+
+
+def run_item(kind: str, gold: str, response: str) -> tuple[str, str | None, str | None, float]:
+    started = time.perf_counter()
+    try:
+        if kind == "gold":
+            verdict = "ok" if parse_gold(gold) else "bad_gold"
+            extracted, detail = None, None
+        else:
+            verdict, extracted, detail = grade(gold, response)
+    except MemoryError:
+        verdict, extracted, detail = "timeout", None, "grader memory limit exceeded"
+    except RecursionError:
+        verdict, extracted, detail = "timeout", None, "grader recursion limit exceeded"
+    except Exception as err:  # math-verify raises many types on odd input; never kill the batch
+        verdict, extracted, detail = ("bad_gold" if kind == "gold" else "wrong"), None, f"grader error: {err!r}"[:300]
+    return verdict, extracted, detail, time.perf_counter() - started

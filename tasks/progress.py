@@ -1,0 +1,60 @@
+"""Progress of long stages: a rich bar on a terminal, and log lines (done, rate, ETA) in Prefect.
+
+Inside a Prefect run the lines go to the run logger, so the UI shows them; outside, to the
+`evoforge` logger. Log lines are throttled to one every `every_s` seconds plus the last one.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # no active Prefect run: a plain `task.fn(...)` call, a benchmark
+        return logging.getLogger("evoforge")
+
+
+class Progress:
+    def __init__(self, label: str, total: int, unit: str = "items", every_s: float = 10.0):
+        self.label, self.total, self.unit, self.every_s = label, total, unit, every_s
+        self.logger = run_logger()
+        self.started = time.monotonic()
+        self.last_log = 0.0
+        self.done = 0
+        self._bar = None
+        if sys.stderr.isatty() and total:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TimeRemainingColumn
+
+            self._bar = Bar("[bold]" + label, BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task(label, total=total)
+
+    def update(self, done: int, extra: str = "") -> None:
+        self.done = done
+        if self._bar is not None:
+            self._bar.update(self._task, completed=done)
+        now = time.monotonic()
+        if now - self.last_log >= self.every_s or done >= self.total:
+            self.last_log = now
+            elapsed = now - self.started
+            rate = done / elapsed if elapsed > 0 else 0.0
+            eta = (self.total - done) / rate if rate > 0 else float("nan")
+            self.logger.info(
+                f"{self.label}: {done}/{self.total} {self.unit} ({rate:.1f}/s, ETA {eta:.0f} s){extra}"
+            )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,55 @@
+"""verify: extract each rollout's final answer and grade it against the gold with math-verify -> `verdicts`."""
+from __future__ import annotations
+
+import pyarrow as pa
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, Field
+
+from data import schemas
+from tasks.grader_pool import GraderPool
+from tasks.progress import Progress
+
+
+class VerifyConfig(BaseModel):
+    workers: int = Field(2, ge=1, description="grader processes")
+    deadline_seconds: float = Field(10.0, gt=0, description="hard limit per item; the worker is killed past it")
+    memory_mb: int = Field(2048, ge=256, description="address-space limit of each grader process")
+    chunk_size: int = Field(16, ge=1, description="items sent to a worker at once")
+
+    def pool(self) -> GraderPool:
+        return GraderPool(self.workers, self.deadline_seconds, self.memory_mb, self.chunk_size)
+
+
+def grade_pairs(pairs: list[tuple[str, str]], config: VerifyConfig, label: str = "verify") -> list[tuple]:
+    """(gold, response) pairs -> (verdict, extracted, detail, seconds), exactly as the verify stage grades."""
+    with config.pool() as pool, Progress(label, len(pairs), "answers") as progress:
+        return pool.run([("grade", gold, response) for gold, response in pairs], progress.update)
+
+
+def check_golds(answers: list[str], config: VerifyConfig) -> list[bool]:
+    """Which gold answers math-verify can parse (ingest quarantines the rest)."""
+    with config.pool() as pool, Progress("check answers", len(answers), "answers") as progress:
+        return [r[0] == "ok" for r in pool.run([("gold", a, "") for a in answers], progress.update)]
+
+
+@task(name="verify", cache_policy=NO_CACHE, persist_result=False)
+def verify(rollouts: pa.Table, problems: pa.Table, config: VerifyConfig) -> pa.Table:
+    gold_of = dict(zip(problems["problem_id"].to_pylist(), problems["answer"].to_pylist()))
+    rows = rollouts.select(["rollout_id", "problem_id", "text"]).to_pylist()
+    missing = sorted({r["problem_id"] for r in rows if r["problem_id"] not in gold_of})
+    if missing:
+        raise ValueError(f"verify: {len(missing)} rollouts' problems are not in the pool (e.g. {missing[:3]})")
+    # grouped by problem so a worker's gold-parse cache hits for the G samples of a problem
+    rows.sort(key=lambda r: (r["problem_id"], r["rollout_id"]))
+    results = grade_pairs([(gold_of[r["problem_id"]], r["text"]) for r in rows], config)
+    return pa.Table.from_pylist(
+        [
+            dict(
+                rollout_id=r["rollout_id"], problem_id=r["problem_id"], verdict=verdict,
+                extracted_answer=extracted, gold=gold_of[r["problem_id"]], detail=detail, seconds=seconds,
+            )
+            for r, (verdict, extracted, detail, seconds) in zip(rows, results)
+        ],
+        schema=schemas.VERDICTS,
+    )
