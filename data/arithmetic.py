@@ -3,7 +3,7 @@
     python -m data.arithmetic --out data/sets/easy_arithmetic
 
 writes train.jsonl and test.jsonl (fields: question, answer, steps); the same seed gives the same
-files byte for byte, and no question appears in both splits.
+files byte for byte, and no training question shares an 8-word run with a test question.
 """
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import argparse
 import json
 import random
 from pathlib import Path
+
+from data.decontam import Decontaminator
 
 NAMES = ["Ana", "Ben", "Carla", "Dev", "Emma", "Farid", "Grace", "Hugo", "Iris", "Jon", "Kemi", "Liam", "Mina", "Noah"]
 THINGS = ["apples", "pencils", "stickers", "marbles", "books", "cookies", "stamps", "shells", "cards", "balloons"]
@@ -69,13 +71,17 @@ def _two_step(rng: random.Random) -> tuple[str, int]:
     )
 
 
-def generate(count: int, seed: int, exclude: set[str] = frozenset()) -> list[dict]:
+def generate(count: int, seed: int, held_out: list[str] = ()) -> list[dict]:
+    """`held_out`: questions (the test split) that no generated question may share an 8-word run
+    with, so that the decontamination of a training pool against the test split keeps every row."""
     rng = random.Random(seed)
-    rows, seen = [], set(exclude)
+    decontaminator = Decontaminator()
+    decontaminator.add_set("held_out", [(str(i), q) for i, q in enumerate(held_out)])
+    rows, seen = [], set()
     while len(rows) < count:
         steps = 1 if rng.random() < 0.5 else 2
         question, answer = _one_step(rng) if steps == 1 else _two_step(rng)
-        if question in seen:
+        if question in seen or decontaminator.match(question):
             continue
         seen.add(question)
         rows.append({"question": question, "answer": str(answer), "steps": steps})
@@ -85,7 +91,7 @@ def generate(count: int, seed: int, exclude: set[str] = frozenset()) -> list[dic
 def write_splits(out: Path, train: int = 300, test: int = 100, seed: int = 2508) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     test_rows = generate(test, seed + 1)
-    train_rows = generate(train, seed, exclude={r["question"] for r in test_rows})
+    train_rows = generate(train, seed, held_out=[r["question"] for r in test_rows])
     paths = {}
     for split, rows in (("train", train_rows), ("test", test_rows)):
         path = out / f"{split}.jsonl"

@@ -106,7 +106,7 @@ def execute_stage(
         done = max((r for r in previous if r["output_fingerprint"] == output_fp), key=lambda r: r["finished_at"])
         store.append_run_table(
             run, "stage_runs",
-            _event(base, status="skipped", output_fingerprint=output_fp, rows_out=done["rows_out"],
+            _event(base, status="skipped", output_fingerprint=output_fp, rows_in=done["rows_in"], rows_out=done["rows_out"],
                    rows_quarantined=done["rows_quarantined"], finished_at=_now()),
         )
         log.info(

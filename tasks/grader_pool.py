@@ -100,8 +100,8 @@ class GraderPool:
         self.workers[self.workers.index(worker)] = fresh
         return fresh
 
-    def run(self, items: list[Item], on_progress: Callable[[int, int], None] | None = None) -> list[Result]:
-        """Results in the order of `items`. `on_progress(done, total)` is called as results arrive."""
+    def run(self, items: list[Item], on_progress: Callable[[int], None] | None = None) -> list[Result]:
+        """Results in the order of `items`. `on_progress(done)` is called as results arrive."""
         results: list[Result | None] = [None] * len(items)
         queue: deque = deque(range(len(items)))
         done = 0
@@ -148,5 +148,5 @@ class GraderPool:
                 if worker.inflight and now - worker.since > self.deadline_s:
                     fail_head(worker, f"grading exceeded the {self.deadline_s:g} s deadline")
             if on_progress:
-                on_progress(done, len(items))
+                on_progress(done)
         return results  # type: ignore[return-value]

@@ -26,10 +26,12 @@ def _parse_boxed(content: str) -> list:
 
 @lru_cache(maxsize=4096)
 def parse_gold(gold: str) -> tuple:
-    """The parsed gold, or () when math-verify finds nothing it can compare against."""
+    """The parsed gold, or () when math-verify finds no mathematical object in it. math-verify
+    returns [expression, source string]; a lone string (e.g. for '\\frac{') means it parsed nothing."""
     if not gold or not gold.strip():
         return ()
-    return tuple(_parse_boxed(gold.strip()))
+    parsed = tuple(_parse_boxed(gold.strip()))
+    return parsed if any(not isinstance(p, str) for p in parsed) else ()
 
 
 def grade(gold: str, response: str) -> tuple[str, str | None, str | None]:

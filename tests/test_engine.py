@@ -1,0 +1,61 @@
+"""Both engines behind one interface, on a tiny random model: shapes, seeds, finish reasons, log-probabilities."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from models.engine import EngineConfig, GenerationRequest, SamplingConfig, load_engine
+from models.prompts import solve_messages
+
+SAMPLING = SamplingConfig(n=3, temperature=1.0, top_p=0.95, max_tokens=12, seed=0)
+
+
+def requests(*seeds):
+    return [GenerationRequest(solve_messages(f"What is {s} + 1?"), seed=s) for s in seeds]
+
+
+@pytest.mark.parametrize("backend", ["vllm", "transformers"])
+def test_n_samples_per_prompt_with_tokens_finish_reason_and_logprob(tiny_engine_config, backend):
+    engine = load_engine(tiny_engine_config.model_copy(update={"backend": backend}))
+    out = engine.generate(requests(1, 2), SAMPLING)
+    assert [len(c) for c in out] == [3, 3]
+    for completion in (c for per_prompt in out for c in per_prompt):
+        assert 1 <= completion.token_count <= SAMPLING.max_tokens
+        assert completion.finish_reason in ("stop", "length")
+        assert completion.finish_reason == "stop" or completion.token_count == SAMPLING.max_tokens
+        assert math.isfinite(completion.mean_logprob) and completion.mean_logprob < 0
+    assert engine.model_id.startswith("tiny-llama-0@")
+
+
+@pytest.mark.parametrize("backend", ["vllm", "transformers"])
+def test_a_prompt_seed_fixes_its_samples_whatever_else_is_in_the_batch(tiny_engine_config, backend):
+    engine = load_engine(tiny_engine_config.model_copy(update={"backend": backend}))
+    alone = engine.generate(requests(7), SAMPLING)[0]
+    batched = engine.generate(requests(3, 7, 9), SAMPLING)[1]
+    assert [c.text for c in alone] == [c.text for c in batched]
+    other_seed = engine.generate(requests(8), SAMPLING)[0]
+    assert [c.text for c in other_seed] != [c.text for c in alone]
+
+
+@pytest.mark.parametrize("backend", ["vllm", "transformers"])
+def test_stop_strings_end_a_sample_before_the_stop_string(tiny_engine_config, backend):
+    engine = load_engine(tiny_engine_config.model_copy(update={"backend": backend}))
+    seeded = SamplingConfig(n=1, temperature=1.0, max_tokens=24, seed=0)  # seeded: the same text twice
+    (full,) = engine.generate(requests(5), seeded)[0]
+    # a 3-character piece of the text that first occurs at position i >= 2
+    i = next(i for i in range(2, len(full.text) - 3) if full.text.find(full.text[i : i + 3]) == i
+             and full.text[i : i + 3].strip())
+    (cut,) = engine.generate(requests(5), seeded.model_copy(update={"stop": [full.text[i : i + 3]]}))[0]
+    assert cut.text == full.text[:i] and cut.finish_reason == "stop"
+
+
+def test_model_references_resolve_to_a_stable_id(tiny_model):
+    from models.registry import ModelError, resolve
+
+    first, second = resolve(str(tiny_model)), resolve(str(tiny_model))
+    assert first.model_id == second.model_id and first.path == str(tiny_model)
+    assert resolve("HuggingFaceTB/SmolLM2-135M-Instruct").model_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    with pytest.raises(ModelError, match="neither"):
+        resolve("no/such/model/folder")
+    assert EngineConfig().model == "default"

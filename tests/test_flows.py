@@ -1,0 +1,100 @@
+"""The stage flows through real Prefect, real vLLM (a tiny random model) and real math-verify."""
+from __future__ import annotations
+
+import duckdb
+import pytest
+
+from data import catalog
+from data.ingest import SourceConfig
+from flows.config import RoundConfig, load_config
+from flows.stage_runner import lake
+from tasks.generate import GenerateConfig
+from models.engine import SamplingConfig
+from conftest import write_jsonl
+
+
+@pytest.fixture()
+def config(tiny_engine_config, scratch) -> RoundConfig:
+    source = write_jsonl(scratch / "pool.jsonl", [
+        {"question": f"Ann has {i} apples and buys {i + 2} more. How many apples does she have?", "answer": str(2 * i + 2)}
+        for i in range(5)
+    ] + ["not json"])
+    return RoundConfig(
+        engine=tiny_engine_config,
+        sources=[SourceConfig(path=str(source), preset="plain", name="apples")],
+        generate=GenerateConfig(sampling=SamplingConfig(n=4, max_tokens=24, seed=1), batch_problems=2),
+    )
+
+
+def stage_runs(run: str) -> list[dict]:
+    con = catalog.connect(lake().run_dir(run))
+    cursor = con.execute("SELECT stage, status, rows_in, rows_out, rows_quarantined, flow_run_id, output_fingerprint "
+                         "FROM stage_runs ORDER BY started_at")
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+
+def test_ingest_generate_verify_filter_round_then_skip_then_force(prefect_server, runs_root, config):
+    from flows.generate import generate_flow
+    from flows.round import round_flow
+
+    results = round_flow("flowtest", config)
+    assert [(r.stage, r.status) for r in results] == [
+        ("ingest", "completed"), ("generate", "completed"), ("verify", "completed"), ("filter", "completed")]
+    store = lake()
+    problems, rollouts = store.read("flowtest", "problems"), store.read("flowtest", "rollouts")
+    verdicts, stats = store.read("flowtest", "verdicts"), store.read("flowtest", "problem_stats")
+    assert problems.num_rows == 5 and store.read("flowtest", "quarantine")["reason"].to_pylist() == ["not_json"]
+    assert rollouts.num_rows == 20 and len(set(rollouts["rollout_id"].to_pylist())) == 20
+    per_problem = {}
+    for pid, index in zip(rollouts["problem_id"].to_pylist(), rollouts["sample_index"].to_pylist()):
+        per_problem.setdefault(pid, set()).add(index)
+    assert per_problem == {pid: {0, 1, 2, 3} for pid in problems["problem_id"].to_pylist()}
+    assert set(verdicts["rollout_id"].to_pylist()) == set(rollouts["rollout_id"].to_pylist())
+    assert sorted(stats["problem_id"].to_pylist()) == sorted(problems["problem_id"].to_pylist())
+    assert set(stats["n"].to_pylist()) == {4}
+
+    runs = stage_runs("flowtest")
+    assert [(r["stage"], r["status"]) for r in runs] == [
+        ("ingest", "completed"), ("generate", "completed"), ("verify", "completed"), ("filter", "completed")]
+    assert runs[0]["rows_in"] == 6 and runs[0]["rows_quarantined"] == 1
+    assert all(r["flow_run_id"] for r in runs)
+
+    # the catalog file is a real DuckDB database a data engineer can open read-only
+    con = duckdb.connect(str(store.run_dir("flowtest") / "catalog.duckdb"), read_only=True)
+    assert con.execute("SELECT count(*) FROM verdicts").fetchone()[0] == 20
+    con.close()
+
+    again = round_flow("flowtest", config)
+    assert [r.status for r in again] == ["skipped"] * 4
+    assert store.read("flowtest", "rollouts").num_rows == 20
+
+    texts = dict(zip(rollouts["rollout_id"].to_pylist(), rollouts["text"].to_pylist()))
+    forced = generate_flow("flowtest", 0, config, force=True)
+    assert forced.status == "completed"
+    regenerated = store.read("flowtest", "rollouts")
+    assert dict(zip(regenerated["rollout_id"].to_pylist(), regenerated["text"].to_pylist())) == texts
+
+    changed = config.model_copy(deep=True)
+    changed.generate.sampling.max_tokens = 8
+    assert generate_flow("flowtest", 0, changed).status == "completed"  # a config change is not skipped
+    assert max(store.read("flowtest", "rollouts")["completion_tokens"].to_pylist()) <= 8
+    statuses = [(r["stage"], r["status"]) for r in stage_runs("flowtest")]
+    assert statuses.count(("generate", "completed")) == 3 and statuses.count(("generate", "skipped")) == 1
+
+
+def test_a_stage_without_its_input_fails_with_a_clear_message(prefect_server, runs_root, config):
+    from flows.stage_runner import MissingInput
+    from flows.verify import verify_flow
+
+    lake().ensure_run("empty")
+    with pytest.raises(MissingInput, match="run `evoforge stage generate --run empty --round 0` first"):
+        verify_flow("empty", 0, config)
+
+
+def test_the_shipped_demo_config_loads(runs_root):
+    from flows.config import DEFAULT_CONFIG
+
+    demo = load_config(DEFAULT_CONFIG)
+    assert demo.engine.model == "default" and demo.generate.sampling.n == 8
+    assert {s.name for s in demo.sources} == {"easy_arithmetic", "gsm8k"}

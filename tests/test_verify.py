@@ -1,0 +1,87 @@
+"""The grader: last-box extraction, math-verify gold-first, verdicts, and the hard deadline."""
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+
+from models.prompts import last_boxed
+from tasks.grader_pool import GraderPool
+from tasks.verify import VerifyConfig, grade_pairs, verify
+
+
+def verdicts(pairs, **config):
+    return [r[0] for r in grade_pairs(pairs, VerifyConfig(**config))]
+
+
+def test_last_boxed_takes_the_last_complete_box_and_never_concatenates():
+    assert last_boxed("\\boxed{3} then \\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
+    assert last_boxed("\\boxed{5} and an unclosed \\boxed{6") == "5"
+    assert last_boxed("nested \\boxed{\\sqrt{\\frac{1}{4}}}") == "\\sqrt{\\frac{1}{4}}"
+    assert last_boxed("no answer here") is None
+
+
+def test_verdicts_for_each_kind_of_response():
+    pairs = [
+        ("72", "48 + 24 = 72, so \\boxed{72}"),                # correct
+        ("72", "\\boxed{71}"),                                 # wrong
+        ("0.5", "\\boxed{\\frac{1}{2}}"),                      # correct: equivalent forms
+        ("5", "first \\boxed{3}, finally \\boxed{5}"),         # correct: the LAST box counts
+        ("3", "first \\boxed{3}, finally \\boxed{5}"),         # wrong for the same reason
+        ("35", "\\boxed{3}\\boxed{5}"),                        # wrong: boxes are not concatenated
+        ("5", "The answer is 5."),                             # no_answer: no box
+        ("", "\\boxed{5}"),                                    # bad_gold
+        ("\\frac{", "\\boxed{5}"),                              # bad_gold
+    ]
+    assert verdicts(pairs, workers=2) == [
+        "correct", "wrong", "correct", "correct", "wrong", "wrong", "no_answer", "bad_gold", "bad_gold",
+    ]
+
+
+def test_adversarial_answers_end_as_timeouts_at_the_deadline_and_the_rest_still_grade():
+    pairs = [
+        ("5", "\\boxed{123456789^{123456789}}"),   # a power tower sympy would evaluate for minutes
+        ("5", "\\boxed{2^{10^{10}}}"),             # a memory blow-up
+        ("5", "\\boxed{(10^{7})!}"),               # a huge factorial
+        ("4", "\\boxed{4}"),
+    ]
+    with GraderPool(workers=2, deadline_s=2.0) as pool:
+        results = pool.run([("grade", g, r) for g, r in pairs])
+        restarts = pool.restarts
+    assert [r[0] for r in results[:3]] == ["timeout"] * 3
+    assert results[3][0] == "correct"
+    assert all(r[3] < 2.0 + 1.5 for r in results), [r[3] for r in results]  # killed at the deadline, not later
+    assert restarts >= 1
+
+
+def test_verify_task_returns_one_verdict_per_rollout_with_gold_and_answer():
+    problems = pa.table({"problem_id": ["p1", "p2"], "answer": ["4", "10"]})
+    rollouts = pa.table({
+        "rollout_id": ["r1", "r2", "r3"], "problem_id": ["p1", "p1", "p2"],
+        "text": ["\\boxed{4}", "\\boxed{5}", "I think ten"],
+    })
+    out = verify.fn(rollouts, problems, VerifyConfig(workers=1))
+    rows = {r["rollout_id"]: r for r in out.to_pylist()}
+    assert {k: v["verdict"] for k, v in rows.items()} == {"r1": "correct", "r2": "wrong", "r3": "no_answer"}
+    assert rows["r2"]["extracted_answer"] == "5" and rows["r2"]["gold"] == "4"
+
+
+def test_verify_file_cli_grades_exactly_like_the_stage(scratch, capsys):
+    from flows.cli import main
+
+    source = scratch / "in.jsonl"
+    source.write_text("\n".join(json.dumps(r) for r in [
+        {"gold": "12", "pred": "so \\boxed{12}", "id": 1},
+        {"gold": "12", "pred": "\\boxed{13}", "id": 2},
+        {"gold": "12", "pred": "twelve", "id": 3},
+    ]) + "\n")
+    out = scratch / "out.jsonl"
+    assert main(["verify-file", str(source), "--out", str(out)]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(line["id"], line["verdict"]) for line in lines] == [(1, "correct"), (2, "wrong"), (3, "no_answer")]
+    assert all(isinstance(line["seconds"], float) for line in lines)
+    assert "3 pairs" in capsys.readouterr().out
+    bad = scratch / "bad.jsonl"
+    bad.write_text('{"gold": "1"}\n')
+    assert main(["verify-file", str(bad), "--out", str(out)]) == 2
+    assert "bad.jsonl:1" in capsys.readouterr().err
