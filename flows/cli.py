@@ -134,7 +134,8 @@ def cmd_sql(args) -> None:
     table = Table(*names)
     for row in rows:
         table.add_row(*["" if v is None else str(v) for v in row])
-    Console().print(table)
+    # off a terminal (a pipe, a log) rich would squeeze columns into 80 characters
+    Console(width=None if sys.stdout.isatty() else 240).print(table)
 
 
 def cmd_status(args) -> None:

@@ -1,9 +1,11 @@
 """A pool of grader processes with a hard per-item deadline.
 
 Why not `ProcessPoolExecutor`: it cannot kill the one worker that is stuck on a power tower, and a
-worker killed from outside breaks the whole executor. Here each worker streams one result per item
-back, so the parent knows which item a worker is on and since when; past the deadline it kills that
-worker, records the item as `timeout`, starts a fresh worker and hands it the rest of the chunk.
+worker killed from outside breaks the whole executor. Here each worker publishes, in shared memory,
+which item of its chunk it is on and since when, and sends the chunk's results in one message (a
+message per item woke the parent thousands of times a second, stealing one of two cores). Past the
+deadline the parent kills that worker, records the item as `timeout`, starts a fresh worker and
+hands it the chunk's other items.
 
 Workers come from a forkserver that has already imported math-verify, so a replacement costs
 milliseconds, and they never fork the (threaded, vLLM-holding) parent itself.
@@ -16,13 +18,15 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from typing import Callable, Iterable
+from typing import Callable
 
 Item = tuple[str, str, str]  # (kind: "grade" | "gold", gold, response)
 Result = tuple[str, str | None, str | None, float]  # (verdict, extracted, detail, seconds)
 
 
-def _worker_main(conn: Connection, memory_mb: int) -> None:
+def _worker_main(conn: Connection, state, memory_mb: int) -> None:
+    """state[0]: position in the chunk of the item being graded; state[1]: when it started
+    (0: chunk received, no item begun yet; -1: chunk finished, results on their way)."""
     if memory_mb:
         limit = memory_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -35,8 +39,12 @@ def _worker_main(conn: Connection, memory_mb: int) -> None:
             return
         if chunk is None:
             return
-        for index, (kind, gold, response) in chunk:
-            conn.send((index, run_item(kind, gold, response)))
+        results = []
+        for position, (kind, gold, response) in enumerate(chunk):
+            state[0], state[1] = position, time.monotonic()  # CLOCK_MONOTONIC: one clock for all processes
+            results.append(run_item(kind, gold, response))
+        state[1] = -1.0
+        conn.send(results)
 
 
 _CONTEXT: mp.context.BaseContext | None = None
@@ -46,7 +54,7 @@ def _context() -> mp.context.BaseContext:
     global _CONTEXT
     if _CONTEXT is None:
         _CONTEXT = mp.get_context("forkserver")
-        _CONTEXT.set_forkserver_preload(["tasks.grading"])
+        _CONTEXT.set_forkserver_preload(["tasks.grader_preload"])
     return _CONTEXT
 
 
@@ -54,12 +62,21 @@ def _context() -> mp.context.BaseContext:
 class _Worker:
     process: mp.process.BaseProcess
     conn: Connection
-    inflight: deque = field(default_factory=deque)
-    since: float = 0.0  # when the item at the head of `inflight` started
+    state: object  # shared [position, started] (see _worker_main)
+    chunk: list[int] = field(default_factory=list)  # item indices sent and not yet answered
+    sent_at: float = 0.0
+
+    def current(self) -> tuple[int, float]:
+        """(position in chunk, started) of the item being graded; see _worker_main for 0 and -1."""
+        return int(self.state[0]), float(self.state[1])
+
+    def overdue(self, now: float, deadline_s: float) -> bool:
+        started = self.current()[1]
+        return bool(self.chunk) and started >= 0 and now - (started or self.sent_at) > deadline_s
 
 
 class GraderPool:
-    def __init__(self, workers: int = 2, deadline_s: float = 10.0, memory_mb: int = 2048, chunk_size: int = 16):
+    def __init__(self, workers: int = 2, deadline_s: float = 10.0, memory_mb: int = 2048, chunk_size: int = 32):
         self.size = max(1, workers)
         self.deadline_s = deadline_s
         self.memory_mb = memory_mb
@@ -86,10 +103,11 @@ class GraderPool:
 
     def _start(self) -> _Worker:
         parent, child = _context().Pipe(duplex=True)
-        process = _context().Process(target=_worker_main, args=(child, self.memory_mb), daemon=True)
+        state = _context().Array("d", 2, lock=False)
+        process = _context().Process(target=_worker_main, args=(child, state, self.memory_mb), daemon=True)
         process.start()
         child.close()
-        return _Worker(process, parent)
+        return _Worker(process, parent, state)
 
     def _replace(self, worker: _Worker) -> _Worker:
         worker.process.kill()
@@ -103,50 +121,51 @@ class GraderPool:
     def run(self, items: list[Item], on_progress: Callable[[int], None] | None = None) -> list[Result]:
         """Results in the order of `items`. `on_progress(done)` is called as results arrive."""
         results: list[Result | None] = [None] * len(items)
-        queue: deque = deque(range(len(items)))
+        # same gold -> same chunk -> one worker parses it (gold parsing is most of math-verify's cost)
+        queue: deque = deque(sorted(range(len(items)), key=lambda i: items[i][1]))
         done = 0
 
-        def dispatch(worker: _Worker, indices: Iterable[int] | None = None) -> None:
+        def dispatch(worker: _Worker, indices: list[int] | None = None) -> None:
             if indices is None:
                 indices = [queue.popleft() for _ in range(min(self.chunk_size, len(queue)))]
-            indices = list(indices)
+            worker.chunk = indices
             if indices:
-                worker.inflight = deque(indices)
-                worker.since = time.monotonic()
-                worker.conn.send([(i, items[i]) for i in indices])
+                worker.state[0], worker.state[1] = 0, 0.0
+                worker.sent_at = time.monotonic()
+                worker.conn.send([items[i] for i in indices])
 
-        def fail_head(worker: _Worker, detail: str) -> None:
+        def fail_current(worker: _Worker, detail: str) -> None:
+            """Record the item the worker is stuck on as a timeout; its chunk-mates go to a fresh worker."""
             nonlocal done
-            head = worker.inflight.popleft()
-            results[head] = ("timeout", None, detail, time.monotonic() - worker.since)
+            position, started = worker.current()
+            stuck = worker.chunk[position]
+            results[stuck] = ("timeout", None, detail, time.monotonic() - (started or worker.sent_at))
             done += 1
-            rest = list(worker.inflight)
-            dispatch(self._replace(worker), rest if rest else None)
+            dispatch(self._replace(worker), [i for i in worker.chunk if i != stuck] or None)
 
         for worker in self.workers:
             dispatch(worker)
         while done < len(items):
-            busy = [w for w in self.workers if w.inflight]
+            busy = [w for w in self.workers if w.chunk]
             now = time.monotonic()
-            next_deadline = min(w.since + self.deadline_s for w in busy)
-            ready = wait([w.conn for w in busy], timeout=max(0.0, next_deadline - now))
+            # started == 0: the chunk's first item has not begun; count from when it was sent
+            next_deadline = min((max(w.current()[1], 0.0) or w.sent_at) + self.deadline_s for w in busy)
+            ready = wait([w.conn for w in busy], timeout=min(1.0, max(0.0, next_deadline - now)))
             for conn in ready:
                 worker = next(w for w in self.workers if w.conn is conn)
                 try:
-                    index, result = conn.recv()
+                    answers = conn.recv()
                 except (EOFError, OSError):  # killed by the kernel (OOM) or crashed hard
-                    fail_head(worker, "grader process died")
+                    fail_current(worker, "grader process died")
                     continue
-                results[index] = result
-                done += 1
-                worker.inflight.popleft()
-                worker.since = time.monotonic()
-                if not worker.inflight:
-                    dispatch(worker)
+                for index, result in zip(worker.chunk, answers):
+                    results[index] = result
+                done += len(answers)
+                dispatch(worker)
             now = time.monotonic()
             for worker in list(self.workers):
-                if worker.inflight and now - worker.since > self.deadline_s:
-                    fail_head(worker, f"grading exceeded the {self.deadline_s:g} s deadline")
+                if worker.overdue(now, self.deadline_s):
+                    fail_current(worker, f"grading exceeded the {self.deadline_s:g} s deadline")
             if on_progress:
                 on_progress(done)
         return results  # type: ignore[return-value]

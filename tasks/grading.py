@@ -66,3 +66,15 @@ def run_item(kind: str, gold: str, response: str) -> tuple[str, str | None, str 
     except Exception as err:  # math-verify raises many types on odd input; never kill the batch
         verdict, extracted, detail = ("bad_gold" if kind == "gold" else "wrong"), None, f"grader error: {err!r}"[:300]
     return verdict, extracted, detail, time.perf_counter() - started
+
+
+def warm_up() -> None:
+    """Grade a few typical answers once. Run in the forkserver before it forks workers, so each worker
+    inherits math-verify's and sympy's warmed parsers and caches instead of building them itself."""
+    for gold, response in (
+        ("72", "\\boxed{72}"), ("\\frac{1}{2}", "\\boxed{0.5}"), ("2\\sqrt{3}", "\\boxed{\\sqrt{12}}"),
+        ("(1, 2)", "\\boxed{(1,2)}"), ("[0, 1)", "\\boxed{[0,1)}"), ("x^2+1", "\\boxed{1+x^{2}}"),
+        ("\\left( 3, \\frac{\\pi}{2} \\right)", "\\boxed{(3, \\pi/2)}"), ("\\text{(C)}", "\\boxed{C}"),
+    ):
+        grade(gold, response)
+    parse_gold.cache_clear()

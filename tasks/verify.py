@@ -15,7 +15,7 @@ class VerifyConfig(BaseModel):
     workers: int = Field(2, ge=1, description="grader processes")
     deadline_seconds: float = Field(10.0, gt=0, description="hard limit per item; the worker is killed past it")
     memory_mb: int = Field(2048, ge=256, description="address-space limit of each grader process")
-    chunk_size: int = Field(16, ge=1, description="items sent to a worker at once")
+    chunk_size: int = Field(32, ge=1, description="items sent to a worker at once")
 
     def pool(self) -> GraderPool:
         return GraderPool(self.workers, self.deadline_seconds, self.memory_mb, self.chunk_size)

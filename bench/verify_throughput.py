@@ -1,0 +1,150 @@
+"""Verify stage (grader pool) against a plain sequential math-verify loop on the same pairs.
+
+    .venv/bin/python bench/verify_throughput.py [--workers 2] [--pairs 2400] [--repeat 3]
+
+Pairs: golds of GSM8K test (integers) and MATH-500 (fractions, expressions, intervals, tuples),
+8 responses per gold as in a round (correct, equivalent forms, wrong, repeated boxes, no box).
+Each measurement runs in a fresh process with math-verify already imported and every cache cold
+(sympy's cache made in-process repeats 2x faster), alternating sides; medians are printed. Both
+sides must give identical verdicts. A last part feeds adversarial answers (power towers, huge
+factorials) to the pool alone and checks no item outlives its deadline (the sequential loop would
+hang on them: math-verify's signal timeouts cannot interrupt C code).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from data import home  # noqa: E402
+
+home.configure()
+
+from data.ingest import SourceConfig, extract_answer  # noqa: E402
+
+
+def golds() -> list[str]:
+    out = []
+    for path, preset in (("data/sets/gsm8k/test.jsonl", "gsm8k"), ("data/sets/math500/test.jsonl", "math")):
+        config = SourceConfig(path=path, preset=preset)
+        for line in (ROOT / path).open():
+            out.append(extract_answer(json.loads(line), config))
+    return out
+
+
+def make_pairs(count: int, seed: int = 0, samples: int = 8) -> list[tuple[str, str]]:
+    """Shaped like a round: `samples` responses per problem, grouped by problem as the stage grades
+    them: correct boxes, an equivalent form, wrong answers, repeated boxes and missing boxes."""
+    rng = random.Random(seed)
+    answers = golds()
+    rng.shuffle(answers)
+    pairs: list[tuple[str, str]] = []
+    for gold in answers:
+        for _ in range(samples):
+            kind = rng.random()
+            other = rng.choice(answers)
+            if kind < 0.35:
+                response = f"Working step by step, the answer is \\boxed{{{gold}}}."
+            elif kind < 0.45 and gold.lstrip("-").isdigit():
+                response = f"So \\boxed{{{gold}.0}}"
+            elif kind < 0.55:
+                response = f"First \\boxed{{{other}}}, then correcting: \\boxed{{{gold}}}"
+            elif kind < 0.85:
+                response = f"I get \\boxed{{{other}}}"
+            else:
+                response = f"The answer is {gold}."
+            pairs.append((gold, response))
+            if len(pairs) == count:
+                return pairs
+    return pairs
+
+
+def measure(side: str, pairs_count: int, workers: int, deadline: float) -> dict:
+    """One side, in this (fresh) process."""
+    from tasks.grading import grade
+    from tasks.grader_pool import GraderPool
+
+    pairs = make_pairs(pairs_count)
+    if side == "sequential":
+        started = time.perf_counter()
+        verdicts = [grade(gold, response)[0] for gold, response in pairs]
+        return {"total": time.perf_counter() - started, "startup": 0.0, "verdicts": verdicts}
+    started = time.perf_counter()
+    with GraderPool(workers, deadline) as pool:
+        ready = time.perf_counter()
+        results = pool.run([("grade", g, r) for g, r in pairs])
+        finished = time.perf_counter()
+    return {"total": finished - started, "startup": ready - started, "verdicts": [r[0] for r in results],
+            "slowest": max(r[3] for r in results)}
+
+
+def in_fresh_process(side: str, args) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--side", side, "--pairs", str(args.pairs), "--workers", str(args.workers),
+         "--deadline", str(args.deadline)],
+        capture_output=True, text=True, check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pairs", type=int, default=2400)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--deadline", type=float, default=10.0)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--side", choices=["sequential", "pool"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        print(json.dumps(measure(args.side, args.pairs, args.workers, args.deadline)))
+        return
+
+    pairs = make_pairs(args.pairs)
+    print(f"{len(pairs)} pairs ({len(set(g for g, _ in pairs))} distinct golds), workers={args.workers}, "
+          f"median of {args.repeat} fresh-process runs per side")
+    runs = {"sequential": [], "pool": []}
+    for _ in range(args.repeat):
+        for side in runs:
+            runs[side].append(in_fresh_process(side, args))
+    seq_s = statistics.median(r["total"] for r in runs["sequential"])
+    cold_s = statistics.median(r["total"] for r in runs["pool"])
+    warm_s = statistics.median(r["total"] - r["startup"] for r in runs["pool"])
+    print(f"sequential math-verify loop: {seq_s:7.2f} s  {len(pairs) / seq_s:7.1f} pairs/s")
+    print(f"verify stage (grader pool):  {cold_s:7.2f} s  {len(pairs) / cold_s:7.1f} pairs/s  "
+          f"(including {cold_s - warm_s:.2f} s to start {args.workers} workers)")
+    print(f"  once started:              {warm_s:7.2f} s  {len(pairs) / warm_s:7.1f} pairs/s")
+    sequential, pooled = runs["sequential"][0]["verdicts"], runs["pool"][0]["verdicts"]
+    mismatches = [(p, a, b) for p, a, b in zip(pairs, sequential, pooled) if a != b]
+    counts = {v: pooled.count(v) for v in sorted(set(pooled))}
+    print(f"verdicts: {counts}; identical: {not mismatches} ({len(mismatches)} differ)")
+    for pair, a, b in mismatches[:5]:
+        print(f"  differs: {pair!r}: sequential {a}, pool {b}")
+    slowest = max(r["slowest"] for r in runs["pool"])
+    print(f"ratio: {seq_s / cold_s:.2f}x including start-up, {seq_s / warm_s:.2f}x once started "
+          f"(target >= 1.8x on 2 cores); slowest item {slowest:.3f} s")
+
+    from tasks.verify import VerifyConfig, grade_pairs
+
+    adversarial = [("5", "\\boxed{123456789^{123456789}}"), ("5", "\\boxed{2^{10^{10}}}"),
+                   ("5", "\\boxed{(10^{7})!}"), ("5", "\\boxed{9^{9^{9^{9}}}}")] + pairs[:200]
+    config = VerifyConfig(workers=args.workers, deadline_seconds=3.0)
+    started = time.perf_counter()
+    results = grade_pairs(adversarial, config)
+    took = time.perf_counter() - started
+    late = [r for r in results if r[3] > config.deadline_seconds + 1.0]
+    print(f"adversarial: {len(adversarial)} pairs in {took:.1f} s with a {config.deadline_seconds:g} s deadline; "
+          f"timeouts {sum(r[0] == 'timeout' for r in results)}, items past the deadline (+1 s slack): {len(late)}")
+    if mismatches or late:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""One end-to-end round on the embedded default model (SmolLM2-135M-Instruct), small sizes, through the CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import write_jsonl
+from flows.cli import main
+from flows.stage_runner import lake
+
+
+@pytest.mark.slow
+def test_a_round_on_the_default_model_from_the_command_line(prefect_server, runs_root, scratch, capsys):
+    from data.home import PROJECT_ROOT
+
+    easy = [json.loads(line) for line in (PROJECT_ROOT / "data/sets/easy_arithmetic/train.jsonl").open()]
+    one_step = [r for r in easy if r["steps"] == 1][:8]
+    pool = write_jsonl(scratch / "pool.jsonl", one_step + [{"question": "Broken row"}])
+    config = scratch / "round.yaml"
+    config.write_text(f"""
+engine: {{model: default}}
+sources: [{{path: {pool}, preset: plain, name: easy}}]
+eval_sets: [{{name: gsm8k-test, path: data/sets/gsm8k/test.jsonl, preset: gsm8k}}]
+generate: {{sampling: {{n: 4, max_tokens: 120, seed: 0}}}}
+""")
+    assert main(["round", "--run", "e2e", "--config", str(config)]) == 0
+    printed = capsys.readouterr().out
+    assert "run e2e, round 0: 8 problems, 32 rollouts" in printed
+    assert "missing_field 1" in printed
+
+    store = lake()
+    verdicts = store.read("e2e", "verdicts")["verdict"].to_pylist()
+    assert len(verdicts) == 32
+    # the small model follows the answer format and solves some one-step problems (fixed seeds)
+    assert verdicts.count("no_answer") < 16
+    assert verdicts.count("correct") >= 1
+    stats = store.read("e2e", "problem_stats")
+    assert sum(stats["correct"].to_pylist()) == verdicts.count("correct")
+    assert (store.run_dir("e2e") / "config.yaml").exists()
+
+    assert main(["stage", "filter", "--run", "e2e", "--round", "0"]) == 0  # the saved config is reused
+    assert "skipped" in capsys.readouterr().out
+    assert main(["sql", "--run", "e2e", "--csv", "SELECT count(*) AS n FROM rollouts"]) == 0
+    assert capsys.readouterr().out.split() == ["n", "32"]
+    assert main(["status", "--run", "e2e"]) == 0
+    assert "completed" in capsys.readouterr().out
+    assert main(["stage", "verify", "--run", "nosuchrun", "--round", "0"]) == 2
+    assert capsys.readouterr().err.startswith("error: run 'nosuchrun' has no saved config")
