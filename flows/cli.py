@@ -49,16 +49,14 @@ def cmd_ingest(args) -> None:
     )
     eval_sets: list[EvalSetConfig] = load_config(args.config).eval_sets if args.config else []
     result = ingest_flow(args.run, source, eval_sets, force=args.force)
-    from flows.stage_runner import lake
-
-    reasons = lake().read(args.run, "quarantine", 0, "ingest")
     print(f"ingest {args.path} -> run {args.run}: {result.rows_in} rows read, {result.rows_out} problems, "
           f"{result.rows_quarantined} quarantined ({result.status})")
-    if reasons.num_rows:
+    if "quarantine" in result.tables and result.tables["quarantine"].num_rows:
         counts: dict[str, int] = {}
-        for reason in reasons["reason"].to_pylist():
+        for reason in result.tables["quarantine"]["reason"].to_pylist():
             counts[reason] = counts.get(reason, 0) + 1
-        print("  quarantine in the run by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        print("  quarantined by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        print(f"  details: evoforge sql --run {args.run} quarantine_reasons")
 
 
 def _print_stage_results(results) -> None:

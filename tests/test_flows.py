@@ -98,3 +98,23 @@ def test_the_shipped_demo_config_loads(runs_root):
     demo = load_config(DEFAULT_CONFIG)
     assert demo.engine.model == "default" and demo.generate.sampling.n == 8
     assert {s.name for s in demo.sources} == {"easy_arithmetic", "gsm8k"}
+
+
+def test_ingest_command_prints_counts_by_reason_and_names_a_bad_file(prefect_server, runs_root, scratch, capsys):
+    from flows.cli import main
+
+    source = write_jsonl(scratch / "mixed.jsonl", [
+        {"question": "What is 3 + 4?", "answer": "7"}, {"question": "What is 3 + 4?", "answer": "7"},
+        {"question": "No answer here"}, b"\xff\xfe broken",
+    ])
+    assert main(["ingest", str(source), "--run", "cli"]) == 0
+    out = capsys.readouterr().out
+    assert "4 rows read, 1 problems, 3 quarantined (completed)" in out
+    assert "duplicate 1, missing_field 1, not_utf8 1" in out
+    assert main(["ingest", str(source), "--run", "cli"]) == 0
+    assert "(skipped)" in capsys.readouterr().out
+    not_jsonl = scratch / "notes.jsonl"
+    not_jsonl.write_text("just\ntext\n")
+    assert main(["ingest", str(not_jsonl), "--run", "cli"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "notes.jsonl: not a JSONL file" in err and "Traceback" not in err
