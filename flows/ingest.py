@@ -1,6 +1,7 @@
 """ingest flow: one source file -> round 0 `problems` + `quarantine` (one part per source)."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from prefect import flow
@@ -45,7 +46,8 @@ def ingest_flow(
     settings = {"source": source.model_dump(mode="json", exclude={"path"}), "eval_sets": [
         e.model_dump(mode="json") for e in eval_sets]}
     input_fp = f"{source_fp}:{eval_fp}"
-    part = source_fp  # a source is identified by its content, wherever it lies
+    # one part per source path: re-ingesting an edited file replaces its rows instead of adding to them
+    part = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
     store = lake()
 
     def compute():

@@ -113,6 +113,12 @@ def test_ingest_command_prints_counts_by_reason_and_names_a_bad_file(prefect_ser
     assert "duplicate 1, missing_field 1, not_utf8 1" in out
     assert main(["ingest", str(source), "--run", "cli"]) == 0
     assert "(skipped)" in capsys.readouterr().out
+    # an edited source replaces its own rows: its unchanged rows are not called duplicates of themselves
+    write_jsonl(source, [{"question": "What is 3 + 4?", "answer": "7"}, {"question": "What is 5 + 5?", "answer": "10"}])
+    assert main(["ingest", str(source), "--run", "cli"]) == 0
+    assert "2 rows read, 2 problems, 0 quarantined (completed)" in capsys.readouterr().out
+    assert sorted(lake().read("cli", "problems")["answer"].to_pylist()) == ["10", "7"]
+    assert lake().read("cli", "quarantine").num_rows == 0
     not_jsonl = scratch / "notes.jsonl"
     not_jsonl.write_text("just\ntext\n")
     assert main(["ingest", str(not_jsonl), "--run", "cli"]) == 2
