@@ -115,7 +115,8 @@ class Lake:
 
     # -- reads ---------------------------------------------------------------------------------
     def read(self, run: str, table: str, round_: int | None = None, stage: str | None = None) -> pa.Table:
-        """All rows of `table` in the run (optionally one round / stage), with `round` from the path."""
+        """All rows of `table` in the run (optionally one round / stage), with `round` and `stage`
+        (the stage that wrote them) from the path, as the DuckDB views have them."""
         schema = self._schema(table)
         parts = []
         for path in self.table_files(run, table, round_, stage):
@@ -123,11 +124,13 @@ class Lake:
             if table in schemas.ROUND_TABLES:
                 r = int(path.parent.parent.parent.name.split("=", 1)[1])
                 part = part.append_column("round", pa.array([r] * part.num_rows, pa.int32()))
+                part = part.append_column("stage", pa.array([path.parent.parent.name] * part.num_rows, pa.string()))
             parts.append(part)
         if not parts:
             empty = schema.empty_table()
             if table in schemas.ROUND_TABLES:
                 empty = empty.append_column("round", pa.array([], pa.int32()))
+                empty = empty.append_column("stage", pa.array([], pa.string()))
             return empty
         return pa.concat_tables(parts)
 

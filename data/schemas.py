@@ -92,6 +92,23 @@ STAGE_RUNS = pa.schema(
     ]
 )
 
+VARIANTS = pa.schema(
+    [
+        ("variant_id", pa.string()),
+        ("parent_problem_id", pa.string()),
+        ("source_rollout_id", pa.string()),
+        ("text", pa.string()),
+        ("answer", pa.string()),
+        ("raw_output", pa.string()),
+        ("n", pa.int32()),
+        ("correct", pa.int32()),
+        ("accuracy", pa.float64()),
+        ("kept", pa.bool_()),
+        ("reward", pa.float64()),
+        ("reject_reason", pa.string()),
+    ]
+)
+
 # the artifact tables stored under runs/<run>/round=<r>/<stage>/<table>/
 ROUND_TABLES: dict[str, pa.Schema] = {
     "problems": PROBLEMS,
@@ -99,6 +116,7 @@ ROUND_TABLES: dict[str, pa.Schema] = {
     "rollouts": ROLLOUTS,
     "verdicts": VERDICTS,
     "problem_stats": PROBLEM_STATS,
+    "variants": VARIANTS,
 }
 # tables of the whole run, stored under runs/<run>/<table>/
 RUN_TABLES: dict[str, pa.Schema] = {"stage_runs": STAGE_RUNS}

@@ -8,14 +8,14 @@ from flows.stage_runner import lake
 def round_summary(run: str, round_: int) -> dict:
     con = catalog.connect(lake().run_dir(run))
     buckets = dict(con.execute("SELECT bucket, count(*) FROM problem_stats WHERE round = ? GROUP BY bucket", [round_]).fetchall())
-    verdicts = dict(con.execute("SELECT verdict, count(*) FROM verdicts WHERE round = ? GROUP BY verdict", [round_]).fetchall())
+    verdicts = dict(con.execute("SELECT verdict, count(*) FROM verdicts WHERE round = ? AND stage = 'verify' GROUP BY verdict", [round_]).fetchall())
     pass_at = con.execute(
         """SELECT k, avg(v), count(*) FROM (SELECT unnest(map_keys(pass_at_k)) AS k, unnest(map_values(pass_at_k)) AS v
            FROM problem_stats WHERE round = ?) GROUP BY k ORDER BY k""",
         [round_],
     ).fetchall()
     tokens = con.execute(
-        "SELECT count(*), sum(completion_tokens), avg((finish_reason = 'length')::INT) FROM rollouts WHERE round = ?",
+        "SELECT count(*), sum(completion_tokens), avg((finish_reason = 'length')::INT) FROM rollouts WHERE round = ? AND stage = 'generate'",
         [round_],
     ).fetchone()
     pool = con.execute("SELECT count(*) FROM problems WHERE round <= ?", [round_]).fetchone()[0]

@@ -10,7 +10,8 @@ from tasks.verify import verify
 
 
 def round_table(run: str, round_: int, table: str, made_by: str):
-    rows = lake().read(run, table, round_)
+    """`table` as stage `made_by` wrote it in this round (later stages may add their own rows)."""
+    rows = lake().read(run, table, round_, made_by)
     if rows.num_rows == 0:
         raise MissingInput(
             f"run {run!r} round {round_} has no {table}: run `evoforge stage {made_by} --run {run} --round {round_}` first"

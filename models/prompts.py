@@ -56,3 +56,38 @@ def last_boxed(text: str) -> str | None:
                 if depth == 0:
                     return text[match.end() : j].strip()
     return None
+
+
+# -- SvS: variational problem synthesis -----------------------------------------------------------
+SYNTHESIS_SYSTEM = (
+    "You write math word problems. You are given a problem and a correct solution. Write ONE new problem "
+    "that the same reasoning and the same final answer would solve, with different wording, names and "
+    "structure. Do not state the answer or the solution in the new problem. Put the new problem, and "
+    "nothing else, between ```problem and ```."
+)
+
+
+def synthesis_messages(question: str, solution: str) -> Messages:
+    return [
+        {"role": "system", "content": SYNTHESIS_SYSTEM},
+        {"role": "user", "content": f"Problem:\n{question}\n\nCorrect solution:\n{solution}\n\nNew problem:"},
+    ]
+
+
+_FENCED = re.compile(r"```[ \t]*(problem)?[ \t]*\n(.*?)(?:```|$)", re.S | re.I)
+_LABELLED = re.compile(r"(?:^|\n)\s*(?:\*\*)?(?:new problem|problem)(?:\*\*)?\s*:\s*(.+?)(?:\n\s*\n|\n\s*(?:solution|answer)\b|$)",
+                       re.S | re.I)
+
+
+def extract_problem(output: str) -> str | None:
+    """The variant problem in a synthesis output: a ```problem block first, then any fenced block
+    (an unclosed one runs to the end), then a 'New problem:' / 'Problem:' paragraph."""
+    blocks = [(label, body.strip()) for label, body in _FENCED.findall(output or "")]
+    for wanted in (True, False):
+        for label, body in blocks:
+            if bool(label) == wanted and body:
+                return body
+    match = _LABELLED.search(output or "")
+    if match and match.group(1).strip():
+        return match.group(1).strip()
+    return None

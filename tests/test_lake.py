@@ -30,7 +30,7 @@ def test_views_match_the_arrow_schemas_before_any_stage_ran(scratch):
         view = con.execute(f"DESCRIBE {name}").fetchall()
         expected = [(f.name, t) for f, t in zip(schema, _duck_types(arrow_types, schema))]
         if name in schemas.ROUND_TABLES:
-            expected.append(("round", "BIGINT"))
+            expected += [("round", "BIGINT"), ("stage", "VARCHAR")]
         assert [(c[0], c[1]) for c in view] == expected, name
         assert con.execute(f"SELECT count(*) FROM {name}").fetchone()[0] == 0
 

@@ -8,5 +8,6 @@ SELECT
     pass_at_k,          -- MAP(k -> unbiased pass@k = 1 - C(n-c,k)/C(n,k)) for the configured k <= n; pass_at_k[8]
     mean_tokens,
     bucket,             -- unsolved (0) | underperforming (SvS band, default 12.5%-50%) | learnable (other 0<acc<1) | solved (1)
-    round
-FROM read_parquet('${run_dir}/round=*/*/problem_stats/part-*.parquet', hive_partitioning = true, union_by_name = true);
+    round,
+    regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
+FROM read_parquet('${run_dir}/round=*/*/problem_stats/part-*.parquet', hive_partitioning = true, union_by_name = true, filename = true);

@@ -9,5 +9,6 @@ SELECT
     source_row,         -- 1-based line (JSONL) or row (Parquet, datasets) in source_file
     origin,             -- 'seed' (ingested) or 'synthetic' (written by the policy in a later round)
     parent_problem_id,  -- for synthetic problems: the problem they were derived from
-    round               -- round the problem entered the pool (from the lake path round=<r>)
-FROM read_parquet('${run_dir}/round=*/*/problems/part-*.parquet', hive_partitioning = true, union_by_name = true);
+    round,              -- round the problem entered the pool (from the lake path round=<r>)
+    regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
+FROM read_parquet('${run_dir}/round=*/*/problems/part-*.parquet', hive_partitioning = true, union_by_name = true, filename = true);

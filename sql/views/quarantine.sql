@@ -10,5 +10,6 @@ SELECT
     raw,                -- the row as read, first 500 characters
     matched_set,        -- contaminated: the evaluation set that shares an 8-word run
     matched_id,         -- contaminated: that set's problem_id; duplicate: the problem_id already in the run
-    round
-FROM read_parquet('${run_dir}/round=*/*/quarantine/part-*.parquet', hive_partitioning = true, union_by_name = true);
+    round,
+    regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
+FROM read_parquet('${run_dir}/round=*/*/quarantine/part-*.parquet', hive_partitioning = true, union_by_name = true, filename = true);

@@ -10,5 +10,6 @@ SELECT
     completion_tokens,
     finish_reason,      -- 'stop' (end of sequence or stop string) or 'length' (hit max_tokens)
     mean_logprob,       -- mean log-probability of the sampled tokens (before temperature); its negative estimates entropy
-    round
-FROM read_parquet('${run_dir}/round=*/*/rollouts/part-*.parquet', hive_partitioning = true, union_by_name = true);
+    round,
+    regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
+FROM read_parquet('${run_dir}/round=*/*/rollouts/part-*.parquet', hive_partitioning = true, union_by_name = true, filename = true);

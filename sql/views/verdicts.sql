@@ -8,5 +8,6 @@ SELECT
     gold,
     detail,             -- why, for anything but a plain correct/wrong
     seconds,            -- grading time of this item
-    round
-FROM read_parquet('${run_dir}/round=*/*/verdicts/part-*.parquet', hive_partitioning = true, union_by_name = true);
+    round,
+    regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
+FROM read_parquet('${run_dir}/round=*/*/verdicts/part-*.parquet', hive_partitioning = true, union_by_name = true, filename = true);

@@ -1,0 +1,19 @@
+-- variants: SvS variational problems written by the policy from its own correct solutions of
+-- under-performing problems, each solved G_v times and graded against the PARENT's answer.
+CREATE OR REPLACE VIEW variants AS
+SELECT
+    variant_id,         -- the problem_id the variant has in the pool (hash of its normalised text)
+    parent_problem_id,  -- the under-performing problem the variant was derived from
+    source_rollout_id,  -- the correct solution the policy was shown
+    text,               -- the extracted variant problem; NULL when none could be extracted
+    answer,             -- the parent's gold answer, which the variant must keep
+    raw_output,         -- the policy's whole synthesis output
+    n,                  -- solving samples (G_v); 0 for rejected variants
+    correct,            -- samples graded correct against the parent's answer
+    accuracy,
+    kept,               -- accuracy inside the keep band (default 12.5%-62.5%): joins the next round's pool
+    reward,             -- synthesis reward: 1 when kept, else 0
+    reject_reason,      -- no_problem | answer_leak | duplicate_of_parent | near_duplicate_of_parent | near_duplicate_of_pool | too_long | outside_band; NULL when kept
+    round,
+    regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
+FROM read_parquet('${run_dir}/round=*/*/variants/part-*.parquet', hive_partitioning = true, union_by_name = true, filename = true);

@@ -1,0 +1,161 @@
+"""synthesize (SvS, arXiv 2508.14029): variational problems from the policy's own correct solutions.
+
+For each under-performing problem (accuracy in the SvS band) and each of its correct rollouts, the
+policy writes a new problem that the same solution would answer. Outputs with no extractable problem,
+a leaked answer, or text that duplicates the parent or the pool are recorded with the reason and not
+solved. Each valid variant is solved G_v times and graded against the PARENT's answer; a variant whose
+accuracy lies in the keep band is kept (synthesis reward 1) and joins the next round's pool.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import pyarrow as pa
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, Field
+
+from data import schemas
+from data.decontam import Decontaminator, ngrams
+from data.ingest import normalize_question, problem_id
+from models.engine import Engine, GenerationRequest, SamplingConfig
+from models.prompts import extract_problem, synthesis_messages
+from tasks.filter import EPS
+from tasks.generate import GenerateConfig, generate, problem_seed, stable_hash
+from tasks.verify import VerifyConfig, verify
+
+
+class SynthesizeConfig(BaseModel):
+    solutions_per_problem: int = Field(2, ge=1, description="correct rollouts of a problem used as synthesis seeds")
+    samples_per_variant: int = Field(8, ge=1, description="G_v: solving samples per variant")
+    keep_band: tuple[float, float] = Field((0.125, 0.625), description="variant accuracy band that is kept, inclusive")
+    synthesis: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(n=1, temperature=0.8, top_p=0.95, max_tokens=200, seed=1)
+    )
+    max_variant_chars: int = 2000
+
+
+@dataclass
+class Candidate:
+    parent_problem_id: str
+    source_rollout_id: str
+    answer: str
+    raw_output: str
+    text: str | None
+    reject_reason: str | None
+
+
+def leaks_answer(text: str, answer: str) -> bool:
+    """The answer stated in the problem: as a number not part of a longer number, else verbatim."""
+    answer = answer.strip()
+    if not answer:
+        return False
+    if re.fullmatch(r"-?\d+(\.\d+)?", answer):
+        return re.search(rf"(?<![\d.]){re.escape(answer)}(?![\d]|\.\d)", text) is not None
+    return len(answer) >= 2 and answer in text
+
+
+def seeds_for_synthesis(stats: pa.Table, rollouts: pa.Table, verdicts: pa.Table, per_problem: int) -> list[dict]:
+    """(problem, correct rollout) pairs of the under-performing problems, the first `per_problem` samples each."""
+    under = {p for p, b in zip(stats["problem_id"].to_pylist(), stats["bucket"].to_pylist()) if b == "underperforming"}
+    correct = {r for r, v in zip(verdicts["rollout_id"].to_pylist(), verdicts["verdict"].to_pylist()) if v == "correct"}
+    chosen: dict[str, list[dict]] = {}
+    for row in sorted(rollouts.select(["rollout_id", "problem_id", "sample_index", "text"]).to_pylist(),
+                      key=lambda r: (r["problem_id"], r["sample_index"])):
+        if row["problem_id"] in under and row["rollout_id"] in correct:
+            bucket = chosen.setdefault(row["problem_id"], [])
+            if len(bucket) < per_problem:
+                bucket.append(row)
+    return [row for rows in chosen.values() for row in rows]
+
+
+def screen(candidates: list[Candidate], questions: dict[str, str], pool: list[str], max_chars: int) -> None:
+    """Set reject_reason on candidates that must not be solved (in place, in order, so the first of
+    two near-identical variants is kept and the second is the duplicate)."""
+    seen = Decontaminator()
+    seen.add_set("pool", [(str(i), q) for i, q in enumerate(pool)])
+    for c in candidates:
+        if c.reject_reason:
+            continue
+        parent = questions[c.parent_problem_id]
+        if c.text is None:
+            c.reject_reason = "no_problem"
+        elif len(c.text) > max_chars:
+            c.reject_reason = "too_long"
+        elif leaks_answer(c.text, c.answer):
+            c.reject_reason = "answer_leak"
+        elif normalize_question(c.text) == normalize_question(parent):
+            c.reject_reason = "duplicate_of_parent"
+        elif ngrams(c.text) & ngrams(parent):
+            c.reject_reason = "near_duplicate_of_parent"
+        elif seen.match(c.text):
+            c.reject_reason = "near_duplicate_of_pool"
+        else:
+            seen.add_set("variant", [(c.source_rollout_id, c.text)])
+
+
+@task(name="synthesize", cache_policy=NO_CACHE, persist_result=False)
+def synthesize(
+    problems: pa.Table,
+    stats: pa.Table,
+    rollouts: pa.Table,
+    verdicts: pa.Table,
+    engine: Engine,
+    config: SynthesizeConfig,
+    generate_config: GenerateConfig,
+    verify_config: VerifyConfig,
+) -> dict[str, pa.Table]:
+    """-> {"variants", "rollouts", "verdicts" (the variant-solving ones), "problems" (kept variants)}."""
+    questions = dict(zip(problems["problem_id"].to_pylist(), problems["question"].to_pylist()))
+    answers = dict(zip(problems["problem_id"].to_pylist(), problems["answer"].to_pylist()))
+    seeds = seeds_for_synthesis(stats, rollouts, verdicts, config.solutions_per_problem)
+    requests = [
+        GenerationRequest(synthesis_messages(questions[s["problem_id"]], s["text"]),
+                          problem_seed(config.synthesis.seed, s["rollout_id"]))
+        for s in seeds
+    ]
+    outputs = engine.generate(requests, config.synthesis.model_copy(update={"n": 1})) if requests else []
+    candidates = [
+        Candidate(s["problem_id"], s["rollout_id"], answers[s["problem_id"]], out[0].text, extract_problem(out[0].text), None)
+        for s, out in zip(seeds, outputs)
+    ]
+    screen(candidates, questions, list(questions.values()), config.max_variant_chars)
+
+    valid = [c for c in candidates if c.reject_reason is None]
+    # a variant's id is the problem_id it has once it joins the pool (screening keeps texts distinct)
+    ids = {id(c): problem_id(c.text) if c.text else stable_hash("variant", c.source_rollout_id, c.raw_output)
+           for c in candidates}
+    solve_config = generate_config.model_copy(deep=True)
+    solve_config.sampling.n = config.samples_per_variant
+    variant_problems = pa.table({"problem_id": [ids[id(c)] for c in valid], "question": [c.text for c in valid]})
+    solved = generate.fn(variant_problems, engine, solve_config) if valid else schemas.ROLLOUTS.empty_table()
+    golds = pa.table({"problem_id": [ids[id(c)] for c in valid], "answer": [c.answer for c in valid]})
+    graded = verify.fn(solved, golds, verify_config) if valid else schemas.VERDICTS.empty_table()
+
+    tally: dict[str, list[int]] = {}
+    for pid, verdict in zip(graded["problem_id"].to_pylist(), graded["verdict"].to_pylist()):
+        counts = tally.setdefault(pid, [0, 0])
+        counts[0] += 1
+        counts[1] += verdict == "correct"
+    lo, hi = config.keep_band
+    rows, kept_problems = [], []
+    for c in candidates:
+        vid = ids[id(c)]
+        n, correct = tally.get(vid, [0, 0])
+        accuracy = correct / n if n else 0.0
+        kept = c.reject_reason is None and n > 0 and lo - EPS <= accuracy <= hi + EPS
+        reason = c.reject_reason or (None if kept else "outside_band")
+        rows.append(dict(variant_id=vid, parent_problem_id=c.parent_problem_id, source_rollout_id=c.source_rollout_id,
+                         text=c.text, answer=c.answer, raw_output=c.raw_output, n=n, correct=correct,
+                         accuracy=accuracy, kept=kept, reward=1.0 if kept else 0.0, reject_reason=reason))
+        if kept:
+            kept_problems.append(dict(problem_id=vid, question=c.text, answer=c.answer, source="svs",
+                                      source_file=None, source_row=None, origin="synthetic",
+                                      parent_problem_id=c.parent_problem_id))
+    return {
+        "variants": pa.Table.from_pylist(rows, schema=schemas.VARIANTS),
+        "rollouts": solved,
+        "verdicts": graded,
+        "problems": pa.Table.from_pylist(kept_problems, schema=schemas.PROBLEMS),
+    }
