@@ -109,6 +109,34 @@ VARIANTS = pa.schema(
     ]
 )
 
+PAIRS = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("kind", pa.string()),
+        ("problem_id", pa.string()),
+        ("prompt", pa.string()),
+        ("prefix", pa.string()),
+        ("chosen", pa.string()),
+        ("rejected", pa.string()),
+        ("chosen_rollout_id", pa.string()),
+        ("rejected_rollout_id", pa.string()),
+        ("chosen_score", pa.float64()),
+        ("rejected_score", pa.float64()),
+    ]
+)
+
+SFT_EXAMPLES = pa.schema(
+    [
+        ("example_id", pa.string()),
+        ("problem_id", pa.string()),
+        ("rollout_id", pa.string()),
+        ("prompt", pa.string()),
+        ("completion", pa.string()),
+        ("bucket", pa.string()),
+        ("origin", pa.string()),
+    ]
+)
+
 # the artifact tables stored under runs/<run>/round=<r>/<stage>/<table>/
 ROUND_TABLES: dict[str, pa.Schema] = {
     "problems": PROBLEMS,
@@ -117,6 +145,8 @@ ROUND_TABLES: dict[str, pa.Schema] = {
     "verdicts": VERDICTS,
     "problem_stats": PROBLEM_STATS,
     "variants": VARIANTS,
+    "pairs": PAIRS,
+    "sft_examples": SFT_EXAMPLES,
 }
 # tables of the whole run, stored under runs/<run>/<table>/
 RUN_TABLES: dict[str, pa.Schema] = {"stage_runs": STAGE_RUNS}

@@ -1,0 +1,17 @@
+-- pairs: preference pairs. kind = 'solution': a correct and a wrong rollout of the same problem, for DPO.
+CREATE OR REPLACE VIEW pairs AS
+SELECT
+    pair_id,              -- hash of (chosen rollout, rejected rollout)
+    kind,                 -- 'solution' (DPO); 'step' pairs for the PPM come with MCTS
+    problem_id,
+    prompt,               -- the problem text
+    prefix,               -- step pairs: the shared solution prefix; NULL for solution pairs
+    chosen,               -- a correct response (shortest correct first)
+    rejected,             -- a wrong response (most confident wrong first: highest mean log-probability)
+    chosen_rollout_id,
+    rejected_rollout_id,
+    chosen_score,         -- solution pairs: minus the response's token count; step pairs: Q-value
+    rejected_score,       -- solution pairs: the response's mean log-probability; step pairs: Q-value
+    round,
+    regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
+FROM read_parquet('${run_dir}/round=*/*/pairs/part-*.parquet', hive_partitioning = true, union_by_name = true, filename = true);
