@@ -51,6 +51,7 @@ class EvalSetConfig(BaseModel):
     preset: Preset = "plain"
     question_field: str | None = None
     answer_field: str | None = None
+    limit: int | None = Field(None, ge=1, description="evaluate on the first N problems (decontamination uses all)")
 
 
 @dataclass
@@ -301,17 +302,29 @@ def ingest(
     )
 
 
-def load_eval_questions(config: EvalSetConfig, root: Path) -> list[tuple[str, str]]:
-    """(problem_id, question) of an evaluation set, for decontamination; unreadable rows are skipped
-    here on purpose: an eval row we cannot read cannot leak into training through us either."""
+def load_eval_set(config: EvalSetConfig, root: Path, limit: int | None = None) -> pa.Table:
+    """problem_id, question, answer of an evaluation set. Unreadable rows are skipped on purpose: an
+    eval row we cannot read can neither leak into training through us nor be graded."""
     path = (root / config.path) if not Path(config.path).is_absolute() else Path(config.path)
-    out = []
+    rows, seen = [], set()
     for record in read_records(path):
         if record.value is None:
             continue
         try:
-            question = question_of(record.value, config)
+            question, answer = question_of(record.value, config), extract_answer(record.value, config)
         except RowProblem:
             continue
-        out.append((problem_id(question), question))
-    return out
+        pid = problem_id(question)
+        if pid not in seen:
+            seen.add(pid)
+            rows.append({"problem_id": pid, "question": question, "answer": answer})
+        if limit is not None and len(rows) >= limit:
+            break
+    return pa.Table.from_pylist(rows, schema=pa.schema([("problem_id", pa.string()), ("question", pa.string()),
+                                                        ("answer", pa.string())]))
+
+
+def load_eval_questions(config: EvalSetConfig, root: Path) -> list[tuple[str, str]]:
+    """(problem_id, question) of a whole evaluation set, for decontamination."""
+    table = load_eval_set(config, root)
+    return list(zip(table["problem_id"].to_pylist(), table["question"].to_pylist()))

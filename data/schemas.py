@@ -137,6 +137,46 @@ SFT_EXAMPLES = pa.schema(
     ]
 )
 
+CHECKPOINTS = pa.schema(
+    [
+        ("checkpoint_id", pa.string()),
+        ("parent_model_id", pa.string()),
+        ("role", pa.string()),
+        ("method", pa.string()),
+        ("path", pa.string()),
+        ("model_id", pa.string()),
+        ("data_fingerprint", pa.string()),
+        ("train_rows", pa.int64()),
+        ("steps", pa.int32()),
+        ("final_loss", pa.float64()),
+        ("wall_seconds", pa.float64()),
+    ]
+)
+
+TRAIN_METRICS = pa.schema(
+    [
+        ("checkpoint_id", pa.string()),
+        ("step", pa.int32()),
+        ("metric", pa.string()),
+        ("value", pa.float64()),
+    ]
+)
+
+EVALS = pa.schema(
+    [
+        ("model_id", pa.string()),
+        ("model_round", pa.int32()),
+        ("eval_set", pa.string()),
+        ("problems", pa.int32()),
+        ("n", pa.int32()),
+        ("pass_at_1", pa.float64()),
+        ("pass_at_k", pa.map_(pa.int32(), pa.float64())),
+        ("entropy", pa.float64()),
+        ("mean_tokens", pa.float64()),
+        ("no_answer_rate", pa.float64()),
+    ]
+)
+
 # the artifact tables stored under runs/<run>/round=<r>/<stage>/<table>/
 ROUND_TABLES: dict[str, pa.Schema] = {
     "problems": PROBLEMS,
@@ -147,6 +187,9 @@ ROUND_TABLES: dict[str, pa.Schema] = {
     "variants": VARIANTS,
     "pairs": PAIRS,
     "sft_examples": SFT_EXAMPLES,
+    "checkpoints": CHECKPOINTS,
+    "train_metrics": TRAIN_METRICS,
+    "evals": EVALS,
 }
 # tables of the whole run, stored under runs/<run>/<table>/
 RUN_TABLES: dict[str, pa.Schema] = {"stage_runs": STAGE_RUNS}

@@ -71,20 +71,22 @@ def cmd_round(args) -> None:
     from flows.stage_runner import lake
     from flows.summary import format_summary, round_summary
 
+    from flows.round import policy_for_round
+
     config = load_config(args.config)
     save_config(config, lake().ensure_run(args.run) / "config.yaml")
     started = time.monotonic()
-    results = round_flow(args.run, config, round=args.round, force=args.force)
+    results = round_flow(args.run, policy_for_round(args.run, config, args.round), round=args.round, force=args.force)
     _print_stage_results(results)
     print(format_summary(round_summary(args.run, args.round)))
     print(f"round took {time.monotonic() - started:.0f} s")
 
 
 def cmd_stage(args) -> None:
-    from flows.round import STAGES
+    from flows.round import STAGES, policy_for_round
     from flows.stage_runner import lake
 
-    config = _run_config(args.run, args.config)
+    config = policy_for_round(args.run, _run_config(args.run, args.config), args.round)
     if args.name == "ingest":
         from flows.ingest import ingest_flow
 
@@ -93,6 +95,34 @@ def cmd_stage(args) -> None:
         lake().run_dir(args.run)
         results = [STAGES[args.name](args.run, args.round, config, force=args.force)]
     _print_stage_results(results)
+
+
+def cmd_evolve(args) -> None:
+    from flows.config import load_config, save_config
+    from flows.report import collect, format_report, plot
+    from flows.round import evolve_flow
+    from flows.stage_runner import lake
+
+    config = load_config(args.config)
+    run_dir = lake().ensure_run(args.run)
+    save_config(config, run_dir / "config.yaml")
+    started = time.monotonic()
+    _print_stage_results(evolve_flow(args.run, config, args.rounds, force=args.force))
+    data = collect(args.run)
+    print(format_report(args.run, data))
+    png = plot(args.run, data, run_dir / "report.png")
+    print(f"{args.rounds} round(s) took {time.monotonic() - started:.0f} s" + (f"; plot: {png}" if png else ""))
+
+
+def cmd_report(args) -> None:
+    from flows.report import collect, format_report, plot
+    from flows.stage_runner import lake
+
+    data = collect(args.run)
+    print(format_report(args.run, data))
+    png = plot(args.run, data, Path(args.out) if args.out else lake().run_dir(args.run) / "report.png")
+    if png:
+        print(f"plot: {png}")
 
 
 def cmd_demo(args) -> None:
@@ -200,7 +230,7 @@ def parser() -> argparse.ArgumentParser:
     ingest.add_argument("--force", action="store_true")
     ingest.set_defaults(func=cmd_ingest)
 
-    rnd = sub.add_parser("round", help="run a whole round from a config")
+    rnd = sub.add_parser("round", help="run one round from a config (its `stages`)")
     rnd.add_argument("--run", required=True)
     rnd.add_argument("--config", required=True)
     rnd.add_argument("--round", type=int, default=0)
@@ -208,12 +238,25 @@ def parser() -> argparse.ArgumentParser:
     rnd.set_defaults(func=cmd_round)
 
     stage = sub.add_parser("stage", help="rerun one stage of one round")
-    stage.add_argument("name", choices=["ingest", "generate", "verify", "filter"])
+    stage.add_argument("name", choices=["ingest", "generate", "verify", "filter", "synthesize", "pairs", "finetune",
+                                        "evaluate"])
     stage.add_argument("--run", required=True)
     stage.add_argument("--round", type=int, default=0)
     stage.add_argument("--config", help="default: the config the run was started with")
     stage.add_argument("--force", action="store_true", help="recompute even if inputs, config and model are unchanged")
     stage.set_defaults(func=cmd_stage)
+
+    evolve = sub.add_parser("evolve", help="K rounds, each from the previous round's checkpoint and grown pool")
+    evolve.add_argument("--run", required=True)
+    evolve.add_argument("--rounds", type=int, required=True)
+    evolve.add_argument("--config", required=True)
+    evolve.add_argument("--force", action="store_true")
+    evolve.set_defaults(func=cmd_evolve)
+
+    report = sub.add_parser("report", help="per-round pool, buckets, variants and held-out pass@k, with a PNG plot")
+    report.add_argument("--run", required=True)
+    report.add_argument("--out", help="PNG path (default: runs/<run>/report.png)")
+    report.set_defaults(func=cmd_report)
 
     sql = sub.add_parser("sql", help="query a run's tables (or a named query of sql/queries/) with DuckDB")
     sql.add_argument("query")

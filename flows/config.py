@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError
@@ -15,9 +16,15 @@ from pydantic import BaseModel, Field, ValidationError
 from data.home import PROJECT_ROOT
 from data.ingest import EvalSetConfig, SourceConfig
 from models.engine import EngineConfig
+from tasks.evaluate import EvaluateConfig
 from tasks.filter import FilterConfig
+from tasks.finetune import FinetuneConfig
 from tasks.generate import GenerateConfig
+from tasks.pairs import PairsConfig
+from tasks.synthesize import SynthesizeConfig
 from tasks.verify import VerifyConfig
+
+ROUND_STAGES = ("generate", "verify", "filter", "synthesize", "pairs", "finetune", "evaluate")
 
 DEFAULT_CONFIG = PROJECT_ROOT / "deploy" / "configs" / "demo.yaml"
 
@@ -35,6 +42,13 @@ class RoundConfig(BaseModel):
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
+    synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig)
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    stages: list[Literal[ROUND_STAGES]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(ROUND_STAGES), description="the stages a round runs, in this order"
+    )
 
 
 def resolve_path(path: str | Path) -> Path:

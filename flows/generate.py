@@ -10,9 +10,13 @@ from tasks.generate import generate
 
 
 def problem_pool(run: str, round_: int):
-    """P_r: every problem that entered the pool in rounds 0..r."""
+    """P_r: the ingested problems plus the SvS variants kept in rounds before r."""
+    import pyarrow.compute as pc
+
     problems = lake().read(run, "problems")
-    problems = problems.filter(problems["round"].to_numpy() <= round_) if problems.num_rows else problems
+    seeds = pc.equal(problems["stage"], "ingest")
+    earlier_variants = pc.and_(pc.equal(problems["stage"], "synthesize"), pc.less(problems["round"], round_))
+    problems = problems.filter(pc.or_(seeds, earlier_variants))
     if problems.num_rows == 0:
         raise MissingInput(f"run {run!r} has no problems for round {round_}: ingest a source first (evoforge ingest PATH --run {run})")
     return problems

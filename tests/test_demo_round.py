@@ -23,6 +23,7 @@ engine: {{model: default}}
 sources: [{{path: {pool}, preset: plain, name: easy}}]
 eval_sets: [{{name: gsm8k-test, path: data/sets/gsm8k/test.jsonl, preset: gsm8k}}]
 generate: {{sampling: {{n: 4, max_tokens: 120, seed: 0}}}}
+stages: [generate, verify, filter]
 """)
     assert main(["round", "--run", "e2e", "--config", str(config)]) == 0
     printed = capsys.readouterr().out

@@ -23,6 +23,7 @@ def config(tiny_engine_config, scratch) -> RoundConfig:
         engine=tiny_engine_config,
         sources=[SourceConfig(path=str(source), preset="plain", name="apples")],
         generate=GenerateConfig(sampling=SamplingConfig(n=4, max_tokens=24, seed=1), batch_problems=2),
+        stages=["generate", "verify", "filter"],
     )
 
 

@@ -1,0 +1,48 @@
+"""evaluate flow: held-out pass@k of the round's policy -> `evals`. Round 0 also measures the
+starting model, so every later round has a baseline."""
+from __future__ import annotations
+
+import pyarrow as pa
+from prefect import flow
+
+from data.ingest import load_eval_set
+from data.lake import fingerprint_table
+from flows.config import RoundConfig, config_hash, resolve_path
+from flows.finetune import trained_checkpoint
+from flows.stage_runner import MissingInput, StageResult, execute_stage
+from models.engine import load_engine
+from tasks.evaluate import evaluate
+
+
+@flow(name="evaluate", flow_run_name="{run}/round-{round}/evaluate")
+def evaluate_flow(run: str, round: int, config: RoundConfig, force: bool = False) -> StageResult:
+    if not config.evaluate.sets:
+        raise MissingInput("evaluate: the config names no evaluation sets (evaluate.sets)")
+    sets = {s.name: load_eval_set(s, resolve_path("."), s.limit) for s in config.evaluate.sets}
+    models = []  # (engine config, model_round)
+    if round == 0:
+        models.append((config.engine, 0))
+    checkpoint = trained_checkpoint(run, round)
+    if checkpoint is not None:
+        models.append((config.engine.model_copy(update={"model": checkpoint["path"]}), round + 1))
+    elif round > 0:
+        models.append((config.engine, round))
+
+    def compute() -> dict[str, pa.Table]:
+        tables = []
+        for engine_config, model_round in models:
+            tables.append(evaluate(sets, load_engine(engine_config), config.evaluate, config.verify, model_round))
+        return {"evals": pa.concat_tables(tables)}
+
+    from models.engine import model_id_for
+
+    return execute_stage(
+        run, round, "evaluate",
+        config_hash=config_hash({"evaluate": config.evaluate.model_dump(mode="json"),
+                                 "models": [m.model_dump(mode="json") for m, _ in models]}),
+        model_id=",".join(model_id_for(m) for m, _ in models),
+        input_fingerprint=fingerprint_table(pa.table({"fp": [fingerprint_table(t) for t in sets.values()]})),
+        rows_in=sum(t.num_rows for t in sets.values()),
+        compute=compute,
+        force=force,
+    )

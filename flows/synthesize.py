@@ -1,0 +1,32 @@
+"""synthesize flow (SvS): under-performing problems' correct rollouts -> `variants`, their solving
+`rollouts` and `verdicts`, and the kept variants as next round's `problems`."""
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.config import RoundConfig, config_hash
+from flows.generate import problem_pool
+from flows.stage_runner import StageResult, execute_stage, fingerprint_inputs
+from flows.verify import round_table
+from models.engine import load_engine, model_id_for
+from tasks.synthesize import synthesize
+
+
+@flow(name="synthesize", flow_run_name="{run}/round-{round}/synthesize")
+def synthesize_flow(run: str, round: int, config: RoundConfig, force: bool = False) -> StageResult:
+    problems = problem_pool(run, round).select(["problem_id", "question", "answer"])
+    stats = round_table(run, round, "problem_stats", "filter").select(["problem_id", "bucket"])
+    rollouts = round_table(run, round, "rollouts", "generate").select(["rollout_id", "problem_id", "sample_index", "text"])
+    verdicts = round_table(run, round, "verdicts", "verify").select(["rollout_id", "verdict"])
+    return execute_stage(
+        run, round, "synthesize",
+        config_hash=config_hash({"synthesize": config.synthesize.model_dump(mode="json"),
+                                 "generate": config.generate.model_dump(mode="json"),
+                                 "verify": config.verify.model_dump(mode="json", include={"deadline_seconds", "memory_mb"})}),
+        model_id=model_id_for(config.engine),
+        input_fingerprint=fingerprint_inputs(problems, stats, rollouts, verdicts),
+        rows_in=stats.num_rows,
+        compute=lambda: synthesize(problems, stats, rollouts, verdicts, load_engine(config.engine),
+                                   config.synthesize, config.generate, config.verify),
+        force=force,
+    )

@@ -1,0 +1,16 @@
+-- evals: held-out performance of each model of a run, per evaluation set.
+CREATE OR REPLACE VIEW evals AS
+SELECT
+    model_id,
+    model_round,        -- 0: the starting model; r + 1: the model trained in round r
+    eval_set,
+    problems,
+    n,                  -- samples per problem
+    pass_at_1,          -- mean accuracy over the n samples
+    pass_at_k,          -- MAP(k -> mean unbiased pass@k) for the configured k <= n
+    entropy,            -- mean of minus the mean token log-probability: an entropy estimate of the policy
+    mean_tokens,
+    no_answer_rate,     -- share of samples without a \boxed{} answer
+    round,              -- the round whose evaluate stage measured it
+    regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
+FROM read_parquet('${run_dir}/round=*/*/evals/part-*.parquet', hive_partitioning = true, union_by_name = true, filename = true);

@@ -1,0 +1,10 @@
+-- train_metrics: what the trainer logged at each step, one row per (checkpoint, step, metric).
+CREATE OR REPLACE VIEW train_metrics AS
+SELECT
+    checkpoint_id,
+    step,
+    metric,             -- loss, learning_rate, grad_norm, and for DPO rewards/margins, rewards/accuracies, ...
+    value,
+    round,
+    regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
+FROM read_parquet('${run_dir}/round=*/*/train_metrics/part-*.parquet', hive_partitioning = true, union_by_name = true, filename = true);

@@ -1,0 +1,53 @@
+"""evaluate: pass@1 (mean over n samples), unbiased pass@k, entropy estimate and length on held-out sets."""
+from __future__ import annotations
+
+import pyarrow as pa
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, Field
+
+from data import schemas
+from data.ingest import EvalSetConfig
+from models.engine import Engine, SamplingConfig
+from tasks.filter import pass_at_k
+from tasks.generate import GenerateConfig, generate
+from tasks.verify import VerifyConfig, verify
+
+
+class EvaluateConfig(BaseModel):
+    sets: list[EvalSetConfig] = Field(default_factory=list, description="held-out sets; `limit` picks a fixed sample")
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(n=4, max_tokens=200, seed=1234))
+    pass_k: list[int] = Field(default_factory=lambda: [1, 4])
+    few_shot: bool = True
+
+
+@task(name="evaluate", cache_policy=NO_CACHE, persist_result=False)
+def evaluate(
+    sets: dict[str, pa.Table], engine: Engine, config: EvaluateConfig, verify_config: VerifyConfig, model_round: int
+) -> pa.Table:
+    """`sets`: name -> (problem_id, question, answer). One `evals` row per set."""
+    rows = []
+    generate_config = GenerateConfig(sampling=config.sampling, few_shot=config.few_shot)
+    for name, problems in sets.items():
+        rollouts = generate.fn(problems.select(["problem_id", "question"]), engine, generate_config)
+        verdicts = verify.fn(rollouts, problems.select(["problem_id", "answer"]), verify_config)
+        correct: dict[str, list[int]] = {}
+        for pid, verdict in zip(verdicts["problem_id"].to_pylist(), verdicts["verdict"].to_pylist()):
+            counts = correct.setdefault(pid, [0, 0])
+            counts[0] += 1
+            counts[1] += verdict == "correct"
+        pass_at = {}
+        for k in config.pass_k:
+            values = [pass_at_k(n, c, k) for n, c in correct.values()]
+            if values and all(v is not None for v in values):
+                pass_at[k] = sum(values) / len(values)
+        verdict_list = verdicts["verdict"].to_pylist()
+        logprobs = rollouts["mean_logprob"].to_pylist()
+        rows.append(dict(
+            model_id=engine.model_id, model_round=model_round, eval_set=name, problems=len(correct),
+            n=config.sampling.n, pass_at_1=sum(c for _, c in correct.values()) / max(1, sum(n for n, _ in correct.values())),
+            pass_at_k=list(pass_at.items()), entropy=-sum(logprobs) / max(1, len(logprobs)),
+            mean_tokens=sum(rollouts["completion_tokens"].to_pylist()) / max(1, rollouts.num_rows),
+            no_answer_rate=verdict_list.count("no_answer") / max(1, len(verdict_list)),
+        ))
+    return pa.Table.from_pylist(rows, schema=schemas.EVALS)

@@ -1,0 +1,54 @@
+"""Two SvS rounds on the default model with small sizes: variants, checkpoints and evals for both rounds,
+and round 1 really samples from round 0's checkpoint."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import write_jsonl
+from flows.cli import main
+from flows.stage_runner import lake
+
+
+@pytest.mark.slow
+def test_two_round_evolve_grows_the_pool_trains_and_evaluates(prefect_server, runs_root, scratch, capsys):
+    from data.home import PROJECT_ROOT
+
+    easy = [json.loads(line) for line in (PROJECT_ROOT / "data/sets/easy_arithmetic/train.jsonl").open()]
+    pool = write_jsonl(scratch / "pool.jsonl", [r for r in easy if r["steps"] == 1][:8])
+    config = scratch / "evolve.yaml"
+    config.write_text(f"""
+engine: {{model: default}}
+sources: [{{path: {pool}, preset: plain, name: easy}}]
+generate: {{sampling: {{n: 4, max_tokens: 96, seed: 0}}}}
+filter: {{underperforming: [0.25, 0.75]}}
+synthesize: {{solutions_per_problem: 1, samples_per_variant: 4, keep_band: [0.25, 1.0],
+              synthesis: {{n: 1, max_tokens: 96, seed: 3}}}}
+pairs: {{sft_per_problem: 2}}
+finetune: {{method: sft, max_steps: 2, batch_size: 2}}
+evaluate:
+  sets: [{{name: easy-test, path: data/sets/easy_arithmetic/test.jsonl, preset: plain, limit: 4}}]
+  sampling: {{n: 2, max_tokens: 64, seed: 7}}
+  pass_k: [1, 2]
+""")
+    assert main(["evolve", "--run", "evo", "--rounds", "2", "--config", str(config)]) == 0
+    printed = capsys.readouterr().out
+    store = lake()
+    variants = store.read("evo", "variants")
+    assert set(variants["round"].to_pylist()) == {0, 1}
+    checkpoints = store.read("evo", "checkpoints").to_pylist()
+    assert [c["round"] for c in checkpoints] == [0, 1]
+    assert checkpoints[1]["parent_model_id"] == checkpoints[0]["model_id"]  # round 1 trained from round 0's model
+    rollouts = store.read("evo", "rollouts", 1, "generate")
+    assert set(rollouts["model_id"].to_pylist()) == {checkpoints[0]["model_id"]}
+    evals = store.read("evo", "evals").to_pylist()
+    assert sorted(e["model_round"] for e in evals) == [0, 1, 2]
+    assert all(0.0 <= e["pass_at_1"] <= 1.0 and e["problems"] == 4 for e in evals)
+    assert store.read("evo", "train_metrics").num_rows > 0
+    kept = variants.filter(variants["kept"]).num_rows
+    pool_r1 = store.read("evo", "problem_stats", 1, "filter").num_rows
+    assert pool_r1 == 8 + variants.filter(variants["round"].to_numpy() == 0).filter(
+        variants.filter(variants["round"].to_numpy() == 0)["kept"]).num_rows
+    assert "model 2" in printed and (store.run_dir("evo") / "report.png").exists()
+    assert kept >= 0
