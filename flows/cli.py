@@ -20,10 +20,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from data.ingest import IngestError
     from data.lake import LakeError
     from flows.config import ConfigError
-    from flows.stage_runner import MissingInput, StageFailed
+    from flows.stage_runner import MissingInput
     from models.registry import ModelError
 
-    return (IngestError, LakeError, ConfigError, MissingInput, StageFailed, ModelError, FileNotFoundError)
+    return (IngestError, LakeError, ConfigError, MissingInput, ModelError, FileNotFoundError)
 
 
 def _run_config(run: str, config_path: str | None):

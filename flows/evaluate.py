@@ -6,11 +6,10 @@ import pyarrow as pa
 from prefect import flow
 
 from data.ingest import load_eval_set
-from data.lake import fingerprint_table
 from flows.config import RoundConfig, config_hash, resolve_path
 from flows.finetune import trained_checkpoint
-from flows.stage_runner import MissingInput, StageResult, execute_stage
-from models.engine import load_engine
+from flows.stage_runner import MissingInput, StageResult, execute_stage, fingerprint_inputs
+from models.engine import load_engine, model_id_for
 from tasks.evaluate import evaluate
 
 
@@ -34,14 +33,12 @@ def evaluate_flow(run: str, round: int, config: RoundConfig, force: bool = False
             tables.append(evaluate(sets, load_engine(engine_config), config.evaluate, config.verify, model_round))
         return {"evals": pa.concat_tables(tables)}
 
-    from models.engine import model_id_for
-
     return execute_stage(
         run, round, "evaluate",
         config_hash=config_hash({"evaluate": config.evaluate.model_dump(mode="json"),
                                  "models": [m.model_dump(mode="json") for m, _ in models]}),
         model_id=",".join(model_id_for(m) for m, _ in models),
-        input_fingerprint=fingerprint_table(pa.table({"fp": [fingerprint_table(t) for t in sets.values()]})),
+        input_fingerprint=fingerprint_inputs(*sets.values()),
         rows_in=sum(t.num_rows for t in sets.values()),
         compute=compute,
         force=force,

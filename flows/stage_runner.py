@@ -15,10 +15,6 @@ from data.lake import Lake, fingerprint_files, fingerprint_table
 from tasks.progress import run_logger
 
 
-class StageFailed(RuntimeError):
-    pass
-
-
 class MissingInput(RuntimeError):
     pass
 
@@ -39,8 +35,8 @@ def lake() -> Lake:
     return Lake(home.runs_root())
 
 
-def fingerprint_inputs(*tables: pa.Table, extra: str = "") -> str:
-    return fingerprint_table(pa.table({"fp": [fingerprint_table(t) for t in tables] + [extra]}))
+def fingerprint_inputs(*tables: pa.Table) -> str:
+    return fingerprint_table(pa.table({"fp": [fingerprint_table(t) for t in tables]}))
 
 
 def _now() -> datetime:

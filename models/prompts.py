@@ -67,10 +67,26 @@ SYNTHESIS_SYSTEM = (
 )
 
 
+# one worked example, written for this project: small models follow the ```problem format far
+# more often with it than from the instruction alone
+SYNTHESIS_EXAMPLE = (
+    "Tom has 4 boxes with 6 cards in each. How many cards does Tom have?",
+    "Tom has 4 boxes of 6 cards, so 4 * 6 = 24 cards.\n\\boxed{24}",
+    "```problem\nA baker fills 3 trays with 8 rolls each. How many rolls are on the trays?\n```",
+)
+
+
+def _synthesis_request(question: str, solution: str) -> str:
+    return f"Problem:\n{question}\n\nCorrect solution:\n{solution}\n\nNew problem:"
+
+
 def synthesis_messages(question: str, solution: str) -> Messages:
+    example_q, example_s, example_out = SYNTHESIS_EXAMPLE
     return [
         {"role": "system", "content": SYNTHESIS_SYSTEM},
-        {"role": "user", "content": f"Problem:\n{question}\n\nCorrect solution:\n{solution}\n\nNew problem:"},
+        {"role": "user", "content": _synthesis_request(example_q, example_s)},
+        {"role": "assistant", "content": example_out},
+        {"role": "user", "content": _synthesis_request(question, solution)},
     ]
 
 

@@ -46,9 +46,6 @@ evaluate:
     assert sorted(e["model_round"] for e in evals) == [0, 1, 2]
     assert all(0.0 <= e["pass_at_1"] <= 1.0 and e["problems"] == 4 for e in evals)
     assert store.read("evo", "train_metrics").num_rows > 0
-    kept = variants.filter(variants["kept"]).num_rows
-    pool_r1 = store.read("evo", "problem_stats", 1, "filter").num_rows
-    assert pool_r1 == 8 + variants.filter(variants["round"].to_numpy() == 0).filter(
-        variants.filter(variants["round"].to_numpy() == 0)["kept"]).num_rows
+    kept_in_round_0 = sum(k for k, r in zip(variants["kept"].to_pylist(), variants["round"].to_pylist()) if r == 0)
+    assert store.read("evo", "problem_stats", 1, "filter").num_rows == 8 + kept_in_round_0  # the pool grew
     assert "model 2" in printed and (store.run_dir("evo") / "report.png").exists()
-    assert kept >= 0
