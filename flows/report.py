@@ -62,6 +62,9 @@ def plot(run: str, data: dict, out: Path) -> Path | None:
         if k and k > 1:
             ax.plot(x, [e["pass_at_k"].get(k, float("nan")) for e in rows], marker="s", linestyle="--",
                     label=f"{name} pass@{k}")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("model (0 = start, r + 1 = after round r)")
     ax.set_ylabel("held-out score")
     ax.set_title(f"evoforge run {run}")
