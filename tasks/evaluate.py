@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 from data import schemas
 from data.ingest import EvalSetConfig
 from models.engine import Engine, SamplingConfig
-from tasks.filter import pass_at_k
+from tasks.filter import correct_counts, pass_at_k
 from tasks.generate import GenerateConfig, generate
 from tasks.verify import VerifyConfig, verify
 
@@ -31,11 +31,7 @@ def evaluate(
     for name, problems in sets.items():
         rollouts = generate.fn(problems.select(["problem_id", "question"]), engine, generate_config)
         verdicts = verify.fn(rollouts, problems.select(["problem_id", "answer"]), verify_config)
-        correct: dict[str, list[int]] = {}
-        for pid, verdict in zip(verdicts["problem_id"].to_pylist(), verdicts["verdict"].to_pylist()):
-            counts = correct.setdefault(pid, [0, 0])
-            counts[0] += 1
-            counts[1] += verdict == "correct"
+        correct = correct_counts(verdicts)
         pass_at = {}
         for k in config.pass_k:
             values = [pass_at_k(n, c, k) for n, c in correct.values()]

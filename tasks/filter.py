@@ -49,6 +49,16 @@ def bucket(accuracy: float, band: tuple[float, float]) -> str:
     return "learnable"
 
 
+def correct_counts(verdicts: pa.Table) -> dict[str, tuple[int, int]]:
+    """problem_id -> (graded samples, correct samples)."""
+    counts: dict[str, list[int]] = {}
+    for pid, verdict in zip(verdicts["problem_id"].to_pylist(), verdicts["verdict"].to_pylist()):
+        row = counts.setdefault(pid, [0, 0])
+        row[0] += 1
+        row[1] += verdict == "correct"
+    return {pid: (n, c) for pid, (n, c) in counts.items()}
+
+
 @task(name="filter", cache_policy=NO_CACHE, persist_result=False)
 def filter_problems(verdicts: pa.Table, rollouts: pa.Table, config: FilterConfig) -> pa.Table:
     tokens_of = dict(zip(rollouts["rollout_id"].to_pylist(), rollouts["completion_tokens"].to_pylist()))

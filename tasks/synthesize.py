@@ -21,7 +21,7 @@ from data.decontam import Decontaminator, ngrams
 from data.ingest import normalize_question, problem_id
 from models.engine import Engine, GenerationRequest, SamplingConfig
 from models.prompts import extract_problem, synthesis_messages
-from tasks.filter import EPS
+from tasks.filter import EPS, correct_counts
 from tasks.generate import GenerateConfig, generate, problem_seed, stable_hash
 from tasks.verify import VerifyConfig, verify
 
@@ -133,16 +133,12 @@ def synthesize(
     golds = pa.table({"problem_id": [ids[id(c)] for c in valid], "answer": [c.answer for c in valid]})
     graded = verify.fn(solved, golds, verify_config) if valid else schemas.VERDICTS.empty_table()
 
-    tally: dict[str, list[int]] = {}
-    for pid, verdict in zip(graded["problem_id"].to_pylist(), graded["verdict"].to_pylist()):
-        counts = tally.setdefault(pid, [0, 0])
-        counts[0] += 1
-        counts[1] += verdict == "correct"
+    tally = correct_counts(graded)
     lo, hi = config.keep_band
     rows, kept_problems = [], []
     for c in candidates:
         vid = ids[id(c)]
-        n, correct = tally.get(vid, [0, 0])
+        n, correct = tally.get(vid, (0, 0))
         accuracy = correct / n if n else 0.0
         kept = c.reject_reason is None and n > 0 and lo - EPS <= accuracy <= hi + EPS
         reason = c.reject_reason or (None if kept else "outside_band")
