@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+from collections import Counter
 import json
 import sys
 import time
@@ -52,9 +53,7 @@ def cmd_ingest(args) -> None:
     print(f"ingest {args.path} -> run {args.run}: {result.rows_in} rows read, {result.rows_out} problems, "
           f"{result.rows_quarantined} quarantined ({result.status})")
     if "quarantine" in result.tables and result.tables["quarantine"].num_rows:
-        counts: dict[str, int] = {}
-        for reason in result.tables["quarantine"]["reason"].to_pylist():
-            counts[reason] = counts.get(reason, 0) + 1
+        counts = Counter(result.tables["quarantine"]["reason"].to_pylist())
         print("  quarantined by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
         print(f"  details: evoforge sql --run {args.run} quarantine_reasons")
 
@@ -67,11 +66,9 @@ def _print_stage_results(results) -> None:
 
 def cmd_round(args) -> None:
     from flows.config import load_config, save_config
-    from flows.round import round_flow
+    from flows.round import policy_for_round, round_flow
     from flows.stage_runner import lake
     from flows.summary import format_summary, round_summary
-
-    from flows.round import policy_for_round
 
     config = load_config(args.config)
     save_config(config, lake().ensure_run(args.run) / "config.yaml")
@@ -97,32 +94,32 @@ def cmd_stage(args) -> None:
     _print_stage_results(results)
 
 
+def _print_report(run: str, out: str | None = None) -> None:
+    from flows.report import collect, format_report, plot
+    from flows.stage_runner import lake
+
+    data = collect(run)
+    print(format_report(run, data))
+    png = plot(run, data, Path(out) if out else lake().run_dir(run) / "report.png")
+    if png:
+        print(f"plot: {png}")
+
+
 def cmd_evolve(args) -> None:
     from flows.config import load_config, save_config
-    from flows.report import collect, format_report, plot
     from flows.round import evolve_flow
     from flows.stage_runner import lake
 
     config = load_config(args.config)
-    run_dir = lake().ensure_run(args.run)
-    save_config(config, run_dir / "config.yaml")
+    save_config(config, lake().ensure_run(args.run) / "config.yaml")
     started = time.monotonic()
     _print_stage_results(evolve_flow(args.run, config, args.rounds, force=args.force))
-    data = collect(args.run)
-    print(format_report(args.run, data))
-    png = plot(args.run, data, run_dir / "report.png")
-    print(f"{args.rounds} round(s) took {time.monotonic() - started:.0f} s" + (f"; plot: {png}" if png else ""))
+    _print_report(args.run)
+    print(f"{args.rounds} round(s) took {time.monotonic() - started:.0f} s")
 
 
 def cmd_report(args) -> None:
-    from flows.report import collect, format_report, plot
-    from flows.stage_runner import lake
-
-    data = collect(args.run)
-    print(format_report(args.run, data))
-    png = plot(args.run, data, Path(args.out) if args.out else lake().run_dir(args.run) / "report.png")
-    if png:
-        print(f"plot: {png}")
+    _print_report(args.run, args.out)
 
 
 def cmd_demo(args) -> None:
@@ -202,9 +199,7 @@ def cmd_verify_file(args) -> None:
             fh.write(json.dumps({**row, "verdict": verdict, "extracted_answer": extracted, "detail": detail,
                                  "seconds": round(seconds, 4)}) + "\n")
     tmp.replace(out)
-    counts: dict[str, int] = {}
-    for verdict, *_ in results:
-        counts[verdict] = counts.get(verdict, 0) + 1
+    counts = Counter(verdict for verdict, *_ in results)
     print(f"{len(rows)} pairs -> {out}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
 
 

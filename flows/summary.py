@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from data import catalog
+from flows.generate import problem_pool
 from flows.stage_runner import lake
 
 
@@ -18,7 +19,7 @@ def round_summary(run: str, round_: int) -> dict:
         "SELECT count(*), sum(completion_tokens), avg((finish_reason = 'length')::INT) FROM rollouts WHERE round = ? AND stage = 'generate'",
         [round_],
     ).fetchone()
-    pool = con.execute("SELECT count(*) FROM problems WHERE round <= ?", [round_]).fetchone()[0]
+    pool = problem_pool(run, round_).num_rows
     quarantined = dict(con.execute("SELECT reason, count(*) FROM quarantine GROUP BY reason").fetchall())
     return {
         "run": run, "round": round_, "pool": pool,

@@ -22,7 +22,7 @@ def synthesize_flow(run: str, round: int, config: RoundConfig, force: bool = Fal
         run, round, "synthesize",
         config_hash=config_hash({"synthesize": config.synthesize.model_dump(mode="json"),
                                  "generate": config.generate.model_dump(mode="json"),
-                                 "verify": config.verify.model_dump(mode="json", include={"deadline_seconds", "memory_mb"})}),
+                                 "verify": config.verify.grading_settings()}),
         model_id=model_id_for(config.engine),
         input_fingerprint=fingerprint_inputs(problems, stats, rollouts, verdicts),
         rows_in=stats.num_rows,

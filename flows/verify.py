@@ -25,8 +25,7 @@ def verify_flow(run: str, round: int, config: RoundConfig, force: bool = False) 
     golds = problem_pool(run, round).select(["problem_id", "answer"])
     return execute_stage(
         run, round, "verify",
-        # the deadline and memory limit decide which items time out; workers and chunking change nothing
-        config_hash=config_hash(config.verify.model_dump(include={"deadline_seconds", "memory_mb"})),
+        config_hash=config_hash(config.verify.grading_settings()),
         model_id=None,
         input_fingerprint=fingerprint_inputs(rollouts, golds),
         rows_in=rollouts.num_rows,

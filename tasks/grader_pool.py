@@ -66,13 +66,17 @@ class _Worker:
     chunk: list[int] = field(default_factory=list)  # item indices sent and not yet answered
     sent_at: float = 0.0
 
-    def current(self) -> tuple[int, float]:
-        """(position in chunk, started) of the item being graded; see _worker_main for 0 and -1."""
-        return int(self.state[0]), float(self.state[1])
+    def clock(self) -> tuple[int, float | None]:
+        """(position in chunk, since when it counts) of the item being graded. Before the chunk's
+        first item begins, the time counts from sending it; once the chunk is done, nothing counts."""
+        started = float(self.state[1])
+        if not self.chunk or started < 0:
+            return int(self.state[0]), None
+        return int(self.state[0]), started or self.sent_at
 
     def overdue(self, now: float, deadline_s: float) -> bool:
-        started = self.current()[1]
-        return bool(self.chunk) and started >= 0 and now - (started or self.sent_at) > deadline_s
+        since = self.clock()[1]
+        return since is not None and now - since > deadline_s
 
 
 class GraderPool:
@@ -137,9 +141,9 @@ class GraderPool:
         def fail_current(worker: _Worker, detail: str) -> None:
             """Record the item the worker is stuck on as a timeout; its chunk-mates go to a fresh worker."""
             nonlocal done
-            position, started = worker.current()
+            position, since = worker.clock()
             stuck = worker.chunk[position]
-            results[stuck] = ("timeout", None, detail, time.monotonic() - (started or worker.sent_at))
+            results[stuck] = ("timeout", None, detail, time.monotonic() - (since or worker.sent_at))
             done += 1
             dispatch(self._replace(worker), [i for i in worker.chunk if i != stuck] or None)
 
@@ -148,8 +152,8 @@ class GraderPool:
         while done < len(items):
             busy = [w for w in self.workers if w.chunk]
             now = time.monotonic()
-            # started == 0: the chunk's first item has not begun; count from when it was sent
-            next_deadline = min((max(w.current()[1], 0.0) or w.sent_at) + self.deadline_s for w in busy)
+            clocks = [since for w in busy if (since := w.clock()[1]) is not None]
+            next_deadline = min(clocks, default=now) + self.deadline_s
             ready = wait([w.conn for w in busy], timeout=min(1.0, max(0.0, next_deadline - now)))
             for conn in ready:
                 worker = next(w for w in self.workers if w.conn is conn)

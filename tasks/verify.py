@@ -17,6 +17,10 @@ class VerifyConfig(BaseModel):
     memory_mb: int = Field(2048, ge=256, description="address-space limit of each grader process")
     chunk_size: int = Field(32, ge=1, description="items sent to a worker at once")
 
+    def grading_settings(self) -> dict:
+        """The settings that can change a verdict (which items time out); workers and chunking cannot."""
+        return self.model_dump(mode="json", include={"deadline_seconds", "memory_mb"})
+
     def pool(self) -> GraderPool:
         return GraderPool(self.workers, self.deadline_seconds, self.memory_mb, self.chunk_size)
 
