@@ -1,6 +1,6 @@
 """SvS rounds against plain rejection-sampling rounds, from the same start, on held-out sets.
 
-    .venv/bin/python bench/evolve.py [--rounds 2] [--pool 32] [--n 8] [--eval-problems 24] [--eval-n 8]
+    .venv/bin/python bench/evolve.py [--rounds 2] [--pool 32] [--n 8] [--eval-problems 24] [--eval-n 8] [--method sft]
 
 Arm (a), SvS: generate -> verify -> filter -> synthesize -> pairs -> finetune -> evaluate.
 Arm (b), rejection sampling (RFT): the same without synthesize. To give (b) the same sampling
@@ -37,7 +37,7 @@ def base_config(args):
         "generate": {"sampling": {"n": args.n, "max_tokens": args.max_tokens, "seed": 0}},
         "synthesize": {"samples_per_variant": args.n, "synthesis": {"n": 1, "max_tokens": args.max_tokens, "seed": 1}},
         "pairs": {"sft_per_problem": 4},
-        "finetune": {"method": "sft", "max_steps": args.steps, "batch_size": 4},
+        "finetune": {"method": args.method, "max_steps": args.steps, "batch_size": 4},
         "evaluate": {
             "sets": [{"name": "easy-arithmetic-test", "path": "data/sets/easy_arithmetic/test.jsonl", "preset": "plain",
                       "limit": args.eval_problems},
@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=160)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--method", default="sft", help="finetune method or chain (sft, dpo, grpo, sft+grpo)")
     parser.add_argument("--eval-problems", type=int, default=24)
     parser.add_argument("--eval-n", type=int, default=8)
     parser.add_argument("--tag", default="bench-evolve")
@@ -95,7 +96,7 @@ def main() -> None:
         timings[arm] = time.monotonic() - started
 
     print(f"\nSvS vs rejection sampling: {args.rounds} rounds, pool {args.pool} easy-arithmetic problems, "
-          f"model {args.model}")
+          f"model {args.model}, finetune {args.method} x {args.steps} steps")
     for arm in ("svs", "rft"):
         print(f"\narm {arm} ({timings[arm]:.0f} s)")
         for round_, budget in enumerate(budgets[arm]):

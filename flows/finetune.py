@@ -1,5 +1,6 @@
-"""finetune flow: the round's SFT selection (or DPO pairs) -> a checkpoint folder, registered in
-`checkpoints`, with per-step `train_metrics`. The next round's engine loads the folder."""
+"""finetune flow: the round's SFT selection, DPO pairs and/or GRPO prompts (learnable problems plus
+kept variants) -> a checkpoint folder, registered in `checkpoints`, with per-step `train_metrics`.
+The next round's engine loads the folder."""
 from __future__ import annotations
 
 import pyarrow as pa
@@ -9,6 +10,7 @@ from prefect import flow
 from data import schemas
 from data.lake import fingerprint_table
 from flows.config import RoundConfig, config_hash
+from flows.generate import problem_pool
 from flows.stage_runner import StageResult, execute_stage, lake
 from flows.verify import round_table
 from models.engine import release_engines
@@ -23,39 +25,63 @@ def trained_checkpoint(run: str, round_: int) -> dict | None:
     return rows[0] if rows else None
 
 
+def training_data(run: str, round_: int, methods: list[str]) -> dict[str, pa.Table]:
+    """Each method's rows for this round: sft -> sft_examples, dpo -> solution pairs, grpo -> prompts
+    (the round's learnable problems and the variants it kept, each with the answer the reward checks)."""
+    data: dict[str, pa.Table] = {}
+    for method in methods:
+        if method == "sft":
+            data[method] = round_table(run, round_, "sft_examples", "pairs")
+        elif method == "dpo":
+            pairs = round_table(run, round_, "pairs", "pairs")
+            data[method] = pairs.filter(pc.equal(pairs["kind"], "solution"))
+        else:
+            stats = round_table(run, round_, "problem_stats", "filter")
+            learnable = stats.filter(pc.equal(stats["bucket"], "learnable"))["problem_id"]
+            pool = problem_pool(run, round_).select(["problem_id", "question", "answer"])
+            kept = lake().read(run, "problems", round_, "synthesize").select(["problem_id", "question", "answer"])
+            data[method] = pa.concat_tables([pool.filter(pc.is_in(pool["problem_id"], learnable)), kept])
+    return data
+
+
 @flow(name="finetune", flow_run_name="{run}/round-{round}/finetune")
 def finetune_flow(run: str, round: int, config: RoundConfig, force: bool = False) -> StageResult:
-    method = config.finetune.method
-    if method == "dpo":
-        data = round_table(run, round, "pairs", "pairs")
-        data = data.filter(pc.equal(data["kind"], "solution"))
-    else:
-        data = round_table(run, round, "sft_examples", "pairs")
+    data = training_data(run, round, config.finetune.methods)
+    empty = [m for m, t in data.items() if t.num_rows == 0]
+    data = {m: t for m, t in data.items() if t.num_rows}  # a chain trains with the methods that have rows
+    method = "+".join(data)
+    train_config = config.finetune.model_copy(update={"method": method}) if data else config.finetune
+    rows_in = sum(t.num_rows for t in data.values())
     parent = resolve(config.engine.model)
-    data_fp = fingerprint_table(data)
-    settings = config_hash(config.finetune)
-    checkpoint_id = f"r{round}-{method}-{stable_hash(parent.model_id, data_fp, settings, length=8)}"
+    data_fp = stable_hash(*(f"{m}:{fingerprint_table(t)}" for m, t in data.items()))
+    # the grader's settings decide GRPO's rewards, so they are part of what a grpo checkpoint depends on
+    settings = config_hash({"finetune": config.finetune.model_dump(mode="json"),
+                            **({"verify": config.verify.grading_settings()} if "grpo" in data else {})})
+    checkpoint_id = f"r{round}-{method.replace('+', '-')}-{stable_hash(parent.model_id, data_fp, settings, length=8)}"
     folder = lake().run_dir(run) / "models" / checkpoint_id
 
     def compute() -> dict[str, pa.Table]:
-        if data.num_rows == 0:  # nothing learnable this round: no checkpoint, the policy carries over
-            run_logger().warning(f"finetune (run {run}, round {round}): no {method} rows; the policy is unchanged")
+        if empty:
+            run_logger().warning(f"finetune (run {run}, round {round}): no rows for {', '.join(empty)}"
+                                 + (f"; training with {method} only" if data else "; the policy is unchanged"))
+        if not data:  # nothing learnable this round: no checkpoint, the policy carries over
             return {"checkpoints": schemas.CHECKPOINTS.empty_table(), "train_metrics": schemas.TRAIN_METRICS.empty_table()}
         release_engines()  # the policy is about to change, and training wants the memory
-        result = finetune(parent.path, data, config.finetune, folder)
+        result = finetune(parent.path, data, train_config, folder, config.verify)
         checkpoint = dict(
             checkpoint_id=checkpoint_id, parent_model_id=parent.model_id, role="policy", method=method,
             path=str(folder), model_id=f"{checkpoint_id}@{folder_hash(folder)}", data_fingerprint=data_fp,
-            train_rows=data.num_rows, steps=result["steps"], final_loss=result["final_loss"],
+            train_rows=rows_in, steps=result["steps"], final_loss=result["final_loss"],
             wall_seconds=result["wall_seconds"],
         )
-        metrics = [dict(checkpoint_id=checkpoint_id, step=m["step"], metric=k, value=v)
-                   for m in result["metrics"] for k, v in m.items() if k != "step"]
+        chained = len(data) > 1  # name a chain's metrics by method, so sft loss and grpo loss stay apart
+        metrics = [dict(checkpoint_id=checkpoint_id, step=m["step"], metric=f"{m['method']}/{k}" if chained else k, value=v)
+                   for m in result["metrics"] for k, v in m.items() if k not in ("step", "method")]
         return {"checkpoints": pa.Table.from_pylist([checkpoint]), "train_metrics": pa.Table.from_pylist(metrics)}
 
-    if data.num_rows and not folder.exists():
+    if data and not folder.exists():
         force = True  # the registry row alone is not a checkpoint
     return execute_stage(
         run, round, "finetune", config_hash=settings, model_id=parent.model_id, input_fingerprint=data_fp,
-        rows_in=data.num_rows, compute=compute, force=force,
+        rows_in=rows_in, compute=compute, force=force,
     )

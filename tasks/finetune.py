@@ -1,101 +1,166 @@
 """finetune: TRL trainers on the round's data -> a new checkpoint folder and its training metrics.
 
 No hand-written training loop: `SFTTrainer` on the SFT selection (rejection-sampling fine-tuning,
-loss on the completion only) and `DPOTrainer` on solution pairs. The prompt format is the one the
+loss on the completion only), `DPOTrainer` on solution pairs, and `GRPOTrainer` on the learnable
+pool plus kept variants with the verify stage's grader as the reward. A round may chain methods
+(`method: sft+grpo`): each starts from the previous one's weights. The prompt format is the one the
 generate stage uses, so the policy is trained on exactly what it is later asked.
 """
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
-from typing import Literal
 
 import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from tasks.progress import run_logger
+from tasks.verify import VerifyConfig
+
+METHODS = ("sft", "dpo", "grpo")
+# which lake table each method trains on
+METHOD_DATA = {"sft": "sft_examples", "dpo": "pairs", "grpo": "prompts"}
 
 
 class FinetuneConfig(BaseModel):
-    method: Literal["sft", "dpo"] = Field("sft", description="sft on sft_examples, dpo on solution pairs")
-    max_steps: int = Field(30, ge=1)
+    method: str = Field("sft", description="sft, dpo or grpo, or a chain such as sft+grpo run in that order")
+    max_steps: int = Field(30, ge=1, description="optimizer steps per method")
     learning_rate: float = Field(2e-5, gt=0)
-    batch_size: int = Field(4, ge=1)
+    batch_size: int = Field(4, ge=1, description="per device; for grpo, completions per step (a multiple of grpo_generations)")
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_length: int = Field(1024, ge=64)
     dpo_beta: float = Field(0.1, gt=0)
+    grpo_generations: int = Field(4, ge=2, description="completions per prompt whose rewards form one GRPO group")
+    grpo_max_completion_tokens: int = Field(256, ge=8)
+    grpo_temperature: float = Field(1.0, gt=0)
+    grpo_beta: float = Field(0.0, ge=0, description="KL weight against the starting policy (0: no reference model)")
     seed: int = 0
     few_shot: bool = Field(True, description="train with the same few-shot prompt the generate stage uses")
+
+    @field_validator("method")
+    @classmethod
+    def _known_methods(cls, value: str) -> str:
+        parts = value.split("+")
+        unknown = [p for p in parts if p not in METHODS]
+        if unknown or not value:
+            raise ValueError(f"unknown finetune method {unknown or value!r}: use {', '.join(METHODS)} or a chain like sft+grpo")
+        return value
+
+    @property
+    def methods(self) -> list[str]:
+        return self.method.split("+")
 
 
 def _training_args(method: str, config: FinetuneConfig, output_dir: Path):
     import torch
-    from trl import DPOConfig, SFTConfig
+    from trl import DPOConfig, GRPOConfig, SFTConfig
 
     gpu = torch.cuda.is_available()
     common = dict(
         bf16=gpu, use_cpu=not gpu,  # TRL defaults to bf16, which CPUs here only emulate
         output_dir=str(output_dir), max_steps=config.max_steps, learning_rate=config.learning_rate,
         per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.gradient_accumulation_steps,
-        logging_steps=1, save_strategy="no", report_to="none", seed=config.seed, max_length=config.max_length,
+        logging_steps=1, save_strategy="no", report_to="none", seed=config.seed,
         disable_tqdm=True, dataloader_num_workers=0, lr_scheduler_type="constant",
     )
     if method == "dpo":
-        return DPOConfig(beta=config.dpo_beta, **common)
-    return SFTConfig(completion_only_loss=True, **common)
+        return DPOConfig(beta=config.dpo_beta, max_length=config.max_length, **common)
+    if method == "grpo":
+        if (config.batch_size * config.gradient_accumulation_steps) % config.grpo_generations:
+            raise ValueError(f"finetune grpo: batch_size x gradient_accumulation_steps "
+                             f"({config.batch_size} x {config.gradient_accumulation_steps}) must be a multiple of "
+                             f"grpo_generations ({config.grpo_generations})")
+        return GRPOConfig(num_generations=config.grpo_generations, max_completion_length=config.grpo_max_completion_tokens,
+                          temperature=config.grpo_temperature, beta=config.grpo_beta, **common)
+    return SFTConfig(completion_only_loss=True, max_length=config.max_length, **common)
+
+
+class VerifierReward:
+    """GRPO reward: 1.0 when the completion's last boxed answer matches the problem's answer, else 0.0.
+
+    Graded by the verify stage's own process pool, so a reward means exactly what a `correct`
+    verdict means, and a pathological answer cannot hang training (the pool kills it at its deadline).
+    """
+
+    __name__ = "verifier_correct"  # TRL logs each reward function under its name
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    def __call__(self, prompts, completions, answer, **_) -> list[float]:
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        results = self.pool.run([("grade", gold, text) for gold, text in zip(answer, texts)])
+        return [1.0 if r[0] == "correct" else 0.0 for r in results]
+
+
+def _dataset(method: str, data: pa.Table, few_shot: bool):
+    from tasks.pairs import to_dpo_dataset, to_grpo_dataset, to_sft_dataset
+
+    return {"sft": to_sft_dataset, "dpo": to_dpo_dataset, "grpo": to_grpo_dataset}[method](data, few_shot)
 
 
 @task(name="finetune", cache_policy=NO_CACHE, persist_result=False)
-def finetune(model_path: str, data: pa.Table, config: FinetuneConfig, output_dir: Path) -> dict:
-    """Train from `model_path` on `data` (sft_examples or pairs) and save the result in `output_dir`.
+def finetune(model_path: str, data: dict[str, pa.Table], config: FinetuneConfig, output_dir: Path,
+             verify: VerifyConfig | None = None) -> dict:
+    """Train from `model_path` with each method of `config.method` in turn and save the result in `output_dir`.
 
-    Returns {"steps", "final_loss", "wall_seconds", "metrics": [{"step", "loss", "learning_rate", ...}]}.
-    The folder is written under a staging name and renamed, so a crash leaves no half checkpoint.
+    `data` maps each method to its rows: sft -> sft_examples, dpo -> pairs, grpo -> prompts
+    (problem_id, question, answer). Returns {"steps", "final_loss", "wall_seconds", "metrics":
+    [{"step", "method", "loss", ...}]}; steps count across the chain. The folder is written under
+    a staging name and renamed, so a crash leaves no half checkpoint.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOTrainer, SFTTrainer
+    from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
-    from tasks.pairs import to_dpo_dataset, to_sft_dataset
-
-    if data.num_rows == 0:
-        raise ValueError(f"finetune ({config.method}): no training rows")
+    for method in config.methods:
+        rows = data.get(method)
+        if rows is None or rows.num_rows == 0:
+            raise ValueError(f"finetune ({method}): no training rows in {METHOD_DATA[method]}")
     log = run_logger()
     output_dir = Path(output_dir)
     staging = output_dir.parent / f".{output_dir.name}.staging"
-    dataset = to_dpo_dataset(data, config.few_shot) if config.method == "dpo" else to_sft_dataset(data, config.few_shot)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     metrics: list[dict] = []
-
-    class Record(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                metrics.append({"step": state.global_step, **{k: float(v) for k, v in logs.items()
-                                                             if isinstance(v, (int, float))}})
-                log.info(f"finetune {config.method}: step {state.global_step}/{config.max_steps} loss {logs['loss']:.4f}")
-
-    trainer_cls = DPOTrainer if config.method == "dpo" else SFTTrainer
-    trainer = trainer_cls(model=model, args=_training_args(config.method, config, staging / "trainer"),
-                          train_dataset=dataset, processing_class=tokenizer, callbacks=[Record()])
+    steps_before = 0
     started = time.monotonic()
-    result = trainer.train()
-    wall = time.monotonic() - started
-    trainer.model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    import shutil
+    for method in config.methods:
+        class Record(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "loss" in logs:
+                    values = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                    metrics.append({"step": steps_before + state.global_step, "method": method, **values})
+                    extra = f" reward {values['reward']:.3f}" if "reward" in values else ""
+                    log.info(f"finetune {method}: step {state.global_step}/{config.max_steps} loss {logs['loss']:.4f}{extra}")
 
+        dataset = _dataset(method, data[method], config.few_shot)
+        kwargs = dict(model=model, args=_training_args(method, config, staging / "trainer"),
+                      train_dataset=dataset, processing_class=tokenizer, callbacks=[Record()])
+        if method == "grpo":
+            with (verify or VerifyConfig()).pool() as pool:
+                trainer = GRPOTrainer(reward_funcs=[VerifierReward(pool)], **kwargs)
+                result = trainer.train()
+        else:
+            trainer = (DPOTrainer if method == "dpo" else SFTTrainer)(**kwargs)
+            result = trainer.train()
+        model = trainer.model
+        steps_before += int(result.global_step)
+    wall = time.monotonic() - started
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
     shutil.rmtree(staging / "trainer", ignore_errors=True)
     if output_dir.exists():
         shutil.rmtree(output_dir)
     staging.replace(output_dir)
     return {
-        "steps": int(result.global_step),
+        "steps": steps_before,
         "final_loss": metrics[-1]["loss"] if metrics else float(result.training_loss),
         "wall_seconds": wall,
         "metrics": metrics,

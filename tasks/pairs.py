@@ -104,3 +104,15 @@ def to_sft_dataset(examples: pa.Table, few_shot: bool = True):
         {"prompt": solve_messages(r["prompt"], few_shot), "completion": [{"role": "assistant", "content": r["completion"]}]}
         for r in examples.to_pylist()
     ])
+
+
+def to_grpo_dataset(prompts: pa.Table, few_shot: bool = True):
+    """TRL conversational prompt format; `answer` travels along to the verifier reward."""
+    import datasets
+
+    from models.prompts import solve_messages
+
+    return datasets.Dataset.from_list([
+        {"prompt": solve_messages(r["question"], few_shot), "answer": r["answer"]}
+        for r in prompts.select(["question", "answer"]).to_pylist()
+    ])

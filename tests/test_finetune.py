@@ -3,19 +3,23 @@ from __future__ import annotations
 
 import math
 
+from pathlib import Path
+
+import pyarrow as pa
 import pytest
 
 from models.engine import EngineConfig, GenerationRequest, SamplingConfig, load_engine
 from models.prompts import solve_messages
-from tasks.finetune import FinetuneConfig, finetune
+from tasks.finetune import FinetuneConfig, VerifierReward, _training_args, finetune
 from tasks.pairs import PairsConfig, build_pairs
+from tasks.verify import VerifyConfig
 from test_pairs import crafted
 
 
 @pytest.mark.parametrize("method", ["sft", "dpo"])
 def test_trl_training_writes_a_checkpoint_the_engine_loads(tiny_model, scratch, method):
     tables = build_pairs.fn(*crafted(), PairsConfig(sft_per_problem=5))
-    data = tables["sft_examples"] if method == "sft" else tables["pairs"]
+    data = {method: tables["sft_examples"] if method == "sft" else tables["pairs"]}
     folder = scratch / f"ckpt-{method}"
     result = finetune.fn(str(tiny_model), data, FinetuneConfig(method=method, max_steps=2, batch_size=2,
                                                                learning_rate=1e-3), folder)
@@ -31,4 +35,60 @@ def test_trl_training_writes_a_checkpoint_the_engine_loads(tiny_model, scratch, 
 def test_finetune_refuses_an_empty_training_set(tiny_model, scratch):
     tables = build_pairs.fn(*crafted(), PairsConfig(pairs_per_problem=0))
     with pytest.raises(ValueError, match="no training rows"):
-        finetune.fn(str(tiny_model), tables["pairs"], FinetuneConfig(method="dpo"), scratch / "x")
+        finetune.fn(str(tiny_model), {"dpo": tables["pairs"]}, FinetuneConfig(method="dpo"), scratch / "x")
+
+
+def test_verifier_reward_grades_completions_against_each_rows_answer():
+    with VerifyConfig().pool() as pool:
+        reward = VerifierReward(pool)
+        completions = [[{"role": "assistant", "content": "so \\boxed{4}"}],
+                       [{"role": "assistant", "content": "I think \\boxed{5}"}],
+                       [{"role": "assistant", "content": "no box here, 4"}],
+                       [{"role": "assistant", "content": "\\boxed{\\frac{1}{2}}"}]]
+        assert reward(prompts=[None] * 4, completions=completions, answer=["4", "4", "4", "0.5"]) == [1.0, 0.0, 0.0, 1.0]
+
+
+def test_grpo_then_sft_chain_trains_with_the_verifier_reward(tiny_model, scratch):
+    tables = build_pairs.fn(*crafted(), PairsConfig(sft_per_problem=5))
+    prompts = pa.Table.from_pylist([{"problem_id": "p1", "question": "What is 2 + 2?", "answer": "4"},
+                                    {"problem_id": "p2", "question": "What is 3 + 4?", "answer": "7"}])
+    folder = scratch / "ckpt-grpo"
+    config = FinetuneConfig(method="grpo+sft", max_steps=2, batch_size=4, grpo_generations=4,
+                            grpo_max_completion_tokens=8, learning_rate=1e-3, few_shot=False)
+    result = finetune.fn(str(tiny_model), {"grpo": prompts, "sft": tables["sft_examples"]}, config, folder)
+    assert result["steps"] == 4
+    assert [(m["step"], m["method"]) for m in result["metrics"]] == [(1, "grpo"), (2, "grpo"), (3, "sft"), (4, "sft")]
+    grpo = [m for m in result["metrics"] if m["method"] == "grpo"]
+    # a random tiny model never boxes the right answer: the verifier's reward is logged, and it is 0
+    assert all("rewards/verifier_correct/mean" in m and m["reward"] == 0.0 for m in grpo)
+    engine = load_engine(EngineConfig(model=str(folder), backend="transformers"))
+    assert engine.model_id.startswith("ckpt-grpo@")
+
+
+def test_grpo_batch_must_hold_whole_groups():
+    with pytest.raises(ValueError, match="multiple of grpo_generations"):
+        _training_args("grpo", FinetuneConfig(method="grpo", batch_size=3, grpo_generations=4), Path("unused"))
+    with pytest.raises(ValueError, match="unknown finetune method"):
+        FinetuneConfig(method="sft+ppo")
+
+
+def test_grpo_trains_on_the_rounds_learnable_problems_and_kept_variants(runs_root):
+    from data import schemas
+    from flows.finetune import training_data
+    from flows.stage_runner import lake
+
+    def problem(pid, answer):
+        return dict(problem_id=pid, question=f"question {pid}", answer=answer, source="s", origin="seed")
+
+    store = lake()
+    store.publish_stage("r", 0, "ingest", {"problems": pa.Table.from_pylist(
+        [problem(p, "1") for p in ("learn", "under", "solved")], schema=schemas.PROBLEMS)})
+    store.publish_stage("r", 0, "filter", {"problem_stats": pa.Table.from_pylist([
+        dict(problem_id="learn", n=8, correct=6, accuracy=0.75, bucket="learnable"),
+        dict(problem_id="under", n=8, correct=2, accuracy=0.25, bucket="underperforming"),
+        dict(problem_id="solved", n=8, correct=8, accuracy=1.0, bucket="solved")], schema=schemas.PROBLEM_STATS)})
+    store.publish_stage("r", 0, "synthesize", {"problems": pa.Table.from_pylist(
+        [problem("variant-of-under", "1")], schema=schemas.PROBLEMS)})
+    grpo = training_data("r", 0, ["grpo"])["grpo"]
+    assert sorted(grpo["problem_id"].to_pylist()) == ["learn", "variant-of-under"]
+    assert grpo.column_names == ["problem_id", "question", "answer"]

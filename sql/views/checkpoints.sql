@@ -4,7 +4,7 @@ SELECT
     checkpoint_id,      -- folder name under runs/<run>/models/
     parent_model_id,    -- the model it was trained from (name@weights-hash)
     role,               -- 'policy'
-    method,             -- sft | dpo
+    method,             -- sft | dpo | grpo, or the chain that trained it in order (sft+grpo)
     path,               -- absolute folder of the saved model: set engine.model to it to load it
     model_id,           -- its own id (name@weights-hash), as rollouts and evals record it
     data_fingerprint,   -- content hash of the training rows

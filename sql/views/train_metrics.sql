@@ -3,7 +3,7 @@ CREATE OR REPLACE VIEW train_metrics AS
 SELECT
     checkpoint_id,
     step,
-    metric,             -- loss, learning_rate, grad_norm, and for DPO rewards/margins, rewards/accuracies, ...
+    metric,             -- loss, learning_rate, grad_norm; DPO rewards/margins, ...; GRPO reward (mean verifier reward), reward_std, entropy, ...; prefixed by method (grpo/loss) when a round chains methods
     value,
     round,
     regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
