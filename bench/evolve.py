@@ -76,7 +76,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from flows.report import collect
-    from flows.round import policy_for_round, round_flow
+    from flows.round import round_flow
 
     config = base_config(args)
     budgets: dict[str, list[dict]] = {"svs": [], "rft": []}
@@ -91,7 +91,7 @@ def main() -> None:
                 svs = budgets["svs"][round_]
                 pool = svs["generate"] // args.n
                 arm_config.generate.sampling.n = max(args.n, math.ceil(sum(svs.values()) / max(1, pool)))
-            round_flow(run, policy_for_round(run, arm_config, round_), round=round_)
+            round_flow(run, arm_config, round=round_)
             budgets[arm].append(samples(run, round_))
         timings[arm] = time.monotonic() - started
 

@@ -8,6 +8,7 @@ import argparse
 import csv
 from collections import Counter
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,22 +22,18 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from data.ingest import IngestError
     from data.lake import LakeError
     from flows.config import ConfigError
+    from data.runlock import RunBusy
     from flows.stage_runner import MissingInput
     from models.registry import ModelError
 
-    return (IngestError, LakeError, ConfigError, MissingInput, ModelError, FileNotFoundError)
+    return (IngestError, LakeError, ConfigError, MissingInput, ModelError, FileNotFoundError, RunBusy)
 
 
 def _run_config(run: str, config_path: str | None):
-    from flows.config import ConfigError, load_config
-    from flows.stage_runner import lake
+    from flows.config import load_config
+    from flows.policy import saved_config
 
-    if config_path:
-        return load_config(config_path)
-    saved = lake().run_dir(run) / "config.yaml"
-    if not saved.exists():
-        raise ConfigError(f"run {run!r} has no saved config: pass --config FILE")
-    return load_config(saved)
+    return load_config(config_path) if config_path else saved_config(run)
 
 
 def cmd_ingest(args) -> None:
@@ -65,25 +62,25 @@ def _print_stage_results(results) -> None:
 
 
 def cmd_round(args) -> None:
-    from flows.config import load_config, save_config
-    from flows.round import policy_for_round, round_flow
-    from flows.stage_runner import lake
+    from flows.config import load_config
+    from flows.round import round_flow
     from flows.summary import format_summary, round_summary
 
-    config = load_config(args.config)
-    save_config(config, lake().ensure_run(args.run) / "config.yaml")
+    config = load_config(args.config) if args.config else None  # None: the run's saved config
     started = time.monotonic()
-    results = round_flow(args.run, policy_for_round(args.run, config, args.round), round=args.round, force=args.force)
+    results = round_flow(args.run, config, round=args.round, force=args.force)
     _print_stage_results(results)
-    print(format_summary(round_summary(args.run, args.round)))
+    if results and any(r.stage == "filter" for r in results):
+        print(format_summary(round_summary(args.run, results[-1].round)))
     print(f"round took {time.monotonic() - started:.0f} s")
 
 
 def cmd_stage(args) -> None:
-    from flows.round import STAGES, policy_for_round
+    from flows.policy import stage_config
+    from flows.round import STAGES
     from flows.stage_runner import lake
 
-    config = policy_for_round(args.run, _run_config(args.run, args.config), args.round)
+    config = stage_config(args.run, args.round, _run_config(args.run, args.config))
     if args.name == "ingest":
         from flows.ingest import ingest_flow
 
@@ -106,14 +103,12 @@ def _print_report(run: str, out: str | None = None) -> None:
 
 
 def cmd_evolve(args) -> None:
-    from flows.config import load_config, save_config
+    from flows.config import load_config
     from flows.round import evolve_flow
-    from flows.stage_runner import lake
 
     config = load_config(args.config)
-    save_config(config, lake().ensure_run(args.run) / "config.yaml")
     started = time.monotonic()
-    _print_stage_results(evolve_flow(args.run, config, args.rounds, force=args.force))
+    _print_stage_results(evolve_flow(args.run, args.rounds, config, force=args.force))
     _print_report(args.run)
     print(f"{args.rounds} round(s) took {time.monotonic() - started:.0f} s")
 
@@ -203,6 +198,43 @@ def cmd_verify_file(args) -> None:
     print(f"{len(rows)} pairs -> {out}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
 
 
+def cmd_ui(args) -> None:
+    from flows.serve import api_url, server_healthy, start_server
+
+    url = api_url(args.host, args.port)
+    if server_healthy(url):
+        print(f"a Prefect server already answers: UI {url.removesuffix('/api')}")
+        return
+    server = start_server(args.host, args.port)
+    print(f"Prefect UI: {url.removesuffix('/api')}   API: {url}\n"
+          f"database: {os.environ['PREFECT_API_DATABASE_CONNECTION_URL'].split(':///', 1)[-1]}   "
+          f"log: {Path(os.environ['PREFECT_HOME']) / 'server.log'}\n"
+          "evoforge commands run while it is up show in it; Ctrl-C stops it.", flush=True)
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        from flows.serve import stop_server
+
+        stop_server(server)
+
+
+def cmd_serve(args) -> None:
+    from flows.config import DEFAULT_CONFIG
+    from flows.serve import serve
+
+    serve(args.run, args.config or DEFAULT_CONFIG, cron=args.cron, limit=args.limit)
+
+
+def _use_running_server() -> None:
+    """When `evoforge ui` is up and no API is set, runs go to it, so the UI shows CLI runs too."""
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    from flows.serve import api_url, server_healthy
+
+    if server_healthy(api_url(), timeout=0.5):
+        os.environ["PREFECT_API_URL"] = api_url()
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evoforge", description="A data factory for self-evolving reasoning models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -227,8 +259,8 @@ def parser() -> argparse.ArgumentParser:
 
     rnd = sub.add_parser("round", help="run one round from a config (its `stages`)")
     rnd.add_argument("--run", required=True)
-    rnd.add_argument("--config", required=True)
-    rnd.add_argument("--round", type=int, default=0)
+    rnd.add_argument("--config", help="default: the config the run was started with")
+    rnd.add_argument("--round", type=int, default=None, help="default: the run's next unfinished round")
     rnd.add_argument("--force", action="store_true")
     rnd.set_defaults(func=cmd_round)
 
@@ -263,6 +295,18 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument("--run", required=True)
     status.set_defaults(func=cmd_status)
 
+    ui = sub.add_parser("ui", help="start the local Prefect server and UI (database inside the project)")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=4200)
+    ui.set_defaults(func=cmd_ui)
+
+    srv = sub.add_parser("serve", help="serve the round and stage deployments (and a cron schedule) from here")
+    srv.add_argument("--config", help="round config for the round deployment (default: deploy/configs/demo.yaml)")
+    srv.add_argument("--run", default="scheduled", help="the run the deployments work on")
+    srv.add_argument("--cron", help="cron expression for scheduled rounds, e.g. '0 */6 * * *'")
+    srv.add_argument("--limit", type=int, default=1, help="flow runs at once")
+    srv.set_defaults(func=cmd_serve)
+
     vf = sub.add_parser("verify-file", help="grade {gold, pred} JSONL lines exactly as the verify stage does")
     vf.add_argument("input")
     vf.add_argument("--out", required=True)
@@ -274,6 +318,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    started = time.time()
+    if args.command not in ("ui", "serve", "verify-file", "sql", "status", "report"):
+        _use_running_server()
     try:
         args.func(args)
     except KeyboardInterrupt:
@@ -285,8 +332,28 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(err, _user_errors() + (ValueError, duckdb.Error)):
             print(f"error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
             return 2
-        raise
+        failed = _failed_stage(getattr(args, "run", None), started)
+        if failed is None or os.environ.get("EVOFORGE_TRACEBACK"):
+            raise
+        # the stage's traceback is in the log above; the round stops here with one line
+        print(f"error: {failed['stage']} (run {failed['run']}, round {failed['round']}) failed: {failed['error']} "
+              f"(evoforge status --run {failed['run']}; EVOFORGE_TRACEBACK=1 to raise)", file=sys.stderr)
+        return 1
     return 0
+
+
+def _failed_stage(run: str | None, since: float) -> dict | None:
+    """The stage failure this command recorded, if any."""
+    if not run:
+        return None
+    try:
+        from flows.stage_runner import lake
+
+        events = [e for e in lake().read(run, "stage_runs").to_pylist() if e["status"] == "failed"]
+    except Exception:
+        return None
+    latest = max(events, key=lambda e: e["finished_at"], default=None)
+    return latest if latest is not None and latest["finished_at"].timestamp() >= since else None
 
 
 if __name__ == "__main__":

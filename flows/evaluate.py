@@ -7,14 +7,16 @@ from prefect import flow
 
 from data.ingest import load_eval_set
 from flows.config import RoundConfig, config_hash, resolve_path
-from flows.finetune import trained_checkpoint
+from flows.policy import stage_config, trained_checkpoint
 from flows.stage_runner import MissingInput, StageResult, execute_stage, fingerprint_inputs
 from models.engine import load_engine, model_id_for
 from tasks.evaluate import evaluate
 
 
 @flow(name="evaluate", flow_run_name="{run}/round-{round}/evaluate")
-def evaluate_flow(run: str, round: int, config: RoundConfig, force: bool = False) -> StageResult:
+def evaluate_flow(run: str, round: int, config: RoundConfig | None = None, force: bool = False) -> StageResult:
+    """Rerunnable alone: with no config, the run's saved one and the round's policy."""
+    config = stage_config(run, round, config)
     if not config.evaluate.sets:
         raise MissingInput("evaluate: the config names no evaluation sets (evaluate.sets)")
     sets = {s.name: load_eval_set(s, resolve_path("."), s.limit) for s in config.evaluate.sets}
@@ -27,10 +29,11 @@ def evaluate_flow(run: str, round: int, config: RoundConfig, force: bool = False
     elif round > 0:
         models.append((config.engine, round))
 
-    def compute() -> dict[str, pa.Table]:
+    def compute(chunks) -> dict[str, pa.Table]:
         tables = []
         for engine_config, model_round in models:
-            tables.append(evaluate(sets, load_engine(engine_config), config.evaluate, config.verify, model_round))
+            tables.append(evaluate(sets, load_engine(engine_config), config.evaluate, config.verify, model_round,
+                                   chunks.sub(f"model-{model_round}")))
         return {"evals": pa.concat_tables(tables)}
 
     return execute_stage(

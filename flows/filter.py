@@ -4,13 +4,16 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.config import RoundConfig, config_hash
+from flows.policy import stage_config
 from flows.stage_runner import StageResult, execute_stage, fingerprint_inputs
 from flows.verify import round_table
 from tasks.filter import filter_problems
 
 
 @flow(name="filter", flow_run_name="{run}/round-{round}/filter")
-def filter_flow(run: str, round: int, config: RoundConfig, force: bool = False) -> StageResult:
+def filter_flow(run: str, round: int, config: RoundConfig | None = None, force: bool = False) -> StageResult:
+    """Rerunnable alone: with no config, the run's saved one and the round's policy."""
+    config = stage_config(run, round, config)
     verdicts = round_table(run, round, "verdicts", "verify").select(["rollout_id", "problem_id", "verdict"])
     rollouts = round_table(run, round, "rollouts", "generate").select(["rollout_id", "completion_tokens"])
     return execute_stage(
@@ -19,6 +22,6 @@ def filter_flow(run: str, round: int, config: RoundConfig, force: bool = False) 
         model_id=None,
         input_fingerprint=fingerprint_inputs(verdicts, rollouts),
         rows_in=verdicts.num_rows,
-        compute=lambda: {"problem_stats": filter_problems(verdicts, rollouts, config.filter)},
+        compute=lambda _chunks: {"problem_stats": filter_problems(verdicts, rollouts, config.filter)},
         force=force,
     )

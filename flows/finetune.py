@@ -11,6 +11,7 @@ from data import schemas
 from data.lake import fingerprint_table
 from flows.config import RoundConfig, config_hash
 from flows.generate import problem_pool
+from flows.policy import stage_config
 from flows.stage_runner import StageResult, execute_stage, lake
 from flows.verify import round_table
 from models.engine import release_engines
@@ -18,11 +19,6 @@ from models.registry import folder_hash, resolve
 from tasks.finetune import finetune
 from tasks.generate import stable_hash
 from tasks.progress import run_logger
-
-
-def trained_checkpoint(run: str, round_: int) -> dict | None:
-    rows = lake().read(run, "checkpoints", round_, "finetune").to_pylist()
-    return rows[0] if rows else None
 
 
 def training_data(run: str, round_: int, methods: list[str]) -> dict[str, pa.Table]:
@@ -45,7 +41,9 @@ def training_data(run: str, round_: int, methods: list[str]) -> dict[str, pa.Tab
 
 
 @flow(name="finetune", flow_run_name="{run}/round-{round}/finetune")
-def finetune_flow(run: str, round: int, config: RoundConfig, force: bool = False) -> StageResult:
+def finetune_flow(run: str, round: int, config: RoundConfig | None = None, force: bool = False) -> StageResult:
+    """Rerunnable alone: with no config, the run's saved one and the round's policy."""
+    config = stage_config(run, round, config)
     data = training_data(run, round, config.finetune.methods)
     empty = [m for m, t in data.items() if t.num_rows == 0]
     data = {m: t for m, t in data.items() if t.num_rows}  # a chain trains with the methods that have rows
@@ -60,14 +58,14 @@ def finetune_flow(run: str, round: int, config: RoundConfig, force: bool = False
     checkpoint_id = f"r{round}-{method.replace('+', '-')}-{stable_hash(parent.model_id, data_fp, settings, length=8)}"
     folder = lake().run_dir(run) / "models" / checkpoint_id
 
-    def compute() -> dict[str, pa.Table]:
+    def compute(_chunks) -> dict[str, pa.Table]:  # the trainer resumes from its own checkpoints
         if empty:
             run_logger().warning(f"finetune (run {run}, round {round}): no rows for {', '.join(empty)}"
                                  + (f"; training with {method} only" if data else "; the policy is unchanged"))
         if not data:  # nothing learnable this round: no checkpoint, the policy carries over
             return {"checkpoints": schemas.CHECKPOINTS.empty_table(), "train_metrics": schemas.TRAIN_METRICS.empty_table()}
         release_engines()  # the policy is about to change, and training wants the memory
-        result = finetune(parent.path, data, train_config, folder, config.verify)
+        result = finetune(parent.path, data, train_config, folder, config.verify, resume=not force)
         checkpoint = dict(
             checkpoint_id=checkpoint_id, parent_model_id=parent.model_id, role="policy", method=method,
             path=str(folder), model_id=f"{checkpoint_id}@{folder_hash(folder)}", data_fingerprint=data_fp,

@@ -4,6 +4,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.config import RoundConfig, config_hash
+from flows.policy import stage_config
 from flows.stage_runner import MissingInput, StageResult, execute_stage, fingerprint_inputs, lake
 from models.engine import load_engine, model_id_for
 from tasks.generate import generate
@@ -23,7 +24,9 @@ def problem_pool(run: str, round_: int):
 
 
 @flow(name="generate", flow_run_name="{run}/round-{round}/generate")
-def generate_flow(run: str, round: int, config: RoundConfig, force: bool = False) -> StageResult:
+def generate_flow(run: str, round: int, config: RoundConfig | None = None, force: bool = False) -> StageResult:
+    """Rerunnable alone: with no config, the run's saved one and the round's policy."""
+    config = stage_config(run, round, config)
     problems = problem_pool(run, round)
     model_id = model_id_for(config.engine)
     pool = problems.select(["problem_id", "question"])
@@ -34,6 +37,6 @@ def generate_flow(run: str, round: int, config: RoundConfig, force: bool = False
         model_id=model_id,
         input_fingerprint=fingerprint_inputs(pool),
         rows_in=problems.num_rows,
-        compute=lambda: {"rollouts": generate(pool, load_engine(config.engine), config.generate)},
+        compute=lambda chunks: {"rollouts": generate(pool, load_engine(config.engine), config.generate, chunks)},
         force=force,
     )

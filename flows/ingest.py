@@ -50,7 +50,7 @@ def ingest_flow(
     part = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
     store = lake()
 
-    def compute():
+    def compute(_chunks):
         known = set(store.read(run, "problems")["problem_id"].to_pylist())
         own = store.stage_dir(run, 0, "ingest") / "problems" / f"part-{part}.parquet"
         if own.exists():  # a forced re-ingest must not call its own earlier rows duplicates

@@ -7,13 +7,16 @@ from prefect import flow
 
 from flows.config import RoundConfig, config_hash
 from flows.generate import problem_pool
+from flows.policy import stage_config
 from flows.stage_runner import StageResult, execute_stage, fingerprint_inputs, lake
 from flows.verify import round_table
 from tasks.pairs import build_pairs
 
 
 @flow(name="pairs", flow_run_name="{run}/round-{round}/pairs")
-def pairs_flow(run: str, round: int, config: RoundConfig, force: bool = False) -> StageResult:
+def pairs_flow(run: str, round: int, config: RoundConfig | None = None, force: bool = False) -> StageResult:
+    """Rerunnable alone: with no config, the run's saved one and the round's policy."""
+    config = stage_config(run, round, config)
     store = lake()
     problems = problem_pool(run, round).select(["problem_id", "question", "origin"])
     stats = round_table(run, round, "problem_stats", "filter").select(["problem_id", "bucket"])
@@ -36,6 +39,6 @@ def pairs_flow(run: str, round: int, config: RoundConfig, force: bool = False) -
         model_id=None,
         input_fingerprint=fingerprint_inputs(problems, stats, rollouts, verdicts),
         rows_in=rollouts.num_rows,
-        compute=lambda: build_pairs(problems, stats, rollouts, verdicts, config.pairs, variant_ids),
+        compute=lambda _chunks: build_pairs(problems, stats, rollouts, verdicts, config.pairs, variant_ids),
         force=force,
     )

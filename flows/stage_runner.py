@@ -1,5 +1,6 @@
-"""What every stage flow does around its task: fingerprints, skip-if-unchanged, `stage_runs`, atomic
-publication of the outputs, and the catalog refresh.
+"""What every stage flow does around its task: the run lock, fingerprints, skip-if-unchanged,
+`stage_runs` (including attempts a crash cut short), resumable chunks, atomic publication of the
+outputs, the catalog refresh and the stage's Prefect artifacts.
 """
 from __future__ import annotations
 
@@ -11,8 +12,12 @@ from typing import Callable
 import pyarrow as pa
 
 from data import catalog, home
+from data.chunks import Chunks, chunk_root
 from data.lake import Lake, fingerprint_files, fingerprint_table
+from data.runlock import run_lock
 from tasks.progress import run_logger
+
+TERMINAL = ("completed", "skipped", "failed", "interrupted")
 
 
 class MissingInput(RuntimeError):
@@ -56,6 +61,37 @@ def _event(base: dict, **changes) -> pa.Table:
     return pa.Table.from_pylist([{**base, **changes}])
 
 
+def mark_interrupted(store: Lake, run: str) -> list[dict]:
+    """Close the `running` events that never got an end: their process died (we hold the lock, so
+    nobody else is running). Returns the attempts it closed."""
+    events = store.read(run, "stage_runs").to_pylist()
+    ended = {e["stage_run_id"] for e in events if e["status"] in TERMINAL}
+    open_attempts = [e for e in events if e["status"] == "running" and e["stage_run_id"] not in ended]
+    for attempt in open_attempts:
+        store.append_run_table(run, "stage_runs", _event(
+            attempt, status="interrupted", finished_at=_now(),
+            error="the process ended before the stage finished (killed or crashed); a rerun resumes from its completed chunks",
+        ))
+    return open_attempts
+
+
+def run_guard(run: str, what: str):
+    """The run's lock, plus closing the attempts a crash left open; a round holds it around its stages."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def guarded():
+        store = lake()
+        store.ensure_run(run)
+        with run_lock(store.run_dir(run), what):
+            for attempt in mark_interrupted(store, run):
+                run_logger().warning(f"{attempt['stage']} (run {run}, round {attempt['round']}): an earlier attempt "
+                                     f"started {attempt['started_at']:%Y-%m-%d %H:%M:%S} was interrupted")
+            yield store
+
+    return guarded()
+
+
 def execute_stage(
     run: str,
     round_: int,
@@ -65,18 +101,36 @@ def execute_stage(
     model_id: str | None,
     input_fingerprint: str,
     rows_in: int | None,
-    compute: Callable[[], dict[str, pa.Table]],
+    compute: Callable[[Chunks], dict[str, pa.Table]],
     force: bool = False,
     part: str | None = None,
 ) -> StageResult:
     """Run `compute` unless an identical earlier execution's output is still in place.
 
-    `part`: the stage adds/replaces one named part per input (ingest: one per source) instead of
-    replacing its whole output. `rows_in=None`: every input row ends in an output or in quarantine
-    (ingest), so rows in = rows out + rows quarantined.
+    `compute(chunks)` gets the chunk store of this execution: batches it stores there survive a
+    crash, and the same command resumes from them (see data/chunks.py). `part`: the stage
+    adds/replaces one named part per input (ingest: one per source) instead of replacing its whole
+    output. `rows_in=None`: every input row ends in an output or in quarantine (ingest), so rows in
+    = rows out + rows quarantined. Holds the run's lock throughout: a second process working on
+    the same run is refused with RunBusy.
     """
-    store = lake()
-    store.ensure_run(run)
+    with run_guard(run, f"round {round_} / {stage}") as store:
+        result = _execute_locked(store, run, round_, stage, config_hash, model_id, input_fingerprint, rows_in,
+                                 compute, force, part)
+    from flows.artifacts import publish_stage_artifacts
+
+    tables = result.tables or {
+        path.name: store.read(run, path.name, round_, stage).drop_columns(["round", "stage"])
+        for path in sorted(store.stage_dir(run, round_, stage).glob("*")) if path.is_dir()
+    }
+    publish_stage_artifacts(run, round_, stage, result.status,
+                            {"rows in": result.rows_in, "rows out": result.rows_out,
+                             "rows quarantined": result.rows_quarantined}, tables)
+    return result
+
+
+def _execute_locked(store: Lake, run, round_, stage, config_hash, model_id, input_fingerprint, rows_in,
+                    compute, force, part) -> StageResult:
     log = run_logger()
     stage_dir = store.stage_dir(run, round_, stage)
 
@@ -112,9 +166,17 @@ def execute_stage(
         return StageResult(stage, round_, "skipped", done["rows_in"] or 0, done["rows_out"] or 0,
                            done["rows_quarantined"] or 0, output_fp)
 
+    from tasks.generate import stable_hash
+
+    root = chunk_root(store.run_dir(run), round_, stage)
+    chunks = Chunks(root / stable_hash(config_hash, model_id, input_fingerprint, part))
+    if force:
+        chunks.clear()  # --force means recompute, not resume
+    elif chunks.folder.exists():
+        log.info(f"{stage} (run {run}, round {round_}): resuming from the chunks an interrupted attempt completed")
     store.append_run_table(run, "stage_runs", _event(base))
     try:
-        tables = compute()
+        tables = compute(chunks)
         if part is None:
             output_fp = store.publish_stage(run, round_, stage, tables)
         else:
@@ -124,6 +186,16 @@ def execute_stage(
         message = f"{type(err).__name__}: {err}".splitlines()[0][:500]
         store.append_run_table(run, "stage_runs", _event(base, status="failed", error=message, finished_at=_now()))
         raise
+    reused, computed = chunks.counts()
+    if reused:
+        log.info(f"{stage} (run {run}, round {round_}): {reused} chunk(s) reused from an interrupted attempt, "
+                 f"{computed} computed")
+    if part is None:
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)  # published: the chunks (and stale ones of older configs) are spent
+    else:
+        chunks.clear()
     rows_quarantined = tables["quarantine"].num_rows if "quarantine" in tables else 0
     rows_out = sum(t.num_rows for name, t in tables.items() if name != "quarantine")
     rows_in = rows_out + rows_quarantined if rows_in is None else rows_in

@@ -6,6 +6,7 @@ from prefect import flow
 
 from flows.config import RoundConfig, config_hash
 from flows.generate import problem_pool
+from flows.policy import stage_config
 from flows.stage_runner import StageResult, execute_stage, fingerprint_inputs
 from flows.verify import round_table
 from models.engine import load_engine, model_id_for
@@ -13,7 +14,9 @@ from tasks.synthesize import synthesize
 
 
 @flow(name="synthesize", flow_run_name="{run}/round-{round}/synthesize")
-def synthesize_flow(run: str, round: int, config: RoundConfig, force: bool = False) -> StageResult:
+def synthesize_flow(run: str, round: int, config: RoundConfig | None = None, force: bool = False) -> StageResult:
+    """Rerunnable alone: with no config, the run's saved one and the round's policy."""
+    config = stage_config(run, round, config)
     problems = problem_pool(run, round).select(["problem_id", "question", "answer"])
     stats = round_table(run, round, "problem_stats", "filter").select(["problem_id", "bucket"])
     rollouts = round_table(run, round, "rollouts", "generate").select(["rollout_id", "problem_id", "sample_index", "text"])
@@ -26,7 +29,7 @@ def synthesize_flow(run: str, round: int, config: RoundConfig, force: bool = Fal
         model_id=model_id_for(config.engine),
         input_fingerprint=fingerprint_inputs(problems, stats, rollouts, verdicts),
         rows_in=stats.num_rows,
-        compute=lambda: synthesize(problems, stats, rollouts, verdicts, load_engine(config.engine),
-                                   config.synthesize, config.generate, config.verify),
+        compute=lambda chunks: synthesize(problems, stats, rollouts, verdicts, load_engine(config.engine),
+                                          config.synthesize, config.generate, config.verify, chunks),
         force=force,
     )

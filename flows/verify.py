@@ -5,6 +5,7 @@ from prefect import flow
 
 from flows.config import RoundConfig, config_hash
 from flows.generate import problem_pool
+from flows.policy import stage_config
 from flows.stage_runner import MissingInput, StageResult, execute_stage, fingerprint_inputs, lake
 from tasks.verify import verify
 
@@ -20,7 +21,9 @@ def round_table(run: str, round_: int, table: str, made_by: str):
 
 
 @flow(name="verify", flow_run_name="{run}/round-{round}/verify")
-def verify_flow(run: str, round: int, config: RoundConfig, force: bool = False) -> StageResult:
+def verify_flow(run: str, round: int, config: RoundConfig | None = None, force: bool = False) -> StageResult:
+    """Rerunnable alone: with no config, the run's saved one and the round's policy."""
+    config = stage_config(run, round, config)
     rollouts = round_table(run, round, "rollouts", "generate").select(["rollout_id", "problem_id", "text"])
     golds = problem_pool(run, round).select(["problem_id", "answer"])
     return execute_stage(
@@ -29,6 +32,6 @@ def verify_flow(run: str, round: int, config: RoundConfig, force: bool = False) 
         model_id=None,
         input_fingerprint=fingerprint_inputs(rollouts, golds),
         rows_in=rollouts.num_rows,
-        compute=lambda: {"verdicts": verify(rollouts, golds, config.verify)},
+        compute=lambda chunks: {"verdicts": verify(rollouts, golds, config.verify, chunks)},
         force=force,
     )

@@ -7,6 +7,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from data import schemas
+from data.chunks import NO_CHUNKS, Chunks
 from data.ingest import EvalSetConfig
 from models.engine import Engine, SamplingConfig
 from tasks.filter import correct_counts, pass_at_k
@@ -23,14 +24,15 @@ class EvaluateConfig(BaseModel):
 
 @task(name="evaluate", cache_policy=NO_CACHE, persist_result=False)
 def evaluate(
-    sets: dict[str, pa.Table], engine: Engine, config: EvaluateConfig, verify_config: VerifyConfig, model_round: int
+    sets: dict[str, pa.Table], engine: Engine, config: EvaluateConfig, verify_config: VerifyConfig, model_round: int,
+    chunks: Chunks = NO_CHUNKS,
 ) -> pa.Table:
     """`sets`: name -> (problem_id, question, answer). One `evals` row per set."""
     rows = []
     generate_config = GenerateConfig(sampling=config.sampling, few_shot=config.few_shot)
     for name, problems in sets.items():
-        rollouts = generate.fn(problems.select(["problem_id", "question"]), engine, generate_config)
-        verdicts = verify.fn(rollouts, problems.select(["problem_id", "answer"]), verify_config)
+        rollouts = generate.fn(problems.select(["problem_id", "question"]), engine, generate_config, chunks.sub(f"{name}-solve"))
+        verdicts = verify.fn(rollouts, problems.select(["problem_id", "answer"]), verify_config, chunks.sub(f"{name}-grade"))
         correct = correct_counts(verdicts)
         pass_at = {}
         for k in config.pass_k:

@@ -8,6 +8,7 @@ generate stage uses, so the policy is trained on exactly what it is later asked.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ class FinetuneConfig(BaseModel):
     grpo_max_completion_tokens: int = Field(256, ge=8)
     grpo_temperature: float = Field(1.0, gt=0)
     grpo_beta: float = Field(0.0, ge=0, description="KL weight against the starting policy (0: no reference model)")
+    checkpoint_steps: int = Field(10, ge=1, description="save trainer state every N steps, so a killed run resumes there")
     seed: int = 0
     few_shot: bool = Field(True, description="train with the same few-shot prompt the generate stage uses")
 
@@ -63,7 +65,8 @@ def _training_args(method: str, config: FinetuneConfig, output_dir: Path):
         bf16=gpu, use_cpu=not gpu,  # TRL defaults to bf16, which CPUs here only emulate
         output_dir=str(output_dir), max_steps=config.max_steps, learning_rate=config.learning_rate,
         per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.gradient_accumulation_steps,
-        logging_steps=1, save_strategy="no", report_to="none", seed=config.seed,
+        logging_steps=1, save_strategy="steps", save_steps=config.checkpoint_steps, save_total_limit=1,
+        report_to="none", seed=config.seed,
         disable_tqdm=True, dataloader_num_workers=0, lr_scheduler_type="constant",
     )
     if method == "dpo":
@@ -104,13 +107,15 @@ def _dataset(method: str, data: pa.Table, few_shot: bool):
 
 @task(name="finetune", cache_policy=NO_CACHE, persist_result=False)
 def finetune(model_path: str, data: dict[str, pa.Table], config: FinetuneConfig, output_dir: Path,
-             verify: VerifyConfig | None = None) -> dict:
+             verify: VerifyConfig | None = None, resume: bool = True) -> dict:
     """Train from `model_path` with each method of `config.method` in turn and save the result in `output_dir`.
 
     `data` maps each method to its rows: sft -> sft_examples, dpo -> pairs, grpo -> prompts
     (problem_id, question, answer). Returns {"steps", "final_loss", "wall_seconds", "metrics":
     [{"step", "method", "loss", ...}]}; steps count across the chain. The folder is written under
-    a staging name and renamed, so a crash leaves no half checkpoint.
+    a staging name and renamed, so a crash leaves no half checkpoint. With `resume`, a run killed
+    mid-training continues from the staging folder: finished methods are not trained again, and
+    the running one restarts from its last saved trainer state (every `checkpoint_steps`).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -123,6 +128,8 @@ def finetune(model_path: str, data: dict[str, pa.Table], config: FinetuneConfig,
     log = run_logger()
     output_dir = Path(output_dir)
     staging = output_dir.parent / f".{output_dir.name}.staging"
+    if not resume:
+        shutil.rmtree(staging, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -131,37 +138,62 @@ def finetune(model_path: str, data: dict[str, pa.Table], config: FinetuneConfig,
     metrics: list[dict] = []
     steps_before = 0
     started = time.monotonic()
-    for method in config.methods:
-        class Record(TrainerCallback):
+    for index, method in enumerate(config.methods):
+        phase = f"{index}-{method}"
+        finished = staging / f"finished-{phase}"
+        if (finished / "metrics.json").exists():  # trained before a crash: take its weights, do not train again
+            model = AutoModelForCausalLM.from_pretrained(finished, dtype=dtype)
+            phase_metrics = json.loads((finished / "metrics.json").read_text())
+            metrics += phase_metrics
+            steps_before = max([steps_before, *(m["step"] for m in phase_metrics)])
+            log.info(f"finetune {method}: finished before an interruption; resuming after it")
+            continue
+
+        class Log(TrainerCallback):
             def on_log(self, args, state, control, logs=None, **kwargs):
                 if logs and "loss" in logs:
-                    values = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-                    metrics.append({"step": steps_before + state.global_step, "method": method, **values})
-                    extra = f" reward {values['reward']:.3f}" if "reward" in values else ""
+                    extra = f" reward {logs['reward']:.3f}" if "reward" in logs else ""
                     log.info(f"finetune {method}: step {state.global_step}/{config.max_steps} loss {logs['loss']:.4f}{extra}")
 
+        trainer_dir = staging / f"trainer-{phase}"
+        saved = sorted(trainer_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        if saved:
+            log.info(f"finetune {method}: resuming from the trainer state saved at {saved[-1].name}")
         dataset = _dataset(method, data[method], config.few_shot)
-        kwargs = dict(model=model, args=_training_args(method, config, staging / "trainer"),
-                      train_dataset=dataset, processing_class=tokenizer, callbacks=[Record()])
+        kwargs = dict(model=model, args=_training_args(method, config, trainer_dir),
+                      train_dataset=dataset, processing_class=tokenizer, callbacks=[Log()])
         if method == "grpo":
             with (verify or VerifyConfig()).pool() as pool:
                 trainer = GRPOTrainer(reward_funcs=[VerifierReward(pool)], **kwargs)
-                result = trainer.train()
+                result = trainer.train(resume_from_checkpoint=str(saved[-1]) if saved else None)
         else:
             trainer = (DPOTrainer if method == "dpo" else SFTTrainer)(**kwargs)
-            result = trainer.train()
+            result = trainer.train(resume_from_checkpoint=str(saved[-1]) if saved else None)
         model = trainer.model
+        # from the trainer's own history, which a resumed trainer restores, so no step's log is lost
+        phase_metrics = [
+            {"step": steps_before + int(entry["step"]), "method": method,
+             **{k: float(v) for k, v in entry.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}}
+            for entry in trainer.state.log_history if "loss" in entry
+        ]
+        model.save_pretrained(finished / "weights-staging", safe_serialization=True)
+        for path in (finished / "weights-staging").iterdir():
+            path.replace(finished / path.name)
+        (finished / "metrics.json").write_text(json.dumps(phase_metrics))  # written last: marks the phase done
+        metrics += phase_metrics
         steps_before += int(result.global_step)
+        shutil.rmtree(trainer_dir, ignore_errors=True)
     wall = time.monotonic() - started
+    for path in staging.glob("*"):  # only the final weights and tokenizer go into the checkpoint
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
-    shutil.rmtree(staging / "trainer", ignore_errors=True)
     if output_dir.exists():
         shutil.rmtree(output_dir)
     staging.replace(output_dir)
     return {
         "steps": steps_before,
-        "final_loss": metrics[-1]["loss"] if metrics else float(result.training_loss),
+        "final_loss": metrics[-1]["loss"] if metrics else float("nan"),
         "wall_seconds": wall,
         "metrics": metrics,
     }

@@ -9,6 +9,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from data import schemas
+from data.chunks import NO_CHUNKS, Chunks
 from models.engine import Engine, GenerationRequest, SamplingConfig
 from models.prompts import solve_messages
 from tasks.progress import Progress
@@ -33,34 +34,49 @@ def problem_seed(base_seed: int, problem_id: str) -> int:
     return int(stable_hash("seed", base_seed, problem_id, length=8), 16) & 0x7FFFFFFF
 
 
-@task(name="generate", cache_policy=NO_CACHE, persist_result=False)
-def generate(problems: pa.Table, engine: Engine, config: GenerateConfig) -> pa.Table:
+def transient(task, task_run, state) -> bool:
+    """Prefect retry condition: retry what a second try can fix (an engine that lost its worker, an
+    I/O hiccup), not a wrong input or config, which fails the same way every time."""
+    try:
+        state.result()
+    except (ValueError, TypeError, KeyError, MemoryError):
+        return False
+    except Exception:
+        return True
+    return False
+
+
+def _generate_batch(batch: list[dict], engine: Engine, config: GenerateConfig) -> pa.Table:
     sampling = config.sampling
+    requests = [
+        GenerationRequest(solve_messages(r["question"], config.few_shot), problem_seed(sampling.seed, r["problem_id"]))
+        for r in batch
+    ]
+    out = []
+    for row, request, completions in zip(batch, requests, engine.generate(requests, sampling)):
+        for index, c in enumerate(completions):
+            out.append(dict(
+                rollout_id=rollout_id(row["problem_id"], engine.model_id, request.seed, index),
+                problem_id=row["problem_id"], model_id=engine.model_id, seed=request.seed, sample_index=index,
+                text=c.text, completion_tokens=c.token_count, finish_reason=c.finish_reason, mean_logprob=c.mean_logprob,
+            ))
+    return pa.Table.from_pylist(out, schema=schemas.ROLLOUTS)
+
+
+@task(name="generate", cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=[10, 60],
+      retry_condition_fn=transient)
+def generate(problems: pa.Table, engine: Engine, config: GenerateConfig, chunks: Chunks = NO_CHUNKS) -> pa.Table:
+    """G samples per problem, `batch_problems` problems per engine call; each call's rollouts are one
+    chunk, so a crashed or retried run does not generate them again."""
     rows = problems.select(["problem_id", "question"]).to_pylist()
-    out: list[dict] = []
+    parts: list[pa.Table] = []
     tokens = 0
     with Progress("generate", len(rows), "problems") as progress:
         for start in range(0, len(rows), config.batch_problems):
             batch = rows[start : start + config.batch_problems]
-            requests = [
-                GenerationRequest(solve_messages(r["question"], config.few_shot), problem_seed(sampling.seed, r["problem_id"]))
-                for r in batch
-            ]
-            for row, request, completions in zip(batch, requests, engine.generate(requests, sampling)):
-                for index, c in enumerate(completions):
-                    out.append(
-                        dict(
-                            rollout_id=rollout_id(row["problem_id"], engine.model_id, request.seed, index),
-                            problem_id=row["problem_id"],
-                            model_id=engine.model_id,
-                            seed=request.seed,
-                            sample_index=index,
-                            text=c.text,
-                            completion_tokens=c.token_count,
-                            finish_reason=c.finish_reason,
-                            mean_logprob=c.mean_logprob,
-                        )
-                    )
-                    tokens += c.token_count
+            key = stable_hash("generate", engine.model_id, *(r["problem_id"] for r in batch))
+            part = chunks.get_or_compute(key, lambda: _generate_batch(batch, engine, config))
+            parts.append(part)
+            tokens += sum(part["completion_tokens"].to_pylist())
             progress.update(start + len(batch), f", {tokens} tokens")
-    return pa.Table.from_pylist(out, schema=schemas.ROLLOUTS)
+    return pa.concat_tables(parts) if parts else schemas.ROLLOUTS.empty_table()

@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from data import schemas
+from data.chunks import NO_CHUNKS, Chunks
 from data.decontam import Decontaminator, ngrams
 from data.ingest import normalize_question, problem_id
 from models.engine import Engine, GenerationRequest, SamplingConfig
@@ -105,8 +106,11 @@ def synthesize(
     config: SynthesizeConfig,
     generate_config: GenerateConfig,
     verify_config: VerifyConfig,
+    chunks: Chunks = NO_CHUNKS,
 ) -> dict[str, pa.Table]:
-    """-> {"variants", "rollouts", "verdicts" (the variant-solving ones), "problems" (kept variants)}."""
+    """-> {"variants", "rollouts", "verdicts" (the variant-solving ones), "problems" (kept variants)}.
+
+    Its three batched steps (writing variants, solving them, grading) each keep resumable chunks."""
     questions = dict(zip(problems["problem_id"].to_pylist(), problems["question"].to_pylist()))
     answers = dict(zip(problems["problem_id"].to_pylist(), problems["answer"].to_pylist()))
     seeds = seeds_for_synthesis(stats, rollouts, verdicts, config.solutions_per_problem)
@@ -115,10 +119,15 @@ def synthesize(
                           problem_seed(config.synthesis.seed, s["rollout_id"]))
         for s in seeds
     ]
-    outputs = engine.generate(requests, config.synthesis.model_copy(update={"n": 1})) if requests else []
+    def write_variants() -> pa.Table:
+        outputs = engine.generate(requests, config.synthesis.model_copy(update={"n": 1}))
+        return pa.table({"raw_output": pa.array([out[0].text for out in outputs], pa.string())})
+
+    key = stable_hash("synthesis", engine.model_id, *(s["rollout_id"] for s in seeds))
+    raw = chunks.sub("write").get_or_compute(key, write_variants)["raw_output"].to_pylist() if requests else []
     candidates = [
-        Candidate(s["problem_id"], s["rollout_id"], answers[s["problem_id"]], out[0].text, extract_problem(out[0].text), None)
-        for s, out in zip(seeds, outputs)
+        Candidate(s["problem_id"], s["rollout_id"], answers[s["problem_id"]], text, extract_problem(text), None)
+        for s, text in zip(seeds, raw)
     ]
     screen(candidates, questions, list(questions.values()), config.max_variant_chars)
 
@@ -129,9 +138,9 @@ def synthesize(
     solve_config = generate_config.model_copy(deep=True)
     solve_config.sampling.n = config.samples_per_variant
     variant_problems = pa.table({"problem_id": [ids[id(c)] for c in valid], "question": [c.text for c in valid]})
-    solved = generate.fn(variant_problems, engine, solve_config) if valid else schemas.ROLLOUTS.empty_table()
+    solved = generate.fn(variant_problems, engine, solve_config, chunks.sub("solve")) if valid else schemas.ROLLOUTS.empty_table()
     golds = pa.table({"problem_id": [ids[id(c)] for c in valid], "answer": [c.answer for c in valid]})
-    graded = verify.fn(solved, golds, verify_config) if valid else schemas.VERDICTS.empty_table()
+    graded = verify.fn(solved, golds, verify_config, chunks.sub("grade")) if valid else schemas.VERDICTS.empty_table()
 
     tally = correct_counts(graded)
     lo, hi = config.keep_band

@@ -7,6 +7,8 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from data import schemas
+from data.chunks import NO_CHUNKS, Chunks
+from tasks.generate import stable_hash
 from tasks.grader_pool import GraderPool
 from tasks.progress import Progress
 
@@ -37,8 +39,11 @@ def check_golds(answers: list[str], config: VerifyConfig) -> list[bool]:
         return [r[0] == "ok" for r in pool.run([("gold", a, "") for a in answers], progress.update)]
 
 
+CHUNK_ROLLOUTS = 1024  # verdicts per resumable chunk
+
+
 @task(name="verify", cache_policy=NO_CACHE, persist_result=False)
-def verify(rollouts: pa.Table, problems: pa.Table, config: VerifyConfig) -> pa.Table:
+def verify(rollouts: pa.Table, problems: pa.Table, config: VerifyConfig, chunks: Chunks = NO_CHUNKS) -> pa.Table:
     gold_of = dict(zip(problems["problem_id"].to_pylist(), problems["answer"].to_pylist()))
     rows = rollouts.select(["rollout_id", "problem_id", "text"]).to_pylist()
     missing = sorted({r["problem_id"] for r in rows if r["problem_id"] not in gold_of})
@@ -46,14 +51,22 @@ def verify(rollouts: pa.Table, problems: pa.Table, config: VerifyConfig) -> pa.T
         raise ValueError(f"verify: {len(missing)} rollouts' problems are not in the pool (e.g. {missing[:3]})")
     # grouped by problem so a worker's gold-parse cache hits for the G samples of a problem
     rows.sort(key=lambda r: (r["problem_id"], r["rollout_id"]))
-    results = grade_pairs([(gold_of[r["problem_id"]], r["text"]) for r in rows], config)
-    return pa.Table.from_pylist(
-        [
-            dict(
-                rollout_id=r["rollout_id"], problem_id=r["problem_id"], verdict=verdict,
-                extracted_answer=extracted, gold=gold_of[r["problem_id"]], detail=detail, seconds=seconds,
-            )
-            for r, (verdict, extracted, detail, seconds) in zip(rows, results)
-        ],
-        schema=schemas.VERDICTS,
-    )
+    batches = [rows[i : i + CHUNK_ROLLOUTS] for i in range(0, len(rows), CHUNK_ROLLOUTS)]
+    parts: list[pa.Table] = []
+    with config.pool() as pool, Progress("verify", len(rows), "answers") as progress:
+        for batch in batches:
+            key = stable_hash("verify", *(r["rollout_id"] for r in batch))
+            done = sum(p.num_rows for p in parts)
+
+            def grade(batch=batch, done=done) -> pa.Table:
+                results = pool.run([("grade", gold_of[r["problem_id"]], r["text"]) for r in batch],
+                                   lambda n: progress.update(done + n))
+                return pa.Table.from_pylist([
+                    dict(rollout_id=r["rollout_id"], problem_id=r["problem_id"], verdict=verdict,
+                         extracted_answer=extracted, gold=gold_of[r["problem_id"]], detail=detail, seconds=seconds)
+                    for r, (verdict, extracted, detail, seconds) in zip(batch, results)
+                ], schema=schemas.VERDICTS)
+
+            parts.append(chunks.get_or_compute(key, grade))
+            progress.update(done + len(batch))
+    return pa.concat_tables(parts) if parts else schemas.VERDICTS.empty_table()

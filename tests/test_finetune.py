@@ -92,3 +92,36 @@ def test_grpo_trains_on_the_rounds_learnable_problems_and_kept_variants(runs_roo
     grpo = training_data("r", 0, ["grpo"])["grpo"]
     assert sorted(grpo["problem_id"].to_pylist()) == ["learn", "variant-of-under"]
     assert grpo.column_names == ["problem_id", "question", "answer"]
+
+
+def test_a_killed_training_resumes_from_its_saved_state_without_redoing_steps(tiny_model, scratch, monkeypatch):
+    import trl
+
+    tables = build_pairs.fn(*crafted(), PairsConfig(sft_per_problem=5))
+    config = FinetuneConfig(method="sft", max_steps=3, batch_size=2, checkpoint_steps=1, learning_rate=1e-3)
+    folder = scratch / "ckpt-resume"
+    original = trl.SFTTrainer.training_step
+    steps_run = []
+
+    def crash_after_two_steps(self, *args, **kwargs):
+        if self.state.global_step >= 2:
+            raise RuntimeError("simulated crash")
+        steps_run.append(self.state.global_step)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(trl.SFTTrainer, "training_step", crash_after_two_steps)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        finetune.fn(str(tiny_model), {"sft": tables["sft_examples"]}, config, folder)
+    assert not folder.exists() and (scratch / ".ckpt-resume.staging" / "trainer-0-sft" / "checkpoint-2").is_dir()
+
+    def count_steps(self, *args, **kwargs):
+        steps_run.append(self.state.global_step)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(trl.SFTTrainer, "training_step", count_steps)
+    result = finetune.fn(str(tiny_model), {"sft": tables["sft_examples"]}, config, folder)
+    assert steps_run == [0, 1, 2]  # the second run trained only step 3
+    assert result["steps"] == 3 and [m["step"] for m in result["metrics"]] == [1, 2, 3]
+    assert (folder / "model.safetensors").exists()
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(("trainer-", "finished-", "checkpoint-"))]
+    assert not (scratch / ".ckpt-resume.staging").exists()

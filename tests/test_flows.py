@@ -39,7 +39,7 @@ def test_ingest_generate_verify_filter_round_then_skip_then_force(prefect_server
     from flows.generate import generate_flow
     from flows.round import round_flow
 
-    results = round_flow("flowtest", config)
+    results = round_flow("flowtest", config)  # no round given: the run's next one, 0 for a new run
     assert [(r.stage, r.status) for r in results] == [
         ("ingest", "completed"), ("generate", "completed"), ("verify", "completed"), ("filter", "completed")]
     store = lake()
@@ -66,7 +66,7 @@ def test_ingest_generate_verify_filter_round_then_skip_then_force(prefect_server
     assert con.execute("SELECT count(*) FROM verdicts").fetchone()[0] == 20
     con.close()
 
-    again = round_flow("flowtest", config)
+    again = round_flow("flowtest", config, round=0)
     assert [r.status for r in again] == ["skipped"] * 4
     assert store.read("flowtest", "rollouts").num_rows == 20
 
@@ -82,6 +82,36 @@ def test_ingest_generate_verify_filter_round_then_skip_then_force(prefect_server
     assert max(store.read("flowtest", "rollouts")["completion_tokens"].to_pylist()) <= 8
     statuses = [(r["stage"], r["status"]) for r in stage_runs("flowtest")]
     assert statuses.count(("generate", "completed")) == 3 and statuses.count(("generate", "skipped")) == 1
+
+    # a scheduled round names neither config nor round: the run's saved config, its next round
+    following = round_flow("flowtest")
+    assert [(r.stage, r.round, r.status) for r in following] == [
+        ("generate", 1, "completed"), ("verify", 1, "completed"), ("filter", 1, "completed")]
+
+
+def test_one_stage_per_run_at_a_time_and_other_runs_are_not_blocked(prefect_server, runs_root, config):
+    import subprocess
+    import sys
+    import time
+
+    from data.runlock import RunBusy
+    from flows.ingest import ingest_flow
+
+    run_dir = lake().ensure_run("busy")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, '.'); from data.runlock import run_lock\n"
+        f"with run_lock(__import__('pathlib').Path({str(run_dir)!r}), 'round 0 / generate'):\n"
+        "    print('held', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunBusy, match=r"run 'busy' is busy: round 0 / generate \(pid \d+"):
+            ingest_flow("busy", config.sources[0])
+        assert ingest_flow("other", config.sources[0]).status == "completed"  # a different run goes ahead
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    assert ingest_flow("busy", config.sources[0]).status == "completed"  # a dead holder leaves no stale lock
 
 
 def test_a_stage_without_its_input_fails_with_a_clear_message(prefect_server, runs_root, config):

@@ -1,0 +1,74 @@
+"""Resumable stages: completed chunks of a stage's work, kept until the stage's output is published.
+
+A stage that works in batches (generate, verify, synthesize) asks `chunks.get_or_compute(key, fn)`
+for each batch. The key names the batch's content (e.g. a hash of its problem ids); the folder is
+keyed by the execution's identity (stage, config hash, model, input fingerprint), so a rerun of the
+same command after a crash finds the batches it already paid for, and a changed config or input
+never picks up stale ones. Each chunk is one atomically written Parquet file: it is there whole, or
+not at all. The folder is removed once the stage's output is published.
+
+    runs/<run>/_chunks/round=<r>/<stage>/<execution key>/<namespace>/<chunk key>.parquet
+"""
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data.lake import write_parquet_atomic
+
+_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+
+class Chunks:
+    """Chunk store for one stage execution; `Chunks(None)` computes everything and stores nothing."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = Path(folder) if folder is not None else None
+        self.reused = 0
+        self.computed = 0
+        self._children: list[Chunks] = []
+
+    def sub(self, namespace: str) -> "Chunks":
+        """A separate key space, for a stage that runs several batched steps (synthesize)."""
+        child = Chunks(self.folder / namespace if self.folder is not None else None)
+        self._children.append(child)
+        return child
+
+    def get_or_compute(self, key: str, compute: Callable[[], pa.Table]) -> pa.Table:
+        if not _KEY.match(key):
+            raise ValueError(f"chunk key {key!r}: use letters, digits, '_', '.', '-'")
+        if self.folder is None:
+            self.computed += 1
+            return compute()
+        path = self.folder / f"{key}.parquet"
+        if path.exists():
+            self.reused += 1
+            return pq.read_table(path)
+        table = compute()
+        write_parquet_atomic(table, path)
+        self.computed += 1
+        return table
+
+    def counts(self) -> tuple[int, int]:
+        """(reused, computed) over this store and its namespaces."""
+        reused, computed = self.reused, self.computed
+        for child in self._children:
+            r, c = child.counts()
+            reused, computed = reused + r, computed + c
+        return reused, computed
+
+    def clear(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+NO_CHUNKS = Chunks(None)
+
+
+def chunk_root(run_dir: Path, round_: int, stage: str) -> Path:
+    return run_dir / "_chunks" / f"round={int(round_)}" / stage

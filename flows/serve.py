@@ -1,0 +1,118 @@
+"""Operating evoforge from Prefect: the local server, the deployments, and serving their schedules.
+
+- `evoforge ui` starts the Prefect server (API and UI) with its database inside the project.
+- `evoforge serve --config FILE [--cron EXPR]` registers a deployment of the round flow (its form is
+  the round config, prefilled from FILE; a cron schedule if given) and one per stage flow (for
+  reruns from the UI: run, round, force), then executes their runs from this process. It starts
+  the server too when none answers. The work-pool path for a shared server is deploy/prefect.yaml.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 4200
+
+
+def api_url(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> str:
+    return f"http://{host}:{port}/api"
+
+
+def server_healthy(url: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def start_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_path: Path | None = None,
+                 wait_seconds: float = 120.0) -> subprocess.Popen:
+    """`prefect server start` in a child process; returns once /api/health answers."""
+    from data import home
+
+    log_path = log_path or Path(os.environ.get("PREFECT_HOME", home.home() / ".prefect")) / "server.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PREFECT_UI_API_URL": api_url(host, port)}
+    env.pop("PREFECT_API_URL", None)  # the server itself must not look for another API
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+    deadline = time.monotonic() + wait_seconds
+    while time.monotonic() < deadline:
+        if server_healthy(api_url(host, port)):
+            return process
+        if process.poll() is not None:
+            raise RuntimeError(f"the Prefect server exited with status {process.returncode}; see {log_path}")
+        time.sleep(0.5)
+    stop_server(process)
+    raise RuntimeError(f"the Prefect server did not answer on {api_url(host, port)} within {wait_seconds:.0f} s; see {log_path}")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    import signal
+
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def deployments(run: str, config_file: str | Path, cron: str | None = None) -> list:
+    """The round deployment (named after the run; config form prefilled from `config_file`; `cron`
+    schedule) and one deployment per stage flow for reruns."""
+    from flows.config import load_config, resolve_path
+    from flows.round import STAGES, round_flow
+
+    config = load_config(resolve_path(config_file))
+    tags = ["evoforge", f"run:{run}"]
+    schedule = {"cron": cron} if cron else {}
+    out = [round_flow.to_deployment(
+        name=run, tags=tags, parameters={"run": run, "config": config.model_dump(mode="json")},
+        description=f"Self-evolution round of run {run!r} (config from {config_file}); with no round, the "
+                    f"run's next unfinished round, so each scheduled run continues the evolution.",
+        **schedule,
+    )]
+    for name, stage_flow in STAGES.items():
+        out.append(stage_flow.to_deployment(
+            name=run, tags=tags, parameters={"run": run, "round": 0, "force": False},
+            description=f"Rerun {name} of one round of run {run!r} with the run's saved config "
+                        f"(force: recompute even when nothing changed).",
+        ))
+    return out
+
+
+def serve(run: str, config_file: str | Path, cron: str | None = None, limit: int = 1) -> None:
+    """Serve the deployments until interrupted; starts a local server first when none answers."""
+    from data import home
+
+    url = os.environ.get("PREFECT_API_URL") or api_url()
+    server = None
+    if not server_healthy(url):
+        if os.environ.get("PREFECT_API_URL"):
+            raise RuntimeError(f"PREFECT_API_URL={url} does not answer; start that server or unset the variable")
+        print(f"starting the Prefect server on {url} (log: {home.home() / '.prefect' / 'server.log'})", flush=True)
+        server = start_server()
+    os.environ["PREFECT_API_URL"] = url  # for the flow-run processes the runner starts
+    os.chdir(home.PROJECT_ROOT)  # they import the flows from the project
+    try:
+        from prefect import serve as prefect_serve
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings(updates={PREFECT_API_URL: url}):  # Prefect read its settings at import
+            print(f"serving run {run!r} from {config_file}" + (f" on cron {cron!r}" if cron else "")
+                  + f"; UI: {url.removesuffix('/api')}", flush=True)
+            prefect_serve(*deployments(run, config_file, cron), limit=limit)
+    finally:
+        if server is not None:
+            stop_server(server)
