@@ -1,0 +1,5 @@
+# Flows run in processes evoforge did not start (a Prefect worker, a served deployment's run): point
+# every library's writes into the project before they are imported (see data/home.py).
+from data import home as _home
+
+_home.configure()

@@ -36,6 +36,19 @@ def _round_run_name() -> str:
     return f"{params['run']}/round-{params['round'] if params.get('round') is not None else 'next'}"
 
 
+def _name_flow_run(name: str) -> None:
+    """A scheduled run learns its round only once it starts: show it in the UI under that name."""
+    try:
+        from prefect.client.orchestration import get_client
+        from prefect.runtime import flow_run
+
+        if flow_run.id:
+            with get_client(sync_client=True) as client:
+                client.update_flow_run(flow_run.id, name=name)
+    except Exception as err:  # a name is cosmetic; never fail a round over it
+        run_logger().debug(f"could not rename the flow run to {name}: {err}")
+
+
 @flow(name="round", flow_run_name=_round_run_name)
 def round_flow(run: str, config: RoundConfig | None = None, round: int | None = None, force: bool = False,
                config_file: str | None = None) -> list[StageResult]:
@@ -44,6 +57,8 @@ def round_flow(run: str, config: RoundConfig | None = None, round: int | None = 
     config = run_config(run, config, config_file)
     with run_guard(run, "round"):
         round_ = next_round(run, config) if round is None else round
+        if round is None:
+            _name_flow_run(f"{run}/round-{round_}")
         config = policy_for_round(run, config, round_)
         run_logger().info(f"run {run}, round {round_}: stages {', '.join(config.stages)}; policy {config.engine.model}")
         results: list[StageResult] = []

@@ -43,10 +43,8 @@ class Progress:
             self.last_log = now
             elapsed = now - self.started
             rate = done / elapsed if elapsed > 0 else 0.0
-            eta = (self.total - done) / rate if rate > 0 else float("nan")
-            self.logger.info(
-                f"{self.label}: {done}/{self.total} {self.unit} ({rate:.1f}/s, ETA {eta:.0f} s){extra}"
-            )
+            eta = f"ETA {(self.total - done) / rate:.0f} s" if rate > 0 else "ETA unknown"
+            self.logger.info(f"{self.label}: {done}/{self.total} {self.unit} ({rate:.1f}/s, {eta}){extra}")
 
     def close(self) -> None:
         if self._bar is not None:

@@ -1,0 +1,196 @@
+"""Operating evoforge from Prefect: a real server in the project, `evoforge serve` with a cron
+schedule, a stage rerun triggered through the API, its artifacts read back, and the UI in a real
+headless browser. One server and one `serve` process for the module (the tiny model keeps it fast).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from data import home
+
+OUTPUT = home.PROJECT_ROOT / "tests" / "out"  # kept after the run: the UI screenshots
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(what: str, check, timeout: float, every: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model):
+    """A Prefect server (database under .tmp/) and `evoforge serve` of run 'sched' every minute."""
+    from flows.serve import api_url, start_server, stop_server
+
+    root = home.home() / ".tmp" / "tests" / f"operations-{uuid.uuid4().hex[:8]}"
+    prefect_home = root / "prefect"
+    prefect_home.mkdir(parents=True)
+    port = _free_port()
+    url = api_url(port=port)
+    env = {**os.environ, "PREFECT_HOME": str(prefect_home),
+           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{prefect_home / 'prefect.db'}",
+           "EVOFORGE_RUNS": str(root / "runs")}
+    config = root / "round.yaml"
+    config.write_text(json.dumps({
+        "engine": {"model": str(tiny_model), "backend": "vllm", "max_model_len": 1024},
+        "sources": [{"path": "data/sets/easy_arithmetic/train.jsonl", "preset": "plain", "name": "easy", "limit": 4}],
+        "generate": {"sampling": {"n": 2, "max_tokens": 16, "seed": 0}},
+        "stages": ["generate", "verify", "filter"],
+    }))
+    saved = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_API_DATABASE_CONNECTION_URL")}
+    os.environ.update({k: env[k] for k in saved})  # the server child takes its database from these
+    try:
+        server = start_server(port=port, log_path=root / "server.log")
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    serve_log = open(root / "serve.log", "wb")
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "serve", "--run", "sched", "--config", str(config), "--cron", "* * * * *"],
+        cwd=home.PROJECT_ROOT, env={**env, "PREFECT_API_URL": url}, stdout=serve_log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        yield {"url": url, "root": root, "serve": serve}
+    finally:
+        os.killpg(serve.pid, signal.SIGTERM)
+        try:
+            serve.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+            serve.wait()
+        serve_log.close()
+        stop_server(server)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _client(url: str):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    settings = temporary_settings(updates={PREFECT_API_URL: url})
+    settings.__enter__()
+    return settings, get_client(sync_client=True)
+
+
+def _final_state(client, flow_run_id, timeout: float):
+    def done():
+        state = client.read_flow_run(flow_run_id).state
+        return state if state is not None and state.is_final() else None
+
+    return _wait(f"flow run {flow_run_id} to finish", done, timeout, every=2.0)
+
+
+def test_scheduled_rounds_run_and_a_stage_rerun_through_the_api_publishes_artifacts(served):
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, DeploymentFilter,
+                                                DeploymentFilterName, FlowRunFilter, FlowRunFilterState,
+                                                FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+
+    settings, client = _client(served["url"])
+    try:
+        with client:
+            round_deployment = _wait("the served deployments", lambda: _try(client.read_deployment_by_name, "round/sched"), 180)
+            assert round_deployment.parameter_openapi_schema["properties"]["config"]  # the UI renders a form from it
+            expected = {"round", "generate", "verify", "filter", "synthesize", "pairs", "finetune", "evaluate"}
+
+            def served_flows():
+                flows = {client.read_flow(d.flow_id).name for d in client.read_deployments(
+                    deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["sched"])))}
+                return flows if flows == expected else None
+
+            _wait("a deployment of the round and of every stage", served_flows, 60)
+
+            # the cron schedule really creates runs, and the served process executes them
+            def completed_round():
+                runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.COMPLETED]))),
+                    deployment_filter=DeploymentFilter(id={"any_": [round_deployment.id]}))
+                return runs[0] if runs else None
+
+            scheduled = _wait("a scheduled round to complete", completed_round, 240, every=3.0)
+            assert scheduled.auto_scheduled and scheduled.name.startswith("sched/round-")
+            client.pause_deployment(round_deployment.id)  # keep the rest of the test to one run at a time
+
+            # a single-stage rerun from the API, as the UI's "Custom run" form sends it
+            generate = client.read_deployment_by_name("generate/sched")
+            triggered = client.create_flow_run_from_deployment(
+                generate.id, parameters={"run": "sched", "round": 0, "force": True})
+            state = _final_state(client, triggered.id, 240)
+            assert state.type == StateType.COMPLETED, state.message
+
+            artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+                any_=["sched-generate-counts", "sched-generate-summary"])))
+            mine = {a.key: a for a in artifacts if a.flow_run_id == triggered.id}
+            assert set(mine) == {"sched-generate-counts", "sched-generate-summary"}
+            counts = json.loads(mine["sched-generate-counts"].data) if isinstance(mine["sched-generate-counts"].data, str) \
+                else mine["sched-generate-counts"].data
+            assert counts[0]["status"] == "completed" and counts[0]["rollouts rows"] == 8  # 4 problems x 2 samples
+            assert "rollouts**: 8" in mine["sched-generate-summary"].data
+            report = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["sched-report"])))
+            assert report and "evoforge run sched after round" in report[0].data and "unsolved" in report[0].data
+            served["triggered"] = triggered.id
+            served["artifacts"] = {key: artifact.id for key, artifact in mine.items()}
+    finally:
+        settings.__exit__(None, None, None)
+
+
+def _try(fn, *args):
+    try:
+        return fn(*args)
+    except Exception:
+        return None
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _browse(url: str, screenshot: Path, profile: Path) -> str:
+    """The page as headless Chromium renders it (the UI builds itself after load: a virtual-time budget)."""
+    flags = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+             "--virtual-time-budget=15000", "--window-size=1400,1000"]
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([*flags, f"--screenshot={screenshot}", url], capture_output=True, timeout=120, check=True)
+    return subprocess.run([*flags, "--dump-dom", url], capture_output=True, timeout=120, check=True, text=True).stdout
+
+
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (deploy/setup.sh installs it as root)")
+def test_the_ui_shows_the_deployment_and_the_completed_run_with_its_artifacts(served):
+    run_id = served.get("triggered")
+    assert run_id, "runs after the API test, which triggers the run it looks at"
+    base = served["url"].removesuffix("/api")
+    profile = served["root"] / "chromium-profile"
+    deployments = _browse(f"{base}/deployments", OUTPUT / "prefect-ui-deployments.png", profile)
+    assert "sched" in deployments and "generate" in deployments and "round" in deployments
+    run_page = _browse(f"{base}/runs/flow-run/{run_id}", OUTPUT / "prefect-ui-flow-run.png", profile)
+    assert "sched/round-0/generate" in run_page and "Completed" in run_page
+    assert "generate (run sched, round 0): 4 in, 8 out, 0 quarantined" in run_page  # the stage's log line
+    summary = _browse(f"{base}/artifacts/artifact/{served['artifacts']['sched-generate-summary']}",
+                      OUTPUT / "prefect-ui-artifact-summary.png", profile)
+    assert "generate, round 0 (completed)" in summary and "finish reasons" in summary
+    counts = _browse(f"{base}/artifacts/artifact/{served['artifacts']['sched-generate-counts']}",
+                     OUTPUT / "prefect-ui-artifact-counts.png", profile)
+    assert "rollouts rows" in counts and "rows quarantined" in counts
