@@ -329,16 +329,16 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         import duckdb
 
-        if isinstance(err, _user_errors() + (ValueError, duckdb.Error)):
-            print(f"error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
-            return 2
+        user_error = isinstance(err, _user_errors() + (ValueError, duckdb.Error))
         failed = _failed_stage(getattr(args, "run", None), started)
-        if failed is None or os.environ.get("EVOFORGE_TRACEBACK"):
+        if os.environ.get("EVOFORGE_TRACEBACK") or (failed is None and not user_error):
             raise
-        # the stage's traceback is in the log above; the round stops here with one line
-        print(f"error: {failed['stage']} (run {failed['run']}, round {failed['round']}) failed: {failed['error']} "
-              f"(evoforge status --run {failed['run']}; EVOFORGE_TRACEBACK=1 to raise)", file=sys.stderr)
-        return 1
+        if failed is not None:  # the stage's traceback is in the log above; the round stops with one line
+            print(f"error: {failed['stage']} (run {failed['run']}, round {failed['round']}) failed: {failed['error']} "
+                  f"(evoforge status --run {failed['run']}; EVOFORGE_TRACEBACK=1 to raise)", file=sys.stderr)
+        else:
+            print(f"error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+        return 2 if user_error else 1
     return 0
 
 

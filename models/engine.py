@@ -20,6 +20,10 @@ from models.registry import ResolvedModel, resolve
 Messages = list[dict[str, str]]
 
 
+class EngineRequestError(ValueError):
+    """The engine refused a request (too long for the context, bad sampling values): not transient."""
+
+
 class SamplingConfig(BaseModel):
     n: int = Field(8, ge=1, description="samples per prompt")
     temperature: float = Field(0.8, ge=0.0)
@@ -136,7 +140,12 @@ class VLLMEngine:
             )
             for r in requests
         ]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        from vllm.exceptions import VLLMClientError
+
+        try:
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        except VLLMClientError as err:  # the request is wrong, not the engine: retrying cannot help
+            raise EngineRequestError(f"{self.model_id}: {err}") from err
         results = []
         for out in outputs:
             completions = []

@@ -29,7 +29,7 @@ def config(tiny_engine_config, scratch) -> RoundConfig:
 
 def stage_runs(run: str) -> list[dict]:
     con = catalog.connect(lake().run_dir(run))
-    cursor = con.execute("SELECT stage, status, rows_in, rows_out, rows_quarantined, flow_run_id, output_fingerprint "
+    cursor = con.execute("SELECT stage, status, rows_in, rows_out, rows_quarantined, flow_run_id, output_fingerprint, error "
                          "FROM stage_runs ORDER BY started_at")
     names = [d[0] for d in cursor.description]
     return [dict(zip(names, row)) for row in cursor.fetchall()]
@@ -155,3 +155,23 @@ def test_ingest_command_prints_counts_by_reason_and_names_a_bad_file(prefect_ser
     assert main(["ingest", str(not_jsonl), "--run", "cli"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "notes.jsonl: not a JSONL file" in err and "Traceback" not in err
+
+
+def test_a_stage_that_fails_for_good_is_recorded_and_stops_the_round_with_one_line(prefect_server, runs_root, config,
+                                                                                   scratch, capsys):
+    from flows.cli import main
+    from flows.config import save_config
+
+    broken = config.model_copy(deep=True)
+    broken.engine.max_model_len = 64  # the few-shot prompt does not fit: the engine refuses every request
+    path = scratch / "broken.yaml"
+    save_config(broken, path)
+    assert main(["round", "--run", "broken", "--config", str(path), "--round", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # (vLLM's own load progress goes to stderr too)
+    assert [line for line in err if line.startswith("error:")] == err[-1:]
+    assert err[-1].startswith("error: generate (run broken, round 0) failed: EngineRequestError: ")
+    assert "maximum context length is 64" in err[-1] and "Traceback" not in "\n".join(err)
+    runs = stage_runs("broken")
+    assert [(r["stage"], r["status"]) for r in runs] == [("ingest", "completed"), ("generate", "failed")]
+    assert "maximum context length" in next(r["error"] for r in runs if r["status"] == "failed")
+    assert lake().read("broken", "rollouts").num_rows == 0  # nothing half-written, and verify never ran

@@ -1,4 +1,5 @@
--- stage_runs: one row per stage execution (its latest event: running, then completed / skipped / failed).
+-- stage_runs: one row per stage execution (its latest event: running, then completed / skipped / failed,
+-- or interrupted when its process died and a later command on the run found it still open).
 CREATE OR REPLACE VIEW stage_runs AS
 SELECT
     stage_run_id,
@@ -14,8 +15,8 @@ SELECT
     rows_out,
     rows_quarantined,
     started_at,
-    finished_at,        -- NULL while running (or when the process died mid-stage)
-    status,             -- running | completed | skipped | failed
-    error               -- failed: the one-line error
+    finished_at,        -- NULL while running; for interrupted, when the death was noticed (the next command on the run)
+    status,             -- running | completed | skipped | failed | interrupted
+    error               -- failed: the one-line error; interrupted: what happened
 FROM read_parquet('${run_dir}/stage_runs/part-*.parquet')
 QUALIFY row_number() OVER (PARTITION BY stage_run_id ORDER BY finished_at IS NOT NULL DESC, finished_at DESC) = 1;

@@ -1,0 +1,76 @@
+"""Kill -9 in the middle of generate, run the same command again: the round continues from the
+chunks the killed process completed, nothing is generated twice, no row is lost or duplicated, and
+`stage_runs` shows the interrupted attempt."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+
+from data import home
+from conftest import write_jsonl
+
+
+def test_a_round_killed_mid_generate_resumes_without_redoing_or_losing_rows(tiny_model, scratch):
+    problems = 12
+    source = write_jsonl(scratch / "pool.jsonl", [
+        {"question": f"Tom has {i} marbles and finds {i + 3} more. How many marbles does he have?", "answer": str(2 * i + 3)}
+        for i in range(problems)
+    ])
+    config = scratch / "round.yaml"
+    config.write_text(json.dumps({
+        "engine": {"model": str(tiny_model), "backend": "vllm", "max_model_len": 1024},
+        "sources": [{"path": str(source), "preset": "plain", "name": "marbles"}],
+        # one problem per engine call: twelve chunks, so the kill lands between two of them
+        "generate": {"sampling": {"n": 4, "max_tokens": 96, "seed": 3}, "batch_problems": 1},
+        "stages": ["generate", "verify", "filter"],
+    }))
+    runs = scratch / "runs"
+    env = {**os.environ, "EVOFORGE_RUNS": str(runs)}
+    command = [sys.executable, "-m", "flows.cli", "round", "--run", "crash", "--config", str(config), "--round", "0"]
+    chunk_dir = runs / "crash" / "_chunks" / "round=0" / "generate"
+
+    first = subprocess.Popen(command, cwd=home.PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while len(list(chunk_dir.glob("*/*.parquet"))) < 3:
+        assert first.poll() is None, "the round ended before it could be killed"
+        assert time.monotonic() < deadline, "no generate chunks appeared"
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+
+    done_before = {p.name: pq.read_table(p) for p in chunk_dir.glob("*/*.parquet")}
+    assert 3 <= len(done_before) < problems
+    assert not (runs / "crash" / "round=0" / "generate").exists()  # nothing half-published
+
+    second = subprocess.run(command, cwd=home.PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    log = second.stdout + second.stderr
+    assert f"{len(done_before)} chunk(s) reused from an interrupted attempt, {problems - len(done_before)} computed" in log
+    assert "was interrupted" in log
+
+    rollouts = pq.read_table(next((runs / "crash" / "round=0" / "generate" / "rollouts").glob("part-*.parquet")))
+    ids = rollouts["rollout_id"].to_pylist()
+    assert len(ids) == problems * 4 and len(set(ids)) == len(ids)
+    # the chunks the killed process finished are in the output as they were: not generated again
+    published = dict(zip(ids, rollouts["text"].to_pylist()))
+    for chunk in done_before.values():
+        for rollout_id, text in zip(chunk["rollout_id"].to_pylist(), chunk["text"].to_pylist()):
+            assert published[rollout_id] == text
+    verdicts = pq.read_table(next((runs / "crash" / "round=0" / "verify" / "verdicts").glob("part-*.parquet")))
+    assert sorted(verdicts["rollout_id"].to_pylist()) == sorted(ids)
+    assert not chunk_dir.exists()  # spent once published
+
+    events = [pq.read_table(p).to_pylist()[0] for p in (runs / "crash" / "stage_runs").glob("part-*.parquet")
+              if p.name != "part-schema.parquet"]
+    attempts: dict[str, set[str]] = {}
+    for e in events:
+        if e["stage"] == "generate":
+            attempts.setdefault(e["stage_run_id"], set()).add(e["status"])
+    assert sorted(map(sorted, attempts.values())) == [["completed", "running"], ["interrupted", "running"]]
