@@ -132,8 +132,9 @@ def synthesize(
     screen(candidates, questions, list(questions.values()), config.max_variant_chars)
 
     valid = [c for c in candidates if c.reject_reason is None]
-    # a variant's id is the problem_id it has once it joins the pool (screening keeps texts distinct)
-    ids = {id(c): problem_id(c.text) if c.text else stable_hash("variant", c.source_rollout_id, c.raw_output)
+    # a valid variant's id is the problem_id it has once it joins the pool (screening keeps valid texts
+    # distinct); a rejected one may repeat a valid one's text, so its id comes from its own seed and output
+    ids = {id(c): problem_id(c.text) if c.reject_reason is None else stable_hash("variant", c.source_rollout_id, c.raw_output)
            for c in candidates}
     solve_config = generate_config.model_copy(deep=True)
     solve_config.sampling.n = config.samples_per_variant
@@ -147,7 +148,7 @@ def synthesize(
     rows, kept_problems = [], []
     for c in candidates:
         vid = ids[id(c)]
-        n, correct = tally.get(vid, (0, 0))
+        n, correct = tally.get(vid, (0, 0)) if c.reject_reason is None else (0, 0)
         accuracy = correct / n if n else 0.0
         kept = c.reject_reason is None and n > 0 and lo - EPS <= accuracy <= hi + EPS
         reason = c.reject_reason or (None if kept else "outside_band")

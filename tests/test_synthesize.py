@@ -85,6 +85,9 @@ def test_variants_are_screened_solved_against_the_parent_answer_and_kept_in_band
     assert (kept["n"], kept["correct"], kept["kept"], kept["reward"]) == (8, 3, True, 1.0)
     assert by_source["r-sol-f"]["accuracy"] == 1.0 and by_source["r-sol-f"]["reward"] == 0.0
     assert by_source["r-sol-b"]["n"] == 0  # rejected variants are never solved
+    # sol-g repeats sol-a's text: it is the duplicate, with its own id and no share of sol-a's solving
+    assert by_source["r-sol-g"]["n"] == 0 and by_source["r-sol-g"]["variant_id"] != kept["variant_id"]
+    assert out["variants"]["variant_id"].unique().__len__() == out["variants"].num_rows
     # graded against the parent's answer "12": the variant-solving verdicts say so
     assert set(out["verdicts"]["gold"].to_pylist()) == {"12"}
     assert out["rollouts"].num_rows == 16 and out["verdicts"].num_rows == 16
