@@ -130,9 +130,8 @@ def cmd_demo(args) -> None:
     print(f"\ndemo finished in {time.monotonic() - started:.0f} s")
     print(f"  lake:    {run_dir}")
     print(f"  catalog: {run_dir / 'catalog.duckdb'}   (evoforge sql --run {args.run} buckets)")
-    print("  Prefect: this run used a temporary API server; to browse flow runs, start the UI with\n"
-          f"           PREFECT_HOME={home.home() / '.prefect'} {sys.executable.rsplit('/', 1)[0]}/prefect server start "
-          "--host 127.0.0.1 --port 4200  and open http://127.0.0.1:4200")
+    print("  Prefect: start the UI with `evoforge ui` (http://127.0.0.1:4200); while it is up, evoforge\n"
+          "           commands report their runs, logs and artifacts to it")
 
 
 def cmd_sql(args) -> None:
