@@ -8,13 +8,18 @@ VENV="${EVOFORGE_VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then ENGINE=gpu; else ENGINE=cpu; fi
 STAMP="$(cat pyproject.toml deploy/setup.sh | sha256sum | cut -c1-16)-$ENGINE"
-# The UI test drives a real headless browser: Debian's chromium (the only browser build reachable here).
-if ! command -v chromium >/dev/null 2>&1; then
+# Debian packages: bubblewrap isolates model-written code (models/sandbox.py); chromium drives the
+# Prefect UI test (the only browser build reachable here).
+MISSING=""
+command -v bwrap >/dev/null 2>&1 || MISSING="$MISSING bubblewrap"
+command -v chromium >/dev/null 2>&1 || MISSING="$MISSING chromium"
+if [ -n "$MISSING" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing chromium (Debian) for the Prefect UI test ..."
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    echo "installing$MISSING (Debian) ..."
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $MISSING >/dev/null
   else
-    echo "warning: chromium is missing and cannot be installed without root: the UI test will be skipped" >&2
+    echo "warning: missing$MISSING and no root to install it: the sandbox falls back to resource limits" \
+         "and the UI test is skipped" >&2
   fi
 fi
 if [ -f "$VENV/.evoforge-stamp" ] && [ "$(cat "$VENV/.evoforge-stamp")" = "$STAMP" ] \

@@ -197,6 +197,22 @@ def cmd_verify_file(args) -> None:
     print(f"{len(rows)} pairs -> {out}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
 
 
+def cmd_sandbox(args) -> None:
+    from models.sandbox import SandboxConfig, run_file
+
+    path = Path(args.file)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    config = SandboxConfig(wall_seconds=args.wall, memory_mb=args.memory_mb, isolation=args.isolation)
+    result = run_file(path, config)
+    sys.stdout.write(result.stdout)
+    sys.stderr.write(result.stderr)
+    print(f"[sandbox] {result.status} (exit {result.exit_code}) in {result.seconds:.2f} s"
+          + (", output truncated" if result.truncated else ""), file=sys.stderr)
+    if result.status != "ok":
+        raise SystemExit(1)
+
+
 def cmd_ui(args) -> None:
     from flows.serve import api_url, server_healthy, start_server
 
@@ -294,6 +310,15 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument("--run", required=True)
     status.set_defaults(func=cmd_status)
 
+    box = sub.add_parser("sandbox", help="run a Python file in the sandbox the way the search runs a step")
+    box_sub = box.add_subparsers(dest="sandbox_command", required=True)
+    box_run = box_sub.add_parser("run", help="run FILE.py in the sandbox and print its output and status")
+    box_run.add_argument("file")
+    box_run.add_argument("--wall", type=float, default=5.0, help="deadline in seconds")
+    box_run.add_argument("--memory-mb", type=int, default=512)
+    box_run.add_argument("--isolation", choices=["auto", "namespaces", "rlimits"], default="auto")
+    box_run.set_defaults(func=cmd_sandbox)
+
     ui = sub.add_parser("ui", help="start the local Prefect server and UI (database inside the project)")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=4200)
@@ -318,7 +343,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     started = time.time()
-    if args.command not in ("ui", "serve", "verify-file", "sql", "status", "report"):
+    if args.command not in ("ui", "serve", "verify-file", "sql", "status", "report", "sandbox"):
         _use_running_server()
     try:
         args.func(args)

@@ -1,0 +1,179 @@
+"""The program a sandbox worker runs INSIDE the sandbox (passed to the interpreter with -c; it
+imports nothing from the project). It reads requests from stdin, runs each one in a forked child
+with resource limits in a fresh scratch folder, and writes one result per request to stdout.
+
+Protocol: 4-byte big-endian length + JSON, both ways. Request: {"code", "wall", "cpu", "memory_mb",
+"processes", "file_mb", "output_chars"}. Result: {"status", "exit_code", "stdout", "stderr",
+"seconds", "truncated"}; status is ok | error | timeout | memory | killed.
+"""
+import json
+import os
+import resource
+import select
+import shutil
+import signal
+import struct
+import sys
+import time
+import traceback
+
+SITE = os.environ.pop("EVOFORGE_SANDBOX_SITE", "")
+if SITE:
+    sys.path.append(SITE)  # after the standard library: sympy and numpy for the model's code
+NAMESPACED = os.environ.pop("EVOFORGE_SANDBOX_NAMESPACED", "") == "1"
+SCRATCH = os.getcwd()
+
+
+def read_message():
+    header = sys.stdin.buffer.read(4)
+    if len(header) < 4:
+        return None
+    (size,) = struct.unpack(">I", header)
+    return json.loads(sys.stdin.buffer.read(size))
+
+
+def write_message(message):
+    data = json.dumps(message).encode()
+    sys.stdout.buffer.write(struct.pack(">I", len(data)) + data)
+    sys.stdout.buffer.flush()
+
+
+def child(request, run_dir, out_w, err_w):
+    os.setsid()
+    os.dup2(out_w, 1)
+    os.dup2(err_w, 2)
+    os.chdir(run_dir)
+    mb = 1024 * 1024
+    for limit, value in ((resource.RLIMIT_CPU, request["cpu"]), (resource.RLIMIT_AS, request["memory_mb"] * mb),
+                         (resource.RLIMIT_NPROC, request["processes"]), (resource.RLIMIT_FSIZE, request["file_mb"] * mb),
+                         (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)):
+        resource.setrlimit(limit, (value, value))
+    os.environ.clear()
+    os.environ.update({"PATH": "/usr/bin:/bin", "HOME": run_dir, "LANG": "C.UTF-8"})
+    sys.stdout = os.fdopen(1, "w", buffering=1)
+    sys.stderr = os.fdopen(2, "w", buffering=1)
+    code = 0
+    try:
+        exec(compile(request["code"], "<sandbox>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+    except SystemExit as err:
+        code = err.code if isinstance(err.code, int) else (0 if err.code is None else 1)
+    except MemoryError:
+        traceback.print_exc()
+        code = 3
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
+def sweep_namespace():
+    """Kill whatever the child left behind (a fork bomb's children escape its process group)."""
+    if not NAMESPACED:
+        return
+    me = os.getpid()
+    for _ in range(3):
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) not in (1, me)]
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.01)
+
+
+def run(request, number):
+    run_dir = os.path.join(SCRATCH, f"run-{number}")
+    os.mkdir(run_dir)
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    started = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        os.close(out_r)
+        os.close(err_r)
+        child(request, run_dir, out_w, err_w)
+    os.close(out_w)
+    os.close(err_w)
+    limit = request["output_chars"]
+    buffers = {out_r: bytearray(), err_r: bytearray()}
+    truncated = False
+    open_fds = [out_r, err_r]
+    deadline = started + request["wall"]
+    timed_out = False
+    status_code = None
+    while status_code is None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            timed_out = True
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+            status_code = os.waitpid(pid, 0)[1]
+            break
+        ready, _, _ = select.select(open_fds, [], [], min(remaining, 0.05)) if open_fds else ([], [], time.sleep(0.005))
+        for fd in ready:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                open_fds.remove(fd)
+                continue
+            room = limit * 4 - len(buffers[fd])  # bytes; the decoded text is cut to `limit` characters below
+            if room > 0:
+                buffers[fd] += chunk[:room]
+            truncated = truncated or len(chunk) > room
+        if not ready:  # quiet: has the child ended (its leftovers may still hold the pipes open)?
+            done, code = os.waitpid(pid, os.WNOHANG)
+            if done:
+                status_code = code
+    sweep_namespace()
+    for fd in open_fds:  # what is already in the pipes (bounded: a leftover writer must not keep us here)
+        for _ in range(16):
+            if not select.select([fd], [], [], 0)[0]:
+                break
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            truncated = truncated or len(buffers[fd]) + len(chunk) > limit * 4
+            buffers[fd] += chunk[: max(0, limit * 4 - len(buffers[fd]))]
+    os.close(out_r)
+    os.close(err_r)
+    seconds = time.monotonic() - started
+    shutil.rmtree(run_dir, ignore_errors=True)
+    stdout = buffers[out_r].decode("utf-8", "replace")
+    stderr = buffers[err_r].decode("utf-8", "replace")
+    truncated = truncated or len(stdout) > limit or len(stderr) > limit
+    if os.WIFSIGNALED(status_code):
+        sig = os.WTERMSIG(status_code)
+        exit_code = -sig
+        status = "timeout" if timed_out or sig == signal.SIGXCPU else "killed"
+    else:
+        exit_code = os.WEXITSTATUS(status_code)
+        status = "ok" if exit_code == 0 else ("memory" if exit_code == 3 and "MemoryError" in stderr else "error")
+    if timed_out:
+        status = "timeout"
+    return {"status": status, "exit_code": exit_code, "stdout": stdout[:limit], "stderr": stderr[-limit:],
+            "seconds": seconds, "truncated": truncated}
+
+
+def main():
+    number = 0
+    write_message({"ready": True, "pid": os.getpid(), "uid": os.getuid()})
+    while True:
+        request = read_message()
+        if request is None:
+            return
+        number += 1
+        try:
+            write_message(run(request, number))
+        except Exception as err:  # the worker must survive whatever the child did
+            write_message({"status": "killed", "exit_code": None, "stdout": "", "stderr": f"sandbox worker: {err!r}",
+                           "seconds": 0.0, "truncated": False})
+
+
+main()

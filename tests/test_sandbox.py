@@ -1,0 +1,116 @@
+"""The sandbox that runs model-written code: limits, isolation, and a factory that survives both."""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from models.sandbox import Sandbox, SandboxConfig
+
+
+@pytest.fixture(scope="module")
+def box():
+    with Sandbox(SandboxConfig(wall_seconds=3, cpu_seconds=3, memory_mb=256, max_processes=8, workers=2)) as sandbox:
+        yield sandbox
+
+
+def test_uses_the_strongest_isolation_this_machine_has(box):
+    assert box.isolation == "namespaces"  # bubblewrap is installed by deploy/setup.sh; user namespaces work here
+
+
+def test_code_runs_and_its_output_and_errors_come_back(box):
+    ok = box.run("import sympy\nx = sympy.Symbol('x')\nprint(sympy.solve(x**2 - 4, x))")
+    assert (ok.status, ok.stdout.strip(), ok.exit_code) == ("ok", "[-2, 2]", 0)
+    failed = box.run("values = [1, 2]\nprint(values[5])")
+    assert failed.status == "error" and failed.stderr.strip().endswith("IndexError: list index out of range")
+
+
+def test_an_infinite_loop_is_killed_at_its_deadline(box):
+    started = time.monotonic()
+    result = box.run("while True:\n    pass")
+    assert result.status == "timeout" and 2.9 <= result.seconds < 4.5 and time.monotonic() - started < 6
+    assert box.run("print('next')").stdout == "next\n"  # the worker is fine afterwards
+
+
+def test_a_memory_bomb_is_contained(box):
+    result = box.run("blocks = []\nwhile True:\n    blocks.append(bytearray(50 * 1024 * 1024))")
+    assert result.status == "memory" and "MemoryError" in result.stderr
+
+
+def test_a_fork_bomb_is_contained_and_the_machine_stays_responsive(box):
+    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
+    started = time.monotonic()
+    result = box.run(bomb)
+    assert result.status == "timeout" and time.monotonic() - started < 8
+    # the host still forks and answers promptly, and no bomb process is left behind
+    probe = time.monotonic()
+    assert os.system("true") == 0 and time.monotonic() - probe < 1.0
+    assert box.run("print('alive')").stdout == "alive\n"
+
+
+def test_no_network_even_to_a_listener_on_this_machine(box):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True).start()
+    try:
+        result = box.run(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\nprint('connected')")
+        assert result.status == "error" and "connected" not in result.stdout
+        assert "ConnectionRefusedError" in result.stderr or "OSError" in result.stderr
+        assert not accepted
+    finally:
+        listener.close()
+
+
+def test_writing_outside_the_scratch_folder_fails_and_the_project_is_invisible(box, scratch):
+    target = scratch / "escaped.txt"
+    result = box.run(f"open({str(target)!r}, 'w').write('x')")
+    assert result.status == "error" and not target.exists()
+    assert box.run("open('/usr/escaped', 'w')").status == "error"
+    inside = box.run("open('notes.txt', 'w').write('kept in scratch')\nprint(open('notes.txt').read())")
+    assert inside.stdout == "kept in scratch\n"
+    assert box.run("import os\nprint(os.path.exists('/work'), os.path.exists('/root'), os.path.exists('/etc/passwd'))"
+                   ).stdout == "False False False\n"
+
+
+def test_the_parent_environment_is_not_visible(box, monkeypatch):
+    monkeypatch.setenv("EVOFORGE_SECRET_TOKEN", "hunter2")
+    result = box.run("import os\nprint(sorted(os.environ))\nprint('hunter2' in str(os.environ))")
+    assert result.stdout.splitlines() == ["['HOME', 'LANG', 'PATH']", "False"]
+
+
+def test_output_is_cut_at_the_configured_size(box):
+    result = box.run("print('x' * 100000)")
+    assert result.status == "ok" and result.truncated and len(result.stdout) == 4000
+
+
+def test_many_executions_run_in_parallel_in_order(box):
+    results = box.run_many([f"print({i} * {i})" for i in range(20)])
+    assert [r.stdout.strip() for r in results] == [str(i * i) for i in range(20)]
+
+
+def test_resource_limits_alone_still_stop_loops_and_memory_bombs():
+    with Sandbox(SandboxConfig(isolation="rlimits", wall_seconds=2, memory_mb=256, workers=1)) as weaker:
+        assert weaker.isolation == "rlimits"
+        assert weaker.run("while True: pass").status == "timeout"
+        assert weaker.run("x = bytearray(2 * 1024**3)").status == "memory"
+        assert weaker.run("import os; print(sorted(os.environ))").stdout.strip() == "['HOME', 'LANG', 'PATH']"
+
+
+def test_the_cli_runs_a_file_the_way_the_search_does(scratch, capsys):
+    from flows.cli import main
+
+    script = scratch / "step.py"
+    script.write_text("# the total of 3 boxes of 4\ntotal = 3 * 4\nprint(total)\n")
+    assert main(["sandbox", "run", str(script)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "12\n" and "[sandbox] ok" in captured.err
+    script.write_text("while True:\n    pass\n")
+    with pytest.raises(SystemExit):
+        main(["sandbox", "run", str(script), "--wall", "1"])
+    assert "[sandbox] timeout" in capsys.readouterr().err
