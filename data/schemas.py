@@ -177,6 +177,39 @@ EVALS = pa.schema(
     ]
 )
 
+MCTS_NODES = pa.schema(
+    [
+        ("node_id", pa.string()),
+        ("tree_id", pa.string()),
+        ("problem_id", pa.string()),
+        ("parent_id", pa.string()),
+        ("depth", pa.int32()),
+        ("step_text", pa.string()),
+        ("code", pa.string()),
+        ("exec_output", pa.string()),
+        ("exec_status", pa.string()),
+        ("visits", pa.int32()),
+        ("q_value", pa.float64()),
+        ("is_terminal", pa.bool_()),
+        ("answer", pa.string()),
+        ("correct", pa.bool_()),
+    ]
+)
+
+TRACES = pa.schema(
+    [
+        ("trace_id", pa.string()),
+        ("problem_id", pa.string()),
+        ("tree_id", pa.string()),
+        ("node_ids", pa.list_(pa.string())),
+        ("prompt", pa.string()),
+        ("completion", pa.string()),
+        ("answer", pa.string()),
+        ("mean_q", pa.float64()),
+        ("depth", pa.int32()),
+    ]
+)
+
 # the artifact tables stored under runs/<run>/round=<r>/<stage>/<table>/
 ROUND_TABLES: dict[str, pa.Schema] = {
     "problems": PROBLEMS,
@@ -190,6 +223,8 @@ ROUND_TABLES: dict[str, pa.Schema] = {
     "checkpoints": CHECKPOINTS,
     "train_metrics": TRAIN_METRICS,
     "evals": EVALS,
+    "mcts_nodes": MCTS_NODES,
+    "traces": TRACES,
 }
 # tables of the whole run, stored under runs/<run>/<table>/
 RUN_TABLES: dict[str, pa.Schema] = {"stage_runs": STAGE_RUNS}

@@ -57,6 +57,7 @@ class GenerationRequest:
     messages: Messages
     seed: int
     meta: dict = field(default_factory=dict)
+    assistant_prefix: str = ""  # the reply so far, which the model continues (a search's earlier steps)
 
 
 class Engine(Protocol):
@@ -127,7 +128,7 @@ class VLLMEngine:
         if not requests:
             return []
         self.wake()
-        prompts = [render(self.tokenizer, r.messages) for r in requests]
+        prompts = [render(self.tokenizer, r.messages) + r.assistant_prefix for r in requests]
         params = [
             SamplingParams(
                 n=sampling.n,
@@ -186,7 +187,7 @@ class TransformersEngine:
 
     def _generate_one(self, request: GenerationRequest, sampling: SamplingConfig) -> list[Completion]:
         torch = self.torch
-        prompt = render(self.tokenizer, request.messages)
+        prompt = render(self.tokenizer, request.messages) + request.assistant_prefix
         inputs = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(self.device)
         prompt_len = inputs["input_ids"].shape[1]
         torch.manual_seed(request.seed)

@@ -107,3 +107,44 @@ def extract_problem(output: str) -> str | None:
     if match and match.group(1).strip():
         return match.group(1).strip()
     return None
+
+
+# -- code-augmented steps (rStar-Math): each step is Python whose comments carry the reasoning ----------
+STEP_END = "<end_of_step>"
+ANSWER_END = "<end_of_answer>"
+STEP_SYSTEM = (
+    "You solve math problems with Python, one short step at a time. A step is a comment saying what it "
+    f"does, then a few lines of code that print what they compute, then the line {STEP_END}. After each "
+    "step you see its printed output between <output> and </output>; variables of earlier steps are still "
+    "defined. When you know the answer, write the final step as a sentence ending with \\boxed{ANSWER} and "
+    f"then {ANSWER_END}."
+)
+STEP_EXAMPLE = (
+    "Tom has 3 boxes with 4 pens in each and gives away 5 pens. How many pens does he have left?",
+    "# Tom has 3 boxes of 4 pens: count the pens\npens = 3 * 4\nprint(pens)\n" + STEP_END + "\n<output>12</output>\n"
+    "# He gives away 5 pens\nleft = pens - 5\nprint(left)\n" + STEP_END + "\n<output>7</output>\n"
+    "Tom has 7 pens left. The answer is \\boxed{7} " + ANSWER_END,
+)
+
+
+def step_messages(question: str) -> Messages:
+    q, a = STEP_EXAMPLE
+    return [{"role": "system", "content": STEP_SYSTEM}, {"role": "user", "content": q},
+            {"role": "assistant", "content": a}, {"role": "user", "content": question}]
+
+
+def step_prefix(steps: list[tuple[str, str]]) -> str:
+    """The reply so far for (step text, printed output) pairs, in the format of STEP_EXAMPLE."""
+    return "".join(f"{text.strip()}\n{STEP_END}\n<output>{output.strip()}</output>\n" for text, output in steps)
+
+
+def parse_step(text: str) -> tuple[str, str | None]:
+    """A generated step -> ("final", answer) when it gives a boxed answer, else ("code", code) (the
+    code may be empty: a step with no code cannot be run)."""
+    text = text.split(STEP_END)[0].split(ANSWER_END)[0]
+    answer = last_boxed(text)
+    if answer is not None:
+        return "final", answer
+    code = re.sub(r"^\s*```(?:python)?\s*$", "", text, flags=re.MULTILINE).strip()
+    code = code.split("<output>")[0].strip()  # a model that writes its own output has not seen it
+    return "code", code

@@ -1,0 +1,241 @@
+"""mcts (rStar-Math, arXiv 2501.04519): step-by-step Monte Carlo tree search with code-augmented steps.
+
+A step is Python whose comments carry the reasoning (models/prompts.py: STEP_SYSTEM); it runs in the
+sandbox together with the code of the steps before it, and its printed output joins the context. A
+step that gives `\\boxed{}` is terminal and is graded with the verify stage's grader: +1 or -1. A step
+whose code fails, times out or has no code gets -1 and is never expanded. Values are backed up the
+path; Q = value / visits; selection follows UCT, Q + c * sqrt(ln N_parent / N_child).
+
+Batching is the point: each rollout advances every tree of the batch together, and at each depth
+the expansions of ALL trees go to the engine in one call (k samples per leaf) and all their code to
+the sandbox pool at once.
+
+Visit counts add up: values are only ever evaluated at leaves (terminal, failed, or cut at the depth
+limit), so every expanded node has exactly the visits of its children summed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, Field
+
+from data import schemas
+from models.engine import Engine, GenerationRequest, SamplingConfig
+from models.prompts import ANSWER_END, STEP_END, parse_step, step_messages, step_prefix
+from models.sandbox import Sandbox, SandboxConfig
+from tasks.generate import problem_seed, stable_hash
+from tasks.progress import Progress
+from tasks.verify import VerifyConfig
+
+FAILED = ("error", "timeout", "unparsed")
+
+
+class MCTSConfig(BaseModel):
+    rollouts: int = Field(8, ge=1, description="N: rollouts per tree")
+    max_depth: int = Field(6, ge=1, description="D: steps in a solution at most")
+    children: int = Field(3, ge=1, description="k: candidate steps sampled per expansion")
+    exploration: float = Field(2.0, ge=0, description="c in UCT")
+    step: SamplingConfig = Field(default_factory=lambda: SamplingConfig(
+        n=1, temperature=0.8, top_p=0.95, max_tokens=256, stop=[STEP_END, ANSWER_END], seed=7))
+    traces_per_problem: int = Field(2, ge=1, description="complete correct traces kept per problem, by mean Q")
+    output_chars: int = Field(400, ge=16, description="printed output a step shows the next one")
+    sandbox: SandboxConfig = Field(default_factory=lambda: SandboxConfig(wall_seconds=5, workers=2))
+
+
+@dataclass(eq=False)
+class Node:
+    node_id: str
+    tree_id: str
+    problem_id: str
+    parent: "Node | None"
+    depth: int
+    text: str = ""
+    code: str | None = None
+    output: str = ""
+    status: str = "root"  # root | ok | terminal | cut | error | timeout | unparsed
+    answer: str | None = None
+    correct: bool | None = None
+    visits: int = 0
+    value: float = 0.0
+    children: list["Node"] = field(default_factory=list)
+
+    @property
+    def q(self) -> float:
+        return self.value / self.visits if self.visits else 0.0
+
+    @property
+    def path(self) -> list["Node"]:
+        node, out = self, []
+        while node is not None:
+            out.append(node)
+            node = node.parent
+        return out[::-1]
+
+    def selectable(self) -> bool:
+        """Can a rollout still go here: unexpanded, a terminal (its value is backed up again), or an
+        expanded node with a selectable child. Failed steps never are."""
+        if self.status in FAILED:
+            return False
+        if self.status in ("terminal", "cut") or not self.children:
+            return True
+        return any(child.selectable() for child in self.children)
+
+
+def uct(child: Node, parent_visits: int, c: float) -> float:
+    if child.visits == 0:
+        return math.inf
+    return child.q + c * math.sqrt(math.log(max(parent_visits, 1)) / child.visits)
+
+
+def select(root: Node, c: float) -> Node | None:
+    """Descend by UCT to a node to expand or re-evaluate; None when the whole tree is exhausted."""
+    node = root
+    if not node.selectable():
+        return None
+    while node.children and node.status not in ("terminal", "cut"):
+        candidates = [child for child in node.children if child.selectable()]
+        node = max(candidates, key=lambda child: uct(child, node.visits, c))
+    return node
+
+
+def backup(leaf: Node, reward: float) -> None:
+    for node in leaf.path:
+        node.visits += 1
+        node.value += reward
+
+
+def leaf_reward(node: Node) -> float:
+    return 1.0 if node.status == "terminal" and node.correct else -1.0
+
+
+def program(node: Node) -> str:
+    """The code of `node` run after its ancestors' steps, whose prints are silenced (they were shown)."""
+    earlier = "\n".join(n.code for n in node.path[1:-1] if n.code)
+    if not earlier:
+        return node.code or ""
+    return ("import io as _io, sys as _sys\n_shown = _sys.stdout\n_sys.stdout = _io.StringIO()\n" + earlier
+            + "\n_sys.stdout = _shown\n" + (node.code or ""))
+
+
+def _expand(frontier: list[tuple[Node, str]], gold: dict[str, str], engine: Engine, box: Sandbox, grader,
+            config: MCTSConfig, seed: int) -> list[Node]:
+    """One engine call for all `frontier` leaves (k children each), their code through the sandbox in
+    parallel, their answers through the grader in one batch. Returns the new children, leaf order."""
+    requests = [
+        GenerationRequest(step_messages(question), problem_seed(seed, leaf.node_id),
+                          assistant_prefix=step_prefix([(n.text, n.output) for n in leaf.path[1:]]))
+        for leaf, question in frontier
+    ]
+    sampling = config.step.model_copy(update={"n": config.children})
+    born: list[Node] = []
+    for (leaf, _), completions in zip(frontier, engine.generate(requests, sampling)):
+        for index, completion in enumerate(completions):
+            kind, content = parse_step(completion.text)
+            child = Node(stable_hash("node", leaf.node_id, index, completion.text), leaf.tree_id, leaf.problem_id,
+                         leaf, leaf.depth + 1, text=completion.text.strip())
+            if kind == "final":
+                child.status, child.answer = "terminal", content
+            elif not content:
+                child.status = "unparsed"
+            else:
+                child.code = content
+            leaf.children.append(child)
+            born.append(child)
+    runnable = [c for c in born if c.code]
+    for child, result in zip(runnable, box.run_many([program(c) for c in runnable])):
+        child.output = (result.stdout if result.status == "ok" else result.stderr)[-config.output_chars:]
+        child.status = "ok" if result.status == "ok" else ("timeout" if result.status == "timeout" else "error")
+    terminals = [c for c in born if c.status == "terminal"]
+    if terminals:
+        verdicts = grader.run([("grade", gold[c.problem_id], c.text) for c in terminals])
+        for child, verdict in zip(terminals, verdicts):
+            child.correct = verdict[0] == "correct"
+    return born
+
+
+@task(name="mcts", cache_policy=NO_CACHE, persist_result=False)
+def search(problems: pa.Table, engine: Engine, config: MCTSConfig, verify: VerifyConfig, round_: int = 0) -> dict[str, pa.Table]:
+    """problems (problem_id, question, answer) -> {"mcts_nodes", "traces"}."""
+    rows = problems.select(["problem_id", "question", "answer"]).to_pylist()
+    roots: list[tuple[Node, dict]] = []
+    for row in rows:
+        tree_id = stable_hash("tree", row["problem_id"], engine.model_id, config.step.seed, round_)
+        roots.append((Node(stable_hash("node", tree_id), tree_id, row["problem_id"], None, 0), row))
+    gold = {row["problem_id"]: row["answer"] for row in rows}
+    with Sandbox(config.sandbox) as box, verify.pool() as grader, \
+            Progress("mcts", config.rollouts * len(roots), "rollouts") as progress:
+        for rollout in range(config.rollouts):
+            frontier: list[tuple[Node, str]] = []
+            for root, row in roots:
+                leaf = select(root, config.exploration)
+                if leaf is None:
+                    continue
+                if leaf.status in ("terminal", "cut"):
+                    backup(leaf, leaf_reward(leaf))
+                else:
+                    frontier.append((leaf, row["question"]))
+            while frontier:  # one depth of every tree per engine call
+                born = _expand(frontier, gold, engine, box, grader, config,
+                               problem_seed(config.step.seed, f"rollout-{rollout}"))
+                by_parent: dict[int, list[Node]] = {}
+                for child in born:
+                    by_parent.setdefault(id(child.parent), []).append(child)
+                following: list[tuple[Node, str]] = []
+                for leaf, question in frontier:
+                    kids = by_parent.get(id(leaf), [])
+                    for child in kids:
+                        if child.status != "ok":
+                            backup(child, leaf_reward(child))
+                    going_on = [child for child in kids if child.status == "ok"]
+                    if not going_on:
+                        continue
+                    nxt = going_on[0]  # the samples are random already: simulate down the first
+                    if nxt.depth >= config.max_depth:
+                        nxt.status = "cut"
+                        backup(nxt, -1.0)
+                    else:
+                        following.append((nxt, question))
+                frontier = following
+            progress.update((rollout + 1) * len(roots))
+    return {"mcts_nodes": _node_rows(roots), "traces": _traces(roots, config.traces_per_problem)}
+
+
+def _node_rows(roots) -> pa.Table:
+    rows = []
+    stack = [root for root, _ in roots]
+    while stack:
+        node = stack.pop()
+        rows.append(dict(
+            node_id=node.node_id, tree_id=node.tree_id, problem_id=node.problem_id,
+            parent_id=node.parent.node_id if node.parent else None, depth=node.depth, step_text=node.text,
+            code=node.code, exec_output=node.output, exec_status=node.status, visits=node.visits, q_value=node.q,
+            is_terminal=node.status == "terminal", answer=node.answer, correct=node.correct,
+        ))
+        stack.extend(node.children)
+    return pa.Table.from_pylist(rows, schema=schemas.MCTS_NODES)
+
+
+def _traces(roots, per_problem: int) -> pa.Table:
+    rows = []
+    for root, row in roots:
+        correct_leaves, stack = [], [root]
+        while stack:
+            node = stack.pop()
+            if node.status == "terminal" and node.correct:
+                correct_leaves.append(node)
+            stack.extend(node.children)
+        scored = sorted(((sum(n.q for n in leaf.path[1:]) / leaf.depth, leaf) for leaf in correct_leaves),
+                        key=lambda pair: -pair[0])
+        for mean_q, leaf in scored[:per_problem]:
+            steps = leaf.path[1:]
+            rows.append(dict(
+                trace_id=stable_hash("trace", leaf.node_id), problem_id=root.problem_id, tree_id=root.tree_id,
+                node_ids=[n.node_id for n in steps], prompt=row["question"],
+                completion=step_prefix([(n.text, n.output) for n in steps[:-1]]) + steps[-1].text,
+                answer=leaf.answer, mean_q=mean_q, depth=leaf.depth,
+            ))
+    return pa.Table.from_pylist(rows, schema=schemas.TRACES)
