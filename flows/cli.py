@@ -280,8 +280,8 @@ def parser() -> argparse.ArgumentParser:
     rnd.set_defaults(func=cmd_round)
 
     stage = sub.add_parser("stage", help="rerun one stage of one round")
-    stage.add_argument("name", choices=["ingest", "generate", "verify", "filter", "synthesize", "pairs", "finetune",
-                                        "evaluate"])
+    stage.add_argument("name", choices=["ingest", "generate", "verify", "filter", "synthesize", "mcts", "pairs",
+                                        "finetune", "evaluate"])
     stage.add_argument("--run", required=True)
     stage.add_argument("--round", type=int, default=0)
     stage.add_argument("--config", help="default: the config the run was started with")

@@ -20,11 +20,13 @@ from tasks.evaluate import EvaluateConfig
 from tasks.filter import FilterConfig
 from tasks.finetune import FinetuneConfig
 from tasks.generate import GenerateConfig
+from tasks.mcts import MCTSConfig
 from tasks.pairs import PairsConfig
 from tasks.synthesize import SynthesizeConfig
 from tasks.verify import VerifyConfig
 
-ROUND_STAGES = ("generate", "verify", "filter", "synthesize", "pairs", "finetune", "evaluate")
+ROUND_STAGES = ("generate", "verify", "filter", "synthesize", "mcts", "pairs", "finetune", "evaluate")
+SVS_STAGES = ("generate", "verify", "filter", "synthesize", "pairs", "finetune", "evaluate")  # the default round
 
 DEFAULT_CONFIG = PROJECT_ROOT / "deploy" / "configs" / "demo.yaml"
 
@@ -43,11 +45,12 @@ class RoundConfig(BaseModel):
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
     synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig)
+    mcts: MCTSConfig = Field(default_factory=MCTSConfig)
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     stages: list[Literal[ROUND_STAGES]] = Field(  # type: ignore[valid-type]
-        default_factory=lambda: list(ROUND_STAGES), description="the stages a round runs, in this order"
+        default_factory=lambda: list(SVS_STAGES), description="the stages a round runs, in this order (add mcts for rStar-Math)"
     )
 
 

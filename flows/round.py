@@ -16,6 +16,7 @@ from flows.filter import filter_flow
 from flows.finetune import finetune_flow
 from flows.generate import generate_flow
 from flows.ingest import ingest_flow
+from flows.mcts import mcts_flow
 from flows.pairs import pairs_flow
 from flows.policy import next_round, policy_for_round, run_config
 from flows.stage_runner import StageResult, lake, run_guard
@@ -25,7 +26,7 @@ from tasks.progress import run_logger
 
 STAGES = {
     "generate": generate_flow, "verify": verify_flow, "filter": filter_flow, "synthesize": synthesize_flow,
-    "pairs": pairs_flow, "finetune": finetune_flow, "evaluate": evaluate_flow,
+    "mcts": mcts_flow, "pairs": pairs_flow, "finetune": finetune_flow, "evaluate": evaluate_flow,
 }
 
 

@@ -44,6 +44,9 @@ class MCTSConfig(BaseModel):
     traces_per_problem: int = Field(2, ge=1, description="complete correct traces kept per problem, by mean Q")
     output_chars: int = Field(400, ge=16, description="printed output a step shows the next one")
     sandbox: SandboxConfig = Field(default_factory=lambda: SandboxConfig(wall_seconds=5, workers=2))
+    buckets: list[str] = Field(default_factory=list,
+                               description="search only problems of these filter buckets (empty: the whole pool)")
+    limit: int | None = Field(None, ge=1, description="search at most this many problems (the first by id)")
 
 
 @dataclass(eq=False)

@@ -1,0 +1,136 @@
+"""rStar-Math search: UCT and backup on a hand-built tree, the per-depth batched search with a
+scripted policy (exact tree shape and values), and a real tiny-model search through vLLM and the sandbox."""
+from __future__ import annotations
+
+import math
+
+import pyarrow as pa
+import pytest
+
+from models.engine import Completion
+from models.prompts import STEP_SYSTEM, parse_step
+from tasks.mcts import MCTSConfig, Node, backup, leaf_reward, search, select, uct
+from tasks.verify import VerifyConfig
+
+
+def node(name, parent=None, status="ok", visits=0, value=0.0):
+    n = Node(name, "t", "p", parent, parent.depth + 1 if parent else 0, status=status, visits=visits, value=value)
+    if parent:
+        parent.children.append(n)
+    return n
+
+
+def test_uct_prefers_unvisited_then_balances_value_and_exploration():
+    root = node("root", status="root", visits=10)
+    strong, weak = node("a", root, visits=6, value=3.0), node("b", root, visits=4, value=-2.0)
+    assert uct(strong, 10, 0.0) == pytest.approx(0.5) and uct(weak, 10, 0.0) == pytest.approx(-0.5)
+    assert uct(weak, 10, 2.0) == pytest.approx(-0.5 + 2 * math.sqrt(math.log(10) / 4))
+    assert select(root, 0.0) is strong
+    fresh = node("c", root)
+    assert uct(fresh, 10, 2.0) == math.inf and select(root, 2.0) is fresh
+
+
+def test_selection_skips_failed_steps_and_exhausted_subtrees():
+    root = node("root", status="root", visits=3)
+    dead = node("dead", root, visits=2, value=2.0)
+    node("e1", dead, status="error", visits=1, value=-1.0)
+    node("e2", dead, status="unparsed", visits=1, value=-1.0)
+    node("failed", root, status="error", visits=1, value=-1.0)
+    assert not dead.selectable() and select(root, 1.0) is None  # everything under the root failed
+    alive = node("alive", root)
+    assert select(root, 1.0) is alive
+
+
+def test_backup_adds_the_reward_along_the_path_and_visits_add_up():
+    root = node("root", status="root")
+    a = node("a", root)
+    right = node("right", a, status="terminal")
+    right.correct = True
+    wrong = node("wrong", a, status="terminal")
+    wrong.correct = False
+    failed = node("failed", root, status="error")
+    for leaf in (right, wrong, failed, right):
+        backup(leaf, leaf_reward(leaf))
+    assert (root.visits, root.value) == (4, 0.0) and (a.visits, a.value) == (3, 1.0)
+    assert right.q == 1.0 and wrong.q == -1.0 and failed.q == -1.0
+    assert root.visits == sum(c.visits for c in root.children) and a.visits == sum(c.visits for c in a.children)
+
+
+def test_parse_step_reads_final_answers_and_code():
+    assert parse_step("The total is 12. The answer is \\boxed{12} ") == ("final", "12")
+    assert parse_step("# count the pens\npens = 3 * 4\nprint(pens)\n") == ("code", "# count the pens\npens = 3 * 4\nprint(pens)")
+    assert parse_step("```python\nx = 2\nprint(x)\n```") == ("code", "x = 2\nprint(x)")
+    assert parse_step("   ") == ("code", "")
+
+
+class ScriptedStepPolicy:
+    """A test double of the engine that writes steps by depth: a right path, a wrong answer, a crash."""
+
+    model_id = "scripted-steps@test"
+
+    def __init__(self):
+        self.calls = []  # requests per engine call: the batching under test
+
+    def generate(self, requests, sampling):
+        self.calls.append(len(requests))
+        out = []
+        for request in requests:
+            assert request.messages[0]["content"] == STEP_SYSTEM
+            depth = request.assistant_prefix.count("<end_of_step>")
+            if depth == 0:
+                steps = ["# pens in the boxes\npens = 3 * 4\nprint(pens)", "print(undefined_name)", "The answer is \\boxed{99}"]
+            else:
+                assert "<output>12</output>" in request.assistant_prefix  # the first step's output is in context
+                steps = ["The answer is \\boxed{12}", "The answer is \\boxed{13}", "# more\nprint(pens + 0)"]
+            out.append([Completion(steps[i % len(steps)], 10, "stop", -0.5) for i in range(sampling.n)])
+        return out
+
+
+def test_search_batches_every_tree_per_depth_and_writes_consistent_trees():
+    problems = pa.table({"problem_id": ["p1", "p2"], "question": ["3 boxes of 4 pens?"] * 2, "answer": ["12", "12"]})
+    policy = ScriptedStepPolicy()
+    config = MCTSConfig(rollouts=3, max_depth=3, children=3)
+    out = search.fn(problems, policy, config, VerifyConfig(workers=1))
+    nodes = out["mcts_nodes"].to_pylist()
+    assert policy.calls[:2] == [2, 2]  # both trees expanded in one engine call at each depth
+    by_id = {n["node_id"]: n for n in nodes}
+    for tree in ("p1", "p2"):
+        tree_nodes = [n for n in nodes if n["problem_id"] == tree]
+        roots = [n for n in tree_nodes if n["parent_id"] is None]
+        assert len(roots) == 1 and all(n["parent_id"] in by_id for n in tree_nodes if n["parent_id"])
+        for n in tree_nodes:  # visits of an expanded node are its children's, summed
+            kids = [k for k in tree_nodes if k["parent_id"] == n["node_id"]]
+            if kids:
+                assert n["visits"] == sum(k["visits"] for k in kids)
+        depth1 = {n["exec_status"] for n in tree_nodes if n["depth"] == 1}
+        assert depth1 == {"ok", "error", "terminal"}
+        ok = next(n for n in tree_nodes if n["depth"] == 1 and n["exec_status"] == "ok")
+        assert ok["exec_output"].strip() == "12"
+        assert next(n for n in tree_nodes if n["answer"] == "12")["correct"] is True
+        assert next(n for n in tree_nodes if n["answer"] == "99")["correct"] is False
+        continued = next(n for n in tree_nodes if n["depth"] == 2 and n["code"])
+        assert continued["exec_output"].strip() == "12"  # the earlier step's variables carried over
+    traces = out["traces"].to_pylist()
+    assert {t["problem_id"] for t in traces} == {"p1", "p2"} and all(t["answer"] == "12" for t in traces)
+    assert all(len(t["node_ids"]) == t["depth"] and t["depth"] in (2, 3) for t in traces)
+    assert "<output>12</output>" in traces[0]["completion"] and traces[0]["completion"].endswith("\\boxed{12}")
+
+
+def test_a_tiny_model_search_through_vllm_and_the_sandbox_writes_trees(tiny_engine_config):
+    from models.engine import load_engine
+
+    problems = pa.table({"problem_id": ["a", "b", "c"], "question": ["What is 2 + 3?", "What is 4 * 5?", "What is 9 - 1?"],
+                         "answer": ["5", "20", "8"]})
+    config = MCTSConfig(rollouts=2, max_depth=2, children=2)
+    config.step.max_tokens = 24
+    out = search.fn(problems, load_engine(tiny_engine_config), config, VerifyConfig(workers=1))
+    nodes = out["mcts_nodes"].to_pylist()
+    ids = {n["node_id"] for n in nodes}
+    assert len(ids) == len(nodes) and {n["problem_id"] for n in nodes if n["parent_id"] is None} == {"a", "b", "c"}
+    assert all(n["parent_id"] in ids for n in nodes if n["parent_id"])
+    assert all(n["exec_status"] in ("root", "ok", "terminal", "cut", "error", "timeout", "unparsed") for n in nodes)
+    for n in nodes:
+        kids = [k for k in nodes if k["parent_id"] == n["node_id"]]
+        if kids:
+            assert n["visits"] == sum(k["visits"] for k in kids)
+    assert sum(1 for n in nodes if n["depth"] == 1) == 3 * 2  # the first rollout expands each root with k = 2
