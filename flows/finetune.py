@@ -16,7 +16,7 @@ from flows.stage_runner import StageResult, execute_stage, lake
 from flows.verify import round_table
 from models.engine import release_engines
 from models.registry import folder_hash, resolve
-from tasks.finetune import finetune
+from tasks.finetune import finetune, train_ppm
 from tasks.generate import stable_hash
 from tasks.progress import run_logger
 
@@ -28,6 +28,8 @@ def training_data(run: str, round_: int, methods: list[str]) -> dict[str, pa.Tab
     for method in methods:
         if method == "sft":
             data[method] = round_table(run, round_, "sft_examples", "pairs")
+        elif method == "traces":
+            data[method] = lake().read(run, "traces", round_, "mcts").drop_columns(["round", "stage"])
         elif method == "dpo":
             pairs = round_table(run, round_, "pairs", "pairs")
             data[method] = pairs.filter(pc.equal(pairs["kind"], "solution"))
@@ -58,28 +60,51 @@ def finetune_flow(run: str, round: int, config: RoundConfig | None = None, force
     checkpoint_id = f"r{round}-{method.replace('+', '-')}-{stable_hash(parent.model_id, data_fp, settings, length=8)}"
     folder = lake().run_dir(run) / "models" / checkpoint_id
 
+    step_pairs = _step_pairs(run, round) if config.finetune.train_ppm else None
+    input_fp = data_fp if step_pairs is None else stable_hash(data_fp, "ppm", fingerprint_table(step_pairs))
+    ppm_id = f"r{round}-ppm-{stable_hash(parent.model_id, input_fp, settings, length=8)}"
+    ppm_folder = lake().run_dir(run) / "models" / ppm_id
+
     def compute(_chunks) -> dict[str, pa.Table]:  # the trainer resumes from its own checkpoints
         if empty:
             run_logger().warning(f"finetune (run {run}, round {round}): no rows for {', '.join(empty)}"
                                  + (f"; training with {method} only" if data else "; the policy is unchanged"))
-        if not data:  # nothing learnable this round: no checkpoint, the policy carries over
-            return {"checkpoints": schemas.CHECKPOINTS.empty_table(), "train_metrics": schemas.TRAIN_METRICS.empty_table()}
-        release_engines()  # the policy is about to change, and training wants the memory
-        result = finetune(parent.path, data, train_config, folder, config.verify, resume=not force)
-        checkpoint = dict(
-            checkpoint_id=checkpoint_id, parent_model_id=parent.model_id, role="policy", method=method,
-            path=str(folder), model_id=f"{checkpoint_id}@{folder_hash(folder)}", data_fingerprint=data_fp,
-            train_rows=rows_in, steps=result["steps"], final_loss=result["final_loss"],
-            wall_seconds=result["wall_seconds"],
-        )
-        chained = len(data) > 1  # name a chain's metrics by method, so sft loss and grpo loss stay apart
-        metrics = [dict(checkpoint_id=checkpoint_id, step=m["step"], metric=f"{m['method']}/{k}" if chained else k, value=v)
-                   for m in result["metrics"] for k, v in m.items() if k not in ("step", "method")]
-        return {"checkpoints": pa.Table.from_pylist([checkpoint]), "train_metrics": pa.Table.from_pylist(metrics)}
+        checkpoints, metrics = [], []
+        if data or (step_pairs is not None and step_pairs.num_rows):
+            release_engines()  # the policy is about to change, and training wants the memory
+        if data:
+            result = finetune(parent.path, data, train_config, folder, config.verify, resume=not force)
+            checkpoints.append(_registry_row(checkpoint_id, parent.model_id, "policy", method, folder, data_fp, rows_in, result))
+            chained = len(data) > 1  # name a chain's metrics by method, so sft loss and grpo loss stay apart
+            metrics += [dict(checkpoint_id=checkpoint_id, step=m["step"], metric=f"{m['method']}/{k}" if chained else k,
+                             value=v) for m in result["metrics"] for k, v in m.items() if k not in ("step", "method")]
+        if step_pairs is not None:
+            if step_pairs.num_rows == 0:
+                run_logger().warning(f"finetune (run {run}, round {round}): no step pairs; no PPM this round")
+            else:  # the PPM starts from the round's policy, as in rStar-Math
+                result = train_ppm(parent.path, step_pairs, config.finetune, ppm_folder)
+                checkpoints.append(_registry_row(ppm_id, parent.model_id, "ppm", "ppm", ppm_folder,
+                                                 fingerprint_table(step_pairs), step_pairs.num_rows, result))
+                metrics += [dict(checkpoint_id=ppm_id, step=m["step"], metric=k, value=v)
+                            for m in result["metrics"] for k, v in m.items() if k not in ("step", "method")]
+        return {"checkpoints": pa.Table.from_pylist(checkpoints, schema=schemas.CHECKPOINTS),
+                "train_metrics": pa.Table.from_pylist(metrics, schema=schemas.TRAIN_METRICS)}
 
-    if data and not folder.exists():
+    if (data and not folder.exists()) or (step_pairs is not None and step_pairs.num_rows and not ppm_folder.exists()):
         force = True  # the registry row alone is not a checkpoint
     return execute_stage(
-        run, round, "finetune", config_hash=settings, model_id=parent.model_id, input_fingerprint=data_fp,
-        rows_in=rows_in, compute=compute, force=force,
+        run, round, "finetune", config_hash=settings, model_id=parent.model_id, input_fingerprint=input_fp,
+        rows_in=rows_in + (step_pairs.num_rows if step_pairs is not None else 0), compute=compute, force=force,
     )
+
+
+def _step_pairs(run: str, round_: int) -> pa.Table:
+    pairs = lake().read(run, "pairs", round_, "pairs")
+    return pairs.filter(pc.equal(pairs["kind"], "step")).drop_columns(["round", "stage"])
+
+
+def _registry_row(checkpoint_id, parent_model_id, role, method, folder, data_fp, rows, result) -> dict:
+    return dict(checkpoint_id=checkpoint_id, parent_model_id=parent_model_id, role=role, method=method,
+                path=str(folder), model_id=f"{checkpoint_id}@{folder_hash(folder)}", data_fingerprint=data_fp,
+                train_rows=rows, steps=result["steps"], final_loss=result["final_loss"],
+                wall_seconds=result["wall_seconds"])

@@ -1,4 +1,5 @@
-"""pairs flow: the round's graded rollouts -> DPO `pairs` and `sft_examples` (kept SvS variants included)."""
+"""pairs flow: the round's graded rollouts -> DPO `pairs` and `sft_examples` (kept SvS variants
+included); when the round ran the mcts stage, its trees add step pairs (kind 'step') for the PPM."""
 from __future__ import annotations
 
 import pyarrow as pa
@@ -10,7 +11,7 @@ from flows.generate import problem_pool
 from flows.policy import stage_config
 from flows.stage_runner import StageResult, execute_stage, fingerprint_inputs, lake
 from flows.verify import round_table
-from tasks.pairs import build_pairs
+from tasks.pairs import build_pairs, build_step_pairs
 
 
 @flow(name="pairs", flow_run_name="{run}/round-{round}/pairs")
@@ -33,12 +34,21 @@ def pairs_flow(run: str, round: int, config: RoundConfig | None = None, force: b
         rollouts = pa.concat_tables([rollouts, extra])
         verdicts = pa.concat_tables([verdicts, store.read(run, "verdicts", round, "synthesize").select(["rollout_id", "verdict"])])
     variant_ids = frozenset(variants["problem_id"].to_pylist())
+    nodes = store.read(run, "mcts_nodes", round, "mcts").drop_columns(["round", "stage"])
+    questions = dict(zip(problems["problem_id"].to_pylist(), problems["question"].to_pylist()))
+
+    def compute(_chunks) -> dict[str, pa.Table]:
+        tables = build_pairs(problems, stats, rollouts, verdicts, config.pairs, variant_ids)
+        if nodes.num_rows:
+            tables["pairs"] = pa.concat_tables([tables["pairs"], build_step_pairs(nodes, questions, config.pairs)])
+        return tables
+
     return execute_stage(
         run, round, "pairs",
         config_hash=config_hash(config.pairs),
         model_id=None,
-        input_fingerprint=fingerprint_inputs(problems, stats, rollouts, verdicts),
-        rows_in=rollouts.num_rows,
-        compute=lambda _chunks: build_pairs(problems, stats, rollouts, verdicts, config.pairs, variant_ids),
+        input_fingerprint=fingerprint_inputs(problems, stats, rollouts, verdicts, nodes),
+        rows_in=rollouts.num_rows + nodes.num_rows,
+        compute=compute,
         force=force,
     )

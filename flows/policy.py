@@ -10,7 +10,7 @@ from flows.stage_runner import lake
 
 
 def trained_checkpoint(run: str, round_: int) -> dict | None:
-    rows = lake().read(run, "checkpoints", round_, "finetune").to_pylist()
+    rows = [r for r in lake().read(run, "checkpoints", round_, "finetune").to_pylist() if r["role"] == "policy"]
     return rows[0] if rows else None
 
 

@@ -21,13 +21,14 @@ from pydantic import BaseModel, Field, field_validator
 from tasks.progress import run_logger
 from tasks.verify import VerifyConfig
 
-METHODS = ("sft", "dpo", "grpo")
-# which lake table each method trains on
-METHOD_DATA = {"sft": "sft_examples", "dpo": "pairs", "grpo": "prompts"}
+METHODS = ("sft", "dpo", "grpo", "traces")
+# which lake table each method trains on; traces: SFT on the MCTS stage's best step-by-step solutions
+METHOD_DATA = {"sft": "sft_examples", "dpo": "pairs", "grpo": "prompts", "traces": "traces"}
 
 
 class FinetuneConfig(BaseModel):
-    method: str = Field("sft", description="sft, dpo or grpo, or a chain such as sft+grpo run in that order")
+    method: str = Field("sft", description="sft, dpo, grpo or traces, or a chain such as sft+grpo run in that order")
+    train_ppm: bool = Field(False, description="also train a process preference model on the round's step pairs")
     max_steps: int = Field(30, ge=1, description="optimizer steps per method")
     learning_rate: float = Field(2e-5, gt=0)
     batch_size: int = Field(4, ge=1, description="per device; for grpo, completions per step (a multiple of grpo_generations)")
@@ -71,6 +72,10 @@ def _training_args(method: str, config: FinetuneConfig, output_dir: Path):
     )
     if method == "dpo":
         return DPOConfig(beta=config.dpo_beta, max_length=config.max_length, **common)
+    if method == "ppm":
+        from trl import RewardConfig
+
+        return RewardConfig(max_length=config.max_length, **common)
     if method == "grpo":
         if (config.batch_size * config.gradient_accumulation_steps) % config.grpo_generations:
             raise ValueError(f"finetune grpo: batch_size x gradient_accumulation_steps "
@@ -100,8 +105,10 @@ class VerifierReward:
 
 
 def _dataset(method: str, data: pa.Table, few_shot: bool):
-    from tasks.pairs import to_dpo_dataset, to_grpo_dataset, to_sft_dataset
+    from tasks.pairs import to_dpo_dataset, to_grpo_dataset, to_sft_dataset, to_trace_dataset
 
+    if method == "traces":
+        return to_trace_dataset(data)
     return {"sft": to_sft_dataset, "dpo": to_dpo_dataset, "grpo": to_grpo_dataset}[method](data, few_shot)
 
 
@@ -167,7 +174,7 @@ def finetune(model_path: str, data: dict[str, pa.Table], config: FinetuneConfig,
                 trainer = GRPOTrainer(reward_funcs=[VerifierReward(pool)], **kwargs)
                 result = trainer.train(resume_from_checkpoint=str(saved[-1]) if saved else None)
         else:
-            trainer = (DPOTrainer if method == "dpo" else SFTTrainer)(**kwargs)
+            trainer = (DPOTrainer if method == "dpo" else SFTTrainer)(**kwargs)  # traces: SFT too
             result = trainer.train(resume_from_checkpoint=str(saved[-1]) if saved else None)
         model = trainer.model
         # from the trainer's own history, which a resumed trainer restores, so no step's log is lost
@@ -197,3 +204,43 @@ def finetune(model_path: str, data: dict[str, pa.Table], config: FinetuneConfig,
         "wall_seconds": wall,
         "metrics": metrics,
     }
+
+
+@task(name="train_ppm", cache_policy=NO_CACHE, persist_result=False)
+def train_ppm(model_path: str, step_pairs: pa.Table, config: FinetuneConfig, output_dir: Path) -> dict:
+    """The process preference model (rStar-Math): the policy with a scalar head, trained by TRL's
+    RewardTrainer on step pairs with the pairwise loss -log sigmoid(r_chosen - r_rejected).
+    Returns {"steps", "final_loss", "wall_seconds", "metrics"}; the folder is written atomically."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardTrainer
+
+    from tasks.pairs import to_ppm_dataset
+
+    if step_pairs.num_rows == 0:
+        raise ValueError("train_ppm: no step pairs")
+    output_dir = Path(output_dir)
+    staging = output_dir.parent / f".{output_dir.name}.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=dtype)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    args = _training_args("ppm", config, staging / "trainer")
+    trainer = RewardTrainer(model=model, args=args, train_dataset=to_ppm_dataset(step_pairs), processing_class=tokenizer)
+    started = time.monotonic()
+    result = trainer.train()
+    wall = time.monotonic() - started
+    metrics = [{"step": int(e["step"]), "method": "ppm",
+                **{k: float(v) for k, v in e.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}}
+               for e in trainer.state.log_history if "loss" in e]
+    shutil.rmtree(staging / "trainer", ignore_errors=True)
+    trainer.model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    staging.replace(output_dir)
+    return {"steps": int(result.global_step), "final_loss": metrics[-1]["loss"] if metrics else float("nan"),
+            "wall_seconds": wall, "metrics": metrics}

@@ -47,6 +47,7 @@ class MCTSConfig(BaseModel):
     buckets: list[str] = Field(default_factory=list,
                                description="search only problems of these filter buckets (empty: the whole pool)")
     limit: int | None = Field(None, ge=1, description="search at most this many problems (the first by id)")
+    batched: bool = Field(True, description="one engine call per depth for all trees (False: one per node, for the benchmark)")
 
 
 @dataclass(eq=False)
@@ -182,8 +183,11 @@ def search(problems: pa.Table, engine: Engine, config: MCTSConfig, verify: Verif
                 else:
                     frontier.append((leaf, row["question"]))
             while frontier:  # one depth of every tree per engine call
-                born = _expand(frontier, gold, engine, box, grader, config,
-                               problem_seed(config.step.seed, f"rollout-{rollout}"))
+                seed = problem_seed(config.step.seed, f"rollout-{rollout}")
+                if config.batched:
+                    born = _expand(frontier, gold, engine, box, grader, config, seed)
+                else:  # the same expansions, one engine call per node
+                    born = [c for entry in frontier for c in _expand([entry], gold, engine, box, grader, config, seed)]
                 by_parent: dict[int, list[Node]] = {}
                 for child in born:
                     by_parent.setdefault(id(child.parent), []).append(child)

@@ -25,6 +25,9 @@ class PairsConfig(BaseModel):
     pairs_per_problem: int = Field(2, ge=0)
     sft_per_problem: int = Field(2, ge=0)
     sft_buckets: list[str] = Field(default_factory=lambda: ["learnable", "underperforming"])
+    step_min_q_margin: float = Field(0.5, ge=0, description="step pairs: Q(chosen) - Q(rejected) at least this")
+    step_min_edit_distance: float = Field(0.2, ge=0, le=1,
+                                          description="step pairs: 1 - difflib ratio of the two steps at least this")
 
 
 def _joined(problems: pa.Table, rollouts: pa.Table, verdicts: pa.Table) -> dict[str, list[dict]]:
@@ -115,4 +118,88 @@ def to_grpo_dataset(prompts: pa.Table, few_shot: bool = True):
     return datasets.Dataset.from_list([
         {"prompt": solve_messages(r["question"], few_shot), "answer": r["answer"]}
         for r in prompts.select(["question", "answer"]).to_pylist()
+    ])
+
+
+def _subtree_outcome(node_id: str, children: dict[str, list[dict]], nodes: dict[str, dict], memo: dict) -> str | None:
+    """'correct' when a correct terminal lies below (or at) the node, 'wrong' when only wrong or failed
+    leaves do, None when nothing below was evaluated."""
+    if node_id in memo:
+        return memo[node_id]
+    node = nodes[node_id]
+    kids = children.get(node_id, [])
+    if not kids:
+        outcome = ("correct" if node["correct"] else "wrong") if node["visits"] else None
+    else:
+        below = {_subtree_outcome(k["node_id"], children, nodes, memo) for k in kids}
+        outcome = "correct" if "correct" in below else ("wrong" if "wrong" in below else None)
+    memo[node_id] = outcome
+    return outcome
+
+
+def build_step_pairs(nodes: pa.Table, questions: dict[str, str], config: PairsConfig) -> pa.Table:
+    """rStar-Math PPM pairs: at each node with children leading to a correct answer AND children leading
+    only to wrong ones, the top-2 correct-leading children by Q against the bottom-2 wrong-leading ones,
+    each pair kept only if its Q margin and the edit distance of its two steps pass the thresholds."""
+    import difflib
+
+    from models.prompts import step_prefix
+
+    rows = nodes.to_pylist()
+    by_id = {n["node_id"]: n for n in rows}
+    children: dict[str, list[dict]] = {}
+    for n in rows:
+        if n["parent_id"]:
+            children.setdefault(n["parent_id"], []).append(n)
+    memo: dict = {}
+    out = []
+    for parent_id, kids in sorted(children.items()):
+        good = sorted((k for k in kids if _subtree_outcome(k["node_id"], children, by_id, memo) == "correct"),
+                      key=lambda k: (-k["q_value"], k["node_id"]))[:2]
+        bad = sorted((k for k in kids if _subtree_outcome(k["node_id"], children, by_id, memo) == "wrong"),
+                     key=lambda k: (k["q_value"], k["node_id"]))[:2]
+        if not good or not bad:
+            continue
+        path, node = [], by_id[parent_id]
+        while node["parent_id"]:
+            path.append((node["step_text"], node["exec_output"] or ""))
+            node = by_id[node["parent_id"]]
+        prefix = step_prefix(path[::-1])
+        for chosen in good:
+            for rejected in bad:
+                margin = chosen["q_value"] - rejected["q_value"]
+                distance = 1 - difflib.SequenceMatcher(None, chosen["step_text"], rejected["step_text"]).ratio()
+                if margin < config.step_min_q_margin or distance < config.step_min_edit_distance:
+                    continue
+                out.append(dict(
+                    pair_id=stable_hash("step-pair", chosen["node_id"], rejected["node_id"]), kind="step",
+                    problem_id=chosen["problem_id"], prompt=questions.get(chosen["problem_id"], ""), prefix=prefix,
+                    chosen=chosen["step_text"], rejected=rejected["step_text"], chosen_rollout_id=chosen["node_id"],
+                    rejected_rollout_id=rejected["node_id"], chosen_score=chosen["q_value"],
+                    rejected_score=rejected["q_value"],
+                ))
+    return pa.Table.from_pylist(out, schema=schemas.PAIRS)
+
+
+def to_ppm_dataset(pairs: pa.Table):
+    """TRL reward-model format, plain text: the problem and the solution so far as the prompt, each
+    candidate step as a completion. The PPM scores a step in its context."""
+    import datasets
+
+    rows = pairs.filter(pa.compute.equal(pairs["kind"], "step")).to_pylist()
+    return datasets.Dataset.from_list([
+        {"prompt": f"{r['prompt']}\n\n{r['prefix'] or ''}", "chosen": r["chosen"], "rejected": r["rejected"]}
+        for r in rows
+    ])
+
+
+def to_trace_dataset(traces: pa.Table):
+    """SFT on MCTS traces: the step-format prompt, the whole traced solution as the completion."""
+    import datasets
+
+    from models.prompts import step_messages
+
+    return datasets.Dataset.from_list([
+        {"prompt": step_messages(r["prompt"]), "completion": [{"role": "assistant", "content": r["completion"]}]}
+        for r in traces.to_pylist()
     ])

@@ -125,3 +125,27 @@ def test_a_killed_training_resumes_from_its_saved_state_without_redoing_steps(ti
     assert (folder / "model.safetensors").exists()
     assert not [p.name for p in folder.iterdir() if p.name.startswith(("trainer-", "finished-", "checkpoint-"))]
     assert not (scratch / ".ckpt-resume.staging").exists()
+
+
+def test_the_ppm_and_trace_sft_train_from_mcts_data(tiny_model, scratch):
+    from data import schemas
+    from tasks.finetune import train_ppm
+
+    prefix = "# three boxes\nx = 3\nprint(x)\n<end_of_step>\n<output>3</output>\n"
+    step_pairs = pa.Table.from_pylist([
+        dict(pair_id=str(i), kind="step", problem_id="p", prompt="3 boxes of 4 pens?", prefix=prefix,
+             chosen="y = x * 4\nprint(y)", rejected="y = x + 4\nprint(y)", chosen_rollout_id="a",
+             rejected_rollout_id="b", chosen_score=1.0, rejected_score=-1.0) for i in range(4)], schema=schemas.PAIRS)
+    config = FinetuneConfig(max_steps=2, batch_size=2, learning_rate=1e-3)
+    result = train_ppm.fn(str(tiny_model), step_pairs, config, scratch / "ppm")
+    assert result["steps"] == 2 and math.isfinite(result["final_loss"])
+    from transformers import AutoModelForSequenceClassification
+
+    assert AutoModelForSequenceClassification.from_pretrained(scratch / "ppm").config.num_labels == 1
+
+    traces = pa.Table.from_pylist([dict(trace_id="t", problem_id="p", tree_id="x", node_ids=["a", "b"],
+                                        prompt="3 boxes of 4 pens?", completion=prefix + "The answer is \\boxed{12}",
+                                        answer="12", mean_q=1.0, depth=2)], schema=schemas.TRACES)
+    policy = finetune.fn(str(tiny_model), {"traces": traces}, FinetuneConfig(method="traces", max_steps=1, batch_size=1),
+                         scratch / "traced")
+    assert policy["steps"] == 1 and (scratch / "traced" / "model.safetensors").exists()

@@ -134,3 +134,51 @@ def test_a_tiny_model_search_through_vllm_and_the_sandbox_writes_trees(tiny_engi
         if kids:
             assert n["visits"] == sum(k["visits"] for k in kids)
     assert sum(1 for n in nodes if n["depth"] == 1) == 3 * 2  # the first rollout expands each root with k = 2
+
+
+def crafted_tree():
+    """root -> a (leads to correct and wrong), b (only wrong), c (only failed); a -> a1 correct, a2 wrong."""
+    def row(node_id, parent, q, visits, text, status="ok", correct=None):
+        return dict(node_id=node_id, tree_id="t", problem_id="p", parent_id=parent, depth=0 if parent is None else 1,
+                    step_text=text, code=None, exec_output="", exec_status=status, visits=visits, q_value=q,
+                    is_terminal=status == "terminal", answer=None, correct=correct)
+    from data import schemas
+
+    return pa.Table.from_pylist([
+        row("root", None, 0.0, 5, ""),
+        row("a", "root", 0.0, 2, "# multiply the boxes by the pens\nx = 3 * 4\nprint(x)"),
+        row("a1", "a", 1.0, 1, "The answer is \\boxed{12}", "terminal", True),
+        row("a2", "a", -1.0, 1, "It is 3 + 4 = 7, so \\boxed{7}", "terminal", False),
+        row("b", "root", -1.0, 2, "# add them\nx = 3 + 4\nprint(x)"),
+        row("b1", "b", -1.0, 2, "The answer is \\boxed{7}", "terminal", False),
+        row("c", "root", -1.0, 1, "print(undefined)", "error"),
+    ], schema=schemas.MCTS_NODES)
+
+
+def test_step_pairs_contrast_correct_leading_with_wrong_leading_siblings():
+    from tasks.pairs import PairsConfig, build_step_pairs
+
+    pairs = build_step_pairs(crafted_tree(), {"p": "3 boxes of 4 pens?"}, PairsConfig()).to_pylist()
+    at_root = sorted((p["chosen_rollout_id"], p["rejected_rollout_id"]) for p in pairs if p["prefix"] == "")
+    assert at_root == [("a", "b"), ("a", "c")]  # top correct-leading vs the bottom-2 wrong-leading
+    at_a = [p for p in pairs if p["prefix"]]
+    assert [(p["chosen_rollout_id"], p["rejected_rollout_id"]) for p in at_a] == [("a1", "a2")]
+    assert at_a[0]["prefix"].startswith("# multiply the boxes") and "<end_of_step>" in at_a[0]["prefix"]
+    assert all(p["kind"] == "step" and p["chosen_score"] - p["rejected_score"] >= 0.5 for p in pairs)
+
+
+def test_no_step_pair_without_both_kinds_of_children_or_past_the_thresholds():
+    from tasks.pairs import PairsConfig, build_step_pairs
+
+    tree = crafted_tree().to_pylist()
+    only_wrong = pa.Table.from_pylist([r for r in tree if r["node_id"] not in ("a", "a1", "a2")], schema=crafted_tree().schema)
+    assert build_step_pairs(only_wrong, {}, PairsConfig()).num_rows == 0  # no correct-leading sibling anywhere
+    assert build_step_pairs(crafted_tree(), {}, PairsConfig(step_min_q_margin=2.5)).num_rows == 0
+    assert build_step_pairs(crafted_tree(), {}, PairsConfig(step_min_edit_distance=0.95)).num_rows == 0
+    # two steps that differ in one character are no lesson for the PPM
+    tree = crafted_tree().to_pylist()
+    for r in tree:
+        if r["node_id"] == "a2":
+            r["step_text"] = "The answer is \\boxed{13}"
+    same = build_step_pairs(pa.Table.from_pylist(tree, schema=crafted_tree().schema), {}, PairsConfig()).to_pylist()
+    assert ("a1", "a2") not in [(p["chosen_rollout_id"], p["rejected_rollout_id"]) for p in same]

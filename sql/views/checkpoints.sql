@@ -3,8 +3,8 @@ CREATE OR REPLACE VIEW checkpoints AS
 SELECT
     checkpoint_id,      -- folder name under runs/<run>/models/
     parent_model_id,    -- the model it was trained from (name@weights-hash)
-    role,               -- 'policy'
-    method,             -- sft | dpo | grpo, or the chain that trained it in order (sft+grpo)
+    role,               -- 'policy' (the next round's engine loads it) or 'ppm' (process preference model, scores steps)
+    method,             -- sft | dpo | grpo | traces, or the chain that trained it in order (sft+grpo); ppm
     path,               -- absolute folder of the saved model: set engine.model to it to load it
     model_id,           -- its own id (name@weights-hash), as rollouts and evals record it
     data_fingerprint,   -- content hash of the training rows
