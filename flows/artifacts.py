@@ -64,6 +64,19 @@ def stage_markdown(stage: str, round_: int, status: str, tables: dict[str, pa.Ta
         ratio = f"{kept / synthesized:.1%}" if synthesized else "n/a"
         lines.append(f"- **synthesized** {synthesized}, **valid** {valid}, **kept** {kept} (kept ratio {ratio})")
         lines.append(_line("rejected by reason", {k: v for k, v in reasons.items() if k is not None}))
+    elif stage == "mcts":
+        nodes = tables.get("mcts_nodes")
+        if nodes is not None and nodes.num_rows:
+            rows = nodes.to_pylist()
+            terminal = [r for r in rows if r["is_terminal"]]
+            steps = [r for r in rows if r["depth"] > 0]
+            trees = len({r["tree_id"] for r in rows})
+            lines.append(f"- **trees** {trees}, **nodes** {len(rows)}, **steps** {len(steps)}")
+            lines.append(_line("steps by status", _counts(nodes.filter(pa.compute.greater(nodes["depth"], 0))["exec_status"])))
+            correct = sum(1 for r in terminal if r["correct"])
+            lines.append(f"- **terminal leaves** {len(terminal)}, correct {correct}"
+                         + (f" ({correct / len(terminal):.1%})" if terminal else ""))
+        lines.append(f"- **traces**: {tables['traces'].num_rows if 'traces' in tables else 0}")
     elif stage == "pairs":
         lines.append(_line("pairs by kind", _counts(col("pairs", "kind"))))
         lines.append(f"- **sft examples**: {tables['sft_examples'].num_rows if 'sft_examples' in tables else 0}")

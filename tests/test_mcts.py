@@ -182,3 +182,27 @@ def test_no_step_pair_without_both_kinds_of_children_or_past_the_thresholds():
             r["step_text"] = "The answer is \\boxed{13}"
     same = build_step_pairs(pa.Table.from_pylist(tree, schema=crafted_tree().schema), {}, PairsConfig()).to_pylist()
     assert ("a1", "a2") not in [(p["chosen_rollout_id"], p["rejected_rollout_id"]) for p in same]
+
+
+def test_the_mcts_stage_writes_trees_the_catalog_and_named_queries_read(prefect_server, runs_root, tiny_engine_config, scratch):
+    from conftest import write_jsonl
+    from data import catalog
+    from data.ingest import SourceConfig
+    from flows.config import RoundConfig
+    from flows.round import round_flow
+    from flows.stage_runner import lake
+
+    source = write_jsonl(scratch / "pool.jsonl", [{"question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(3)])
+    config = RoundConfig(engine=tiny_engine_config, sources=[SourceConfig(path=str(source), preset="plain")],
+                         mcts=MCTSConfig(rollouts=1, max_depth=2, children=2), stages=["mcts"])
+    config.mcts.step.max_tokens = 16
+    (result,) = [r for r in round_flow("trees", config, round=0) if r.stage == "mcts"]
+    assert result.status == "completed" and result.rows_in == 3
+    con = catalog.connect(lake().run_dir("trees"))
+    assert con.execute("SELECT count(*) FROM mcts_nodes WHERE parent_id IS NULL").fetchone()[0] == 3
+    assert con.execute("SELECT count(*) FROM mcts_nodes WHERE depth = 1").fetchone()[0] == 6
+    shape = con.execute(catalog.resolve_query("tree_shape")).fetchall()
+    assert len(shape) == 3 and all(row[5] == 2 for row in shape)  # each root expanded with k = 2
+    (outcomes,) = con.execute(catalog.resolve_query("step_outcomes")).fetchall()
+    assert outcomes[1] == 6
+    con.execute(catalog.resolve_query("q_by_depth")).fetchall()
