@@ -47,6 +47,7 @@ class MCTSConfig(BaseModel):
     buckets: list[str] = Field(default_factory=list,
                                description="search only problems of these filter buckets (empty: the whole pool)")
     limit: int | None = Field(None, ge=1, description="search at most this many problems (the first by id)")
+    use_ppm: bool = Field(False, description="score candidate steps with the PPM trained in the round before, if any")
     batched: bool = Field(True, description="one engine call per depth for all trees (False: one per node, for the benchmark)")
 
 
@@ -66,6 +67,7 @@ class Node:
     visits: int = 0
     value: float = 0.0
     children: list["Node"] = field(default_factory=list)
+    prior: float = 0.0  # the PPM's score of the step, when a PPM scores candidates (later rounds)
 
     @property
     def q(self) -> float:
@@ -102,7 +104,8 @@ def select(root: Node, c: float) -> Node | None:
         return None
     while node.children and node.status not in ("terminal", "cut"):
         candidates = [child for child in node.children if child.selectable()]
-        node = max(candidates, key=lambda child: uct(child, node.visits, c))
+        # unvisited children first (UCT is infinite for them), the PPM's favourite among them first
+        node = max(candidates, key=lambda child: (uct(child, node.visits, c), child.prior))
     return node
 
 
@@ -114,6 +117,11 @@ def backup(leaf: Node, reward: float) -> None:
 
 def leaf_reward(node: Node) -> float:
     return 1.0 if node.status == "terminal" and node.correct else -1.0
+
+
+def ppm_text(question: str, node: Node) -> str:
+    """What the PPM scores: the problem, the solution before the step, the step (as tasks/pairs.to_ppm_dataset)."""
+    return f"{question}\n\n{step_prefix([(n.text, n.output) for n in node.path[1:-1]])}{node.text}"
 
 
 def program(node: Node) -> str:
@@ -162,8 +170,12 @@ def _expand(frontier: list[tuple[Node, str]], gold: dict[str, str], engine: Engi
 
 
 @task(name="mcts", cache_policy=NO_CACHE, persist_result=False)
-def search(problems: pa.Table, engine: Engine, config: MCTSConfig, verify: VerifyConfig, round_: int = 0) -> dict[str, pa.Table]:
-    """problems (problem_id, question, answer) -> {"mcts_nodes", "traces"}."""
+def search(problems: pa.Table, engine: Engine, config: MCTSConfig, verify: VerifyConfig, round_: int = 0,
+           step_scorer=None) -> dict[str, pa.Table]:
+    """problems (problem_id, question, answer) -> {"mcts_nodes", "traces"}.
+
+    `step_scorer(texts) -> scores` (a trained PPM, models/ppm.py) orders unvisited candidates and the
+    simulation path; round 0 has none and relies on terminal rewards alone."""
     rows = problems.select(["problem_id", "question", "answer"]).to_pylist()
     roots: list[tuple[Node, dict]] = []
     for row in rows:
@@ -188,6 +200,11 @@ def search(problems: pa.Table, engine: Engine, config: MCTSConfig, verify: Verif
                     born = _expand(frontier, gold, engine, box, grader, config, seed)
                 else:  # the same expansions, one engine call per node
                     born = [c for entry in frontier for c in _expand([entry], gold, engine, box, grader, config, seed)]
+                if step_scorer is not None:
+                    question_of = {row["problem_id"]: row["question"] for row in rows}
+                    scored = [c for c in born if c.status == "ok"]
+                    for child, score in zip(scored, step_scorer([ppm_text(question_of[c.problem_id], c) for c in scored])):
+                        child.prior = float(score)
                 by_parent: dict[int, list[Node]] = {}
                 for child in born:
                     by_parent.setdefault(id(child.parent), []).append(child)
@@ -200,7 +217,8 @@ def search(problems: pa.Table, engine: Engine, config: MCTSConfig, verify: Verif
                     going_on = [child for child in kids if child.status == "ok"]
                     if not going_on:
                         continue
-                    nxt = going_on[0]  # the samples are random already: simulate down the first
+                    # simulate down the PPM's favourite (without a PPM: the first sample, random already)
+                    nxt = max(going_on, key=lambda child: child.prior)
                     if nxt.depth >= config.max_depth:
                         nxt.status = "cut"
                         backup(nxt, -1.0)

@@ -142,6 +142,10 @@ def test_the_ppm_and_trace_sft_train_from_mcts_data(tiny_model, scratch):
     from transformers import AutoModelForSequenceClassification
 
     assert AutoModelForSequenceClassification.from_pretrained(scratch / "ppm").config.num_labels == 1
+    from models.ppm import PPMScorer
+
+    scores = PPMScorer(scratch / "ppm")(["3 boxes of 4 pens?\n\n" + prefix + "y = x * 4", "short"])
+    assert len(scores) == 2 and all(-1 < s < 1 for s in scores)
 
     traces = pa.Table.from_pylist([dict(trace_id="t", problem_id="p", tree_id="x", node_ids=["a", "b"],
                                         prompt="3 boxes of 4 pens?", completion=prefix + "The answer is \\boxed{12}",

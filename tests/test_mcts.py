@@ -206,3 +206,19 @@ def test_the_mcts_stage_writes_trees_the_catalog_and_named_queries_read(prefect_
     (outcomes,) = con.execute(catalog.resolve_query("step_outcomes")).fetchall()
     assert outcomes[1] == 6
     con.execute(catalog.resolve_query("q_by_depth")).fetchall()
+
+
+def test_a_step_scorer_sees_each_runnable_step_in_its_context():
+    problems = pa.table({"problem_id": ["p1"], "question": ["3 boxes of 4 pens?"], "answer": ["12"]})
+    seen = []
+
+    def scorer(texts):
+        seen.extend(texts)
+        return [1.0 if "pens + 0" in t else 0.0 for t in texts]
+
+    search.fn(problems, ScriptedStepPolicy(), MCTSConfig(rollouts=2, max_depth=3, children=3), VerifyConfig(workers=1),
+              step_scorer=scorer)
+    assert seen and all(t.startswith("3 boxes of 4 pens?\n\n") for t in seen)
+    assert any(t.endswith("pens = 3 * 4\nprint(pens)") for t in seen)  # a first step, no prefix
+    deeper = [t for t in seen if "print(pens + 0)" in t]
+    assert deeper and all("<output>12</output>" in t for t in deeper)  # later steps carry the earlier output
