@@ -57,6 +57,7 @@ def start_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_path: P
 
 
 def stop_server(process: subprocess.Popen) -> None:
+    """Stop a child started in its own session (the server, a `serve`): SIGTERM, then SIGKILL after 20 s."""
     import signal
 
     if process.poll() is None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -74,12 +73,7 @@ def served(tiny_model):
     try:
         yield {"url": url, "root": root, "serve": serve}
     finally:
-        os.killpg(serve.pid, signal.SIGTERM)
-        try:
-            serve.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
-            serve.wait()
+        stop_server(serve)  # the same SIGTERM-then-SIGKILL of the process group as for the server
         serve_log.close()
         stop_server(server)
         shutil.rmtree(root, ignore_errors=True)
