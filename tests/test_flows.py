@@ -129,6 +129,12 @@ def test_the_shipped_demo_config_loads(runs_root):
     demo = load_config(DEFAULT_CONFIG)
     assert demo.engine.model == "default" and demo.generate.sampling.n == 8
     assert {s.name for s in demo.sources} == {"easy_arithmetic", "gsm8k"}
+    from flows.config import PROJECT_ROOT
+
+    for shipped in sorted((PROJECT_ROOT / "deploy" / "configs").glob("*.yaml")):
+        load_config(shipped)  # every shipped config validates against the current schema
+    rstar = load_config(PROJECT_ROOT / "deploy" / "configs" / "rstar.yaml")
+    assert "mcts" in rstar.stages and rstar.finetune.train_ppm and rstar.mcts.use_ppm
 
 
 def test_ingest_command_prints_counts_by_reason_and_names_a_bad_file(prefect_server, runs_root, scratch, capsys):
