@@ -28,7 +28,8 @@ if [ -f "$VENV/.evoforge-stamp" ] && [ "$(cat "$VENV/.evoforge-stamp")" = "$STAM
 fi
 echo "setting up $VENV (engine: $ENGINE) ..."
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-export PIP_CACHE_DIR="${PIP_CACHE_DIR:-$PWD/.cache/pip}" PIP_DISABLE_PIP_VERSION_CHECK=1
+mkdir -p .tmp  # pip builds in TMPDIR: keep it inside the project, not /tmp
+export PIP_CACHE_DIR="${PIP_CACHE_DIR:-$PWD/.cache/pip}" PIP_DISABLE_PIP_VERSION_CHECK=1 TMPDIR="${TMPDIR:-$PWD/.tmp}"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -e ".[$ENGINE]"
 if [ "$ENGINE" = cpu ]; then
