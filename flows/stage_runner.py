@@ -5,6 +5,7 @@ outputs, the catalog refresh and the stage's Prefect artifacts.
 from __future__ import annotations
 
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
@@ -75,21 +76,16 @@ def mark_interrupted(store: Lake, run: str) -> list[dict]:
     return open_attempts
 
 
+@contextmanager
 def run_guard(run: str, what: str):
     """The run's lock, plus closing the attempts a crash left open; a round holds it around its stages."""
-    from contextlib import contextmanager
-
-    @contextmanager
-    def guarded():
-        store = lake()
-        store.ensure_run(run)
-        with run_lock(store.run_dir(run), what):
-            for attempt in mark_interrupted(store, run):
-                run_logger().warning(f"{attempt['stage']} (run {run}, round {attempt['round']}): an earlier attempt "
-                                     f"started {attempt['started_at']:%Y-%m-%d %H:%M:%S} was interrupted")
-            yield store
-
-    return guarded()
+    store = lake()
+    store.ensure_run(run)
+    with run_lock(store.run_dir(run), what):
+        for attempt in mark_interrupted(store, run):
+            run_logger().warning(f"{attempt['stage']} (run {run}, round {attempt['round']}): an earlier attempt "
+                                 f"started {attempt['started_at']:%Y-%m-%d %H:%M:%S} was interrupted")
+        yield store
 
 
 def execute_stage(

@@ -148,7 +148,7 @@ def _expand(frontier: list[tuple[Node, str]], gold: dict[str, str], engine: Engi
         for index, completion in enumerate(completions):
             kind, content = parse_step(completion.text)
             child = Node(stable_hash("node", leaf.node_id, index, completion.text), leaf.tree_id, leaf.problem_id,
-                         leaf, leaf.depth + 1, text=completion.text.strip())
+                         leaf, leaf.depth + 1, text=completion.text.split("<output>")[0].strip())  # not its own made-up output
             if kind == "final":
                 child.status, child.answer = "terminal", content
             elif not content:
