@@ -21,11 +21,13 @@ from data import schemas
 from data.decontam import Decontaminator
 from models.prompts import last_boxed
 
-Preset = Literal["gsm8k", "math", "plain"]
+Preset = Literal["gsm8k", "math", "plain", "demonstrations"]
+GradedPreset = Literal["gsm8k", "math", "plain"]  # an eval set needs answers a verifier can grade
 PRESET_FIELDS: dict[str, tuple[str, str]] = {
     "gsm8k": ("question", "answer"),
     "math": ("problem", "solution"),
     "plain": ("question", "answer"),
+    "demonstrations": ("question", "answer"),  # answer: the expert's free-text answer (RARO)
 }
 RAW_CHARS = 500
 
@@ -43,12 +45,16 @@ class SourceConfig(BaseModel):
     limit: int | None = Field(None, ge=1, description="read only the first N rows")
     split: str | None = Field(None, description="split of a datasets DatasetDict")
     max_question_chars: int = 4000
+    reference_field: str | None = Field(
+        None, description="demonstrations: a field with a final answer math-verify can grade, when the data has one")
+    task: str | None = Field(None, description="tag recorded on each problem; default 'math', or 'demonstration'")
+    max_expert_chars: int = Field(8000, description="demonstrations: longer expert answers are quarantined")
 
 
 class EvalSetConfig(BaseModel):
     name: str
     path: str
-    preset: Preset = "plain"
+    preset: GradedPreset = "plain"
     question_field: str | None = None
     answer_field: str | None = None
     limit: int | None = Field(None, ge=1, description="evaluate on the first N problems (decontamination uses all)")
@@ -192,8 +198,42 @@ def fields_for(config: SourceConfig | EvalSetConfig) -> tuple[str, str]:
     return config.question_field or default_q, config.answer_field or default_a
 
 
-def extract_answer(value: dict, config: SourceConfig | EvalSetConfig) -> str:
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+
+
+def gsm8k_worked_solution(solution: str) -> str:
+    """A GSM8K solution as an expert answer in the policy's own format: the calculator annotations
+    (`<<48/2=24>>`) dropped and `#### 72` written as `\\boxed{72}`. A critic shown the raw format
+    would tell expert from policy by its markup, not by its reasoning."""
+    body, marker, final = _CALCULATOR.sub("", solution).rpartition("####")
+    if not marker:
+        return solution.strip()
+    return f"{body.strip()}\nThe answer is \\boxed{{{normalize_answer(final)}}}."
+
+
+def expert_answer_of(value: dict, config: SourceConfig) -> str | None:
+    """The expert's worked answer, for the RARO critic: the demonstration itself, a GSM8K or MATH
+    solution, or None when the source holds only final answers."""
+    _, answer_field = fields_for(config)
+    if config.preset == "demonstrations":
+        return _text_field(value, answer_field).strip()
+    text = value.get(answer_field)
+    if not isinstance(text, str):
+        return None
+    if config.preset == "gsm8k":
+        return gsm8k_worked_solution(text)
+    if config.preset == "math" and last_boxed(text) is not None:
+        return text.strip()
+    return None
+
+
+def extract_answer(value: dict, config: SourceConfig | EvalSetConfig) -> str | None:
+    """The gold answer a verifier grades against; for demonstrations only if `reference_field` names one."""
     question_field, answer_field = fields_for(config)
+    if config.preset == "demonstrations":
+        if config.reference_field is None:
+            return None
+        return normalize_answer(_text_field(value, config.reference_field))
     if config.preset == "gsm8k":
         text = _text_field(value, answer_field)
         if "####" not in text:
@@ -254,12 +294,17 @@ def ingest(
         try:
             question = question_of(record.value, config)
             answer = extract_answer(record.value, config)
+            expert = expert_answer_of(record.value, config)
         except RowProblem as problem:
             reject(record, problem.reason, problem.field_name, problem.detail)
             continue
         if len(question) > config.max_question_chars:
             reject(record, "too_long", fields_for(config)[0],
                    f"question has {len(question)} characters; the limit is {config.max_question_chars}")
+            continue
+        if expert is not None and len(expert) > config.max_expert_chars:
+            reject(record, "too_long", fields_for(config)[1],
+                   f"expert answer has {len(expert)} characters; the limit is {config.max_expert_chars}")
             continue
         pid = problem_id(question)
         if pid in known_ids or pid in seen:
@@ -274,20 +319,24 @@ def ingest(
                        (hit.set_name, hit.problem_id))
                 continue
         seen[pid] = record.row
-        candidates.append(dict(problem_id=pid, question=question, answer=answer, record=record))
+        candidates.append(dict(problem_id=pid, question=question, answer=answer, expert=expert, record=record))
 
-    parseable = check_golds([c["answer"] for c in candidates]) if candidates else []
+    # demonstrations without a reference answer have nothing for math-verify to parse
+    graded = [c for c in candidates if c["answer"] is not None]
+    parseable = dict(zip((id(c) for c in graded), check_golds([c["answer"] for c in graded]) if graded else []))
+    answer_field = config.reference_field if config.preset == "demonstrations" else fields_for(config)[1]
+    task = config.task or ("demonstration" if config.preset == "demonstrations" else "math")
     problems = []
-    for candidate, ok in zip(candidates, parseable):
-        if not ok:
-            reject(candidate["record"], "unparseable_answer", fields_for(config)[1],
+    for candidate in candidates:
+        if not parseable.get(id(candidate), True):
+            reject(candidate["record"], "unparseable_answer", answer_field,
                    f"math-verify cannot parse the answer {candidate['answer'][:80]!r}")
             continue
         problems.append(
             dict(
                 problem_id=candidate["problem_id"], question=candidate["question"], answer=candidate["answer"],
                 source=source, source_file=label, source_row=candidate["record"].row, origin="seed",
-                parent_problem_id=None,
+                parent_problem_id=None, task=task, expert_answer=candidate["expert"],
             )
         )
     reasons: dict[str, int] = {}

@@ -120,7 +120,7 @@ class Lake:
         schema = self._schema(table)
         parts = []
         for path in self.table_files(run, table, round_, stage):
-            part = schemas.conform(pq.read_table(path), schema, where=str(path))
+            part = schemas.conform(pq.read_table(path), schema, where=str(path), missing_as_null=True)
             if table in schemas.ROUND_TABLES:
                 r = int(path.parent.parent.parent.name.split("=", 1)[1])
                 part = part.append_column("round", pa.array([r] * part.num_rows, pa.int32()))

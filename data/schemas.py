@@ -17,6 +17,8 @@ PROBLEMS = pa.schema(
         ("source_row", pa.int64()),
         ("origin", pa.string()),
         ("parent_problem_id", pa.string()),
+        ("task", pa.string()),
+        ("expert_answer", pa.string()),
     ]
 )
 
@@ -210,6 +212,22 @@ TRACES = pa.schema(
     ]
 )
 
+JUDGMENTS = pa.schema(
+    [
+        ("judgment_id", pa.string()),
+        ("problem_id", pa.string()),
+        ("rollout_id", pa.string()),
+        ("order", pa.string()),
+        ("critic_output", pa.string()),
+        ("said", pa.string()),
+        ("label", pa.string()),
+        ("parsed_ok", pa.bool_()),
+        ("critic_reward", pa.float64()),
+        ("policy_reward", pa.float64()),
+        ("critic_model_id", pa.string()),
+    ]
+)
+
 # the artifact tables stored under runs/<run>/round=<r>/<stage>/<table>/
 ROUND_TABLES: dict[str, pa.Schema] = {
     "problems": PROBLEMS,
@@ -225,11 +243,12 @@ ROUND_TABLES: dict[str, pa.Schema] = {
     "evals": EVALS,
     "mcts_nodes": MCTS_NODES,
     "traces": TRACES,
+    "judgments": JUDGMENTS,
 }
 # tables of the whole run, stored under runs/<run>/<table>/
 RUN_TABLES: dict[str, pa.Schema] = {"stage_runs": STAGE_RUNS}
 
-VERDICT_VALUES = ("correct", "wrong", "no_answer", "bad_gold", "timeout")
+VERDICT_VALUES = ("correct", "wrong", "no_answer", "bad_gold", "timeout", "no_reference")
 BUCKETS = ("unsolved", "underperforming", "learnable", "solved")
 
 
@@ -237,9 +256,14 @@ def empty(schema: pa.Schema) -> pa.Table:
     return schema.empty_table()
 
 
-def conform(table: pa.Table, schema: pa.Schema, *, where: str) -> pa.Table:
-    """Cast `table` to exactly `schema` (column order and types), naming what does not fit."""
+def conform(table: pa.Table, schema: pa.Schema, *, where: str, missing_as_null: bool = False) -> pa.Table:
+    """Cast `table` to exactly `schema` (column order and types), naming what does not fit.
+    `missing_as_null`: a column added to the schema after the file was written reads as NULLs."""
     missing = [f.name for f in schema if f.name not in table.column_names]
+    if missing and missing_as_null:
+        for name in missing:
+            table = table.append_column(name, pa.nulls(table.num_rows, schema.field(name).type))
+        missing = []
     if missing:
         raise ValueError(f"{where}: missing column(s) {missing}; expected {schema.names}")
     try:

@@ -77,6 +77,16 @@ def stage_markdown(stage: str, round_: int, status: str, tables: dict[str, pa.Ta
             lines.append(f"- **terminal leaves** {len(terminal)}, correct {correct}"
                          + (f" ({correct / len(terminal):.1%})" if terminal else ""))
         lines.append(f"- **traces**: {tables['traces'].num_rows if 'traces' in tables else 0}")
+    elif stage == "critic":
+        judgments = tables.get("judgments")
+        n = judgments.num_rows if judgments is not None else 0
+        labels = _counts(col("judgments", "label"))
+        parsed = n - labels.get(None, 0)
+        lines.append(f"- **judgments** {n}, with a label {parsed}" + (f" ({parsed / n:.1%})" if n else ""))
+        lines.append(_line("winner", {k: v for k, v in labels.items() if k is not None}))
+        if parsed:
+            lines.append(f"- **tie rate** {labels.get('tie', 0) / parsed:.3f}, **policy win rate** "
+                         f"{labels.get('policy', 0) / parsed:.3f} (of judgments with a label)")
     elif stage == "pairs":
         lines.append(_line("pairs by kind", _counts(col("pairs", "kind"))))
         lines.append(f"- **sft examples**: {tables['sft_examples'].num_rows if 'sft_examples' in tables else 0}")

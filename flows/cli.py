@@ -43,7 +43,8 @@ def cmd_ingest(args) -> None:
 
     source = SourceConfig(
         path=str(Path(args.path).resolve()), preset=args.preset, question_field=args.question_field,
-        answer_field=args.answer_field, name=args.name, limit=args.limit,
+        answer_field=args.answer_field, name=args.name, limit=args.limit, reference_field=args.reference_field,
+        task=args.task,
     )
     eval_sets: list[EvalSetConfig] = load_config(args.config).eval_sets if args.config else []
     result = ingest_flow(args.run, source, eval_sets, force=args.force)
@@ -263,9 +264,12 @@ def parser() -> argparse.ArgumentParser:
     ingest = sub.add_parser("ingest", help="read a JSONL/Parquet/datasets source into a run's problem pool")
     ingest.add_argument("path")
     ingest.add_argument("--run", required=True)
-    ingest.add_argument("--preset", choices=["gsm8k", "math", "plain"], default="plain")
+    ingest.add_argument("--preset", choices=["gsm8k", "math", "plain", "demonstrations"], default="plain",
+                        help="demonstrations: free-text expert answers, judged by the RARO critic instead of graded")
     ingest.add_argument("--question-field")
-    ingest.add_argument("--answer-field")
+    ingest.add_argument("--answer-field", help="for demonstrations: the expert's answer")
+    ingest.add_argument("--reference-field", help="demonstrations: a final answer a verifier can grade, if the data has one")
+    ingest.add_argument("--task", help="tag recorded on each problem (default: math, or demonstration)")
     ingest.add_argument("--name", help="source name recorded on each problem")
     ingest.add_argument("--limit", type=int, help="read only the first N rows")
     ingest.add_argument("--config", help="a round config whose eval_sets to decontaminate against")
@@ -280,8 +284,8 @@ def parser() -> argparse.ArgumentParser:
     rnd.set_defaults(func=cmd_round)
 
     stage = sub.add_parser("stage", help="rerun one stage of one round")
-    stage.add_argument("name", choices=["ingest", "generate", "verify", "filter", "synthesize", "mcts", "pairs",
-                                        "finetune", "evaluate"])
+    stage.add_argument("name", choices=["ingest", "generate", "verify", "filter", "synthesize", "mcts", "critic",
+                                        "pairs", "finetune", "evaluate"])
     stage.add_argument("--run", required=True)
     stage.add_argument("--round", type=int, default=0)
     stage.add_argument("--config", help="default: the config the run was started with")

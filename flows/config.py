@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, ValidationError
 from data.home import PROJECT_ROOT
 from data.ingest import EvalSetConfig, SourceConfig
 from models.engine import EngineConfig
+from tasks.critic import CriticConfig
 from tasks.evaluate import EvaluateConfig
 from tasks.filter import FilterConfig
 from tasks.finetune import FinetuneConfig
@@ -25,7 +26,7 @@ from tasks.pairs import PairsConfig
 from tasks.synthesize import SynthesizeConfig
 from tasks.verify import VerifyConfig
 
-ROUND_STAGES = ("generate", "verify", "filter", "synthesize", "mcts", "pairs", "finetune", "evaluate")
+ROUND_STAGES = ("generate", "verify", "filter", "synthesize", "mcts", "critic", "pairs", "finetune", "evaluate")
 SVS_STAGES = ("generate", "verify", "filter", "synthesize", "pairs", "finetune", "evaluate")  # the default round
 
 DEFAULT_CONFIG = PROJECT_ROOT / "deploy" / "configs" / "demo.yaml"
@@ -46,11 +47,12 @@ class RoundConfig(BaseModel):
     filter: FilterConfig = Field(default_factory=FilterConfig)
     synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig)
     mcts: MCTSConfig = Field(default_factory=MCTSConfig)
+    critic: CriticConfig = Field(default_factory=CriticConfig)
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     stages: list[Literal[ROUND_STAGES]] = Field(  # type: ignore[valid-type]
-        default_factory=lambda: list(SVS_STAGES), description="the stages a round runs, in this order (add mcts for rStar-Math)"
+        default_factory=lambda: list(SVS_STAGES), description="the stages a round runs, in this order (add mcts for rStar-Math, critic for RARO)"
     )
 
 

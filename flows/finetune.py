@@ -12,7 +12,7 @@ from data.lake import fingerprint_table
 from flows.config import RoundConfig, config_hash
 from flows.generate import problem_pool
 from flows.policy import stage_config
-from flows.stage_runner import StageResult, execute_stage, lake
+from flows.stage_runner import MissingInput, StageResult, execute_stage, lake
 from flows.verify import round_table
 from models.engine import release_engines
 from models.registry import folder_hash, resolve
@@ -21,9 +21,11 @@ from tasks.generate import stable_hash
 from tasks.progress import run_logger
 
 
-def training_data(run: str, round_: int, methods: list[str]) -> dict[str, pa.Table]:
+def training_data(run: str, round_: int, methods: list[str], config: RoundConfig | None = None) -> dict[str, pa.Table]:
     """Each method's rows for this round: sft -> sft_examples, dpo -> solution pairs, grpo -> prompts
-    (the round's learnable problems and the variants it kept, each with the answer the reward checks)."""
+    (the round's learnable problems, or all with `grpo_problems: all`, and the variants it kept, each
+    with the answer the reward checks), raro -> both roles' rows (see `raro_rows`)."""
+    config = config or RoundConfig()
     data: dict[str, pa.Table] = {}
     for method in methods:
         if method == "sft":
@@ -33,20 +35,54 @@ def training_data(run: str, round_: int, methods: list[str]) -> dict[str, pa.Tab
         elif method == "dpo":
             pairs = round_table(run, round_, "pairs", "pairs")
             data[method] = pairs.filter(pc.equal(pairs["kind"], "solution"))
+        elif method == "raro":
+            data[method] = raro_rows(run, round_, config)
         else:
-            stats = round_table(run, round_, "problem_stats", "filter")
-            learnable = stats.filter(pc.equal(stats["bucket"], "learnable"))["problem_id"]
             pool = problem_pool(run, round_).select(["problem_id", "question", "answer"])
+            pool = pool.filter(pc.invert(pc.is_null(pool["answer"])))
+            if config.finetune.grpo_problems == "learnable":
+                stats = round_table(run, round_, "problem_stats", "filter")
+                pool = pool.filter(pc.is_in(pool["problem_id"], stats.filter(pc.equal(stats["bucket"], "learnable"))["problem_id"]))
             kept = lake().read(run, "problems", round_, "synthesize").select(["problem_id", "question", "answer"])
-            data[method] = pa.concat_tables([pool.filter(pc.is_in(pool["problem_id"], learnable)), kept])
+            data[method] = pa.concat_tables([pool, kept])
     return data
+
+
+def compared_answers(run: str, rounds: list[int], problems: pa.Table) -> pa.Table:
+    """The comparisons the critic judged in `rounds`: problem_id, question, expert_answer, policy_answer,
+    order, round, newest round first. `problems`: a pool holding those rounds' problems."""
+    store = lake()
+    in_rounds = lambda table: table.filter(pc.is_in(table["round"], pa.array(rounds, pa.int32())))  # noqa: E731
+    judgments = in_rounds(store.read(run, "judgments", stage="critic")).select(["problem_id", "rollout_id", "order", "round"])
+    # a policy that did not change between rounds writes the same rollout ids again: join within a round
+    rollouts = in_rounds(store.read(run, "rollouts", stage="generate")).select(["rollout_id", "round", "text"])
+    joined = judgments.join(rollouts, ["rollout_id", "round"]).join(
+        problems.select(["problem_id", "question", "expert_answer"]), "problem_id")
+    joined = joined.rename_columns(["policy_answer" if name == "text" else name for name in joined.column_names])
+    return joined.sort_by([("round", "descending"), ("rollout_id", "ascending")])
+
+
+def raro_rows(run: str, round_: int, config: RoundConfig) -> pa.Table:
+    """RARO's two roles: every problem with an expert answer asks the policy; the critic role gets this
+    round's judged comparisons (fresh) and, from the replay buffer, the latest `critic.replay_size` of
+    earlier rounds', half and half."""
+    from flows.critic import problems_with_experts
+    from tasks.critic import raro_training_rows
+
+    problems = problems_with_experts(run, round_)
+    fresh = compared_answers(run, [round_], problems)
+    if fresh.num_rows == 0:
+        raise MissingInput(f"run {run!r} round {round_} has no judgments: run `evoforge stage critic --run {run} "
+                           f"--round {round_}` before RARO training")
+    replay = compared_answers(run, list(range(round_)), problems).slice(0, config.critic.replay_size)
+    return raro_training_rows(problems, fresh, replay, config.critic, seed=config.finetune.seed + round_)
 
 
 @flow(name="finetune", flow_run_name="{run}/round-{round}/finetune")
 def finetune_flow(run: str, round: int, config: RoundConfig | None = None, force: bool = False) -> StageResult:
     """Rerunnable alone: with no config, the run's saved one and the round's policy."""
     config = stage_config(run, round, config)
-    data = training_data(run, round, config.finetune.methods)
+    data = training_data(run, round, config.finetune.methods, config)
     empty = [m for m, t in data.items() if t.num_rows == 0]
     data = {m: t for m, t in data.items() if t.num_rows}  # a chain trains with the methods that have rows
     method = "+".join(data)
@@ -56,7 +92,8 @@ def finetune_flow(run: str, round: int, config: RoundConfig | None = None, force
     data_fp = stable_hash(*(f"{m}:{fingerprint_table(t)}" for m, t in data.items()))
     # the grader's settings decide GRPO's rewards, so they are part of what a grpo checkpoint depends on
     settings = config_hash({"finetune": config.finetune.model_dump(mode="json"),
-                            **({"verify": config.verify.grading_settings()} if "grpo" in data else {})})
+                            **({"verify": config.verify.grading_settings()} if "grpo" in data else {}),
+                            **({"critic": config.critic.model_dump(mode="json")} if "raro" in data else {})})
     checkpoint_id = f"r{round}-{method.replace('+', '-')}-{stable_hash(parent.model_id, data_fp, settings, length=8)}"
     folder = lake().run_dir(run) / "models" / checkpoint_id
 
@@ -73,7 +110,7 @@ def finetune_flow(run: str, round: int, config: RoundConfig | None = None, force
         if data or (step_pairs is not None and step_pairs.num_rows):
             release_engines()  # the policy is about to change, and training wants the memory
         if data:
-            result = finetune(parent.path, data, train_config, folder, config.verify, resume=not force)
+            result = finetune(parent.path, data, train_config, folder, config.verify, resume=not force, critic=config.critic)
             checkpoints.append(_registry_row(checkpoint_id, parent.model_id, "policy", method, folder, data_fp, rows_in, result))
             chained = len(data) > 1  # name a chain's metrics by method, so sft loss and grpo loss stay apart
             metrics += [dict(checkpoint_id=checkpoint_id, step=m["step"], metric=f"{m['method']}/{k}" if chained else k,

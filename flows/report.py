@@ -1,4 +1,5 @@
-"""`evoforge report`: per round, the pool, buckets, kept variants and held-out pass@k, plus a PNG plot."""
+"""`evoforge report`: per round, the pool, buckets, kept variants, the RARO critic's rates and held-out
+pass@k, plus a PNG plot."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,7 +24,10 @@ def collect(run: str) -> dict:
         }
     evals = q("SELECT model_round, eval_set, pass_at_1, map_entries(pass_at_k), entropy, problems, n FROM evals "
               "ORDER BY model_round, eval_set")
-    return {"rounds": per_round, "evals": [
+    cursor = con.execute(catalog.resolve_query("critic_report"))
+    names = [d[0] for d in cursor.description]
+    critic = [dict(zip(names, row)) for row in cursor.fetchall()]
+    return {"rounds": per_round, "critic": critic, "evals": [
         {"model_round": m, "set": s, "pass_at_1": p1, "pass_at_k": {e["key"]: e["value"] for e in pk},
          "entropy": ent, "problems": probs, "n": n} for m, s, p1, pk, ent, probs, n in evals]}
 
@@ -36,6 +40,12 @@ def format_report(run: str, data: dict) -> str:
         lines.append(f"{r:>5}  {row['pool']:>4}  {b.get('unsolved', 0):>8}  {b.get('underperforming', 0):>9}  "
                      f"{b.get('learnable', 0):>9}  {b.get('solved', 0):>6}  {row['synthesized']:>11}  "
                      f"{row['valid']:>5}  {row['kept']:>4}")
+    if data.get("critic"):
+        lines.append("critic (RARO)  round  judgments  tie  policy wins  unparseable  accuracy on wrong answers [n]")
+        fmt = lambda v: "  n/a" if v is None else f"{v:.3f}"  # noqa: E731
+        for c in data["critic"]:
+            lines.append(f"{'':>13}  {c['round']:>5}  {c['judgments']:>9}  {fmt(c['tie_rate'])}  {fmt(c['policy_win_rate']):>11}  "
+                         f"{fmt(c['unparseable_rate']):>11}  {fmt(c['critic_accuracy']):>24} [{c['judged_wrong_answers']}]")
     if data["evals"]:
         lines.append("model (0 = start, r+1 = after round r)  set  pass@1  pass@k  entropy  [problems x n]")
         for e in data["evals"]:

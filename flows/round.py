@@ -1,5 +1,5 @@
-"""The round flow: ingest (round 0) -> generate -> verify -> filter -> synthesize -> pairs -> finetune
--> evaluate (the config's `stages` pick which run), each stage a subflow that can also run alone.
+"""The round flow: ingest (round 0) -> generate -> verify -> filter -> synthesize -> mcts -> critic -> pairs
+-> finetune -> evaluate (the config's `stages` pick which run), each stage a subflow that can also run alone.
 `evolve_flow` chains rounds: each starts from the previous round's checkpoint and grown pool.
 
 Both are deployable (deploy/prefect.yaml, `evoforge serve`): with no `round`, a round flow runs the
@@ -11,6 +11,7 @@ from prefect import flow
 
 from flows.artifacts import publish_round_report
 from flows.config import RoundConfig
+from flows.critic import critic_flow
 from flows.evaluate import evaluate_flow
 from flows.filter import filter_flow
 from flows.finetune import finetune_flow
@@ -26,7 +27,7 @@ from tasks.progress import run_logger
 
 STAGES = {
     "generate": generate_flow, "verify": verify_flow, "filter": filter_flow, "synthesize": synthesize_flow,
-    "mcts": mcts_flow, "pairs": pairs_flow, "finetune": finetune_flow, "evaluate": evaluate_flow,
+    "mcts": mcts_flow, "critic": critic_flow, "pairs": pairs_flow, "finetune": finetune_flow, "evaluate": evaluate_flow,
 }
 
 

@@ -148,3 +148,37 @@ def parse_step(text: str) -> tuple[str, str | None]:
     code = re.sub(r"^\s*```(?:python)?\s*$", "", text, flags=re.MULTILINE).strip()
     code = code.split("<output>")[0].strip()  # a model that writes its own output has not seen it
     return "code", code
+
+
+# -- RARO: the relativistic critic, played by the policy model under its own system prompt -----------
+CRITIC_SYSTEM = (
+    "You judge answers to math problems. You see a question and two answers, Answer 1 and Answer 2. "
+    "Check the reasoning and the final result of each in a few short sentences, then end with one line: "
+    "'Verdict: Answer 1', 'Verdict: Answer 2' or 'Verdict: Tie'."
+)
+
+# two worked judgments, written for this project, one for each position: with a single example a
+# small critic learns to repeat its label instead of reading the answers
+CRITIC_EXAMPLES = [
+    ("A pack has 5 pens. How many pens are in 3 packs?",
+     "There are 3 packs of 5 pens, so 3 * 5 = 15 pens.\nThe answer is \\boxed{15}.",
+     "3 + 5 = 8 pens.\nThe answer is \\boxed{8}.",
+     "Answer 1 multiplies the packs by the pens in each pack, which is right. Answer 2 adds them, which is "
+     "wrong.\nVerdict: Answer 1"),
+    ("Lea had 20 dollars and spent 8 dollars. How many dollars does she have left?",
+     "She spent 8 dollars, so she has 20 + 8 = 28 dollars.\nThe answer is \\boxed{28}.",
+     "She has 20 - 8 = 12 dollars left.\nThe answer is \\boxed{12}.",
+     "Answer 1 adds the money she spent, which is wrong. Answer 2 subtracts it, which is right.\nVerdict: Answer 2"),
+]
+
+
+def _critic_request(question: str, answer_1: str, answer_2: str) -> str:
+    return f"Question:\n{question}\n\nAnswer 1:\n{answer_1}\n\nAnswer 2:\n{answer_2}\n\nWhich answer is better?"
+
+
+def critic_messages(question: str, answer_1: str, answer_2: str) -> Messages:
+    messages: Messages = [{"role": "system", "content": CRITIC_SYSTEM}]
+    for q, a1, a2, judgment in CRITIC_EXAMPLES:
+        messages += [{"role": "user", "content": _critic_request(q, a1, a2)}, {"role": "assistant", "content": judgment}]
+    messages.append({"role": "user", "content": _critic_request(question, answer_1, answer_2)})
+    return messages

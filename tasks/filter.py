@@ -53,6 +53,8 @@ def correct_counts(verdicts: pa.Table) -> dict[str, tuple[int, int]]:
     """problem_id -> (graded samples, correct samples)."""
     counts: dict[str, list[int]] = {}
     for pid, verdict in zip(verdicts["problem_id"].to_pylist(), verdicts["verdict"].to_pylist()):
+        if verdict == "no_reference":
+            continue
         row = counts.setdefault(pid, [0, 0])
         row[0] += 1
         row[1] += verdict == "correct"
@@ -66,6 +68,8 @@ def filter_problems(verdicts: pa.Table, rollouts: pa.Table, config: FilterConfig
     for rollout, problem, verdict in zip(
         verdicts["rollout_id"].to_pylist(), verdicts["problem_id"].to_pylist(), verdicts["verdict"].to_pylist()
     ):
+        if verdict == "no_reference":  # ungraded demonstrations have no accuracy to bucket
+            continue
         counts = per_problem.setdefault(problem, [0, 0, 0])
         counts[0] += 1
         counts[1] += verdict == "correct"

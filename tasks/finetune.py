@@ -1,8 +1,10 @@
 """finetune: TRL trainers on the round's data -> a new checkpoint folder and its training metrics.
 
 No hand-written training loop: `SFTTrainer` on the SFT selection (rejection-sampling fine-tuning,
-loss on the completion only), `DPOTrainer` on solution pairs, and `GRPOTrainer` on the learnable
-pool plus kept variants with the verify stage's grader as the reward. A round may chain methods
+loss on the completion only), `DPOTrainer` on solution pairs, `GRPOTrainer` on the learnable
+pool plus kept variants with the verify stage's grader as the reward, and `GRPOTrainer` for RARO:
+policy and critic roles of one model in one batch, rewarded by the model's own critic judgments
+(no verifier). A round may chain methods
 (`method: sft+grpo`): each starts from the previous one's weights. The prompt format is the one the
 generate stage uses, so the policy is trained on exactly what it is later asked.
 """
@@ -16,18 +18,24 @@ from pathlib import Path
 import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from typing import TYPE_CHECKING, Literal
+
 from pydantic import BaseModel, Field, field_validator
 
 from tasks.progress import run_logger
 from tasks.verify import VerifyConfig
 
-METHODS = ("sft", "dpo", "grpo", "traces")
-# which lake table each method trains on; traces: SFT on the MCTS stage's best step-by-step solutions
-METHOD_DATA = {"sft": "sft_examples", "dpo": "pairs", "grpo": "prompts", "traces": "traces"}
+if TYPE_CHECKING:
+    from tasks.critic import CriticConfig
+
+METHODS = ("sft", "dpo", "grpo", "traces", "raro")
+# which lake table each method trains on; traces: SFT on the MCTS stage's best step-by-step solutions;
+# raro: problems with expert answers (policy role) and judged comparisons (critic role)
+METHOD_DATA = {"sft": "sft_examples", "dpo": "pairs", "grpo": "prompts", "traces": "traces", "raro": "judgments"}
 
 
 class FinetuneConfig(BaseModel):
-    method: str = Field("sft", description="sft, dpo, grpo or traces, or a chain such as sft+grpo run in that order")
+    method: str = Field("sft", description="sft, dpo, grpo, traces or raro, or a chain such as sft+grpo run in that order")
     train_ppm: bool = Field(False, description="also train a process preference model on the round's step pairs")
     max_steps: int = Field(30, ge=1, description="optimizer steps per method")
     learning_rate: float = Field(2e-5, gt=0)
@@ -39,6 +47,8 @@ class FinetuneConfig(BaseModel):
     grpo_max_completion_tokens: int = Field(256, ge=8)
     grpo_temperature: float = Field(1.0, gt=0)
     grpo_beta: float = Field(0.0, ge=0, description="KL weight against the starting policy (0: no reference model)")
+    grpo_problems: Literal["learnable", "all"] = Field(
+        "learnable", description="grpo: the round's learnable problems (SvS) or every problem with a reference answer")
     checkpoint_steps: int = Field(10, ge=1, description="save trainer state every N steps, so a killed run resumes there")
     seed: int = 0
     few_shot: bool = Field(True, description="train with the same few-shot prompt the generate stage uses")
@@ -76,7 +86,7 @@ def _training_args(method: str, config: FinetuneConfig, output_dir: Path):
         from trl import RewardConfig
 
         return RewardConfig(max_length=config.max_length, **common)
-    if method == "grpo":
+    if method in ("grpo", "raro"):
         if (config.batch_size * config.gradient_accumulation_steps) % config.grpo_generations:
             raise ValueError(f"finetune grpo: batch_size x gradient_accumulation_steps "
                              f"({config.batch_size} x {config.gradient_accumulation_steps}) must be a multiple of "
@@ -104,9 +114,80 @@ class VerifierReward:
         return [1.0 if r[0] == "correct" else 0.0 for r in results]
 
 
-def _dataset(method: str, data: pa.Table, few_shot: bool):
+class RaroReward:
+    """RARO's reward for both roles of one model (arXiv 2511.21667), computed online.
+
+    A policy completion is judged by the model being trained, in its critic role, against the
+    expert's answer in a fresh random order: policy reward = 1[critic picks it] + tau_policy*1[tie].
+    A critic completion is parsed for its last label: critic reward = 1[it picks the expert] +
+    tau_critic*1[tie]. A judgment with no label rewards neither role (0). Per-step rates go to the
+    trainer's log as raro/*.
+    """
+
+    __name__ = "raro"
+
+    def __init__(self, tokenizer, critic: "CriticConfig", seed: int = 0):
+        import copy
+
+        self.tokenizer = copy.copy(tokenizer)
+        self.tokenizer.padding_side = "left"  # generation continues each prompt from its end
+        self.critic, self.seed = critic, seed
+        self.trainer = None  # set once the trainer exists: the critic is the model being trained
+
+    def judge(self, prompts: list) -> list[str]:
+        import torch
+
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        texts = [self.tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        sampling = self.critic.sampling
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            out = model.generate(**batch, do_sample=sampling.temperature > 0, temperature=sampling.temperature or None,
+                                 top_p=sampling.top_p, max_new_tokens=sampling.max_tokens,
+                                 pad_token_id=self.tokenizer.pad_token_id)
+        model.train(was_training)
+        return self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    def __call__(self, prompts, completions, role, question, expert_answer, order, trainer_state=None,
+                 log_metric=None, **_) -> list[float]:
+        from tasks.critic import critic_prompt, order_for, parse_label, rewards, winner
+
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        step = trainer_state.global_step if trainer_state is not None else 0
+        labels: dict[str, list] = {"policy": [], "critic": []}
+        out = [0.0] * len(texts)
+        asked = [i for i, r in enumerate(role) if r == "policy"]
+        orders = {i: order_for(self.seed, f"train-{step}-{i}") for i in asked}
+        verdicts = self.judge([critic_prompt(question[i], orders[i], texts[i], expert_answer[i], self.critic.max_answer_chars)
+                               for i in asked]) if asked else []
+        for i, output in zip(asked, verdicts):
+            label = winner(parse_label(output), orders[i])
+            labels["policy"].append(label)
+            out[i] = rewards(label, self.critic.tau_critic, self.critic.tau_policy)[1] or 0.0
+        for i, r in enumerate(role):
+            if r == "critic":
+                label = winner(parse_label(texts[i]), order[i])
+                labels["critic"].append(label)
+                out[i] = rewards(label, self.critic.tau_critic, self.critic.tau_policy)[0] or 0.0
+        if log_metric is not None:
+            for name, got in labels.items():
+                if got:
+                    log_metric(f"raro/{name}_rows_expert_won", sum(g == "expert" for g in got) / len(got))
+                    log_metric(f"raro/{name}_rows_policy_won", sum(g == "policy" for g in got) / len(got))
+                    log_metric(f"raro/{name}_rows_tie", sum(g == "tie" for g in got) / len(got))
+                    log_metric(f"raro/{name}_rows_unparseable", sum(g is None for g in got) / len(got))
+        return out
+
+
+def _dataset(method: str, data: pa.Table, config: FinetuneConfig, critic: "CriticConfig | None"):
+    from tasks.critic import CriticConfig, to_raro_dataset
     from tasks.pairs import to_dpo_dataset, to_grpo_dataset, to_sft_dataset, to_trace_dataset
 
+    few_shot = config.few_shot
+    if method == "raro":
+        return to_raro_dataset(data, critic or CriticConfig(), few_shot)
     if method == "traces":
         return to_trace_dataset(data)
     return {"sft": to_sft_dataset, "dpo": to_dpo_dataset, "grpo": to_grpo_dataset}[method](data, few_shot)
@@ -114,11 +195,12 @@ def _dataset(method: str, data: pa.Table, few_shot: bool):
 
 @task(name="finetune", cache_policy=NO_CACHE, persist_result=False)
 def finetune(model_path: str, data: dict[str, pa.Table], config: FinetuneConfig, output_dir: Path,
-             verify: VerifyConfig | None = None, resume: bool = True) -> dict:
+             verify: VerifyConfig | None = None, resume: bool = True, critic: "CriticConfig | None" = None) -> dict:
     """Train from `model_path` with each method of `config.method` in turn and save the result in `output_dir`.
 
     `data` maps each method to its rows: sft -> sft_examples, dpo -> pairs, grpo -> prompts
-    (problem_id, question, answer). Returns {"steps", "final_loss", "wall_seconds", "metrics":
+    (problem_id, question, answer), raro -> tasks.critic.RARO_ROWS (`critic` holds its taus and the
+    critic's sampling). Returns {"steps", "final_loss", "wall_seconds", "metrics":
     [{"step", "method", "loss", ...}]}; steps count across the chain. The folder is written under
     a staging name and renamed, so a crash leaves no half checkpoint. With `resume`, a run killed
     mid-training continues from the staging folder: finished methods are not trained again, and
@@ -166,13 +248,20 @@ def finetune(model_path: str, data: dict[str, pa.Table], config: FinetuneConfig,
         saved = sorted(trainer_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
         if saved:
             log.info(f"finetune {method}: resuming from the trainer state saved at {saved[-1].name}")
-        dataset = _dataset(method, data[method], config.few_shot)
+        dataset = _dataset(method, data[method], config, critic)
         kwargs = dict(model=model, args=_training_args(method, config, trainer_dir),
                       train_dataset=dataset, processing_class=tokenizer, callbacks=[Log()])
         if method == "grpo":
             with (verify or VerifyConfig()).pool() as pool:
                 trainer = GRPOTrainer(reward_funcs=[VerifierReward(pool)], **kwargs)
                 result = trainer.train(resume_from_checkpoint=str(saved[-1]) if saved else None)
+        elif method == "raro":
+            from tasks.critic import CriticConfig
+
+            reward = RaroReward(tokenizer, critic or CriticConfig(), config.seed)
+            trainer = GRPOTrainer(reward_funcs=[reward], **kwargs)
+            reward.trainer = trainer
+            result = trainer.train(resume_from_checkpoint=str(saved[-1]) if saved else None)
         else:
             trainer = (DPOTrainer if method == "dpo" else SFTTrainer)(**kwargs)  # traces: SFT too
             result = trainer.train(resume_from_checkpoint=str(saved[-1]) if saved else None)

@@ -59,12 +59,16 @@ def verify(rollouts: pa.Table, problems: pa.Table, config: VerifyConfig, chunks:
             done = sum(p.num_rows for p in parts)
 
             def grade(batch=batch, done=done) -> pa.Table:
-                results = pool.run([("grade", gold_of[r["problem_id"]], r["text"]) for r in batch],
-                                   lambda n: progress.update(done + n))
+                # a demonstration without a reference answer has nothing to grade against
+                graded = [r for r in batch if gold_of[r["problem_id"]] is not None]
+                results = iter(pool.run([("grade", gold_of[r["problem_id"]], r["text"]) for r in graded],
+                                        lambda n: progress.update(done + n)))
+                ungraded = ("no_reference", None, "the problem has no reference answer (demonstrations only)", 0.0)
                 return pa.Table.from_pylist([
                     dict(rollout_id=r["rollout_id"], problem_id=r["problem_id"], verdict=verdict,
                          extracted_answer=extracted, gold=gold_of[r["problem_id"]], detail=detail, seconds=seconds)
-                    for r, (verdict, extracted, detail, seconds) in zip(batch, results)
+                    for r in batch
+                    for verdict, extracted, detail, seconds in [next(results) if gold_of[r["problem_id"]] is not None else ungraded]
                 ], schema=schemas.VERDICTS)
 
             parts.append(chunks.get_or_compute(key, grade))

@@ -143,3 +143,55 @@ def test_arithmetic_generator_reproduces_the_shipped_files(scratch):
     decon.add_set("test", list(enumerate(questions["test"])))
     assert [q for q in questions["train"] if decon.match(q)] == []
     assert {1, 2} == {json.loads(line)["steps"] for line in (shipped / "train.jsonl").open()}
+
+
+def test_demonstrations_keep_free_text_answers_and_quarantine_only_what_is_broken(scratch):
+    path = write_jsonl(scratch / "demos.jsonl", [
+        {"question": "Why is the sky blue?", "answer": "Rayleigh scattering: short wavelengths scatter more."},
+        {"question": "What is 6 * 7?", "answer": "6 * 7 = 42.\nThe answer is \\boxed{42}."},
+        {"question": "No expert here"},
+        {"question": "   ", "answer": "an answer to nothing"},
+        {"question": "Too long an answer", "answer": "x" * 9000},
+    ])
+    result = run_ingest(path, preset="demonstrations")
+    rows = result.problems.to_pylist()
+    assert [r["expert_answer"] for r in rows] == ["Rayleigh scattering: short wavelengths scatter more.",
+                                                  "6 * 7 = 42.\nThe answer is \\boxed{42}."]
+    assert all(r["answer"] is None and r["task"] == "demonstration" for r in rows)  # nothing to grade, nothing graded
+    assert [(q["source_row"], q["field"], q["reason"]) for q in result.quarantine.to_pylist()] == [
+        (3, "answer", "missing_field"), (4, "question", "empty_field"), (5, "answer", "too_long")]
+    assert result.rows_read == result.problems.num_rows + result.quarantine.num_rows
+
+
+def test_demonstrations_with_a_reference_field_are_graded_too(scratch):
+    path = write_jsonl(scratch / "demos.jsonl", [
+        {"q": "What is 6 * 7?", "a": "It is 42.", "ref": "42"},
+        {"q": "What is 1 + 1?", "a": "Two.", "ref": "\\frac{"},
+        {"q": "What is 2 + 2?", "a": "Four."},
+    ])
+    result = run_ingest(path, preset="demonstrations", question_field="q", answer_field="a", reference_field="ref",
+                        task="arithmetic-demos")
+    assert [(r["answer"], r["expert_answer"], r["task"]) for r in result.problems.to_pylist()] == [
+        ("42", "It is 42.", "arithmetic-demos")]
+    assert [(q["source_row"], q["field"], q["reason"]) for q in result.quarantine.to_pylist()] == [
+        (2, "ref", "unparseable_answer"), (3, "ref", "missing_field")]
+
+
+def test_graded_presets_keep_the_worked_solution_as_the_expert_answer(scratch):
+    path = write_jsonl(scratch / "gsm.jsonl", [{"question": "How many?", "answer": "48/2 = <<48/2=24>>24\n#### 24"}])
+    (row,) = run_ingest(path, preset="gsm8k").problems.to_pylist()
+    assert row["answer"] == "24" and row["task"] == "math"
+    assert row["expert_answer"] == "48/2 = 24\nThe answer is \\boxed{24}."  # the policy's format, no calculator marks
+
+
+def test_the_shipped_demonstrations_are_reproducible_and_ingest_cleanly(scratch):
+    import json
+
+    from data.demonstrations import build
+    from data.home import PROJECT_ROOT
+
+    shipped = PROJECT_ROOT / "data" / "sets" / "gsm8k_demonstrations" / "train.jsonl"
+    assert [json.loads(line) for line in shipped.open()] == build(200)
+    result = run_ingest(shipped, preset="demonstrations", reference_field="reference")
+    assert result.problems.num_rows == 200 and result.quarantine.num_rows == 0
+    assert all(r["expert_answer"].endswith(f"\\boxed{{{r['answer']}}}.") for r in result.problems.to_pylist())

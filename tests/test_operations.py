@@ -107,7 +107,7 @@ def test_scheduled_rounds_run_and_a_stage_rerun_through_the_api_publishes_artifa
         with client:
             round_deployment = _wait("the served deployments", lambda: _try(client.read_deployment_by_name, "round/sched"), 180)
             assert round_deployment.parameter_openapi_schema["properties"]["config"]  # the UI renders a form from it
-            expected = {"round", "generate", "verify", "filter", "synthesize", "mcts", "pairs", "finetune", "evaluate"}
+            expected = {"round", "generate", "verify", "filter", "synthesize", "mcts", "critic", "pairs", "finetune", "evaluate"}
 
             def served_flows():
                 flows = {client.read_flow(d.flow_id).name for d in client.read_deployments(

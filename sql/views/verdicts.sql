@@ -3,7 +3,7 @@ CREATE OR REPLACE VIEW verdicts AS
 SELECT
     rollout_id,
     problem_id,
-    verdict,            -- correct | wrong | no_answer (no \boxed{}) | bad_gold (gold unparseable) | timeout (past the deadline or the memory limit)
+    verdict,            -- correct | wrong | no_answer (no \boxed{}) | bad_gold (gold unparseable) | timeout (past the deadline or the memory limit) | no_reference (a demonstration with no answer to grade against)
     extracted_answer,   -- content of the LAST \boxed{} of the response
     gold,
     detail,             -- why, for anything but a plain correct/wrong
