@@ -135,6 +135,8 @@ def test_the_shipped_demo_config_loads(runs_root):
         load_config(shipped)  # every shipped config validates against the current schema
     rstar = load_config(PROJECT_ROOT / "deploy" / "configs" / "rstar.yaml")
     assert "mcts" in rstar.stages and rstar.finetune.train_ppm and rstar.mcts.use_ppm
+    raro = load_config(PROJECT_ROOT / "deploy" / "configs" / "raro.yaml")
+    assert "critic" in raro.stages and raro.finetune.methods == ["raro"] and raro.sources[0].preset == "demonstrations"
 
 
 def test_ingest_command_prints_counts_by_reason_and_names_a_bad_file(prefect_server, runs_root, scratch, capsys):

@@ -110,3 +110,15 @@ def test_catalog_refresh_never_waits_for_a_reader_holding_the_old_file(scratch):
 def test_run_names_are_checked(scratch):
     with pytest.raises(LakeError, match="not valid"):
         Lake(scratch).run_dir("../escape")
+
+
+def test_parts_written_before_a_column_was_added_read_it_as_nulls(scratch):
+    import pyarrow.parquet as pq
+
+    lake = Lake(scratch)
+    lake.publish_stage("r", 0, "ingest", {"problems": problems(2)})
+    (part,) = (scratch / "r" / "round=0" / "ingest" / "problems").glob("part-*.parquet")
+    pq.write_table(pq.read_table(part).drop_columns(["task", "expert_answer"]), part)  # as an older version wrote it
+    table = lake.read("r", "problems")
+    assert table["problem_id"].to_pylist() == ["p0", "p1"] and table["expert_answer"].null_count == 2
+    assert catalog.connect(lake.ensure_run("r")).execute("SELECT count(*) FROM problems WHERE task IS NULL").fetchone()[0] == 2

@@ -85,3 +85,16 @@ def test_verify_file_cli_grades_exactly_like_the_stage(scratch, capsys):
     bad.write_text('{"gold": "1"}\n')
     assert main(["verify-file", str(bad), "--out", str(out)]) == 2
     assert "bad.jsonl:1" in capsys.readouterr().err
+
+
+def test_a_demonstration_without_a_reference_is_marked_not_graded_and_filter_leaves_it_out():
+    from tasks.filter import FilterConfig, filter_problems
+
+    problems = pa.table({"problem_id": ["p1", "demo"], "answer": ["4", None]})
+    rollouts = pa.table({"rollout_id": ["r1", "r2", "r3"], "problem_id": ["p1", "demo", "demo"],
+                         "text": ["\\boxed{4}", "\\boxed{4}", "a free-text answer"], "completion_tokens": [3, 3, 4]})
+    out = {r["rollout_id"]: r for r in verify.fn(rollouts, problems, VerifyConfig(workers=1)).to_pylist()}
+    assert {k: v["verdict"] for k, v in out.items()} == {"r1": "correct", "r2": "no_reference", "r3": "no_reference"}
+    assert out["r2"]["gold"] is None and "no reference answer" in out["r2"]["detail"]
+    stats = filter_problems.fn(pa.Table.from_pylist(list(out.values())), rollouts, FilterConfig())
+    assert stats["problem_id"].to_pylist() == ["p1"]  # no accuracy, no bucket for the ungraded demonstration
