@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from data import home
@@ -222,13 +223,15 @@ def cmd_ui(args) -> None:
         print(f"a Prefect server already answers: UI {url.removesuffix('/api')}")
         return
     server = start_server(args.host, args.port)
-    print(f"Prefect UI: {url.removesuffix('/api')}   API: {url}\n"
-          f"database: {os.environ['PREFECT_API_DATABASE_CONNECTION_URL'].split(':///', 1)[-1]}   "
-          f"log: {Path(os.environ['PREFECT_HOME']) / 'server.log'}\n"
-          "evoforge commands run while it is up show in it; Ctrl-C stops it.", flush=True)
     try:
+        print(f"Prefect UI: {url.removesuffix('/api')}   API: {url}\n"
+              f"database: {os.environ['PREFECT_API_DATABASE_CONNECTION_URL'].split(':///', 1)[-1]}   "
+              f"log: {Path(os.environ['PREFECT_HOME']) / 'server.log'}\n"
+              "evoforge commands run while it is up show in it; Ctrl-C stops it.", flush=True)
         server.wait()
     except KeyboardInterrupt:
+        pass  # Ctrl-C or kill: the way to stop it
+    finally:
         from flows.serve import stop_server
 
         stop_server(server)
@@ -344,13 +347,35 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextmanager
+def _sigterm_as_interrupt():
+    """`kill` (a supervisor, a timeout) ends a command the way Ctrl-C does: the server `evoforge ui`
+    started in its own session and the temporary Prefect server a command starts are shut down,
+    instead of being left running without a parent."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     started = time.time()
     if args.command not in ("ui", "serve", "verify-file", "sql", "status", "report", "sandbox"):
         _use_running_server()
     try:
-        args.func(args)
+        with _sigterm_as_interrupt():
+            args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

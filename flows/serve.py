@@ -46,12 +46,16 @@ def start_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_path: P
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
     deadline = time.monotonic() + wait_seconds
-    while time.monotonic() < deadline:
-        if server_healthy(api_url(host, port)):
-            return process
-        if process.poll() is not None:
-            raise RuntimeError(f"the Prefect server exited with status {process.returncode}; see {log_path}")
-        time.sleep(0.5)
+    try:
+        while time.monotonic() < deadline:
+            if server_healthy(api_url(host, port)):
+                return process
+            if process.poll() is not None:
+                raise RuntimeError(f"the Prefect server exited with status {process.returncode}; see {log_path}")
+            time.sleep(0.5)
+    except BaseException:  # interrupted while starting: do not leave it behind
+        stop_server(process)
+        raise
     stop_server(process)
     raise RuntimeError(f"the Prefect server did not answer on {api_url(host, port)} within {wait_seconds:.0f} s; see {log_path}")
 

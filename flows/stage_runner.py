@@ -180,7 +180,9 @@ def _execute_locked(store: Lake, run, round_, stage, config_hash, model_id, inpu
             output_fp = fingerprint_files(written)
     except BaseException as err:
         message = f"{type(err).__name__}: {err}".splitlines()[0][:500]
-        store.append_run_table(run, "stage_runs", _event(base, status="failed", error=message, finished_at=_now()))
+        # Ctrl-C or kill (SIGTERM): stopped, not broken; a rerun resumes from the completed chunks
+        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        store.append_run_table(run, "stage_runs", _event(base, status=status, error=message, finished_at=_now()))
         raise
     reused, computed = chunks.counts()
     if reused:

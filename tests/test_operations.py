@@ -188,3 +188,28 @@ def test_the_ui_shows_the_deployment_and_the_completed_run_with_its_artifacts(se
     counts = _browse(f"{base}/artifacts/artifact/{served['artifacts']['sched-generate-counts']}",
                      OUTPUT / "prefect-ui-artifact-counts.png", profile)
     assert "rollouts rows" in counts and "rows quarantined" in counts
+
+
+def test_killing_evoforge_ui_stops_its_server_too(scratch):
+    """`kill` ends a command like Ctrl-C: the Prefect server `evoforge ui` started in its own session
+    goes with it instead of holding its port and database without a parent."""
+    import signal
+
+    from flows.serve import api_url, server_healthy
+
+    port = _free_port()
+    prefect_home = scratch / "prefect"
+    env = {**os.environ, "PREFECT_HOME": str(prefect_home),
+           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{prefect_home / 'prefect.db'}"}
+    env.pop("PREFECT_API_URL", None)
+    ui = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "--port", str(port)], cwd=home.PROJECT_ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait("the UI's server", lambda: server_healthy(api_url(port=port)) or ui.poll() is not None, 150)
+        assert ui.poll() is None, ui.stdout.read()
+        ui.send_signal(signal.SIGTERM)
+        assert ui.wait(timeout=60) == 0  # stopping the UI is how it ends
+        _wait("the server to stop", lambda: not server_healthy(api_url(port=port), timeout=0.5), 30)
+    finally:
+        if ui.poll() is None:
+            ui.kill()

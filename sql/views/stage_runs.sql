@@ -1,5 +1,5 @@
 -- stage_runs: one row per stage execution (its latest event: running, then completed / skipped / failed,
--- or interrupted when its process died and a later command on the run found it still open).
+-- or interrupted: stopped by Ctrl-C or SIGTERM, or its process died and a later command on the run found it still open).
 CREATE OR REPLACE VIEW stage_runs AS
 SELECT
     stage_run_id,
@@ -15,7 +15,7 @@ SELECT
     rows_out,
     rows_quarantined,
     started_at,
-    finished_at,        -- NULL while running; for interrupted, when the death was noticed (the next command on the run)
+    finished_at,        -- NULL while running; for an attempt whose process died, when the death was noticed (the next command on the run)
     status,             -- running | completed | skipped | failed | interrupted
     error               -- failed: the one-line error; interrupted: what happened
 FROM read_parquet('${run_dir}/stage_runs/part-*.parquet')
