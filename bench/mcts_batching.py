@@ -1,7 +1,7 @@
 """MCTS nodes per second: per-depth batching (all trees' expansions in one engine call) against one
 engine call per node, same problems, seeds and config, on the tiny random model.
 
-    .venv/bin/python bench/mcts_batching.py [--problems 16] [--rollouts 2] [--children 4] [--depth 3]
+    .venv/bin/python bench/mcts_batching.py [--problems 16] [--rollouts 2] [--children 4] [--depth 3] [--top-p 0.95]
 
 Each side runs in a fresh process (so neither inherits the other's warm caches) and prints nodes,
 seconds and nodes/s; the last line gives the ratio. Target: >= 5x.
@@ -37,6 +37,7 @@ def one_side(args) -> dict:
                          "answer": [str(3 * i) for i in range(args.problems)]})
     config = MCTSConfig(rollouts=args.rollouts, max_depth=args.depth, children=args.children, batched=args.side == "batched")
     config.step.max_tokens = args.max_tokens
+    config.step.top_p = args.top_p  # 1.0 skips the sampler's sort over the vocabulary
     search.fn(problems.slice(0, 1), engine, config.model_copy(update={"rollouts": 1}), VerifyConfig(workers=1))  # warm-up
     started = time.monotonic()
     out = search.fn(problems, engine, config, VerifyConfig(workers=1))
@@ -52,6 +53,7 @@ def main() -> None:
     parser.add_argument("--children", type=int, default=4)
     parser.add_argument("--depth", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--side", choices=["batched", "per-node"])
     args = parser.parse_args()
     if args.side:

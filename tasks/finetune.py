@@ -14,12 +14,11 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from typing import TYPE_CHECKING, Literal
-
 from pydantic import BaseModel, Field, field_validator
 
 from tasks.progress import run_logger

@@ -64,12 +64,13 @@ def verify(rollouts: pa.Table, problems: pa.Table, config: VerifyConfig, chunks:
                 results = iter(pool.run([("grade", gold_of[r["problem_id"]], r["text"]) for r in graded],
                                         lambda n: progress.update(done + n)))
                 ungraded = ("no_reference", None, "the problem has no reference answer (demonstrations only)", 0.0)
-                return pa.Table.from_pylist([
-                    dict(rollout_id=r["rollout_id"], problem_id=r["problem_id"], verdict=verdict,
-                         extracted_answer=extracted, gold=gold_of[r["problem_id"]], detail=detail, seconds=seconds)
-                    for r in batch
-                    for verdict, extracted, detail, seconds in [next(results) if gold_of[r["problem_id"]] is not None else ungraded]
-                ], schema=schemas.VERDICTS)
+                rows = []
+                for r in batch:
+                    gold = gold_of[r["problem_id"]]
+                    verdict, extracted, detail, seconds = next(results) if gold is not None else ungraded
+                    rows.append(dict(rollout_id=r["rollout_id"], problem_id=r["problem_id"], verdict=verdict,
+                                     extracted_answer=extracted, gold=gold, detail=detail, seconds=seconds))
+                return pa.Table.from_pylist(rows, schema=schemas.VERDICTS)
 
             parts.append(chunks.get_or_compute(key, grade))
             progress.update(done + len(batch))
