@@ -194,6 +194,7 @@ def test_killing_evoforge_ui_stops_its_server_too(scratch):
     """`kill` ends a command like Ctrl-C: the Prefect server `evoforge ui` started in its own session
     goes with it instead of holding its port and database without a parent."""
     import signal
+    import threading
 
     from flows.serve import api_url, server_healthy
 
@@ -204,11 +205,15 @@ def test_killing_evoforge_ui_stops_its_server_too(scratch):
     env.pop("PREFECT_API_URL", None)
     ui = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "--port", str(port)], cwd=home.PROJECT_ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    printed: list[str] = []
+    threading.Thread(target=lambda: printed.extend(ui.stdout), daemon=True).start()
     try:
-        _wait("the UI's server", lambda: server_healthy(api_url(port=port)) or ui.poll() is not None, 150)
-        assert ui.poll() is None, ui.stdout.read()
+        # up means the address is printed (a kill before that, while it starts, exits 130 instead)
+        _wait("the UI's address", lambda: any("Prefect UI:" in line for line in printed) or ui.poll() is not None, 150)
+        assert ui.poll() is None, "".join(printed)
+        assert server_healthy(api_url(port=port))
         ui.send_signal(signal.SIGTERM)
-        assert ui.wait(timeout=60) == 0  # stopping the UI is how it ends
+        assert ui.wait(timeout=60) == 0, "".join(printed)  # stopping the UI is how it ends
         _wait("the server to stop", lambda: not server_healthy(api_url(port=port), timeout=0.5), 30)
     finally:
         if ui.poll() is None:
