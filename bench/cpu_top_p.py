@@ -13,7 +13,6 @@ import argparse
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.fresh_process import in_fresh_process  # noqa: E402
 from data import home  # noqa: E402
 
 home.configure()
@@ -65,10 +65,7 @@ def main() -> None:
     results = {}
     for side in ("sorted", "truncated"):
         env = {**os.environ, "EVOFORGE_VLLM_SORTED_TOP_P": "1" if side == "sorted" else "0"}
-        command = [sys.executable, __file__, "--side", side] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                                                                 if k != "side"]
-        line = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1]
-        results[side] = r = json.loads(line)
+        results[side] = r = in_fresh_process(__file__, side, args, env)
         print(f"{side:>9} top-p: {r['tokens']} tokens in {r['seconds']:.1f} s = {r['tok_per_s']:.1f} tok/s")
     differ = sum(a != b for a, b in zip(results["sorted"]["texts"], results["truncated"]["texts"]))
     ratio = results["truncated"]["tok_per_s"] / results["sorted"]["tok_per_s"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.fresh_process import in_fresh_process  # noqa: E402
 from data import home  # noqa: E402
 
 home.configure()
@@ -61,11 +61,7 @@ def main() -> None:
         return
     results = {}
     for side in ("batched", "per-node"):
-        command = [sys.executable, __file__, "--side", side] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                                                                 if k != "side"]
-        line = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-        results[side] = json.loads(line)
-        r = results[side]
+        results[side] = r = in_fresh_process(__file__, side, args)
         print(f"{side:>9}: {r['nodes']} nodes in {r['seconds']:.1f} s = {r['nodes_per_s']:.1f} nodes/s")
     ratio = results["batched"]["nodes_per_s"] / results["per-node"]["nodes_per_s"]
     print(f"per-depth batching: {ratio:.2f}x the nodes/s of one engine call per node (target >= 5x)")

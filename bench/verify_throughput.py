@@ -16,7 +16,6 @@ import argparse
 import json
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.fresh_process import in_fresh_process  # noqa: E402
 from data import home  # noqa: E402
 
 home.configure()
@@ -86,15 +86,6 @@ def measure(side: str, pairs_count: int, workers: int, deadline: float) -> dict:
             "slowest": max(r[3] for r in results)}
 
 
-def in_fresh_process(side: str, args) -> dict:
-    out = subprocess.run(
-        [sys.executable, __file__, "--side", side, "--pairs", str(args.pairs), "--workers", str(args.workers),
-         "--deadline", str(args.deadline)],
-        capture_output=True, text=True, check=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pairs", type=int, default=2400)
@@ -113,7 +104,7 @@ def main() -> None:
     runs = {"sequential": [], "pool": []}
     for _ in range(args.repeat):
         for side in runs:
-            runs[side].append(in_fresh_process(side, args))
+            runs[side].append(in_fresh_process(__file__, side, args))
     seq_s = statistics.median(r["total"] for r in runs["sequential"])
     cold_s = statistics.median(r["total"] for r in runs["pool"])
     warm_s = statistics.median(r["total"] - r["startup"] for r in runs["pool"])
