@@ -53,11 +53,10 @@ def start_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_path: P
             if process.poll() is not None:
                 raise RuntimeError(f"the Prefect server exited with status {process.returncode}; see {log_path}")
             time.sleep(0.5)
-    except BaseException:  # interrupted while starting: do not leave it behind
+        raise RuntimeError(f"the Prefect server did not answer on {api_url(host, port)} within {wait_seconds:.0f} s; see {log_path}")
+    except BaseException:  # not up in time, or interrupted while starting: do not leave it behind
         stop_server(process)
         raise
-    stop_server(process)
-    raise RuntimeError(f"the Prefect server did not answer on {api_url(host, port)} within {wait_seconds:.0f} s; see {log_path}")
 
 
 def stop_server(process: subprocess.Popen) -> None:

@@ -35,6 +35,7 @@ def truncated_top_p(sorted_top_p):
         # CANDIDATES tokens hold at most CANDIDATES x the top token's mass: a row below p cannot be covered
         hopeful = (logits.amax(dim=-1, keepdim=True) - log_total).exp().squeeze(1) * CANDIDATES >= p
         rows = hopeful.nonzero().squeeze(1)
+        covered = torch.zeros_like(hopeful)  # rows whose candidates hold p: done here
         kept = torch.full_like(logits, float("-inf"))
         if rows.numel():
             top, index = logits[rows].topk(CANDIDATES, dim=-1)  # descending
@@ -46,8 +47,8 @@ def truncated_top_p(sorted_top_p):
             mask = outside.unsqueeze(1) + probs.flip(-1).cumsum(dim=-1) <= cut
             mask[:, -1] = False  # the most likely token always stays
             kept[rows] = kept[rows].scatter(1, index.flip(-1), top.flip(-1).masked_fill(mask, float("-inf")))
-            hopeful[rows] = outside <= cut.squeeze(1)
-        flat = (~hopeful).nonzero().squeeze(1)
+            covered[rows] = outside <= cut.squeeze(1)
+        flat = (~covered).nonzero().squeeze(1)
         if flat.numel():
             kept[flat] = sorted_top_p(logits[flat], None, p[flat], allow_cpu_sync)
         return kept
