@@ -21,19 +21,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.fresh_process import in_fresh_process  # noqa: E402
-from data import home  # noqa: E402
+from evoforge.data import home  # noqa: E402
 
 home.configure()
 
 
 def one_side(args) -> dict:
-    from data.ingest import read_records
-    from models.engine import EngineConfig, GenerationRequest, SamplingConfig, load_engine
-    from models.prompts import solve_messages
+    from evoforge.tasks.ingest import read_records
+    from evoforge.models.engine import EngineConfig, GenerationRequest, SamplingConfig, load_engine
+    from evoforge.models.prompts import solve_messages
 
     model = args.model
     if model == "tiny":
-        from models.tiny import tiny_model_folder
+        from evoforge.models.tiny import tiny_model_folder
 
         model = str(tiny_model_folder())
     engine = load_engine(EngineConfig(model=model, backend="vllm"))

@@ -20,13 +20,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from data import home  # noqa: E402
+from evoforge.data import home  # noqa: E402
 
 home.configure()
 
 
 def base_config(args):
-    from flows.config import RoundConfig
+    from evoforge.flows.config import RoundConfig
 
     return RoundConfig.model_validate({
         "engine": {"model": args.model},
@@ -49,15 +49,15 @@ def base_config(args):
     })
 
 
-def samples(run: str, round_: int) -> dict[str, int]:
-    from flows.stage_runner import lake
+def samples(run: str, round: int) -> dict[str, int]:
+    from evoforge.data.lake import lake
 
     store = lake()
-    variants = store.read(run, "variants", round_)
+    variants = store.read(run, "variants", round)
     return {
-        "generate": store.read(run, "rollouts", round_, "generate").num_rows,
+        "generate": store.read(run, "rollouts", round, "generate").num_rows,
         "synthesis": variants.num_rows,
-        "variant_solving": store.read(run, "rollouts", round_, "synthesize").num_rows,
+        "variant_solving": store.read(run, "rollouts", round, "synthesize").num_rows,
     }
 
 
@@ -75,8 +75,8 @@ def main() -> None:
     parser.add_argument("--tag", default="bench-evolve")
     args = parser.parse_args()
 
-    from flows.report import collect
-    from flows.round import round_flow
+    from evoforge.flows.report import collect
+    from evoforge.flows.round import round_flow
 
     config = base_config(args)
     budgets: dict[str, list[dict]] = {"svs": [], "rft": []}
@@ -84,23 +84,23 @@ def main() -> None:
     for arm in ("svs", "rft"):
         run = f"{args.tag}-{arm}"
         started = time.monotonic()
-        for round_ in range(args.rounds):
+        for round in range(args.rounds):
             arm_config = config.model_copy(deep=True)
             if arm == "rft":
                 arm_config.stages = [s for s in arm_config.stages if s != "synthesize"]
-                svs = budgets["svs"][round_]
+                svs = budgets["svs"][round]
                 pool = svs["generate"] // args.n
                 arm_config.generate.sampling.n = max(args.n, math.ceil(sum(svs.values()) / max(1, pool)))
-            round_flow(run, arm_config, round=round_)
-            budgets[arm].append(samples(run, round_))
+            round_flow(run, arm_config, round=round)
+            budgets[arm].append(samples(run, round))
         timings[arm] = time.monotonic() - started
 
     print(f"\nSvS vs rejection sampling: {args.rounds} rounds, pool {args.pool} easy-arithmetic problems, "
           f"model {args.model}, finetune {args.method} x {args.steps} steps")
     for arm in ("svs", "rft"):
         print(f"\narm {arm} ({timings[arm]:.0f} s)")
-        for round_, budget in enumerate(budgets[arm]):
-            print(f"  round {round_} samples: {budget} = {sum(budget.values())}")
+        for round, budget in enumerate(budgets[arm]):
+            print(f"  round {round} samples: {budget} = {sum(budget.values())}")
         for e in collect(f"{args.tag}-{arm}")["evals"]:
             ks = ", ".join(f"pass@{k} {v:.3f}" for k, v in sorted(e["pass_at_k"].items()))
             print(f"  model {e['model_round']} {e['set']:<22} {ks}  ({e['problems']} problems x {e['n']} samples "

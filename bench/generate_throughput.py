@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from data import home  # noqa: E402
+from evoforge.data import home  # noqa: E402
 
 home.configure()
 
@@ -36,13 +36,14 @@ def main() -> None:
     import pyarrow as pa
     from vllm import SamplingParams
 
-    from data.ingest import problem_id
-    from models.engine import EngineConfig, SamplingConfig, load_engine, render
-    from models.prompts import solve_messages
-    from tasks.generate import GenerateConfig, generate, problem_seed
+    from evoforge.data.ids import problem_id
+    from evoforge.models.engine import EngineConfig, SamplingConfig, load_engine, render
+    from evoforge.models.prompts import solve_messages
+    from evoforge.data.ids import problem_seed
+    from evoforge.tasks.generate import GenerateConfig, generate
 
     if args.model == "tiny":
-        from models.tiny import tiny_model_folder
+        from evoforge.models.tiny import tiny_model_folder
 
         model = str(tiny_model_folder())
     else:

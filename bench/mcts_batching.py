@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.fresh_process import in_fresh_process  # noqa: E402
-from data import home  # noqa: E402
+from evoforge.data import home  # noqa: E402
 
 home.configure()
 
@@ -26,10 +26,10 @@ home.configure()
 def one_side(args) -> dict:
     import pyarrow as pa
 
-    from models.engine import EngineConfig, load_engine
-    from models.tiny import tiny_model_folder
-    from tasks.mcts import MCTSConfig, search
-    from tasks.verify import VerifyConfig
+    from evoforge.models.engine import EngineConfig, load_engine
+    from evoforge.models.tiny import tiny_model_folder
+    from evoforge.tasks.mcts import MCTSConfig, search
+    from evoforge.tasks.verify import VerifyConfig
 
     engine = load_engine(EngineConfig(model=str(tiny_model_folder()), backend="vllm", max_model_len=2048))
     problems = pa.table({"problem_id": [f"p{i}" for i in range(args.problems)],

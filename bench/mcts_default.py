@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from data import home  # noqa: E402
+from evoforge.data import home  # noqa: E402
 
 home.configure()
 
@@ -29,11 +29,11 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=96)
     args = parser.parse_args()
 
-    from data.ingest import EvalSetConfig, load_eval_set
-    from models.engine import EngineConfig, load_engine
-    from tasks.mcts import MCTSConfig, search
-    from tasks.pairs import PairsConfig, build_step_pairs
-    from tasks.verify import VerifyConfig
+    from evoforge.tasks.ingest import EvalSetConfig, load_eval_set
+    from evoforge.models.engine import EngineConfig, load_engine
+    from evoforge.tasks.mcts import MCTSConfig, search
+    from evoforge.tasks.pairs import PairsConfig, build_step_pairs
+    from evoforge.tasks.verify import VerifyConfig
 
     pool = load_eval_set(EvalSetConfig(name="easy", path="data/sets/easy_arithmetic/train.jsonl", preset="plain"),
                          ROOT, args.problems)

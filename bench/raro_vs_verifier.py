@@ -21,13 +21,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from data import home  # noqa: E402
+from evoforge.data import home  # noqa: E402
 
 home.configure()
 
 
 def arm_config(args, arm: str):
-    from flows.config import RoundConfig
+    from evoforge.flows.config import RoundConfig
 
     held_out = [{"name": "gsm8k-test", "path": "data/sets/gsm8k/test.jsonl", "preset": "gsm8k", "limit": args.eval_problems},
                 {"name": "easy-arithmetic-test", "path": "data/sets/easy_arithmetic/test.jsonl", "preset": "plain",
@@ -50,8 +50,8 @@ def arm_config(args, arm: str):
 
 
 def training_means(run: str) -> dict[str, float]:
-    from data import catalog
-    from flows.stage_runner import lake
+    from evoforge.data import catalog
+    from evoforge.data.lake import lake
 
     con = catalog.connect(lake().run_dir(run))
     rows = con.execute("SELECT metric, avg(value) FROM train_metrics WHERE metric LIKE 'reward%' OR metric LIKE 'raro/%' "
@@ -75,10 +75,10 @@ def main() -> None:
     parser.add_argument("--tag", default="bench-raro")
     args = parser.parse_args()
 
-    from data import catalog
-    from flows.report import collect
-    from flows.round import round_flow
-    from flows.stage_runner import lake
+    from evoforge.data import catalog
+    from evoforge.flows.report import collect
+    from evoforge.flows.round import round_flow
+    from evoforge.data.lake import lake
 
     timings = {}
     for arm in ("raro", "verifier"):

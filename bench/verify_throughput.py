@@ -24,11 +24,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.fresh_process import in_fresh_process  # noqa: E402
-from data import home  # noqa: E402
+from evoforge.data import home  # noqa: E402
 
 home.configure()
 
-from data.ingest import SourceConfig, extract_answer  # noqa: E402
+from evoforge.tasks.ingest import SourceConfig, extract_answer  # noqa: E402
 
 
 def golds() -> list[str]:
@@ -69,8 +69,8 @@ def make_pairs(count: int, seed: int = 0, samples: int = 8) -> list[tuple[str, s
 
 def measure(side: str, pairs_count: int, workers: int, deadline: float) -> dict:
     """One side, in this (fresh) process."""
-    from tasks.grading import grade
-    from tasks.grader_pool import GraderPool
+    from evoforge.tasks.grading import grade
+    from evoforge.tasks.grader_pool import GraderPool
 
     pairs = make_pairs(pairs_count)
     if side == "sequential":
@@ -122,7 +122,7 @@ def main() -> None:
     print(f"ratio: {seq_s / cold_s:.2f}x including start-up, {seq_s / warm_s:.2f}x once started "
           f"(target >= 1.8x on 2 cores); slowest item {slowest:.3f} s")
 
-    from tasks.verify import VerifyConfig, grade_pairs
+    from evoforge.tasks.verify import VerifyConfig, grade_pairs
 
     adversarial = [("5", "\\boxed{123456789^{123456789}}"), ("5", "\\boxed{2^{10^{10}}}"),
                    ("5", "\\boxed{(10^{7})!}"), ("5", "\\boxed{9^{9^{9^{9}}}}")] + pairs[:200]

@@ -6,11 +6,11 @@ so the writer is short-lived and never waits on (or locks out) someone who has t
 """
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import duckdb
+
+from evoforge.data.atomic import atomic_path
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 
@@ -43,18 +43,16 @@ def connect(run_dir: Path) -> duckdb.DuckDBPyConnection:
 
 def refresh_catalog(run_dir: Path) -> Path:
     target = Path(run_dir) / "catalog.duckdb"
-    tmp = target.parent / f".catalog.duckdb.tmp-{uuid.uuid4().hex}"
-    try:
-        con = duckdb.connect(str(tmp))
+    with atomic_path(target) as tmp:
         try:
-            create_views(con, run_dir)
-            con.execute("CHECKPOINT")
+            con = duckdb.connect(str(tmp))
+            try:
+                create_views(con, run_dir)
+                con.execute("CHECKPOINT")
+            finally:
+                con.close()
         finally:
-            con.close()
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-        Path(str(tmp) + ".wal").unlink(missing_ok=True)
+            Path(f"{tmp}.wal").unlink(missing_ok=True)
     return target
 
 
@@ -62,3 +60,14 @@ def resolve_query(text: str) -> str:
     """A named query of `sql/queries/` (by file stem), or the text itself."""
     queries = named_queries()
     return queries[text].read_text() if text in queries else text
+
+
+def query(con: duckdb.DuckDBPyConnection, name: str, **parameters) -> list[dict]:
+    """The rows of the named query `sql/queries/<name>.sql` as dicts; `parameters` are bound to its
+    `$name` placeholders, never pasted into the text."""
+    queries = named_queries()
+    if name not in queries:
+        raise KeyError(f"no query sql/queries/{name}.sql")
+    cursor = con.execute(queries[name].read_text(), parameters or None)
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row)) for row in cursor.fetchall()]

@@ -19,7 +19,7 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data.lake import write_parquet_atomic
+from evoforge.data.lake import write_parquet
 
 _KEY = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
@@ -50,7 +50,7 @@ class Chunks:
             self.reused += 1
             return pq.read_table(path)
         table = compute()
-        write_parquet_atomic(table, path)
+        write_parquet(table, path)
         self.computed += 1
         return table
 
@@ -70,5 +70,5 @@ class Chunks:
 NO_CHUNKS = Chunks(None)
 
 
-def chunk_root(run_dir: Path, round_: int, stage: str) -> Path:
-    return run_dir / "_chunks" / f"round={int(round_)}" / stage
+def chunk_root(run_dir: Path, round: int, stage: str) -> Path:
+    return run_dir / "_chunks" / f"round={int(round)}" / stage

@@ -1,19 +1,26 @@
 """Where everything a run writes lives, set in one place for the CLI, flows, tests and benchmarks.
 
 Prefect, vLLM, torch, Hugging Face and the temp directory all default to `~` or `/tmp`.
-`configure()` points each of them under EVOFORGE_HOME (the project folder unless the user sets it)
-*before* any of those libraries is imported, because several read their environment at import.
+`configure()` points each of them under EVOFORGE_HOME *before* any of those libraries is imported,
+because several read their environment at import. EVOFORGE_HOME defaults to the project folder of a
+source checkout (an editable install), and to the working folder where evoforge was installed as a
+regular package (never into site-packages).
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+# the root of the evoforge package: a source checkout, or site-packages/evoforge; the SQL, shipped
+# configs and shipped data sets are found under it either way
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_SETS = PROJECT_ROOT / "data" / "sets"  # the data sets evoforge ships (data/sets/README.md)
+SOURCE_CHECKOUT = (PROJECT_ROOT / "pyproject.toml").exists()
 
 
 def home() -> Path:
-    return Path(os.environ.get("EVOFORGE_HOME", PROJECT_ROOT)).resolve()
+    default = PROJECT_ROOT if SOURCE_CHECKOUT else Path.cwd()
+    return Path(os.environ.get("EVOFORGE_HOME", default)).resolve()
 
 
 def runs_root() -> Path:

@@ -65,10 +65,6 @@ def run_lock(run_dir: Path, what: str):
             os.close(fd)
 
 
-def holds_lock(run_dir: Path) -> bool:
-    return (Path(run_dir) / ".lock").resolve() in _held
-
-
 def _describe(raw: bytes) -> str:
     try:
         info = json.loads(raw.decode())

@@ -248,12 +248,8 @@ ROUND_TABLES: dict[str, pa.Schema] = {
 # tables of the whole run, stored under runs/<run>/<table>/
 RUN_TABLES: dict[str, pa.Schema] = {"stage_runs": STAGE_RUNS}
 
-VERDICT_VALUES = ("correct", "wrong", "no_answer", "bad_gold", "timeout", "no_reference")
+# the values of problem_stats.bucket (tasks/filter.py: `bucket`)
 BUCKETS = ("unsolved", "underperforming", "learnable", "solved")
-
-
-def empty(schema: pa.Schema) -> pa.Table:
-    return schema.empty_table()
 
 
 def conform(table: pa.Table, schema: pa.Schema, *, where: str, missing_as_null: bool = False) -> pa.Table:

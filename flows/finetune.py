@@ -1,49 +1,53 @@
-"""finetune flow: the round's SFT selection, DPO pairs and/or GRPO prompts (learnable problems plus
-kept variants) -> a checkpoint folder, registered in `checkpoints`, with per-step `train_metrics`.
-The next round's engine loads the folder."""
+"""finetune flow: each method's rows of the round (tasks/finetune/training.py METHOD_TABLES) -> a
+checkpoint folder, registered in `checkpoints`, with per-step `train_metrics`. The next round's engine
+loads the folder; with `train_ppm`, the process preference model is trained and registered beside it."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import flow
 
-from data import schemas
-from data.lake import fingerprint_table
-from flows.config import RoundConfig, config_hash
-from flows.generate import problem_pool
-from flows.policy import stage_config
-from flows.stage_runner import MissingInput, StageResult, execute_stage, lake
-from flows.verify import round_table
-from models.engine import release_engines
-from models.registry import folder_hash, resolve
-from tasks.finetune import finetune, train_ppm
-from tasks.generate import stable_hash
-from tasks.progress import run_logger
+from evoforge.data import schemas
+from evoforge.data.ids import fingerprint_table, stable_hash
+from evoforge.data.lake import lake
+from evoforge.flows.config import RoundConfig, config_hash
+from evoforge.flows.inputs import (MissingInput, problem_pool, problems_with_experts, round_table, stage_config,
+                                   stage_output)
+from evoforge.flows.stage_runner import StageResult, execute_stage
+from evoforge.models.engine import release_engines
+from evoforge.models.registry import folder_hash, resolve
+from evoforge.tasks.critic import raro_training_rows
+from evoforge.tasks.finetune.training import METHOD_TABLES, TrainingContext, train_policy, train_ppm
+from evoforge.tasks.progress import flow_run_logger
 
 
-def training_data(run: str, round_: int, methods: list[str], config: RoundConfig | None = None) -> dict[str, pa.Table]:
-    """Each method's rows for this round: sft -> sft_examples, dpo -> solution pairs, grpo -> prompts
-    (the round's learnable problems, or all with `grpo_problems: all`, and the variants it kept, each
-    with the answer the reward checks), raro -> both roles' rows (see `raro_rows`)."""
+def training_data(run: str, round: int, methods: list[str], config: RoundConfig | None = None) -> dict[str, pa.Table]:
+    """Each method's rows for this round, from its table (METHOD_TABLES): sft -> sft_examples, traces ->
+    the MCTS traces, dpo -> solution pairs, grpo -> problems (the round's learnable ones, or all with
+    `grpo_problems: all`, and the variants it kept, each with the answer the reward checks), raro ->
+    both roles' rows (see `raro_rows`)."""
     config = config or RoundConfig()
     data: dict[str, pa.Table] = {}
     for method in methods:
+        table = METHOD_TABLES[method]
         if method == "sft":
-            data[method] = round_table(run, round_, "sft_examples", "pairs")
+            data[method] = round_table(run, round, table, "pairs")
         elif method == "traces":
-            data[method] = lake().read(run, "traces", round_, "mcts").drop_columns(["round", "stage"])
+            data[method] = stage_output(run, round, table, "mcts")
         elif method == "dpo":
-            pairs = round_table(run, round_, "pairs", "pairs")
+            pairs = round_table(run, round, table, "pairs")
             data[method] = pairs.filter(pc.equal(pairs["kind"], "solution"))
         elif method == "raro":
-            data[method] = raro_rows(run, round_, config)
-        else:
-            pool = problem_pool(run, round_).select(["problem_id", "question", "answer"])
+            data[method] = raro_rows(run, round, config)
+        elif method == "grpo":
+            pool = problem_pool(run, round).select(["problem_id", "question", "answer"])
             pool = pool.filter(pc.invert(pc.is_null(pool["answer"])))
             if config.finetune.grpo_problems == "learnable":
-                stats = round_table(run, round_, "problem_stats", "filter")
+                stats = round_table(run, round, "problem_stats", "filter")
                 pool = pool.filter(pc.is_in(pool["problem_id"], stats.filter(pc.equal(stats["bucket"], "learnable"))["problem_id"]))
-            kept = lake().read(run, "problems", round_, "synthesize").select(["problem_id", "question", "answer"])
+            kept = stage_output(run, round, table, "synthesize").select(["problem_id", "question", "answer"])
             data[method] = pa.concat_tables([pool, kept])
     return data
 
@@ -62,25 +66,36 @@ def compared_answers(run: str, rounds: list[int], problems: pa.Table) -> pa.Tabl
     return joined.sort_by([("round", "descending"), ("rollout_id", "ascending")])
 
 
-def raro_rows(run: str, round_: int, config: RoundConfig) -> pa.Table:
+def raro_rows(run: str, round: int, config: RoundConfig) -> pa.Table:
     """RARO's two roles: every problem with an expert answer asks the policy; the critic role gets this
     round's judged comparisons (fresh) and, from the replay buffer, the latest `critic.replay_size` of
     earlier rounds', half and half."""
-    from flows.critic import problems_with_experts
-    from tasks.critic import raro_training_rows
-
-    problems = problems_with_experts(run, round_)
-    fresh = compared_answers(run, [round_], problems)
+    problems = problems_with_experts(run, round)
+    fresh = compared_answers(run, [round], problems)
     if fresh.num_rows == 0:
-        raise MissingInput(f"run {run!r} round {round_} has no judgments: run `evoforge stage critic --run {run} "
-                           f"--round {round_}` before RARO training")
-    replay = compared_answers(run, list(range(round_)), problems).slice(0, config.critic.replay_size)
-    return raro_training_rows(problems, fresh, replay, config.critic, seed=config.finetune.seed + round_)
+        raise MissingInput(f"run {run!r} round {round} has no judgments: run `evoforge stage critic --run {run} "
+                           f"--round {round}` before RARO training")
+    replay = compared_answers(run, list(range(round)), problems).slice(0, config.critic.replay_size)
+    return raro_training_rows(problems, fresh, replay, config.critic, seed=config.finetune.seed + round)
+
+
+def _registry_row(checkpoint_id: str, parent_model_id: str, role: str, method: str, folder: Path, data_fp: str,
+                  rows: int, result: dict) -> dict:
+    return dict(checkpoint_id=checkpoint_id, parent_model_id=parent_model_id, role=role, method=method,
+                path=str(folder), model_id=f"{checkpoint_id}@{folder_hash(folder)}", data_fingerprint=data_fp,
+                train_rows=rows, steps=result["steps"], final_loss=result["final_loss"],
+                wall_seconds=result["wall_seconds"])
+
+
+def _metric_rows(checkpoint_id: str, result: dict, by_method: bool) -> list[dict]:
+    """One row per logged number; a chain names them by method, so sft loss and grpo loss stay apart."""
+    return [dict(checkpoint_id=checkpoint_id, step=m["step"], metric=f"{m['method']}/{k}" if by_method else k, value=v)
+            for m in result["metrics"] for k, v in m.items() if k not in ("step", "method")]
 
 
 @flow(name="finetune", flow_run_name="{run}/round-{round}/finetune")
 def finetune_flow(run: str, round: int, config: RoundConfig | None = None, force: bool = False) -> StageResult:
-    """Rerunnable alone: with no config, the run's saved one and the round's policy."""
+    """Rerunnable alone: with no config, the run's saved one; the round's policy either way."""
     config = stage_config(run, round, config)
     data = training_data(run, round, config.finetune.methods, config)
     empty = [m for m, t in data.items() if t.num_rows == 0]
@@ -94,54 +109,44 @@ def finetune_flow(run: str, round: int, config: RoundConfig | None = None, force
     settings = config_hash({"finetune": config.finetune.model_dump(mode="json"),
                             **({"verify": config.verify.grading_settings()} if "grpo" in data else {}),
                             **({"critic": config.critic.model_dump(mode="json")} if "raro" in data else {})})
+    models = lake().run_dir(run) / "models"
     checkpoint_id = f"r{round}-{method.replace('+', '-')}-{stable_hash(parent.model_id, data_fp, settings, length=8)}"
-    folder = lake().run_dir(run) / "models" / checkpoint_id
+    folder = models / checkpoint_id
 
-    step_pairs = _step_pairs(run, round) if config.finetune.train_ppm else None
+    step_pairs = None
+    if config.finetune.train_ppm:
+        pairs = stage_output(run, round, "pairs", "pairs")
+        step_pairs = pairs.filter(pc.equal(pairs["kind"], "step"))
     input_fp = data_fp if step_pairs is None else stable_hash(data_fp, "ppm", fingerprint_table(step_pairs))
     ppm_id = f"r{round}-ppm-{stable_hash(parent.model_id, input_fp, settings, length=8)}"
-    ppm_folder = lake().run_dir(run) / "models" / ppm_id
+    ppm_folder = models / ppm_id
+    trains_ppm = step_pairs is not None and step_pairs.num_rows > 0
 
-    def compute(_chunks) -> dict[str, pa.Table]:  # the trainer resumes from its own checkpoints
+    def compute(_chunks) -> dict[str, pa.Table]:  # the trainer resumes from its own staging folder
         if empty:
-            run_logger().warning(f"finetune (run {run}, round {round}): no rows for {', '.join(empty)}"
+            flow_run_logger().warning(f"finetune (run {run}, round {round}): no rows for {', '.join(empty)}"
                                  + (f"; training with {method} only" if data else "; the policy is unchanged"))
         checkpoints, metrics = [], []
-        if data or (step_pairs is not None and step_pairs.num_rows):
+        if data or trains_ppm:
             release_engines()  # the policy is about to change, and training wants the memory
         if data:
-            result = finetune(parent.path, data, train_config, folder, config.verify, resume=not force, critic=config.critic)
+            context = TrainingContext(verify=config.verify, critic=config.critic)
+            result = train_policy(parent.path, data, train_config, folder, context, resume=not force)
             checkpoints.append(_registry_row(checkpoint_id, parent.model_id, "policy", method, folder, data_fp, rows_in, result))
-            chained = len(data) > 1  # name a chain's metrics by method, so sft loss and grpo loss stay apart
-            metrics += [dict(checkpoint_id=checkpoint_id, step=m["step"], metric=f"{m['method']}/{k}" if chained else k,
-                             value=v) for m in result["metrics"] for k, v in m.items() if k not in ("step", "method")]
-        if step_pairs is not None:
-            if step_pairs.num_rows == 0:
-                run_logger().warning(f"finetune (run {run}, round {round}): no step pairs; no PPM this round")
-            else:  # the PPM starts from the round's policy, as in rStar-Math
-                result = train_ppm(parent.path, step_pairs, config.finetune, ppm_folder)
-                checkpoints.append(_registry_row(ppm_id, parent.model_id, "ppm", "ppm", ppm_folder,
-                                                 fingerprint_table(step_pairs), step_pairs.num_rows, result))
-                metrics += [dict(checkpoint_id=ppm_id, step=m["step"], metric=k, value=v)
-                            for m in result["metrics"] for k, v in m.items() if k not in ("step", "method")]
+            metrics += _metric_rows(checkpoint_id, result, by_method=len(data) > 1)
+        if step_pairs is not None and not trains_ppm:
+            flow_run_logger().warning(f"finetune (run {run}, round {round}): no step pairs; no PPM this round")
+        if trains_ppm:  # the PPM starts from the round's policy, as in rStar-Math
+            result = train_ppm(parent.path, step_pairs, config.finetune, ppm_folder, resume=not force)
+            checkpoints.append(_registry_row(ppm_id, parent.model_id, "ppm", "ppm", ppm_folder,
+                                             fingerprint_table(step_pairs), step_pairs.num_rows, result))
+            metrics += _metric_rows(ppm_id, result, by_method=False)
         return {"checkpoints": pa.Table.from_pylist(checkpoints, schema=schemas.CHECKPOINTS),
                 "train_metrics": pa.Table.from_pylist(metrics, schema=schemas.TRAIN_METRICS)}
 
-    if (data and not folder.exists()) or (step_pairs is not None and step_pairs.num_rows and not ppm_folder.exists()):
+    if (data and not folder.exists()) or (trains_ppm and not ppm_folder.exists()):
         force = True  # the registry row alone is not a checkpoint
     return execute_stage(
         run, round, "finetune", config_hash=settings, model_id=parent.model_id, input_fingerprint=input_fp,
         rows_in=rows_in + (step_pairs.num_rows if step_pairs is not None else 0), compute=compute, force=force,
     )
-
-
-def _step_pairs(run: str, round_: int) -> pa.Table:
-    pairs = lake().read(run, "pairs", round_, "pairs")
-    return pairs.filter(pc.equal(pairs["kind"], "step")).drop_columns(["round", "stage"])
-
-
-def _registry_row(checkpoint_id, parent_model_id, role, method, folder, data_fp, rows, result) -> dict:
-    return dict(checkpoint_id=checkpoint_id, parent_model_id=parent_model_id, role=role, method=method,
-                path=str(folder), model_id=f"{checkpoint_id}@{folder_hash(folder)}", data_fingerprint=data_fp,
-                train_rows=rows, steps=result["steps"], final_loss=result["final_loss"],
-                wall_seconds=result["wall_seconds"])

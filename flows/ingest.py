@@ -1,17 +1,18 @@
 """ingest flow: one source file -> round 0 `problems` + `quarantine` (one part per source)."""
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
+import pyarrow.parquet as pq
 from prefect import flow
 
-from data.decontam import Decontaminator
-from data.ingest import EvalSetConfig, IngestError, SourceConfig, ingest, load_eval_questions
-from data.lake import fingerprint_files
-from flows.config import config_hash, resolve_path
-from flows.stage_runner import StageResult, execute_stage, lake
-from tasks.verify import VerifyConfig, check_golds
+from evoforge.data.ids import fingerprint_files, stable_hash
+from evoforge.data.lake import lake
+from evoforge.flows.config import config_hash, resolve_path
+from evoforge.flows.stage_runner import StageResult, execute_stage
+from evoforge.tasks.decontam import Decontaminator
+from evoforge.tasks.ingest import EvalSetConfig, IngestError, SourceConfig, ingest, load_eval_questions
+from evoforge.tasks.verify import VerifyConfig, check_golds
 
 
 def _input_files(path: Path) -> list[Path]:
@@ -47,15 +48,13 @@ def ingest_flow(
         e.model_dump(mode="json") for e in eval_sets]}
     input_fp = f"{source_fp}:{eval_fp}"
     # one part per source path: re-ingesting an edited file replaces its rows instead of adding to them
-    part = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    part = stable_hash(path.resolve())
     store = lake()
 
     def compute(_chunks):
         known = set(store.read(run, "problems")["problem_id"].to_pylist())
         own = store.stage_dir(run, 0, "ingest") / "problems" / f"part-{part}.parquet"
         if own.exists():  # a forced re-ingest must not call its own earlier rows duplicates
-            import pyarrow.parquet as pq
-
             known -= set(pq.read_table(own, columns=["problem_id"])["problem_id"].to_pylist())
         result = ingest(
             path, source,

@@ -6,35 +6,33 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import flow
 
-from flows.config import RoundConfig, config_hash
-from flows.generate import problem_pool
-from flows.policy import stage_config
-from flows.stage_runner import StageResult, execute_stage, fingerprint_inputs, lake
-from flows.verify import round_table
-from tasks.pairs import build_pairs, build_step_pairs
+from evoforge.data.ids import fingerprint_tables
+from evoforge.flows.config import RoundConfig, config_hash
+from evoforge.flows.inputs import problem_pool, round_table, stage_config, stage_output
+from evoforge.flows.stage_runner import StageResult, execute_stage
+from evoforge.tasks.pairs import build_pairs, build_step_pairs
 
 
 @flow(name="pairs", flow_run_name="{run}/round-{round}/pairs")
 def pairs_flow(run: str, round: int, config: RoundConfig | None = None, force: bool = False) -> StageResult:
-    """Rerunnable alone: with no config, the run's saved one and the round's policy."""
+    """Rerunnable alone: with no config, the run's saved one; the round's policy either way."""
     config = stage_config(run, round, config)
-    store = lake()
     problems = problem_pool(run, round).select(["problem_id", "question", "origin"])
     stats = round_table(run, round, "problem_stats", "filter").select(["problem_id", "bucket"])
     columns = ["rollout_id", "problem_id", "text", "completion_tokens", "mean_logprob"]
     rollouts = round_table(run, round, "rollouts", "generate").select(columns)
     verdicts = round_table(run, round, "verdicts", "verify").select(["rollout_id", "verdict"])
     # kept variants of this round: their correct solutions are SFT data too
-    variants = store.read(run, "problems", round, "synthesize").select(["problem_id", "question", "origin"])
+    variants = stage_output(run, round, "problems", "synthesize").select(["problem_id", "question", "origin"])
     if variants.num_rows:
         kept = set(variants["problem_id"].to_pylist())
-        extra = store.read(run, "rollouts", round, "synthesize").select(columns)
+        extra = stage_output(run, round, "rollouts", "synthesize").select(columns)
         extra = extra.filter(pc.is_in(extra["problem_id"], pa.array(sorted(kept))))
         problems = pa.concat_tables([problems, variants])
         rollouts = pa.concat_tables([rollouts, extra])
-        verdicts = pa.concat_tables([verdicts, store.read(run, "verdicts", round, "synthesize").select(["rollout_id", "verdict"])])
+        verdicts = pa.concat_tables([verdicts, stage_output(run, round, "verdicts", "synthesize").select(["rollout_id", "verdict"])])
     variant_ids = frozenset(variants["problem_id"].to_pylist())
-    nodes = store.read(run, "mcts_nodes", round, "mcts").drop_columns(["round", "stage"])
+    nodes = stage_output(run, round, "mcts_nodes", "mcts")
     questions = dict(zip(problems["problem_id"].to_pylist(), problems["question"].to_pylist()))
 
     def compute(_chunks) -> dict[str, pa.Table]:
@@ -47,7 +45,7 @@ def pairs_flow(run: str, round: int, config: RoundConfig | None = None, force: b
         run, round, "pairs",
         config_hash=config_hash(config.pairs),
         model_id=None,
-        input_fingerprint=fingerprint_inputs(problems, stats, rollouts, verdicts, nodes),
+        input_fingerprint=fingerprint_tables(problems, stats, rollouts, verdicts, nodes),
         rows_in=rollouts.num_rows + nodes.num_rows,
         compute=compute,
         force=force,

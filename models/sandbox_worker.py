@@ -176,4 +176,5 @@ def main():
                            "seconds": 0.0, "truncated": False})
 
 
-main()
+if __name__ == "__main__":
+    main()

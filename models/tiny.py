@@ -6,11 +6,11 @@ is the machinery (chat template, sampling, seeds, log-probabilities, Parquet, ve
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from data import home
-from models.registry import default_model_folder
+from evoforge.data import home
+from evoforge.data.atomic import atomic_path
+from evoforge.models.registry import default_model_folder
 
 
 def tiny_model_folder(seed: int = 0) -> Path:
@@ -38,8 +38,7 @@ def tiny_model_folder(seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    staging = folder.parent / f".{folder.name}.staging-{os.getpid()}"
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    os.replace(staging, folder)
+    with atomic_path(folder) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
     return folder

@@ -9,7 +9,8 @@ RARO (arXiv 2511.21667):
     policy reward = 1[label = policy] + tau_policy * 1[tie]
 
 An output with no label is recorded (`parsed_ok = false`) and gets no reward (NULL in the table).
-The same helpers give the rewards when `tasks/finetune.py` trains both roles with GRPO.
+The same helpers give the rewards when RARO trains both roles with GRPO (`RaroReward` below,
+tasks/finetune/raro.py).
 """
 from __future__ import annotations
 
@@ -21,12 +22,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from data import schemas
-from data.chunks import NO_CHUNKS, Chunks
-from models.engine import Engine, GenerationRequest, SamplingConfig
-from models.prompts import critic_messages
-from tasks.generate import problem_seed, stable_hash
-from tasks.progress import Progress
+from evoforge.data import schemas
+from evoforge.data.chunks import NO_CHUNKS, Chunks
+from evoforge.models.engine import Engine, GenerationRequest, SamplingConfig
+from evoforge.models.prompts import critic_messages
+from evoforge.data.ids import problem_seed, stable_hash
+from evoforge.tasks.progress import Progress
+from evoforge.tasks import summary
 
 ORDERS = ("policy_first", "expert_first")
 LABELS = ("expert", "policy", "tie")
@@ -172,17 +174,80 @@ def raro_training_rows(problems: pa.Table, fresh: pa.Table, replay: pa.Table, co
     return pa.Table.from_pylist(rows, schema=RARO_ROWS)
 
 
-def to_raro_dataset(rows: pa.Table, config: CriticConfig, few_shot: bool = True):
-    """TRL conversational prompts for both roles: a policy row is asked the question exactly as the
-    generate stage asks it; a critic row is shown its two answers in the recorded order. `role`,
-    `question`, `expert_answer` and `order` travel along to the reward."""
-    import datasets
+class RaroReward:
+    """RARO's reward for both roles of one model (arXiv 2511.21667), computed online.
 
-    from models.prompts import solve_messages
+    A policy completion is judged by the model being trained, in its critic role, against the
+    expert's answer in a fresh random order: policy reward = 1[critic picks it] + tau_policy*1[tie].
+    A critic completion is parsed for its last label: critic reward = 1[it picks the expert] +
+    tau_critic*1[tie]. A judgment with no label rewards neither role (0). Per-step rates go to the
+    trainer's log as raro/*.
+    """
 
-    return datasets.Dataset.from_list([
-        {"prompt": solve_messages(r["question"], few_shot) if r["role"] == "policy" else
-         critic_prompt(r["question"], r["order"], r["policy_answer"], r["expert_answer"], config.max_answer_chars),
-         "role": r["role"], "question": r["question"], "expert_answer": r["expert_answer"], "order": r["order"] or ""}
-        for r in rows.to_pylist()
-    ])
+    __name__ = "raro"
+
+    def __init__(self, tokenizer, critic: CriticConfig, seed: int = 0):
+        import copy
+
+        self.tokenizer = copy.copy(tokenizer)
+        self.tokenizer.padding_side = "left"  # generation continues each prompt from its end
+        self.critic, self.seed = critic, seed
+        self.trainer = None  # set once the trainer exists: the critic is the model being trained
+
+    def judge(self, prompts: list) -> list[str]:
+        import torch
+
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        texts = [self.tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        sampling = self.critic.sampling
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            out = model.generate(**batch, do_sample=sampling.temperature > 0, temperature=sampling.temperature or None,
+                                 top_p=sampling.top_p, max_new_tokens=sampling.max_tokens,
+                                 pad_token_id=self.tokenizer.pad_token_id)
+        model.train(was_training)
+        return self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    def __call__(self, prompts, completions, role, question, expert_answer, order, trainer_state=None,
+                 log_metric=None, **_) -> list[float]:
+        from tasks.critic import critic_prompt, order_for, parse_label, rewards, winner
+
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        step = trainer_state.global_step if trainer_state is not None else 0
+        labels: dict[str, list] = {"policy": [], "critic": []}
+        out = [0.0] * len(texts)
+        asked = [i for i, r in enumerate(role) if r == "policy"]
+        orders = {i: order_for(self.seed, f"train-{step}-{i}") for i in asked}
+        verdicts = self.judge([critic_prompt(question[i], orders[i], texts[i], expert_answer[i], self.critic.max_answer_chars)
+                               for i in asked]) if asked else []
+        for i, output in zip(asked, verdicts):
+            label = winner(parse_label(output), orders[i])
+            labels["policy"].append(label)
+            out[i] = rewards(label, self.critic.tau_critic, self.critic.tau_policy)[1] or 0.0
+        for i, r in enumerate(role):
+            if r == "critic":
+                label = winner(parse_label(texts[i]), order[i])
+                labels["critic"].append(label)
+                out[i] = rewards(label, self.critic.tau_critic, self.critic.tau_policy)[0] or 0.0
+        if log_metric is not None:
+            for name, got in labels.items():
+                if got:
+                    log_metric(f"raro/{name}_rows_expert_won", sum(g == "expert" for g in got) / len(got))
+                    log_metric(f"raro/{name}_rows_policy_won", sum(g == "policy" for g in got) / len(got))
+                    log_metric(f"raro/{name}_rows_tie", sum(g == "tie" for g in got) / len(got))
+                    log_metric(f"raro/{name}_rows_unparseable", sum(g is None for g in got) / len(got))
+        return out
+
+
+def summarize(tables: dict[str, pa.Table]) -> list[str]:
+    n = summary.rows(tables, "judgments")
+    labels = summary.counts(summary.column(tables, "judgments", "label"))
+    parsed = n - labels.get(None, 0)
+    lines = [f"- **judgments** {n}, with a label {parsed}" + (f" ({parsed / n:.1%})" if n else ""),
+             summary.line("winner", {k: v for k, v in labels.items() if k is not None})]
+    if parsed:
+        lines.append(f"- **tie rate** {labels.get('tie', 0) / parsed:.3f}, **policy win rate** "
+                     f"{labels.get('policy', 0) / parsed:.3f} (of judgments with a label)")
+    return lines

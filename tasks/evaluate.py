@@ -6,13 +6,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from data import schemas
-from data.chunks import NO_CHUNKS, Chunks
-from data.ingest import EvalSetConfig
-from models.engine import Engine, SamplingConfig
-from tasks.filter import correct_counts, pass_at_k
-from tasks.generate import GenerateConfig, generate
-from tasks.verify import VerifyConfig, verify
+from evoforge.data import schemas
+from evoforge.data.chunks import NO_CHUNKS, Chunks
+from evoforge.tasks.ingest import EvalSetConfig
+from evoforge.models.engine import Engine, SamplingConfig
+from evoforge.tasks.filter import correct_counts, pass_at_k
+from evoforge.tasks.generate import GenerateConfig, generate
+from evoforge.tasks.verify import VerifyConfig, verify
 
 
 class EvaluateConfig(BaseModel):
@@ -49,3 +49,12 @@ def evaluate(
             no_answer_rate=verdict_list.count("no_answer") / max(1, len(verdict_list)),
         ))
     return pa.Table.from_pylist(rows, schema=schemas.EVALS)
+
+
+def summarize(tables: dict[str, pa.Table]) -> list[str]:
+    lines = ["| model | set | pass@1 | pass@k | entropy | problems x n |", "|---|---|---|---|---|---|"]
+    for e in tables["evals"].to_pylist() if "evals" in tables else []:
+        ks = ", ".join(f"@{k} {v:.3f}" for k, v in sorted(dict(e["pass_at_k"]).items()))
+        lines.append(f"| {e['model_round']} | {e['eval_set']} | {e['pass_at_1']:.3f} | {ks} | {e['entropy']:.3f} "
+                     f"| {e['problems']} x {e['n']} |")
+    return lines

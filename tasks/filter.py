@@ -1,12 +1,15 @@
 """filter: per-problem accuracy, unbiased pass@k and a difficulty bucket -> `problem_stats`."""
 from __future__ import annotations
 
+from collections import Counter
+
 import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field, model_validator
 
-from data import schemas
+from evoforge.data import schemas
+from evoforge.tasks import summary
 
 EPS = 1e-9
 
@@ -39,14 +42,17 @@ def pass_at_k(n: int, c: int, k: int) -> float | None:
     return 1.0 - prob_all_wrong
 
 
+UNSOLVED, UNDERPERFORMING, LEARNABLE, SOLVED = schemas.BUCKETS
+
+
 def bucket(accuracy: float, band: tuple[float, float]) -> str:
     if accuracy <= EPS:
-        return "unsolved"
+        return UNSOLVED
     if accuracy >= 1 - EPS:
-        return "solved"
+        return SOLVED
     if band[0] - EPS <= accuracy <= band[1] + EPS:
-        return "underperforming"
-    return "learnable"
+        return UNDERPERFORMING
+    return LEARNABLE
 
 
 def correct_counts(verdicts: pa.Table) -> dict[str, tuple[int, int]]:
@@ -89,3 +95,14 @@ def filter_problems(verdicts: pa.Table, rollouts: pa.Table, config: FilterConfig
             )
         )
     return pa.Table.from_pylist(rows, schema=schemas.PROBLEM_STATS)
+
+
+def summarize(tables: dict[str, pa.Table]) -> list[str]:
+    lines = [summary.line("buckets", summary.counts(summary.column(tables, "problem_stats", "bucket")))]
+    pass_at = summary.column(tables, "problem_stats", "pass_at_k")
+    if pass_at is not None:
+        sums: Counter = Counter()
+        for row in pass_at.to_pylist():
+            sums.update(dict(row))
+        lines.append(summary.line("mean pass@k", {f"pass@{k}": f"{v / len(pass_at):.3f}" for k, v in sorted(sums.items())}))
+    return lines

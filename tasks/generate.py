@@ -1,37 +1,24 @@
 """generate: G samples per problem from the engine -> `rollouts`."""
 from __future__ import annotations
 
-import hashlib
-
 import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from data import schemas
-from data.chunks import NO_CHUNKS, Chunks
-from models.engine import Engine, GenerationRequest, SamplingConfig
-from models.prompts import solve_messages
-from tasks.progress import Progress
+from evoforge.data import schemas
+from evoforge.data.chunks import NO_CHUNKS, Chunks
+from evoforge.data.ids import problem_seed, rollout_id, stable_hash
+from evoforge.models.engine import Engine, GenerationRequest, SamplingConfig
+from evoforge.models.prompts import solve_messages
+from evoforge.tasks.progress import Progress
+from evoforge.tasks import summary
 
 
 class GenerateConfig(BaseModel):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     few_shot: bool = Field(True, description="worked examples in the prompt (see models/prompts.py)")
     batch_problems: int = Field(64, ge=1, description="problems per engine call; progress is reported per call")
-
-
-def stable_hash(*parts: object, length: int = 16) -> str:
-    return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()[:length]
-
-
-def rollout_id(problem_id: str, model_id: str, seed: int, sample_index: int) -> str:
-    return stable_hash("rollout", problem_id, model_id, seed, sample_index)
-
-
-def problem_seed(base_seed: int, problem_id: str) -> int:
-    """Each problem gets its own seed, so its samples do not depend on the batch it lands in."""
-    return int(stable_hash("seed", base_seed, problem_id, length=8), 16) & 0x7FFFFFFF
 
 
 def transient(task, task_run, state) -> bool:
@@ -80,3 +67,9 @@ def generate(problems: pa.Table, engine: Engine, config: GenerateConfig, chunks:
             tokens += sum(part["completion_tokens"].to_pylist())
             progress.update(start + len(batch), f", {tokens} tokens")
     return pa.concat_tables(parts) if parts else schemas.ROLLOUTS.empty_table()
+
+
+def summarize(tables: dict[str, pa.Table]) -> list[str]:
+    tokens = summary.column(tables, "rollouts", "completion_tokens")
+    return [f"- **rollouts**: {summary.rows(tables, 'rollouts')}, **tokens**: {sum(tokens.to_pylist()) if tokens else 0}",
+            summary.line("finish reasons", summary.counts(summary.column(tables, "rollouts", "finish_reason")))]

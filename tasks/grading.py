@@ -1,4 +1,9 @@
-"""Grading one response against a gold answer with math-verify. Runs inside grader worker processes.
+"""Reading answers and grading them: the final answer of a response (its last `\\boxed{}`), gold
+answers in one normal form, and math-verify's verdict on the two. `grade` runs inside grader worker
+processes (tasks/grader_pool.py).
+
+The final answer is the content of the LAST box: math-verify's own extraction concatenates repeated
+boxes, so extraction happens here, before math-verify sees text.
 
 math-verify's own timeouts use `signal.alarm` (main thread only) and do not stop a C-level big-integer
 power; here they are switched off and the pool's hard deadline, which kills the worker, is the only
@@ -7,15 +12,46 @@ clock. A memory blow-up (e.g. `2^{10^{10}}`) hits the worker's address-space lim
 from __future__ import annotations
 
 import logging
+import re
 import time
 from functools import lru_cache
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
-from models.prompts import last_boxed
 
 # it warns on every call that its own timeouts are off; that is deliberate here (see above)
 logging.getLogger("math_verify").setLevel(logging.ERROR)
+
+_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` (or `\\fbox{...}`) whose braces close, or None."""
+    for match in reversed(list(_BOX.finditer(text))):
+        depth = 0
+        for j in range(match.end() - 1, len(text)):
+            if text[j] == "{":
+                depth += 1
+            elif text[j] == "}":
+                depth -= 1
+                if depth == 0:
+                    return text[match.end() : j].strip()
+    return None
+
+
+_NUMBER = re.compile(r"^[-+]?(\d{1,3}(,\d{3})+|\d+)(\.\d+)?$")
+
+
+def normalize_answer(answer: str) -> str:
+    """'1,000' -> '1000', '27.0' -> '27', '$5' -> '5'; anything that is not a plain number is kept."""
+    text = answer.strip().strip("$").strip()
+    if _NUMBER.match(text):
+        text = text.replace(",", "").lstrip("+")
+        if "." in text:
+            text = text.rstrip("0").rstrip(".")
+        return text or "0"
+    return answer.strip()
+
 
 _EXTRACTION = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
 

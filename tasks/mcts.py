@@ -16,20 +16,24 @@ limit), so every expanded node has exactly the visits of its children summed.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from data import schemas
-from models.engine import Engine, GenerationRequest, SamplingConfig
-from models.prompts import ANSWER_END, STEP_END, parse_step, step_messages, step_prefix
-from models.sandbox import Sandbox, SandboxConfig
-from tasks.generate import problem_seed, stable_hash
-from tasks.progress import Progress
-from tasks.verify import VerifyConfig
+from evoforge.data import schemas
+from evoforge.models.engine import Engine, GenerationRequest, SamplingConfig
+from evoforge.models.prompts import ANSWER_END, STEP_END, step_messages, step_prefix
+from evoforge.models.sandbox import Sandbox, SandboxConfig
+from evoforge.data.ids import problem_seed, stable_hash
+from evoforge.tasks.progress import Progress
+from evoforge.tasks.grading import last_boxed
+from evoforge.tasks.verify import VerifyConfig
+from evoforge.tasks import summary
 
 FAILED = ("error", "timeout", "unparsed")
 
@@ -50,6 +54,18 @@ class MCTSConfig(BaseModel):
     use_ppm: bool = Field(False, description="score candidate steps with the PPM trained in the round before, if any")
     batched: bool = Field(True, description="one engine call per depth for all trees (False: one per node, for the benchmark)")
 
+
+
+def parse_step(text: str) -> tuple[str, str | None]:
+    """A generated step -> ("final", answer) when it gives a boxed answer, else ("code", code) (the
+    code may be empty: a step with no code cannot be run)."""
+    text = text.split(STEP_END)[0].split(ANSWER_END)[0]
+    answer = last_boxed(text)
+    if answer is not None:
+        return "final", answer
+    code = re.sub(r"^\s*```(?:python)?\s*$", "", text, flags=re.MULTILINE).strip()
+    code = code.split("<output>")[0].strip()  # a model that writes its own output has not seen it
+    return "code", code
 
 @dataclass(eq=False)
 class Node:
@@ -170,7 +186,7 @@ def _expand(frontier: list[tuple[Node, str]], gold: dict[str, str], engine: Engi
 
 
 @task(name="mcts", cache_policy=NO_CACHE, persist_result=False)
-def search(problems: pa.Table, engine: Engine, config: MCTSConfig, verify: VerifyConfig, round_: int = 0,
+def search(problems: pa.Table, engine: Engine, config: MCTSConfig, verify: VerifyConfig, round: int = 0,
            step_scorer=None) -> dict[str, pa.Table]:
     """problems (problem_id, question, answer) -> {"mcts_nodes", "traces"}.
 
@@ -179,7 +195,7 @@ def search(problems: pa.Table, engine: Engine, config: MCTSConfig, verify: Verif
     rows = problems.select(["problem_id", "question", "answer"]).to_pylist()
     roots: list[tuple[Node, dict]] = []
     for row in rows:
-        tree_id = stable_hash("tree", row["problem_id"], engine.model_id, config.step.seed, round_)
+        tree_id = stable_hash("tree", row["problem_id"], engine.model_id, config.step.seed, round)
         roots.append((Node(stable_hash("node", tree_id), tree_id, row["problem_id"], None, 0), row))
     gold = {row["problem_id"]: row["answer"] for row in rows}
     with Sandbox(config.sandbox) as box, verify.pool() as grader, \
@@ -264,3 +280,19 @@ def _traces(roots, per_problem: int) -> pa.Table:
                 answer=leaf.answer, mean_q=mean_q, depth=leaf.depth,
             ))
     return pa.Table.from_pylist(rows, schema=schemas.TRACES)
+
+
+def summarize(tables: dict[str, pa.Table]) -> list[str]:
+    lines = []
+    nodes = tables.get("mcts_nodes")
+    if nodes is not None and nodes.num_rows:
+        rows = nodes.to_pylist()
+        terminal = [r for r in rows if r["is_terminal"]]
+        steps = nodes.filter(pc.greater(nodes["depth"], 0))
+        lines.append(f"- **trees** {len({r['tree_id'] for r in rows})}, **nodes** {len(rows)}, **steps** {steps.num_rows}")
+        lines.append(summary.line("steps by status", summary.counts(steps["exec_status"])))
+        correct = sum(1 for r in terminal if r["correct"])
+        lines.append(f"- **terminal leaves** {len(terminal)}, correct {correct}"
+                     + (f" ({correct / len(terminal):.1%})" if terminal else ""))
+    lines.append(f"- **traces**: {summary.rows(tables, 'traces')}")
+    return lines

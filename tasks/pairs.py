@@ -14,9 +14,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from data import schemas
-from data.ingest import normalize_question
-from tasks.generate import stable_hash
+from evoforge.data import schemas
+from evoforge.data.ids import normalize_question
+from evoforge.data.ids import stable_hash
+from evoforge.tasks import summary
 
 REJECTABLE = ("wrong", "no_answer")
 
@@ -82,45 +83,6 @@ def build_pairs(
     }
 
 
-def to_dpo_dataset(pairs: pa.Table, few_shot: bool = True):
-    """TRL conversational preference format: prompt messages, chosen and rejected assistant turns."""
-    import datasets
-
-    from models.prompts import solve_messages
-
-    rows = pairs.filter(pa.compute.equal(pairs["kind"], "solution")).to_pylist()
-    return datasets.Dataset.from_list([
-        {"prompt": solve_messages(r["prompt"], few_shot),
-         "chosen": [{"role": "assistant", "content": r["chosen"]}],
-         "rejected": [{"role": "assistant", "content": r["rejected"]}]}
-        for r in rows
-    ])
-
-
-def to_sft_dataset(examples: pa.Table, few_shot: bool = True):
-    """TRL conversational prompt/completion format, so the loss covers the completion only."""
-    import datasets
-
-    from models.prompts import solve_messages
-
-    return datasets.Dataset.from_list([
-        {"prompt": solve_messages(r["prompt"], few_shot), "completion": [{"role": "assistant", "content": r["completion"]}]}
-        for r in examples.to_pylist()
-    ])
-
-
-def to_grpo_dataset(prompts: pa.Table, few_shot: bool = True):
-    """TRL conversational prompt format; `answer` travels along to the verifier reward."""
-    import datasets
-
-    from models.prompts import solve_messages
-
-    return datasets.Dataset.from_list([
-        {"prompt": solve_messages(r["question"], few_shot), "answer": r["answer"]}
-        for r in prompts.select(["question", "answer"]).to_pylist()
-    ])
-
-
 def _subtree_outcome(node_id: str, children: dict[str, list[dict]], nodes: dict[str, dict], memo: dict) -> str | None:
     """'correct' when a correct terminal lies below (or at) the node, 'wrong' when only wrong or failed
     leaves do, None when nothing below was evaluated."""
@@ -143,7 +105,7 @@ def build_step_pairs(nodes: pa.Table, questions: dict[str, str], config: PairsCo
     each pair kept only if its Q margin and the edit distance of its two steps pass the thresholds."""
     import difflib
 
-    from models.prompts import step_prefix
+    from evoforge.models.prompts import step_prefix
 
     rows = nodes.to_pylist()
     by_id = {n["node_id"]: n for n in rows}
@@ -181,25 +143,6 @@ def build_step_pairs(nodes: pa.Table, questions: dict[str, str], config: PairsCo
     return pa.Table.from_pylist(out, schema=schemas.PAIRS)
 
 
-def to_ppm_dataset(pairs: pa.Table):
-    """TRL reward-model format, plain text: the problem and the solution so far as the prompt, each
-    candidate step as a completion. The PPM scores a step in its context."""
-    import datasets
-
-    rows = pairs.filter(pa.compute.equal(pairs["kind"], "step")).to_pylist()
-    return datasets.Dataset.from_list([
-        {"prompt": f"{r['prompt']}\n\n{r['prefix'] or ''}", "chosen": r["chosen"], "rejected": r["rejected"]}
-        for r in rows
-    ])
-
-
-def to_trace_dataset(traces: pa.Table):
-    """SFT on MCTS traces: the step-format prompt, the whole traced solution as the completion."""
-    import datasets
-
-    from models.prompts import step_messages
-
-    return datasets.Dataset.from_list([
-        {"prompt": step_messages(r["prompt"]), "completion": [{"role": "assistant", "content": r["completion"]}]}
-        for r in traces.to_pylist()
-    ])
+def summarize(tables: dict[str, pa.Table]) -> list[str]:
+    return [summary.line("pairs by kind", summary.counts(summary.column(tables, "pairs", "kind"))),
+            f"- **sft examples**: {summary.rows(tables, 'sft_examples')}"]

@@ -1,6 +1,6 @@
 """Progress of long stages: a rich bar on a terminal, and log lines (done, rate, ETA) in Prefect.
 
-Inside a Prefect run the lines go to the run logger, so the UI shows them; outside, to the
+Inside a Prefect flow or task run the lines go to its logger, so the UI shows them; outside, to the
 `evoforge` logger. Log lines are throttled to one every `every_s` seconds plus the last one.
 """
 from __future__ import annotations
@@ -10,19 +10,19 @@ import sys
 import time
 
 
-def run_logger() -> logging.Logger | logging.LoggerAdapter:
+def flow_run_logger() -> logging.Logger | logging.LoggerAdapter:
     try:
         from prefect import get_run_logger
 
         return get_run_logger()
-    except Exception:  # no active Prefect run: a plain `task.fn(...)` call, a benchmark
+    except Exception:  # no active Prefect flow or task run: a plain `task.fn(...)` call, a benchmark
         return logging.getLogger("evoforge")
 
 
 class Progress:
     def __init__(self, label: str, total: int, unit: str = "items", every_s: float = 10.0):
         self.label, self.total, self.unit, self.every_s = label, total, unit, every_s
-        self.logger = run_logger()
+        self.logger = flow_run_logger()
         self.started = time.monotonic()
         self.last_log = 0.0
         self.done = 0

@@ -16,15 +16,17 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from data import schemas
-from data.chunks import NO_CHUNKS, Chunks
-from data.decontam import Decontaminator, ngrams
-from data.ingest import normalize_question, problem_id
-from models.engine import Engine, GenerationRequest, SamplingConfig
-from models.prompts import extract_problem, synthesis_messages
-from tasks.filter import EPS, correct_counts
-from tasks.generate import GenerateConfig, generate, problem_seed, stable_hash
-from tasks.verify import VerifyConfig, verify
+from evoforge.data import schemas
+from evoforge.data.chunks import NO_CHUNKS, Chunks
+from evoforge.tasks.decontam import Decontaminator, ngrams
+from evoforge.data.ids import normalize_question, problem_id
+from evoforge.models.engine import Engine, GenerationRequest, SamplingConfig
+from evoforge.models.prompts import extract_problem, synthesis_messages
+from evoforge.tasks.filter import EPS, correct_counts
+from evoforge.data.ids import problem_seed, stable_hash
+from evoforge.tasks.generate import GenerateConfig, generate
+from evoforge.tasks.verify import VerifyConfig, verify
+from evoforge.tasks import summary
 
 
 class SynthesizeConfig(BaseModel):
@@ -165,3 +167,13 @@ def synthesize(
         "verdicts": graded,
         "problems": pa.Table.from_pylist(kept_problems, schema=schemas.PROBLEMS),
     }
+
+
+def summarize(tables: dict[str, pa.Table]) -> list[str]:
+    reasons = summary.counts(summary.column(tables, "variants", "reject_reason"))
+    synthesized = summary.rows(tables, "variants")
+    kept = sum(summary.column(tables, "variants", "kept").to_pylist()) if synthesized else 0
+    valid = synthesized - sum(v for k, v in reasons.items() if k not in (None, "outside_band"))
+    ratio = f"{kept / synthesized:.1%}" if synthesized else "n/a"
+    return [f"- **synthesized** {synthesized}, **valid** {valid}, **kept** {kept} (kept ratio {ratio})",
+            summary.line("rejected by reason", {k: v for k, v in reasons.items() if k is not None})]

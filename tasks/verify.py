@@ -6,11 +6,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from data import schemas
-from data.chunks import NO_CHUNKS, Chunks
-from tasks.generate import stable_hash
-from tasks.grader_pool import GraderPool
-from tasks.progress import Progress
+from evoforge.data import schemas
+from evoforge.data.chunks import NO_CHUNKS, Chunks
+from evoforge.data.ids import stable_hash
+from evoforge.tasks.grader_pool import GraderPool
+from evoforge.tasks.progress import Progress
+from evoforge.tasks import summary
 
 
 class VerifyConfig(BaseModel):
@@ -75,3 +76,8 @@ def verify(rollouts: pa.Table, problems: pa.Table, config: VerifyConfig, chunks:
             parts.append(chunks.get_or_compute(key, grade))
             progress.update(done + len(batch))
     return pa.concat_tables(parts) if parts else schemas.VERDICTS.empty_table()
+
+
+def summarize(tables: dict[str, pa.Table]) -> list[str]:
+    verdicts = summary.counts(summary.column(tables, "verdicts", "verdict"))
+    return [summary.line("verdicts", verdicts), f"- **timeouts**: {verdicts.get('timeout', 0)}"]

@@ -1,17 +1,47 @@
-"""Shared fixtures. Everything a test writes stays under the project (.tmp/, .cache/), as in a real run."""
+"""Shared fixtures, and the test tiers. Everything a test writes stays under the project (.tmp/,
+.cache/), as in a real run.
+
+Tiers (markers; `make test` runs all, `pytest -m unit` is the fast loop):
+- unit: no model and no server; the whole tier runs in about a minute
+- model: loads the tiny random model or the default model
+- server: starts a Prefect server (the test harness, `prefect server start`) or a browser
+Every test carries at least one; a test that uses the model or server fixtures must carry that tier.
+"""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 
 import pytest
 
-from data import home
+from evoforge.data import home
 
 home.configure()  # before Prefect, vLLM or torch are imported
 
-import shutil  # noqa: E402
+TIERS = ("unit", "model", "server")
+MODEL_FIXTURES = {"tiny_model", "tiny_engine_config"}
+SERVER_FIXTURES = {"prefect_server"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """A tier is a promise about cost: check it against the fixtures each test really uses."""
+    wrong = []
+    for item in items:
+        tiers = {mark.name for mark in item.iter_markers() if mark.name in TIERS}
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if not tiers:
+            wrong.append(f"{item.nodeid}: no tier marker ({', '.join(TIERS)})")
+        elif "unit" in tiers and (tiers != {"unit"} or fixtures & (MODEL_FIXTURES | SERVER_FIXTURES)):
+            wrong.append(f"{item.nodeid}: marked unit but uses {sorted(fixtures & (MODEL_FIXTURES | SERVER_FIXTURES))}")
+        elif fixtures & MODEL_FIXTURES and "model" not in tiers:
+            wrong.append(f"{item.nodeid}: uses the model but is not marked model")
+        elif fixtures & SERVER_FIXTURES and "server" not in tiers:
+            wrong.append(f"{item.nodeid}: starts a Prefect server but is not marked server")
+    if wrong:
+        raise pytest.UsageError("test tiers:\n  " + "\n  ".join(wrong))
 
 
 @pytest.fixture()
@@ -25,9 +55,14 @@ def scratch(request) -> Path:
 
 @pytest.fixture()
 def runs_root(scratch, monkeypatch) -> Path:
+    """A lake of the test's own, for this process and the processes it starts."""
+    from evoforge.data.lake import use_lake
+
     root = scratch / "runs"
     monkeypatch.setenv("EVOFORGE_RUNS", str(root))
-    return root
+    use_lake(root)
+    yield root
+    use_lake(None)
 
 
 @pytest.fixture(scope="session")
@@ -41,28 +76,84 @@ def prefect_server():
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
-    from models.tiny import tiny_model_folder
+    from evoforge.models.tiny import tiny_model_folder
 
     return tiny_model_folder()
 
 
 @pytest.fixture(scope="session")
 def tiny_engine_config(tiny_model):
-    from models.engine import EngineConfig
+    from evoforge.models.engine import EngineConfig
 
     return EngineConfig(model=str(tiny_model), backend="vllm", max_model_len=1024)
 
 
-def write_jsonl(path: Path, lines: list) -> Path:
-    """Lines may be dicts (dumped as JSON), str (written as is) or bytes (written raw)."""
-    import json
+@pytest.fixture()
+def write_jsonl():
+    """write_jsonl(path, lines): lines may be dicts (dumped as JSON), str (written as is) or bytes (written raw)."""
+    def write(path: Path, lines: list) -> Path:
+        with open(path, "wb") as fh:
+            for line in lines:
+                if isinstance(line, dict):
+                    line = json.dumps(line)
+                fh.write((line if isinstance(line, bytes) else line.encode()) + b"\n")
+        return path
 
-    with open(path, "wb") as fh:
-        for line in lines:
-            if isinstance(line, dict):
-                line = json.dumps(line)
-            fh.write((line if isinstance(line, bytes) else line.encode()) + b"\n")
-    return path
+    return write
+
+
+class ScriptedEngine:
+    """A test double of the engine (models/engine.py's interface) whose text a test writes:
+    `reply(request, n)` returns the n samples of one request, as Completions or plain strings (plain
+    strings get 10 tokens, finish reason 'stop', mean log-prob -0.5). It records the number of
+    requests of every call, so a test can check how a stage batches its calls."""
+
+    def __init__(self, reply, model_id: str = "scripted@test"):
+        self.reply, self.model_id = reply, model_id
+        self.calls: list[int] = []
+
+    def generate(self, requests, sampling):
+        from evoforge.models.engine import Completion
+
+        self.calls.append(len(requests))
+        return [[c if isinstance(c, Completion) else Completion(c, 10, "stop", -0.5) for c in self.reply(request, sampling.n)]
+                for request in requests]
+
+
+@pytest.fixture()
+def scripted_engine():
+    """ScriptedEngine(reply, model_id=...): see the class."""
+    return ScriptedEngine
+
+
+@pytest.fixture()
+def graded_round():
+    """A small graded round for the pairs and SFT selection: problems, stats, rollouts and verdicts of
+    a mixed, a solved and an unsolved problem."""
+    import pyarrow as pa
+
+    from evoforge.data import schemas
+
+    problems = pa.Table.from_pylist([
+        dict(problem_id=p, question=f"question {p}", answer="1", source="t", source_file="f", source_row=i,
+             origin="seed", parent_problem_id=None) for i, p in enumerate(["mixed", "solved", "unsolved"])
+    ], schema=schemas.PROBLEMS)
+    rows = [  # (rollout, problem, text, tokens, mean logprob, verdict)
+        ("m1", "mixed", "long correct", 50, -0.5, "correct"),
+        ("m2", "mixed", "short correct", 10, -0.9, "correct"),
+        ("m3", "mixed", "short correct", 10, -0.8, "correct"),   # same text as m2: one SFT example
+        ("m4", "mixed", "unsure wrong", 20, -2.0, "wrong"),
+        ("m5", "mixed", "confident wrong", 20, -0.1, "wrong"),
+        ("m6", "mixed", "no box", 20, -0.05, "no_answer"),
+        ("s1", "solved", "right", 5, -0.1, "correct"),
+        ("u1", "unsolved", "nope", 5, -0.1, "wrong"),
+    ]
+    rollouts = pa.table({"rollout_id": [r[0] for r in rows], "problem_id": [r[1] for r in rows],
+                         "text": [r[2] for r in rows], "completion_tokens": [r[3] for r in rows],
+                         "mean_logprob": [r[4] for r in rows]})
+    verdicts = pa.table({"rollout_id": [r[0] for r in rows], "verdict": [r[5] for r in rows]})
+    stats = pa.table({"problem_id": ["mixed", "solved", "unsolved"], "bucket": ["underperforming", "solved", "unsolved"]})
+    return problems, stats, rollouts, verdicts
 
 
 def pytest_report_header(config):

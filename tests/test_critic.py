@@ -7,10 +7,11 @@ import math
 import pyarrow as pa
 import pytest
 
-from tasks.critic import (ORDERS, CriticConfig, arrange, order_for, parse_label, raro_training_rows, rewards,
-                          winner)
+from evoforge.tasks.critic import (ORDERS, CriticConfig, arrange, order_for, parse_label, raro_training_rows, rewards,
+                                   winner)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("output, label", [
     ("Answer 1 looks right at first, but its sum is off. Answer 2 is correct.\nVerdict: Answer 2", "2"),
     ("Answer 2 forgets the tax; Answer 1 does not.\nVerdict: Answer 1", "1"),
@@ -30,6 +31,7 @@ def test_the_last_label_wins_and_case_brackets_and_prose_are_handled(output, lab
     assert parse_label(output) == label
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("order", ORDERS)
 def test_the_shuffle_is_recorded_and_undone(order):
     first, second = arrange(order, "POLICY", "EXPERT")
@@ -41,6 +43,7 @@ def test_the_shuffle_is_recorded_and_undone(order):
     assert winner("tie", order) == "tie" and winner(None, order) is None
 
 
+@pytest.mark.unit
 def test_the_order_is_a_fair_seeded_coin_per_judgment():
     orders = [order_for(0, f"rollout-{i}") for i in range(2000)]
     assert orders == [order_for(0, f"rollout-{i}") for i in range(2000)]  # reproducible
@@ -48,6 +51,7 @@ def test_the_order_is_a_fair_seeded_coin_per_judgment():
     assert orders != [order_for(1, f"rollout-{i}") for i in range(2000)]  # the seed changes it
 
 
+@pytest.mark.unit
 def test_reward_table_for_every_label():
     table = {label: rewards(label, tau_critic=0.55, tau_policy=0.6) for label in ("expert", "policy", "tie", None)}
     assert table == {"expert": (1.0, 0.0), "policy": (0.0, 1.0), "tie": (0.55, 0.6), None: (None, None)}
@@ -58,6 +62,7 @@ def _compared(n: int, tag: str) -> pa.Table:
                                       policy_answer=f"{tag}-answer-{i}", order=ORDERS[i % 2]) for i in range(n)])
 
 
+@pytest.mark.unit
 def test_raro_rows_mix_fresh_and_replayed_answers_half_and_half():
     problems = pa.Table.from_pylist([dict(problem_id=f"p{i}", question=f"q{i}", expert_answer=f"e{i}") for i in range(3)]
                                     + [dict(problem_id="p9", question="q9", expert_answer=None)])
@@ -78,16 +83,17 @@ def test_raro_rows_mix_fresh_and_replayed_answers_half_and_half():
     assert [r["replayed"] for r in first if r["role"] == "critic"] == [False] * 3
 
 
-def test_the_critic_stage_writes_judgments_the_catalog_reports(prefect_server, runs_root, tiny_engine_config, scratch):
-    from conftest import write_jsonl
-    from data import catalog
-    from data.ingest import SourceConfig
-    from flows.cli import main
-    from flows.config import RoundConfig
-    from tasks.generate import GenerateConfig
-    from flows.round import round_flow
-    from flows.stage_runner import lake
-    from models.engine import SamplingConfig
+@pytest.mark.model
+@pytest.mark.server
+def test_the_critic_stage_writes_judgments_the_catalog_reports(write_jsonl, prefect_server, runs_root, tiny_engine_config, scratch):
+    from evoforge.data import catalog
+    from evoforge.tasks.ingest import SourceConfig
+    from evoforge.flows.cli import main
+    from evoforge.flows.config import RoundConfig
+    from evoforge.tasks.generate import GenerateConfig
+    from evoforge.flows.round import round_flow
+    from evoforge.data.lake import lake
+    from evoforge.models.engine import SamplingConfig
 
     source = write_jsonl(scratch / "demos.jsonl", [
         {"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}.\nThe answer is \\boxed{{{i + 1}}}.",
@@ -128,9 +134,11 @@ def test_the_critic_stage_writes_judgments_the_catalog_reports(prefect_server, r
     assert [e["status"] for e in events] == ["running", "completed", "skipped"]
 
 
+@pytest.mark.model
 def test_raro_grpo_trains_both_roles_of_one_model(tiny_model, scratch):
-    from models.engine import EngineConfig, SamplingConfig, load_engine
-    from tasks.finetune import FinetuneConfig, finetune
+    from evoforge.models.engine import EngineConfig, SamplingConfig, load_engine
+    from evoforge.tasks.finetune.config import FinetuneConfig
+    from evoforge.tasks.finetune.training import TrainingContext, train_policy
 
     problems = pa.Table.from_pylist([dict(problem_id=f"p{i}", question=f"What is {i} + 2?",
                                           expert_answer=f"{i} + 2 = {i + 2}. The answer is \\boxed{{{i + 2}}}.")
@@ -141,7 +149,7 @@ def test_raro_grpo_trains_both_roles_of_one_model(tiny_model, scratch):
     folder = scratch / "ckpt-raro"
     config = FinetuneConfig(method="raro", max_steps=2, batch_size=8, grpo_generations=4, grpo_max_completion_tokens=8,
                             learning_rate=1e-3, few_shot=False)
-    result = finetune.fn(str(tiny_model), {"raro": rows}, config, folder, critic=critic)
+    result = train_policy.fn(str(tiny_model), {"raro": rows}, config, folder, TrainingContext(critic=critic))
     assert result["steps"] == 2 and all(math.isfinite(m["loss"]) for m in result["metrics"])
     logged = set().union(*result["metrics"])
     # each logged step reports the critic's verdicts on the policy's answers and on its own judgments

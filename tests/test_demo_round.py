@@ -5,14 +5,14 @@ import json
 
 import pytest
 
-from conftest import write_jsonl
-from flows.cli import main
-from flows.stage_runner import lake
+from evoforge.flows.cli import main
+from evoforge.data.lake import lake
 
 
-@pytest.mark.slow
-def test_a_round_on_the_default_model_from_the_command_line(prefect_server, runs_root, scratch, capsys):
-    from data.home import PROJECT_ROOT
+@pytest.mark.model
+@pytest.mark.server
+def test_a_round_on_the_default_model_from_the_command_line(write_jsonl, prefect_server, runs_root, scratch, capsys):
+    from evoforge.data.home import PROJECT_ROOT
 
     easy = [json.loads(line) for line in (PROJECT_ROOT / "data/sets/easy_arithmetic/train.jsonl").open()]
     one_step = [r for r in easy if r["steps"] == 1][:8]

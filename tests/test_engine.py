@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from models.engine import EngineConfig, GenerationRequest, SamplingConfig, load_engine
-from models.prompts import solve_messages
+from evoforge.models.engine import EngineConfig, GenerationRequest, SamplingConfig, load_engine
+from evoforge.models.prompts import solve_messages
 
 SAMPLING = SamplingConfig(n=3, temperature=1.0, top_p=0.95, max_tokens=12, seed=0)
 
@@ -15,6 +15,7 @@ def requests(*seeds):
     return [GenerationRequest(solve_messages(f"What is {s} + 1?"), seed=s) for s in seeds]
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("backend", ["vllm", "transformers"])
 def test_n_samples_per_prompt_with_tokens_finish_reason_and_logprob(tiny_engine_config, backend):
     engine = load_engine(tiny_engine_config.model_copy(update={"backend": backend}))
@@ -28,6 +29,7 @@ def test_n_samples_per_prompt_with_tokens_finish_reason_and_logprob(tiny_engine_
     assert engine.model_id.startswith("tiny-llama-0@")
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("backend", ["vllm", "transformers"])
 def test_a_prompt_seed_fixes_its_samples_whatever_else_is_in_the_batch(tiny_engine_config, backend):
     engine = load_engine(tiny_engine_config.model_copy(update={"backend": backend}))
@@ -38,6 +40,7 @@ def test_a_prompt_seed_fixes_its_samples_whatever_else_is_in_the_batch(tiny_engi
     assert [c.text for c in other_seed] != [c.text for c in alone]
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("backend", ["vllm", "transformers"])
 def test_stop_strings_end_a_sample_before_the_stop_string(tiny_engine_config, backend):
     engine = load_engine(tiny_engine_config.model_copy(update={"backend": backend}))
@@ -50,8 +53,9 @@ def test_stop_strings_end_a_sample_before_the_stop_string(tiny_engine_config, ba
     assert cut.text == full.text[:i] and cut.finish_reason == "stop"
 
 
+@pytest.mark.model
 def test_model_references_resolve_to_a_stable_id(tiny_model):
-    from models.registry import ModelError, resolve
+    from evoforge.models.registry import ModelError, resolve
 
     first, second = resolve(str(tiny_model)), resolve(str(tiny_model))
     assert first.model_id == second.model_id and first.path == str(tiny_model)
@@ -61,6 +65,7 @@ def test_model_references_resolve_to_a_stable_id(tiny_model):
     assert EngineConfig().model == "default"
 
 
+@pytest.mark.unit
 def test_truncated_top_p_keeps_exactly_the_tokens_vllms_sorted_top_p_keeps():
     """models/cpu_top_p.py replaces vLLM's CPU top-p: on peaked rows (a trained model's), flat rows
     (a random model's), rows whose mass needs more than the candidates, and p = 1, the logits it
@@ -68,7 +73,7 @@ def test_truncated_top_p_keeps_exactly_the_tokens_vllms_sorted_top_p_keeps():
     import torch
     from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
 
-    from models.cpu_top_p import CANDIDATES, truncated_top_p
+    from evoforge.models.cpu_top_p import CANDIDATES, truncated_top_p
 
     sorted_top_p = getattr(apply_top_k_top_p_pytorch, "sorted_top_p", apply_top_k_top_p_pytorch)
     truncated = truncated_top_p(sorted_top_p)

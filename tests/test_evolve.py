@@ -6,14 +6,14 @@ import json
 
 import pytest
 
-from conftest import write_jsonl
-from flows.cli import main
-from flows.stage_runner import lake
+from evoforge.flows.cli import main
+from evoforge.data.lake import lake
 
 
-@pytest.mark.slow
-def test_two_round_evolve_grows_the_pool_trains_and_evaluates(prefect_server, runs_root, scratch, capsys):
-    from data.home import PROJECT_ROOT
+@pytest.mark.model
+@pytest.mark.server
+def test_two_round_evolve_grows_the_pool_trains_and_evaluates(write_jsonl, prefect_server, runs_root, scratch, capsys):
+    from evoforge.data.home import PROJECT_ROOT
 
     easy = [json.loads(line) for line in (PROJECT_ROOT / "data/sets/easy_arithmetic/train.jsonl").open()]
     pool = write_jsonl(scratch / "pool.jsonl", [r for r in easy if r["steps"] == 1][:8])

@@ -6,7 +6,9 @@ import itertools
 import pyarrow as pa
 import pytest
 
-from tasks.filter import FilterConfig, bucket, filter_problems, pass_at_k
+from evoforge.tasks.filter import FilterConfig, bucket, filter_problems, pass_at_k
+
+pytestmark = pytest.mark.unit
 
 
 def brute_force_pass_at_k(n: int, c: int, k: int) -> float:

@@ -8,20 +8,23 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from models.engine import EngineConfig, GenerationRequest, SamplingConfig, load_engine
-from models.prompts import solve_messages
-from tasks.finetune import FinetuneConfig, VerifierReward, _training_args, finetune
-from tasks.pairs import PairsConfig, build_pairs
-from tasks.verify import VerifyConfig
-from test_pairs import crafted
+from evoforge.models.engine import EngineConfig, GenerationRequest, SamplingConfig, load_engine
+from evoforge.models.prompts import solve_messages
+from evoforge.tasks.finetune import grpo
+from evoforge.tasks.finetune.config import FinetuneConfig
+from evoforge.tasks.finetune.grpo import VerifierReward
+from evoforge.tasks.finetune.training import train_policy, train_ppm
+from evoforge.tasks.pairs import PairsConfig, build_pairs
+from evoforge.tasks.verify import VerifyConfig
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("method", ["sft", "dpo"])
-def test_trl_training_writes_a_checkpoint_the_engine_loads(tiny_model, scratch, method):
-    tables = build_pairs.fn(*crafted(), PairsConfig(sft_per_problem=5))
+def test_trl_training_writes_a_checkpoint_the_engine_loads(graded_round, tiny_model, scratch, method):
+    tables = build_pairs.fn(*graded_round, PairsConfig(sft_per_problem=5))
     data = {method: tables["sft_examples"] if method == "sft" else tables["pairs"]}
     folder = scratch / f"ckpt-{method}"
-    result = finetune.fn(str(tiny_model), data, FinetuneConfig(method=method, max_steps=2, batch_size=2,
+    result = train_policy.fn(str(tiny_model), data, FinetuneConfig(method=method, max_steps=2, batch_size=2,
                                                                learning_rate=1e-3), folder)
     assert result["steps"] == 2 and math.isfinite(result["final_loss"])
     assert [m["step"] for m in result["metrics"]] == [1, 2]
@@ -32,12 +35,14 @@ def test_trl_training_writes_a_checkpoint_the_engine_loads(tiny_model, scratch, 
     assert completions[0].token_count >= 1 and engine.model_id.startswith(f"ckpt-{method}@")
 
 
-def test_finetune_refuses_an_empty_training_set(tiny_model, scratch):
-    tables = build_pairs.fn(*crafted(), PairsConfig(pairs_per_problem=0))
+@pytest.mark.model
+def test_finetune_refuses_an_empty_training_set(graded_round, tiny_model, scratch):
+    tables = build_pairs.fn(*graded_round, PairsConfig(pairs_per_problem=0))
     with pytest.raises(ValueError, match="no training rows"):
-        finetune.fn(str(tiny_model), {"dpo": tables["pairs"]}, FinetuneConfig(method="dpo"), scratch / "x")
+        train_policy.fn(str(tiny_model), {"dpo": tables["pairs"]}, FinetuneConfig(method="dpo"), scratch / "x")
 
 
+@pytest.mark.unit
 def test_verifier_reward_grades_completions_against_each_rows_answer():
     with VerifyConfig().pool() as pool:
         reward = VerifierReward(pool)
@@ -48,14 +53,15 @@ def test_verifier_reward_grades_completions_against_each_rows_answer():
         assert reward(prompts=[None] * 4, completions=completions, answer=["4", "4", "4", "0.5"]) == [1.0, 0.0, 0.0, 1.0]
 
 
-def test_grpo_then_sft_chain_trains_with_the_verifier_reward(tiny_model, scratch):
-    tables = build_pairs.fn(*crafted(), PairsConfig(sft_per_problem=5))
+@pytest.mark.model
+def test_grpo_then_sft_chain_trains_with_the_verifier_reward(graded_round, tiny_model, scratch):
+    tables = build_pairs.fn(*graded_round, PairsConfig(sft_per_problem=5))
     prompts = pa.Table.from_pylist([{"problem_id": "p1", "question": "What is 2 + 2?", "answer": "4"},
                                     {"problem_id": "p2", "question": "What is 3 + 4?", "answer": "7"}])
     folder = scratch / "ckpt-grpo"
     config = FinetuneConfig(method="grpo+sft", max_steps=2, batch_size=4, grpo_generations=4,
                             grpo_max_completion_tokens=8, learning_rate=1e-3, few_shot=False)
-    result = finetune.fn(str(tiny_model), {"grpo": prompts, "sft": tables["sft_examples"]}, config, folder)
+    result = train_policy.fn(str(tiny_model), {"grpo": prompts, "sft": tables["sft_examples"]}, config, folder)
     assert result["steps"] == 4
     assert [(m["step"], m["method"]) for m in result["metrics"]] == [(1, "grpo"), (2, "grpo"), (3, "sft"), (4, "sft")]
     grpo = [m for m in result["metrics"] if m["method"] == "grpo"]
@@ -65,17 +71,19 @@ def test_grpo_then_sft_chain_trains_with_the_verifier_reward(tiny_model, scratch
     assert engine.model_id.startswith("ckpt-grpo@")
 
 
+@pytest.mark.unit
 def test_grpo_batch_must_hold_whole_groups():
     with pytest.raises(ValueError, match="multiple of grpo_generations"):
-        _training_args("grpo", FinetuneConfig(method="grpo", batch_size=3, grpo_generations=4), Path("unused"))
+        grpo.arguments(FinetuneConfig(method="grpo", batch_size=3, grpo_generations=4), Path("unused"))
     with pytest.raises(ValueError, match="unknown finetune method"):
         FinetuneConfig(method="sft+ppo")
 
 
+@pytest.mark.unit
 def test_grpo_trains_on_the_rounds_learnable_problems_and_kept_variants(runs_root):
-    from data import schemas
-    from flows.finetune import training_data
-    from flows.stage_runner import lake
+    from evoforge.data import schemas
+    from evoforge.flows.finetune import training_data
+    from evoforge.data.lake import lake
 
     def problem(pid, answer):
         return dict(problem_id=pid, question=f"question {pid}", answer=answer, source="s", origin="seed")
@@ -94,10 +102,11 @@ def test_grpo_trains_on_the_rounds_learnable_problems_and_kept_variants(runs_roo
     assert grpo.column_names == ["problem_id", "question", "answer"]
 
 
-def test_a_killed_training_resumes_from_its_saved_state_without_redoing_steps(tiny_model, scratch, monkeypatch):
+@pytest.mark.model
+def test_a_killed_training_resumes_from_its_saved_state_without_redoing_steps(graded_round, tiny_model, scratch, monkeypatch):
     import trl
 
-    tables = build_pairs.fn(*crafted(), PairsConfig(sft_per_problem=5))
+    tables = build_pairs.fn(*graded_round, PairsConfig(sft_per_problem=5))
     config = FinetuneConfig(method="sft", max_steps=3, batch_size=2, checkpoint_steps=1, learning_rate=1e-3)
     folder = scratch / "ckpt-resume"
     original = trl.SFTTrainer.training_step
@@ -111,7 +120,7 @@ def test_a_killed_training_resumes_from_its_saved_state_without_redoing_steps(ti
 
     monkeypatch.setattr(trl.SFTTrainer, "training_step", crash_after_two_steps)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        finetune.fn(str(tiny_model), {"sft": tables["sft_examples"]}, config, folder)
+        train_policy.fn(str(tiny_model), {"sft": tables["sft_examples"]}, config, folder)
     assert not folder.exists() and (scratch / ".ckpt-resume.staging" / "trainer-0-sft" / "checkpoint-2").is_dir()
 
     def count_steps(self, *args, **kwargs):
@@ -119,7 +128,7 @@ def test_a_killed_training_resumes_from_its_saved_state_without_redoing_steps(ti
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(trl.SFTTrainer, "training_step", count_steps)
-    result = finetune.fn(str(tiny_model), {"sft": tables["sft_examples"]}, config, folder)
+    result = train_policy.fn(str(tiny_model), {"sft": tables["sft_examples"]}, config, folder)
     assert steps_run == [0, 1, 2]  # the second run trained only step 3
     assert result["steps"] == 3 and [m["step"] for m in result["metrics"]] == [1, 2, 3]
     assert (folder / "model.safetensors").exists()
@@ -127,9 +136,9 @@ def test_a_killed_training_resumes_from_its_saved_state_without_redoing_steps(ti
     assert not (scratch / ".ckpt-resume.staging").exists()
 
 
+@pytest.mark.model
 def test_the_ppm_and_trace_sft_train_from_mcts_data(tiny_model, scratch):
-    from data import schemas
-    from tasks.finetune import train_ppm
+    from evoforge.data import schemas
 
     prefix = "# three boxes\nx = 3\nprint(x)\n<end_of_step>\n<output>3</output>\n"
     step_pairs = pa.Table.from_pylist([
@@ -142,7 +151,7 @@ def test_the_ppm_and_trace_sft_train_from_mcts_data(tiny_model, scratch):
     from transformers import AutoModelForSequenceClassification
 
     assert AutoModelForSequenceClassification.from_pretrained(scratch / "ppm").config.num_labels == 1
-    from models.ppm import PPMScorer
+    from evoforge.models.ppm import PPMScorer
 
     scores = PPMScorer(scratch / "ppm")(["3 boxes of 4 pens?\n\n" + prefix + "y = x * 4", "short"])
     assert len(scores) == 2 and all(-1 < s < 1 for s in scores)
@@ -150,6 +159,6 @@ def test_the_ppm_and_trace_sft_train_from_mcts_data(tiny_model, scratch):
     traces = pa.Table.from_pylist([dict(trace_id="t", problem_id="p", tree_id="x", node_ids=["a", "b"],
                                         prompt="3 boxes of 4 pens?", completion=prefix + "The answer is \\boxed{12}",
                                         answer="12", mean_q=1.0, depth=2)], schema=schemas.TRACES)
-    policy = finetune.fn(str(tiny_model), {"traces": traces}, FinetuneConfig(method="traces", max_steps=1, batch_size=1),
+    policy = train_policy.fn(str(tiny_model), {"traces": traces}, FinetuneConfig(method="traces", max_steps=1, batch_size=1),
                          scratch / "traced")
     assert policy["steps"] == 1 and (scratch / "traced" / "model.safetensors").exists()

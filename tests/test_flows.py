@@ -4,17 +4,16 @@ from __future__ import annotations
 import duckdb
 import pytest
 
-from data import catalog
-from data.ingest import SourceConfig
-from flows.config import RoundConfig, load_config
-from flows.stage_runner import lake
-from tasks.generate import GenerateConfig
-from models.engine import SamplingConfig
-from conftest import write_jsonl
+from evoforge.data import catalog
+from evoforge.tasks.ingest import SourceConfig
+from evoforge.flows.config import RoundConfig, load_config
+from evoforge.data.lake import lake
+from evoforge.tasks.generate import GenerateConfig
+from evoforge.models.engine import SamplingConfig
 
 
 @pytest.fixture()
-def config(tiny_engine_config, scratch) -> RoundConfig:
+def config(tiny_engine_config, scratch, write_jsonl) -> RoundConfig:
     source = write_jsonl(scratch / "pool.jsonl", [
         {"question": f"Ann has {i} apples and buys {i + 2} more. How many apples does she have?", "answer": str(2 * i + 2)}
         for i in range(5)
@@ -35,9 +34,11 @@ def stage_runs(run: str) -> list[dict]:
     return [dict(zip(names, row)) for row in cursor.fetchall()]
 
 
+@pytest.mark.model
+@pytest.mark.server
 def test_ingest_generate_verify_filter_round_then_skip_then_force(prefect_server, runs_root, config):
-    from flows.generate import generate_flow
-    from flows.round import round_flow
+    from evoforge.flows.generate import generate_flow
+    from evoforge.flows.round import round_flow
 
     results = round_flow("flowtest", config)  # no round given: the run's next one, 0 for a new run
     assert [(r.stage, r.status) for r in results] == [
@@ -89,17 +90,19 @@ def test_ingest_generate_verify_filter_round_then_skip_then_force(prefect_server
         ("generate", 1, "completed"), ("verify", 1, "completed"), ("filter", 1, "completed")]
 
 
+@pytest.mark.model
+@pytest.mark.server
 def test_one_stage_per_run_at_a_time_and_other_runs_are_not_blocked(prefect_server, runs_root, config):
     import subprocess
     import sys
     import time
 
-    from data.runlock import RunBusy
-    from flows.ingest import ingest_flow
+    from evoforge.data.runlock import RunBusy
+    from evoforge.flows.ingest import ingest_flow
 
     run_dir = lake().ensure_run("busy")
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; sys.path.insert(0, '.'); from data.runlock import run_lock\n"
+        "import sys, time; from evoforge.data.runlock import run_lock\n"
         f"with run_lock(__import__('pathlib').Path({str(run_dir)!r}), 'round 0 / generate'):\n"
         "    print('held', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
     try:
@@ -114,22 +117,25 @@ def test_one_stage_per_run_at_a_time_and_other_runs_are_not_blocked(prefect_serv
     assert ingest_flow("busy", config.sources[0]).status == "completed"  # a dead holder leaves no stale lock
 
 
+@pytest.mark.model
+@pytest.mark.server
 def test_a_stage_without_its_input_fails_with_a_clear_message(prefect_server, runs_root, config):
-    from flows.stage_runner import MissingInput
-    from flows.verify import verify_flow
+    from evoforge.flows.inputs import MissingInput
+    from evoforge.flows.verify import verify_flow
 
     lake().ensure_run("empty")
     with pytest.raises(MissingInput, match="run `evoforge stage generate --run empty --round 0` first"):
         verify_flow("empty", 0, config)
 
 
+@pytest.mark.unit
 def test_the_shipped_demo_config_loads(runs_root):
-    from flows.config import DEFAULT_CONFIG
+    from evoforge.flows.config import DEFAULT_CONFIG
 
     demo = load_config(DEFAULT_CONFIG)
     assert demo.engine.model == "default" and demo.generate.sampling.n == 8
     assert {s.name for s in demo.sources} == {"easy_arithmetic", "gsm8k"}
-    from flows.config import PROJECT_ROOT
+    from evoforge.flows.config import PROJECT_ROOT
 
     for shipped in sorted((PROJECT_ROOT / "deploy" / "configs").glob("*.yaml")):
         load_config(shipped)  # every shipped config validates against the current schema
@@ -139,8 +145,9 @@ def test_the_shipped_demo_config_loads(runs_root):
     assert "critic" in raro.stages and raro.finetune.methods == ["raro"] and raro.sources[0].preset == "demonstrations"
 
 
-def test_ingest_command_prints_counts_by_reason_and_names_a_bad_file(prefect_server, runs_root, scratch, capsys):
-    from flows.cli import main
+@pytest.mark.server
+def test_ingest_command_prints_counts_by_reason_and_names_a_bad_file(write_jsonl, prefect_server, runs_root, scratch, capsys):
+    from evoforge.flows.cli import main
 
     source = write_jsonl(scratch / "mixed.jsonl", [
         {"question": "What is 3 + 4?", "answer": "7"}, {"question": "What is 3 + 4?", "answer": "7"},
@@ -165,10 +172,12 @@ def test_ingest_command_prints_counts_by_reason_and_names_a_bad_file(prefect_ser
     assert err.startswith("error: ") and "notes.jsonl: not a JSONL file" in err and "Traceback" not in err
 
 
+@pytest.mark.model
+@pytest.mark.server
 def test_a_stage_that_fails_for_good_is_recorded_and_stops_the_round_with_one_line(prefect_server, runs_root, config,
                                                                                    scratch, capsys):
-    from flows.cli import main
-    from flows.config import save_config
+    from evoforge.flows.cli import main
+    from evoforge.flows.config import save_config
 
     broken = config.model_copy(deep=True)
     broken.engine.max_model_len = 64  # the few-shot prompt does not fit: the engine refuses every request

@@ -5,10 +5,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import write_jsonl
-from data.decontam import Decontaminator
-from data.ingest import IngestError, SourceConfig, ingest, normalize_answer, problem_id
-from tasks.verify import VerifyConfig, check_golds
+from evoforge.tasks.decontam import Decontaminator
+from evoforge.data.ids import problem_id
+from evoforge.tasks.grading import normalize_answer
+from evoforge.tasks.ingest import IngestError, SourceConfig, ingest
+from evoforge.tasks.verify import VerifyConfig, check_golds
+
+pytestmark = pytest.mark.unit
 
 VERIFY = VerifyConfig(workers=1, deadline_seconds=10)
 
@@ -19,7 +22,7 @@ def run_ingest(path, known=frozenset(), decontaminator=None, **config):
                   known_ids=set(known), decontaminator=decontaminator)
 
 
-def test_gsm8k_preset_reads_the_answer_after_the_marker_without_commas(scratch):
+def test_gsm8k_preset_reads_the_answer_after_the_marker_without_commas(write_jsonl, scratch):
     path = write_jsonl(scratch / "gsm.jsonl", [
         {"question": "How many?", "answer": "2 + 2 = 4\n#### 1,204"},
         {"question": "And now?", "answer": "so #### 7"},
@@ -30,7 +33,7 @@ def test_gsm8k_preset_reads_the_answer_after_the_marker_without_commas(scratch):
     assert result.quarantine.num_rows == 0
 
 
-def test_math_preset_takes_the_last_box_or_an_answer_field(scratch):
+def test_math_preset_takes_the_last_box_or_an_answer_field(write_jsonl, scratch):
     path = write_jsonl(scratch / "math.jsonl", [
         {"problem": "Find x.", "solution": "First \\boxed{3}, no wait: \\boxed{\\frac{1}{2}}."},
         {"question": "Polar?", "answer": "so $\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}.$The answer is: x"},
@@ -39,14 +42,14 @@ def test_math_preset_takes_the_last_box_or_an_answer_field(scratch):
     assert result.problems["answer"].to_pylist() == ["\\frac{1}{2}", "\\left( 3, \\frac{\\pi}{2} \\right)"]
 
 
-def test_plain_preset_uses_named_fields_and_normalises_numbers(scratch):
+def test_plain_preset_uses_named_fields_and_normalises_numbers(write_jsonl, scratch):
     path = write_jsonl(scratch / "plain.jsonl", [{"q": "Twenty seven?", "a": "27.0"}, {"q": "Neg?", "a": -3}])
     result = run_ingest(path, preset="plain", question_field="q", answer_field="a")
     assert result.problems["answer"].to_pylist() == ["27", "-3"]
     assert normalize_answer("1,000.50") == "1000.5" and normalize_answer("x+1") == "x+1"
 
 
-def test_every_bad_row_is_quarantined_with_file_row_and_reason(scratch):
+def test_every_bad_row_is_quarantined_with_file_row_and_reason(write_jsonl, scratch):
     path = write_jsonl(scratch / "bad.jsonl", [
         {"question": "Good one?", "answer": "5"},                     # 1
         "this is not json",                                          # 2
@@ -96,7 +99,7 @@ def test_parquet_and_datasets_sources(scratch):
     assert result.problems["question"].to_pylist() == rows["question"]
 
 
-def test_duplicates_across_sources_and_ids_are_content_hashes(scratch):
+def test_duplicates_across_sources_and_ids_are_content_hashes(write_jsonl, scratch):
     path = write_jsonl(scratch / "a.jsonl", [{"question": "What is 2 + 2?", "answer": "4"}])
     first = run_ingest(path)
     again = run_ingest(path, known=first.problems["problem_id"].to_pylist())
@@ -104,7 +107,7 @@ def test_duplicates_across_sources_and_ids_are_content_hashes(scratch):
     assert problem_id("What is 2 + 2?") == problem_id("  what IS 2 +   2? ")
 
 
-def test_decontamination_quarantines_8_gram_overlap_with_the_matching_eval_problem(scratch):
+def test_decontamination_quarantines_8_gram_overlap_with_the_matching_eval_problem(write_jsonl, scratch):
     decon = Decontaminator()
     decon.add_set("gsm8k-test", [("e1", "Janet has three ducks that lay sixteen eggs every single day of the week")])
     path = write_jsonl(scratch / "train.jsonl", [
@@ -118,7 +121,7 @@ def test_decontamination_quarantines_8_gram_overlap_with_the_matching_eval_probl
 
 
 def test_shipped_sets_ingest_cleanly(scratch):
-    from data.home import PROJECT_ROOT
+    from evoforge.data.home import PROJECT_ROOT
 
     sets = PROJECT_ROOT / "data" / "sets"
     gsm = run_ingest(sets / "gsm8k" / "test.jsonl", preset="gsm8k", limit=50)
@@ -128,8 +131,8 @@ def test_shipped_sets_ingest_cleanly(scratch):
 
 
 def test_arithmetic_generator_reproduces_the_shipped_files(scratch):
-    from data.arithmetic import write_splits
-    from data.home import PROJECT_ROOT
+    from evoforge.tasks.arithmetic_set import write_splits
+    from evoforge.data.home import PROJECT_ROOT
 
     written = write_splits(scratch / "arith")
     shipped = PROJECT_ROOT / "data" / "sets" / "easy_arithmetic"
@@ -145,7 +148,7 @@ def test_arithmetic_generator_reproduces_the_shipped_files(scratch):
     assert {1, 2} == {json.loads(line)["steps"] for line in (shipped / "train.jsonl").open()}
 
 
-def test_demonstrations_keep_free_text_answers_and_quarantine_only_what_is_broken(scratch):
+def test_demonstrations_keep_free_text_answers_and_quarantine_only_what_is_broken(write_jsonl, scratch):
     path = write_jsonl(scratch / "demos.jsonl", [
         {"question": "Why is the sky blue?", "answer": "Rayleigh scattering: short wavelengths scatter more."},
         {"question": "What is 6 * 7?", "answer": "6 * 7 = 42.\nThe answer is \\boxed{42}."},
@@ -163,7 +166,7 @@ def test_demonstrations_keep_free_text_answers_and_quarantine_only_what_is_broke
     assert result.rows_read == result.problems.num_rows + result.quarantine.num_rows
 
 
-def test_demonstrations_with_a_reference_field_are_graded_too(scratch):
+def test_demonstrations_with_a_reference_field_are_graded_too(write_jsonl, scratch):
     path = write_jsonl(scratch / "demos.jsonl", [
         {"q": "What is 6 * 7?", "a": "It is 42.", "ref": "42"},
         {"q": "What is 1 + 1?", "a": "Two.", "ref": "\\frac{"},
@@ -177,7 +180,7 @@ def test_demonstrations_with_a_reference_field_are_graded_too(scratch):
         (2, "ref", "unparseable_answer"), (3, "ref", "missing_field")]
 
 
-def test_graded_presets_keep_the_worked_solution_as_the_expert_answer(scratch):
+def test_graded_presets_keep_the_worked_solution_as_the_expert_answer(write_jsonl, scratch):
     path = write_jsonl(scratch / "gsm.jsonl", [{"question": "How many?", "answer": "48/2 = <<48/2=24>>24\n#### 24"}])
     (row,) = run_ingest(path, preset="gsm8k").problems.to_pylist()
     assert row["answer"] == "24" and row["task"] == "math"
@@ -187,8 +190,8 @@ def test_graded_presets_keep_the_worked_solution_as_the_expert_answer(scratch):
 def test_the_shipped_demonstrations_are_reproducible_and_ingest_cleanly(scratch):
     import json
 
-    from data.demonstrations import build
-    from data.home import PROJECT_ROOT
+    from evoforge.tasks.demonstrations_set import build
+    from evoforge.data.home import PROJECT_ROOT
 
     shipped = PROJECT_ROOT / "data" / "sets" / "gsm8k_demonstrations" / "train.jsonl"
     assert [json.loads(line) for line in shipped.open()] == build(200)

@@ -7,10 +7,10 @@ import math
 import pyarrow as pa
 import pytest
 
-from models.engine import Completion
-from models.prompts import STEP_SYSTEM, parse_step
-from tasks.mcts import MCTSConfig, Node, backup, leaf_reward, search, select, uct
-from tasks.verify import VerifyConfig
+from evoforge.models.prompts import STEP_SYSTEM
+from evoforge.tasks.mcts import parse_step
+from evoforge.tasks.mcts import MCTSConfig, Node, backup, leaf_reward, search, select, uct
+from evoforge.tasks.verify import VerifyConfig
 
 
 def node(name, parent=None, status="ok", visits=0, value=0.0):
@@ -20,6 +20,7 @@ def node(name, parent=None, status="ok", visits=0, value=0.0):
     return n
 
 
+@pytest.mark.unit
 def test_uct_prefers_unvisited_then_balances_value_and_exploration():
     root = node("root", status="root", visits=10)
     strong, weak = node("a", root, visits=6, value=3.0), node("b", root, visits=4, value=-2.0)
@@ -30,6 +31,7 @@ def test_uct_prefers_unvisited_then_balances_value_and_exploration():
     assert uct(fresh, 10, 2.0) == math.inf and select(root, 2.0) is fresh
 
 
+@pytest.mark.unit
 def test_selection_skips_failed_steps_and_exhausted_subtrees():
     root = node("root", status="root", visits=3)
     dead = node("dead", root, visits=2, value=2.0)
@@ -41,6 +43,7 @@ def test_selection_skips_failed_steps_and_exhausted_subtrees():
     assert select(root, 1.0) is alive
 
 
+@pytest.mark.unit
 def test_backup_adds_the_reward_along_the_path_and_visits_add_up():
     root = node("root", status="root")
     a = node("a", root)
@@ -56,6 +59,7 @@ def test_backup_adds_the_reward_along_the_path_and_visits_add_up():
     assert root.visits == sum(c.visits for c in root.children) and a.visits == sum(c.visits for c in a.children)
 
 
+@pytest.mark.unit
 def test_parse_step_reads_final_answers_and_code():
     assert parse_step("The total is 12. The answer is \\boxed{12} ") == ("final", "12")
     assert parse_step("# count the pens\npens = 3 * 4\nprint(pens)\n") == ("code", "# count the pens\npens = 3 * 4\nprint(pens)")
@@ -63,32 +67,22 @@ def test_parse_step_reads_final_answers_and_code():
     assert parse_step("   ") == ("code", "")
 
 
-class ScriptedStepPolicy:
-    """A test double of the engine that writes steps by depth: a right path, a wrong answer, a crash."""
-
-    model_id = "scripted-steps@test"
-
-    def __init__(self):
-        self.calls = []  # requests per engine call: the batching under test
-
-    def generate(self, requests, sampling):
-        self.calls.append(len(requests))
-        out = []
-        for request in requests:
-            assert request.messages[0]["content"] == STEP_SYSTEM
-            depth = request.assistant_prefix.count("<end_of_step>")
-            if depth == 0:
-                steps = ["# pens in the boxes\npens = 3 * 4\nprint(pens)", "print(undefined_name)", "The answer is \\boxed{99}"]
-            else:
-                assert "<output>12</output>" in request.assistant_prefix  # the first step's output is in context
-                steps = ["The answer is \\boxed{12}", "The answer is \\boxed{13}", "# more\nprint(pens + 0)"]
-            out.append([Completion(steps[i % len(steps)], 10, "stop", -0.5) for i in range(sampling.n)])
-        return out
+def scripted_steps(request, n):
+    """Steps by depth: a right path, a wrong answer, a crash."""
+    assert request.messages[0]["content"] == STEP_SYSTEM
+    depth = request.assistant_prefix.count("<end_of_step>")
+    if depth == 0:
+        steps = ["# pens in the boxes\npens = 3 * 4\nprint(pens)", "print(undefined_name)", "The answer is \\boxed{99}"]
+    else:
+        assert "<output>12</output>" in request.assistant_prefix  # the first step's output is in context
+        steps = ["The answer is \\boxed{12}", "The answer is \\boxed{13}", "# more\nprint(pens + 0)"]
+    return [steps[i % len(steps)] for i in range(n)]
 
 
-def test_search_batches_every_tree_per_depth_and_writes_consistent_trees():
+@pytest.mark.unit
+def test_search_batches_every_tree_per_depth_and_writes_consistent_trees(scripted_engine):
     problems = pa.table({"problem_id": ["p1", "p2"], "question": ["3 boxes of 4 pens?"] * 2, "answer": ["12", "12"]})
-    policy = ScriptedStepPolicy()
+    policy = scripted_engine(scripted_steps, "scripted-steps@test")
     config = MCTSConfig(rollouts=3, max_depth=3, children=3)
     out = search.fn(problems, policy, config, VerifyConfig(workers=1))
     nodes = out["mcts_nodes"].to_pylist()
@@ -116,8 +110,9 @@ def test_search_batches_every_tree_per_depth_and_writes_consistent_trees():
     assert "<output>12</output>" in traces[0]["completion"] and traces[0]["completion"].endswith("\\boxed{12}")
 
 
+@pytest.mark.model
 def test_a_tiny_model_search_through_vllm_and_the_sandbox_writes_trees(tiny_engine_config):
-    from models.engine import load_engine
+    from evoforge.models.engine import load_engine
 
     problems = pa.table({"problem_id": ["a", "b", "c"], "question": ["What is 2 + 3?", "What is 4 * 5?", "What is 9 - 1?"],
                          "answer": ["5", "20", "8"]})
@@ -142,7 +137,7 @@ def crafted_tree():
         return dict(node_id=node_id, tree_id="t", problem_id="p", parent_id=parent, depth=0 if parent is None else 1,
                     step_text=text, code=None, exec_output="", exec_status=status, visits=visits, q_value=q,
                     is_terminal=status == "terminal", answer=None, correct=correct)
-    from data import schemas
+    from evoforge.data import schemas
 
     return pa.Table.from_pylist([
         row("root", None, 0.0, 5, ""),
@@ -155,8 +150,9 @@ def crafted_tree():
     ], schema=schemas.MCTS_NODES)
 
 
+@pytest.mark.unit
 def test_step_pairs_contrast_correct_leading_with_wrong_leading_siblings():
-    from tasks.pairs import PairsConfig, build_step_pairs
+    from evoforge.tasks.pairs import PairsConfig, build_step_pairs
 
     pairs = build_step_pairs(crafted_tree(), {"p": "3 boxes of 4 pens?"}, PairsConfig()).to_pylist()
     at_root = sorted((p["chosen_rollout_id"], p["rejected_rollout_id"]) for p in pairs if p["prefix"] == "")
@@ -167,8 +163,9 @@ def test_step_pairs_contrast_correct_leading_with_wrong_leading_siblings():
     assert all(p["kind"] == "step" and p["chosen_score"] - p["rejected_score"] >= 0.5 for p in pairs)
 
 
+@pytest.mark.unit
 def test_no_step_pair_without_both_kinds_of_children_or_past_the_thresholds():
-    from tasks.pairs import PairsConfig, build_step_pairs
+    from evoforge.tasks.pairs import PairsConfig, build_step_pairs
 
     tree = crafted_tree().to_pylist()
     only_wrong = pa.Table.from_pylist([r for r in tree if r["node_id"] not in ("a", "a1", "a2")], schema=crafted_tree().schema)
@@ -184,13 +181,14 @@ def test_no_step_pair_without_both_kinds_of_children_or_past_the_thresholds():
     assert ("a1", "a2") not in [(p["chosen_rollout_id"], p["rejected_rollout_id"]) for p in same]
 
 
-def test_the_mcts_stage_writes_trees_the_catalog_and_named_queries_read(prefect_server, runs_root, tiny_engine_config, scratch):
-    from conftest import write_jsonl
-    from data import catalog
-    from data.ingest import SourceConfig
-    from flows.config import RoundConfig
-    from flows.round import round_flow
-    from flows.stage_runner import lake
+@pytest.mark.model
+@pytest.mark.server
+def test_the_mcts_stage_writes_trees_the_catalog_and_named_queries_read(write_jsonl, prefect_server, runs_root, tiny_engine_config, scratch):
+    from evoforge.data import catalog
+    from evoforge.tasks.ingest import SourceConfig
+    from evoforge.flows.config import RoundConfig
+    from evoforge.flows.round import round_flow
+    from evoforge.data.lake import lake
 
     source = write_jsonl(scratch / "pool.jsonl", [{"question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(3)])
     config = RoundConfig(engine=tiny_engine_config, sources=[SourceConfig(path=str(source), preset="plain")],
@@ -208,7 +206,8 @@ def test_the_mcts_stage_writes_trees_the_catalog_and_named_queries_read(prefect_
     con.execute(catalog.resolve_query("q_by_depth")).fetchall()
 
 
-def test_a_step_scorer_sees_each_runnable_step_in_its_context():
+@pytest.mark.unit
+def test_a_step_scorer_sees_each_runnable_step_in_its_context(scripted_engine):
     problems = pa.table({"problem_id": ["p1"], "question": ["3 boxes of 4 pens?"], "answer": ["12"]})
     seen = []
 
@@ -216,7 +215,7 @@ def test_a_step_scorer_sees_each_runnable_step_in_its_context():
         seen.extend(texts)
         return [1.0 if "pens + 0" in t else 0.0 for t in texts]
 
-    search.fn(problems, ScriptedStepPolicy(), MCTSConfig(rollouts=2, max_depth=3, children=3), VerifyConfig(workers=1),
+    search.fn(problems, scripted_engine(scripted_steps, "scripted-steps@test"), MCTSConfig(rollouts=2, max_depth=3, children=3), VerifyConfig(workers=1),
               step_scorer=scorer)
     assert seen and all(t.startswith("3 boxes of 4 pens?\n\n") for t in seen)
     assert any(t.endswith("pens = 3 * 4\nprint(pens)") for t in seen)  # a first step, no prefix

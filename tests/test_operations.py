@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from data import home
+from evoforge.data import home
 
 OUTPUT = home.PROJECT_ROOT / "tests" / "out"  # kept after the run: the UI screenshots
 
@@ -40,7 +40,7 @@ def _wait(what: str, check, timeout: float, every: float = 1.0):
 @pytest.fixture(scope="module")
 def served(tiny_model):
     """A Prefect server (database under .tmp/) and `evoforge serve` of run 'sched' every minute."""
-    from flows.serve import api_url, start_server, stop_server
+    from evoforge.flows.serve import api_url, start_server, stop_server
 
     root = home.home() / ".tmp" / "tests" / f"operations-{uuid.uuid4().hex[:8]}"
     prefect_home = root / "prefect"
@@ -66,7 +66,7 @@ def served(tiny_model):
             os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
     serve_log = open(root / "serve.log", "wb")
     serve = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "serve", "--run", "sched", "--config", str(config), "--cron", "* * * * *"],
+        [sys.executable, "-m", "evoforge", "serve", "--run", "sched", "--config", str(config), "--cron", "* * * * *"],
         cwd=home.PROJECT_ROOT, env={**env, "PREFECT_API_URL": url}, stdout=serve_log, stderr=subprocess.STDOUT,
         start_new_session=True,
     )
@@ -96,27 +96,20 @@ def _final_state(client, flow_run_id, timeout: float):
     return _wait(f"flow run {flow_run_id} to finish", done, timeout, every=2.0)
 
 
-def test_scheduled_rounds_run_and_a_stage_rerun_through_the_api_publishes_artifacts(served):
+@pytest.fixture(scope="module")
+def rerun(served):
+    """Once the served deployments exist and the cron schedule has completed a round: a single-stage
+    rerun triggered through the API, as the UI's "Custom run" form sends it. Every test of the module
+    that needs a finished flow run uses this one, so none depends on another having run first."""
     from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, DeploymentFilter,
-                                                DeploymentFilterName, FlowRunFilter, FlowRunFilterState,
-                                                FlowRunFilterStateType)
+                                                FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType)
     from prefect.client.schemas.objects import StateType
 
     settings, client = _client(served["url"])
     try:
         with client:
             round_deployment = _wait("the served deployments", lambda: _try(client.read_deployment_by_name, "round/sched"), 180)
-            assert round_deployment.parameter_openapi_schema["properties"]["config"]  # the UI renders a form from it
-            expected = {"round", "generate", "verify", "filter", "synthesize", "mcts", "critic", "pairs", "finetune", "evaluate"}
 
-            def served_flows():
-                flows = {client.read_flow(d.flow_id).name for d in client.read_deployments(
-                    deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["sched"])))}
-                return flows if flows == expected else None
-
-            _wait("a deployment of the round and of every stage", served_flows, 60)
-
-            # the cron schedule really creates runs, and the served process executes them
             def completed_round():
                 runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
                     state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.COMPLETED]))),
@@ -124,30 +117,48 @@ def test_scheduled_rounds_run_and_a_stage_rerun_through_the_api_publishes_artifa
                 return runs[0] if runs else None
 
             scheduled = _wait("a scheduled round to complete", completed_round, 240, every=3.0)
-            assert scheduled.auto_scheduled and scheduled.name.startswith("sched/round-")
-            client.pause_deployment(round_deployment.id)  # keep the rest of the test to one run at a time
-
-            # a single-stage rerun from the API, as the UI's "Custom run" form sends it
-            generate = client.read_deployment_by_name("generate/sched")
+            client.pause_deployment(round_deployment.id)  # keep the rest of the module to one flow run at a time
+            generate = _wait("the generate deployment", lambda: _try(client.read_deployment_by_name, "generate/sched"), 60)
             triggered = client.create_flow_run_from_deployment(
                 generate.id, parameters={"run": "sched", "round": 0, "force": True})
             state = _final_state(client, triggered.id, 240)
-            assert state.type == StateType.COMPLETED, state.message
-
             artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
-                any_=["sched-generate-counts", "sched-generate-summary"])))
-            mine = {a.key: a for a in artifacts if a.flow_run_id == triggered.id}
-            assert set(mine) == {"sched-generate-counts", "sched-generate-summary"}
-            counts = json.loads(mine["sched-generate-counts"].data) if isinstance(mine["sched-generate-counts"].data, str) \
-                else mine["sched-generate-counts"].data
-            assert counts[0]["status"] == "completed" and counts[0]["rollouts rows"] == 8  # 4 problems x 2 samples
-            assert "rollouts**: 8" in mine["sched-generate-summary"].data
-            report = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["sched-report"])))
-            assert report and "evoforge run sched after round" in report[0].data and "unsolved" in report[0].data
-            served["triggered"] = triggered.id
-            served["artifacts"] = {key: artifact.id for key, artifact in mine.items()}
+                any_=["sched-generate-counts", "sched-generate-summary", "sched-report"])))
+            return {"round_deployment": round_deployment, "scheduled": scheduled, "triggered": triggered,
+                    "state": state, "artifacts": artifacts}
     finally:
         settings.__exit__(None, None, None)
+
+
+@pytest.mark.model
+@pytest.mark.server
+def test_scheduled_rounds_run_and_a_stage_rerun_through_the_api_publishes_artifacts(served, rerun):
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.client.schemas.objects import StateType
+
+    settings, client = _client(served["url"])
+    try:
+        with client:
+            assert rerun["round_deployment"].parameter_openapi_schema["properties"]["config"]  # the UI renders a form from it
+            expected = {"round", "generate", "verify", "filter", "synthesize", "mcts", "critic", "pairs", "finetune", "evaluate"}
+            flows = {client.read_flow(d.flow_id).name for d in client.read_deployments(
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["sched"])))}
+            assert flows == expected  # a deployment of the round and of every stage of the registry
+    finally:
+        settings.__exit__(None, None, None)
+
+    # the cron schedule really creates flow runs, and the served process executes them
+    assert rerun["scheduled"].auto_scheduled and rerun["scheduled"].name.startswith("sched/round-")
+    assert rerun["state"].type == StateType.COMPLETED, rerun["state"].message
+    triggered = rerun["triggered"]
+    mine = {a.key: a for a in rerun["artifacts"] if a.flow_run_id == triggered.id}
+    assert set(mine) == {"sched-generate-counts", "sched-generate-summary"}
+    counts = json.loads(mine["sched-generate-counts"].data) if isinstance(mine["sched-generate-counts"].data, str) \
+        else mine["sched-generate-counts"].data
+    assert counts[0]["status"] == "completed" and counts[0]["rollouts rows"] == 8  # 4 problems x 2 samples
+    assert "rollouts**: 8" in mine["sched-generate-summary"].data
+    report = [a for a in rerun["artifacts"] if a.key == "sched-report"]
+    assert report and "evoforge run sched after round" in report[0].data and "unsolved" in report[0].data
 
 
 def _try(fn, *args):
@@ -171,10 +182,12 @@ def _browse(url: str, screenshot: Path, profile: Path) -> str:
     return subprocess.run([*flags, "--dump-dom", url], capture_output=True, timeout=120, check=True, text=True).stdout
 
 
+@pytest.mark.model
+@pytest.mark.server
 @pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (deploy/setup.sh installs it as root)")
-def test_the_ui_shows_the_deployment_and_the_completed_run_with_its_artifacts(served):
-    run_id = served.get("triggered")
-    assert run_id, "runs after the API test, which triggers the run it looks at"
+def test_the_ui_shows_the_deployment_and_the_completed_run_with_its_artifacts(served, rerun):
+    run_id = rerun["triggered"].id
+    artifacts = {a.key: a.id for a in rerun["artifacts"] if a.flow_run_id == run_id}
     base = served["url"].removesuffix("/api")
     profile = served["root"] / "chromium-profile"
     deployments = _browse(f"{base}/deployments", OUTPUT / "prefect-ui-deployments.png", profile)
@@ -182,28 +195,29 @@ def test_the_ui_shows_the_deployment_and_the_completed_run_with_its_artifacts(se
     run_page = _browse(f"{base}/runs/flow-run/{run_id}", OUTPUT / "prefect-ui-flow-run.png", profile)
     assert "sched/round-0/generate" in run_page and "Completed" in run_page
     assert "generate (run sched, round 0): 4 in, 8 out, 0 quarantined" in run_page  # the stage's log line
-    summary = _browse(f"{base}/artifacts/artifact/{served['artifacts']['sched-generate-summary']}",
+    summary = _browse(f"{base}/artifacts/artifact/{artifacts['sched-generate-summary']}",
                       OUTPUT / "prefect-ui-artifact-summary.png", profile)
     assert "generate, round 0 (completed)" in summary and "finish reasons" in summary
-    counts = _browse(f"{base}/artifacts/artifact/{served['artifacts']['sched-generate-counts']}",
+    counts = _browse(f"{base}/artifacts/artifact/{artifacts['sched-generate-counts']}",
                      OUTPUT / "prefect-ui-artifact-counts.png", profile)
     assert "rollouts rows" in counts and "rows quarantined" in counts
 
 
+@pytest.mark.server
 def test_killing_evoforge_ui_stops_its_server_too(scratch):
     """`kill` ends a command like Ctrl-C: the Prefect server `evoforge ui` started in its own session
     goes with it instead of holding its port and database without a parent."""
     import signal
     import threading
 
-    from flows.serve import api_url, server_healthy
+    from evoforge.flows.serve import api_url, server_healthy
 
     port = _free_port()
     prefect_home = scratch / "prefect"
     env = {**os.environ, "PREFECT_HOME": str(prefect_home),
            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{prefect_home / 'prefect.db'}"}
     env.pop("PREFECT_API_URL", None)
-    ui = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "--port", str(port)], cwd=home.PROJECT_ROOT, env=env,
+    ui = subprocess.Popen([sys.executable, "-m", "evoforge", "ui", "--port", str(port)], cwd=home.PROJECT_ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     printed: list[str] = []
     threading.Thread(target=lambda: printed.extend(ui.stdout), daemon=True).start()

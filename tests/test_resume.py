@@ -11,12 +11,14 @@ import sys
 import time
 
 import pyarrow.parquet as pq
+import pytest
 
-from data import home
-from conftest import write_jsonl
+from evoforge.data import home
 
 
-def test_a_round_killed_mid_generate_resumes_without_redoing_or_losing_rows(tiny_model, scratch):
+@pytest.mark.model
+@pytest.mark.server
+def test_a_round_killed_mid_generate_resumes_without_redoing_or_losing_rows(write_jsonl, tiny_model, scratch):
     problems = 12
     source = write_jsonl(scratch / "pool.jsonl", [
         {"question": f"Tom has {i} marbles and finds {i + 3} more. How many marbles does he have?", "answer": str(2 * i + 3)}
@@ -32,7 +34,7 @@ def test_a_round_killed_mid_generate_resumes_without_redoing_or_losing_rows(tiny
     }))
     runs = scratch / "runs"
     env = {**os.environ, "EVOFORGE_RUNS": str(runs)}
-    command = [sys.executable, "-m", "flows.cli", "round", "--run", "crash", "--config", str(config), "--round", "0"]
+    command = [sys.executable, "-m", "evoforge", "round", "--run", "crash", "--config", str(config), "--round", "0"]
     chunk_dir = runs / "crash" / "_chunks" / "round=0" / "generate"
 
     first = subprocess.Popen(command, cwd=home.PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL,

@@ -1,18 +1,21 @@
 """SvS synthesis: extraction, every reject reason, the keep band, grading against the parent's answer.
 
-The policy's text is scripted here (`ScriptedPolicy`, a test double of the engine) because what is
+The policy's text is scripted here (`scripted_policy`, on the scripted engine of conftest) because what is
 under test is what the stage does with given outputs; the real engine runs in the round tests."""
 from __future__ import annotations
 
 import pyarrow as pa
+import pytest
 
-from data import schemas
-from data.ingest import problem_id
-from models.engine import Completion
-from models.prompts import SYNTHESIS_SYSTEM, extract_problem
-from tasks.generate import GenerateConfig
-from tasks.synthesize import SynthesizeConfig, leaks_answer, synthesize
-from tasks.verify import VerifyConfig
+from evoforge.data import schemas
+from evoforge.data.ids import problem_id
+from evoforge.models.engine import Completion
+from evoforge.models.prompts import SYNTHESIS_SYSTEM, extract_problem
+from evoforge.tasks.generate import GenerateConfig
+from evoforge.tasks.synthesize import SynthesizeConfig, leaks_answer, synthesize
+from evoforge.tasks.verify import VerifyConfig
+
+pytestmark = pytest.mark.unit
 
 PARENT = "Ann has 3 bags with 4 apples in each. How many apples does Ann have?"
 SYNTHESIS_OUTPUTS = {  # by the solution text the policy was shown
@@ -30,21 +33,14 @@ SOLVE_CORRECT = {  # correct samples out of 8, by variant text
 }
 
 
-class ScriptedPolicy:
-    model_id = "scripted@test"
-
-    def generate(self, requests, sampling):
-        out = []
-        for request in requests:
-            if request.messages[0]["content"] == SYNTHESIS_SYSTEM:
-                solution = request.messages[-1]["content"].split("Correct solution:\n")[1].split("\n")[0]
-                out.append([Completion(SYNTHESIS_OUTPUTS[solution], 20, "stop", -1.0)] * sampling.n)
-            else:
-                question = request.messages[-1]["content"]
-                good = SOLVE_CORRECT[question]
-                # "12" is the PARENT's answer; a variant is right only if it keeps it
-                out.append([Completion(f"\\boxed{{{12 if i < good else 13}}}", 5, "stop", -0.5) for i in range(sampling.n)])
-        return out
+def scripted_policy(request, n):
+    """Writes the variant of each solution it is shown, then solves each variant `SOLVE_CORRECT` times in 8."""
+    if request.messages[0]["content"] == SYNTHESIS_SYSTEM:
+        solution = request.messages[-1]["content"].split("Correct solution:\n")[1].split("\n")[0]
+        return [Completion(SYNTHESIS_OUTPUTS[solution], 20, "stop", -1.0)] * n
+    good = SOLVE_CORRECT[request.messages[-1]["content"]]
+    # "12" is the PARENT's answer; a variant is right only if it keeps it
+    return [Completion(f"\\boxed{{{12 if i < good else 13}}}", 5, "stop", -0.5) for i in range(n)]
 
 
 def inputs():
@@ -71,10 +67,10 @@ def test_answer_leak_is_a_whole_number_not_a_digit_inside_another():
     assert not leaks_answer("Cost 3.12 each", "12") and leaks_answer("x = \\frac{1}{2}", "\\frac{1}{2}")
 
 
-def test_variants_are_screened_solved_against_the_parent_answer_and_kept_in_band():
+def test_variants_are_screened_solved_against_the_parent_answer_and_kept_in_band(scripted_engine):
     problems, stats, rollouts, verdicts = inputs()
     config = SynthesizeConfig(solutions_per_problem=10, samples_per_variant=8)
-    out = synthesize.fn(problems, stats, rollouts, verdicts, ScriptedPolicy(), config,
+    out = synthesize.fn(problems, stats, rollouts, verdicts, scripted_engine(scripted_policy), config,
                         GenerateConfig(), VerifyConfig(workers=1))
     by_source = {r["source_rollout_id"]: r for r in out["variants"].to_pylist()}
     assert {k[2:]: v["reject_reason"] for k, v in by_source.items()} == {
@@ -96,16 +92,16 @@ def test_variants_are_screened_solved_against_the_parent_answer_and_kept_in_band
     assert pool_row["problem_id"] == kept["variant_id"] == problem_id(kept["text"])
 
 
-def test_keep_band_is_config():
+def test_keep_band_is_config(scripted_engine):
     problems, stats, rollouts, verdicts = inputs()
     config = SynthesizeConfig(solutions_per_problem=10, keep_band=(0.5, 1.0))
-    out = synthesize.fn(problems, stats, rollouts, verdicts, ScriptedPolicy(), config, GenerateConfig(), VerifyConfig(workers=1))
+    out = synthesize.fn(problems, stats, rollouts, verdicts, scripted_engine(scripted_policy), config, GenerateConfig(), VerifyConfig(workers=1))
     kept = {r["text"] for r in out["variants"].to_pylist() if r["kept"]}
     assert kept == {"Six boxes hold two pens each. How many pens are in the boxes?"}
 
 
-def test_nothing_to_synthesize_without_underperforming_problems():
+def test_nothing_to_synthesize_without_underperforming_problems(scripted_engine):
     problems, stats, rollouts, verdicts = inputs()
     stats = pa.table({"problem_id": stats["problem_id"], "bucket": ["solved"]})
-    out = synthesize.fn(problems, stats, rollouts, verdicts, ScriptedPolicy(), SynthesizeConfig(), GenerateConfig(), VerifyConfig())
+    out = synthesize.fn(problems, stats, rollouts, verdicts, scripted_engine(scripted_policy), SynthesizeConfig(), GenerateConfig(), VerifyConfig())
     assert all(t.num_rows == 0 for t in out.values())

@@ -4,10 +4,13 @@ from __future__ import annotations
 import json
 
 import pyarrow as pa
+import pytest
 
-from models.prompts import last_boxed
-from tasks.grader_pool import GraderPool
-from tasks.verify import VerifyConfig, grade_pairs, verify
+from evoforge.tasks.grading import last_boxed
+from evoforge.tasks.grader_pool import GraderPool
+from evoforge.tasks.verify import VerifyConfig, grade_pairs, verify
+
+pytestmark = pytest.mark.unit
 
 
 def verdicts(pairs, **config):
@@ -67,7 +70,7 @@ def test_verify_task_returns_one_verdict_per_rollout_with_gold_and_answer():
 
 
 def test_verify_file_cli_grades_exactly_like_the_stage(scratch, capsys):
-    from flows.cli import main
+    from evoforge.flows.cli import main
 
     source = scratch / "in.jsonl"
     source.write_text("\n".join(json.dumps(r) for r in [
@@ -88,7 +91,7 @@ def test_verify_file_cli_grades_exactly_like_the_stage(scratch, capsys):
 
 
 def test_a_demonstration_without_a_reference_is_marked_not_graded_and_filter_leaves_it_out():
-    from tasks.filter import FilterConfig, filter_problems
+    from evoforge.tasks.filter import FilterConfig, filter_problems
 
     problems = pa.table({"problem_id": ["p1", "demo"], "answer": ["4", None]})
     rollouts = pa.table({"rollout_id": ["r1", "r2", "r3"], "problem_id": ["p1", "demo", "demo"],

@@ -6,10 +6,8 @@ is not of its format at all is an error (`IngestError`, naming the file).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Literal
@@ -17,9 +15,11 @@ from typing import Callable, Iterator, Literal
 import pyarrow as pa
 from pydantic import BaseModel, Field
 
-from data import schemas
-from data.decontam import Decontaminator
-from models.prompts import last_boxed
+from evoforge.data import schemas
+from evoforge.tasks.decontam import Decontaminator
+from evoforge.data.ids import problem_id
+from evoforge.tasks.grading import last_boxed, normalize_answer
+from evoforge.tasks import summary
 
 Preset = Literal["gsm8k", "math", "plain", "demonstrations"]
 GradedPreset = Literal["gsm8k", "math", "plain"]  # an eval set needs answers a verifier can grade
@@ -74,28 +74,6 @@ class IngestResult:
     quarantine: pa.Table
     rows_read: int
     reasons: dict[str, int] = field(default_factory=dict)
-
-
-def normalize_question(text: str) -> str:
-    return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text)).strip().lower()
-
-
-def problem_id(question: str) -> str:
-    return hashlib.sha256(normalize_question(question).encode()).hexdigest()[:16]
-
-
-_NUMBER = re.compile(r"^[-+]?(\d{1,3}(,\d{3})+|\d+)(\.\d+)?$")
-
-
-def normalize_answer(answer: str) -> str:
-    """'1,000' -> '1000', '27.0' -> '27', '$5' -> '5'; anything that is not a plain number is kept."""
-    text = answer.strip().strip("$").strip()
-    if _NUMBER.match(text):
-        text = text.replace(",", "").lstrip("+")
-        if "." in text:
-            text = text.rstrip("0").rstrip(".")
-        return text or "0"
-    return answer.strip()
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -377,3 +355,8 @@ def load_eval_questions(config: EvalSetConfig, root: Path) -> list[tuple[str, st
     """(problem_id, question) of a whole evaluation set, for decontamination."""
     table = load_eval_set(config, root)
     return list(zip(table["problem_id"].to_pylist(), table["question"].to_pylist()))
+
+
+def summarize(tables: dict[str, pa.Table]) -> list[str]:
+    return [f"- **problems**: {summary.rows(tables, 'problems')}",
+            summary.line("quarantined by reason", summary.counts(summary.column(tables, "quarantine", "reason")))]

@@ -1,6 +1,6 @@
 """A small demonstrations set from GSM8K train, for the RARO track (verifier-free training).
 
-    python -m data.demonstrations --out data/sets/gsm8k_demonstrations
+    python -m evoforge.tasks.demonstrations_set --out data/sets/gsm8k_demonstrations
 
 writes train.jsonl with `question`, `answer` (the expert's worked solution, in the policy's format:
 no calculator annotations, final answer as \\boxed{}) and `reference` (GSM8K's final number). Ingest
@@ -15,9 +15,12 @@ import argparse
 import json
 from pathlib import Path
 
-from data.ingest import gsm8k_worked_solution, normalize_answer
+from evoforge.data import atomic
+from evoforge.data.home import SHIPPED_SETS
+from evoforge.tasks.grading import normalize_answer
+from evoforge.tasks.ingest import gsm8k_worked_solution
 
-GSM8K_TRAIN = Path(__file__).resolve().parent / "sets" / "gsm8k" / "train.jsonl"
+GSM8K_TRAIN = SHIPPED_SETS / "gsm8k" / "train.jsonl"
 
 
 def build(rows: int = 200, source: Path = GSM8K_TRAIN) -> list[dict]:
@@ -35,14 +38,11 @@ def build(rows: int = 200, source: Path = GSM8K_TRAIN) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "sets" / "gsm8k_demonstrations"))
+    parser.add_argument("--out", default=str(SHIPPED_SETS / "gsm8k_demonstrations"))
     parser.add_argument("--rows", type=int, default=200)
     args = parser.parse_args()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".train.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in build(args.rows)))
-    tmp.replace(out / "train.jsonl")
+    atomic.write_text(out / "train.jsonl", "".join(json.dumps(row) + "\n" for row in build(args.rows)))
     print(f"wrote {args.rows} demonstrations to {out / 'train.jsonl'}")
 
 

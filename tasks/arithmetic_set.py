@@ -1,6 +1,6 @@
 """Reproducible easy arithmetic word problems (one and two steps) that a 135M model sometimes solves.
 
-    python -m data.arithmetic --out data/sets/easy_arithmetic
+    python -m evoforge.tasks.arithmetic_set --out data/sets/easy_arithmetic
 
 writes train.jsonl and test.jsonl (fields: question, answer, steps); the same seed gives the same
 files byte for byte, and no training question shares an 8-word run with a test question.
@@ -12,7 +12,9 @@ import json
 import random
 from pathlib import Path
 
-from data.decontam import Decontaminator
+from evoforge.data import atomic
+from evoforge.data.home import SHIPPED_SETS
+from evoforge.tasks.decontam import Decontaminator
 
 NAMES = ["Ana", "Ben", "Carla", "Dev", "Emma", "Farid", "Grace", "Hugo", "Iris", "Jon", "Kemi", "Liam", "Mina", "Noah"]
 THINGS = ["apples", "pencils", "stickers", "marbles", "books", "cookies", "stamps", "shells", "cards", "balloons"]
@@ -95,14 +97,14 @@ def write_splits(out: Path, train: int = 300, test: int = 100, seed: int = 2508)
     paths = {}
     for split, rows in (("train", train_rows), ("test", test_rows)):
         path = out / f"{split}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
         paths[split] = path
     return paths
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "sets" / "easy_arithmetic")
+    parser.add_argument("--out", type=Path, default=SHIPPED_SETS / "easy_arithmetic")
     parser.add_argument("--train", type=int, default=300)
     parser.add_argument("--test", type=int, default=100)
     parser.add_argument("--seed", type=int, default=2508)

@@ -1,0 +1,113 @@
+"""Every file and folder evoforge writes appears whole or not at all.
+
+One way of writing, for every file the project writes (lake parts, chunks, configs, reports, the
+catalog, checkpoints, converted models): build it under a hidden temporary name in its destination
+folder, `.<name>.tmp-<32 hex digits>`, fsync it, rename it over the destination and fsync the folder,
+so a crash leaves the old content or the new, and a power loss cannot undo the rename. Because every
+writer uses the same temporary name, `leftovers()` finds everything a dead writer left behind.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+TEMPORARY_NAME = re.compile(r"^\..+\.tmp-[0-9a-f]{32}$")
+
+
+def temporary_path(path: Path) -> Path:
+    """A hidden sibling of `path` that only this writer uses; matches no reader's glob."""
+    return path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename (or a new file) in `folder` survive a power loss."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for file in files:
+        with open(file, "rb") as fh:
+            os.fsync(fh.fileno())
+    if path.is_dir():
+        for folder in [path, *(p for p in path.rglob("*") if p.is_dir())]:
+            fsync_folder(folder)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def commit(built: Path, path: Path) -> Path:
+    """Put `built` (a finished file or folder) at `path`, replacing what was there.
+
+    A file replaces a file in one rename. A folder cannot be renamed over a non-empty folder, so the
+    old one is first renamed aside under a temporary name (which `leftovers()` recognises) and
+    removed after the new one is in place."""
+    _fsync_tree(built)
+    retired = None
+    if path.is_dir() and built.is_dir():
+        retired = temporary_path(path)
+        os.replace(path, retired)
+    os.replace(built, path)
+    fsync_folder(path.parent)
+    if retired is not None:
+        _remove(retired)
+    return path
+
+
+@contextmanager
+def atomic_path(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary path to write `path`'s new content at (a file, or a folder the caller
+    creates); on success it is committed over `path`, on any error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    try:
+        yield tmp
+        commit(tmp, path)
+    finally:
+        if tmp.exists():
+            _remove(tmp)
+
+
+def write_bytes(path: Path | str, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path: Path | str, text: str) -> Path:
+    return write_bytes(path, text.encode())
+
+
+def leftovers(root: Path) -> list[Path]:
+    """The temporary files and folders below `root` that a writer left behind (it died mid-write)."""
+    found: list[Path] = []
+    for current, folders, files in os.walk(root):
+        for name in files + folders:
+            if TEMPORARY_NAME.match(name):
+                found.append(Path(current) / name)
+        folders[:] = [f for f in folders if not TEMPORARY_NAME.match(f)]
+    return sorted(found)
+
+
+def remove_leftovers(root: Path) -> int:
+    """Remove what `leftovers()` finds; returns the count. Only safe while no writer is at work below
+    `root` (the run's lock is held)."""
+    found = leftovers(root)
+    for path in found:
+        _remove(path)
+    return len(found)

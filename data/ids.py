@@ -1,0 +1,63 @@
+"""Ids and content hashes: every id in the lake is a hash of what it names (DESIGN.md), so the same
+input gives the same id in any process, on any machine, and a changed input never reuses an old one."""
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+
+def stable_hash(*parts: object, length: int = 16) -> str:
+    return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()[:length]
+
+
+def normalize_question(text: str) -> str:
+    """What makes two questions the same problem: Unicode compatibility forms, case and spacing do not."""
+    return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text)).strip().lower()
+
+
+def problem_id(question: str) -> str:
+    return hashlib.sha256(normalize_question(question).encode()).hexdigest()[:16]
+
+
+def rollout_id(problem_id: str, model_id: str, seed: int, sample_index: int) -> str:
+    return stable_hash("rollout", problem_id, model_id, seed, sample_index)
+
+
+def problem_seed(base_seed: int, problem_id: str) -> int:
+    """Each problem gets its own seed, so its samples do not depend on the batch it lands in."""
+    return int(stable_hash("seed", base_seed, problem_id, length=8), 16) & 0x7FFFFFFF
+
+
+def fingerprint_files(paths: list[Path]) -> str:
+    """Content hash of a set of files, independent of their order on disk."""
+    digest = hashlib.sha256()
+    for path in sorted(paths, key=lambda p: (p.parent.name, p.name)):
+        digest.update(f"{path.parent.name}/{path.name}".encode())
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def fingerprint_table(table: pa.Table) -> str:
+    """Content hash of a table's rows, independent of row order (ids are content hashes)."""
+    digest = hashlib.sha256()
+    digest.update(str(table.schema.names).encode())
+    sink = pa.BufferOutputStream()
+    if table.num_rows:
+        sortable = [f.name for f in table.schema if not pa.types.is_nested(f.type)]
+        table = table.take(pc.sort_indices(table, sort_keys=[(n, "ascending") for n in sortable]))
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    digest.update(sink.getvalue().to_pybytes())
+    return digest.hexdigest()[:16]
+
+
+def fingerprint_tables(*tables: pa.Table) -> str:
+    """One fingerprint of several input tables (a stage's inputs)."""
+    return fingerprint_table(pa.table({"fp": [fingerprint_table(t) for t in tables]}))

@@ -1,0 +1,108 @@
+"""The one input layer: what a stage flow reads, each defined once. Stage flows read through these
+functions and never import each other.
+
+- round tables: `round_table` (a stage's output in a round, required) and `stage_output` (may be empty)
+- the problem pool of a round, and its problems with an expert answer (RARO)
+- the checkpoint a round trained, for a role (`policy`, `ppm`)
+- the run config: given, named by file, or the run's saved one; and a round's policy applied to it
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from evoforge.data.lake import lake
+from evoforge.flows.config import ConfigError, RoundConfig, load_config, resolve_path, save_config
+
+
+class MissingInput(RuntimeError):
+    """A stage's input is not in the lake yet (the stage that writes it has not run)."""
+
+
+# -- tables ------------------------------------------------------------------------------------
+def stage_output(run: str, round: int, table: str, made_by: str) -> pa.Table:
+    """`table` as stage `made_by` wrote it in `round`, without the `round` and `stage` columns; empty
+    when that stage wrote none (an optional input: kept variants, MCTS nodes)."""
+    return lake().read(run, table, round, made_by).drop_columns(["round", "stage"])
+
+
+def round_table(run: str, round: int, table: str, made_by: str) -> pa.Table:
+    """`table` as stage `made_by` wrote it in `round` (later stages may add their own rows); a required
+    input, so MissingInput names the command that makes it."""
+    rows = lake().read(run, table, round, made_by)
+    if rows.num_rows == 0:
+        raise MissingInput(
+            f"run {run!r} round {round} has no {table}: run `evoforge stage {made_by} --run {run} --round {round}` first"
+        )
+    return rows
+
+
+def problem_pool(run: str, round: int) -> pa.Table:
+    """P_r: the ingested problems plus the SvS variants kept in rounds before r."""
+    problems = lake().read(run, "problems")
+    seeds = pc.equal(problems["stage"], "ingest")
+    earlier_variants = pc.and_(pc.equal(problems["stage"], "synthesize"), pc.less(problems["round"], round))
+    problems = problems.filter(pc.or_(seeds, earlier_variants))
+    if problems.num_rows == 0:
+        raise MissingInput(f"run {run!r} has no problems for round {round}: ingest a source first (evoforge ingest PATH --run {run})")
+    return problems
+
+
+def problems_with_experts(run: str, round: int) -> pa.Table:
+    """The pool's problems that have an expert answer (the RARO critic compares against it)."""
+    problems = problem_pool(run, round).select(["problem_id", "question", "expert_answer"])
+    problems = problems.filter(pc.invert(pc.is_null(problems["expert_answer"])))
+    if problems.num_rows == 0:
+        raise MissingInput(f"run {run!r} has no problems with an expert answer for the critic: ingest demonstrations "
+                           f"(evoforge ingest PATH --run {run} --preset demonstrations) or a GSM8K/MATH source")
+    return problems
+
+
+def checkpoint(run: str, round: int, role: str) -> dict | None:
+    """The `checkpoints` row that round `round`'s finetune registered for `role` ('policy', 'ppm'), if any."""
+    if round < 0:
+        return None
+    rows = [r for r in lake().read(run, "checkpoints", round, "finetune").to_pylist() if r["role"] == role]
+    return rows[0] if rows else None
+
+
+# -- config ------------------------------------------------------------------------------------
+def saved_config(run: str) -> RoundConfig:
+    path = lake().run_dir(run) / "config.yaml"
+    if not path.exists():
+        raise ConfigError(f"run {run!r} has no saved config: start it with a config (--config FILE)")
+    return load_config(path)
+
+
+def run_config(run: str, config: RoundConfig | None = None, config_file: str | None = None) -> RoundConfig:
+    """The config given, else the file named, else the run's saved one. A given one is saved into the
+    run, so later single-stage reruns use it."""
+    if config is None and config_file:
+        config = load_config(resolve_path(config_file))
+    if config is None:
+        return saved_config(run)
+    save_config(config, lake().ensure_run(run) / "config.yaml")
+    return config
+
+
+def policy_for_round(run: str, config: RoundConfig, round: int) -> RoundConfig:
+    """Round r's config: the engine loads the policy trained in round r - 1, if there is one."""
+    trained = checkpoint(run, round - 1, "policy")
+    if trained is None:
+        return config
+    return config.model_copy(update={"engine": config.engine.model_copy(update={"model": trained["path"]})})
+
+
+def stage_config(run: str, round: int, config: RoundConfig | None) -> RoundConfig:
+    """What a stage of `round` runs with: the run config (the one given, else the run's saved one)
+    with the round's policy."""
+    return policy_for_round(run, config if config is not None else saved_config(run), round)
+
+
+def next_round(run: str, config: RoundConfig) -> int:
+    """The first round whose last configured stage has not finished: a scheduled round continues an
+    interrupted one, or starts the one after the last finished."""
+    events = lake().read(run, "stage_runs").to_pylist()
+    last = config.stages[-1] if config.stages else "ingest"
+    done = [e["round"] for e in events if e["stage"] == last and e["status"] in ("completed", "skipped")]
+    return max(done) + 1 if done else 0

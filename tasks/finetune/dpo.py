@@ -1,0 +1,39 @@
+"""DPO on the round's solution pairs (`pairs` of kind 'solution'): a correct and a wrong answer to one problem."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from evoforge.tasks.finetune.config import FinetuneConfig, common_arguments
+
+TABLE = "pairs"
+
+
+def arguments(config: FinetuneConfig, output_dir):
+    from trl import DPOConfig
+
+    return DPOConfig(beta=config.dpo_beta, max_length=config.max_length, **common_arguments(config, output_dir))
+
+
+def dataset(pairs: pa.Table, config: FinetuneConfig, context):
+    """TRL conversational preference format: prompt messages, chosen and rejected assistant turns."""
+    import datasets
+
+    from evoforge.models.prompts import solve_messages
+
+    rows = pairs.filter(pc.equal(pairs["kind"], "solution")).to_pylist()
+    return datasets.Dataset.from_list([
+        {"prompt": solve_messages(r["prompt"], config.few_shot),
+         "chosen": [{"role": "assistant", "content": r["chosen"]}],
+         "rejected": [{"role": "assistant", "content": r["rejected"]}]}
+        for r in rows
+    ])
+
+
+@contextmanager
+def trainer(trainer_kwargs: dict, context):
+    from trl import DPOTrainer
+
+    yield DPOTrainer(**trainer_kwargs)

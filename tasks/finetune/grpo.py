@@ -1,0 +1,61 @@
+"""GRPO with the verifier as the reward: the round's learnable problems plus the variants it kept
+(`problems`, with the answer the reward checks)."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import pyarrow as pa
+
+from evoforge.tasks.finetune.config import FinetuneConfig, common_arguments
+
+TABLE = "problems"
+
+
+def arguments(config: FinetuneConfig, output_dir):
+    """GRPO's arguments; RARO trains with GRPO too and uses these."""
+    from trl import GRPOConfig
+
+    if (config.batch_size * config.gradient_accumulation_steps) % config.grpo_generations:
+        raise ValueError(f"finetune grpo: batch_size x gradient_accumulation_steps "
+                         f"({config.batch_size} x {config.gradient_accumulation_steps}) must be a multiple of "
+                         f"grpo_generations ({config.grpo_generations})")
+    return GRPOConfig(num_generations=config.grpo_generations, max_completion_length=config.grpo_max_completion_tokens,
+                      temperature=config.grpo_temperature, beta=config.grpo_beta, **common_arguments(config, output_dir))
+
+
+def dataset(problems: pa.Table, config: FinetuneConfig, context):
+    """TRL conversational prompt format; `answer` travels along to the verifier reward."""
+    import datasets
+
+    from evoforge.models.prompts import solve_messages
+
+    return datasets.Dataset.from_list([
+        {"prompt": solve_messages(r["question"], config.few_shot), "answer": r["answer"]}
+        for r in problems.select(["question", "answer"]).to_pylist()
+    ])
+
+
+class VerifierReward:
+    """GRPO reward: 1.0 when the completion's last boxed answer matches the problem's answer, else 0.0.
+
+    Graded by the verify stage's own process pool, so a reward means exactly what a `correct`
+    verdict means, and a pathological answer cannot hang training (the pool kills it at its deadline).
+    """
+
+    __name__ = "verifier_correct"  # TRL logs each reward function under its name
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    def __call__(self, prompts, completions, answer, **_) -> list[float]:
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        results = self.pool.run([("grade", gold, text) for gold, text in zip(answer, texts)])
+        return [1.0 if r[0] == "correct" else 0.0 for r in results]
+
+
+@contextmanager
+def trainer(trainer_kwargs: dict, context):
+    from trl import GRPOTrainer
+
+    with context.verify.pool() as pool:
+        yield GRPOTrainer(reward_funcs=[VerifierReward(pool)], **trainer_kwargs)

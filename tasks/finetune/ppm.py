@@ -1,0 +1,46 @@
+"""The process preference model (rStar-Math): the policy with a scalar head, trained by TRL's
+RewardTrainer on the round's step pairs (`pairs` of kind 'step') with the pairwise loss
+-log sigmoid(r_chosen - r_rejected). models/ppm.py scores steps with it in later rounds."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from evoforge.tasks.finetune.config import FinetuneConfig, common_arguments
+
+TABLE = "pairs"
+
+
+def arguments(config: FinetuneConfig, output_dir):
+    from trl import RewardConfig
+
+    return RewardConfig(max_length=config.max_length, **common_arguments(config, output_dir))
+
+
+def load_model(path, dtype, tokenizer):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def dataset(pairs: pa.Table, config: FinetuneConfig, context):
+    """TRL reward-model format, plain text: the problem and the solution so far as the prompt, each
+    candidate step as a completion. The PPM scores a step in its context."""
+    import datasets
+
+    rows = pairs.filter(pc.equal(pairs["kind"], "step")).to_pylist()
+    return datasets.Dataset.from_list([
+        {"prompt": f"{r['prompt']}\n\n{r['prefix'] or ''}", "chosen": r["chosen"], "rejected": r["rejected"]}
+        for r in rows
+    ])
+
+
+@contextmanager
+def trainer(trainer_kwargs: dict, context):
+    from trl import RewardTrainer
+
+    yield RewardTrainer(**trainer_kwargs)

@@ -1,0 +1,43 @@
+"""RARO (arXiv 2511.21667): GRPO on both roles of one model in one batch, the policy answering and
+the critic judging, rewarded by the model's own critic (tasks/critic.py: `RaroReward`); no verifier.
+Rows: tasks/critic.py `RARO_ROWS` (problems with expert answers, and judged comparisons)."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import pyarrow as pa
+
+from evoforge.tasks.finetune.config import FinetuneConfig
+from evoforge.tasks.finetune.grpo import arguments  # noqa: F401  (RARO trains with GRPO's arguments)
+
+TABLE = "judgments"
+
+
+def dataset(rows: pa.Table, config: FinetuneConfig, context):
+    """TRL conversational prompts for both roles: a policy row is asked the question exactly as the
+    generate stage asks it; a critic row is shown its two answers in the recorded order. `role`,
+    `question`, `expert_answer` and `order` travel along to the reward."""
+    import datasets
+
+    from evoforge.models.prompts import solve_messages
+    from evoforge.tasks.critic import critic_prompt
+
+    critic = context.critic
+    return datasets.Dataset.from_list([
+        {"prompt": solve_messages(r["question"], config.few_shot) if r["role"] == "policy" else
+         critic_prompt(r["question"], r["order"], r["policy_answer"], r["expert_answer"], critic.max_answer_chars),
+         "role": r["role"], "question": r["question"], "expert_answer": r["expert_answer"], "order": r["order"] or ""}
+        for r in rows.to_pylist()
+    ])
+
+
+@contextmanager
+def trainer(trainer_kwargs: dict, context):
+    from trl import GRPOTrainer
+
+    from evoforge.tasks.critic import RaroReward
+
+    reward = RaroReward(trainer_kwargs["processing_class"], context.critic, trainer_kwargs["args"].seed)
+    trained = GRPOTrainer(reward_funcs=[reward], **trainer_kwargs)
+    reward.trainer = trained  # the critic is the model being trained
+    yield trained

@@ -1,0 +1,21 @@
+"""SFT on MCTS traces (rStar-Math): the step-format prompt, the whole traced solution (`traces`) as
+the completion. Trained exactly like SFT; only the data differs."""
+from __future__ import annotations
+
+import pyarrow as pa
+
+from evoforge.tasks.finetune.config import FinetuneConfig
+from evoforge.tasks.finetune.sft import arguments, trainer  # noqa: F401  (the SFT trainer, on traces)
+
+TABLE = "traces"
+
+
+def dataset(traces: pa.Table, config: FinetuneConfig, context):
+    import datasets
+
+    from evoforge.models.prompts import step_messages
+
+    return datasets.Dataset.from_list([
+        {"prompt": step_messages(r["prompt"]), "completion": [{"role": "assistant", "content": r["completion"]}]}
+        for r in traces.to_pylist()
+    ])
