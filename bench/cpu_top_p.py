@@ -27,9 +27,9 @@ home.configure()
 
 
 def one_side(args) -> dict:
-    from evoforge.tasks.ingest import read_records
     from evoforge.models.engine import EngineConfig, GenerationRequest, SamplingConfig, load_engine
     from evoforge.models.prompts import solve_messages
+    from evoforge.tasks.ingest import read_records
 
     model = args.model
     if model == "tiny":

@@ -36,10 +36,9 @@ def main() -> None:
     import pyarrow as pa
     from vllm import SamplingParams
 
-    from evoforge.data.ids import problem_id
+    from evoforge.data.ids import problem_id, problem_seed
     from evoforge.models.engine import EngineConfig, SamplingConfig, load_engine, render
     from evoforge.models.prompts import solve_messages
-    from evoforge.data.ids import problem_seed
     from evoforge.tasks.generate import GenerateConfig, generate
 
     if args.model == "tiny":

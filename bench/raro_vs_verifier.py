@@ -76,9 +76,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from evoforge.data import catalog
+    from evoforge.data.lake import lake
     from evoforge.flows.report import collect
     from evoforge.flows.round import round_flow
-    from evoforge.data.lake import lake
 
     timings = {}
     for arm in ("raro", "verifier"):

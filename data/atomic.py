@@ -61,7 +61,12 @@ def commit(built: Path, path: Path) -> Path:
     if path.is_dir() and built.is_dir():
         retired = temporary_path(path)
         os.replace(path, retired)
-    os.replace(built, path)
+    try:
+        os.replace(built, path)
+    except BaseException:
+        if retired is not None:  # put the old one back rather than leave nothing at `path`
+            os.replace(retired, path)
+        raise
     fsync_folder(path.parent)
     if retired is not None:
         _remove(retired)

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-from collections import Counter
 import json
 import os
 import sys
 import time
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,20 +20,20 @@ home.configure()  # before Prefect, vLLM, torch or HF are imported anywhere
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from evoforge.tasks.ingest import IngestError
     from evoforge.data.lake import LakeError
-    from evoforge.flows.config import ConfigError
     from evoforge.data.runlock import RunBusy
+    from evoforge.flows.config import ConfigError
     from evoforge.flows.inputs import MissingInput
     from evoforge.models.registry import ModelError
+    from evoforge.tasks.ingest import IngestError
 
     return (IngestError, LakeError, ConfigError, MissingInput, ModelError, FileNotFoundError, RunBusy)
 
 
 def cmd_ingest(args) -> None:
-    from evoforge.tasks.ingest import EvalSetConfig, SourceConfig
     from evoforge.flows.config import load_config
     from evoforge.flows.ingest import ingest_flow
+    from evoforge.tasks.ingest import EvalSetConfig, SourceConfig
 
     source = SourceConfig(
         path=str(Path(args.path).resolve()), preset=args.preset, question_field=args.question_field,

@@ -24,11 +24,11 @@ from pydantic import BaseModel, Field
 
 from evoforge.data import schemas
 from evoforge.data.chunks import NO_CHUNKS, Chunks
+from evoforge.data.ids import problem_seed, stable_hash
 from evoforge.models.engine import Engine, GenerationRequest, SamplingConfig
 from evoforge.models.prompts import critic_messages
-from evoforge.data.ids import problem_seed, stable_hash
-from evoforge.tasks.progress import Progress
 from evoforge.tasks import summary
+from evoforge.tasks.progress import Progress
 
 ORDERS = ("policy_first", "expert_first")
 LABELS = ("expert", "policy", "tie")

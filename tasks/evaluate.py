@@ -8,10 +8,10 @@ from pydantic import BaseModel, Field
 
 from evoforge.data import schemas
 from evoforge.data.chunks import NO_CHUNKS, Chunks
-from evoforge.tasks.ingest import EvalSetConfig
 from evoforge.models.engine import Engine, SamplingConfig
 from evoforge.tasks.filter import correct_counts, pass_at_k
 from evoforge.tasks.generate import GenerateConfig, generate
+from evoforge.tasks.ingest import EvalSetConfig
 from evoforge.tasks.verify import VerifyConfig, verify
 
 

@@ -11,8 +11,8 @@ from evoforge.data.chunks import NO_CHUNKS, Chunks
 from evoforge.data.ids import problem_seed, rollout_id, stable_hash
 from evoforge.models.engine import Engine, GenerationRequest, SamplingConfig
 from evoforge.models.prompts import solve_messages
-from evoforge.tasks.progress import Progress
 from evoforge.tasks import summary
+from evoforge.tasks.progress import Progress
 
 
 class GenerateConfig(BaseModel):

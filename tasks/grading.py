@@ -18,7 +18,6 @@ from functools import lru_cache
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
-
 # it warns on every call that its own timeouts are off; that is deliberate here (see above)
 logging.getLogger("math_verify").setLevel(logging.ERROR)
 

@@ -26,14 +26,14 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from evoforge.data import schemas
+from evoforge.data.ids import problem_seed, stable_hash
 from evoforge.models.engine import Engine, GenerationRequest, SamplingConfig
 from evoforge.models.prompts import ANSWER_END, STEP_END, step_messages, step_prefix
 from evoforge.models.sandbox import Sandbox, SandboxConfig
-from evoforge.data.ids import problem_seed, stable_hash
-from evoforge.tasks.progress import Progress
-from evoforge.tasks.grading import last_boxed
-from evoforge.tasks.verify import VerifyConfig
 from evoforge.tasks import summary
+from evoforge.tasks.grading import last_boxed
+from evoforge.tasks.progress import Progress
+from evoforge.tasks.verify import VerifyConfig
 
 FAILED = ("error", "timeout", "unparsed")
 

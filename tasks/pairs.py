@@ -15,8 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from evoforge.data import schemas
-from evoforge.data.ids import normalize_question
-from evoforge.data.ids import stable_hash
+from evoforge.data.ids import normalize_question, stable_hash
 from evoforge.tasks import summary
 
 REJECTABLE = ("wrong", "no_answer")

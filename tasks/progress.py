@@ -28,7 +28,9 @@ class Progress:
         self.done = 0
         self._bar = None
         if sys.stderr.isatty() and total:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn
+            from rich.progress import Progress as Bar
+            from rich.progress import TimeRemainingColumn
 
             self._bar = Bar("[bold]" + label, BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True)
             self._bar.start()

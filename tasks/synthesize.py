@@ -18,15 +18,14 @@ from pydantic import BaseModel, Field
 
 from evoforge.data import schemas
 from evoforge.data.chunks import NO_CHUNKS, Chunks
-from evoforge.tasks.decontam import Decontaminator, ngrams
-from evoforge.data.ids import normalize_question, problem_id
+from evoforge.data.ids import normalize_question, problem_id, problem_seed, stable_hash
 from evoforge.models.engine import Engine, GenerationRequest, SamplingConfig
 from evoforge.models.prompts import extract_problem, synthesis_messages
+from evoforge.tasks import summary
+from evoforge.tasks.decontam import Decontaminator, ngrams
 from evoforge.tasks.filter import EPS, correct_counts
-from evoforge.data.ids import problem_seed, stable_hash
 from evoforge.tasks.generate import GenerateConfig, generate
 from evoforge.tasks.verify import VerifyConfig, verify
-from evoforge.tasks import summary
 
 
 class SynthesizeConfig(BaseModel):

@@ -9,9 +9,9 @@ from pydantic import BaseModel, Field
 from evoforge.data import schemas
 from evoforge.data.chunks import NO_CHUNKS, Chunks
 from evoforge.data.ids import stable_hash
+from evoforge.tasks import summary
 from evoforge.tasks.grader_pool import GraderPool
 from evoforge.tasks.progress import Progress
-from evoforge.tasks import summary
 
 
 class VerifyConfig(BaseModel):

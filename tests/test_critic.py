@@ -87,13 +87,13 @@ def test_raro_rows_mix_fresh_and_replayed_answers_half_and_half():
 @pytest.mark.server
 def test_the_critic_stage_writes_judgments_the_catalog_reports(write_jsonl, prefect_server, runs_root, tiny_engine_config, scratch):
     from evoforge.data import catalog
-    from evoforge.tasks.ingest import SourceConfig
+    from evoforge.data.lake import lake
     from evoforge.flows.cli import main
     from evoforge.flows.config import RoundConfig
-    from evoforge.tasks.generate import GenerateConfig
     from evoforge.flows.round import round_flow
-    from evoforge.data.lake import lake
     from evoforge.models.engine import SamplingConfig
+    from evoforge.tasks.generate import GenerateConfig
+    from evoforge.tasks.ingest import SourceConfig
 
     source = write_jsonl(scratch / "demos.jsonl", [
         {"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}.\nThe answer is \\boxed{{{i + 1}}}.",

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from evoforge.flows.cli import main
 from evoforge.data.lake import lake
+from evoforge.flows.cli import main
 
 
 @pytest.mark.model

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-
 from pathlib import Path
 
 import pyarrow as pa
@@ -82,8 +81,8 @@ def test_grpo_batch_must_hold_whole_groups():
 @pytest.mark.unit
 def test_grpo_trains_on_the_rounds_learnable_problems_and_kept_variants(runs_root):
     from evoforge.data import schemas
-    from evoforge.flows.finetune import training_data
     from evoforge.data.lake import lake
+    from evoforge.flows.finetune import training_data
 
     def problem(pid, answer):
         return dict(problem_id=pid, question=f"question {pid}", answer=answer, source="s", origin="seed")

@@ -5,11 +5,11 @@ import duckdb
 import pytest
 
 from evoforge.data import catalog
-from evoforge.tasks.ingest import SourceConfig
-from evoforge.flows.config import RoundConfig, load_config
 from evoforge.data.lake import lake
-from evoforge.tasks.generate import GenerateConfig
+from evoforge.flows.config import RoundConfig, load_config
 from evoforge.models.engine import SamplingConfig
+from evoforge.tasks.generate import GenerateConfig
+from evoforge.tasks.ingest import SourceConfig
 
 
 @pytest.fixture()

@@ -5,8 +5,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from evoforge.tasks.decontam import Decontaminator
 from evoforge.data.ids import problem_id
+from evoforge.tasks.decontam import Decontaminator
 from evoforge.tasks.grading import normalize_answer
 from evoforge.tasks.ingest import IngestError, SourceConfig, ingest
 from evoforge.tasks.verify import VerifyConfig, check_golds
@@ -131,8 +131,8 @@ def test_shipped_sets_ingest_cleanly(scratch):
 
 
 def test_arithmetic_generator_reproduces_the_shipped_files(scratch):
-    from evoforge.tasks.arithmetic_set import write_splits
     from evoforge.data.home import PROJECT_ROOT
+    from evoforge.tasks.arithmetic_set import write_splits
 
     written = write_splits(scratch / "arith")
     shipped = PROJECT_ROOT / "data" / "sets" / "easy_arithmetic"
@@ -190,8 +190,8 @@ def test_graded_presets_keep_the_worked_solution_as_the_expert_answer(write_json
 def test_the_shipped_demonstrations_are_reproducible_and_ingest_cleanly(scratch):
     import json
 
-    from evoforge.tasks.demonstrations_set import build
     from evoforge.data.home import PROJECT_ROOT
+    from evoforge.tasks.demonstrations_set import build
 
     shipped = PROJECT_ROOT / "data" / "sets" / "gsm8k_demonstrations" / "train.jsonl"
     assert [json.loads(line) for line in shipped.open()] == build(200)

@@ -8,8 +8,7 @@ import pyarrow as pa
 import pytest
 
 from evoforge.models.prompts import STEP_SYSTEM
-from evoforge.tasks.mcts import parse_step
-from evoforge.tasks.mcts import MCTSConfig, Node, backup, leaf_reward, search, select, uct
+from evoforge.tasks.mcts import MCTSConfig, Node, backup, leaf_reward, parse_step, search, select, uct
 from evoforge.tasks.verify import VerifyConfig
 
 
@@ -185,10 +184,10 @@ def test_no_step_pair_without_both_kinds_of_children_or_past_the_thresholds():
 @pytest.mark.server
 def test_the_mcts_stage_writes_trees_the_catalog_and_named_queries_read(write_jsonl, prefect_server, runs_root, tiny_engine_config, scratch):
     from evoforge.data import catalog
-    from evoforge.tasks.ingest import SourceConfig
+    from evoforge.data.lake import lake
     from evoforge.flows.config import RoundConfig
     from evoforge.flows.round import round_flow
-    from evoforge.data.lake import lake
+    from evoforge.tasks.ingest import SourceConfig
 
     source = write_jsonl(scratch / "pool.jsonl", [{"question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(3)])
     config = RoundConfig(engine=tiny_engine_config, sources=[SourceConfig(path=str(source), preset="plain")],

@@ -101,8 +101,8 @@ def rerun(served):
     """Once the served deployments exist and the cron schedule has completed a round: a single-stage
     rerun triggered through the API, as the UI's "Custom run" form sends it. Every test of the module
     that needs a finished flow run uses this one, so none depends on another having run first."""
-    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, DeploymentFilter,
-                                                FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType)
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, DeploymentFilter, FlowRunFilter,
+                                                FlowRunFilterState, FlowRunFilterStateType)
     from prefect.client.schemas.objects import StateType
 
     settings, client = _client(served["url"])

@@ -32,21 +32,27 @@ def test_every_module_imports_on_its_own_in_a_fresh_interpreter():
     which no evoforge module has been imported yet."""
     script = textwrap.dedent("""
         import os, sys, importlib, traceback
-        import pyarrow, pyarrow.compute, pyarrow.parquet, duckdb, pydantic, prefect, yaml  # shared, not evoforge
-        failed = []
-        for name in sys.argv[1:]:
-            pid = os.fork()
-            if pid == 0:
-                try:
-                    importlib.import_module(name)
-                except BaseException:
-                    traceback.print_exc()
-                    os._exit(1)
-                os._exit(0)
-            _, status = os.waitpid(pid, 0)
+        import pyarrow, pyarrow.compute, pyarrow.parquet, duckdb, pydantic, prefect, yaml, torch, math_verify  # not evoforge
+        def child(name):
+            try:
+                importlib.import_module(name)
+            except BaseException:
+                traceback.print_exc()
+                os._exit(1)
+            os._exit(0)
+        failed, running, waiting = [], {}, list(sys.argv[1:])
+        while waiting or running:
+            while waiting and len(running) < (os.cpu_count() or 1):
+                name = waiting.pop()
+                pid = os.fork()
+                if pid == 0:
+                    child(name)
+                running[pid] = name
+            pid, status = os.wait()
             if status:
-                failed.append(name)
-        print("FAILED:" + ",".join(failed))
+                failed.append(running[pid])
+            del running[pid]
+        print("FAILED:" + ",".join(sorted(failed)))
     """)
     modules = project_modules()
     assert "evoforge.flows.stages" in modules and "evoforge.tasks.finetune.training" in modules

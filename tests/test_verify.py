@@ -6,8 +6,8 @@ import json
 import pyarrow as pa
 import pytest
 
-from evoforge.tasks.grading import last_boxed
 from evoforge.tasks.grader_pool import GraderPool
+from evoforge.tasks.grading import last_boxed
 from evoforge.tasks.verify import VerifyConfig, grade_pairs, verify
 
 pytestmark = pytest.mark.unit
