@@ -38,7 +38,7 @@ def stage_runs(run: str) -> list[dict]:
 @pytest.mark.server
 def test_ingest_generate_verify_filter_round_then_skip_then_force(prefect_server, runs_root, config):
     from evoforge.flows.generate import generate_flow
-    from evoforge.flows.round import round_flow
+    from evoforge.flows.round import round_flow, stage_flow
 
     results = round_flow("flowtest", config)  # no round given: the run's next one, 0 for a new run
     assert [(r.stage, r.status) for r in results] == [
@@ -88,6 +88,11 @@ def test_ingest_generate_verify_filter_round_then_skip_then_force(prefect_server
     following = round_flow("flowtest")
     assert [(r.stage, r.round, r.status) for r in following] == [
         ("generate", 1, "completed"), ("verify", 1, "completed"), ("filter", 1, "completed")]
+
+    # the one rerun deployment of deploy/prefect.yaml: any stage by its registry name, on the saved config
+    assert [(r.stage, r.round, r.status) for r in stage_flow(stage="filter", run="flowtest", round=1)] == [
+        ("filter", 1, "skipped")]
+    assert [(r.stage, r.status) for r in stage_flow(stage="ingest", run="flowtest")] == [("ingest", "skipped")]
 
 
 @pytest.mark.model
