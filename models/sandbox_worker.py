@@ -44,9 +44,12 @@ def child(request, run_dir, out_w, err_w):
     os.dup2(err_w, 2)
     os.chdir(run_dir)
     mb = 1024 * 1024
-    for limit, value in ((resource.RLIMIT_CPU, request["cpu"]), (resource.RLIMIT_AS, request["memory_mb"] * mb),
-                         (resource.RLIMIT_NPROC, request["processes"]), (resource.RLIMIT_FSIZE, request["file_mb"] * mb),
-                         (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)):
+    # the CPU limit's hard value is a second above the soft one: at the soft limit the kernel sends
+    # SIGXCPU (read as a timeout); with both equal it sends SIGKILL, indistinguishable from any other kill
+    resource.setrlimit(resource.RLIMIT_CPU, (request["cpu"], request["cpu"] + 1))
+    for limit, value in ((resource.RLIMIT_AS, request["memory_mb"] * mb), (resource.RLIMIT_NPROC, request["processes"]),
+                         (resource.RLIMIT_FSIZE, request["file_mb"] * mb), (resource.RLIMIT_NOFILE, 64),
+                         (resource.RLIMIT_CORE, 0)):
         resource.setrlimit(limit, (value, value))
     os.environ.clear()
     os.environ.update({"PATH": "/usr/bin:/bin", "HOME": run_dir, "LANG": "C.UTF-8"})

@@ -37,6 +37,13 @@ def test_an_infinite_loop_is_killed_at_its_deadline(box):
     assert box.run("print('next')").stdout == "next\n"  # the worker is fine afterwards
 
 
+def test_the_cpu_limit_reads_as_a_timeout_not_as_a_kill():
+    """With CPU time shorter than the wall deadline, the CPU limit ends the loop: that is a timeout."""
+    with Sandbox(SandboxConfig(wall_seconds=6, cpu_seconds=1, memory_mb=256, max_processes=8, workers=1)) as sandbox:
+        result = sandbox.run("while True:\n    pass")
+        assert result.status == "timeout" and result.seconds < 4
+
+
 def test_a_memory_bomb_is_contained(box):
     result = box.run("blocks = []\nwhile True:\n    blocks.append(bytearray(50 * 1024 * 1024))")
     assert result.status == "memory" and "MemoryError" in result.stderr
