@@ -26,11 +26,19 @@ def stage_output(run: str, round: int, table: str, made_by: str) -> pa.Table:
     return lake().read(run, table, round, made_by).drop_columns(["round", "stage"])
 
 
+def stage_finished(run: str, round: int, stage: str) -> bool:
+    """Whether `stage` of `round` has completed (or was skipped as unchanged) at least once."""
+    events = lake().read(run, "stage_runs")
+    return any(e["round"] == round and e["stage"] == stage and e["status"] in ("completed", "skipped")
+               for e in events.select(["round", "stage", "status"]).to_pylist())
+
+
 def round_table(run: str, round: int, table: str, made_by: str) -> pa.Table:
     """`table` as stage `made_by` wrote it in `round` (later stages may add their own rows); a required
-    input, so MissingInput names the command that makes it."""
+    input: empty only when that stage ran and found nothing to write (no correct answer, no SFT
+    example), else MissingInput names the command that makes it."""
     rows = lake().read(run, table, round, made_by)
-    if rows.num_rows == 0:
+    if rows.num_rows == 0 and not stage_finished(run, round, made_by):
         raise MissingInput(
             f"run {run!r} round {round} has no {table}: run `evoforge stage {made_by} --run {run} --round {round}` first"
         )

@@ -68,7 +68,6 @@ def test_a_process_killed_in_the_middle_of_a_write_leaves_no_visible_part(scratc
     (a hidden temporary) must be swept."""
     script = f"""
 import sys, pyarrow as pa
-sys.path.insert(0, {str(os.getcwd())!r})
 from evoforge.data.lake import write_parquet
 from pathlib import Path
 import pyarrow.parquet as pq
