@@ -6,8 +6,11 @@ is not of its format at all is an error (`IngestError`, naming the file).
 """
 from __future__ import annotations
 
+import codecs
 import json
+import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Literal
@@ -90,11 +93,25 @@ def read_records(path: Path, limit: int | None = None, split: str | None = None)
         raise IngestError(f"{path}: unknown format; expected .jsonl, .parquet or a `datasets` folder")
 
 
+class OversizedNumber(str):
+    """A JSON integer with more digits than Python turns into an int (sys.get_int_max_str_digits()):
+    kept as its digits, so the row, not the whole file, is quarantined if a field that is used holds it."""
+
+
+def _json_int(digits: str) -> int | OversizedNumber:
+    try:
+        return int(digits)
+    except ValueError:
+        return OversizedNumber(digits)
+
+
 def _read_jsonl(path: Path, limit: int | None) -> Iterator[Record]:
     parsed_any = False
     count = 0
     with open(path, "rb") as fh:
         for number, line in enumerate(fh, start=1):
+            if number == 1 and line.startswith(codecs.BOM_UTF8):  # editors on Windows write one
+                line = line[len(codecs.BOM_UTF8):]
             if not line.strip():
                 continue
             if limit is not None and count >= limit:
@@ -107,7 +124,7 @@ def _read_jsonl(path: Path, limit: int | None) -> Iterator[Record]:
                 yield Record(number, None, raw, ("not_utf8", f"byte {err.start} is not UTF-8"))
                 continue
             try:
-                value = json.loads(text)
+                value = json.loads(text, parse_int=_json_int)
             except json.JSONDecodeError as err:
                 yield Record(number, None, raw, ("not_json", err.msg))
                 continue
@@ -163,6 +180,9 @@ def _text_field(value: dict, name: str) -> str:
     if name not in value or value[name] is None:
         raise RowProblem("missing_field", name, f"no field {name!r} (fields: {sorted(value)[:10]})")
     text = value[name]
+    if isinstance(text, OversizedNumber):
+        raise RowProblem("unusable_number", name, f"field {name!r} is an integer of {len(text)} digits; "
+                                                  f"at most {sys.get_int_max_str_digits()} can be read")
     if not isinstance(text, (str, int, float)) or isinstance(text, bool):
         raise RowProblem("missing_field", name, f"field {name!r} is a {type(text).__name__}, not text")
     text = str(text)
@@ -205,8 +225,26 @@ def expert_answer_of(value: dict, config: SourceConfig) -> str | None:
     return None
 
 
+def _finite(answer: str, field_name: str) -> str:
+    """A gold answer that reads as NaN or an infinity (`NaN`, `inf`, `1e999`) can never be matched: unusable."""
+    try:
+        number = float(answer)
+    except (ValueError, OverflowError):
+        return answer
+    if not math.isfinite(number):
+        raise RowProblem("unusable_answer", field_name, f"the answer {answer[:40]!r} is not a finite number")
+    return answer
+
+
 def extract_answer(value: dict, config: SourceConfig | EvalSetConfig) -> str | None:
     """The gold answer a verifier grades against; for demonstrations only if `reference_field` names one."""
+    answer = _extract_answer(value, config)
+    if answer is None:
+        return None
+    return _finite(answer, config.reference_field if config.preset == "demonstrations" else fields_for(config)[1])
+
+
+def _extract_answer(value: dict, config: SourceConfig | EvalSetConfig) -> str | None:
     question_field, answer_field = fields_for(config)
     if config.preset == "demonstrations":
         if config.reference_field is None:

@@ -1,0 +1,60 @@
+"""Hostile and damaged input (issue 13): each case a user found that once took a file or a run down.
+Every case ends as data or as one quarantine row naming the row, the field and the reason."""
+from __future__ import annotations
+
+import codecs
+
+import pytest
+
+from evoforge.tasks.ingest import SourceConfig, ingest
+from evoforge.tasks.verify import VerifyConfig, check_golds
+
+pytestmark = pytest.mark.unit
+
+VERIFY = VerifyConfig(workers=1, deadline_seconds=10)
+
+
+def ingested(path, **config):
+    return ingest(path, SourceConfig(path=str(path), **config), check_golds=lambda answers: check_golds(answers, VERIFY))
+
+
+def test_a_byte_order_mark_at_the_start_of_a_file_is_not_a_bad_row(scratch):
+    path = scratch / "bom.jsonl"
+    path.write_bytes(codecs.BOM_UTF8 + b'{"question": "What is 1 + 1?", "answer": "2"}\n{"question": "And 2 + 2?", "answer": "4"}\n')
+    result = ingested(path)
+    assert result.problems["answer"].to_pylist() == ["2", "4"] and result.quarantine.num_rows == 0
+    assert result.problems["question"].to_pylist()[0] == "What is 1 + 1?"
+
+
+def test_an_integer_past_pythons_digit_limit_quarantines_its_row_and_names_the_field(scratch, write_jsonl):
+    huge = "9" * 5000
+    path = write_jsonl(scratch / "huge.jsonl", [
+        {"question": "What is 2 + 3?", "answer": "5"},
+        f'{{"question": "How many grains?", "answer": {huge}}}',
+        f'{{"question": "What is 4 + 4?", "answer": "8", "unused": {huge}}}',  # a field nobody reads is no harm
+    ])
+    result = ingested(path)
+    assert result.problems["answer"].to_pylist() == ["5", "8"]
+    (row,) = result.quarantine.to_pylist()
+    assert (row["source_row"], row["field"], row["reason"]) == (2, "answer", "unusable_number")
+    assert "5000 digits" in row["detail"]
+
+
+@pytest.mark.parametrize("gold", ["NaN", "nan", "inf", "-inf", "Infinity", "1e999", "-1e999"])
+def test_a_gold_answer_that_is_not_a_finite_number_is_quarantined_as_unusable(scratch, write_jsonl, gold):
+    path = write_jsonl(scratch / "golds.jsonl", [{"question": "What is 2 + 3?", "answer": "5"},
+                                                 {"question": "What is the limit?", "answer": gold}])
+    result = ingested(path)
+    assert result.problems["answer"].to_pylist() == ["5"]
+    (row,) = result.quarantine.to_pylist()
+    assert (row["source_row"], row["field"], row["reason"]) == (2, "answer", "unusable_answer")
+
+
+def test_json_nan_and_overflowing_numbers_as_gold_answers_are_quarantined_too(scratch, write_jsonl):
+    path = write_jsonl(scratch / "json-numbers.jsonl", ['{"question": "A?", "answer": NaN}',
+                                                        '{"question": "B?", "answer": 1e999}',
+                                                        '{"question": "C?", "answer": 2e3}'])
+    result = ingested(path)
+    assert result.problems["answer"].to_pylist() == ["2000"]  # 2e3 read by JSON as 2000.0
+    assert [(r["source_row"], r["reason"]) for r in result.quarantine.to_pylist()] == [(1, "unusable_answer"),
+                                                                                        (2, "unusable_answer")]
