@@ -150,32 +150,62 @@ def cmd_status(args) -> None:
     cmd_sql(args)
 
 
+def read_verify_lines(path: Path) -> list[dict]:
+    """Each non-blank line of a verify-file input as {"input_line", "row"} or, when the line cannot be
+    graded (not UTF-8, not JSON, no 'gold' or 'pred'), {"input_line", "invalid": reason, "raw"}."""
+    lines = []
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            entry: dict = {"input_line": number}
+            try:
+                row = json.loads(raw.decode("utf-8"))
+                if not isinstance(row, dict):
+                    raise ValueError(f"a JSON {type(row).__name__}, not an object")
+                missing = [key for key in ("gold", "pred") if row.get(key) is None]
+                if missing:
+                    raise ValueError(f"no field {missing[0]!r}")
+                entry["row"] = row
+            except UnicodeDecodeError as err:
+                entry["invalid"] = f"not UTF-8 (byte {err.start})"
+            except ValueError as err:  # json.JSONDecodeError is a ValueError too
+                entry["invalid"] = f"not JSON: {err.msg}" if isinstance(err, json.JSONDecodeError) else str(err)
+            if "invalid" in entry:
+                entry["raw"] = raw.decode("utf-8", errors="replace").rstrip("\n")[:200]
+            lines.append(entry)
+    return lines
+
+
 def cmd_verify_file(args) -> None:
     from evoforge.data import atomic
     from evoforge.tasks.verify import VerifyConfig, grade_pairs
 
-    path = Path(args.input)
+    path, out = Path(args.input), Path(args.out)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
-    rows, pairs = [], []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            pairs.append((str(row["gold"]), str(row["pred"])))
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{path}:{number}: each line needs JSON with 'gold' and 'pred' ({err!r})") from None
-        rows.append(row)
+    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):  # before the grading, not after it
+        raise FileNotFoundError(f"--out {out}: the folder {out.parent} does not exist or is not writable")
+    lines = read_verify_lines(path)
+    graded = [entry for entry in lines if "row" in entry]
     config = VerifyConfig(workers=args.workers, deadline_seconds=args.deadline)
-    results = grade_pairs(pairs, config)
-    out = Path(args.out)
-    atomic.write_text(out, "".join(
-        json.dumps({**row, "verdict": verdict, "extracted_answer": extracted, "detail": detail,
-                    "seconds": round(seconds, 4)}) + "\n"
-        for row, (verdict, extracted, detail, seconds) in zip(rows, results)))
-    counts = Counter(verdict for verdict, *_ in results)
-    print(f"{len(rows)} pairs -> {out}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    results = iter(grade_pairs([(str(e["row"]["gold"]), str(e["row"]["pred"])) for e in graded], config))
+    written, counts = [], Counter()
+    for entry in lines:
+        if "row" in entry:
+            verdict, extracted, detail, seconds = next(results)
+            written.append({**entry["row"], "input_line": entry["input_line"], "verdict": verdict,
+                            "extracted_answer": extracted, "detail": detail, "seconds": round(seconds, 4)})
+        else:
+            verdict = "invalid_input"
+            written.append({"input_line": entry["input_line"], "verdict": verdict,
+                            "detail": f"{path}:{entry['input_line']}: {entry['invalid']}", "raw": entry["raw"]})
+        counts[verdict] += 1
+    atomic.write_text(out, "".join(json.dumps(row) + "\n" for row in written))
+    print(f"{len(lines)} lines -> {out}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    for entry in lines:
+        if "invalid" in entry:
+            print(f"  {path}:{entry['input_line']}: {entry['invalid']} (verdict invalid_input)")
 
 
 def cmd_sandbox(args) -> None:

@@ -3,6 +3,7 @@ Every case ends as data or as one quarantine row naming the row, the field and t
 from __future__ import annotations
 
 import codecs
+import json
 
 import pytest
 
@@ -58,3 +59,35 @@ def test_json_nan_and_overflowing_numbers_as_gold_answers_are_quarantined_too(sc
     assert result.problems["answer"].to_pylist() == ["2000"]  # 2e3 read by JSON as 2000.0
     assert [(r["source_row"], r["reason"]) for r in result.quarantine.to_pylist()] == [(1, "unusable_answer"),
                                                                                         (2, "unusable_answer")]
+
+
+def test_verify_file_grades_every_good_line_and_writes_a_row_naming_each_bad_one(scratch, capsys):
+    from evoforge.flows.cli import main
+
+    source = scratch / "mixed.jsonl"
+    source.write_bytes(b"\n".join([
+        json.dumps({"gold": "12", "pred": "so \\boxed{12}"}).encode(),
+        b"this is not json",
+        json.dumps({"gold": "3"}).encode(),
+        b'{"gold": "1", "pred": "\xff\xfe"}',
+        json.dumps({"gold": "7", "pred": "\\boxed{8}"}).encode(),
+    ]) + b"\n")
+    out = scratch / "graded.jsonl"
+    assert main(["verify-file", str(source), "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["input_line"], r["verdict"]) for r in rows] == [
+        (1, "correct"), (2, "invalid_input"), (3, "invalid_input"), (4, "invalid_input"), (5, "wrong")]
+    assert "mixed.jsonl:2: not JSON" in rows[1]["detail"] and "no field 'pred'" in rows[2]["detail"]
+    assert "not UTF-8" in rows[3]["detail"]
+    printed = capsys.readouterr().out
+    assert "5 lines" in printed and "invalid_input 3" in printed
+
+
+def test_verify_file_refuses_an_output_folder_that_does_not_exist_before_grading(scratch, capsys):
+    from evoforge.flows.cli import main
+
+    source = scratch / "in.jsonl"
+    source.write_text(json.dumps({"gold": "1", "pred": "\\boxed{1}"}) + "\n")
+    assert main(["verify-file", str(source), "--out", str(scratch / "missing" / "out.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not exist or is not writable" in err

