@@ -48,6 +48,15 @@ class Lake:
             )
         return self.root / run
 
+    def existing_run_dir(self, run: str) -> Path:
+        """The run's folder; LakeError listing the runs there when it does not exist."""
+        run_dir = self.run_dir(run)
+        if not run_dir.is_dir():
+            runs = sorted(p.name for p in self.root.iterdir() if p.is_dir() and RUN_NAME.match(p.name)) \
+                if self.root.is_dir() else []
+            raise LakeError(f"run {run!r} does not exist under {self.root}; runs there: {', '.join(runs) or 'none'}")
+        return run_dir
+
     def stage_dir(self, run: str, round: int, stage: str) -> Path:
         return self.run_dir(run) / f"round={int(round)}" / stage
 

@@ -56,12 +56,31 @@ def _print_stage_results(results) -> None:
               f"quarantined {r.rows_quarantined}")
 
 
-def cmd_round(args) -> None:
+# the shipped config a command falls back to for a run that has none saved (one `evoforge ingest` started)
+SHIPPED_DEFAULT_CONFIGS = {"round": "demo.yaml", "stage": "demo.yaml", "evolve": "evolve.yaml"}
+
+
+def _command_config(args):
+    """--config if given; else None when the run has a saved config (the flows read it); else the
+    command's shipped default, said in one line."""
+    from evoforge.data.home import PROJECT_ROOT
     from evoforge.flows.config import load_config
+    from evoforge.flows.inputs import saved_config_path
+
+    if args.config:
+        return load_config(args.config)
+    if saved_config_path(args.run).exists():
+        return None
+    path = PROJECT_ROOT / "deploy" / "configs" / SHIPPED_DEFAULT_CONFIGS[args.command]
+    print(f"run {args.run!r} has no saved config: using the shipped {path.relative_to(PROJECT_ROOT)} (--config FILE to choose)")
+    return load_config(path)
+
+
+def cmd_round(args) -> None:
     from evoforge.flows.report import format_summary, round_summary
     from evoforge.flows.round import round_flow
 
-    config = load_config(args.config) if args.config else None  # None: the run's saved config
+    config = _command_config(args)
     started = time.monotonic()
     results = round_flow(args.run, config, round=args.round, force=args.force)
     _print_stage_results(results)
@@ -71,10 +90,9 @@ def cmd_round(args) -> None:
 
 
 def cmd_stage(args) -> None:
-    from evoforge.flows.config import load_config
     from evoforge.flows.round import run_stage
 
-    config = load_config(args.config) if args.config else None  # None: the run's saved config
+    config = _command_config(args)
     _print_stage_results(run_stage(args.name, args.run, args.round, config, args.force))
 
 
@@ -82,6 +100,7 @@ def _print_report(run: str, out: str | None = None) -> None:
     from evoforge.data.lake import lake
     from evoforge.flows.report import collect, format_report, plot
 
+    lake().existing_run_dir(run)
     data = collect(run)
     print(format_report(run, data))
     png = plot(run, data, Path(out) if out else lake().run_dir(run) / "report.png")
@@ -90,10 +109,9 @@ def _print_report(run: str, out: str | None = None) -> None:
 
 
 def cmd_evolve(args) -> None:
-    from evoforge.flows.config import load_config
     from evoforge.flows.round import evolve_flow
 
-    config = load_config(args.config)
+    config = _command_config(args)
     started = time.monotonic()
     _print_stage_results(evolve_flow(args.run, args.rounds, config, force=args.force))
     _print_report(args.run)
@@ -125,7 +143,7 @@ def cmd_sql(args) -> None:
     from evoforge.data import catalog
     from evoforge.data.lake import lake
 
-    con = catalog.connect(lake().run_dir(args.run))
+    con = catalog.connect(lake().existing_run_dir(args.run))
     cursor = con.execute(catalog.resolve_query(args.query))
     names = [d[0] for d in cursor.description]
     rows = cursor.fetchall()
@@ -308,7 +326,7 @@ def parser() -> argparse.ArgumentParser:
     evolve = sub.add_parser("evolve", help="K rounds, each from the previous round's checkpoint and grown pool")
     evolve.add_argument("--run", required=True)
     evolve.add_argument("--rounds", type=int, required=True)
-    evolve.add_argument("--config", required=True)
+    evolve.add_argument("--config", help="default: the run's saved config, else deploy/configs/evolve.yaml")
     evolve.add_argument("--force", action="store_true")
     evolve.set_defaults(func=cmd_evolve)
 
@@ -391,7 +409,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as err:
         import duckdb
+        from pydantic import ValidationError
 
+        if isinstance(err, ValidationError) and not os.environ.get("EVOFORGE_TRACEBACK"):
+            print(f"error: {_validation_line(err, args)}", file=sys.stderr)
+            return 2
         user_error = isinstance(err, _user_errors() + (ValueError, duckdb.Error))
         failed = _failed_stage(getattr(args, "run", None), started)
         if os.environ.get("EVOFORGE_TRACEBACK") or (failed is None and not user_error):
@@ -403,6 +425,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
         return 2 if user_error else 1
     return 0
+
+
+def _validation_line(err, args) -> str:
+    """A pydantic error as one line naming the option (or config field) and what it allows."""
+    first = err.errors()[0]
+    field = ".".join(str(part) for part in first["loc"])
+    option = f"--{field.replace('_', '-')}" if first["loc"] and first["loc"][0] in vars(args) else field
+    more = f" ({err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{option}: {first['msg'].rstrip('.')}, not {first.get('input')!r}{more}"
 
 
 def _failed_stage(run: str | None, since: float) -> dict | None:

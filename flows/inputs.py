@@ -8,6 +8,8 @@ functions and never import each other.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -75,8 +77,13 @@ def checkpoint(run: str, round: int, role: str) -> dict | None:
 
 
 # -- config ------------------------------------------------------------------------------------
+def saved_config_path(run: str) -> Path:
+    """Where a run keeps the config it was started with."""
+    return lake().run_dir(run) / "config.yaml"
+
+
 def saved_config(run: str) -> RoundConfig:
-    path = lake().run_dir(run) / "config.yaml"
+    path = saved_config_path(run)
     if not path.exists():
         raise ConfigError(f"run {run!r} has no saved config: start it with a config (--config FILE)")
     return load_config(path)

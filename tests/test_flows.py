@@ -197,3 +197,17 @@ def test_a_stage_that_fails_for_good_is_recorded_and_stops_the_round_with_one_li
     assert [(r["stage"], r["status"]) for r in runs] == [("ingest", "completed"), ("generate", "failed")]
     assert "maximum context length" in next(r["error"] for r in runs if r["status"] == "failed")
     assert lake().read("broken", "rollouts").num_rows == 0  # nothing half-written, and verify never ran
+
+
+@pytest.mark.server
+def test_a_run_started_by_ingest_alone_runs_a_stage_on_the_shipped_default_config(prefect_server, runs_root, scratch,
+                                                                                   write_jsonl, capsys):
+    from evoforge.flows.cli import main
+
+    source = write_jsonl(scratch / "pool.jsonl", [{"question": "What is 1 + 1?", "answer": "2"}])
+    assert main(["ingest", str(source), "--run", "bare"]) == 0
+    capsys.readouterr()
+    assert main(["stage", "verify", "--run", "bare"]) == 2  # nothing generated yet: one clear line, below
+    captured = capsys.readouterr()
+    assert "run 'bare' has no saved config: using the shipped deploy/configs/demo.yaml" in captured.out
+    assert "has no rollouts: run `evoforge stage generate --run bare --round 0` first" in captured.err.splitlines()[-1]

@@ -91,3 +91,31 @@ def test_verify_file_refuses_an_output_folder_that_does_not_exist_before_grading
     assert main(["verify-file", str(source), "--out", str(scratch / "missing" / "out.jsonl")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not exist or is not writable" in err
+
+
+@pytest.mark.parametrize("command", [["status"], ["sql", "SELECT 1"], ["report"]])
+def test_a_run_that_does_not_exist_is_one_line_that_lists_the_runs(runs_root, capsys, command):
+    from evoforge.data.lake import lake
+    from evoforge.flows.cli import main
+
+    lake().ensure_run("alpha")
+    lake().ensure_run("beta")
+    assert main([*command, "--run", "gamma"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "run 'gamma' does not exist" in err and "runs there: alpha, beta" in err
+
+
+@pytest.mark.parametrize("command, option", [
+    (["ingest", "data/sets/gsm8k/test.jsonl", "--run", "r", "--limit", "0"], "--limit"),
+    (["verify-file", "in.jsonl", "--out", "out.jsonl", "--workers", "0"], "--workers"),
+])
+def test_an_option_out_of_range_is_one_line_naming_the_option_and_what_it_allows(runs_root, scratch, capsys,
+                                                                               monkeypatch, command, option):
+    from evoforge.flows.cli import main
+
+    monkeypatch.chdir(scratch)
+    (scratch / "in.jsonl").write_text('{"gold": "1", "pred": "1"}\n')
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {option}: Input should be greater than or equal to 1, not 0")
+
