@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 log = logging.getLogger("evoforge.sandbox")
 NOBODY = 65534
@@ -50,9 +50,18 @@ class SandboxConfig(BaseModel):
     memory_mb: int = Field(512, ge=32, description="address-space limit of the executing process")
     max_processes: int = Field(16, ge=1, description="processes and threads the code may have at once")
     max_file_mb: int = Field(8, ge=1, description="largest file it may write")
+    scratch_mb: int = Field(32, ge=1, description="size of its /scratch and of its /tmp (namespaces: each a tmpfs, "
+                                                  "both counted in memory_mb), emptied before every execution")
     max_output_chars: int = Field(4000, ge=64, description="stdout and stderr are each cut to this")
     workers: int = Field(2, ge=1, description="warm workers: executions that run at once")
     isolation: Literal["auto", "namespaces", "rlimits"] = "auto"
+
+    @model_validator(mode="after")
+    def _room_beside_the_folders(self) -> "SandboxConfig":
+        if self.memory_mb < 2 * self.scratch_mb + 64:
+            raise ValueError(f"sandbox memory_mb ({self.memory_mb}) must leave at least 64 MB beside /scratch and /tmp "
+                             f"(2 x scratch_mb = {2 * self.scratch_mb})")
+        return self
 
 
 @dataclass
@@ -123,6 +132,7 @@ class _Worker:
         request = json.dumps({
             "code": code, "wall": config.wall_seconds, "cpu": config.cpu_seconds, "memory_mb": config.memory_mb,
             "processes": config.max_processes, "file_mb": config.max_file_mb, "output_chars": config.max_output_chars,
+            "scratch_mb": config.scratch_mb,
         }).encode()
         try:
             self.process.stdin.write(struct.pack(">I", len(request)) + request)
@@ -190,14 +200,16 @@ class Sandbox:
     def _bwrap_command(self, scratch: Path, argv: list[str], probe: bool = False) -> list[str]:
         command = [
             _bwrap(), "--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
-            "--symlink", "usr/bin", "/bin", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+            "--symlink", "usr/bin", "/bin", "--proc", "/proc", "--dev", "/dev",
+            # /tmp and /scratch live in memory, of a fixed size: no execution can fill the host's disk
+            "--size", str(self.config.scratch_mb << 20), "--tmpfs", "/tmp",
             "--unshare-all", "--die-with-parent", "--new-session", "--clearenv",
             "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8", "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
         ]
         if not argv[0].startswith("/usr/"):
             command += ["--ro-bind", sys.base_prefix, sys.base_prefix]
         if not probe:
-            command += ["--bind", str(scratch), "/scratch", "--chdir", "/scratch",
+            command += ["--size", str(self.config.scratch_mb << 20), "--tmpfs", "/scratch", "--chdir", "/scratch",
                         "--ro-bind", self._site(), "/site", "--setenv", "EVOFORGE_SANDBOX_SITE", "/site",
                         "--setenv", "EVOFORGE_SANDBOX_NAMESPACED", "1"]
         return command + argv

@@ -2,8 +2,13 @@
 imports nothing from the project). It reads requests from stdin, runs each one in a forked child
 with resource limits in a fresh scratch folder, and writes one result per request to stdout.
 
+Nothing carries over between executions: /scratch (and, in namespaces, /tmp) is emptied before
+each one, and each runs in a folder with a fresh random name, so no file an earlier step planted can
+collide with it. In namespaces both folders are tmpfs mounts of `scratch_mb`, so the child's
+address-space limit is what is left of `memory_mb` beside them.
+
 Protocol: 4-byte big-endian length + JSON, both ways. Request: {"code", "wall", "cpu", "memory_mb",
-"processes", "file_mb", "output_chars"}. Result: {"status", "exit_code", "stdout", "stderr",
+"processes", "file_mb", "output_chars", "scratch_mb"}. Result: {"status", "exit_code", "stdout", "stderr",
 "seconds", "truncated"}; status is ok | error | timeout | memory | killed.
 """
 import json
@@ -14,6 +19,7 @@ import shutil
 import signal
 import struct
 import sys
+import tempfile
 import time
 import traceback
 
@@ -47,12 +53,14 @@ def child(request, run_dir, out_w, err_w):
     # the CPU limit's hard value is a second above the soft one: at the soft limit the kernel sends
     # SIGXCPU (read as a timeout); with both equal it sends SIGKILL, indistinguishable from any other kill
     resource.setrlimit(resource.RLIMIT_CPU, (request["cpu"], request["cpu"] + 1))
-    for limit, value in ((resource.RLIMIT_AS, request["memory_mb"] * mb), (resource.RLIMIT_NPROC, request["processes"]),
+    memory_mb = request["memory_mb"] - (2 * request["scratch_mb"] if NAMESPACED else 0)  # tmpfs pages are memory too
+    for limit, value in ((resource.RLIMIT_AS, memory_mb * mb), (resource.RLIMIT_NPROC, request["processes"]),
                          (resource.RLIMIT_FSIZE, request["file_mb"] * mb), (resource.RLIMIT_NOFILE, 64),
                          (resource.RLIMIT_CORE, 0)):
         resource.setrlimit(limit, (value, value))
     os.environ.clear()
-    os.environ.update({"PATH": "/usr/bin:/bin", "HOME": run_dir, "LANG": "C.UTF-8"})
+    # TMPDIR too: without namespaces /tmp is the host's, so tempfile must not go there
+    os.environ.update({"PATH": "/usr/bin:/bin", "HOME": run_dir, "TMPDIR": run_dir, "LANG": "C.UTF-8"})
     sys.stdout = os.fdopen(1, "w", buffering=1)
     sys.stderr = os.fdopen(2, "w", buffering=1)
     code = 0
@@ -90,9 +98,22 @@ def sweep_namespace():
         time.sleep(0.01)
 
 
+def empty(folder):
+    """Remove everything in `folder` (what an earlier execution left, including its planted files)."""
+    for entry in os.scandir(folder):
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.unlink(entry.path)
+        except OSError:
+            pass
+
+
 def run(request, number):
-    run_dir = os.path.join(SCRATCH, f"run-{number}")
-    os.mkdir(run_dir)
+    for folder in (SCRATCH, "/tmp") if NAMESPACED else (SCRATCH,):
+        empty(folder)
+    run_dir = tempfile.mkdtemp(prefix="run-", dir=SCRATCH)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     started = time.monotonic()
@@ -147,7 +168,8 @@ def run(request, number):
     os.close(out_r)
     os.close(err_r)
     seconds = time.monotonic() - started
-    shutil.rmtree(run_dir, ignore_errors=True)
+    for folder in (SCRATCH, "/tmp") if NAMESPACED else (SCRATCH,):
+        empty(folder)
     stdout = buffers[out_r].decode("utf-8", "replace")
     stderr = buffers[err_r].decode("utf-8", "replace")
     truncated = truncated or len(stdout) > limit or len(stderr) > limit

@@ -90,7 +90,7 @@ def test_writing_outside_the_scratch_folder_fails_and_the_project_is_invisible(b
 def test_the_parent_environment_is_not_visible(box, monkeypatch):
     monkeypatch.setenv("EVOFORGE_SECRET_TOKEN", "hunter2")
     result = box.run("import os\nprint(sorted(os.environ))\nprint('hunter2' in str(os.environ))")
-    assert result.stdout.splitlines() == ["['HOME', 'LANG', 'PATH']", "False"]
+    assert result.stdout.splitlines() == ["['HOME', 'LANG', 'PATH', 'TMPDIR']", "False"]
 
 
 def test_output_is_cut_at_the_configured_size(box):
@@ -108,7 +108,7 @@ def test_resource_limits_alone_still_stop_loops_and_memory_bombs():
         assert weaker.isolation == "rlimits"
         assert weaker.run("while True: pass").status == "timeout"
         assert weaker.run("x = bytearray(2 * 1024**3)").status == "memory"
-        assert weaker.run("import os; print(sorted(os.environ))").stdout.strip() == "['HOME', 'LANG', 'PATH']"
+        assert weaker.run("import os; print(sorted(os.environ))").stdout.strip() == "['HOME', 'LANG', 'PATH', 'TMPDIR']"
 
 
 def test_the_cli_runs_a_file_the_way_the_search_does(scratch, capsys):
@@ -123,3 +123,40 @@ def test_the_cli_runs_a_file_the_way_the_search_does(scratch, capsys):
     with pytest.raises(SystemExit):
         main(["sandbox", "run", str(script), "--wall", "1"])
     assert "[sandbox] timeout" in capsys.readouterr().err
+
+
+def test_nothing_an_execution_plants_or_fills_reaches_the_next_one(box):
+    """A step plants files where later executions will work, fills /tmp and /scratch, and leaves a
+    file behind; the next executions on the same warm workers see none of it and run normally."""
+    plant = ("import os\n"
+             "for n in range(1, 200):\n"
+             "    open(f'/scratch/run-{n}', 'w').close()\n"   # the names an older worker used for its folders
+             "open('/tmp/left-behind', 'w').write('secret')\n"
+             "open('/scratch/left-behind', 'w').write('secret')\n"
+             "print(len(os.listdir('/scratch')))")
+    fill = ("import os\n"
+            "for folder in ('/tmp', '/scratch'):\n"
+            "    written = 0\n"
+            "    try:\n"
+            "        for n in range(100):\n"  # files under max_file_mb, 400 MB asked in all
+            "            with open(f'{folder}/fill-{n}', 'wb') as fh:\n"
+            "                fh.write(b'x' * (4 << 20))\n"
+            "            written += 4\n"
+            "    except OSError as err:\n"
+            "        print(folder, written, err.errno)\n")
+    probe = "import os\nprint(sorted(os.listdir('/tmp')), sorted(p for p in os.listdir('/scratch') if not p.startswith('run-')))"
+    for _ in range(2):  # both warm workers take a turn at each
+        results = box.run_many([plant, fill, probe, probe, "print('fine')", "print('fine')"])
+        assert [r.status for r in results] == ["ok"] * 6, [r.stderr for r in results]
+        assert int(results[0].stdout) >= 200
+        # each folder is full (ENOSPC) before scratch_mb (32 MB by default), far below the 400 MB asked for
+        full = [line.split() for line in results[1].stdout.splitlines()]
+        assert [(folder, errno) for folder, _, errno in full] == [("/tmp", "28"), ("/scratch", "28")]
+        assert all(int(written) <= 32 for _, written, _ in full)
+        assert results[2].stdout.strip() == "[] []" and results[3].stdout.strip() == "[] []"
+        assert results[4].stdout == results[5].stdout == "fine\n"
+
+
+def test_the_folders_sizes_come_out_of_the_memory_budget():
+    with pytest.raises(ValueError, match="must leave at least 64 MB"):
+        SandboxConfig(memory_mb=128, scratch_mb=64)
