@@ -71,3 +71,20 @@ def query(con: duckdb.DuckDBPyConnection, name: str, **parameters) -> list[dict]
     cursor = con.execute(queries[name].read_text(), parameters or None)
     names = [d[0] for d in cursor.description]
     return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+
+class ReadOnlyError(ValueError):
+    pass
+
+
+READ_ONLY_STATEMENTS = ("SELECT", "EXPLAIN")  # DESCRIBE, SHOW, SUMMARIZE and FROM-first queries parse as SELECT
+
+
+def check_read_only(sql: str) -> None:
+    """Refuse any statement that could write (COPY ... TO, ATTACH, CREATE, SET, INSTALL, EXPORT, ...),
+    by DuckDB's own parse of the text, so `evoforge sql` cannot change the lake or the catalog."""
+    for number, statement in enumerate(duckdb.extract_statements(sql), start=1):
+        kind = str(statement.type).rsplit(".", 1)[-1]
+        if kind not in READ_ONLY_STATEMENTS:
+            raise ReadOnlyError(f"statement {number} is {kind}: evoforge sql only reads (SELECT, EXPLAIN); "
+                                "--allow-writes to run it anyway")

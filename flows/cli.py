@@ -144,7 +144,10 @@ def cmd_sql(args) -> None:
     from evoforge.data.lake import lake
 
     con = catalog.connect(lake().existing_run_dir(args.run))
-    cursor = con.execute(catalog.resolve_query(args.query))
+    query = catalog.resolve_query(args.query)
+    if not getattr(args, "allow_writes", False):
+        catalog.check_read_only(query)
+    cursor = con.execute(query)
     names = [d[0] for d in cursor.description]
     rows = cursor.fetchall()
     if args.csv:
@@ -339,6 +342,8 @@ def parser() -> argparse.ArgumentParser:
     sql.add_argument("query")
     sql.add_argument("--run", required=True)
     sql.add_argument("--csv", action="store_true")
+    sql.add_argument("--allow-writes", action="store_true",
+                     help="run statements that write (COPY ... TO, ATTACH, CREATE, ...); by default only reads")
     sql.set_defaults(func=cmd_sql)
 
     status = sub.add_parser("status", help="the stage_runs of a run")

@@ -119,3 +119,28 @@ def test_an_option_out_of_range_is_one_line_naming_the_option_and_what_it_allows
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: {option}: Input should be greater than or equal to 1, not 0")
 
+
+
+@pytest.mark.parametrize("statement", [
+    "COPY (SELECT * FROM problems) TO '{folder}/part-copy.parquet'",
+    "ATTACH '{run_dir}/catalog.duckdb' AS c",
+    "SELECT 1; COPY (SELECT 1) TO '{folder}/x.csv'",
+    "CREATE OR REPLACE VIEW problems AS SELECT 1",
+    "SET enable_external_access = true",
+])
+def test_evoforge_sql_only_reads_unless_asked(runs_root, capsys, statement):
+    from evoforge.data.lake import lake
+    from evoforge.flows.cli import main
+
+    run_dir = lake().ensure_run("r")
+    folder = run_dir / "round=0" / "ingest" / "problems"
+    folder.mkdir(parents=True)
+    sql = statement.format(folder=folder, run_dir=run_dir)
+    assert main(["sql", sql, "--run", "r"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "evoforge sql only reads" in err
+    assert list(folder.iterdir()) == []
+    assert main(["sql", "SELECT count(*) AS n FROM problems", "--run", "r", "--csv"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["n", "0"]
+    if statement.startswith("COPY"):  # opted in, it runs
+        assert main(["sql", sql, "--run", "r", "--allow-writes"]) == 0 and list(folder.iterdir())
