@@ -1,11 +1,13 @@
 """One stage at a time per run: an exclusive lock file in the run folder.
 
 `flock` is released by the kernel when its holder dies (SIGKILL included), so a crashed run never
-leaves a stale lock. The lock is re-entrant within a process: a round holds it and its stages take
-it again. Two different runs have different folders and never wait for each other.
+leaves a stale lock. The lock is re-entrant for the thread that holds it (a round holds it and its
+stages take it again); another thread of the same process is refused like another process. Two
+different runs have different folders and never wait for each other.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -20,42 +22,59 @@ class RunBusy(RuntimeError):
     pass
 
 
-_held: dict[Path, int] = {}
+class LockUnavailable(RuntimeError):
+    """The file system under the runs cannot lock (NFS mounted `nolock`: ENOLCK)."""
+
+
+_held: dict[Path, list] = {}  # lock path -> [owning thread, depth]
 _guard = threading.Lock()
 _files: dict[Path, int] = {}
 
 
 @contextmanager
 def run_lock(run_dir: Path, what: str):
-    """Hold the run's lock while doing `what` (e.g. "round 1 / generate"); RunBusy if another process has it."""
+    """Hold the run's lock while doing `what` (e.g. "round 1 / generate"); RunBusy if another process,
+    or another thread of this one, has it. Re-entrant for the thread that holds it (a round's stages)."""
     path = (Path(run_dir) / ".lock").resolve()
+    me = threading.get_ident()
     with _guard:
-        if path in _held:
-            _held[path] += 1
-            reentered = True
-        else:
-            reentered = False
-    if not reentered:
+        holder = _held.get(path)
+        if holder is not None and holder[0] != me:
+            raise RunBusy(f"run {path.parent.name!r} is busy: another thread of this process (pid {os.getpid()}) "
+                          f"holds its lock; wait for it to finish (lock: {path})")
+        if holder is not None:
+            holder[1] += 1
+    if holder is None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _describe(os.read(fd, 4096))
+            holder_text = _describe(os.read(fd, 4096))
             os.close(fd)
-            raise RunBusy(f"run {path.parent.name!r} is busy: {holder}; wait for it to finish or stop that process "
+            raise RunBusy(f"run {path.parent.name!r} is busy: {holder_text}; wait for it to finish or stop that process "
                           f"(lock: {path})") from None
+        except OSError as err:
+            os.close(fd)
+            if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise LockUnavailable(f"cannot lock run {path.parent.name!r}: the file system under {path.parent.parent} "
+                                      f"does not support locks ({errno.errorcode[err.errno]}, e.g. NFS mounted nolock); "
+                                      "put the runs on a disk that does (EVOFORGE_RUNS)") from None
+            raise
+        with _guard:
+            if path in _held:  # another thread of ours took it between the check and the flock
+                os.close(fd)
+                raise RunBusy(f"run {path.parent.name!r} is busy: another thread of this process holds its lock")
+            _held[path], _files[path] = [me, 1], fd
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "what": what,
                                   "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}).encode(), 0)
-        with _guard:
-            _held[path], _files[path] = 1, fd
     try:
         yield
     finally:
         with _guard:
-            _held[path] -= 1
-            release = _held[path] == 0
+            _held[path][1] -= 1
+            release = _held[path][1] == 0
             if release:
                 del _held[path]
                 fd = _files.pop(path)

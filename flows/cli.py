@@ -21,13 +21,13 @@ home.configure()  # before Prefect, vLLM, torch or HF are imported anywhere
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from evoforge.data.lake import LakeError
-    from evoforge.data.runlock import RunBusy
+    from evoforge.data.runlock import LockUnavailable, RunBusy
     from evoforge.flows.config import ConfigError
     from evoforge.flows.inputs import MissingInput
     from evoforge.models.registry import ModelError
     from evoforge.tasks.ingest import IngestError
 
-    return (IngestError, LakeError, ConfigError, MissingInput, ModelError, FileNotFoundError, RunBusy)
+    return (IngestError, LakeError, ConfigError, MissingInput, ModelError, FileNotFoundError, RunBusy, LockUnavailable)
 
 
 def cmd_ingest(args) -> None:

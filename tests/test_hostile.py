@@ -144,3 +144,46 @@ def test_evoforge_sql_only_reads_unless_asked(runs_root, capsys, statement):
     assert capsys.readouterr().out.splitlines() == ["n", "0"]
     if statement.startswith("COPY"):  # opted in, it runs
         assert main(["sql", sql, "--run", "r", "--allow-writes"]) == 0 and list(folder.iterdir())
+
+
+def test_a_second_thread_of_the_same_process_is_refused_the_run_lock(scratch):
+    import threading
+
+    from evoforge.data.runlock import RunBusy, run_lock
+
+    holding, release, refused = threading.Event(), threading.Event(), []
+
+    def hold():
+        with run_lock(scratch / "r", "round 0 / generate"):
+            with run_lock(scratch / "r", "round 0 / generate"):  # re-entrant for its own thread
+                holding.set()
+                release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(10)
+    try:
+        with run_lock(scratch / "r", "round 0 / verify"):
+            pass
+    except RunBusy as err:
+        refused.append(str(err))
+    release.set()
+    holder.join(10)
+    assert refused and "another thread of this process" in refused[0]
+    with run_lock(scratch / "r", "round 0 / verify"):  # released: free again
+        pass
+
+
+def test_a_file_system_without_locks_is_one_clear_line(scratch, monkeypatch):
+    import errno
+    import fcntl
+
+    from evoforge.data.runlock import LockUnavailable, run_lock
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(LockUnavailable, match="does not support locks \\(ENOLCK, e.g. NFS mounted nolock\\)"):
+        with run_lock(scratch / "r", "round 0 / generate"):
+            pass
