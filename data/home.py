@@ -44,6 +44,8 @@ def environment_defaults(root: Path) -> dict[str, str]:
         # the temporary server migrates a fresh database in ~22 s on 2 cores; Prefect's default is 20 s
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
         "PREFECT_LOGGING_LEVEL": "INFO",
+        # Prefect's logging with evoforge's terminal filter (what the terminal shows: tasks/progress.py)
+        "PREFECT_LOGGING_SETTINGS_PATH": str(PROJECT_ROOT / "deploy" / "logging.yml"),
         "VLLM_CACHE_ROOT": str(cache / "vllm"),
         "VLLM_CONFIG_ROOT": str(cache / "vllm-config"),
         "VLLM_RPC_BASE_PATH": str(tmp),

@@ -64,11 +64,13 @@ def _command_config(args):
     """--config if given; else None when the run has a saved config (the flows read it); else the
     command's shipped default, said in one line."""
     from evoforge.data.home import PROJECT_ROOT
+    from evoforge.data.lake import lake
     from evoforge.flows.config import load_config
     from evoforge.flows.inputs import saved_config_path
 
     if args.config:
         return load_config(args.config)
+    lake().existing_run_dir(args.run)  # with no config, a misspelt run must not start a new one
     if saved_config_path(args.run).exists():
         return None
     path = PROJECT_ROOT / "deploy" / "configs" / SHIPPED_DEFAULT_CONFIGS[args.command]
@@ -401,13 +403,48 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+RUN_COMMANDS = ("demo", "ingest", "round", "stage", "evolve")  # commands that run stages, and keep a log file
+
+
+@contextmanager
+def _run_log(args):
+    """The whole log of a command that runs stages (Prefect's engine, libraries, evoforge) in
+    runs/<run>/logs/; the terminal shows only evoforge's lines (tasks/progress.py TerminalFilter)."""
+    import logging
+
+    from evoforge.data.lake import LakeError, lake
+
+    if args.command not in RUN_COMMANDS:
+        yield None
+        return
+    try:
+        folder = lake().run_dir(args.run) / "logs"
+    except LakeError:  # a bad run name: the command itself says so
+        yield None
+        return
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()  # Prefect's first: it leaves the root logger alone once it has a handler of someone else's
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{args.command}-{os.getpid()}.log"
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s"))
+    logging.getLogger().addHandler(handler)
+    try:
+        yield path
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     started = time.time()
     if args.command not in ("ui", "serve", "verify-file", "sql", "status", "report", "sandbox"):
         _use_running_server()
+    log_path = None
     try:
-        with _sigterm_as_interrupt():
+        with _sigterm_as_interrupt(), _run_log(args) as log_path:
             args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -423,11 +460,12 @@ def main(argv: list[str] | None = None) -> int:
         failed = _failed_stage(getattr(args, "run", None), started)
         if os.environ.get("EVOFORGE_TRACEBACK") or (failed is None and not user_error):
             raise
-        if failed is not None:  # the stage's traceback is in the log above; the round stops with one line
+        log = f" (log: {log_path})" if log_path is not None else ""
+        if failed is not None:  # the stage's traceback is in the log file; the round stops with one line
             print(f"error: {failed['stage']} (run {failed['run']}, round {failed['round']}) failed: {failed['error']} "
-                  f"(evoforge status --run {failed['run']}; EVOFORGE_TRACEBACK=1 to raise)", file=sys.stderr)
+                  f"(evoforge status --run {failed['run']}; EVOFORGE_TRACEBACK=1 to raise){log}", file=sys.stderr)
         else:
-            print(f"error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+            print(f"error: {str(err).strip().splitlines()[0]}{log}", file=sys.stderr)
         return 2 if user_error else 1
     return 0
 

@@ -6,8 +6,13 @@ Inside a Prefect flow or task run the lines go to its logger, so the UI shows th
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
+from pathlib import Path
+
+# evoforge's own code: a record logged from these folders is evoforge's, whatever logger carries it
+_OWN_CODE = tuple(str(Path(__file__).resolve().parent.parent / folder) + os.sep for folder in ("data", "flows", "models", "tasks"))
 
 
 def flow_run_logger() -> logging.Logger | logging.LoggerAdapter:
@@ -17,6 +22,24 @@ def flow_run_logger() -> logging.Logger | logging.LoggerAdapter:
         return get_run_logger()
     except Exception:  # no active Prefect flow or task run: a plain `task.fn(...)` call, a benchmark
         return logging.getLogger("evoforge")
+
+
+class TerminalFilter(logging.Filter):
+    """What the terminal shows of the log (deploy/logging.yml puts this on Prefect's console handler):
+    evoforge's own lines, progress and stage summaries, whichever logger carries them (inside a flow run
+    Prefect's run logger, so the UI has them too), and errors of other libraries; not Prefect's engine
+    chatter (server start, flow run begun and finished, the traceback of a failed stage: the command
+    says that in one line) nor libraries' info and warnings. All of it still reaches the Prefect API
+    and the command's log file. EVOFORGE_TRACEBACK=1 shows everything."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if os.environ.get("EVOFORGE_TRACEBACK") or record.name.startswith("evoforge"):
+            return True
+        if record.pathname.startswith(_OWN_CODE):
+            return True
+        if record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
+            return False
+        return record.levelno >= logging.ERROR
 
 
 class Progress:

@@ -47,4 +47,4 @@ stages: [generate, verify, filter]
     assert main(["status", "--run", "e2e"]) == 0
     assert "completed" in capsys.readouterr().out
     assert main(["stage", "verify", "--run", "nosuchrun", "--round", "0"]) == 2
-    assert capsys.readouterr().err.startswith("error: run 'nosuchrun' has no saved config")
+    assert capsys.readouterr().err.startswith("error: run 'nosuchrun' does not exist")

@@ -202,12 +202,23 @@ def test_a_stage_that_fails_for_good_is_recorded_and_stops_the_round_with_one_li
 @pytest.mark.server
 def test_a_run_started_by_ingest_alone_runs_a_stage_on_the_shipped_default_config(prefect_server, runs_root, scratch,
                                                                                    write_jsonl, capsys):
+    """...and a user error inside the stage's flow is exactly one line on the terminal, the whole log
+    (Prefect's traceback included) in the run's log file."""
+    import os
+    import subprocess
+    import sys
+
     from evoforge.flows.cli import main
 
     source = write_jsonl(scratch / "pool.jsonl", [{"question": "What is 1 + 1?", "answer": "2"}])
     assert main(["ingest", str(source), "--run", "bare"]) == 0
-    capsys.readouterr()
-    assert main(["stage", "verify", "--run", "bare"]) == 2  # nothing generated yet: one clear line, below
-    captured = capsys.readouterr()
-    assert "run 'bare' has no saved config: using the shipped deploy/configs/demo.yaml" in captured.out
-    assert "has no rollouts: run `evoforge stage generate --run bare --round 0` first" in captured.err.splitlines()[-1]
+    # a fresh process, as a user runs it (its own temporary Prefect server, its own terminal)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    done = subprocess.run([sys.executable, "-m", "evoforge", "stage", "verify", "--run", "bare"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "run 'bare' has no saved config: using the shipped deploy/configs/demo.yaml" in done.stdout
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("error: run 'bare' round 0 has no rollouts: run `evoforge stage generate --run bare --round 0` first")
+    log = line.rsplit("(log: ", 1)[1].rstrip(")")
+    assert "Traceback" in open(log).read() and "MissingInput" in open(log).read()
