@@ -418,10 +418,15 @@ def _run_log(args):
         yield None
         return
     try:
-        folder = lake().run_dir(args.run) / "logs"
+        run_dir = lake().run_dir(args.run)
     except LakeError:  # a bad run name: the command itself says so
         yield None
         return
+    starts_run = args.command in ("demo", "ingest") or getattr(args, "config", None)
+    if not run_dir.is_dir() and not starts_run:  # no folder for a misspelt run: the command says it does not exist
+        yield None
+        return
+    folder = run_dir / "logs"
     from prefect.logging.configuration import setup_logging
 
     setup_logging()  # Prefect's first: it leaves the root logger alone once it has a handler of someone else's

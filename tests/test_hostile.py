@@ -187,3 +187,14 @@ def test_a_file_system_without_locks_is_one_clear_line(scratch, monkeypatch):
     with pytest.raises(LockUnavailable, match="does not support locks \\(ENOLCK, e.g. NFS mounted nolock\\)"):
         with run_lock(scratch / "r", "round 0 / generate"):
             pass
+
+
+def test_a_stage_of_a_run_that_does_not_exist_is_one_line_and_creates_nothing(runs_root, capsys):
+    from evoforge.data.lake import lake
+    from evoforge.flows.cli import main
+
+    lake().ensure_run("alpha")
+    assert main(["stage", "verify", "--run", "nosuchrun"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "run 'nosuchrun' does not exist" in err and "runs there: alpha" in err
+    assert not (runs_root / "nosuchrun").exists()

@@ -1,7 +1,6 @@
 """The lake: atomic writes, crash safety, views that match the Arrow schemas, a catalog that never locks."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
