@@ -55,8 +55,18 @@ def normalize_answer(answer: str) -> str:
 _EXTRACTION = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
 
 
+# a number in E notation, the whole answer: math-verify reads `2e3` as 2 * e * 3 (Euler's e)
+_E_NOTATION = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+))[eE]([-+]?\d+)\s*$")
+
+
+def _e_notation_as_latex(content: str) -> str:
+    """`6.02e23` -> `6.02\\times10^{23}`, the number it is; anything else unchanged."""
+    match = _E_NOTATION.match(content)
+    return f"{match.group(1)}\\times10^{{{int(match.group(2))}}}" if match else content
+
+
 def _parse_boxed(content: str) -> list:
-    return parse("\\boxed{" + content + "}", extraction_config=_EXTRACTION, parsing_timeout=None)
+    return parse("\\boxed{" + _e_notation_as_latex(content) + "}", extraction_config=_EXTRACTION, parsing_timeout=None)
 
 
 @lru_cache(maxsize=4096)

@@ -198,3 +198,18 @@ def test_a_stage_of_a_run_that_does_not_exist_is_one_line_and_creates_nothing(ru
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "run 'nosuchrun' does not exist" in err and "runs there: alpha" in err
     assert not (runs_root / "nosuchrun").exists()
+
+
+@pytest.mark.parametrize("gold, response, verdict", [
+    ("2e3", "so \\boxed{2000}", "correct"),
+    ("2000", "so \\boxed{2e3}", "correct"),
+    ("6.02e23", "\\boxed{6.02\\times10^{23}}", "correct"),
+    ("6.02\\times 10^{23}", "\\boxed{6.02e23}", "correct"),
+    ("-3E-2", "\\boxed{-0.03}", "correct"),
+    ("2e3", "\\boxed{2001}", "wrong"),
+    ("2e", "\\boxed{2e}", "correct"),  # a product with Euler's e, not E notation: left as it is
+])
+def test_scientific_notation_is_graded_as_the_number_it_is(gold, response, verdict):
+    from evoforge.tasks.grading import grade
+
+    assert grade(gold, response)[0] == verdict
