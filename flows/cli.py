@@ -248,11 +248,11 @@ def cmd_sandbox(args) -> None:
 
 
 def cmd_ui(args) -> None:
-    from evoforge.flows.serve import api_url, server_healthy, start_server
+    from evoforge.flows.serve import api_url, project_server_url, start_server
 
     url = api_url(args.host, args.port)
-    if server_healthy(url):
-        print(f"a Prefect server already answers: UI {url.removesuffix('/api')}")
+    if project_server_url() == url:
+        print(f"this project's Prefect server already answers: UI {url.removesuffix('/api')}")
         return
     server = start_server(args.host, args.port)
     try:
@@ -277,13 +277,15 @@ def cmd_serve(args) -> None:
 
 
 def _use_running_server() -> None:
-    """When `evoforge ui` is up and no API is set, flow runs go to it, so the UI shows the CLI's too."""
+    """When this project's `evoforge ui` is up and no API is set, flow runs go to it, so the UI shows
+    the CLI's too. Whatever else answers on its port (another project's server) is not used."""
     if os.environ.get("PREFECT_API_URL"):
         return
-    from evoforge.flows.serve import api_url, server_healthy
+    from evoforge.flows.serve import project_server_url
 
-    if server_healthy(api_url(), timeout=0.5):
-        os.environ["PREFECT_API_URL"] = api_url()
+    url = project_server_url()
+    if url is not None:
+        os.environ["PREFECT_API_URL"] = url
 
 
 def parser() -> argparse.ArgumentParser:

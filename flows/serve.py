@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -31,12 +32,32 @@ def server_healthy(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
-def start_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_path: Path | None = None,
-                 wait_seconds: float = 120.0) -> subprocess.Popen:
-    """`prefect server start` in a child process; returns once /api/health answers."""
+def _prefect_home() -> Path:
     from evoforge.data import home
 
-    log_path = log_path or Path(os.environ.get("PREFECT_HOME", home.home() / ".prefect")) / "server.log"
+    return Path(os.environ.get("PREFECT_HOME", home.home() / ".prefect"))
+
+
+def project_server_url() -> str | None:
+    """The API of the server `evoforge ui` (or `serve`) started for this project's Prefect home, if it
+    answers. A server some other project or user left on the port is never taken for it."""
+    try:
+        url = json.loads((_prefect_home() / "server.json").read_text())["url"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return url if server_healthy(url, timeout=0.5) else None
+
+
+def start_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_path: Path | None = None,
+                 wait_seconds: float = 120.0) -> subprocess.Popen:
+    """`prefect server start` in a child process; returns once /api/health answers. It is recorded in
+    the project's Prefect home (server.json), so this project's commands find it and no other server."""
+    from evoforge.data import atomic
+
+    url = api_url(host, port)
+    if server_healthy(url, timeout=0.5):
+        raise RuntimeError(f"another Prefect server already answers on {url}; choose another port (--port)")
+    log_path = log_path or _prefect_home() / "server.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PREFECT_UI_API_URL": api_url(host, port)}
     env.pop("PREFECT_API_URL", None)  # the server itself must not look for another API
@@ -48,7 +69,8 @@ def start_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_path: P
     deadline = time.monotonic() + wait_seconds
     try:
         while time.monotonic() < deadline:
-            if server_healthy(api_url(host, port)):
+            if server_healthy(url):
+                atomic.write_text(_prefect_home() / "server.json", json.dumps({"url": url, "pid": process.pid}))
                 return process
             if process.poll() is not None:
                 raise RuntimeError(f"the Prefect server exited with status {process.returncode}; see {log_path}")
@@ -70,6 +92,12 @@ def stop_server(process: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+    marker = _prefect_home() / "server.json"
+    try:
+        if json.loads(marker.read_text()).get("pid") == process.pid:  # the record of this server, not another's
+            marker.unlink()
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def deployments(run: str, config_file: str | Path, cron: str | None = None) -> list:
@@ -103,13 +131,14 @@ def serve(run: str, config_file: str | Path, cron: str | None = None, limit: int
     """Serve the deployments until interrupted; starts a local server first when none answers."""
     from evoforge.data import home
 
-    url = os.environ.get("PREFECT_API_URL") or api_url()
+    url = os.environ.get("PREFECT_API_URL") or project_server_url()
     server = None
-    if not server_healthy(url):
-        if os.environ.get("PREFECT_API_URL"):
-            raise RuntimeError(f"PREFECT_API_URL={url} does not answer; start that server or unset the variable")
-        print(f"starting the Prefect server on {url} (log: {home.home() / '.prefect' / 'server.log'})", flush=True)
+    if url is None:
+        url = api_url()
+        print(f"starting the Prefect server on {url} (log: {_prefect_home() / 'server.log'})", flush=True)
         server = start_server()
+    elif not server_healthy(url):
+        raise RuntimeError(f"PREFECT_API_URL={url} does not answer; start that server or unset the variable")
     os.environ["PREFECT_API_URL"] = url  # for the flow-run processes the runner starts
     os.chdir(home.PROJECT_ROOT)  # they import the flows from the project
     try:

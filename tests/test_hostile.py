@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import os
 
 import pytest
 
@@ -213,3 +214,48 @@ def test_scientific_notation_is_graded_as_the_number_it_is(gold, response, verdi
     from evoforge.tasks.grading import grade
 
     assert grade(gold, response)[0] == verdict
+
+
+def _health_server(port: int):
+    """A stand-in for someone else's Prefect server: answers /api/health and nothing else."""
+    import http.server
+    import threading
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/api/health" else 404)
+            self.end_headers()
+            self.wfile.write(b"true")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_commands_use_this_projects_server_or_the_users_url_never_whatever_answers(scratch, monkeypatch):
+    import socket
+
+    from evoforge.flows import cli
+    from evoforge.flows.serve import api_url, project_server_url
+
+    monkeypatch.setenv("PREFECT_HOME", str(scratch / "prefect"))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", 4200)) == 0:
+            pytest.skip("a server already listens on 4200 here")
+    foreign = _health_server(4200)  # another project's server on the default port
+    try:
+        cli._use_running_server()
+        assert "PREFECT_API_URL" not in os.environ and project_server_url() is None
+        # the server this project's `evoforge ui` recorded is used
+        (scratch / "prefect").mkdir()
+        (scratch / "prefect" / "server.json").write_text('{"url": "%s", "pid": 1}' % api_url(port=4200))
+        cli._use_running_server()
+        assert os.environ["PREFECT_API_URL"] == api_url(port=4200)
+    finally:
+        foreign.shutdown()
+        monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert project_server_url() is None  # recorded, but gone: not used
