@@ -52,8 +52,8 @@ def round_flow(run: str, config: RoundConfig | None = None, round: int | None = 
                config_file: str | None = None) -> list[StageResult]:
     """One round of `run`. Config: `config`, else `config_file`, else the run's saved one.
     Round: `round`, else the run's next unfinished one. The engine loads round - 1's checkpoint."""
-    config = run_config(run, config, config_file)
     with run_guard(run, "round"):
+        config = run_config(run, config, config_file)  # saved into the run under its lock
         if round is None:
             round = next_round(run, config)
             _rename_flow_run(f"{run}/round-{round}")
@@ -64,8 +64,8 @@ def round_flow(run: str, config: RoundConfig | None = None, round: int | None = 
             results += run_stage("ingest", run, round, config, force)
         for name in config.stages:
             results += run_stage(name, run, round, config, force)
-    if any(name in config.stages for name in ("filter", "evaluate")):
-        publish_round_report(run, round, lake().run_dir(run))
+        if any(name in config.stages for name in ("filter", "evaluate")):  # its plot is a file of the run
+            publish_round_report(run, round, lake().run_dir(run))
     return results
 
 
@@ -73,10 +73,11 @@ def round_flow(run: str, config: RoundConfig | None = None, round: int | None = 
 def evolve_flow(run: str, rounds: int, config: RoundConfig | None = None, force: bool = False,
                 config_file: str | None = None) -> list[StageResult]:
     """Rounds 0 .. rounds - 1 of `run`, each on the previous round's checkpoint and grown pool."""
-    config = run_config(run, config, config_file)
     results: list[StageResult] = []
-    for round in range(rounds):
-        results += round_flow(run, config, round=round, force=force)
+    with run_guard(run, "evolve"):
+        config = run_config(run, config, config_file)
+        for round in range(rounds):
+            results += round_flow(run, config, round=round, force=force)
     return results
 
 

@@ -70,10 +70,15 @@ def mark_interrupted(store: Lake, run: str) -> list[dict]:
 
 @contextmanager
 def run_guard(run: str, what: str):
-    """The run's lock, plus closing the attempts a crash left open; a round holds it around its stages."""
+    """The run's lock, plus cleaning up after writers that died: their temporary files are swept (no
+    writer of this run is alive but us while we hold the lock) and the attempts they left open are
+    closed. A round holds it around its stages."""
     store = lake()
-    store.ensure_run(run)
     with run_lock(store.run_dir(run), what):
+        swept = store.sweep(run)
+        if swept:
+            flow_run_logger().warning(f"run {run}: removed {swept} temporary file(s) that writers which died left behind")
+        store.ensure_run(run)
         for attempt in mark_interrupted(store, run):
             flow_run_logger().warning(f"{attempt['stage']} (run {run}, round {attempt['round']}): an earlier attempt "
                                  f"started {attempt['started_at']:%Y-%m-%d %H:%M:%S} was interrupted")

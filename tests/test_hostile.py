@@ -259,3 +259,26 @@ def test_commands_use_this_projects_server_or_the_users_url_never_whatever_answe
         foreign.shutdown()
         monkeypatch.delenv("PREFECT_API_URL", raising=False)
     assert project_server_url() is None  # recorded, but gone: not used
+
+
+def test_leftovers_of_dead_writers_are_swept_when_a_stage_starts(runs_root):
+    """Temporary files a killed writer left (no writer of the run lives but the lock holder) go at the
+    next stage start; the published data stays."""
+    import pyarrow as pa
+
+    from evoforge.data import schemas
+    from evoforge.data.lake import lake
+    from evoforge.flows.stage_runner import run_guard
+
+    store = lake()
+    store.publish_stage("r", 0, "ingest", {"problems": pa.Table.from_pylist(
+        [dict(problem_id="p", question="q", answer="1", origin="seed")], schema=schemas.PROBLEMS)})
+    folder = store.stage_dir("r", 0, "ingest") / "problems"
+    debris = [folder / f".part-00000.parquet.tmp-{'a' * 32}", store.run_dir("r") / f".config.yaml.tmp-{'b' * 32}",
+              store.run_dir("r") / "round=0" / f".generate.tmp-{'c' * 32}"]
+    for path in debris[:2]:
+        path.write_bytes(b"half a file")
+    (debris[2] / "rollouts").mkdir(parents=True)  # a whole stage output that was never committed
+    with run_guard("r", "round 0 / generate"):
+        assert not any(path.exists() for path in debris)
+    assert store.read("r", "problems")["problem_id"].to_pylist() == ["p"]
