@@ -257,6 +257,7 @@ def test_commands_use_this_projects_server_or_the_users_url_never_whatever_answe
         assert os.environ["PREFECT_API_URL"] == api_url(port=4200)
     finally:
         foreign.shutdown()
+        foreign.server_close()  # free port 4200 at once
         monkeypatch.delenv("PREFECT_API_URL", raising=False)
     assert project_server_url() is None  # recorded, but gone: not used
 

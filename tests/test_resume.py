@@ -37,11 +37,13 @@ def test_a_round_killed_mid_generate_resumes_without_redoing_or_losing_rows(writ
     command = [sys.executable, "-m", "evoforge", "round", "--run", "crash", "--config", str(config), "--round", "0"]
     chunk_dir = runs / "crash" / "_chunks" / "round=0" / "generate"
 
-    first = subprocess.Popen(command, cwd=home.PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
+    output = scratch / "first.log"
+    with open(output, "wb") as log:
+        first = subprocess.Popen(command, cwd=home.PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
     deadline = time.monotonic() + 300
     while len(list(chunk_dir.glob("*/*.parquet"))) < 3:
-        assert first.poll() is None, "the round ended before it could be killed"
+        assert first.poll() is None, f"the round ended before it could be killed:\n{output.read_text()[-3000:]}"
         assert time.monotonic() < deadline, "no generate chunks appeared"
         time.sleep(0.05)
     os.killpg(first.pid, signal.SIGKILL)
