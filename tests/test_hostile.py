@@ -258,7 +258,8 @@ def test_commands_use_this_projects_server_or_the_users_url_never_whatever_answe
     finally:
         foreign.shutdown()
         foreign.server_close()  # free port 4200 at once
-        monkeypatch.delenv("PREFECT_API_URL", raising=False)
+        # set by _use_running_server itself, not by monkeypatch: undone here, or it would outlive the test
+        os.environ.pop("PREFECT_API_URL", None)
     assert project_server_url() is None  # recorded, but gone: not used
 
 
