@@ -17,6 +17,10 @@ from evoforge.data.lake import lake
 from evoforge.flows.config import ConfigError, RoundConfig, load_config, resolve_path, save_config
 
 
+# the stage_runs statuses of an execution whose output is in place
+FINISHED = ("completed", "skipped")
+
+
 class MissingInput(RuntimeError):
     """A stage's input is not in the lake yet (the stage that writes it has not run)."""
 
@@ -31,7 +35,7 @@ def stage_output(run: str, round: int, table: str, made_by: str) -> pa.Table:
 def stage_finished(run: str, round: int, stage: str) -> bool:
     """Whether `stage` of `round` has completed (or was skipped as unchanged) at least once."""
     events = lake().read(run, "stage_runs")
-    return any(e["round"] == round and e["stage"] == stage and e["status"] in ("completed", "skipped")
+    return any(e["round"] == round and e["stage"] == stage and e["status"] in FINISHED
                for e in events.select(["round", "stage", "status"]).to_pylist())
 
 
@@ -119,5 +123,5 @@ def next_round(run: str, config: RoundConfig) -> int:
     interrupted one, or starts the one after the last finished."""
     events = lake().read(run, "stage_runs").to_pylist()
     last = config.stages[-1] if config.stages else "ingest"
-    done = [e["round"] for e in events if e["stage"] == last and e["status"] in ("completed", "skipped")]
+    done = [e["round"] for e in events if e["stage"] == last and e["status"] in FINISHED]
     return max(done) + 1 if done else 0

@@ -19,6 +19,7 @@ from evoforge.data.ids import fingerprint_files, stable_hash
 from evoforge.data.lake import Lake, lake
 from evoforge.data.runlock import run_lock
 from evoforge.flows.artifacts import publish_stage_artifacts
+from evoforge.flows.inputs import FINISHED
 from evoforge.flows.stages import STAGES
 from evoforge.tasks.progress import flow_run_logger
 
@@ -131,7 +132,7 @@ def _execute_locked(store: Lake, run, round, stage, config_hash, model_id, input
     previous = [
         r
         for r in store.read(run, "stage_runs").to_pylist()
-        if r["round"] == round and r["stage"] == stage and r["status"] in ("completed", "skipped")
+        if r["round"] == round and r["stage"] == stage and r["status"] in FINISHED
         and r["config_hash"] == config_hash and r["model_id"] == model_id
         and r["input_fingerprint"] == input_fingerprint
     ]
