@@ -1,47 +1,66 @@
 """DuckDB over the lake: the views of `sql/views/` and the per-run catalog file.
 
-Queries never block a running stage: `connect()` is an in-memory connection over the Parquet files.
+Queries never block a running stage: `connect()` is an in-memory connection over the Parquet parts
+the run's manifests list (data/manifest.py) at that moment.
 `refresh_catalog()` builds `runs/<run>/catalog.duckdb` in a temporary file and renames it into place,
 so the writer is short-lived and never waits on (or locks out) someone who has the old catalog open.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Callable
 
 import duckdb
 
 from evoforge.data.atomic import atomic_path
+from evoforge.data.lake import Lake
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 
 
-def view_statements(run_dir: Path) -> list[tuple[str, str]]:
-    run_dir = Path(run_dir).resolve()
-    return [
-        (path.stem, path.read_text().replace("${run_dir}", str(run_dir).replace("'", "''")))
-        for path in sorted((SQL_DIR / "views").glob("*.sql"))
-    ]
+def _list_literal(paths: list[Path]) -> str:
+    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
+
+
+def view_statements(files: dict[str, list[Path]]) -> list[tuple[str, str]]:
+    """The views of `sql/views/`, each over exactly the files given for its table (`${parts:<table>}`)."""
+    statements = []
+    for path in sorted((SQL_DIR / "views").glob("*.sql")):
+        text = path.read_text()
+        for table in set(re.findall(r"\$\{parts:(\w+)\}", text)):
+            text = text.replace(f"${{parts:{table}}}", _list_literal(files[table]))
+        statements.append((path.stem, text))
+    return statements
 
 
 def named_queries() -> dict[str, Path]:
     return {path.stem: path for path in sorted((SQL_DIR / "queries").glob("*.sql"))}
 
 
-def create_views(con: duckdb.DuckDBPyConnection, run_dir: Path) -> None:
-    for name, statement in view_statements(run_dir):
+def create_views(con: duckdb.DuckDBPyConnection, run_dir: Path, report: Callable[[str], None] | None = None) -> None:
+    """Views over the parts the run's manifests list; damaged parts are left out, each named in one
+    line to `report` (a query over the rest of the run still answers)."""
+    run_dir = Path(run_dir).resolve()
+    health = Lake(run_dir.parent).inspect(run_dir.name)
+    if report is not None:
+        for damage in health.damaged:
+            report(damage.line())
+    for name, statement in view_statements(health.files):
         try:
             con.execute(statement)
         except duckdb.Error as err:
             raise RuntimeError(f"sql/views/{name}.sql: {err}") from err
 
 
-def connect(run_dir: Path) -> duckdb.DuckDBPyConnection:
+def connect(run_dir: Path, report: Callable[[str], None] | None = None) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect(":memory:")
-    create_views(con, run_dir)
+    create_views(con, run_dir, report)
     return con
 
 
 def refresh_catalog(run_dir: Path) -> Path:
+    """`catalog.duckdb`: the views over the parts committed now, for a data engineer's own session."""
     target = Path(run_dir) / "catalog.duckdb"
     with atomic_path(target) as tmp:
         try:

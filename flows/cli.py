@@ -145,7 +145,8 @@ def cmd_sql(args) -> None:
     from evoforge.data import catalog
     from evoforge.data.lake import lake
 
-    con = catalog.connect(lake().existing_run_dir(args.run))
+    # a damaged part is left out of the views and named on stderr; the rest of the run still answers
+    con = catalog.connect(lake().existing_run_dir(args.run), report=lambda line: print(line, file=sys.stderr))
     query = catalog.resolve_query(args.query)
     if not getattr(args, "allow_writes", False):
         catalog.check_read_only(query)
@@ -168,9 +169,50 @@ def cmd_sql(args) -> None:
 
 
 def cmd_status(args) -> None:
+    from evoforge.data.lake import lake
+
     args.query = "status"
     args.csv = False
     cmd_sql(args)
+    health = lake().inspect(args.run)
+    for path in health.unnamed:
+        print(f"not data: {path} (no manifest lists it; evoforge ignores it)", file=sys.stderr)
+    if health.leftovers:
+        print(f"{len(health.leftovers)} uncommitted file(s) of a writer at work or one that died "
+              "(swept when the next stage starts)", file=sys.stderr)
+
+
+def cmd_doctor(args) -> int:
+    """Check every committed part against its manifest, checksums included; --repair moves damaged
+    files aside and uncommits what they belonged to, so the next round recomputes it."""
+    from evoforge.data.lake import lake
+    from evoforge.data.runlock import run_lock
+
+    store = lake()
+    run_dir = store.existing_run_dir(args.run)
+    health = store.inspect(args.run, checksum=True)
+    parts = sum(len(files) for files in health.files.values())
+    for damage in health.damaged:
+        print(damage.line())
+    for path in health.unnamed:
+        print(f"not data: {path} (no manifest lists it; evoforge ignores it)")
+    print(f"run {args.run}: {parts} file(s) match their manifests, {len(health.damaged)} damaged, "
+          f"{len(health.unnamed)} not data, {len(health.leftovers)} uncommitted leftover(s)")
+    if not args.repair:
+        if health.damaged:
+            print(f"evoforge doctor --run {args.run} --repair: move the damaged files aside and mark their stages "
+                  "for recomputation")
+        return 1 if health.damaged else 0
+    with run_lock(run_dir, "doctor --repair"):
+        swept = store.sweep(args.run)
+        for line in store.repair(args.run, store.inspect(args.run, checksum=True).damaged):
+            print(line)
+    if swept:
+        print(f"removed {swept} leftover(s) of writers that died")
+    from evoforge.data import catalog
+
+    catalog.refresh_catalog(run_dir)
+    return 0
 
 
 def read_verify_lines(path: Path) -> list[dict]:
@@ -354,6 +396,12 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument("--run", required=True)
     status.set_defaults(func=cmd_status)
 
+    doctor = sub.add_parser("doctor", help="check every part of a run against its manifest (checksums included)")
+    doctor.add_argument("--run", required=True)
+    doctor.add_argument("--repair", action="store_true",
+                        help="move damaged files aside (runs/<run>/_damaged/) and mark their stages for recomputation")
+    doctor.set_defaults(func=cmd_doctor)
+
     box = sub.add_parser("sandbox", help="run a Python file in the sandbox the way the search runs a step")
     box_sub = box.add_subparsers(dest="sandbox_command", required=True)
     box_run = box_sub.add_parser("run", help="run FILE.py in the sandbox and print its output and status")
@@ -447,12 +495,12 @@ def _run_log(args):
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     started = time.time()
-    if args.command not in ("ui", "serve", "verify-file", "sql", "status", "report", "sandbox"):
+    if args.command not in ("ui", "serve", "verify-file", "sql", "status", "report", "sandbox", "doctor"):
         _use_running_server()
     log_path = None
     try:
         with _sigterm_as_interrupt(), _run_log(args) as log_path:
-            args.func(args)
+            code = args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -474,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"error: {str(err).strip().splitlines()[0]}{log}", file=sys.stderr)
         return 2 if user_error else 1
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def _validation_line(err, args) -> str:

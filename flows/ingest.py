@@ -1,9 +1,9 @@
-"""ingest flow: one source file -> round 0 `problems` + `quarantine` (one part per source)."""
+"""ingest flow: one source file -> round 0 `problems` + `quarantine`, committed together as that
+source's parts (one commit per source)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-import pyarrow.parquet as pq
 from prefect import flow
 
 from evoforge.data.ids import fingerprint_files, stable_hash
@@ -52,10 +52,9 @@ def ingest_flow(
     store = lake()
 
     def compute(_chunks):
-        known = set(store.read(run, "problems")["problem_id"].to_pylist())
-        own = store.stage_dir(run, 0, "ingest") / "problems" / f"part-{part}.parquet"
-        if own.exists():  # a forced re-ingest must not call its own earlier rows duplicates
-            known -= set(pq.read_table(own, columns=["problem_id"])["problem_id"].to_pylist())
+        # a re-ingest of this source must not call its own earlier rows duplicates (nor read them:
+        # they may be the damaged part it is rerun to replace)
+        known = set(store.read(run, "problems", exclude_key=part)["problem_id"].to_pylist())
         result = ingest(
             path, source,
             check_golds=lambda answers: check_golds(answers, verify),

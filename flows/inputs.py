@@ -44,7 +44,7 @@ def round_table(run: str, round: int, table: str, made_by: str) -> pa.Table:
     input: empty only when that stage ran and found nothing to write (no correct answer, no SFT
     example), else MissingInput names the command that makes it."""
     rows = lake().read(run, table, round, made_by)
-    if rows.num_rows == 0 and not stage_finished(run, round, made_by):
+    if rows.num_rows == 0 and not (lake().has_output(run, round, made_by) and stage_finished(run, round, made_by)):
         raise MissingInput(
             f"run {run!r} round {round} has no {table}: run `evoforge stage {made_by} --run {run} --round {round}` first"
         )

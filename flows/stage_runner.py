@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from evoforge.data import catalog
 from evoforge.data.chunks import Chunks, chunk_root
-from evoforge.data.ids import fingerprint_files, stable_hash
+from evoforge.data.ids import stable_hash
 from evoforge.data.lake import Lake, lake
 from evoforge.data.runlock import run_lock
 from evoforge.flows.artifacts import publish_stage_artifacts
@@ -102,9 +102,9 @@ def execute_stage(
     """Run `compute` unless an identical earlier execution's output is still in place.
 
     `compute(chunks)` gets the chunk store of this execution: batches it stores there survive a
-    crash, and the same command resumes from them (see data/chunks.py). `part`: the stage
-    adds/replaces one named part per input (ingest: one per source) instead of replacing its whole
-    output. `rows_in=None`: every input row ends in an output or in quarantine (ingest), so rows in
+    crash, and the same command resumes from them (see data/chunks.py). `part`: the stage commits
+    one input at a time (ingest: one source) and replaces that input's parts instead of its whole
+    output. A damaged output is never skipped as unchanged. `rows_in=None`: every input row ends in an output or in quarantine (ingest), so rows in
     = rows out + rows quarantined. Holds the run's lock throughout: a second process working on
     the same run is refused with RunBusy.
     """
@@ -123,12 +123,6 @@ def execute_stage(
 def _execute_locked(store: Lake, run, round, stage, config_hash, model_id, input_fingerprint, rows_in,
                     compute, force, part) -> StageResult:
     log = flow_run_logger()
-    stage_dir = store.stage_dir(run, round, stage)
-
-    def current_output() -> str | None:
-        files = sorted(stage_dir.glob(f"*/part-{part or '*'}.parquet"))
-        return fingerprint_files(files) if files else None
-
     previous = [
         r
         for r in store.read(run, "stage_runs").to_pylist()
@@ -136,14 +130,17 @@ def _execute_locked(store: Lake, run, round, stage, config_hash, model_id, input
         and r["config_hash"] == config_hash and r["model_id"] == model_id
         and r["input_fingerprint"] == input_fingerprint
     ]
-    output_fp = current_output()
+    output_fp = store.output_fingerprint(run, round, stage, key=part)
+    damaged = store.output_damage(run, round, stage, key=part) if output_fp is not None else []
+    for damage in damaged:
+        log.warning(f"{stage} (run {run}, round {round}): {damage.path} is damaged ({damage.reason}); recomputing")
     base = dict(
         stage_run_id=uuid.uuid4().hex, run=run, round=round, stage=stage, flow_run_id=_flow_run_id(),
         config_hash=config_hash, model_id=model_id, input_fingerprint=input_fingerprint,
         output_fingerprint=None, rows_in=rows_in, rows_out=None, rows_quarantined=None,
         started_at=_now(), finished_at=None, status="running", error=None,
     )
-    if not force and output_fp is not None and any(r["output_fingerprint"] == output_fp for r in previous):
+    if not force and output_fp is not None and not damaged and any(r["output_fingerprint"] == output_fp for r in previous):
         done = max((r for r in previous if r["output_fingerprint"] == output_fp), key=lambda r: r["finished_at"])
         store.append_run_table(
             run, "stage_runs",
@@ -169,11 +166,7 @@ def _execute_locked(store: Lake, run, round, stage, config_hash, model_id, input
         unexpected = sorted(set(tables) - set(STAGES[stage].writes))
         if unexpected:  # the registry says what a stage writes; catalog views and readers rely on it
             raise RuntimeError(f"{stage} returned tables {unexpected} that the stage registry does not list")
-        if part is None:
-            output_fp = store.publish_stage(run, round, stage, tables)
-        else:
-            written = [store.write_part(run, round, stage, name, rows, part) for name, rows in tables.items()]
-            output_fp = fingerprint_files(written)
+        output_fp = store.publish_stage(run, round, stage, tables, key=part)
     except BaseException as err:
         message = f"{type(err).__name__}: {err}".splitlines()[0][:500]
         # Ctrl-C or kill (SIGTERM): stopped, not broken; a rerun resumes from the completed chunks

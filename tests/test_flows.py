@@ -177,6 +177,47 @@ def test_ingest_command_prints_counts_by_reason_and_names_a_bad_file(write_jsonl
     assert err.startswith("error: ") and "notes.jsonl: not a JSONL file" in err and "Traceback" not in err
 
 
+@pytest.mark.server
+def test_a_truncated_part_is_named_by_status_sql_and_ingest_and_a_rerun_heals_it(write_jsonl, prefect_server, runs_root,
+                                                                                 scratch, capsys):
+    """The issue's repro: ingest a small file, truncate its `problems` part to half its size, then run
+    `status`, `sql` and the ingest again with --force; `doctor` finds it, `doctor --repair` heals it."""
+    from evoforge.flows.cli import main
+
+    source = write_jsonl(scratch / "small.jsonl", [{"question": f"What is {i} + {i}?", "answer": str(2 * i)}
+                                                    for i in range(40)])
+    assert main(["ingest", str(source), "--run", "hurt"]) == 0
+    (part,) = (lake().stage_dir("hurt", 0, "ingest") / "problems").glob("part-*.parquet")
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    capsys.readouterr()
+
+    assert main(["status", "--run", "hurt"]) == 0
+    captured = capsys.readouterr()
+    assert "ingest" in captured.out and "completed" in captured.out  # the rest of the run still answers
+    assert captured.err.count(f"damaged: {part} (size") == 1
+    assert main(["sql", "SELECT count(*) AS n FROM problems", "--run", "hurt", "--csv"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == ["n", "0"] and captured.err.startswith(f"damaged: {part}")
+    assert main(["doctor", "--run", "hurt"]) == 1
+    assert f"damaged: {part}" in capsys.readouterr().out
+
+    # the stage that reads it names it; the stage that wrote it replaces it, with or without --force
+    assert main(["ingest", str(source), "--run", "hurt"]) == 0
+    assert "40 problems, 0 quarantined (completed)" in capsys.readouterr().out
+    assert lake().read("hurt", "problems").num_rows == 40 and not part.exists()
+    assert main(["ingest", str(source), "--run", "hurt", "--force"]) == 0
+    assert main(["doctor", "--run", "hurt"]) == 0
+
+    (part,) = (lake().stage_dir("hurt", 0, "ingest") / "problems").glob("part-*.parquet")
+    part.write_bytes(b"PAR1" + bytes(part.stat().st_size - 4))  # same size, different bytes
+    capsys.readouterr()
+    assert main(["doctor", "--run", "hurt", "--repair"]) == 0
+    out = capsys.readouterr().out
+    assert "checksum differs" in out and "moved" in out and "recomputed" in out
+    assert main(["ingest", str(source), "--run", "hurt"]) == 0
+    assert "40 problems" in capsys.readouterr().out and main(["doctor", "--run", "hurt"]) == 0
+
+
 @pytest.mark.model
 @pytest.mark.server
 def test_a_stage_that_fails_for_good_is_recorded_and_stops_the_round_with_one_line(prefect_server, runs_root, config,

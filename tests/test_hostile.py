@@ -277,10 +277,13 @@ def test_leftovers_of_dead_writers_are_swept_when_a_stage_starts(runs_root):
         [dict(problem_id="p", question="q", answer="1", origin="seed")], schema=schemas.PROBLEMS)})
     folder = store.stage_dir("r", 0, "ingest") / "problems"
     debris = [folder / f".part-00000.parquet.tmp-{'a' * 32}", store.run_dir("r") / f".config.yaml.tmp-{'b' * 32}",
+              folder / f"part-{'d' * 32}.parquet",  # a part whose commit never came
               store.run_dir("r") / "round=0" / f".generate.tmp-{'c' * 32}"]
-    for path in debris[:2]:
+    for path in debris[:3]:
         path.write_bytes(b"half a file")
-    (debris[2] / "rollouts").mkdir(parents=True)  # a whole stage output that was never committed
+    (debris[3] / "rollouts").mkdir(parents=True)  # a whole stage output that was never committed
+    users = folder / "part-backup.parquet"
+    users.write_bytes(b"the user's own file")
     with run_guard("r", "round 0 / generate"):
         assert not any(path.exists() for path in debris)
-    assert store.read("r", "problems")["problem_id"].to_pylist() == ["p"]
+    assert store.read("r", "problems")["problem_id"].to_pylist() == ["p"] and users.exists()

@@ -1,6 +1,7 @@
 """The lake: atomic writes, crash safety, views that match the Arrow schemas, a catalog that never locks."""
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,8 +12,8 @@ import pyarrow as pa
 import pytest
 
 from evoforge.data import catalog, schemas
-from evoforge.data.ids import fingerprint_files
-from evoforge.data.lake import Lake, LakeError
+from evoforge.data.lake import DamagedPart, Lake, LakeError
+from evoforge.data.manifest import MANIFEST_NAME, describe_part, read_manifest, write_manifest
 
 pytestmark = pytest.mark.unit
 
@@ -49,8 +50,20 @@ def test_publish_replaces_a_stage_output_and_reads_carry_the_round(scratch):
     assert first != second
     table = lake.read("r", "problems")
     assert table["problem_id"].to_pylist() == ["x0", "x1"] and set(table["round"].to_pylist()) == {1}
-    # the fingerprint is of the parts now in place (what the stage runner compares to skip a stage)
-    assert fingerprint_files(sorted(lake.stage_dir("r", 1, "ingest").glob("*/part-*.parquet"))) == second
+    # the manifest lists exactly the parts in place; the superseded ones are gone
+    manifest = read_manifest(lake.stage_dir("r", 1, "ingest"))
+    assert [p.rows for p in manifest.parts] == [2] and manifest.fingerprint() == second
+    assert sorted(lake.stage_dir("r", 1, "ingest").glob("*/part-*.parquet")) == [
+        lake.stage_dir("r", 1, "ingest") / p.file for p in manifest.parts]
+
+
+def test_a_commit_for_one_input_keeps_the_parts_of_the_others(scratch):
+    lake = Lake(scratch)
+    lake.publish_stage("r", 0, "ingest", {"problems": problems(2, "a")}, key="source-a")
+    lake.publish_stage("r", 0, "ingest", {"problems": problems(3, "b")}, key="source-b")
+    lake.publish_stage("r", 0, "ingest", {"problems": problems(1, "a")}, key="source-a")  # a re-ingest of a
+    assert sorted(lake.read("r", "problems")["problem_id"].to_pylist()) == ["a0", "b0", "b1", "b2"]
+    assert lake.read("r", "problems", exclude_key="source-b")["problem_id"].to_pylist() == ["a0"]
 
 
 def test_a_crash_during_publish_leaves_the_previous_output_whole(scratch, monkeypatch):
@@ -62,24 +75,28 @@ def test_a_crash_during_publish_leaves_the_previous_output_whole(scratch, monkey
     assert not [p for p in (scratch / "r" / "round=0").iterdir() if p.name.startswith(".")]
 
 
-def test_a_process_killed_in_the_middle_of_a_write_leaves_no_visible_part(scratch):
-    """SIGKILL a writer while it writes a large part; the lake must show no part, and the debris
-    (a hidden temporary) must be swept."""
+def test_a_process_killed_in_the_middle_of_a_publish_leaves_the_old_output_and_debris_that_is_swept(scratch):
+    """SIGKILL a writer while it writes a large new part: readers still see the old output (no
+    manifest names the half-written part), and the next sweep removes the debris."""
+    lake = Lake(scratch)
+    lake.publish_stage("r", 0, "generate", {"rollouts": schemas.ROLLOUTS.empty_table()})
+    before = read_manifest(lake.stage_dir("r", 0, "generate"))
     script = f"""
-import sys, pyarrow as pa
-from evoforge.data.lake import write_parquet
+import pyarrow as pa, pyarrow.parquet as pq, time
 from pathlib import Path
-import pyarrow.parquet as pq
-real = pq.write_table
+from evoforge.data import schemas
+from evoforge.data.lake import Lake
 def slow(table, where, **kw):
     print("writing", flush=True)
     with pq.ParquetWriter(where, table.schema) as w:
-        for batch in table.to_batches(max_chunksize=1000):
+        for batch in table.to_batches(max_chunksize=100):
             w.write_batch(batch)
-            import time; time.sleep(0.05)
+            time.sleep(0.05)
 pq.write_table = slow
-t = pa.table({{"a": list(range(200_000))}})
-write_parquet(t, Path({str(scratch)!r}) / "r" / "round=0" / "generate" / "rollouts" / "part-00000.parquet")
+rows = [dict(rollout_id=str(i), problem_id="p", model_id="m", seed=i, sample_index=0, text="x" * 100,
+             completion_tokens=1, finish_reason="stop", mean_logprob=0.0) for i in range(20_000)]
+rows = pa.Table.from_pylist(rows, schema=schemas.ROLLOUTS)
+Lake(Path({str(scratch)!r})).publish_stage("r", 0, "generate", {{"rollouts": rows}})
 print("finished", flush=True)
 """
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
@@ -87,13 +104,70 @@ print("finished", flush=True)
     time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    folder = scratch / "r" / "round=0" / "generate" / "rollouts"
-    assert list(folder.glob("part-*.parquet")) == []
-    assert [p.name for p in folder.iterdir() if p.name.startswith(".part-00000.parquet.tmp-")]
-    lake = Lake(scratch)
-    lake.ensure_run("r")
+    folder = lake.stage_dir("r", 0, "generate") / "rollouts"
+    assert read_manifest(lake.stage_dir("r", 0, "generate")) == before
+    assert len(list(folder.glob("part-*.parquet"))) == 2  # the committed part and the half-written one
     assert catalog.connect(lake.run_dir("r")).execute("SELECT count(*) FROM rollouts").fetchone()[0] == 0
-    assert lake.sweep("r") == 1 and list(folder.iterdir()) == []
+    assert lake.read("r", "rollouts").num_rows == 0
+    assert len(lake.inspect("r").leftovers) == 1
+    assert lake.sweep("r") == 1 and [folder / p.file.split("/")[1] for p in before.parts] == list(folder.iterdir())
+
+
+def test_a_file_no_manifest_lists_is_not_data_and_is_reported(scratch):
+    lake = Lake(scratch)
+    lake.publish_stage("r", 0, "ingest", {"problems": problems(3)})
+    folder = lake.stage_dir("r", 0, "ingest") / "problems"
+    (part,) = folder.glob("part-*.parquet")
+    shutil.copy(part, folder / "part-backup.parquet")  # a user's backup copy beside the data
+    duckdb.execute(f"COPY (SELECT 1 AS x) TO '{folder}/part-0.parquet'")
+    assert lake.read("r", "problems").num_rows == 3
+    assert catalog.connect(lake.run_dir("r")).execute("SELECT count(*) FROM problems").fetchone()[0] == 3
+    assert sorted(p.name for p in lake.inspect("r").unnamed) == ["part-0.parquet", "part-backup.parquet"]
+    assert lake.sweep("r") == 0 and (folder / "part-backup.parquet").exists()  # the user's files are kept
+
+
+def _damage(path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    else:  # one byte changed in the middle: same size, a valid footer
+        middle = len(data) // 2
+        path.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:])
+
+
+@pytest.mark.parametrize("how", ["truncated", "flipped"])
+def test_a_damaged_part_is_named_by_reads_found_by_doctor_and_repair_uncommits_its_stage(scratch, how):
+    lake = Lake(scratch)
+    lake.publish_stage("r", 0, "ingest", {"problems": problems(30)})
+    lake.publish_stage("r", 0, "generate", {"rollouts": schemas.ROLLOUTS.empty_table()})
+    (part,) = (lake.stage_dir("r", 0, "ingest") / "problems").glob("part-*.parquet")
+    _damage(part, how)
+    with pytest.raises(DamagedPart, match=f"damaged: {part} .*ingest its source again with --force"):
+        lake.read("r", "problems")
+    assert lake.read("r", "rollouts").num_rows == 0  # the rest of the run still reads
+    (damage,) = lake.inspect("r", checksum=True).damaged
+    assert damage.path == part and damage.stage == "ingest"
+    if how == "truncated":  # what every query checks: sizes and footers; checksums are doctor's
+        lines = []
+        con = catalog.connect(lake.run_dir("r"), report=lines.append)
+        assert con.execute("SELECT count(*) FROM problems").fetchone()[0] == 0 and lines == [damage.line()]
+    (line,) = lake.repair("r", [damage])
+    assert "uncommitted its output (30 rows)" in line
+    assert not lake.has_output("r", 0, "ingest") and lake.read("r", "problems").num_rows == 0
+    assert list((scratch / "r" / "_damaged").rglob(part.name))
+    assert lake.inspect("r", checksum=True).damaged == []
+
+
+def test_an_unreadable_manifest_is_named_and_the_rest_of_the_run_reads(scratch):
+    lake = Lake(scratch)
+    lake.publish_stage("r", 0, "ingest", {"problems": problems(3)})
+    lake.publish_stage("r", 0, "generate", {"rollouts": schemas.ROLLOUTS.empty_table()})
+    (lake.stage_dir("r", 0, "ingest") / MANIFEST_NAME).write_text('{"format": 1, "parts": [')
+    with pytest.raises(DamagedPart, match="_manifest.json .*unreadable manifest"):
+        lake.read("r", "problems")
+    lines = []
+    assert catalog.connect(lake.run_dir("r"), report=lines.append).execute(
+        "SELECT count(*) FROM rollouts").fetchone()[0] == 0 and len(lines) == 1
 
 
 def test_catalog_refresh_never_waits_for_a_reader_holding_the_old_file(scratch):
@@ -103,10 +177,12 @@ def test_catalog_refresh_never_waits_for_a_reader_holding_the_old_file(scratch):
     reader = duckdb.connect(str(run_dir / "catalog.duckdb"), read_only=True)
     lake.publish_stage("r", 0, "ingest", {"problems": problems(4)})
     catalog.refresh_catalog(run_dir)  # would fail with 'Could not set lock' if it opened the held file
+    # a catalog file is a snapshot of the parts committed when it was written
+    assert reader.execute("SELECT count(*) FROM problems").fetchone()[0] == 0
+    reader.close()  # (DuckDB shares one open database per path within a process)
     fresh = duckdb.connect(str(run_dir / "catalog.duckdb"), read_only=True)
     assert fresh.execute("SELECT count(*) FROM problems").fetchone()[0] == 4
-    assert reader.execute("SELECT count(*) FROM problems").fetchone()[0] == 4  # views read the lake live
-    reader.close(), fresh.close()
+    fresh.close()
 
 
 def test_run_names_are_checked(scratch):
@@ -119,8 +195,10 @@ def test_parts_written_before_a_column_was_added_read_it_as_nulls(scratch):
 
     lake = Lake(scratch)
     lake.publish_stage("r", 0, "ingest", {"problems": problems(2)})
-    (part,) = (scratch / "r" / "round=0" / "ingest" / "problems").glob("part-*.parquet")
+    folder = lake.stage_dir("r", 0, "ingest")
+    (part,) = (folder / "problems").glob("part-*.parquet")
     pq.write_table(pq.read_table(part).drop_columns(["task", "expert_answer"]), part)  # as an older version wrote it
+    write_manifest(folder, [describe_part(folder, "problems", part, None)])
     table = lake.read("r", "problems")
     assert table["problem_id"].to_pylist() == ["p0", "p1"] and table["expert_answer"].null_count == 2
     assert catalog.connect(lake.ensure_run("r")).execute("SELECT count(*) FROM problems WHERE task IS NULL").fetchone()[0] == 2

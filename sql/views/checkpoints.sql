@@ -14,4 +14,4 @@ SELECT
     wall_seconds,
     round,              -- the round whose data trained it: it is the policy of round + 1
     regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
-FROM read_parquet('${run_dir}/round=*/*/checkpoints/part-*.parquet', hive_partitioning = true, union_by_name = true, filename = true);
+FROM read_parquet(${parts:checkpoints}, hive_partitioning = true, union_by_name = true, filename = true);

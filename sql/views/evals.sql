@@ -13,4 +13,4 @@ SELECT
     no_answer_rate,     -- share of samples without a \boxed{} answer
     round,              -- the round whose evaluate stage measured it
     regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
-FROM read_parquet('${run_dir}/round=*/*/evals/part-*.parquet', hive_partitioning = true, union_by_name = true, filename = true);
+FROM read_parquet(${parts:evals}, hive_partitioning = true, union_by_name = true, filename = true);

@@ -15,4 +15,4 @@ SELECT
     critic_model_id,    -- the model that judged (the round's policy)
     round,
     regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
-FROM read_parquet('${run_dir}/round=*/*/judgments/part-*.parquet', hive_partitioning = true, union_by_name = true, filename = true);
+FROM read_parquet(${parts:judgments}, hive_partitioning = true, union_by_name = true, filename = true);

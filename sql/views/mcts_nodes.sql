@@ -17,4 +17,4 @@ SELECT
     correct,            -- terminal steps: graded against the problem's answer with the verify grader
     round,
     regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
-FROM read_parquet('${run_dir}/round=*/*/mcts_nodes/part-*.parquet', hive_partitioning = true, union_by_name = true, filename = true);
+FROM read_parquet(${parts:mcts_nodes}, hive_partitioning = true, union_by_name = true, filename = true);

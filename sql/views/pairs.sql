@@ -14,4 +14,4 @@ SELECT
     rejected_score,       -- solution pairs: the response's mean log-probability; step pairs: Q-value
     round,
     regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
-FROM read_parquet('${run_dir}/round=*/*/pairs/part-*.parquet', hive_partitioning = true, union_by_name = true, filename = true);
+FROM read_parquet(${parts:pairs}, hive_partitioning = true, union_by_name = true, filename = true);

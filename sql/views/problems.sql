@@ -13,4 +13,4 @@ SELECT
     expert_answer,      -- the expert's worked answer the RARO critic compares with: a demonstration, a GSM8K/MATH solution; NULL if none
     round,              -- round the problem entered the pool (from the lake path round=<r>)
     regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
-FROM read_parquet('${run_dir}/round=*/*/problems/part-*.parquet', hive_partitioning = true, union_by_name = true, filename = true);
+FROM read_parquet(${parts:problems}, hive_partitioning = true, union_by_name = true, filename = true);

@@ -12,4 +12,4 @@ SELECT
     matched_id,         -- contaminated: that set's problem_id; duplicate: the problem_id already in the run
     round,
     regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
-FROM read_parquet('${run_dir}/round=*/*/quarantine/part-*.parquet', hive_partitioning = true, union_by_name = true, filename = true);
+FROM read_parquet(${parts:quarantine}, hive_partitioning = true, union_by_name = true, filename = true);

@@ -12,4 +12,4 @@ SELECT
     mean_logprob,       -- mean log-probability of the sampled tokens (before temperature); its negative estimates entropy
     round,
     regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
-FROM read_parquet('${run_dir}/round=*/*/rollouts/part-*.parquet', hive_partitioning = true, union_by_name = true, filename = true);
+FROM read_parquet(${parts:rollouts}, hive_partitioning = true, union_by_name = true, filename = true);

@@ -10,4 +10,4 @@ SELECT
     origin,               -- 'seed' or 'synthetic'
     round,
     regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
-FROM read_parquet('${run_dir}/round=*/*/sft_examples/part-*.parquet', hive_partitioning = true, union_by_name = true, filename = true);
+FROM read_parquet(${parts:sft_examples}, hive_partitioning = true, union_by_name = true, filename = true);

@@ -18,5 +18,5 @@ SELECT
     finished_at,        -- NULL while running; for an attempt whose process died, when the death was noticed (the next command on the run)
     status,             -- running | completed | skipped | failed | interrupted
     error               -- failed: the one-line error; interrupted: what happened
-FROM read_parquet('${run_dir}/stage_runs/part-*.parquet')
+FROM read_parquet(${parts:stage_runs}, union_by_name = true)
 QUALIFY row_number() OVER (PARTITION BY stage_run_id ORDER BY finished_at IS NOT NULL DESC, finished_at DESC) = 1;

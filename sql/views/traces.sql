@@ -12,4 +12,4 @@ SELECT
     depth,
     round,
     regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
-FROM read_parquet('${run_dir}/round=*/*/traces/part-*.parquet', hive_partitioning = true, union_by_name = true, filename = true);
+FROM read_parquet(${parts:traces}, hive_partitioning = true, union_by_name = true, filename = true);

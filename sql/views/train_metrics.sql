@@ -7,4 +7,4 @@ SELECT
     value,
     round,
     regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
-FROM read_parquet('${run_dir}/round=*/*/train_metrics/part-*.parquet', hive_partitioning = true, union_by_name = true, filename = true);
+FROM read_parquet(${parts:train_metrics}, hive_partitioning = true, union_by_name = true, filename = true);

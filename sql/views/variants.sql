@@ -16,4 +16,4 @@ SELECT
     reject_reason,      -- no_problem | answer_leak | duplicate_of_parent | near_duplicate_of_parent | near_duplicate_of_pool | too_long | outside_band; NULL when kept
     round,
     regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
-FROM read_parquet('${run_dir}/round=*/*/variants/part-*.parquet', hive_partitioning = true, union_by_name = true, filename = true);
+FROM read_parquet(${parts:variants}, hive_partitioning = true, union_by_name = true, filename = true);

@@ -10,4 +10,4 @@ SELECT
     seconds,            -- grading time of this item
     round,
     regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
-FROM read_parquet('${run_dir}/round=*/*/verdicts/part-*.parquet', hive_partitioning = true, union_by_name = true, filename = true);
+FROM read_parquet(${parts:verdicts}, hive_partitioning = true, union_by_name = true, filename = true);
