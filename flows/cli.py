@@ -492,9 +492,30 @@ def _run_log(args):
         handler.close()
 
 
+def _lost_server(err: BaseException) -> str | None:
+    """The Prefect API URL, when `err` comes from that server no longer answering."""
+    import httpx
+
+    url = os.environ.get("PREFECT_API_URL")
+    seen = set()
+    while err is not None and id(err) not in seen and url:
+        seen.add(id(err))
+        if isinstance(err, httpx.TransportError):
+            return url
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    import logging
+    import shlex
+
+    argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     started = time.time()
+    # a handler that cannot deliver a record (Prefect's API log worker when the server went away)
+    # must not print its own error into the terminal; the log file keeps the records
+    logging.raiseExceptions = False
     if args.command not in ("ui", "serve", "verify-file", "sql", "status", "report", "sandbox", "doctor"):
         _use_running_server()
     log_path = None
@@ -510,6 +531,14 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(err, ValidationError) and not os.environ.get("EVOFORGE_TRACEBACK"):
             print(f"error: {_validation_line(err, args)}", file=sys.stderr)
+            return 2
+        lost = _lost_server(err)
+        if lost is not None and not os.environ.get("EVOFORGE_TRACEBACK"):
+            # the lake holds every stage that finished: rerunning the same command skips them
+            where = f"; finished stages are kept (evoforge status --run {args.run})" if getattr(args, "run", None) else ""
+            print(f"error: the Prefect server at {lost} stopped answering{where}; resume with "
+                  f"`{shlex.join(['evoforge', *argv])}` once it is back (`evoforge ui`), or without PREFECT_API_URL "
+                  f"to run without it", file=sys.stderr)
             return 2
         user_error = isinstance(err, _user_errors() + (ValueError, duckdb.Error))
         failed = _failed_stage(getattr(args, "run", None), started)

@@ -3,7 +3,13 @@ answers in one normal form, and math-verify's verdict on the two. `grade` runs i
 processes (tasks/grader_pool.py).
 
 The final answer is the content of the LAST box: math-verify's own extraction concatenates repeated
-boxes, so extraction happens here, before math-verify sees text.
+boxes, so extraction happens here, before math-verify sees text. One exception: when the gold has k
+parts (a set, a tuple, a list of equations such as `k = 45, n = 2`), an answer may box each part, so
+the last k boxes are also graded together, joined as one list. A one-part gold is graded by the last
+box alone, so an intermediate result boxed earlier never counts.
+
+A boxed number written in digit groups (`1 000`, `1\\,000`) is read as one number only when the gold
+is one number: for a gold list `1, 2` the box `1, 2` stays two numbers, never 12.
 
 math-verify's own timeouts use `signal.alarm` (main thread only) and do not stop a C-level big-integer
 power; here they are switched off and the pool's hard deadline, which kills the worker, is the only
@@ -17,6 +23,7 @@ import time
 from functools import lru_cache
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+from sympy import FiniteSet, Interval, Tuple
 
 # it warns on every call that its own timeouts are off; that is deliberate here (see above)
 logging.getLogger("math_verify").setLevel(logging.ERROR)
@@ -24,18 +31,36 @@ logging.getLogger("math_verify").setLevel(logging.ERROR)
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
 
+def last_boxes(text: str, count: int) -> list[str]:
+    """Contents of the last `count` `\\boxed{...}` (or `\\fbox{...}`) whose braces close, in reading
+    order. A box nested inside a later-found one is the one kept (the inner box is the answer)."""
+    found: list[tuple[int, str]] = []  # (start, content), last box first
+    for match in reversed(list(_BOX.finditer(text))):
+        if len(found) == count:
+            break
+        end = _closing_brace(text, match.end() - 1)
+        if end is None or (found and end > found[-1][0]):  # unclosed, or encloses a box already taken
+            continue
+        found.append((match.start(), text[match.end() : end].strip()))
+    return [content for _, content in reversed(found)]
+
+
+def _closing_brace(text: str, opening: int) -> int | None:
+    depth = 0
+    for j in range(opening, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return j
+    return None
+
+
 def last_boxed(text: str) -> str | None:
     """Content of the last `\\boxed{...}` (or `\\fbox{...}`) whose braces close, or None."""
-    for match in reversed(list(_BOX.finditer(text))):
-        depth = 0
-        for j in range(match.end() - 1, len(text)):
-            if text[j] == "{":
-                depth += 1
-            elif text[j] == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[match.end() : j].strip()
-    return None
+    boxes = last_boxes(text, 1)
+    return boxes[0] if boxes else None
 
 
 _NUMBER = re.compile(r"^[-+]?(\d{1,3}(,\d{3})+|\d+)(\.\d+)?$")
@@ -65,6 +90,36 @@ def _e_notation_as_latex(content: str) -> str:
     return f"{match.group(1)}\\times10^{{{int(match.group(2))}}}" if match else content
 
 
+# A number written in groups of three digits after a first group of one to three: `1 000`, `1\,000`,
+# `1,000`, `1{,}000`, `10,\!000`; math-verify reads `1 000` and `1\,000` as the product 1*0. A gap
+# (space) never separates list items; a comma may, hence two patterns. A comma and a space (`32, 349`)
+# is a list, as math-verify's own tests have it.
+_GROUP_GAP = r"(?:\\,|\\ |~| )"
+_GROUP_COMMA = r"(?:\{,\}|,\\!|,)"
+_GAP_GROUPED = re.compile(rf"[-+]?\d{{1,3}}(?:{_GROUP_GAP}\d{{3}})+(?:\.\d+)?")
+_ANY_GROUPED = re.compile(rf"[-+]?\d{{1,3}}(?:(?:{_GROUP_GAP}|{_GROUP_COMMA})\d{{3}})+(?:\.\d+)?")
+# `1000,99`: a decimal comma (math-verify reads it as the set {1000, 99})
+_DECIMAL_COMMA = re.compile(r"[-+]?\d+,\d+")
+
+
+def _ungrouped(content: str, grouped: re.Pattern) -> str:
+    """`1 000` -> `1000` when the whole content is one number written in digit groups; else unchanged."""
+    text = content.strip()
+    return re.sub(r"[^-+\d.]", "", text) if grouped.fullmatch(text) else content
+
+
+def _as_one_number(content: str) -> str:
+    """The content read as the one number a one-number gold asks for: digit groups joined (`1 000` ->
+    `1000`; they win over a decimal comma, as in math-verify: `1,000` is 1000), else a decimal comma
+    (`1000,99` -> `1000.99`). Never applied for a gold list, where `1, 2` must stay two numbers."""
+    text = content.strip()
+    if _ANY_GROUPED.fullmatch(text):
+        return _ungrouped(text, _ANY_GROUPED)
+    if _DECIMAL_COMMA.fullmatch(text):
+        return text.replace(",", ".")
+    return content
+
+
 def _parse_boxed(content: str) -> list:
     return parse("\\boxed{" + _e_notation_as_latex(content) + "}", extraction_config=_EXTRACTION, parsing_timeout=None)
 
@@ -72,11 +127,39 @@ def _parse_boxed(content: str) -> list:
 @lru_cache(maxsize=4096)
 def parse_gold(gold: str) -> tuple:
     """The parsed gold, or () when math-verify finds no mathematical object in it. math-verify
-    returns [expression, source string]; a lone string (e.g. for '\\frac{') means it parsed nothing."""
+    returns [expression, source string]; a lone string (e.g. for '\\frac{') means it parsed nothing.
+    A gold written with digit groups (`1 000`, `1\\,000`) is that number; commas are left to
+    math-verify, since a gold `1, 234` may well be a list."""
     if not gold or not gold.strip():
         return ()
-    parsed = tuple(_parse_boxed(gold.strip()))
+    parsed = tuple(_parse_boxed(_ungrouped(gold.strip(), _GAP_GROUPED)))
     return parsed if any(not isinstance(p, str) for p in parsed) else ()
+
+
+def _gold_parts(gold_parsed: tuple) -> int:
+    """How many separate answers the gold holds: the members of a set or list (`1, 2, 3`, `k = 45,
+    n = 2`, `(1,2),(3,4)`), the entries of a tuple (math-verify reads a pair `(a, b)` as an open
+    interval); 1 for anything else."""
+    expr = gold_parsed[0]
+    if isinstance(expr, (FiniteSet, Tuple)):
+        return max(1, len(expr.args))
+    if isinstance(expr, Interval) and expr.left_open and expr.right_open:
+        return 2
+    return 1
+
+
+def _is_one_number(gold_parsed: tuple) -> bool:
+    return bool(getattr(gold_parsed[0], "is_Number", False))
+
+
+def _grade_answer(gold_parsed: tuple, answer: str) -> bool | None:
+    """math-verify's verdict on one answer text, gold first; None when it cannot parse the answer."""
+    if _is_one_number(gold_parsed):
+        answer = _as_one_number(answer)
+    pred_parsed = _parse_boxed(answer)
+    if not pred_parsed:
+        return None
+    return bool(verify(list(gold_parsed), pred_parsed, timeout_seconds=None))
 
 
 def grade(gold: str, response: str) -> tuple[str, str | None, str | None]:
@@ -84,16 +167,23 @@ def grade(gold: str, response: str) -> tuple[str, str | None, str | None]:
     gold_parsed = parse_gold(gold)
     if not gold_parsed:
         return "bad_gold", None, f"math-verify cannot parse the gold answer {gold[:80]!r}"
-    extracted = last_boxed(response or "")
-    if extracted is None:
+    parts = _gold_parts(gold_parsed)
+    boxes = last_boxes(response or "", parts)
+    if not boxes:
         return "no_answer", None, "no \\boxed{} answer in the response"
-    if not extracted:
+    final = boxes[-1]
+    if not final:
         return "no_answer", "", "empty \\boxed{}"
-    pred_parsed = _parse_boxed(extracted)
-    if not pred_parsed:
-        return "wrong", extracted, "math-verify cannot parse the boxed answer"
-    ok = verify(list(gold_parsed), pred_parsed, timeout_seconds=None)
-    return ("correct" if ok else "wrong"), extracted, None
+    ok = _grade_answer(gold_parsed, final)
+    if ok:
+        return "correct", final, None
+    # a k-part gold answered one part per box: the last k boxes together, as one list
+    together = ", ".join(box for box in boxes if box)
+    if len(boxes) > 1 and _grade_answer(gold_parsed, together):
+        return "correct", together, None
+    if ok is None:
+        return "wrong", final, "math-verify cannot parse the boxed answer"
+    return "wrong", final, None
 
 
 def run_item(kind: str, gold: str, response: str) -> tuple[str, str | None, str | None, float]:

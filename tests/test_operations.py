@@ -232,3 +232,66 @@ def test_killing_evoforge_ui_stops_its_server_too(scratch):
     finally:
         if ui.poll() is None:
             ui.kill()
+
+
+@pytest.mark.model
+@pytest.mark.server
+def test_a_server_that_stops_mid_round_costs_no_work_and_the_round_resumes_without_it(tiny_model):
+    """Stop the Prefect server while `generate` runs: the stage keeps its work, the round stops at the
+    stage boundary with one line saying how to resume, and the resumed round (no server) redoes nothing."""
+    from evoforge.data.lake import Lake
+    from evoforge.flows.serve import api_url, start_server, stop_server
+
+    root = home.home() / ".tmp" / "tests" / f"midway-{uuid.uuid4().hex[:8]}"
+    prefect_home = root / "prefect"
+    prefect_home.mkdir(parents=True)
+    port = _free_port()
+    server_env = {"PREFECT_HOME": str(prefect_home),
+                  "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{prefect_home / 'prefect.db'}"}
+    saved = {k: os.environ.get(k) for k in server_env}
+    os.environ.update(server_env)
+    try:
+        server = start_server(port=port, log_path=root / "server.log")
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    config = root / "round.yaml"
+    config.write_text(json.dumps({
+        "engine": {"model": str(tiny_model), "backend": "vllm", "max_model_len": 1024},
+        "sources": [{"path": "data/sets/easy_arithmetic/train.jsonl", "preset": "plain", "name": "easy", "limit": 6}],
+        "generate": {"sampling": {"n": 2, "max_tokens": 16, "seed": 0}},
+        "stages": ["generate", "verify", "filter"],
+    }))
+    runs = root / "runs"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update({"EVOFORGE_RUNS": str(runs), **server_env})
+    store = Lake(runs)
+
+    def generate_running():
+        if not (runs / "midway").is_dir():
+            return False
+        events = store.read("midway", "stage_runs").to_pylist()
+        return any(e["stage"] == "generate" and e["status"] == "running" for e in events)
+
+    command = [sys.executable, "-m", "evoforge", "round", "--run", "midway", "--config", str(config)]
+    try:
+        first = subprocess.Popen(command, cwd=home.PROJECT_ROOT, env={**env, "PREFECT_API_URL": api_url(port=port)},
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _wait("generate to start", generate_running, timeout=300, every=0.2)
+        stop_server(server)
+        out, err = first.communicate(timeout=600)
+        assert first.returncode == 2, (out, err)
+        (line,) = err.strip().splitlines()
+        assert f"Prefect server at {api_url(port=port)} stopped answering" in line and "evoforge round --run midway" in line
+        finished = {(e["stage"], e["status"]) for e in store.read("midway", "stage_runs").to_pylist()}
+        assert ("generate", "completed") in finished  # the stage that was running kept its work
+        assert store.read("midway", "rollouts").num_rows == 12
+
+        resumed = subprocess.run(command, cwd=home.PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert resumed.returncode == 0, resumed.stderr
+        events = store.read("midway", "stage_runs").to_pylist()
+        statuses = {e["stage"]: e["status"] for e in sorted(events, key=lambda e: e["finished_at"] or e["started_at"])}
+        assert statuses["generate"] == "skipped" and statuses["filter"] == "completed"
+    finally:
+        stop_server(server)
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,300 @@
+"""Kill a stage with SIGKILL at seeded random moments, rerun it, and compare with an uninterrupted run.
+
+    .venv/bin/python bench/chaos.py [--kills 10] [--seed 0] [--stages ingest,generate,...]
+
+For each stage: a template run holds everything the stage reads (built once, uninterrupted); a
+reference copy runs the stage without interruption; then each trial copies the template, starts
+`evoforge stage <name>` (`evoforge ingest` for ingest) in its own process group, SIGKILLs the whole
+group (vLLM's engine process and the grader workers included) at a seeded random moment of the
+reference's duration, checks that the run is readable right after the kill, reruns the same command
+and compares the stage's output with the reference by row keys. Two moments per stage are taken at
+publication instead: the moment a part of the new output appears before its manifest does.
+
+Reported per stage: trials recovered (the rerun exits 0, `doctor` finds nothing damaged), rows lost
+and rows duplicated against the reference, leftovers not swept after the rerun (temporary files,
+uncommitted parts, the stage's chunk folder), and where the kills landed (starting, computing,
+publishing, after the commit). The tiny random model generates (fast; what matters here is the
+machinery, not the answers). Its answers are all wrong, so the template's verdicts are rewritten to
+mark 2 of each problem's 8 samples correct: that makes every problem under-performing and gives
+synthesize real work. Everything is written under runs/bench-chaos/ and the Prefect server it
+starts is stopped at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from evoforge.data import home  # noqa: E402
+
+home.configure()
+
+STAGES = ["ingest", "generate", "verify", "synthesize", "finetune", "evaluate"]
+BEFORE = {"generate": ["ingest"], "verify": ["ingest", "generate"],
+          "synthesize": ["ingest", "generate", "verify", "filter"],
+          "finetune": ["ingest", "generate", "verify", "filter", "synthesize", "pairs"],
+          "evaluate": ["ingest", "generate", "verify", "filter", "synthesize", "pairs", "finetune"]}
+# what identifies a row across runs (ids are content hashes; checkpoint ids are per training)
+KEYS = {"problems": ["problem_id"], "quarantine": ["source_file", "source_row", "reason"],
+        "rollouts": ["rollout_id"], "verdicts": ["rollout_id"], "problem_stats": ["problem_id"],
+        "variants": ["variant_id"], "checkpoints": ["role", "method"], "train_metrics": ["step", "metric"],
+        "evals": ["model_round", "eval_set"]}
+SOURCE = "data/sets/easy_arithmetic/train.jsonl"
+
+
+def config(tiny_model: Path) -> dict:
+    return {
+        "engine": {"model": str(tiny_model), "backend": "vllm", "max_model_len": 1024},
+        "sources": [{"path": SOURCE, "preset": "plain", "name": "easy", "limit": 16}],
+        "generate": {"sampling": {"n": 8, "max_tokens": 24, "seed": 0}, "batch_problems": 4},
+        "verify": {"workers": 2},
+        "synthesize": {"solutions_per_problem": 1, "samples_per_variant": 8,
+                       "synthesis": {"n": 1, "max_tokens": 48, "seed": 1}},
+        "pairs": {"sft_per_problem": 2},
+        "finetune": {"method": "sft", "max_steps": 4, "batch_size": 2},
+        "evaluate": {"sets": [{"name": "easy-test", "path": "data/sets/easy_arithmetic/test.jsonl",
+                               "preset": "plain", "limit": 8}],
+                     "sampling": {"n": 4, "max_tokens": 24, "seed": 7}, "pass_k": [1, 4]},
+        "stages": ["generate", "verify", "filter", "synthesize", "pairs", "finetune", "evaluate"],
+    }
+
+
+class Bench:
+    def __init__(self, root: Path, env: dict, config_path: Path):
+        from evoforge.data.lake import Lake
+
+        self.root, self.env, self.config_path = root, env, config_path
+        self.lake = Lake(root / "lake")
+
+    def command(self, stage: str, run: str) -> list[str]:
+        if stage == "ingest":
+            return [sys.executable, "-m", "evoforge", "ingest", SOURCE, "--run", run, "--limit", "16",
+                    "--name", "easy"]
+        return [sys.executable, "-m", "evoforge", "stage", stage, "--run", run, "--config", str(self.config_path)]
+
+    def start(self, stage: str, run: str, log: Path) -> subprocess.Popen:
+        with open(log, "ab") as fh:
+            return subprocess.Popen(self.command(stage, run), cwd=ROOT, env=self.env, stdout=fh,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+
+    def run(self, stage: str, run: str, log: Path) -> float:
+        started = time.monotonic()
+        process = self.start(stage, run, log)
+        if process.wait() != 0:
+            raise RuntimeError(f"{stage} on {run} failed; see {log}")
+        return time.monotonic() - started
+
+    def copy(self, source: str, target: str, without: str | None) -> None:
+        shutil.rmtree(self.lake.root / target, ignore_errors=True)
+        if (self.lake.root / source).is_dir():
+            shutil.copytree(self.lake.root / source, self.lake.root / target)
+        if without:  # the stage's output is what the trial makes
+            shutil.rmtree(self.lake.stage_dir(target, 0, without), ignore_errors=True)
+
+    def rows(self, run: str, stage: str) -> dict[str, Counter]:
+        from evoforge.flows.stages import STAGES as REGISTRY
+
+        found = {}
+        for table in REGISTRY[stage].writes:
+            rows = self.lake.read(run, table, 0, stage).to_pylist()
+            found[table] = Counter(tuple(r[k] for k in KEYS[table]) for r in rows)
+        return found
+
+    def phase(self, run: str, stage: str, attempt_started: float) -> str:
+        from evoforge.data.manifest import PART_NAME
+
+        try:
+            events = self.lake.read(run, "stage_runs").to_pylist()
+        except Exception:
+            return "starting"
+        mine = [e for e in events if e["stage"] == stage and e["started_at"].timestamp() >= attempt_started]
+        if not mine:
+            return "starting"
+        if any(e["status"] != "running" for e in mine):
+            return "after commit"
+        if self.lake.has_output(run, 0, stage):  # the trial's copy starts without one
+            return "after commit"
+        folder = self.lake.stage_dir(run, 0, stage)
+        return "publishing" if any(PART_NAME.match(p.name) for p in folder.glob("*/part-*.parquet")) else "computing"
+
+
+def wait_for_publication(bench: Bench, run: str, stage: str, process: subprocess.Popen) -> bool:
+    """Poll until a part of a new output appears before its manifest; True when caught in time."""
+    from evoforge.data.manifest import PART_NAME
+
+    folder = bench.lake.stage_dir(run, 0, stage)
+    while process.poll() is None:
+        if folder.is_dir():
+            for table in os.scandir(folder):
+                if table.is_dir():
+                    for entry in os.scandir(table.path):
+                        if PART_NAME.match(entry.name):  # the trial's copy starts with no output
+                            return True
+        time.sleep(0.0005)
+    return False
+
+
+def leftovers(bench: Bench, run: str, stage: str) -> int:
+    from evoforge.data.atomic import leftovers as temporaries
+
+    run_dir = bench.lake.run_dir(run)
+    chunk_folder = run_dir / "_chunks" / "round=0" / stage
+    stale_chunks = 1 if chunk_folder.is_dir() and any(chunk_folder.iterdir()) else 0
+    inspected = bench.lake.inspect(run)
+    return len(set(inspected.leftovers) | set(temporaries(run_dir))) + stale_chunks
+
+
+def trial(bench: Bench, stage: str, number: int, moment: float | None, reference: dict, logs: Path) -> dict:
+    run = f"{stage}-kill-{number}"
+    bench.copy(f"{stage}-template", run, without=stage)
+    log = logs / f"{run}.log"
+    attempt_started = time.time()
+    process = bench.start(stage, run, log)
+    if moment is None:  # at publication: the first part of the new output, before its manifest
+        caught = wait_for_publication(bench, run, stage, process)
+        killed_at = time.time() - attempt_started if caught else None
+    else:
+        deadline = time.monotonic() + moment
+        while process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        killed_at = moment if process.poll() is None else None
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        where = bench.phase(run, stage, attempt_started)
+    else:
+        where = "finished before the kill"
+    process.wait()
+    readable = True
+    try:  # right after the kill, everything committed still reads whole
+        if bench.lake.run_dir(run).is_dir():
+            bench.rows(run, stage)
+            readable = not bench.lake.inspect(run, checksum=True).damaged
+    except Exception:
+        readable = False
+    rerun = bench.start(stage, run, log)
+    code = rerun.wait()
+    from evoforge.data.lake import LakeError
+
+    try:
+        damaged = len(bench.lake.inspect(run, checksum=True).damaged)
+        got = bench.rows(run, stage)
+    except LakeError:
+        damaged, got = 1, {}
+    lost = sum(max(0, n - got.get(t, Counter())[k]) for t, rows in reference.items() for k, n in rows.items())
+    duplicated = sum(max(0, n - reference.get(t, Counter())[k]) for t, rows in got.items() for k, n in rows.items())
+    return {"stage": stage, "trial": number, "kill_after_s": None if killed_at is None else round(killed_at, 2),
+            "phase": where, "readable_after_kill": readable, "rerun_exit": code, "damaged": damaged,
+            "recovered": code == 0 and damaged == 0 and readable, "lost": lost, "duplicated": duplicated,
+            "leftovers": leftovers(bench, run, stage)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kills", type=int, default=10, help="kills per stage (2 of them at publication)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stages", default=",".join(STAGES))
+    args = parser.parse_args()
+    stages = [s for s in args.stages.split(",") if s]
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        parser.error(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
+
+    from evoforge.flows.serve import api_url, start_server, stop_server
+    from evoforge.models.tiny import tiny_model_folder
+
+    root = ROOT / "runs" / "bench-chaos"
+    shutil.rmtree(root, ignore_errors=True)
+    logs = root / "logs"
+    logs.mkdir(parents=True)
+    prefect_home = root / "prefect"
+    prefect_home.mkdir()
+    config_path = root / "round.json"
+    config_path.write_text(json.dumps(config(tiny_model_folder())))
+    port = free_port()
+    server_env = {"PREFECT_HOME": str(prefect_home),
+                  "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{prefect_home / 'prefect.db'}"}
+    os.environ.update(server_env)
+    server = start_server(port=port, log_path=logs / "prefect-server.log")
+    env = {**os.environ, "EVOFORGE_RUNS": str(root / "lake"), "PREFECT_API_URL": api_url(port=port)}
+    bench = Bench(root, env, config_path)
+    results = []
+    try:
+        done: list[str] = []  # stages the growing base run holds, each run once, uninterrupted
+        for stage in [s for s in STAGES if s in stages]:
+            template = f"{stage}-template"
+            for before in BEFORE.get(stage, []):
+                if before not in done:
+                    bench.run(before, "base", logs / "base.log")
+                    done.append(before)
+                    if before == "verify":
+                        rig_verdicts(bench, "base")
+            bench.copy("base", template, without=None)
+            bench.copy(template, f"{stage}-reference", without=None)
+            seconds = bench.run(stage, f"{stage}-reference", logs / f"{stage}-reference.log")
+            reference = bench.rows(f"{stage}-reference", stage)
+            rng = random.Random(f"{args.seed}-{stage}")
+            moments = [rng.uniform(0.05, 1.0) * seconds for _ in range(max(0, args.kills - 2))] + [None] * min(2, args.kills)
+            print(f"{stage}: uninterrupted {seconds:.1f} s, {sum(sum(c.values()) for c in reference.values())} rows; "
+                  f"{len(moments)} kills", flush=True)
+            for number, moment in enumerate(moments):
+                result = trial(bench, stage, number, moment, reference, logs)
+                results.append(result)
+                print("  " + json.dumps(result, default=str), flush=True)
+    finally:
+        stop_server(server)
+    (root / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    print()
+    print("| stage | kills | landed: starting / computing / publishing / after commit / finished | recovered "
+          "| rows lost | rows duplicated | leftovers not swept |")
+    print("|---|---|---|---|---|---|---|")
+    for stage in stages:
+        mine = [r for r in results if r["stage"] == stage]
+        landed = Counter(r["phase"] for r in mine)
+        print(f"| {stage} | {len(mine)} | {landed['starting']} / {landed['computing']} / {landed['publishing']} / "
+              f"{landed['after commit']} / {landed['finished before the kill']} | "
+              f"{sum(r['recovered'] for r in mine)}/{len(mine)} | {sum(r['lost'] for r in mine)} | "
+              f"{sum(r['duplicated'] for r in mine)} | {sum(r['leftovers'] for r in mine)} |")
+
+
+def rig_verdicts(bench: Bench, run: str) -> None:
+    """Mark samples 0 and 1 of each problem correct (accuracy 2/8: under-performing), so synthesize
+    and the stages after it have work with a model that never answers right."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    verdicts = bench.lake.read(run, "verdicts", 0, "verify").drop_columns(["round", "stage"])
+    rollouts = bench.lake.read(run, "rollouts", 0, "generate").select(["rollout_id", "sample_index", "problem_id"])
+    index = dict(zip(rollouts["rollout_id"].to_pylist(), rollouts["sample_index"].to_pylist()))
+    correct = pa.array([index[r] < 2 for r in verdicts["rollout_id"].to_pylist()])
+    rigged = verdicts.set_column(verdicts.schema.get_field_index("verdict"), "verdict",
+                                 pc.if_else(correct, "correct", verdicts["verdict"]))
+    problems = {p["problem_id"]: p["answer"] for p in bench.lake.read(run, "problems").to_pylist()}
+    texts = [f"The answer is \\boxed{{{problems[p]}}}." for p in rollouts["problem_id"].to_pylist()]
+    generated = bench.lake.read(run, "rollouts", 0, "generate").drop_columns(["round", "stage"])
+    ordered = dict(zip(rollouts["rollout_id"].to_pylist(), texts))
+    generated = generated.set_column(generated.schema.get_field_index("text"), "text", pa.array(
+        [ordered[r] if index[r] < 2 else t for r, t in zip(generated["rollout_id"].to_pylist(), generated["text"].to_pylist())]))
+    bench.lake.publish_stage(run, 0, "generate", {"rollouts": generated})
+    bench.lake.publish_stage(run, 0, "verify", {"verdicts": rigged})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""evoforge's grading against math-verify's own test cases, and the answer forms it reads beyond the
+last box: one box per part of a multi-part answer, and numbers written in digit groups.
+
+The cases (tests/data/math_verify_cases.jsonl) were extracted once, by hand, from math-verify's
+`tests/` folder at commit 5d148cfaaf99214c2e4ffb4bc497ab042c592a7a of huggingface/Math-Verify
+(2025-07-02): the literal `(gold, pred, expected)` rows of every `pytest.mark.parametrize` in
+test_all.py, test_boxed.py, test_numina_cases.py, test_open_thoughts.py, test_yujianll.py and
+test_strict.py, read with `ast.literal_eval` (no script is kept). Kept: the rows graded with verify's
+defaults (precision 6, strict, no set-relation comparison) and compare_strings' default extraction
+targets (latex + expr, which are evoforge's own), plus test_number_extraction's rows (expr targets;
+their predictions are numbers, e.g. thousands separators). Left out: the rows with another precision,
+strict=False or allow_set_relation_comp=True, and the latex-only tests (test_latex_notation,
+test_latex_notation_math, test_relations_math, test_matrix_extraction, test_set_rel_assymetry), whose
+expectations are about reading answers out of prose (`Answer $ 9 $`), which evoforge never does.
+168 rows. Each row keeps the original `gold`, `pred`, `expected`, the file and test name and the row's
+position in the test's list, and adds what evoforge is given:
+- `answer`: the gold as a dataset stores it: one math span around the whole gold (`$...$`, `$$...$$`,
+  `\\(...\\)`, `\\[...\\]`) removed;
+- `response`: the prediction itself if it has a `\\boxed{}`; otherwise the prediction, its delimiters
+  removed the same way, put inside `\\boxed{}`.
+
+Agreement is the share of rows whose verdict (correct or not) is the expected one. evoforge: the
+verify stage's own path (`grade_pairs`, the grader pool, `grade(answer, response)`). Plain math-verify
+for comparison: `verify(parse(gold), parse(response))` with the same extraction targets, the gold in
+its original form. Before the multi-box and digit-group changes of tasks/grading.py evoforge agreed on
+0.887 of these rows (149/168), plain math-verify on 0.982 (165/168).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from math_verify import parse, verify
+
+from evoforge.tasks.grading import _EXTRACTION
+from evoforge.tasks.verify import VerifyConfig, grade_pairs
+
+pytestmark = pytest.mark.unit
+
+CASES = Path(__file__).parent / "data" / "math_verify_cases.jsonl"
+REQUIRED_AGREEMENT = 0.97
+
+
+def verdicts(pairs: list[tuple[str, str]]) -> list[str]:
+    # a generous deadline: a slow test machine must not turn a verdict into a timeout
+    return [r[0] for r in grade_pairs(pairs, VerifyConfig(workers=2, deadline_seconds=60))]
+
+
+def plain_math_verify(gold: str, response: str) -> bool:
+    return bool(verify(parse(gold, _EXTRACTION), parse(response, _EXTRACTION)))
+
+
+def test_agreement_with_math_verifys_own_cases_is_at_least_097():
+    cases = [json.loads(line) for line in CASES.read_text().splitlines()]
+    assert len(cases) == 168
+    evoforge = verdicts([(c["answer"], c["response"]) for c in cases])
+    evoforge_ok = [(v == "correct") == c["expected"] for v, c in zip(evoforge, cases)]
+    plain_ok = [plain_math_verify(c["gold"], c["response"]) == c["expected"] for c in cases]
+    evoforge_share, plain_share = sum(evoforge_ok) / len(cases), sum(plain_ok) / len(cases)
+    missed = [f"{c['source']}::{c['test']}[{c['index']}] expected {c['expected']}, got {v}"
+              for v, c, ok in zip(evoforge, cases, evoforge_ok) if not ok]
+    report = (f"agreement over {len(cases)} math-verify cases: evoforge {evoforge_share:.3f} "
+              f"({sum(evoforge_ok)}), plain math-verify {plain_share:.3f} ({sum(plain_ok)}); "
+              f"evoforge missed: {missed}")
+    print(report)
+    assert evoforge_share >= REQUIRED_AGREEMENT, report
+
+
+def test_a_multi_part_answer_boxed_part_by_part_is_graded_as_a_whole():
+    pairs = [
+        ("\\{1,2,3\\}", "\\boxed{1}, \\boxed{2}, \\boxed{3}"),
+        ("1, 2, 3", "so \\boxed{1} and \\boxed{2} and \\boxed{3}"),
+        ("k = 45, n = 2", "$\\boxed{k = 45} \\quad \\text{and} \\quad \\boxed{n = 2}$"),
+        ("(2, 2), (6, 2)", "\\boxed{(2, 2)} \\text{ and } \\boxed{(6, 2)}"),
+        ("(3, 2, 7)", "p = \\boxed{3}, q = \\boxed{2}, r = \\boxed{7}"),
+        ("1, 2, 3", "\\boxed{1}, \\boxed{2}, \\boxed{4}"),  # wrong: one part is wrong
+        ("1, 2, 3", "\\boxed{1}, \\boxed{2}"),              # wrong: a part is missing
+    ]
+    assert verdicts(pairs) == ["correct"] * 5 + ["wrong"] * 2
+
+
+def test_intermediate_boxes_do_not_count_the_last_box_is_the_answer():
+    pairs = [
+        ("5", "first \\boxed{3}, finally \\boxed{5}"),            # correct
+        ("3", "first \\boxed{3}, finally \\boxed{5}"),            # wrong: 3 was an intermediate result
+        ("35", "\\boxed{3}\\boxed{5}"),                           # wrong: boxes are not concatenated
+        ("1, 2", "\\boxed{7} was wrong; the roots are \\boxed{1, 2}"),  # correct: the last box has both
+        ("1, 2", "\\boxed{1} \\boxed{7} \\boxed{2}"),             # wrong: the last two boxes are 7 and 2
+    ]
+    assert verdicts(pairs) == ["correct", "wrong", "wrong", "correct", "wrong"]
+
+
+def test_thousands_separators_when_the_gold_is_one_number():
+    pairs = [
+        ("1000", "\\boxed{1 000}"),
+        ("1000", "\\boxed{1,000}"),
+        ("1000", "\\boxed{1\\,000}"),
+        ("1000", "\\boxed{1{,}000}"),
+        ("10000", "\\boxed{10,\\!000}"),
+        ("-1234567", "\\boxed{-1 234 567}"),
+        ("1000.99", "\\boxed{1\\,000.99}"),
+        ("1000.99", "\\boxed{1000,99}"),  # a decimal comma
+        ("1000", "\\boxed{1\\,00}"),      # wrong: a group after the first has three digits
+        ("32349", "\\boxed{32, 349}"),    # wrong: a comma and a space separate list items
+        ("1 000", "\\boxed{1000}"),       # a gold written with a gap is that number too
+    ]
+    assert verdicts(pairs) == ["correct"] * 8 + ["wrong"] * 2 + ["correct"]
+
+
+def test_a_gold_list_is_never_read_as_one_number():
+    pairs = [
+        ("1, 2", "\\boxed{12}"),              # wrong: {1, 2} is not 12
+        ("1, 2", "\\boxed{1, 2}"),            # correct
+        ("1, 2", "\\boxed{1}, \\boxed{2}"),   # correct
+        ("12", "\\boxed{1}, \\boxed{2}"),     # wrong: a one-part gold takes the last box only
+        ("1, 234", "\\boxed{1 234}"),         # wrong: a gap joins digits only for a one-number gold
+    ]
+    assert verdicts(pairs) == ["wrong", "correct", "correct", "wrong", "wrong"]
