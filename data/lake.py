@@ -252,7 +252,12 @@ class Lake:
         self.ensure_run(run)
         folder = self.stage_dir(run, round, stage)
         conformed = {t: schemas.conform(rows, self._schema(t), where=f"{stage}/{t}") for t, rows in tables.items()}
-        old = self.manifest(run, round, stage)
+        try:
+            old = self.manifest(run, round, stage)
+        except DamagedPart:
+            if key is not None:  # the other inputs' parts are unknown: doctor --repair first
+                raise
+            old = None  # the whole output is replaced, the unreadable manifest with it
         written = []
         for table, rows in conformed.items():
             path = folder / table / new_part_name()

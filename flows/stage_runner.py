@@ -16,7 +16,7 @@ import pyarrow as pa
 from evoforge.data import catalog
 from evoforge.data.chunks import Chunks, chunk_root
 from evoforge.data.ids import stable_hash
-from evoforge.data.lake import Lake, lake
+from evoforge.data.lake import DamagedPart, Lake, lake
 from evoforge.data.runlock import run_lock
 from evoforge.flows.artifacts import publish_stage_artifacts
 from evoforge.flows.inputs import FINISHED
@@ -130,8 +130,13 @@ def _execute_locked(store: Lake, run, round, stage, config_hash, model_id, input
         and r["config_hash"] == config_hash and r["model_id"] == model_id
         and r["input_fingerprint"] == input_fingerprint
     ]
-    output_fp = store.output_fingerprint(run, round, stage, key=part)
-    damaged = store.output_damage(run, round, stage, key=part) if output_fp is not None else []
+    try:
+        output_fp = store.output_fingerprint(run, round, stage, key=part)
+        damaged = store.output_damage(run, round, stage, key=part) if output_fp is not None else []
+    except DamagedPart as err:  # an unreadable manifest: the whole output is recomputed and replaced
+        if part is not None:
+            raise
+        output_fp, damaged = None, [err.damage]
     for damage in damaged:
         log.warning(f"{stage} (run {run}, round {round}): {damage.path} is damaged ({damage.reason}); recomputing")
     base = dict(

@@ -39,6 +39,8 @@ class TerminalFilter(logging.Filter):
             return True
         if record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
             return False
+        if record.name.startswith("prefect._internal"):  # background services that lost the API: the
+            return False  # command says so in one line when it matters
         return record.levelno >= logging.ERROR
 
 

@@ -60,7 +60,11 @@ def test_publish_replaces_a_stage_output_and_reads_carry_the_round(scratch):
 def test_a_commit_for_one_input_keeps_the_parts_of_the_others(scratch):
     lake = Lake(scratch)
     lake.publish_stage("r", 0, "ingest", {"problems": problems(2, "a")}, key="source-a")
-    lake.publish_stage("r", 0, "ingest", {"problems": problems(3, "b")}, key="source-b")
+    # one source's problems and quarantine are one commit: one manifest names both
+    lake.publish_stage("r", 0, "ingest", {"problems": problems(3, "b"), "quarantine": schemas.QUARANTINE.empty_table()},
+                       key="source-b")
+    assert {(p.table, p.key) for p in read_manifest(lake.stage_dir("r", 0, "ingest")).parts} == {
+        ("problems", "source-a"), ("problems", "source-b"), ("quarantine", "source-b")}
     lake.publish_stage("r", 0, "ingest", {"problems": problems(1, "a")}, key="source-a")  # a re-ingest of a
     assert sorted(lake.read("r", "problems")["problem_id"].to_pylist()) == ["a0", "b0", "b1", "b2"]
     assert lake.read("r", "problems", exclude_key="source-b")["problem_id"].to_pylist() == ["a0"]
@@ -168,6 +172,10 @@ def test_an_unreadable_manifest_is_named_and_the_rest_of_the_run_reads(scratch):
     lines = []
     assert catalog.connect(lake.run_dir("r"), report=lines.append).execute(
         "SELECT count(*) FROM rollouts").fetchone()[0] == 0 and len(lines) == 1
+    with pytest.raises(DamagedPart):  # one input's commit cannot know the other inputs' parts
+        lake.publish_stage("r", 0, "ingest", {"problems": problems(1)}, key="source-a")
+    lake.publish_stage("r", 0, "ingest", {"problems": problems(2)})  # a whole new output replaces it
+    assert lake.read("r", "problems").num_rows == 2 and lake.sweep("r") == 1  # the old part, unlisted
 
 
 def test_catalog_refresh_never_waits_for_a_reader_holding_the_old_file(scratch):
