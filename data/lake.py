@@ -36,6 +36,9 @@ RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SCHEMA_FOLDER = "_schema"
 SCHEMA_PART = "part-schema.parquet"
 DAMAGED_FOLDER = "_damaged"
+# parts an evoforge before manifests wrote: part-00000 (a whole stage), part-<16 hex> (one ingest source,
+# the same key a manifest records for it now)
+LEGACY_PART = re.compile(r"^part-(?:\d{5}|(?P<key>[0-9a-f]{16}))\.parquet$")
 
 
 class LakeError(ValueError):
@@ -74,6 +77,7 @@ class RunHealth:
     damaged: list[Damage] = field(default_factory=list)
     unnamed: list[Path] = field(default_factory=list)  # files in table folders that no manifest lists
     leftovers: list[Path] = field(default_factory=list)  # temporary files and uncommitted parts of dead writers
+    legacy: list[Path] = field(default_factory=list)  # parts of a stage an evoforge before manifests wrote
 
 
 def write_parquet(table: pa.Table, path: Path) -> Path:
@@ -297,8 +301,14 @@ class Lake:
                     health.files[part.table].append(folder / part.file)
             for path in sorted(folder.glob("*/*")):
                 relative = path.relative_to(folder).as_posix()
-                if path.is_file() and relative not in listed and not path.name.startswith("."):
-                    (health.leftovers if PART_NAME.match(path.name) else health.unnamed).append(path)
+                if not path.is_file() or relative in listed or path.name.startswith("."):
+                    continue
+                if PART_NAME.match(path.name):
+                    health.leftovers.append(path)
+                elif manifest is None and LEGACY_PART.match(path.name) and path.parent.name in schemas.ROUND_TABLES:
+                    health.legacy.append(path)
+                else:
+                    health.unnamed.append(path)
         for table in schemas.RUN_TABLES:
             folder = run_dir / table
             health.files[table] = [folder / SCHEMA_PART] if (folder / SCHEMA_PART).exists() else []
@@ -325,6 +335,28 @@ class Lake:
             path.unlink(missing_ok=True)
             removed += 1
         return removed
+
+    def adopt_legacy(self, run: str, legacy: list[Path]) -> list[str]:
+        """Commit the parts an evoforge before manifests wrote (`inspect().legacy`) under a manifest, as
+        they are: renamed to part names and listed with their rows, sizes and checksums. Caller holds
+        the run's lock."""
+        lines = []
+        by_stage: dict[Path, list[Path]] = {}
+        for path in legacy:
+            by_stage.setdefault(path.parent.parent, []).append(path)
+        for folder, paths in sorted(by_stage.items()):
+            if read_manifest(folder) is not None:
+                continue
+            parts = []
+            for path in paths:
+                target = path.parent / new_part_name()
+                os.replace(path, target)
+                fsync_folder(path.parent)
+                parts.append(describe_part(folder, path.parent.name, target, LEGACY_PART.match(path.name)["key"]))
+            write_manifest(folder, parts)
+            lines.append(f"{folder.relative_to(self.run_dir(run))}: committed {len(parts)} part(s) written before "
+                         f"manifests ({sum(p.rows for p in parts)} rows)")
+        return lines
 
     def repair(self, run: str, damaged: list[Damage]) -> list[str]:
         """Move damaged files aside (runs/<run>/_damaged/<time>/...) and uncommit what they belong to:

@@ -177,6 +177,9 @@ def cmd_status(args) -> None:
     health = lake().inspect(args.run)
     for path in health.unnamed:
         print(f"not data: {path} (no manifest lists it; evoforge ignores it)", file=sys.stderr)
+    if health.legacy:
+        print(f"{len(health.legacy)} part(s) written by an evoforge before manifests are not read: "
+              f"`evoforge doctor --run {args.run} --repair` commits them as they are", file=sys.stderr)
     if health.leftovers:
         print(f"{len(health.leftovers)} uncommitted file(s) of a writer at work or one that died "
               "(swept when the next stage starts)", file=sys.stderr)
@@ -191,21 +194,25 @@ def cmd_doctor(args) -> int:
     store = lake()
     run_dir = store.existing_run_dir(args.run)
     health = store.inspect(args.run, checksum=True)
-    parts = sum(len(files) for files in health.files.values())
+    from evoforge.data.lake import SCHEMA_PART
+
+    parts = sum(1 for files in health.files.values() for path in files if path.name != SCHEMA_PART)
     for damage in health.damaged:
         print(damage.line())
     for path in health.unnamed:
         print(f"not data: {path} (no manifest lists it; evoforge ignores it)")
     print(f"run {args.run}: {parts} file(s) match their manifests, {len(health.damaged)} damaged, "
-          f"{len(health.unnamed)} not data, {len(health.leftovers)} uncommitted leftover(s)")
+          f"{len(health.unnamed)} not data, {len(health.leftovers)} uncommitted leftover(s), "
+          f"{len(health.legacy)} part(s) written before manifests")
     if not args.repair:
-        if health.damaged:
+        if health.damaged or health.legacy:
             print(f"evoforge doctor --run {args.run} --repair: move the damaged files aside and mark their stages "
-                  "for recomputation")
-        return 1 if health.damaged else 0
+                  "for recomputation; commit the parts written before manifests as they are")
+        return 1 if health.damaged or health.legacy else 0
     with run_lock(run_dir, "doctor --repair"):
         swept = store.sweep(args.run)
-        for line in store.repair(args.run, store.inspect(args.run, checksum=True).damaged):
+        health = store.inspect(args.run, checksum=True)
+        for line in store.adopt_legacy(args.run, health.legacy) + store.repair(args.run, health.damaged):
             print(line)
     if swept:
         print(f"removed {swept} leftover(s) of writers that died")

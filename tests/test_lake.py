@@ -9,6 +9,7 @@ import time
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from evoforge.data import catalog, schemas
@@ -199,8 +200,6 @@ def test_run_names_are_checked(scratch):
 
 
 def test_parts_written_before_a_column_was_added_read_it_as_nulls(scratch):
-    import pyarrow.parquet as pq
-
     lake = Lake(scratch)
     lake.publish_stage("r", 0, "ingest", {"problems": problems(2)})
     folder = lake.stage_dir("r", 0, "ingest")
@@ -210,3 +209,21 @@ def test_parts_written_before_a_column_was_added_read_it_as_nulls(scratch):
     table = lake.read("r", "problems")
     assert table["problem_id"].to_pylist() == ["p0", "p1"] and table["expert_answer"].null_count == 2
     assert catalog.connect(lake.ensure_run("r")).execute("SELECT count(*) FROM problems WHERE task IS NULL").fetchone()[0] == 2
+
+
+def test_parts_written_before_manifests_are_reported_and_doctor_commits_them_as_they_are(scratch):
+    lake = Lake(scratch)
+    run_dir = lake.ensure_run("r")
+    old_ingest = run_dir / "round=0" / "ingest" / "problems" / "part-0123456789abcdef.parquet"  # one source's part
+    old_filter = run_dir / "round=0" / "generate" / "rollouts" / "part-00000.parquet"  # a whole stage's
+    for path, rows in ((old_ingest, problems(3)), (old_filter, schemas.ROLLOUTS.empty_table())):
+        path.parent.mkdir(parents=True)
+        pq.write_table(rows, path)
+    health = lake.inspect("r")
+    assert sorted(health.legacy) == sorted([old_ingest, old_filter]) and lake.read("r", "problems").num_rows == 0
+    assert lake.sweep("r") == 0 and old_ingest.exists()  # never removed as a leftover
+    lines = lake.adopt_legacy("r", health.legacy)
+    assert len(lines) == 2 and "committed 1 part(s) written before manifests (3 rows)" in " ".join(lines)
+    assert lake.read("r", "problems").num_rows == 3
+    assert [p.key for p in read_manifest(lake.stage_dir("r", 0, "ingest")).parts] == ["0123456789abcdef"]
+    assert lake.inspect("r", checksum=True).legacy == [] and lake.has_output("r", 0, "generate")
