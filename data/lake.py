@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from evoforge.data import home, schemas
-from evoforge.data.atomic import atomic_path, fsync_folder, leftovers, remove_leftovers
+from evoforge.data.atomic import atomic_path, commit, fsync_folder, leftovers, remove_leftovers
 from evoforge.data.manifest import (
     MANIFEST_NAME, PART_NAME, Manifest, ManifestError, Part, describe_part, new_part_name, part_damage,
     read_manifest, write_manifest,
@@ -350,8 +350,7 @@ class Lake:
             parts = []
             for path in paths:
                 target = path.parent / new_part_name()
-                os.replace(path, target)
-                fsync_folder(path.parent)
+                commit(path, target)
                 parts.append(describe_part(folder, path.parent.name, target, LEGACY_PART.match(path.name)["key"]))
             write_manifest(folder, parts)
             lines.append(f"{folder.relative_to(self.run_dir(run))}: committed {len(parts)} part(s) written before "
