@@ -188,14 +188,13 @@ def cmd_status(args) -> None:
 def cmd_doctor(args) -> int:
     """Check every committed part against its manifest, checksums included; --repair moves damaged
     files aside and uncommits what they belonged to, so the next round recomputes it."""
-    from evoforge.data.lake import lake
+    from evoforge.data import catalog
+    from evoforge.data.lake import SCHEMA_PART, lake
     from evoforge.data.runlock import run_lock
 
     store = lake()
     run_dir = store.existing_run_dir(args.run)
     health = store.inspect(args.run, checksum=True)
-    from evoforge.data.lake import SCHEMA_PART
-
     parts = sum(1 for files in health.files.values() for path in files if path.name != SCHEMA_PART)
     for damage in health.damaged:
         print(damage.line())
@@ -216,8 +215,6 @@ def cmd_doctor(args) -> int:
             print(line)
     if swept:
         print(f"removed {swept} leftover(s) of writers that died")
-    from evoforge.data import catalog
-
     catalog.refresh_catalog(run_dir)
     return 0
 

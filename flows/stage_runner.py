@@ -104,8 +104,8 @@ def execute_stage(
     `compute(chunks)` gets the chunk store of this execution: batches it stores there survive a
     crash, and the same command resumes from them (see data/chunks.py). `part`: the stage commits
     one input at a time (ingest: one source) and replaces that input's parts instead of its whole
-    output. A damaged output is never skipped as unchanged. `rows_in=None`: every input row ends in an output or in quarantine (ingest), so rows in
-    = rows out + rows quarantined. Holds the run's lock throughout: a second process working on
+    output. A damaged output is never skipped as unchanged. `rows_in=None`: every input row ends in
+    an output or in quarantine (ingest), so rows in = rows out + rows quarantined. Holds the run's lock throughout: a second process working on
     the same run is refused with RunBusy.
     """
     with run_guard(run, f"round {round} / {stage}") as store:
