@@ -9,6 +9,11 @@ Each measurement runs in a fresh process with math-verify already imported and e
 sides must give identical verdicts. A last part feeds adversarial answers (power towers, huge
 factorials) to the pool alone and checks no item outlives its deadline (the sequential loop would
 hang on them: math-verify's signal timeouts cannot interrupt C code).
+
+Then, on real rollouts (`--runs`, default: the demo run and `verify-bench`, if they exist: the
+rollouts their `generate` wrote, with their problems' golds), the verify stage grading each distinct
+(gold, boxed answers) once against grading every rollout: the distinct-answer ratio, rollouts/s of
+both, and whether every verdict is identical.
 """
 from __future__ import annotations
 
@@ -86,16 +91,77 @@ def measure(side: str, pairs_count: int, workers: int, deadline: float) -> dict:
             "slowest": max(r[3] for r in results)}
 
 
+def real_rollouts(run: str) -> tuple:
+    from evoforge.data.lake import lake
+
+    store = lake()
+    rollouts = store.read(run, "rollouts", 0, "generate").select(["rollout_id", "problem_id", "text"])
+    problems = store.read(run, "problems").select(["problem_id", "answer"])
+    return rollouts, problems
+
+
+def measure_real(side: str, run: str, workers: int, deadline: float) -> dict:
+    """'each': every rollout graded (grade_pairs); 'distinct': the verify stage, each distinct answer once."""
+    from evoforge.tasks.verify import VerifyConfig, grade_pairs, verify
+
+    rollouts, problems = real_rollouts(run)
+    gold_of = dict(zip(problems["problem_id"].to_pylist(), problems["answer"].to_pylist()))
+    config = VerifyConfig(workers=workers, deadline_seconds=deadline)
+    ordered = sorted(rollouts.to_pylist(), key=lambda r: (r["problem_id"], r["rollout_id"]))
+    started = time.perf_counter()
+    if side == "each":
+        results = grade_pairs([(gold_of[r["problem_id"]], r["text"]) for r in ordered], config)
+        verdicts = {r["rollout_id"]: list(v[:3]) for r, v in zip(ordered, results)}
+        graded = len(ordered)
+    else:
+        table = verify.fn(rollouts, problems, config)
+        verdicts = {r["rollout_id"]: [r["verdict"], r["extracted_answer"], r["detail"]] for r in table.to_pylist()}
+        graded = len(set(table["graded_with"].to_pylist()))
+    return {"total": time.perf_counter() - started, "graded": graded, "verdicts": verdicts}
+
+
+def compare_on_real_rollouts(args) -> bool:
+    """True when both sides gave identical verdicts on every run measured."""
+    from evoforge.data.lake import lake
+
+    identical = True
+    for run in [r for r in args.runs.split(",") if r]:
+        if not (lake().run_dir(run) / "round=0" / "generate").is_dir():
+            print(f"real rollouts: run {run!r} has no round 0 generate output; skipped")
+            continue
+        sides = {"each": [], "distinct": []}
+        for _ in range(args.repeat):
+            for side in sides:
+                sides[side].append(in_fresh_process(__file__, f"{side}:{run}", args))
+        each = statistics.median(r["total"] for r in sides["each"])
+        distinct = statistics.median(r["total"] for r in sides["distinct"])
+        rollouts = len(sides["each"][0]["verdicts"])
+        graded = sides["distinct"][0]["graded"]
+        same = sides["each"][0]["verdicts"] == sides["distinct"][0]["verdicts"]
+        identical &= same
+        print(f"real rollouts of run {run}: {rollouts} rollouts, {graded} distinct (gold, boxed answers): "
+              f"ratio {graded / rollouts:.3f}")
+        print(f"  every rollout graded:        {each:7.2f} s  {rollouts / each:7.1f} rollouts/s")
+        print(f"  each distinct answer once:   {distinct:7.2f} s  {rollouts / distinct:7.1f} rollouts/s  "
+              f"({graded / distinct:.1f} gradings/s); {each / distinct:.2f}x; identical verdicts: {same}")
+    return identical
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pairs", type=int, default=2400)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--deadline", type=float, default=10.0)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--side", choices=["sequential", "pool"], help=argparse.SUPPRESS)
+    parser.add_argument("--runs", default="demo,verify-bench", help="runs whose real rollouts to grade (comma-separated)")
+    parser.add_argument("--side", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.side:
+    if args.side in ("sequential", "pool"):
         print(json.dumps(measure(args.side, args.pairs, args.workers, args.deadline)))
+        return
+    if args.side:
+        side, run = args.side.split(":", 1)
+        print(json.dumps(measure_real(side, run, args.workers, args.deadline)))
         return
 
     pairs = make_pairs(args.pairs)
@@ -133,7 +199,8 @@ def main() -> None:
     late = [r for r in results if r[3] > config.deadline_seconds + 1.0]
     print(f"adversarial: {len(adversarial)} pairs in {took:.1f} s with a {config.deadline_seconds:g} s deadline; "
           f"timeouts {sum(r[0] == 'timeout' for r in results)}, items past the deadline (+1 s slack): {len(late)}")
-    if mismatches or late:
+    identical_on_real = compare_on_real_rollouts(args)
+    if mismatches or late or not identical_on_real:
         sys.exit(1)
 
 

@@ -42,7 +42,12 @@ def create_views(con: duckdb.DuckDBPyConnection, run_dir: Path, report: Callable
     """Views over the parts the run's manifests list; damaged parts are left out, each named in one
     line to `report` (a query over the rest of the run still answers)."""
     run_dir = Path(run_dir).resolve()
-    health = Lake(run_dir.parent).inspect(run_dir.name)
+    lake = Lake(run_dir.parent)
+    try:  # the zero-row schema files type the views: a run written before a column was added needs them renewed
+        lake.ensure_run(run_dir.name)
+    except OSError:  # a lake this user may only read: the views keep the columns the run was written with
+        pass
+    health = lake.inspect(run_dir.name)
     if report is not None:
         for damage in health.damaged:
             report(damage.line())

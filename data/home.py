@@ -50,6 +50,10 @@ def environment_defaults(root: Path) -> dict[str, str]:
         "VLLM_CONFIG_ROOT": str(cache / "vllm-config"),
         "VLLM_RPC_BASE_PATH": str(tmp),
         "VLLM_NO_USAGE_STATS": "1",
+        # vLLM's records go through the root logger (deploy/logging.yml): the command's log file keeps
+        # them, the terminal filter keeps them off the terminal; its own handler printed them to stdout
+        "VLLM_CONFIGURE_LOGGING": "0",
+        "TORCH_CPP_LOG_LEVEL": "ERROR",  # torch's C++ warnings (NUMA binding) bypass Python logging
         "DO_NOT_TRACK": "1",
         "VLLM_CPU_KVCACHE_SPACE": "1",
         # one process: ready in 3-6 s instead of 32-48 s, and faster on 2 cores (NOTES)

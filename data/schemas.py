@@ -58,6 +58,7 @@ VERDICTS = pa.schema(
         ("gold", pa.string()),
         ("detail", pa.string()),
         ("seconds", pa.float64()),
+        ("graded_with", pa.string()),
     ]
 )
 

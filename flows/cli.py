@@ -520,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     # a handler that cannot deliver a record (Prefect's API log worker when the server went away)
     # must not print its own error into the terminal; the log file keeps the records
     logging.raiseExceptions = False
+    logging.captureWarnings(True)  # libraries' warnings go to the log file, not the terminal
     if args.command not in ("ui", "serve", "verify-file", "sql", "status", "report", "sandbox", "doctor"):
         _use_running_server()
     log_path = None

@@ -95,6 +95,7 @@ class VLLMEngine:
             max_model_len=config.max_model_len,
             enforce_eager=eager,
             seed=0,
+            use_tqdm_on_load=False,  # its weight-loading bar wrote into the terminal past the log file
         )
         if gpu:
             kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization

@@ -57,6 +57,13 @@ def _closing_brace(text: str, opening: int) -> int | None:
     return None
 
 
+def all_boxes(text: str) -> tuple[str, ...]:
+    """Every box `last_boxes` could take, in reading order. `grade(gold, response)` depends on the
+    response only through these (`last_boxes(text, k)` is their last k), so two responses with the
+    same boxes get the same verdict: the verify stage grades such a pair once."""
+    return tuple(last_boxes(text, len(text)))
+
+
 def last_boxed(text: str) -> str | None:
     """Content of the last `\\boxed{...}` (or `\\fbox{...}`) whose braces close, or None."""
     boxes = last_boxes(text, 1)

@@ -11,6 +11,7 @@ from evoforge.data.chunks import NO_CHUNKS, Chunks
 from evoforge.data.ids import stable_hash
 from evoforge.tasks import summary
 from evoforge.tasks.grader_pool import GraderPool
+from evoforge.tasks.grading import all_boxes
 from evoforge.tasks.progress import Progress
 
 
@@ -54,30 +55,52 @@ def verify(rollouts: pa.Table, problems: pa.Table, config: VerifyConfig, chunks:
     rows.sort(key=lambda r: (r["problem_id"], r["rollout_id"]))
     batches = [rows[i : i + CHUNK_ROLLOUTS] for i in range(0, len(rows), CHUNK_ROLLOUTS)]
     parts: list[pa.Table] = []
-    with config.pool() as pool, Progress("verify", len(rows), "answers") as progress:
+    with config.pool() as pool, Progress("verify", len(rows), "rollouts") as progress:
         for batch in batches:
             key = stable_hash("verify", *(r["rollout_id"] for r in batch))
             done = sum(p.num_rows for p in parts)
 
             def grade(batch=batch, done=done) -> pa.Table:
-                # a demonstration without a reference answer has nothing to grade against
-                graded = [r for r in batch if gold_of[r["problem_id"]] is not None]
-                results = iter(pool.run([("grade", gold_of[r["problem_id"]], r["text"]) for r in graded],
-                                        lambda n: progress.update(done + n)))
-                ungraded = ("no_reference", None, "the problem has no reference answer (demonstrations only)", 0.0)
-                rows = []
-                for r in batch:
-                    gold = gold_of[r["problem_id"]]
-                    verdict, extracted, detail, seconds = next(results) if gold is not None else ungraded
-                    rows.append(dict(rollout_id=r["rollout_id"], problem_id=r["problem_id"], verdict=verdict,
-                                     extracted_answer=extracted, gold=gold, detail=detail, seconds=seconds))
-                return pa.Table.from_pylist(rows, schema=schemas.VERDICTS)
+                return _grade_batch(batch, gold_of, pool, lambda n: progress.update(done + n))
 
             parts.append(chunks.get_or_compute(key, grade))
             progress.update(done + len(batch))
     return pa.concat_tables(parts) if parts else schemas.VERDICTS.empty_table()
 
 
+NO_REFERENCE = ("no_reference", None, "the problem has no reference answer (demonstrations only)", 0.0)
+
+
+def _grade_batch(batch: list[dict], gold_of: dict, pool: GraderPool, on_progress) -> pa.Table:
+    """Verdicts of a batch of rollouts. A problem's samples repeat their final answers: each distinct
+    (gold, boxed answers) is graded once and its verdict fanned out to the rows that share it
+    (`graded_with` names the row that was graded; `seconds` is 0 on the others)."""
+    first_of: dict[tuple, str] = {}  # (gold, boxes) -> the rollout graded for it
+    graded = []
+    for r in batch:
+        gold = gold_of[r["problem_id"]]
+        if gold is None:  # a demonstration without a reference answer has nothing to grade against
+            continue
+        key = (gold, all_boxes(r["text"] or ""))
+        if key not in first_of:
+            first_of[key] = r["rollout_id"]
+            graded.append(r)
+    results = dict(zip((r["rollout_id"] for r in graded),
+                       pool.run([("grade", gold_of[r["problem_id"]], r["text"]) for r in graded], on_progress)))
+    rows = []
+    for r in batch:
+        gold = gold_of[r["problem_id"]]
+        graded_with = first_of[(gold, all_boxes(r["text"] or ""))] if gold is not None else None
+        verdict, extracted, detail, seconds = results[graded_with] if gold is not None else NO_REFERENCE
+        rows.append(dict(rollout_id=r["rollout_id"], problem_id=r["problem_id"], verdict=verdict,
+                         extracted_answer=extracted, gold=gold, detail=detail,
+                         seconds=seconds if graded_with == r["rollout_id"] else 0.0, graded_with=graded_with))
+    return pa.Table.from_pylist(rows, schema=schemas.VERDICTS)
+
+
 def summarize(tables: dict[str, pa.Table]) -> list[str]:
     verdicts = summary.counts(summary.column(tables, "verdicts", "verdict"))
-    return [summary.line("verdicts", verdicts), f"- **timeouts**: {verdicts.get('timeout', 0)}"]
+    rows = tables.get("verdicts")
+    shared = "" if rows is None or rows.num_rows == 0 else (
+        f"- **graded**: {len(set(v for v in rows['graded_with'].to_pylist() if v))} distinct answers for {rows.num_rows} rollouts")
+    return [summary.line("verdicts", verdicts), f"- **timeouts**: {verdicts.get('timeout', 0)}", *([shared] if shared else [])]

@@ -97,3 +97,25 @@ def test_a_demonstration_without_a_reference_is_marked_not_graded_and_filter_lea
     assert out["r2"]["gold"] is None and "no reference answer" in out["r2"]["detail"]
     stats = filter_problems.fn(pa.Table.from_pylist(list(out.values())), rollouts, FilterConfig())
     assert stats["problem_id"].to_pylist() == ["p1"]  # no accuracy, no bucket for the ungraded demonstration
+
+
+def test_each_distinct_answer_is_graded_once_and_its_verdict_fanned_out_identically():
+    """A problem's samples repeat their final answers: the stage grades each distinct (gold, boxed
+    answers) once; every row's verdict is what grading it alone gives, and `graded_with` says whose."""
+    texts = ["so \\boxed{4}", "I get \\boxed{4}", "\\boxed{5}", "no box", "none either", "\\boxed{2} then \\boxed{4}",
+             "\\boxed{1}, \\boxed{2}"]
+    rollouts = pa.Table.from_pylist(
+        [dict(rollout_id=f"r{i}", problem_id="p", text=t) for i, t in enumerate(texts)]
+        + [dict(rollout_id="q0", problem_id="q", text="\\boxed{1}, \\boxed{2}")])
+    problems = pa.Table.from_pylist([dict(problem_id="p", answer="4"), dict(problem_id="q", answer="1, 2")])
+    config = VerifyConfig(workers=1, deadline_seconds=30)
+    rows = {r["rollout_id"]: r for r in verify.fn(rollouts, problems, config).to_pylist()}
+    alone = grade_pairs([("4", t) for t in texts] + [("1, 2", "\\boxed{1}, \\boxed{2}")], config)
+    for rollout_id, (verdict, extracted, detail, _) in zip([f"r{i}" for i in range(len(texts))] + ["q0"], alone):
+        assert (rows[rollout_id]["verdict"], rows[rollout_id]["extracted_answer"], rows[rollout_id]["detail"]) == (
+            verdict, extracted, detail)
+    graded_with = {k: r["graded_with"] for k, r in rows.items()}
+    # same boxes, same gold: shared; a different gold never shares, even with the same boxes
+    assert graded_with == {"r0": "r0", "r1": "r0", "r2": "r2", "r3": "r3", "r4": "r3", "r5": "r5", "r6": "r6",
+                           "q0": "q0"}
+    assert rows["r1"]["seconds"] == 0.0 and rows["r4"]["seconds"] == 0.0 and rows["r0"]["seconds"] > 0.0
