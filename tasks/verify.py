@@ -63,7 +63,9 @@ def verify(rollouts: pa.Table, problems: pa.Table, config: VerifyConfig, chunks:
             def grade(batch=batch, done=done) -> pa.Table:
                 return _grade_batch(batch, gold_of, pool, lambda n: progress.update(done + n))
 
-            parts.append(chunks.get_or_compute(key, grade))
+            # a chunk an older evoforge stored lacks the newer columns: they read as nulls
+            parts.append(schemas.conform(chunks.get_or_compute(key, grade), schemas.VERDICTS, where="verify chunk",
+                                         missing_as_null=True))
             progress.update(done + len(batch))
     return pa.concat_tables(parts) if parts else schemas.VERDICTS.empty_table()
 
