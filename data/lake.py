@@ -189,6 +189,8 @@ class Lake:
         return pa.concat_tables(parts)
 
     def _read_stage_table(self, run, round, stage, folder, table, exclude_key) -> list[pa.Table]:
+        if not (folder / table).is_dir():  # the stage never wrote this table: its manifest is not ours to read
+            return []
         for _attempt in range(3):  # a writer may commit (and remove the old parts) while we read
             manifest = self.manifest(run, round, stage)
             if manifest is None:

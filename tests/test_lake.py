@@ -227,3 +227,13 @@ def test_parts_written_before_manifests_are_reported_and_doctor_commits_them_as_
     assert lake.read("r", "problems").num_rows == 3
     assert [p.key for p in read_manifest(lake.stage_dir("r", 0, "ingest")).parts] == ["0123456789abcdef"]
     assert lake.inspect("r", checksum=True).legacy == [] and lake.has_output("r", 0, "generate")
+
+
+def test_an_unreadable_manifest_stops_only_the_reads_of_the_tables_its_stage_wrote(scratch):
+    lake = Lake(scratch)
+    lake.publish_stage("r", 0, "ingest", {"problems": problems(3)})
+    lake.publish_stage("r", 0, "generate", {"rollouts": schemas.ROLLOUTS.empty_table()})
+    (lake.stage_dir("r", 0, "generate") / MANIFEST_NAME).write_text("not json")
+    assert lake.read("r", "problems").num_rows == 3
+    with pytest.raises(DamagedPart):
+        lake.read("r", "rollouts")
