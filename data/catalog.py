@@ -14,7 +14,7 @@ from typing import Callable
 import duckdb
 
 from evoforge.data.atomic import atomic_path
-from evoforge.data.lake import Lake
+from evoforge.data.lake import Lake, RunHealth
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 
@@ -38,16 +38,22 @@ def named_queries() -> dict[str, Path]:
     return {path.stem: path for path in sorted((SQL_DIR / "queries").glob("*.sql"))}
 
 
-def create_views(con: duckdb.DuckDBPyConnection, run_dir: Path, report: Callable[[str], None] | None = None) -> None:
-    """Views over the parts the run's manifests list; damaged parts are left out, each named in one
-    line to `report` (a query over the rest of the run still answers)."""
+def run_health(run_dir: Path) -> RunHealth:
+    """What `create_views` builds on: the run's committed parts, checked cheaply (Lake.inspect)."""
     run_dir = Path(run_dir).resolve()
     lake = Lake(run_dir.parent)
     try:  # the zero-row schema files type the views: a run written before a column was added needs them renewed
         lake.ensure_run(run_dir.name)
     except OSError:  # a lake this user may only read: the views keep the columns the run was written with
         pass
-    health = lake.inspect(run_dir.name)
+    return lake.inspect(run_dir.name)
+
+
+def create_views(con: duckdb.DuckDBPyConnection, run_dir: Path, report: Callable[[str], None] | None = None,
+                 health: RunHealth | None = None) -> None:
+    """Views over the parts the run's manifests list; damaged parts are left out, each named in one
+    line to `report` (a query over the rest of the run still answers)."""
+    health = health or run_health(run_dir)
     if report is not None:
         for damage in health.damaged:
             report(damage.line())
@@ -58,9 +64,10 @@ def create_views(con: duckdb.DuckDBPyConnection, run_dir: Path, report: Callable
             raise RuntimeError(f"sql/views/{name}.sql: {err}") from err
 
 
-def connect(run_dir: Path, report: Callable[[str], None] | None = None) -> duckdb.DuckDBPyConnection:
+def connect(run_dir: Path, report: Callable[[str], None] | None = None,
+            health: RunHealth | None = None) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect(":memory:")
-    create_views(con, run_dir, report)
+    create_views(con, run_dir, report, health)
     return con
 
 

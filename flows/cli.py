@@ -141,12 +141,13 @@ def cmd_demo(args) -> None:
           "           commands report their flow runs, logs and artifacts to it")
 
 
-def cmd_sql(args) -> None:
+def cmd_sql(args, health=None) -> None:
     from evoforge.data import catalog
     from evoforge.data.lake import lake
 
     # a damaged part is left out of the views and named on stderr; the rest of the run still answers
-    con = catalog.connect(lake().existing_run_dir(args.run), report=lambda line: print(line, file=sys.stderr))
+    con = catalog.connect(lake().existing_run_dir(args.run), report=lambda line: print(line, file=sys.stderr),
+                          health=health)
     query = catalog.resolve_query(args.query)
     if not getattr(args, "allow_writes", False):
         catalog.check_read_only(query)
@@ -169,12 +170,13 @@ def cmd_sql(args) -> None:
 
 
 def cmd_status(args) -> None:
+    from evoforge.data import catalog
     from evoforge.data.lake import lake
 
     args.query = "status"
     args.csv = False
-    cmd_sql(args)
-    health = lake().inspect(args.run)
+    health = catalog.run_health(lake().existing_run_dir(args.run))
+    cmd_sql(args, health)
     for path in health.unnamed:
         print(f"not data: {path} (no manifest lists it; evoforge ignores it)", file=sys.stderr)
     if health.legacy:

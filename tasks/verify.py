@@ -78,25 +78,26 @@ def _grade_batch(batch: list[dict], gold_of: dict, pool: GraderPool, on_progress
     (gold, boxed answers) is graded once and its verdict fanned out to the rows that share it
     (`graded_with` names the row that was graded; `seconds` is 0 on the others)."""
     first_of: dict[tuple, str] = {}  # (gold, boxes) -> the rollout graded for it
-    graded = []
+    graded, graded_with = [], []
     for r in batch:
         gold = gold_of[r["problem_id"]]
         if gold is None:  # a demonstration without a reference answer has nothing to grade against
+            graded_with.append(None)
             continue
         key = (gold, all_boxes(r["text"] or ""))
         if key not in first_of:
             first_of[key] = r["rollout_id"]
             graded.append(r)
+        graded_with.append(first_of[key])
     results = dict(zip((r["rollout_id"] for r in graded),
                        pool.run([("grade", gold_of[r["problem_id"]], r["text"]) for r in graded], on_progress)))
     rows = []
-    for r in batch:
+    for r, shared in zip(batch, graded_with):
         gold = gold_of[r["problem_id"]]
-        graded_with = first_of[(gold, all_boxes(r["text"] or ""))] if gold is not None else None
-        verdict, extracted, detail, seconds = results[graded_with] if gold is not None else NO_REFERENCE
+        verdict, extracted, detail, seconds = results[shared] if shared is not None else NO_REFERENCE
         rows.append(dict(rollout_id=r["rollout_id"], problem_id=r["problem_id"], verdict=verdict,
                          extracted_answer=extracted, gold=gold, detail=detail,
-                         seconds=seconds if graded_with == r["rollout_id"] else 0.0, graded_with=graded_with))
+                         seconds=seconds if shared == r["rollout_id"] else 0.0, graded_with=shared))
     return pa.Table.from_pylist(rows, schema=schemas.VERDICTS)
 
 
