@@ -14,7 +14,6 @@ file written whole (data/atomic.py); only evoforge's part names are read there.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -211,13 +210,10 @@ class Lake:
             data = path.read_bytes()
         except FileNotFoundError:
             raise DamagedPart(Damage(run, path, "missing", round, stage)) from None
-        if len(data) != part.bytes:
-            reason = f"size {len(data)} bytes, manifest says {part.bytes}"
-        elif hashlib.sha256(data).hexdigest() != part.sha256:
-            reason = "checksum differs from the manifest"
-        else:
-            return pq.read_table(pa.BufferReader(data))
-        raise DamagedPart(Damage(run, path, reason, round, stage))
+        reason = part_damage(folder, part, checksum=True, data=data)
+        if reason:
+            raise DamagedPart(Damage(run, path, reason, round, stage))
+        return pq.read_table(pa.BufferReader(data))
 
     def _read_run_table(self, run: str, table: str, schema: pa.Schema) -> pa.Table:
         parts = []

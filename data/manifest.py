@@ -114,21 +114,23 @@ def write_manifest(stage_dir: Path, parts: list[Part]) -> Manifest:
     return manifest
 
 
-def part_damage(stage_dir: Path, part: Part, *, checksum: bool) -> str | None:
+def part_damage(stage_dir: Path, part: Part, *, checksum: bool, data: bytes | None = None) -> str | None:
     """Why the file does not match its manifest entry, or None. Without `checksum` only the cheap
     checks (size, Parquet footer, row count) run: what every query does; `doctor` and the stages
-    that read a part check the checksum too."""
+    that read a part check the checksum too, a reader on the `data` it has already read."""
     path = Path(stage_dir) / part.file
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return "missing"
+    if data is None:
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return "missing"
+    else:
+        size = len(data)
     if size != part.bytes:
         return f"size {size} bytes, manifest says {part.bytes}"
     if checksum:
-        if sha256_file(path) != part.sha256:
-            return "checksum differs from the manifest"
-        return None
+        digest = hashlib.sha256(data).hexdigest() if data is not None else sha256_file(path)
+        return None if digest == part.sha256 else "checksum differs from the manifest"
     try:
         rows = pq.read_metadata(path).num_rows
     except Exception as err:  # pyarrow raises ArrowInvalid / OSError variants for a broken footer

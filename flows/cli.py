@@ -169,6 +169,10 @@ def cmd_sql(args, health=None) -> None:
     Console(width=None if sys.stdout.isatty() else 240).print(table)
 
 
+def _not_data(path: Path) -> str:
+    return f"not data: {path} (no manifest lists it; evoforge ignores it)"
+
+
 def cmd_status(args) -> None:
     from evoforge.data import catalog
     from evoforge.data.lake import lake
@@ -178,7 +182,7 @@ def cmd_status(args) -> None:
     health = catalog.run_health(lake().existing_run_dir(args.run))
     cmd_sql(args, health)
     for path in health.unnamed:
-        print(f"not data: {path} (no manifest lists it; evoforge ignores it)", file=sys.stderr)
+        print(_not_data(path), file=sys.stderr)
     if health.legacy:
         print(f"{len(health.legacy)} part(s) written by an evoforge before manifests are not read: "
               f"`evoforge doctor --run {args.run} --repair` commits them as they are", file=sys.stderr)
@@ -201,7 +205,7 @@ def cmd_doctor(args) -> int:
     for damage in health.damaged:
         print(damage.line())
     for path in health.unnamed:
-        print(f"not data: {path} (no manifest lists it; evoforge ignores it)")
+        print(_not_data(path))
     print(f"run {args.run}: {parts} file(s) match their manifests, {len(health.damaged)} damaged, "
           f"{len(health.unnamed)} not data, {len(health.leftovers)} uncommitted leftover(s), "
           f"{len(health.legacy)} part(s) written before manifests")
