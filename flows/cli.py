@@ -321,6 +321,38 @@ def cmd_ui(args) -> None:
         stop_server(server)
 
 
+def cmd_engine_serve(args) -> int:
+    """N local `vllm serve` replicas of a model until Ctrl-C or kill; a replica that dies is started again."""
+    from evoforge.models.registry import resolve
+    from evoforge.models.vllm_servers import ServerFleet
+
+    model = resolve(args.model)
+    fleet = ServerFleet(model, replicas=args.replicas, port=args.port, host=args.host,
+                        threads_per_replica=args.threads_per_replica, dtype=args.dtype,
+                        max_model_len=args.max_model_len)
+    print(f"starting {args.replicas} vllm serve replica(s) of {model.model_id} ...", flush=True)
+    try:
+        fleet.start()
+        for replica in fleet.running:
+            print(f"  {fleet.endpoints[replica.index]}   on {'GPU' if fleet.gpu_count() else 'cores'} {replica.devices}"
+                  f"   log: {replica.log_path}")
+        print("in a round config:\n  engine:\n    backend: openai\n"
+              f"    model: {args.model}\n    max_model_len: {args.max_model_len}\n"
+              f"    endpoints: [{', '.join(fleet.endpoints)}]\nCtrl-C stops them.", flush=True)
+        while True:
+            time.sleep(2)
+            for replica in fleet.running:
+                if not replica.alive:
+                    print(f"replica on port {replica.port} exited ({replica.process.returncode}): starting it again",
+                          file=sys.stderr, flush=True)
+                    fleet.restart_replica(replica.index)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        fleet.stop()
+        print(f"stopped {args.replicas} replica(s)", flush=True)
+
+
 def cmd_serve(args) -> None:
     from evoforge.flows.config import DEFAULT_CONFIG
     from evoforge.flows.serve import serve
@@ -426,6 +458,19 @@ def parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=4200)
     ui.set_defaults(func=cmd_ui)
 
+    eng = sub.add_parser("engine", help="generation servers")
+    eng_sub = eng.add_subparsers(dest="engine_command", required=True)
+    eng_serve = eng_sub.add_parser("serve", help="start N local `vllm serve` replicas of a model (Ctrl-C stops them) "
+                                                 "and print their endpoints for engine.endpoints")
+    eng_serve.add_argument("--model", default="default", help="'default', a model folder or a hub id")
+    eng_serve.add_argument("--replicas", type=int, default=1, help="one per GPU, or per group of CPU cores")
+    eng_serve.add_argument("--port", type=int, default=8100, help="the first replica's port (the others count up)")
+    eng_serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
+    eng_serve.add_argument("--threads-per-replica", type=int, default=0, help="CPU cores each (0: split evenly)")
+    eng_serve.add_argument("--max-model-len", type=int, default=2048)
+    eng_serve.add_argument("--dtype", default="auto", help="auto: float32 on CPU, bfloat16 on GPU")
+    eng_serve.set_defaults(func=cmd_engine_serve)
+
     srv = sub.add_parser("serve", help="serve the round and stage deployments (and a cron schedule) from here")
     srv.add_argument("--config", help="round config for the round deployment (default: deploy/configs/demo.yaml)")
     srv.add_argument("--run", default="scheduled", help="the run the deployments work on")
@@ -527,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     # must not print its own error into the terminal; the log file keeps the records
     logging.raiseExceptions = False
     logging.captureWarnings(True)  # libraries' warnings go to the log file, not the terminal
-    if args.command not in ("ui", "serve", "verify-file", "sql", "status", "report", "sandbox", "doctor"):
+    if args.command not in ("ui", "serve", "engine", "verify-file", "sql", "status", "report", "sandbox", "doctor"):
         _use_running_server()
     log_path = None
     try:
@@ -562,7 +607,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"error: {str(err).strip().splitlines()[0]}{log}", file=sys.stderr)
         return 2 if user_error else 1
+    finally:
+        _stop_launched_servers()
     return code if isinstance(code, int) else 0
+
+
+def _stop_launched_servers() -> None:
+    """The `vllm serve` replicas a round launched (engine.launch) end with the command that launched them."""
+    servers = sys.modules.get("evoforge.models.vllm_servers")
+    if servers is not None:
+        servers.stop_all()
 
 
 def _validation_line(err, args) -> str:

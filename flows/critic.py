@@ -27,7 +27,7 @@ def critic_flow(run: str, round: int, config: RoundConfig | None = None, force: 
     return execute_stage(
         run, round, "critic",
         config_hash=config_hash({"critic": config.critic.model_dump(mode="json", exclude={"replay_size", "critic_share"}),
-                                 "engine": config.engine.model_dump(mode="json")}),
+                                 "engine": config.engine.output_settings()}),
         model_id=model_id_for(config.engine),
         input_fingerprint=fingerprint_tables(judged, problems),
         rows_in=rollouts.num_rows,

@@ -19,7 +19,7 @@ def generate_flow(run: str, round: int, config: RoundConfig | None = None, force
     return execute_stage(
         run, round, "generate",
         config_hash=config_hash({"generate": config.generate.model_dump(mode="json"),
-                                 "engine": config.engine.model_dump(mode="json")}),
+                                 "engine": config.engine.output_settings()}),
         model_id=model_id_for(config.engine),
         input_fingerprint=fingerprint_tables(pool),
         rows_in=pool.num_rows,

@@ -11,7 +11,9 @@ distribution, such as a random test model's) go through vLLM's own sort, and row
 is too unlikely for the candidates to hold p go there without the topk.
 
 `install()` swaps vLLM's function for this one (GPU builds use Triton and never reach it);
-`EVOFORGE_VLLM_SORTED_TOP_P=1` keeps vLLM's.
+`EVOFORGE_VLLM_SORTED_TOP_P=1` keeps vLLM's. The in-process engine calls it; `vllm_plugin` does it in
+the processes vLLM starts on its own (`vllm serve` replicas, Ray Data's engines) through vLLM's
+general-plugin entry point (pyproject.toml), which every vLLM process loads.
 """
 from __future__ import annotations
 
@@ -72,3 +74,9 @@ def install() -> bool:
     if not hasattr(current, "sorted_top_p"):
         sampler.apply_top_k_top_p_pytorch = truncated_top_p(current)
     return True
+
+
+def vllm_plugin() -> None:
+    """vLLM general plugin: truncated top-p in every vLLM process on a CPU."""
+    if not torch.cuda.is_available():
+        install()

