@@ -27,7 +27,8 @@ home.configure()
 
 
 def one_side(args) -> dict:
-    from evoforge.models.engine import EngineConfig, GenerationRequest, SamplingConfig, load_engine
+    from evoforge.models.engine import EngineConfig, GenerationRequest, SamplingConfig
+    from evoforge.models.loader import load_engine
     from evoforge.models.prompts import solve_messages
     from evoforge.tasks.ingest import read_records
 

@@ -37,7 +37,8 @@ def main() -> None:
     from vllm import SamplingParams
 
     from evoforge.data.ids import problem_id, problem_seed
-    from evoforge.models.engine import EngineConfig, SamplingConfig, load_engine, render
+    from evoforge.models.engine import EngineConfig, SamplingConfig, render
+    from evoforge.models.loader import load_engine
     from evoforge.models.prompts import solve_messages
     from evoforge.tasks.generate import GenerateConfig, generate
 

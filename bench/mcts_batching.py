@@ -26,7 +26,8 @@ home.configure()
 def one_side(args) -> dict:
     import pyarrow as pa
 
-    from evoforge.models.engine import EngineConfig, load_engine
+    from evoforge.models.engine import EngineConfig
+    from evoforge.models.loader import load_engine
     from evoforge.models.tiny import tiny_model_folder
     from evoforge.tasks.mcts import MCTSConfig, search
     from evoforge.tasks.verify import VerifyConfig

@@ -29,7 +29,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=96)
     args = parser.parse_args()
 
-    from evoforge.models.engine import EngineConfig, load_engine
+    from evoforge.models.engine import EngineConfig
+    from evoforge.models.loader import load_engine
     from evoforge.tasks.ingest import EvalSetConfig, load_eval_set
     from evoforge.tasks.mcts import MCTSConfig, search
     from evoforge.tasks.pairs import PairsConfig, build_step_pairs

@@ -9,7 +9,7 @@ from evoforge.data.ids import fingerprint_tables
 from evoforge.flows.config import RoundConfig, config_hash
 from evoforge.flows.inputs import problems_with_experts, round_table, stage_config
 from evoforge.flows.stage_runner import StageResult, execute_stage
-from evoforge.models.engine import load_engine, model_id_for
+from evoforge.models.loader import load_engine, model_id_for
 from evoforge.tasks.critic import judge
 from evoforge.tasks.progress import flow_run_logger
 

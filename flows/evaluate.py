@@ -9,7 +9,7 @@ from evoforge.data.ids import fingerprint_tables
 from evoforge.flows.config import RoundConfig, config_hash, resolve_path
 from evoforge.flows.inputs import MissingInput, checkpoint, stage_config
 from evoforge.flows.stage_runner import StageResult, execute_stage
-from evoforge.models.engine import load_engine, model_id_for
+from evoforge.models.loader import load_engine, model_id_for
 from evoforge.tasks.evaluate import evaluate
 from evoforge.tasks.ingest import load_eval_set
 

@@ -16,7 +16,7 @@ from evoforge.flows.config import RoundConfig, config_hash
 from evoforge.flows.inputs import (MissingInput, problem_pool, problems_with_experts, round_table, stage_config,
                                    stage_output)
 from evoforge.flows.stage_runner import StageResult, execute_stage
-from evoforge.models.engine import release_engines
+from evoforge.models.loader import release_engines
 from evoforge.models.registry import folder_hash, resolve
 from evoforge.tasks.critic import raro_training_rows
 from evoforge.tasks.finetune.training import METHOD_TABLES, TrainingContext, train_policy, train_ppm

@@ -168,8 +168,9 @@ class ServerFleet:
 
     @property
     def endpoints(self) -> list[str]:
-        """The OpenAI base URLs, as a config's `engine.endpoints` takes them."""
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        """The OpenAI base URLs, as a config's `engine.endpoints` takes them (by this machine's name when
+        the replicas listen on every interface, for configs used on other machines)."""
+        host = socket.gethostname() if self.host in ("0.0.0.0", "") else self.host
         return [f"http://{host}:{r.port}/v1" for r in self.running]
 
     def gpu_count(self) -> int:

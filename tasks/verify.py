@@ -1,6 +1,8 @@
 """verify: extract each rollout's final answer and grade it against the gold with math-verify -> `verdicts`."""
 from __future__ import annotations
 
+from typing import Literal
+
 import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -9,6 +11,7 @@ from pydantic import BaseModel, Field
 from evoforge.data import schemas
 from evoforge.data.chunks import NO_CHUNKS, Chunks
 from evoforge.data.ids import stable_hash
+from evoforge.models.engine import RayConfig
 from evoforge.tasks import summary
 from evoforge.tasks.grader_pool import GraderPool
 from evoforge.tasks.grading import all_boxes
@@ -20,12 +23,20 @@ class VerifyConfig(BaseModel):
     deadline_seconds: float = Field(10.0, gt=0, description="hard limit per item; the worker is killed past it")
     memory_mb: int = Field(2048, ge=256, description="address-space limit of each grader process")
     chunk_size: int = Field(32, ge=1, description="items sent to a worker at once")
+    backend: Literal["local", "ray"] = Field(
+        "local", description="local: grader processes here; ray: grader actors on a Ray cluster (`workers` of them)")
+    ray: RayConfig = Field(default_factory=RayConfig, description="ray: the cluster (only `address` applies here)")
 
     def grading_settings(self) -> dict:
         """The settings that can change a verdict (which items time out); workers and chunking cannot."""
         return self.model_dump(mode="json", include={"deadline_seconds", "memory_mb"})
 
     def pool(self) -> GraderPool:
+        if self.backend == "ray":
+            from evoforge.tasks.ray_grading import RayGraderPool
+
+            return RayGraderPool(self.workers, self.deadline_seconds, self.memory_mb, self.chunk_size,
+                                 address=self.ray.address)
         return GraderPool(self.workers, self.deadline_seconds, self.memory_mb, self.chunk_size)
 
 

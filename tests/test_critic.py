@@ -136,7 +136,8 @@ def test_the_critic_stage_writes_judgments_the_catalog_reports(write_jsonl, pref
 
 @pytest.mark.model
 def test_raro_grpo_trains_both_roles_of_one_model(tiny_model, scratch):
-    from evoforge.models.engine import EngineConfig, SamplingConfig, load_engine
+    from evoforge.models.engine import EngineConfig, SamplingConfig
+    from evoforge.models.loader import load_engine
     from evoforge.tasks.finetune.config import FinetuneConfig
     from evoforge.tasks.finetune.training import TrainingContext, train_policy
 

@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from evoforge.models.engine import EngineConfig, GenerationRequest, SamplingConfig, load_engine
+from evoforge.models.engine import EngineConfig, GenerationRequest, SamplingConfig
+from evoforge.models.loader import load_engine
 from evoforge.models.prompts import solve_messages
 
 SAMPLING = SamplingConfig(n=3, temperature=1.0, top_p=0.95, max_tokens=12, seed=0)

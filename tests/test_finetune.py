@@ -7,7 +7,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from evoforge.models.engine import EngineConfig, GenerationRequest, SamplingConfig, load_engine
+from evoforge.models.engine import EngineConfig, GenerationRequest, SamplingConfig
+from evoforge.models.loader import load_engine
 from evoforge.models.prompts import solve_messages
 from evoforge.tasks.finetune import grpo
 from evoforge.tasks.finetune.config import FinetuneConfig

@@ -111,7 +111,7 @@ def test_search_batches_every_tree_per_depth_and_writes_consistent_trees(scripte
 
 @pytest.mark.model
 def test_a_tiny_model_search_through_vllm_and_the_sandbox_writes_trees(tiny_engine_config):
-    from evoforge.models.engine import load_engine
+    from evoforge.models.loader import load_engine
 
     problems = pa.table({"problem_id": ["a", "b", "c"], "question": ["What is 2 + 3?", "What is 4 * 5?", "What is 9 - 1?"],
                          "answer": ["5", "20", "8"]})

@@ -8,7 +8,8 @@ import time
 import pyarrow as pa
 import pytest
 
-from evoforge.models.engine import EngineConfig, GenerationRequest, LaunchConfig, SamplingConfig, load_engine
+from evoforge.models.engine import EngineConfig, GenerationRequest, LaunchConfig, SamplingConfig
+from evoforge.models.loader import load_engine
 from evoforge.models.prompts import solve_messages
 
 PORT = 8170  # the fleet takes the first free ports from here
