@@ -173,6 +173,9 @@ class ServerFleet:
         host = socket.gethostname() if self.host in ("0.0.0.0", "") else self.host
         return [f"http://{host}:{r.port}/v1" for r in self.running]
 
+    def _root(self, port: int) -> str:
+        return f"http://{'127.0.0.1' if self.host in ('0.0.0.0', '') else self.host}:{port}"
+
     def gpu_count(self) -> int:
         from evoforge.models.engine import has_cuda
 
@@ -262,7 +265,7 @@ class ServerFleet:
                     raise ServerStartError(
                         f"vllm serve replica on port {replica.port} exited with code {replica.process.returncode}: "
                         f"{_last_line(replica.log_path)} (log: {replica.log_path})")
-                if health(f"http://127.0.0.1:{replica.port}", timeout=1.0):
+                if health(self._root(replica.port), timeout=1.0):
                     waiting.remove(replica)
             if waiting and time.monotonic() > deadline:
                 raise ServerStartError(

@@ -81,3 +81,18 @@ def _take(router: Router, endpoint: Endpoint) -> Endpoint:
     with router.cond:
         endpoint.outstanding += 1
     return endpoint
+
+
+def test_ray_workers_get_the_prefect_server_and_the_projects_caches(monkeypatch):
+    """Without PREFECT_API_URL each Ray worker running Prefect code would start its own temporary server
+    on the project's SQLite file; with it they all report to the driver's server (models/ray_cluster.py)."""
+    from evoforge.data import home
+    from evoforge.models import ray_cluster
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    env = ray_cluster.runtime_env()["env_vars"]
+    assert env["PREFECT_API_URL"] == "http://127.0.0.1:4200/api"
+    assert env["EVOFORGE_HOME"] == str(home.home()) and env["HF_HUB_OFFLINE"] == "1"
+    assert env["VLLM_CACHE_ROOT"].startswith(str(home.home()))
+    monkeypatch.delenv("PREFECT_API_URL")
+    assert "PREFECT_API_URL" not in ray_cluster.runtime_env()["env_vars"]

@@ -140,3 +140,44 @@ def test_mcts_and_the_critic_search_and_judge_the_same_through_the_servers(serve
     local_judgments = judge.fn(judged, answers, local, critic).sort_by("rollout_id")
     assert served_judgments.num_rows == 2
     assert served_judgments.equals(local_judgments)
+
+
+@pytest.mark.model
+def test_engine_serve_prints_its_endpoints_and_stops_its_replicas_on_kill(tiny_model, scratch):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from evoforge.data import home
+    from evoforge.models import vllm_servers
+
+    out = open(scratch / "serve.out", "w+")
+    serve = subprocess.Popen([sys.executable, "-m", "evoforge", "engine", "serve", "--model", str(tiny_model),
+                              "--port", "8210", "--max-model-len", "1024"], cwd=home.PROJECT_ROOT, stdout=out,
+                             stderr=subprocess.STDOUT, env={**os.environ, "EVOFORGE_TRACEBACK": "1"})
+    try:
+        deadline = time.monotonic() + 300
+        while "Ctrl-C stops them" not in (scratch / "serve.out").read_text() and time.monotonic() < deadline:
+            assert serve.poll() is None, (scratch / "serve.out").read_text()
+            time.sleep(0.5)
+        printed = (scratch / "serve.out").read_text()
+        endpoint = next(word for word in printed.split() if word.startswith("http://") and word.endswith("/v1"))
+        with urllib.request.urlopen(f"{endpoint}/models", timeout=10) as response:
+            served = [m["id"] for m in json.load(response)["data"]]
+        assert served == [resolve_id(tiny_model)]  # served under evoforge's model id
+        assert "backend: openai" in printed and f"endpoints: [{endpoint}]" in printed
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        code = serve.wait(120)
+    assert code == 0 and "stopped 1 replica(s)" in (scratch / "serve.out").read_text()
+    port = int(endpoint.rsplit(":", 1)[1].split("/")[0])
+    assert vllm_servers._port_free("127.0.0.1", port)
+
+
+def resolve_id(folder) -> str:
+    from evoforge.models.registry import resolve
+
+    return resolve(str(folder)).model_id
