@@ -281,7 +281,7 @@ class OpenAIEngine:
                 failures.append(f"{endpoint.url}: {err}")
                 if len(failures) >= MAX_ATTEMPTS:  # not a dead server: this request fails wherever it goes
                     raise EndpointsUnavailable(f"a request failed {len(failures)} times, last {failures[-1]}") from err
-                log.info("request on %s failed (%s): moving it to another endpoint", endpoint.url, err)
+                log.debug("request on %s failed (%s): moving it to another endpoint", endpoint.url, err)
                 continue
             except BaseException:
                 self.router.release(endpoint)
