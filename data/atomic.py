@@ -5,6 +5,9 @@ catalog, checkpoints, converted models): build it under a hidden temporary name 
 folder, `.<name>.tmp-<32 hex digits>`, fsync it, rename it over the destination and fsync the folder,
 so a crash leaves the old content or the new, and a power loss cannot undo the rename. Because every
 writer uses the same temporary name, `leftovers()` finds everything a dead writer left behind.
+
+On object storage (data/storage.py) an object appears whole when its upload completes and there is no
+rename: the content is built in a local temporary file and uploaded under its final key.
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from evoforge.data.storage import ObjectPath, is_remote, move, upload_tree
+
 TEMPORARY_NAME = re.compile(r"^\..+\.tmp-[0-9a-f]{32}$")
 
 
@@ -26,6 +31,8 @@ def temporary_path(path: Path) -> Path:
 
 def fsync_folder(folder: Path) -> None:
     """Make a rename (or a new file) in `folder` survive a power loss."""
+    if is_remote(folder):
+        return  # an object is durable once its upload completed
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -56,6 +63,9 @@ def commit(built: Path, path: Path) -> Path:
     A file replaces a file in one rename. A folder cannot be renamed over a non-empty folder, so the
     old one is first renamed aside under a temporary name (which `leftovers()` recognises) and
     removed after the new one is in place."""
+    if is_remote(built):
+        move(built, path)
+        return path
     _fsync_tree(built)
     retired = None
     if path.is_dir() and built.is_dir():
@@ -76,7 +86,16 @@ def commit(built: Path, path: Path) -> Path:
 @contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path to write `path`'s new content at (a file, or a folder the caller
-    creates); on success it is committed over `path`, on any error it is removed."""
+    creates); on success it is committed over `path`, on any error it is removed. For an object it
+    is a local file (or folder) that is uploaded on success."""
+    if is_remote(path):
+        with _local_build(path) as tmp:
+            yield tmp
+            if tmp.is_dir():
+                upload_tree(tmp, path)
+            else:
+                path.upload(tmp)
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
@@ -88,18 +107,37 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
             _remove(tmp)
 
 
-def write_bytes(path: Path | str, data: bytes) -> Path:
+@contextmanager
+def _local_build(target: ObjectPath) -> Iterator[Path]:
+    from evoforge.data import home
+
+    tmp = temporary_path(home.home() / ".tmp" / "uploads" / target.name)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield tmp
+    finally:
+        if tmp.exists():
+            _remove(tmp)
+
+
+def write_bytes(path, data: bytes):
+    if is_remote(path):
+        path.write_bytes(data)  # one PUT: whole or nothing
+        return path
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
 
 
-def write_text(path: Path | str, text: str) -> Path:
+def write_text(path, text: str):
     return write_bytes(path, text.encode())
 
 
 def leftovers(root: Path) -> list[Path]:
-    """The temporary files and folders below `root` that a writer left behind (it died mid-write)."""
+    """The temporary files and folders below `root` that a writer left behind (it died mid-write).
+    None on object storage: an upload a writer did not complete never becomes an object."""
+    if is_remote(root):
+        return []
     found: list[Path] = []
     for current, folders, files in os.walk(root):
         for name in files + folders:

@@ -15,15 +15,16 @@ import duckdb
 
 from evoforge.data.atomic import atomic_path
 from evoforge.data.lake import Lake, RunHealth
+from evoforge.data.storage import LakePath, duckdb_filesystem, is_remote, location
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 
 
-def _list_literal(paths: list[Path]) -> str:
+def _list_literal(paths: list[LakePath]) -> str:
     return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
 
 
-def view_statements(files: dict[str, list[Path]]) -> list[tuple[str, str]]:
+def view_statements(files: dict[str, list[LakePath]]) -> list[tuple[str, str]]:
     """The views of `sql/views/`, each over exactly the files given for its table (`${parts:<table>}`)."""
     statements = []
     for path in sorted((SQL_DIR / "views").glob("*.sql")):
@@ -38,9 +39,9 @@ def named_queries() -> dict[str, Path]:
     return {path.stem: path for path in sorted((SQL_DIR / "queries").glob("*.sql"))}
 
 
-def run_health(run_dir: Path) -> RunHealth:
+def run_health(run_dir: LakePath) -> RunHealth:
     """What `create_views` builds on: the run's committed parts, checked cheaply (Lake.inspect)."""
-    run_dir = Path(run_dir).resolve()
+    run_dir = location(run_dir)
     lake = Lake(run_dir.parent)
     try:  # the zero-row schema files type the views: a run written before a column was added needs them renewed
         lake.ensure_run(run_dir.name)
@@ -49,10 +50,20 @@ def run_health(run_dir: Path) -> RunHealth:
     return lake.inspect(run_dir.name)
 
 
-def create_views(con: duckdb.DuckDBPyConnection, run_dir: Path, report: Callable[[str], None] | None = None,
+def use_object_storage(con: duckdb.DuckDBPyConnection) -> None:
+    """Let `con` read s3:// paths: DuckDB 2.0 cannot install httpfs here, so an fsspec filesystem
+    (s3fs, from the AWS variables) is registered instead; what a notebook does too (README)."""
+    if "s3" not in con.list_filesystems():
+        con.register_filesystem(duckdb_filesystem())
+
+
+def create_views(con: duckdb.DuckDBPyConnection, run_dir: LakePath, report: Callable[[str], None] | None = None,
                  health: RunHealth | None = None) -> None:
     """Views over the parts the run's manifests list; damaged parts are left out, each named in one
     line to `report` (a query over the rest of the run still answers)."""
+    run_dir = location(run_dir)
+    if is_remote(run_dir):
+        use_object_storage(con)
     health = health or run_health(run_dir)
     if report is not None:
         for damage in health.damaged:
@@ -64,16 +75,17 @@ def create_views(con: duckdb.DuckDBPyConnection, run_dir: Path, report: Callable
             raise RuntimeError(f"sql/views/{name}.sql: {err}") from err
 
 
-def connect(run_dir: Path, report: Callable[[str], None] | None = None,
+def connect(run_dir: LakePath, report: Callable[[str], None] | None = None,
             health: RunHealth | None = None) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect(":memory:")
     create_views(con, run_dir, report, health)
     return con
 
 
-def refresh_catalog(run_dir: Path) -> Path:
-    """`catalog.duckdb`: the views over the parts committed now, for a data engineer's own session."""
-    target = Path(run_dir) / "catalog.duckdb"
+def refresh_catalog(run_dir: LakePath) -> LakePath:
+    """`catalog.duckdb`: the views over the parts committed now, for a data engineer's own session
+    (on object storage its views name s3:// paths: the session registers the filesystem, README)."""
+    target = location(run_dir) / "catalog.duckdb"
     with atomic_path(target) as tmp:
         try:
             con = duckdb.connect(str(tmp))

@@ -12,14 +12,12 @@ not at all. The folder is removed once the stage's output is published.
 from __future__ import annotations
 
 import re
-import shutil
-from pathlib import Path
 from typing import Callable
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from evoforge.data.lake import write_parquet
+from evoforge.data.storage import LakePath, read_parquet, remove_tree
 
 _KEY = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
@@ -27,8 +25,8 @@ _KEY = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 class Chunks:
     """Chunk store for one stage execution; `Chunks(None)` computes everything and stores nothing."""
 
-    def __init__(self, folder: Path | None):
-        self.folder = Path(folder) if folder is not None else None
+    def __init__(self, folder: LakePath | None):
+        self.folder = folder
         self.reused = 0
         self.computed = 0
         self._children: list[Chunks] = []
@@ -46,9 +44,13 @@ class Chunks:
             self.computed += 1
             return compute()
         path = self.folder / f"{key}.parquet"
-        if path.exists():
+        try:
+            table = read_parquet(path)
+        except FileNotFoundError:
+            pass
+        else:
             self.reused += 1
-            return pq.read_table(path)
+            return table
         table = compute()
         write_parquet(table, path)
         self.computed += 1
@@ -64,11 +66,11 @@ class Chunks:
 
     def clear(self) -> None:
         if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
+            remove_tree(self.folder)
 
 
 NO_CHUNKS = Chunks(None)
 
 
-def chunk_root(run_dir: Path, round: int, stage: str) -> Path:
+def chunk_root(run_dir: LakePath, round: int, stage: str) -> LakePath:
     return run_dir / "_chunks" / f"round={int(round)}" / stage

@@ -23,8 +23,9 @@ def home() -> Path:
     return Path(os.environ.get("EVOFORGE_HOME", default)).resolve()
 
 
-def runs_root() -> Path:
-    return Path(os.environ.get("EVOFORGE_RUNS", home() / "runs")).resolve()
+def runs_root() -> str:
+    """Where the runs live: a folder, or an object-storage prefix such as s3://bucket/runs (EVOFORGE_RUNS)."""
+    return os.environ.get("EVOFORGE_RUNS") or str(home() / "runs")
 
 
 def cache_dir() -> Path:

@@ -14,9 +14,9 @@ file written whole (data/atomic.py); only evoforge's part names are read there.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +29,9 @@ from evoforge.data.atomic import atomic_path, commit, fsync_folder, leftovers, r
 from evoforge.data.manifest import (
     MANIFEST_NAME, PART_NAME, Manifest, ManifestError, Part, describe_part, new_part_name, part_damage,
     read_manifest, write_manifest,
+)
+from evoforge.data.storage import (
+    LakePath, is_remote, location, move, parquet_metadata, parquet_schema, read_parquet, write_parquet_object,
 )
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -48,7 +51,7 @@ class LakeError(ValueError):
 class Damage:
     """A file the lake cannot use as its manifest says: one line names it and how to heal it."""
     run: str
-    path: Path
+    path: LakePath
     reason: str
     round: int | None = None
     stage: str | None = None  # None: a run table (stage_runs)
@@ -72,41 +75,116 @@ class DamagedPart(LakeError):
 @dataclass
 class RunHealth:
     """What a run's folder holds beside its committed data (`Lake.inspect`)."""
-    files: dict[str, list[Path]] = field(default_factory=dict)  # table -> healthy committed parts (+ schema file)
+    files: dict[str, list[LakePath]] = field(default_factory=dict)  # table -> healthy committed parts (+ schema file)
     damaged: list[Damage] = field(default_factory=list)
-    unnamed: list[Path] = field(default_factory=list)  # files in table folders that no manifest lists
-    leftovers: list[Path] = field(default_factory=list)  # temporary files and uncommitted parts of dead writers
-    legacy: list[Path] = field(default_factory=list)  # parts of a stage an evoforge before manifests wrote
+    unnamed: list[LakePath] = field(default_factory=list)  # files in table folders that no manifest lists
+    leftovers: list[LakePath] = field(default_factory=list)  # temporary files and uncommitted parts of dead writers
+    legacy: list[LakePath] = field(default_factory=list)  # parts of a stage an evoforge before manifests wrote
 
 
-def write_parquet(table: pa.Table, path: Path) -> Path:
+def write_parquet(table: pa.Table, path: LakePath) -> LakePath:
+    if is_remote(path):
+        write_parquet_object(table, path)  # visible only once whole
+        return path
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
     return path
 
 
-def _write_part(table: pa.Table, path: Path) -> None:
-    """A new part under its final name: nobody reads it before a manifest lists it, so no rename is
-    needed (the same protocol works on object storage); fsynced before the manifest may name it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path, compression="zstd")
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
+class _HashingSink:
+    """A binary sink that checksums and counts what passes through to the file or object under it."""
+
+    def __init__(self, raw):
+        self.raw, self.digest, self.size, self.closed = raw, hashlib.sha256(), 0, False
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        self.digest.update(view)
+        self.size += view.nbytes
+        self.raw.write(view)
+        return view.nbytes
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.size
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class PartWriter:
+    """One new part under its final name, written as it comes (tables or record batches): nobody
+    reads it before a manifest lists it, so no rename is needed, the same protocol on disk and on
+    object storage (where the object appears only when its upload completes). It is made durable
+    and described (rows, bytes, checksum of what was written) before a manifest may name it."""
+
+    def __init__(self, stage_dir: LakePath, table: str, schema: pa.Schema, key: str | None):
+        self.stage_dir, self.table, self.key = stage_dir, table, key
+        self.file = f"{table}/{new_part_name()}"
+        path = stage_dir / self.file
+        if is_remote(path):
+            self._raw = path.fs.open_output_stream(path._path)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._raw = open(path, "wb")
+        self._sink = _HashingSink(self._raw)
+        self._writer = pq.ParquetWriter(self._sink, schema, compression="zstd")
+        self.rows = 0
+
+    def write(self, rows: pa.Table | pa.RecordBatch) -> None:
+        self._writer.write(rows)
+        self.rows += rows.num_rows
+
+    @property
+    def bytes_written(self) -> int:
+        return self._sink.size
+
+    def close(self) -> Part:
+        self._writer.close()
+        if not is_remote(self.stage_dir):
+            self._raw.flush()
+            os.fsync(self._raw.fileno())
+        self._raw.close()  # an object upload completes here
+        return Part(table=self.table, file=self.file, rows=self.rows, bytes=self._sink.size,
+                    sha256=self._sink.digest.hexdigest(), key=self.key)
+
+    def abort(self) -> None:
+        try:
+            self._raw.close()
+        finally:
+            (self.stage_dir / self.file).unlink(missing_ok=True)
+
+
+def _write_part(table: pa.Table, stage_dir: LakePath, name: str, key: str | None) -> Part:
+    writer = PartWriter(stage_dir, name, table.schema, key)
+    try:
+        writer.write(table)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
 
 
 class Lake:
-    def __init__(self, root: Path):
-        self.root = Path(root).resolve()
+    def __init__(self, root: str | LakePath):
+        self.root = location(root)  # a folder, or an s3:// prefix (data/storage.py)
+        if is_remote(self.root):
+            self.root.check_bucket()
 
     # -- paths ---------------------------------------------------------------------------------
-    def run_dir(self, run: str) -> Path:
+    def run_dir(self, run: str) -> LakePath:
         if not RUN_NAME.match(run or ""):
             raise LakeError(
                 f"run name {run!r} is not valid: use letters, digits, '-', '_' or '.', at most 64 characters"
             )
         return self.root / run
 
-    def existing_run_dir(self, run: str) -> Path:
+    def existing_run_dir(self, run: str) -> LakePath:
         """The run's folder; LakeError listing the runs there when it does not exist."""
         run_dir = self.run_dir(run)
         if not run_dir.is_dir():
@@ -115,10 +193,10 @@ class Lake:
             raise LakeError(f"run {run!r} does not exist under {self.root}; runs there: {', '.join(runs) or 'none'}")
         return run_dir
 
-    def stage_dir(self, run: str, round: int, stage: str) -> Path:
+    def stage_dir(self, run: str, round: int, stage: str) -> LakePath:
         return self.run_dir(run) / f"round={int(round)}" / stage
 
-    def stage_dirs(self, run: str, round: int | None = None, stage: str | None = None) -> list[tuple[int, str, Path]]:
+    def stage_dirs(self, run: str, round: int | None = None, stage: str | None = None) -> list[tuple[int, str, LakePath]]:
         """(round, stage, folder) of every stage folder of the run, oldest round first."""
         found = []
         for folder in self.run_dir(run).glob(f"round={'*' if round is None else int(round)}/{stage or '*'}"):
@@ -126,14 +204,16 @@ class Lake:
                 found.append((int(folder.parent.name.split("=", 1)[1]), folder.name, folder))
         return sorted(found)
 
-    def ensure_run(self, run: str) -> Path:
+    def ensure_run(self, run: str) -> LakePath:
         """Create the run folder with a zero-row schema file per table (see module doc)."""
         run_dir = self.run_dir(run)
         for name, schema in {**schemas.ROUND_TABLES, **schemas.RUN_TABLES}.items():
             folder = run_dir / name if name in schemas.RUN_TABLES else run_dir / "round=0" / SCHEMA_FOLDER / name
             path = folder / SCHEMA_PART
             try:
-                current = pq.read_schema(path) if path.exists() else None
+                current = parquet_schema(path)
+            except FileNotFoundError:
+                current = None
             except Exception:  # a damaged schema file is rewritten: it holds no data
                 current = None
             if current != schema:
@@ -204,7 +284,7 @@ class Lake:
         raise LakeError(f"{folder}: the output kept changing while it was read; try again")
 
     @staticmethod
-    def _read_part(run, round, stage, folder: Path, part: Part) -> pa.Table:
+    def _read_part(run, round, stage, folder: LakePath, part: Part) -> pa.Table:
         path = folder / part.file
         try:
             data = path.read_bytes()
@@ -213,13 +293,13 @@ class Lake:
         reason = part_damage(folder, part, checksum=True, data=data)
         if reason:
             raise DamagedPart(Damage(run, path, reason, round, stage))
-        return pq.read_table(pa.BufferReader(data))
+        return read_parquet(path, data)
 
     def _read_run_table(self, run: str, table: str, schema: pa.Schema) -> pa.Table:
         parts = []
         for path in self.run_table_files(run, table):
             try:
-                rows = pq.read_table(path)
+                rows = read_parquet(path)
             except FileNotFoundError:
                 continue
             except Exception as err:
@@ -227,7 +307,7 @@ class Lake:
             parts.append(schemas.conform(rows, schema, where=str(path), missing_as_null=True))
         return pa.concat_tables(parts) if parts else schema.empty_table()
 
-    def run_table_files(self, run: str, table: str) -> list[Path]:
+    def run_table_files(self, run: str, table: str) -> list[LakePath]:
         folder = self.run_dir(run) / table
         return sorted(p for p in folder.glob("part-*.parquet") if PART_NAME.match(p.name)) if folder.is_dir() else []
 
@@ -239,7 +319,7 @@ class Lake:
             raise LakeError(f"unknown table {table!r}") from None
 
     # -- writes --------------------------------------------------------------------------------
-    def append_run_table(self, run: str, table: str, rows: pa.Table) -> Path:
+    def append_run_table(self, run: str, table: str, rows: pa.Table) -> LakePath:
         rows = schemas.conform(rows, self._schema(table), where=table)
         self.ensure_run(run)
         return write_parquet(rows, self.run_dir(run) / table / new_part_name())
@@ -260,11 +340,7 @@ class Lake:
             if key is not None:  # the other inputs' parts are unknown: doctor --repair first
                 raise
             old = None  # the whole output is replaced, the unreadable manifest with it
-        written = []
-        for table, rows in conformed.items():
-            path = folder / table / new_part_name()
-            _write_part(rows, path)
-            written.append(describe_part(folder, table, path, key))
+        written = [_write_part(rows, folder, table, key) for table, rows in conformed.items()]
         for table_folder in {(folder / p.file).parent for p in written}:
             fsync_folder(table_folder)
         kept = [p for p in (old.parts if old else ()) if key is not None and p.key != key]
@@ -317,7 +393,7 @@ class Lake:
                     health.unnamed.append(path)
                     continue
                 try:
-                    pq.read_metadata(path) if not checksum else pq.read_table(path)
+                    parquet_metadata(path) if not checksum else read_parquet(path)
                     health.files[table].append(path)
                 except Exception as err:
                     health.damaged.append(Damage(run, path, f"unreadable ({str(err).splitlines()[0][:120]})"))
@@ -334,12 +410,12 @@ class Lake:
             removed += 1
         return removed
 
-    def adopt_legacy(self, run: str, legacy: list[Path]) -> list[str]:
+    def adopt_legacy(self, run: str, legacy: list[LakePath]) -> list[str]:
         """Commit the parts an evoforge before manifests wrote (`inspect().legacy`) under a manifest, as
         they are: renamed to part names and listed with their rows, sizes and checksums. Caller holds
         the run's lock."""
         lines = []
-        by_stage: dict[Path, list[Path]] = {}
+        by_stage: dict[LakePath, list[LakePath]] = {}
         for path in legacy:
             by_stage.setdefault(path.parent.parent, []).append(path)
         for folder, paths in sorted(by_stage.items()):
@@ -364,17 +440,16 @@ class Lake:
         aside = run_dir / DAMAGED_FOLDER / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
         lines = []
 
-        def move(path: Path) -> Path:
-            target = aside / path.relative_to(run_dir)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(path, target)
+        def move_aside(path: LakePath) -> LakePath:
+            target = aside / path.relative_to(run_dir).as_posix()
+            move(path, target)
             fsync_folder(path.parent)
             return target
 
         for damage in damaged:
             if damage.stage is None or damage.path.name == MANIFEST_NAME:
                 if damage.path.exists():
-                    lines.append(f"moved {damage.path.relative_to(run_dir)} to {move(damage.path).relative_to(run_dir)}")
+                    lines.append(f"moved {damage.path.relative_to(run_dir)} to {move_aside(damage.path).relative_to(run_dir)}")
                 continue
             folder = self.stage_dir(run, damage.round, damage.stage)
             manifest = read_manifest(folder)
@@ -382,13 +457,13 @@ class Lake:
             if entry is None:
                 continue  # uncommitted already (an earlier damage of the same output)
             if damage.path.exists():
-                move(damage.path)
+                move_aside(damage.path)
             dropped = [p for p in manifest.parts if entry.key is None or p.key == entry.key]
             kept = [p for p in manifest.parts if p not in dropped]
             if kept:
                 write_manifest(folder, kept)
             else:
-                move(folder / MANIFEST_NAME)
+                move_aside(folder / MANIFEST_NAME)
             for part in dropped:
                 if part != entry:
                     (folder / part.file).unlink(missing_ok=True)
@@ -409,7 +484,7 @@ def lake() -> Lake:
     return _lake
 
 
-def use_lake(root: Path | None) -> Lake | None:
+def use_lake(root: str | LakePath | None) -> Lake | None:
     """Point this process at the lake under `root` (None: back to the home settings), e.g. for a test."""
     global _lake
     _lake = Lake(root) if root is not None else None

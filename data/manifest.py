@@ -24,10 +24,9 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from evoforge.data.atomic import write_text
 from evoforge.data.ids import stable_hash
+from evoforge.data.storage import LakePath, is_remote, parquet_metadata
 
 MANIFEST_NAME = "_manifest.json"
 FORMAT = 1
@@ -72,7 +71,9 @@ def new_part_name() -> str:
     return f"part-{uuid.uuid4().hex}.parquet"
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: LakePath) -> str:
+    if is_remote(path):
+        return hashlib.sha256(path.read_bytes()).hexdigest()
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -80,14 +81,14 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def describe_part(stage_dir: Path, table: str, path: Path, key: str | None) -> Part:
-    return Part(table=table, file=path.relative_to(stage_dir).as_posix(), rows=pq.read_metadata(path).num_rows,
+def describe_part(stage_dir: LakePath, table: str, path: LakePath, key: str | None) -> Part:
+    return Part(table=table, file=path.relative_to(stage_dir).as_posix(), rows=parquet_metadata(path).num_rows,
                 bytes=path.stat().st_size, sha256=sha256_file(path), key=key)
 
 
-def read_manifest(stage_dir: Path) -> Manifest | None:
+def read_manifest(stage_dir: LakePath) -> Manifest | None:
     """The stage's committed output, or None when it has none."""
-    path = Path(stage_dir) / MANIFEST_NAME
+    path = stage_dir / MANIFEST_NAME
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -105,20 +106,20 @@ def read_manifest(stage_dir: Path) -> Manifest | None:
         raise ManifestError(path, f"unreadable manifest: {err}") from None
 
 
-def write_manifest(stage_dir: Path, parts: list[Part]) -> Manifest:
+def write_manifest(stage_dir: LakePath, parts: list[Part]) -> Manifest:
     manifest = Manifest(commit=uuid.uuid4().hex, committed_at=datetime.now(timezone.utc).isoformat(),
                         parts=tuple(sorted(parts, key=lambda p: (p.table, p.key or "", p.file))))
     body = {"format": FORMAT, "commit": manifest.commit, "committed_at": manifest.committed_at,
             "parts": [asdict(p) for p in manifest.parts]}
-    write_text(Path(stage_dir) / MANIFEST_NAME, json.dumps(body, indent=1) + "\n")
+    write_text(stage_dir / MANIFEST_NAME, json.dumps(body, indent=1) + "\n")
     return manifest
 
 
-def part_damage(stage_dir: Path, part: Part, *, checksum: bool, data: bytes | None = None) -> str | None:
+def part_damage(stage_dir: LakePath, part: Part, *, checksum: bool, data: bytes | None = None) -> str | None:
     """Why the file does not match its manifest entry, or None. Without `checksum` only the cheap
     checks (size, Parquet footer, row count) run: what every query does; `doctor` and the stages
     that read a part check the checksum too, a reader on the `data` it has already read."""
-    path = Path(stage_dir) / part.file
+    path = stage_dir / part.file
     if data is None:
         try:
             size = path.stat().st_size
@@ -132,7 +133,9 @@ def part_damage(stage_dir: Path, part: Part, *, checksum: bool, data: bytes | No
         digest = hashlib.sha256(data).hexdigest() if data is not None else sha256_file(path)
         return None if digest == part.sha256 else "checksum differs from the manifest"
     try:
-        rows = pq.read_metadata(path).num_rows
+        rows = parquet_metadata(path).num_rows
+    except FileNotFoundError:
+        return "missing"
     except Exception as err:  # pyarrow raises ArrowInvalid / OSError variants for a broken footer
         return f"unreadable ({str(err).splitlines()[0][:120]})"
     return None if rows == part.rows else f"{rows} rows, manifest says {part.rows}"

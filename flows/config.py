@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, ValidationError, create_model
 
 from evoforge.data import atomic
 from evoforge.data.home import PROJECT_ROOT
+from evoforge.data.storage import is_remote
 from evoforge.flows.stages import REGISTRY, SVS_STAGES, RoundStage
 from evoforge.models.engine import EngineConfig
 from evoforge.tasks.ingest import EvalSetConfig, SourceConfig
@@ -27,6 +28,8 @@ class ConfigError(ValueError):
 
 
 class _RoundConfigBase(BaseModel):
+    lake: str | None = Field(
+        None, description="where the runs live when EVOFORGE_RUNS is not set: a folder, file:// or s3://bucket/prefix")
     engine: EngineConfig = Field(default_factory=EngineConfig)
     sources: list[SourceConfig] = Field(default_factory=list, description="problem sources ingested in round 0")
     eval_sets: list[EvalSetConfig] = Field(
@@ -51,11 +54,13 @@ def resolve_path(path: str | Path) -> Path:
 
 
 def load_config(path: str | Path) -> RoundConfig:
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"config {path}: no such file")
+    path = path if is_remote(path) else Path(path)  # a run's saved config may be on object storage
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config {path}: no such file") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config {path}: not valid YAML/JSON ({err})") from None
     try:

@@ -12,10 +12,12 @@ from prefect import flow
 from evoforge.data import schemas
 from evoforge.data.ids import fingerprint_table, stable_hash
 from evoforge.data.lake import lake
+from evoforge.data.storage import LakePath
 from evoforge.flows.config import RoundConfig, config_hash
 from evoforge.flows.inputs import (MissingInput, problem_pool, problems_with_experts, round_table, stage_config,
                                    stage_output)
 from evoforge.flows.stage_runner import StageResult, execute_stage
+from evoforge.models import checkpoint_store
 from evoforge.models.loader import release_engines
 from evoforge.models.registry import folder_hash, resolve
 from evoforge.tasks.critic import raro_training_rows
@@ -79,10 +81,11 @@ def raro_rows(run: str, round: int, config: RoundConfig) -> pa.Table:
     return raro_training_rows(problems, fresh, replay, config.critic, seed=config.finetune.seed + round)
 
 
-def _registry_row(checkpoint_id: str, parent_model_id: str, role: str, method: str, folder: Path, data_fp: str,
-                  rows: int, result: dict) -> dict:
+def _registry_row(checkpoint_id: str, parent_model_id: str, role: str, method: str, folder: LakePath, trained: Path,
+                  data_fp: str, rows: int, result: dict) -> dict:
+    """`path` is where every machine finds it (a folder, or an s3:// prefix); the id hashes the weights."""
     return dict(checkpoint_id=checkpoint_id, parent_model_id=parent_model_id, role=role, method=method,
-                path=str(folder), model_id=f"{checkpoint_id}@{folder_hash(folder)}", data_fingerprint=data_fp,
+                path=str(folder), model_id=f"{checkpoint_id}@{folder_hash(trained)}", data_fingerprint=data_fp,
                 train_rows=rows, steps=result["steps"], final_loss=result["final_loss"],
                 wall_seconds=result["wall_seconds"])
 
@@ -131,20 +134,25 @@ def finetune_flow(run: str, round: int, config: RoundConfig | None = None, force
             release_engines()  # the policy is about to change, and training wants the memory
         if data:
             context = TrainingContext(verify=config.verify, critic=config.critic)
-            result = train_policy(parent.path, data, train_config, folder, context, resume=not force)
-            checkpoints.append(_registry_row(checkpoint_id, parent.model_id, "policy", method, folder, data_fp, rows_in, result))
+            trained = checkpoint_store.training_folder(folder)
+            result = train_policy(parent.path, data, train_config, trained, context, resume=not force)
+            checkpoint_store.publish(trained, folder)  # on object storage: uploaded, its manifest last
+            checkpoints.append(_registry_row(checkpoint_id, parent.model_id, "policy", method, folder, trained,
+                                             data_fp, rows_in, result))
             metrics += _metric_rows(checkpoint_id, result, by_method=len(data) > 1)
         if step_pairs is not None and not trains_ppm:
             flow_run_logger().warning(f"finetune (run {run}, round {round}): no step pairs; no PPM this round")
         if trains_ppm:  # the PPM starts from the round's policy, as in rStar-Math
-            result = train_ppm(parent.path, step_pairs, config.finetune, ppm_folder, resume=not force)
-            checkpoints.append(_registry_row(ppm_id, parent.model_id, "ppm", "ppm", ppm_folder,
+            trained = checkpoint_store.training_folder(ppm_folder)
+            result = train_ppm(parent.path, step_pairs, config.finetune, trained, resume=not force)
+            checkpoint_store.publish(trained, ppm_folder)
+            checkpoints.append(_registry_row(ppm_id, parent.model_id, "ppm", "ppm", ppm_folder, trained,
                                              fingerprint_table(step_pairs), step_pairs.num_rows, result))
             metrics += _metric_rows(ppm_id, result, by_method=False)
         return {"checkpoints": pa.Table.from_pylist(checkpoints, schema=schemas.CHECKPOINTS),
                 "train_metrics": pa.Table.from_pylist(metrics, schema=schemas.TRAIN_METRICS)}
 
-    if (data and not folder.exists()) or (trains_ppm and not ppm_folder.exists()):
+    if (data and not checkpoint_store.is_published(folder)) or (trains_ppm and not checkpoint_store.is_published(ppm_folder)):
         force = True  # the registry row alone is not a checkpoint
     return execute_stage(
         run, round, "finetune", config_hash=settings, model_id=parent.model_id, input_fingerprint=input_fp,

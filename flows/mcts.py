@@ -28,9 +28,10 @@ def search_problems(run: str, round: int, config: RoundConfig) -> pa.Table:
 def _scorer(ppm: dict | None):
     if ppm is None:
         return None
+    from evoforge.models.checkpoint_store import local_copy
     from evoforge.models.ppm import PPMScorer
 
-    return PPMScorer(ppm["path"])
+    return PPMScorer(str(local_copy(ppm["path"])))  # on object storage: downloaded once and verified
 
 
 @flow(name="mcts", flow_run_name="{run}/round-{round}/mcts")

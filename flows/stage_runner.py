@@ -4,7 +4,6 @@ outputs, the catalog refresh and the stage's Prefect artifacts.
 """
 from __future__ import annotations
 
-import shutil
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from evoforge.data.chunks import Chunks, chunk_root
 from evoforge.data.ids import stable_hash
 from evoforge.data.lake import DamagedPart, Lake, lake
 from evoforge.data.runlock import run_lock
+from evoforge.data.storage import remove_tree
 from evoforge.flows.artifacts import publish_stage_artifacts
 from evoforge.flows.inputs import FINISHED
 from evoforge.flows.stages import STAGES
@@ -183,7 +183,7 @@ def _execute_locked(store: Lake, run, round, stage, config_hash, model_id, input
         log.info(f"{stage} (run {run}, round {round}): {reused} chunk(s) reused from an interrupted attempt, "
                  f"{computed} computed")
     if part is None:
-        shutil.rmtree(root, ignore_errors=True)  # published: the chunks (and stale ones of older configs) are spent
+        remove_tree(root)  # published: the chunks (and stale ones of older configs) are spent
     else:
         chunks.clear()
     rows_quarantined = tables["quarantine"].num_rows if "quarantine" in tables else 0

@@ -38,6 +38,10 @@ def resolve(reference: str) -> ResolvedModel:
     if reference in ("default", "", None):
         folder = default_model_folder()
         return ResolvedModel(str(folder), f"{DEFAULT_NAME}@{folder_hash(folder)}")
+    if reference.startswith("s3://"):  # a checkpoint on the lake's object store: a verified local copy
+        from evoforge.models.checkpoint_store import local_copy
+
+        reference = str(local_copy(reference))
     folder = Path(reference).expanduser()
     if folder.is_dir():
         if not (folder / "config.json").exists():
@@ -51,8 +55,10 @@ def resolve(reference: str) -> ResolvedModel:
 
 def folder_hash(folder: Path) -> str:
     """Hash of the weights and config, cached beside them keyed by size and mtime (hashing 260 MB costs ~0.5 s)."""
-    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".json", ".bin") and p.is_file())
-    stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.name != ".evoforge-hash.json"]
+    # evoforge's own records beside the weights (this cache, a downloaded checkpoint's manifest) are not the model
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".json", ".bin") and p.is_file()
+                   and not p.name.startswith((".", "_checkpoint")))
+    stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     cache = folder / ".evoforge-hash.json"
     try:
         cached = json.loads(cache.read_text())

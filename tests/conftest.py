@@ -4,7 +4,8 @@
 Tiers (markers; `make test` runs all, `pytest -m unit` is the fast loop):
 - unit: no model and no server; the whole tier runs in about a minute
 - model: loads the tiny random model or the default model
-- server: starts a Prefect server (the test harness, `prefect server start`) or a browser
+- server: starts a server: Prefect (the test harness, `prefect server start`), the local S3 server
+  (moto), PostgreSQL, or a browser
 Every test carries at least one; a test that uses the model or server fixtures must carry that tier.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ home.configure()  # before Prefect, vLLM or torch are imported
 
 TIERS = ("unit", "model", "server")
 MODEL_FIXTURES = {"tiny_model", "tiny_engine_config"}
-SERVER_FIXTURES = {"prefect_server"}
+SERVER_FIXTURES = {"prefect_server", "local_s3", "s3_runs"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -60,6 +61,30 @@ def runs_root(scratch, monkeypatch) -> Path:
 
     root = scratch / "runs"
     monkeypatch.setenv("EVOFORGE_RUNS", str(root))
+    use_lake(root)
+    yield root
+    use_lake(None)
+
+
+@pytest.fixture(scope="session")
+def local_s3():
+    """One local S3 server (moto, data/local_s3.py) for the session; each test makes its own bucket."""
+    from evoforge.data.local_s3 import LocalS3
+
+    with LocalS3() as server:
+        yield server
+
+
+@pytest.fixture()
+def s3_runs(local_s3, monkeypatch) -> str:
+    """A lake of the test's own on the local S3 server (a fresh bucket), for this process and the
+    processes it starts; the AWS variables point boto3, s3fs and pyarrow at it."""
+    from evoforge.data.lake import use_lake
+
+    for key, value in local_s3.environment().items():
+        monkeypatch.setenv(key, value)
+    root = f"s3://{local_s3.create_bucket(f'lake-{uuid.uuid4().hex[:12]}')}/runs"
+    monkeypatch.setenv("EVOFORGE_RUNS", root)
     use_lake(root)
     yield root
     use_lake(None)

@@ -91,13 +91,14 @@ import pyarrow as pa, pyarrow.parquet as pq, time
 from pathlib import Path
 from evoforge.data import schemas
 from evoforge.data.lake import Lake
-def slow(table, where, **kw):
+write = pq.ParquetWriter.write
+def slow(self, table, *args, **kw):
     print("writing", flush=True)
-    with pq.ParquetWriter(where, table.schema) as w:
-        for batch in table.to_batches(max_chunksize=100):
-            w.write_batch(batch)
-            time.sleep(0.05)
-pq.write_table = slow
+    for batch in table.to_batches(max_chunksize=100):
+        write(self, batch)
+        self.where.flush() if hasattr(self.where, "flush") else None
+        time.sleep(0.05)
+pq.ParquetWriter.write = slow
 rows = [dict(rollout_id=str(i), problem_id="p", model_id="m", seed=i, sample_index=0, text="x" * 100,
              completion_tokens=1, finish_reason="stop", mean_logprob=0.0) for i in range(20_000)]
 rows = pa.Table.from_pylist(rows, schema=schemas.ROLLOUTS)

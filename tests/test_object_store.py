@@ -1,0 +1,165 @@
+"""The lake on S3-compatible object storage: a real S3 server (moto's, data/local_s3.py), real pyarrow
+and s3fs clients, real Prefect, vLLM (the tiny model) and math-verify."""
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pytest
+
+from evoforge.data import catalog, home, schemas
+from evoforge.data.lake import Lake, lake
+from evoforge.data.manifest import MANIFEST_NAME
+from evoforge.data.storage import ObjectPath, location
+from evoforge.flows.config import RoundConfig
+from evoforge.models.engine import SamplingConfig
+from evoforge.tasks.generate import GenerateConfig
+from evoforge.tasks.ingest import SourceConfig
+
+
+def problems(n: int) -> pa.Table:
+    return pa.Table.from_pylist([
+        dict(problem_id=f"p{i}", question=f"q{i}", answer=str(i), source="t", source_file="f", source_row=i,
+             origin="seed", parent_problem_id=None) for i in range(n)], schema=schemas.PROBLEMS)
+
+
+def objects(root: ObjectPath) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+@pytest.mark.server
+def test_a_commit_on_object_storage_is_its_manifest_and_a_damaged_object_is_named_and_healed(s3_runs):
+    store = lake()
+    assert isinstance(store.run_dir("r"), ObjectPath) and str(store.run_dir("r")) == f"{s3_runs}/r"
+    store.publish_stage("r", 0, "ingest", {"problems": problems(5)}, key="a")
+    store.publish_stage("r", 0, "ingest", {"problems": problems(3)}, key="b")
+    assert store.read("r", "problems").num_rows == 8
+
+    # parts without a manifest naming them are not data: a writer that died before its commit
+    stage = store.stage_dir("r", 0, "ingest")
+    committed = json.loads((stage / MANIFEST_NAME).read_text())
+    (stage / "problems" / "part-0123456789abcdef0123456789abcdef.parquet").write_bytes(b"half a part")
+    assert store.read("r", "problems").num_rows == 8
+    assert [p.name for p in store.inspect("r").leftovers] == ["part-0123456789abcdef0123456789abcdef.parquet"]
+    assert store.sweep("r") == 1
+
+    # a replaced input's old parts go after the new manifest is in place
+    store.publish_stage("r", 0, "ingest", {"problems": problems(2)}, key="a")
+    after = json.loads((stage / MANIFEST_NAME).read_text())
+    assert after["commit"] != committed["commit"] and store.read("r", "problems").num_rows == 5
+    assert sorted(p.name for p in (stage / "problems").iterdir()) == sorted(
+        p["file"].split("/")[1] for p in after["parts"])
+
+    # the catalog reads the objects through DuckDB with the S3 filesystem registered
+    assert catalog.connect(store.run_dir("r")).execute("SELECT count(*) FROM problems").fetchone()[0] == 5
+    (damaged,) = [p for p in store.inspect("r").files["problems"] if p.name.startswith("part-") and
+                  p.name != "part-schema.parquet"][:1]
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    lines = []
+    con = catalog.connect(store.run_dir("r"), report=lines.append)
+    assert lines == [store.inspect("r").damaged[0].line()] and str(damaged) in lines[0]
+    assert con.execute("SELECT count(*) FROM problems").fetchone()[0] in (2, 3)  # the other input still answers
+    repaired = store.repair("r", store.inspect("r", checksum=True).damaged)
+    assert len(repaired) == 1 and "uncommitted the parts of input" in repaired[0]
+    assert store.inspect("r", checksum=True).damaged == []
+    assert any("_damaged/" in name for name in objects(store.run_dir("r")))
+
+
+@pytest.mark.server
+def test_the_lake_location_is_a_uri_and_credentials_never_reach_the_lake(s3_runs, monkeypatch):
+    assert location("file:///srv/lake") == location("/srv/lake")
+    assert isinstance(location("s3://bucket/prefix"), ObjectPath)
+    store = Lake(s3_runs)
+    store.publish_stage("c", 0, "ingest", {"problems": problems(1)}, key="a")
+    catalog.refresh_catalog(store.run_dir("c"))
+    secret = home.os.environ["AWS_SECRET_ACCESS_KEY"]
+    for name in objects(store.run_dir("c")):
+        assert secret.encode() not in (store.run_dir("c") / name).read_bytes(), name
+
+
+@pytest.fixture()
+def config(tiny_engine_config, scratch, write_jsonl) -> RoundConfig:
+    source = write_jsonl(scratch / "pool.jsonl", [
+        {"question": f"Ann has {i} apples and buys {i + 2} more. How many apples does she have?", "answer": str(2 * i + 2)}
+        for i in range(5)
+    ] + ["not json"])
+    return RoundConfig(
+        engine=tiny_engine_config,
+        sources=[SourceConfig(path=str(source), preset="plain", name="apples")],
+        generate=GenerateConfig(sampling=SamplingConfig(n=4, max_tokens=24, seed=1), batch_problems=2),
+        stages=["generate", "verify", "filter"],
+    )
+
+
+@pytest.mark.model
+@pytest.mark.server
+def test_a_round_on_an_s3_lake_is_queried_reported_and_healed_like_one_on_disk(prefect_server, s3_runs, config, capsys):
+    """ingest -> generate -> verify -> filter with the lake on the S3 server: nothing of the run on the
+    local disk, `evoforge sql` / `report` / `doctor` work unchanged, a rerun skips, and a damaged
+    object is found by doctor and recomputed by the stage that wrote it."""
+    from evoforge.flows.cli import main
+    from evoforge.flows.round import round_flow
+
+    results = round_flow("s3run", config)
+    assert [(r.stage, r.status) for r in results] == [
+        ("ingest", "completed"), ("generate", "completed"), ("verify", "completed"), ("filter", "completed")]
+    store = lake()
+    rollouts, verdicts = store.read("s3run", "rollouts"), store.read("s3run", "verdicts")
+    assert rollouts.num_rows == 20 and sorted(verdicts["rollout_id"].to_pylist()) == sorted(rollouts["rollout_id"].to_pylist())
+    names = objects(store.run_dir("s3run"))
+    assert "config.yaml" in names and "catalog.duckdb" in names and not [n for n in names if "_chunks" in n]
+    assert not (home.home() / "runs" / "s3run").exists()  # the default local lake was never touched
+
+    capsys.readouterr()
+    assert main(["sql", "--run", "s3run", "SELECT count(*) AS n FROM verdicts", "--csv"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["n", "20"]
+    assert main(["sql", "--run", "s3run", "buckets"]) == 0
+    assert "bucket" in capsys.readouterr().out
+    assert main(["report", "--run", "s3run"]) == 0
+    assert "s3run" in capsys.readouterr().out and (store.run_dir("s3run") / "report.png").exists()
+
+    assert [r.status for r in round_flow("s3run", config, round=0)] == ["skipped"] * 4
+
+    (part,) = [p for p in store.inspect("s3run").files["verdicts"] if p.name != "part-schema.parquet"]
+    part.write_bytes(b"PAR1" + bytes(part.stat().st_size - 4))
+    assert main(["doctor", "--run", "s3run"]) == 1
+    assert f"damaged: {part} (checksum differs" in capsys.readouterr().out
+    again = round_flow("s3run", config, round=0)
+    assert [r.status for r in again] == ["skipped", "skipped", "completed", "skipped"]  # filter's input is unchanged
+    assert main(["doctor", "--run", "s3run"]) == 0
+    assert sorted(store.read("s3run", "verdicts")["rollout_id"].to_pylist()) == sorted(rollouts["rollout_id"].to_pylist())
+
+
+
+@pytest.mark.server
+def test_a_checkpoint_is_uploaded_with_its_checksums_and_another_home_downloads_and_verifies_it_once(
+        s3_runs, scratch, monkeypatch):
+    from evoforge.models import checkpoint_store
+    from evoforge.models.registry import folder_hash, resolve
+
+    trained = scratch / "trained"
+    (trained / "sub").mkdir(parents=True)
+    (trained / "config.json").write_text('{"model_type": "llama"}')
+    (trained / "model.safetensors").write_bytes(bytes(range(256)) * 1000)
+    (trained / "sub" / "metrics.json").write_text("{}")
+    target = lake().run_dir("ck") / "models" / "r0-sft-0123abcd"
+    assert checkpoint_store.training_folder(target) != trained and not checkpoint_store.is_published(target)
+    checkpoint_store.publish(trained, target)
+    assert checkpoint_store.is_published(target)
+
+    monkeypatch.setenv("EVOFORGE_HOME", str(scratch / "other-machine"))  # no shared disk
+    copy = checkpoint_store.local_copy(str(target))
+    assert copy.is_relative_to(scratch / "other-machine" / ".cache")
+    assert (copy / "model.safetensors").read_bytes() == (trained / "model.safetensors").read_bytes()
+    resolved = resolve(str(target))  # what an engine given the registry's path loads
+    assert resolved.path == str(copy) and resolved.model_id == f"r0-sft-0123abcd@{folder_hash(trained)}"
+    (target / "model.safetensors").write_bytes(b"changed on the store")
+    assert checkpoint_store.local_copy(str(target)) == copy  # verified once; later uses take the local copy
+
+    monkeypatch.setenv("EVOFORGE_HOME", str(scratch / "third-machine"))
+    with pytest.raises(checkpoint_store.CheckpointError, match="model.safetensors does not match"):
+        checkpoint_store.local_copy(str(target))
+    assert not (scratch / "third-machine" / ".cache" / "checkpoints" / target.bucket / target.key).exists()
+    (target / checkpoint_store.CHECKPOINT_MANIFEST).unlink()
+    with pytest.raises(checkpoint_store.CheckpointError, match="upload never finished"):
+        checkpoint_store.local_copy(str(target))
