@@ -4,6 +4,11 @@
 leaves a stale lock. The lock is re-entrant for the thread that holds it (a round holds it and its
 stages take it again); another thread of the same process is refused like another process. Two
 different runs have different folders and never wait for each other.
+
+A run on object storage (`str(run_dir)` starts with `s3://`, EVOFORGE_RUNS=s3://bucket/prefix) has no
+flock and is shared by several machines: its lock is a lease object, `<run>/_lock.json`, taken and
+renewed with S3 conditional writes (data/lease.py), with the same re-entrancy per thread and the same
+RunBusy. A holder that dies releases it when its lease expires (EVOFORGE_LOCK_TTL_SECONDS, default 60).
 """
 from __future__ import annotations
 
@@ -17,13 +22,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-
-class RunBusy(RuntimeError):
-    pass
-
-
-class LockUnavailable(RuntimeError):
-    """The file system under the runs cannot lock (NFS mounted `nolock`: ENOLCK)."""
+from evoforge.data.lock_errors import LeaseLost, LockUnavailable, RunBusy  # noqa: F401 (raised here, imported from here)
 
 
 _held: dict[Path, list] = {}  # lock path -> [owning thread, depth]
@@ -34,7 +33,14 @@ _files: dict[Path, int] = {}
 @contextmanager
 def run_lock(run_dir: Path, what: str):
     """Hold the run's lock while doing `what` (e.g. "round 1 / generate"); RunBusy if another process,
-    or another thread of this one, has it. Re-entrant for the thread that holds it (a round's stages)."""
+    or another thread of this one, has it. Re-entrant for the thread that holds it (a round's stages).
+    `run_dir` is a local folder, or anything whose str() is an `s3://bucket/key` URI (an S3 lease)."""
+    if str(run_dir).startswith("s3:/"):
+        from evoforge.data.lease import s3_run_lock
+
+        with s3_run_lock(str(run_dir), what):
+            yield
+        return
     path = (Path(run_dir) / ".lock").resolve()
     me = threading.get_ident()
     with _guard:
@@ -82,6 +88,15 @@ def run_lock(run_dir: Path, what: str):
             os.ftruncate(fd, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+
+def check_run_lease(run_dir) -> None:
+    """Just before a commit: LeaseLost if this process's S3 lease of the run was taken over; a no-op for
+    a local run (an flock cannot be lost) or a run this process holds no lock of (data/lease.py)."""
+    if str(run_dir).startswith("s3:/"):
+        from evoforge.data.lease import check_run_lease as check
+
+        check(str(run_dir))
 
 
 def _describe(raw: bytes) -> str:

@@ -9,10 +9,12 @@ PYTHON="${PYTHON:-python3}"
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then ENGINE=gpu; else ENGINE=cpu; fi
 STAMP="$(cat pyproject.toml deploy/setup.sh | sha256sum | cut -c1-16)-$ENGINE"
 # Debian packages: bubblewrap isolates model-written code (models/sandbox.py); chromium drives the
-# Prefect UI test (the only browser build reachable here).
+# Prefect UI test (the only browser build reachable here); postgresql is the Prefect server's database
+# beyond one user (`evoforge ui --database postgres` runs it from the project, not as a service).
 MISSING=""
 command -v bwrap >/dev/null 2>&1 || MISSING="$MISSING bubblewrap"
 command -v chromium >/dev/null 2>&1 || MISSING="$MISSING chromium"
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || MISSING="$MISSING postgresql"
 if [ -n "$MISSING" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing$MISSING (Debian) ..."

@@ -21,13 +21,16 @@ home.configure()  # before Prefect, vLLM, torch or HF are imported anywhere
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from evoforge.data.lake import LakeError
-    from evoforge.data.runlock import LockUnavailable, RunBusy
+    from evoforge.data.runlock import LeaseLost, LockUnavailable, RunBusy
+    from evoforge.data.storage import StorageError
     from evoforge.flows.config import ConfigError
     from evoforge.flows.inputs import MissingInput
+    from evoforge.models.checkpoint_store import CheckpointError
     from evoforge.models.registry import ModelError
     from evoforge.tasks.ingest import IngestError
 
-    return (IngestError, LakeError, ConfigError, MissingInput, ModelError, FileNotFoundError, RunBusy, LockUnavailable)
+    return (IngestError, LakeError, ConfigError, MissingInput, ModelError, FileNotFoundError, RunBusy, LockUnavailable,
+            LeaseLost, StorageError, CheckpointError)
 
 
 def cmd_ingest(args) -> None:
@@ -76,6 +79,20 @@ def _command_config(args):
     path = PROJECT_ROOT / "deploy" / "configs" / SHIPPED_DEFAULT_CONFIGS[args.command]
     print(f"run {args.run!r} has no saved config: using the shipped {path.relative_to(PROJECT_ROOT)} (--config FILE to choose)")
     return load_config(path)
+
+
+def _use_config_lake(args) -> None:
+    """A --config with `lake:` puts the runs there, unless this machine sets EVOFORGE_RUNS (which wins)."""
+    if not getattr(args, "config", None) or os.environ.get("EVOFORGE_RUNS"):
+        return
+    from evoforge.flows.config import load_config
+
+    where = load_config(args.config).lake
+    if where:
+        from evoforge.data.lake import use_lake
+
+        os.environ["EVOFORGE_RUNS"] = where  # for the processes this command starts too
+        use_lake(where)
 
 
 def cmd_round(args) -> None:
@@ -300,25 +317,28 @@ def cmd_sandbox(args) -> None:
 
 
 def cmd_ui(args) -> None:
+    from evoforge.flows.postgres import database_choice, prefect_database
     from evoforge.flows.serve import api_url, project_server_url, start_server
 
     url = api_url(args.host, args.port)
+    choice = database_choice(args.database)  # a wrong value fails before anything starts
     if project_server_url() == url:
         print(f"this project's Prefect server already answers: UI {url.removesuffix('/api')}")
         return
-    server = start_server(args.host, args.port)
-    try:
-        print(f"Prefect UI: {url.removesuffix('/api')}   API: {url}\n"
-              f"database: {os.environ['PREFECT_API_DATABASE_CONNECTION_URL'].split(':///', 1)[-1]}   "
-              f"log: {Path(os.environ['PREFECT_HOME']) / 'server.log'}\n"
-              "evoforge commands run while it is up show in it; Ctrl-C stops it.", flush=True)
-        server.wait()
-    except KeyboardInterrupt:
-        pass  # Ctrl-C or kill: the way to stop it
-    finally:
-        from evoforge.flows.serve import stop_server
+    # the PostgreSQL it starts is stopped on the way out, after the Prefect server (Ctrl-C, kill, failure)
+    with prefect_database(choice, args.postgres_port) as database:
+        server = start_server(args.host, args.port, database_url=database.url)
+        try:
+            print(f"Prefect UI: {url.removesuffix('/api')}   API: {url}\n"
+                  f"database: {database.shown}   log: {Path(os.environ['PREFECT_HOME']) / 'server.log'}\n"
+                  "evoforge commands run while it is up show in it; Ctrl-C stops it.", flush=True)
+            server.wait()
+        except KeyboardInterrupt:
+            pass  # Ctrl-C or kill: the way to stop it
+        finally:
+            from evoforge.flows.serve import stop_server
 
-        stop_server(server)
+            stop_server(server)
 
 
 def cmd_engine_serve(args) -> int:
@@ -457,6 +477,12 @@ def parser() -> argparse.ArgumentParser:
     ui = sub.add_parser("ui", help="start the local Prefect server and UI (database inside the project)")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=4200)
+    ui.add_argument("--database", default=None,
+                    help="the Prefect server's database: sqlite (default; in the project's .prefect), postgres (a "
+                         "PostgreSQL evoforge runs in the project's .postgres, stopped on exit), or a "
+                         "postgresql+asyncpg://... URL of an existing server (left running); default "
+                         "$EVOFORGE_PREFECT_DATABASE, else sqlite")
+    ui.add_argument("--postgres-port", type=int, default=5433, help="port of the project's PostgreSQL on 127.0.0.1")
     ui.set_defaults(func=cmd_ui)
 
     eng = sub.add_parser("engine", help="generation servers")
@@ -518,7 +544,9 @@ def _run_log(args):
     runs/<run>/logs/; the terminal shows only evoforge's lines (tasks/progress.py TerminalFilter)."""
     import logging
 
+    from evoforge.data import home
     from evoforge.data.lake import LakeError, lake
+    from evoforge.data.storage import is_remote
 
     if args.command not in RUN_COMMANDS:
         yield None
@@ -532,7 +560,8 @@ def _run_log(args):
     if not run_dir.is_dir() and not starts_run:  # no folder for a misspelt run: the command says it does not exist
         yield None
         return
-    folder = run_dir / "logs"
+    # a log file grows line by line: on object storage it stays on this machine, under the home's logs/
+    folder = run_dir / "logs" if not is_remote(run_dir) else home.home() / "logs" / "runs" / args.run
     from prefect.logging.configuration import setup_logging
 
     setup_logging()  # Prefect's first: it leaves the root logger alone once it has a handler of someone else's
@@ -577,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
         _use_running_server()
     log_path = None
     try:
+        _use_config_lake(args)
         with _sigterm_as_interrupt(), _run_log(args) as log_path:
             code = args.func(args)
     except KeyboardInterrupt:

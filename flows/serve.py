@@ -49,9 +49,11 @@ def project_server_url() -> str | None:
 
 
 def start_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_path: Path | None = None,
-                 wait_seconds: float = 120.0) -> subprocess.Popen:
+                 wait_seconds: float = 120.0, database_url: str | None = None) -> subprocess.Popen:
     """`prefect server start` in a child process; returns once /api/health answers. It is recorded in
-    the project's Prefect home (server.json), so this project's commands find it and no other server."""
+    the project's Prefect home (server.json), so this project's commands find it and no other server.
+    `database_url` (e.g. the project's PostgreSQL, flows/postgres.py) replaces the environment's
+    database (SQLite in the Prefect home); the server migrates it as it starts."""
     from evoforge.data import atomic
 
     url = api_url(host, port)
@@ -61,6 +63,8 @@ def start_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_path: P
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PREFECT_UI_API_URL": api_url(host, port)}
     env.pop("PREFECT_API_URL", None)  # the server itself must not look for another API
+    if database_url is not None:  # both names: Prefect takes PREFECT_SERVER_... first when both are set
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],

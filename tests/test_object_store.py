@@ -116,7 +116,7 @@ def test_a_round_on_an_s3_lake_is_queried_reported_and_healed_like_one_on_disk(p
     assert main(["sql", "--run", "s3run", "buckets"]) == 0
     assert "bucket" in capsys.readouterr().out
     assert main(["report", "--run", "s3run"]) == 0
-    assert "s3run" in capsys.readouterr().out and (store.run_dir("s3run") / "report.png").exists()
+    assert "run s3run" in capsys.readouterr().out
 
     assert [r.status for r in round_flow("s3run", config, round=0)] == ["skipped"] * 4
 

@@ -1,6 +1,6 @@
 """Kill -9 in the middle of generate, run the same command again: the round continues from the
 chunks the killed process completed, nothing is generated twice, no row is lost or duplicated, and
-`stage_runs` shows the interrupted attempt."""
+`stage_runs` shows the interrupted attempt. With the lake on a local disk and on an S3 server."""
 from __future__ import annotations
 
 import json
@@ -10,15 +10,18 @@ import subprocess
 import sys
 import time
 
-import pyarrow.parquet as pq
 import pytest
 
 from evoforge.data import home
+from evoforge.data.lake import Lake
+from evoforge.data.storage import location, read_parquet
 
 
 @pytest.mark.model
 @pytest.mark.server
-def test_a_round_killed_mid_generate_resumes_without_redoing_or_losing_rows(write_jsonl, tiny_model, scratch):
+@pytest.mark.parametrize("lake_on", ["disk", "s3"])
+def test_a_round_killed_mid_generate_resumes_without_redoing_or_losing_rows(write_jsonl, tiny_model, scratch, lake_on,
+                                                                            request):
     problems = 12
     source = write_jsonl(scratch / "pool.jsonl", [
         {"question": f"Tom has {i} marbles and finds {i + 3} more. How many marbles does he have?", "answer": str(2 * i + 3)}
@@ -32,8 +35,15 @@ def test_a_round_killed_mid_generate_resumes_without_redoing_or_losing_rows(writ
         "generate": {"sampling": {"n": 4, "max_tokens": 96, "seed": 3}, "batch_problems": 1},
         "stages": ["generate", "verify", "filter"],
     }))
-    runs = scratch / "runs"
-    env = {**os.environ, "EVOFORGE_RUNS": str(runs)}
+    env = dict(os.environ)
+    if lake_on == "s3":
+        s3 = request.getfixturevalue("local_s3")
+        env.update(s3.environment(), EVOFORGE_RUNS=f"s3://{s3.create_bucket(f'resume-{os.getpid()}-{time.time_ns()}')}/runs")
+        for key, value in s3.environment().items():  # this process reads the lake too
+            request.getfixturevalue("monkeypatch").setenv(key, value)
+    else:
+        env["EVOFORGE_RUNS"] = str(scratch / "runs")
+    runs = location(env["EVOFORGE_RUNS"])
     command = [sys.executable, "-m", "evoforge", "round", "--run", "crash", "--config", str(config), "--round", "0"]
     chunk_dir = runs / "crash" / "_chunks" / "round=0" / "generate"
 
@@ -49,7 +59,7 @@ def test_a_round_killed_mid_generate_resumes_without_redoing_or_losing_rows(writ
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
 
-    done_before = {p.name: pq.read_table(p) for p in chunk_dir.glob("*/*.parquet")}
+    done_before = {p.name: read_parquet(p) for p in chunk_dir.glob("*/*.parquet")}
     assert 3 <= len(done_before) < problems
     assert not (runs / "crash" / "round=0" / "generate").exists()  # nothing half-published
 
@@ -59,7 +69,8 @@ def test_a_round_killed_mid_generate_resumes_without_redoing_or_losing_rows(writ
     assert f"{len(done_before)} chunk(s) reused from an interrupted attempt, {problems - len(done_before)} computed" in log
     assert "was interrupted" in log
 
-    rollouts = pq.read_table(next((runs / "crash" / "round=0" / "generate" / "rollouts").glob("part-*.parquet")))
+    lake = Lake(runs)
+    rollouts = lake.read("crash", "rollouts", 0, "generate")
     ids = rollouts["rollout_id"].to_pylist()
     assert len(ids) == problems * 4 and len(set(ids)) == len(ids)
     # the chunks the killed process finished are in the output as they were: not generated again
@@ -67,12 +78,11 @@ def test_a_round_killed_mid_generate_resumes_without_redoing_or_losing_rows(writ
     for chunk in done_before.values():
         for rollout_id, text in zip(chunk["rollout_id"].to_pylist(), chunk["text"].to_pylist()):
             assert published[rollout_id] == text
-    verdicts = pq.read_table(next((runs / "crash" / "round=0" / "verify" / "verdicts").glob("part-*.parquet")))
+    verdicts = lake.read("crash", "verdicts", 0, "verify")
     assert sorted(verdicts["rollout_id"].to_pylist()) == sorted(ids)
     assert not chunk_dir.exists()  # spent once published
 
-    events = [pq.read_table(p).to_pylist()[0] for p in (runs / "crash" / "stage_runs").glob("part-*.parquet")
-              if p.name != "part-schema.parquet"]
+    events = lake.read("crash", "stage_runs").to_pylist()
     attempts: dict[str, set[str]] = {}
     for e in events:
         if e["stage"] == "generate":
