@@ -163,3 +163,21 @@ def test_a_checkpoint_is_uploaded_with_its_checksums_and_another_home_downloads_
     (target / checkpoint_store.CHECKPOINT_MANIFEST).unlink()
     with pytest.raises(checkpoint_store.CheckpointError, match="upload never finished"):
         checkpoint_store.local_copy(str(target))
+
+
+@pytest.mark.server
+def test_the_readme_lines_give_a_notebook_the_catalog_of_an_s3_run(s3_runs, scratch, monkeypatch):
+    """README, "The lake on object storage": a data engineer's own DuckDB session over an S3 run."""
+    store = lake()
+    store.publish_stage("nb", 0, "ingest", {"problems": problems(7)}, key="a")
+    catalog.refresh_catalog(store.run_dir("nb"))
+    monkeypatch.chdir(scratch)
+    bucket = store.run_dir("nb").bucket
+
+    import duckdb
+    import s3fs
+    fs = s3fs.S3FileSystem()                                          # AWS_ENDPOINT_URL, credentials: the environment
+    fs.get(f"s3://{bucket}/runs/nb/catalog.duckdb", "catalog.duckdb")  # the views (they name s3:// parts)
+    con = duckdb.connect("catalog.duckdb", read_only=True)
+    con.register_filesystem(fs)                                       # DuckDB reads s3:// through s3fs
+    assert con.sql("SELECT count(*) FROM problems").fetchall() == [(7,)]
