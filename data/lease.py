@@ -118,6 +118,37 @@ def _server_date(response: dict) -> datetime | None:
         return None
 
 
+MACHINE_ENV = "EVOFORGE_MACHINE_ID"
+
+
+def _process_space() -> str:
+    """What makes a pid meaningful: the host's boot and this pid namespace (or EVOFORGE_MACHINE_ID, for
+    hosts where those cannot tell machines apart). A lease written from the same process space whose
+    pid is gone was left by a process that died (kill -9, a crash), so the next command on this
+    machine need not wait out its ttl; from anywhere else only the ttl counts."""
+    if os.environ.get(MACHINE_ENV):
+        return os.environ[MACHINE_ENV]
+    try:
+        boot = open("/proc/sys/kernel/random/boot_id").read().strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return ""  # no way to tell: leases from here expire by their age only
+    return f"{socket.gethostname()}/{boot}/{namespace}"
+
+
+def _holder_died_here(info: dict) -> bool:
+    space = _process_space()
+    if not space or info.get("process_space") != space or not isinstance(info.get("pid"), int):
+        return False
+    try:
+        os.kill(info["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
+
+
 def _describe(info: dict) -> str:
     """`what (pid P on host, since T`: the caller closes the parenthesis, after what it adds."""
     get = info.get
@@ -186,7 +217,7 @@ class S3Lease:
         now = self._now()
         self._since = self._since or _iso(now)
         return json.dumps({"holder": self.holder, "what": self.what, "pid": os.getpid(), "host": socket.gethostname(),
-                           "since": self._since, "renewed_at": _iso(now),
+                           "process_space": _process_space(), "since": self._since, "renewed_at": _iso(now),
                            "expires_at": _iso(now + timedelta(seconds=self.ttl)), "ttl_seconds": self.ttl,
                            "seq": self._seq, **extra}).encode()
 
@@ -221,8 +252,9 @@ class S3Lease:
             ttl = ttl if ttl > 0 else self.ttl
         except (TypeError, ValueError):
             ttl = self.ttl
-        return {"info": info, "etag": response["ETag"], "age": max(age, 0.0), "ttl": ttl,
-                "expired": age - 1.0 >= ttl}  # both stamps are whole seconds: count the worst case
+        died_here = _holder_died_here(info)
+        return {"info": info, "etag": response["ETag"], "age": max(age, 0.0), "ttl": ttl, "died_here": died_here,
+                "expired": age - 1.0 >= ttl or died_here}  # both stamps are whole seconds: count the worst case
 
     # -- the lease -----------------------------------------------------------------------------
     def acquire(self) -> "S3Lease":
@@ -250,8 +282,12 @@ class S3Lease:
                     if _error_code(err) not in _CONFLICT | _MISSING:
                         raise
                     continue  # another taker won, or the holder renewed after all: look again
-                log.warning("run %r: took over the expired lease of %s), last renewed %.0f s ago (ttl %.0f s)",
-                            self.run, _describe(current["info"]), current["age"], current["ttl"])
+                if current["died_here"]:
+                    log.warning("run %r: took over the lease of %s), whose process on this machine is gone",
+                                self.run, _describe(current["info"]))
+                else:
+                    log.warning("run %r: took over the expired lease of %s), last renewed %.0f s ago (ttl %.0f s)",
+                                self.run, _describe(current["info"]), current["age"], current["ttl"])
                 return self._start()
         except (BotoCoreError, ClientError) as err:
             raise self._unavailable(err) from None

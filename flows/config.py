@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, create_model
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
 from evoforge.data import atomic
 from evoforge.data.home import PROJECT_ROOT
 from evoforge.data.storage import is_remote
-from evoforge.flows.stages import REGISTRY, SVS_STAGES, RoundStage
+from evoforge.flows.stages import REGISTRY, SVS_STAGES, RoundStage, StageName
 from evoforge.models.engine import EngineConfig
 from evoforge.tasks.ingest import EvalSetConfig, SourceConfig
 
@@ -37,7 +38,39 @@ class _RoundConfigBase(BaseModel):
     )
 
 
-# engine, sources, eval_sets, then one section per stage in round order, then the stages to run
+class ClusterConfig(BaseModel):
+    """Where each stage runs (deploy/prefect.yaml, deploy/cluster/). A stage named in `pools` is started
+    as a flow run of the deployment `stage/<pool>` in that Prefect work pool, on whichever machine's
+    worker takes it; the round waits for it and passes nothing but the lake. No pools (the default):
+    every stage runs in the round's own process."""
+    pools: dict[StageName, str] = Field(  # type: ignore[valid-type]
+        default_factory=dict,
+        description="stage -> work pool, e.g. {generate: gpu, verify: cpu}; a stage not named runs in the round's process")
+    retries: int = Field(2, ge=0, description="how many times a stage run whose worker or machine was lost is started again")
+    heartbeat_seconds: int = Field(
+        30, ge=30, description="how often a dispatched stage run reports that it is alive (Prefect's flow-run heartbeat; 30 at least)")
+    lost_after_seconds: float = Field(
+        90, ge=40, description="a dispatched stage run that reported nothing for this long is lost: marked Crashed and started again")
+    poll_seconds: float = Field(2.0, gt=0, le=60, description="how often the round looks at a dispatched stage run")
+
+    @field_validator("pools")
+    @classmethod
+    def _pool_names(cls, pools: dict) -> dict:
+        for stage, pool in pools.items():
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", pool or ""):
+                raise ValueError(f"{stage}: work pool {pool!r} is not a pool name (letters, digits, '_', '.', '-')")
+        return pools
+
+    @model_validator(mode="after")
+    def _lost_after_a_heartbeat(self) -> "ClusterConfig":
+        if self.lost_after_seconds < self.heartbeat_seconds + 10:
+            raise ValueError(f"lost_after_seconds ({self.lost_after_seconds:g}) must exceed heartbeat_seconds "
+                             f"({self.heartbeat_seconds}) by 10 s at least, or a live stage run would be taken for lost")
+        return self
+
+
+# engine, sources, eval_sets, then one section per stage in round order, then the stages to run, then
+# where the stages run
 RoundConfig = create_model(
     "RoundConfig",
     __base__=_RoundConfigBase,
@@ -45,6 +78,7 @@ RoundConfig = create_model(
     stages=(list[RoundStage], Field(  # type: ignore[valid-type]
         default_factory=lambda: list(SVS_STAGES),
         description="the stages a round runs, in this order (add mcts for rStar-Math, critic for RARO)")),
+    cluster=(ClusterConfig, Field(default_factory=ClusterConfig)),
 )
 
 

@@ -4,14 +4,22 @@ checkpoint and grown pool. `stage_flow` reruns one stage by name (one deployment
 
 All three are deployable (deploy/prefect.yaml, `evoforge serve`): with no `round`, a round flow runs
 the run's next unfinished round, so a cron schedule keeps a run evolving one round per tick.
+
+A stage the config assigns to a work pool (`cluster.pools`) runs as a flow run of `stage/<pool>` on a
+worker of that pool, on another machine (flows/dispatch.py); the round then holds the run's
+orchestrator lock, and the run's own lock only around what it does itself. With no pools, the round
+holds the run's lock throughout, as a round on one machine always did.
 """
 from __future__ import annotations
+
+from contextlib import ExitStack
 
 from prefect import flow
 
 from evoforge.data.lake import lake
 from evoforge.flows.artifacts import publish_round_report
 from evoforge.flows.config import RoundConfig
+from evoforge.flows.dispatch import dispatch_stage, orchestrating, uses_pools
 from evoforge.flows.inputs import next_round, policy_for_round, run_config
 from evoforge.flows.stage_runner import StageResult, run_guard
 from evoforge.flows.stages import STAGES, StageName
@@ -51,21 +59,30 @@ def run_stage(name: str, run: str, round: int, config: RoundConfig | None, force
 def round_flow(run: str, config: RoundConfig | None = None, round: int | None = None, force: bool = False,
                config_file: str | None = None) -> list[StageResult]:
     """One round of `run`. Config: `config`, else `config_file`, else the run's saved one.
-    Round: `round`, else the run's next unfinished one. The engine loads round - 1's checkpoint."""
-    with run_guard(run, "round"):
-        config = run_config(run, config, config_file)  # saved into the run under its lock
+    Round: `round`, else the run's next unfinished one. The engine loads round - 1's checkpoint.
+    Stages with a work pool (`cluster.pools`) run on that pool's workers; the rest in this process."""
+    with orchestrating(run, f"round {round if round is not None else '(next)'}"), ExitStack() as held:
+        held.enter_context(run_guard(run, "round"))
+        config = run_config(run, config, config_file)  # saved into the run under its lock, before any dispatch
         if round is None:
             round = next_round(run, config)
             _rename_flow_run(f"{run}/round-{round}")
+        names = (["ingest"] if round == 0 else []) + list(config.stages)
         policy = policy_for_round(run, config, round).engine.model
-        flow_run_logger().info(f"run {run}, round {round}: stages {', '.join(config.stages)}; policy {policy}")
+        pools = {name: config.cluster.pools[name] for name in names if config.cluster.pools.get(name)}
+        where = f"; in work pools: {', '.join(f'{n} -> {p}' for n, p in pools.items())}" if pools else ""
+        flow_run_logger().info(f"run {run}, round {round}: stages {', '.join(config.stages)}; policy {policy}{where}")
+        if pools:
+            held.close()  # the stages take the run's lock themselves, on their machines
         results: list[StageResult] = []
-        if round == 0:
-            results += run_stage("ingest", run, round, config, force)
-        for name in config.stages:
-            results += run_stage(name, run, round, config, force)
+        for name in names:
+            if name in pools:
+                results += dispatch_stage(name, run, round, force, pools[name], config.cluster)
+            else:
+                results += run_stage(name, run, round, config, force)
         if any(name in config.stages for name in ("filter", "evaluate")):  # its plot is a file of the run
-            publish_round_report(run, round, lake().run_dir(run))
+            with run_guard(run, f"round {round} / report"):
+                publish_round_report(run, round, lake().run_dir(run))
     return results
 
 
@@ -74,8 +91,11 @@ def evolve_flow(run: str, rounds: int, config: RoundConfig | None = None, force:
                 config_file: str | None = None) -> list[StageResult]:
     """Rounds 0 .. rounds - 1 of `run`, each on the previous round's checkpoint and grown pool."""
     results: list[StageResult] = []
-    with run_guard(run, "evolve"):
+    with orchestrating(run, "evolve"), ExitStack() as held:
+        held.enter_context(run_guard(run, "evolve"))
         config = run_config(run, config, config_file)
+        if uses_pools(config, ["ingest", *config.stages]):
+            held.close()  # each round's dispatched stages take the run's lock on their machines
         for round in range(rounds):
             results += round_flow(run, config, round=round, force=force)
     return results

@@ -106,7 +106,10 @@ def stop_server(process: subprocess.Popen) -> None:
 
 def deployments(run: str, config_file: str | Path, cron: str | None = None) -> list:
     """The round deployment (named after the run; config form prefilled from `config_file`; `cron`
-    schedule) and one deployment per stage flow for reruns."""
+    schedule) and one deployment per stage flow for reruns, all executed by the serving process.
+    A config with `cluster.pools` makes the served round start those stages in their work pools
+    instead, as deployments `stage/<pool>` of deploy/prefect.yaml (deploy/cluster/setup.sh) that the
+    pools' workers run; this process then only orchestrates them and runs the other stages."""
     from evoforge.flows.config import load_config, resolve_path
     from evoforge.flows.round import round_flow
     from evoforge.flows.stages import STAGES
@@ -117,7 +120,9 @@ def deployments(run: str, config_file: str | Path, cron: str | None = None) -> l
     out = [round_flow.to_deployment(
         name=run, tags=tags, parameters={"run": run, "config": config.model_dump(mode="json")},
         description=f"Self-evolution round of run {run!r} (config from {config_file}); with no round, the "
-                    f"run's next unfinished round, so each scheduled flow run continues the evolution.",
+                    f"run's next unfinished round, so each scheduled flow run continues the evolution."
+                    + (f" Stages in work pools (deployments stage/<pool>): "
+                       f"{', '.join(f'{n} -> {p}' for n, p in config.cluster.pools.items())}." if config.cluster.pools else ""),
         **schedule,
     )]
     for name, stage in STAGES.items():

@@ -50,7 +50,7 @@ class Machine:
         home.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen([sys.executable, "-c", HOLDER, uri, what], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                     env={**os.environ, "EVOFORGE_HOME": str(home)})
+                                     env={**os.environ, "EVOFORGE_HOME": str(home), "EVOFORGE_MACHINE_ID": home.name})
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=lambda: [self.lines.put(line.rstrip("\n")) for line in self.proc.stdout],
                          daemon=True).start()
@@ -152,6 +152,24 @@ def test_a_killed_holder_frees_the_run_when_its_lease_expires(lease_run, local_s
     finally:
         lock.__exit__(None, None, None)
     assert read_lease(local_s3, lease_run) is None
+
+
+def test_a_holder_killed_on_this_machine_frees_the_run_at_once(lease_run, local_s3, scratch, monkeypatch):
+    """kill -9 then the same command again, on the same machine: its pid is gone, so no ttl to wait."""
+    from evoforge.data.runlock import run_lock
+
+    first = Machine(scratch / "machine-a", lease_run)
+    try:
+        assert first.line() == "held"
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(10)
+    finally:
+        first.stop()
+    monkeypatch.setenv("EVOFORGE_MACHINE_ID", "machine-a")  # the same machine as the killed holder
+    started = time.monotonic()
+    with run_lock(lease_run, "round 0 / generate"):
+        assert time.monotonic() - started < TTL / 2
+        assert f"pid {first.proc.pid} on" in read_lease(local_s3, lease_run)["took_over"]
 
 
 def test_a_paused_holder_whose_lease_was_taken_over_cannot_commit_nor_delete_it(lease_run, local_s3, scratch):
