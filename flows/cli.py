@@ -628,7 +628,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"to run without it", file=sys.stderr)
             return 2
         user_error = isinstance(err, _user_errors() + (ValueError, duckdb.Error))
-        failed = _failed_stage(getattr(args, "run", None), started)
+        from evoforge.flows.dispatch import StageRunFailed
+
+        # a stage that failed on another machine: its line names the flow run to open in the UI
+        failed = None if isinstance(err, StageRunFailed) else _failed_stage(getattr(args, "run", None), started)
         if os.environ.get("EVOFORGE_TRACEBACK") or (failed is None and not user_error):
             raise
         log = f" (log: {log_path})" if log_path is not None else ""
