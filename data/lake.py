@@ -11,6 +11,13 @@ A stage's output is committed by its manifest, written last and atomically, and 
 the parts it lists, after checking them against it: a damaged part (missing, truncated, changed) is
 named in one line with the command that heals it, never read as data. A `stage_runs` event is one
 file written whole (data/atomic.py); only evoforge's part names are read there.
+
+Memory does not grow with a round: a table is written as it is produced, in parts bounded by
+PART_MAX_ROWS / PART_MAX_BYTES, and read back part by part, one row group at a time
+(`read_batches`); `read` is for the small tables (the pool, stats, checkpoints). Many tiny
+`stage_runs` files are merged into one under the run lock (`compact_run_table`); a reader that lists
+the folder between the merged file's write and the removal of its sources sees those events twice,
+so reads of a run table drop exact duplicate rows.
 """
 from __future__ import annotations
 
@@ -20,18 +27,23 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterable, Iterator, Mapping, Union
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from evoforge.data import home, schemas
 from evoforge.data.atomic import atomic_path, commit, fsync_folder, leftovers, remove_leftovers
+from evoforge.data.ids import stable_hash
 from evoforge.data.manifest import (
     MANIFEST_NAME, PART_NAME, Manifest, ManifestError, Part, describe_part, new_part_name, part_damage,
     read_manifest, write_manifest,
 )
+from evoforge.data.runlock import check_run_lease
 from evoforge.data.storage import (
-    LakePath, is_remote, location, move, parquet_metadata, parquet_schema, read_parquet, write_parquet_object,
+    LakePath, is_remote, location, move, parquet_metadata, parquet_schema, read_parquet, remove_tree,
+    write_parquet_object,
 )
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -41,6 +53,30 @@ DAMAGED_FOLDER = "_damaged"
 # parts an evoforge before manifests wrote: part-00000 (a whole stage), part-<16 hex> (one ingest source,
 # the same key a manifest records for it now)
 LEGACY_PART = re.compile(r"^part-(?:\d{5}|(?P<key>[0-9a-f]{16}))\.parquet$")
+
+# A part closes at whichever bound it reaches first, so what a reader holds (one part's bytes at
+# most, one row group at a time) and the objects per table do not depend on the round's size.
+PART_MAX_ROWS = 1_000_000
+PART_MAX_BYTES = 128 * 1024 * 1024  # written (compressed) bytes
+# Rows are buffered into row groups of this size before they are written: the unit a reader decodes.
+ROW_GROUP_ROWS = 65_536
+ROW_GROUP_BYTES = 16 * 1024 * 1024  # in-memory Arrow bytes
+READ_BATCH_ROWS = 8_192
+# Parts up to this size are fetched in one request and checksummed in memory; a larger one is
+# checksummed as a stream first and then read row group by row group (a second pass over it).
+WHOLE_PART_BYTES = 32 * 1024 * 1024
+# More event files than this in a run table are merged into one (an object store lists them slowly).
+RUN_TABLE_COMPACT_FILES = 64
+# Rows of one key range held at once where a stream is brought into key order (`in_key_ranges`):
+# how a stage sees a problem's rows together in a round of any size. A DuckDB sort, window or join
+# over the whole round instead needs more memory as the round grows (a sort of 10M rollouts ran out
+# of 128 MB), so stages run their SQL one range at a time (`sql_batches`), under this limit.
+KEY_RANGE_ROWS = 32_768
+SPILL_FANOUT = 128  # range files one spill pass keeps open per stream; more ranges take another pass
+SQL_MEMORY_LIMIT = "128MB"
+
+Rows = Union[pa.Table, pa.RecordBatch]
+TableSource = Union[pa.Table, Iterable[Rows]]  # a table whole, or its rows as they are produced
 
 
 class LakeError(ValueError):
@@ -96,9 +132,12 @@ class _HashingSink:
 
     def __init__(self, raw):
         self.raw, self.digest, self.size, self.closed = raw, hashlib.sha256(), 0, False
+        self.discard = False  # an aborted part: what its writer still flushes goes nowhere
 
     def write(self, data) -> int:
         view = memoryview(data)
+        if self.discard:
+            return view.nbytes
         self.digest.update(view)
         self.size += view.nbytes
         self.raw.write(view)
@@ -123,9 +162,9 @@ class PartWriter:
     object storage (where the object appears only when its upload completes). It is made durable
     and described (rows, bytes, checksum of what was written) before a manifest may name it."""
 
-    def __init__(self, stage_dir: LakePath, table: str, schema: pa.Schema, key: str | None):
+    def __init__(self, stage_dir: LakePath, table: str, schema: pa.Schema, key: str | None, name: str | None = None):
         self.stage_dir, self.table, self.key = stage_dir, table, key
-        self.file = f"{table}/{new_part_name()}"
+        self.file = f"{table}/{name or new_part_name()}"
         path = stage_dir / self.file
         if is_remote(path):
             self._raw = path.fs.open_output_stream(path._path)
@@ -137,7 +176,7 @@ class PartWriter:
         self.rows = 0
 
     def write(self, rows: pa.Table | pa.RecordBatch) -> None:
-        self._writer.write(rows)
+        self._writer.write(rows, row_group_size=ROW_GROUP_ROWS)
         self.rows += rows.num_rows
 
     @property
@@ -154,20 +193,133 @@ class PartWriter:
                     sha256=self._sink.digest.hexdigest(), key=self.key)
 
     def abort(self) -> None:
+        self._sink.discard = True
+        try:
+            self._writer.close()
+        except Exception:
+            pass
         try:
             self._raw.close()
         finally:
             (self.stage_dir / self.file).unlink(missing_ok=True)
 
 
-def _write_part(table: pa.Table, stage_dir: LakePath, name: str, key: str | None) -> Part:
-    writer = PartWriter(stage_dir, name, table.schema, key)
-    try:
-        writer.write(table)
-    except BaseException:
-        writer.abort()
-        raise
-    return writer.close()
+class TableWriter:
+    """One table of a stage's output as bounded parts: rows are buffered into row groups, and a part
+    closes once it holds PART_MAX_ROWS rows or PART_MAX_BYTES written bytes (the row group that
+    crosses the byte bound finishes it). A table with no rows still gets one empty part: the
+    manifest then says the stage wrote it, empty. Its parts are named in the order they are written
+    (one random prefix, then a sequence number): a manifest lists parts by name, so the table reads
+    back in the order it was written (verify relies on a problem's rollouts staying together)."""
+
+    def __init__(self, stage_dir: LakePath, table: str, schema: pa.Schema, key: str | None):
+        self.stage_dir, self.table, self.schema, self.key = stage_dir, table, schema, key
+        self._prefix = new_part_name()[len("part-"):][:16]
+        self.parts: list[Part] = []
+        self._part: PartWriter | None = None
+        self._buffer: list[pa.Table] = []
+        self._buffered_rows = self._buffered_bytes = 0
+
+    def write(self, rows: pa.Table) -> None:
+        self._buffer.append(rows)
+        self._buffered_rows += rows.num_rows
+        self._buffered_bytes += rows.nbytes
+        if self._buffered_rows >= ROW_GROUP_ROWS or self._buffered_bytes >= ROW_GROUP_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        rows = pa.concat_tables(self._buffer) if self._buffer else self.schema.empty_table()
+        self._buffer, self._buffered_rows, self._buffered_bytes = [], 0, 0
+        while rows.num_rows:
+            if self._part is None:
+                self._part = self._new_part()
+            take = min(PART_MAX_ROWS - self._part.rows, ROW_GROUP_ROWS)  # one row group: then the bounds are checked
+            self._part.write(rows.slice(0, take))
+            rows = rows.slice(take)
+            if self._part.rows >= PART_MAX_ROWS or self._part.bytes_written >= PART_MAX_BYTES:
+                self.parts.append(self._part.close())
+                self._part = None
+
+    def close(self) -> list[Part]:
+        self._flush()
+        if self._part is None and not self.parts:
+            self._part = self._new_part()
+            self._part.write(self.schema.empty_table())
+        if self._part is not None:
+            self.parts.append(self._part.close())
+            self._part = None
+        return self.parts
+
+    def _new_part(self) -> PartWriter:
+        name = f"part-{self._prefix}{len(self.parts):016x}.parquet"
+        return PartWriter(self.stage_dir, self.table, self.schema, self.key, name)
+
+    def abort(self) -> None:
+        """Remove what this writer wrote: nothing names it yet (no manifest was written)."""
+        if self._part is not None:
+            self._part.abort()
+            self._part = None
+        for part in self.parts:
+            (self.stage_dir / part.file).unlink(missing_ok=True)
+        self.parts = []
+
+
+def _pieces(source: TableSource) -> Iterator[pa.Table]:
+    if isinstance(source, (pa.Table, pa.RecordBatch)):
+        source = [source]
+    for rows in source:
+        yield pa.Table.from_batches([rows]) if isinstance(rows, pa.RecordBatch) else rows
+
+
+def _close(source: TableSource) -> None:
+    """Stop a producer that will not be read to its end (a generator holding a grader pool)."""
+    close = getattr(source, "close", None)
+    if close is not None and not isinstance(source, pa.Table):
+        try:
+            close()
+        except Exception:
+            pass
+
+
+@dataclass(frozen=True)
+class Published:
+    """What a commit wrote: the output fingerprint (of its key's parts) and the new parts."""
+    fingerprint: str | None
+    parts: tuple[Part, ...]
+
+    def rows(self, table: str) -> int:
+        return sum(p.rows for p in self.parts if p.table == table)
+
+
+class _OutputChanged(LakeError):
+    """A writer committed (and removed the parts read so far) while a stage's output was streamed."""
+
+
+def _stream_sha256(path: LakePath) -> tuple[int, str]:
+    digest, size = hashlib.sha256(), 0
+    with (path.fs.open_input_stream(path._path) if is_remote(path) else open(path, "rb")) as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+            size += len(block)
+    return size, digest.hexdigest()
+
+
+def _missing(err: OSError) -> bool:
+    return isinstance(err, FileNotFoundError) or "does not exist" in str(err) or "NoSuchKey" in str(err)
+
+
+def drop_duplicate_rows(table: pa.Table) -> pa.Table:
+    """`table` without exact duplicate rows (the first of each kept, in order): a run table's events
+    read twice while they were being merged (`Lake.compact_run_table`)."""
+    if table.num_rows < 2:
+        return table
+    index = "__row__"
+    while index in table.column_names:
+        index += "_"
+    numbered = table.append_column(index, pa.array(range(table.num_rows), pa.int64()))
+    firsts = numbered.group_by(table.column_names, use_threads=False).aggregate([(index, "min")])
+    keep = pc.sort_indices(firsts[f"{index}_min"])
+    return table.take(pc.take(firsts[f"{index}_min"], keep)) if firsts.num_rows < table.num_rows else table
 
 
 class Lake:
@@ -246,66 +398,140 @@ class Lake:
                     found.append(Damage(run, folder / part.file, reason, round, stage))
         return found
 
+    def table_rows(self, run: str, round: int, stage: str) -> dict[str, int]:
+        """Committed rows per table of a stage, as its manifest lists them (nothing is read)."""
+        rows: dict[str, int] = {}
+        for part in (manifest.parts if (manifest := self.manifest(run, round, stage)) else ()):
+            rows[part.table] = rows.get(part.table, 0) + part.rows
+        return rows
+
     # -- reads ---------------------------------------------------------------------------------
+    def read_schema(self, table: str, columns: list[str] | None = None) -> pa.Schema:
+        """The schema of what `read` / `read_batches` give for `table` and `columns`."""
+        schema = self._schema(table)
+        if table not in schemas.RUN_TABLES:
+            schema = schema.append(pa.field("round", pa.int32())).append(pa.field("stage", pa.string()))
+        if columns is None:
+            return schema
+        unknown = [c for c in columns if c not in schema.names]
+        if unknown:
+            raise LakeError(f"table {table!r} has no column(s) {unknown}")
+        return pa.schema([schema.field(c) for c in columns])
+
     def read(self, run: str, table: str, round: int | None = None, stage: str | None = None,
-             exclude_key: str | None = None) -> pa.Table:
+             exclude_key: str | None = None, columns: list[str] | None = None) -> pa.Table:
         """All committed rows of `table` in the run (optionally one round / stage), with `round` and
         `stage` (the stage that wrote them) from the path, as the DuckDB views have them. Each part
-        is checked against its manifest (size, checksum) as it is read: DamagedPart names a bad one."""
-        schema = self._schema(table)
-        if table in schemas.RUN_TABLES:
-            return self._read_run_table(run, table, schema)
-        parts = []
-        for r, s, folder in self.stage_dirs(run, round, stage):
-            for rows in self._read_stage_table(run, r, s, folder, table, exclude_key):
-                rows = schemas.conform(rows, schema, where=f"{folder}/{table}", missing_as_null=True)
-                rows = rows.append_column("round", pa.array([r] * rows.num_rows, pa.int32()))
-                parts.append(rows.append_column("stage", pa.array([s] * rows.num_rows, pa.string())))
-        if not parts:
-            empty = schema.empty_table()
-            empty = empty.append_column("round", pa.array([], pa.int32()))
-            return empty.append_column("stage", pa.array([], pa.string()))
-        return pa.concat_tables(parts)
+        is checked against its manifest (size, checksum) as it is read: DamagedPart names a bad one.
+        Whole in memory: for the small tables; a stage's large input streams (`read_batches`)."""
+        for attempt in range(3):
+            try:
+                batches = list(self.read_batches(run, table, round, stage, exclude_key=exclude_key, columns=columns))
+            except _OutputChanged:
+                if attempt == 2:
+                    raise
+                continue
+            return pa.Table.from_batches(batches, self.read_schema(table, columns))
+        raise AssertionError("unreachable")
 
-    def _read_stage_table(self, run, round, stage, folder, table, exclude_key) -> list[pa.Table]:
+    def read_batches(self, run: str, table: str, round: int | None = None, stage: str | None = None, *,
+                     exclude_key: str | None = None, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+        """The committed rows of `table` (optionally one round / stage) as record batches of at most
+        READ_BATCH_ROWS rows, part by part, each part checked against its manifest before any of its
+        rows is yielded; `columns` projects (default: all, with `round` and `stage` as `read`
+        gives them). Memory holds one part's bytes (bounded) or one row group, never the table."""
+        schema = self.read_schema(table, columns)
+        if table in schemas.RUN_TABLES:
+            yield from self._read_run_table(run, table).select(schema.names).to_batches(READ_BATCH_ROWS)
+            return
+        for r, s, folder in self.stage_dirs(run, round, stage):
+            yield from self._stage_batches(run, r, s, folder, table, exclude_key, schema)
+
+    def reader(self, run: str, table: str, round: int | None = None, stage: str | None = None, *,
+               exclude_key: str | None = None, columns: list[str] | None = None) -> pa.RecordBatchReader:
+        """`read_batches` as an Arrow stream: what a stage hands its task for a large input."""
+        return pa.RecordBatchReader.from_batches(
+            self.read_schema(table, columns),
+            self.read_batches(run, table, round, stage, exclude_key=exclude_key, columns=columns))
+
+    def _stage_batches(self, run, round, stage, folder, table, exclude_key, schema) -> Iterator[pa.RecordBatch]:
         if not (folder / table).is_dir():  # the stage never wrote this table: its manifest is not ours to read
-            return []
+            return
+        yielded = False
         for _attempt in range(3):  # a writer may commit (and remove the old parts) while we read
             manifest = self.manifest(run, round, stage)
             if manifest is None:
-                return []
+                return
             try:
-                return [self._read_part(run, round, stage, folder, part) for part in manifest.parts
-                        if part.table == table and (exclude_key is None or part.key != exclude_key)]
+                for part in manifest.parts:
+                    if part.table == table and (exclude_key is None or part.key != exclude_key):
+                        for batch in self._part_batches(run, round, stage, folder, part, schema):
+                            yielded = True
+                            yield batch
+                return
             except DamagedPart:
                 latest = self.manifest(run, round, stage)
                 if latest is None or latest.commit == manifest.commit:
                     raise
+                if yielded:  # rows of the old commit are out already: the caller must start again
+                    raise _OutputChanged(f"{folder}: a new output was committed while it was read; read it again") from None
         raise LakeError(f"{folder}: the output kept changing while it was read; try again")
 
-    @staticmethod
-    def _read_part(run, round, stage, folder: LakePath, part: Part) -> pa.Table:
+    def _part_batches(self, run, round, stage, folder: LakePath, part: Part, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
         path = folder / part.file
         try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise DamagedPart(Damage(run, path, "missing", round, stage)) from None
-        reason = part_damage(folder, part, checksum=True, data=data)
+            if part.bytes <= WHOLE_PART_BYTES:
+                data = path.read_bytes()
+                reason = part_damage(folder, part, checksum=True, data=data)
+                source = pa.BufferReader(data)
+            else:
+                size, digest = _stream_sha256(path)
+                reason = (f"size {size} bytes, manifest says {part.bytes}" if size != part.bytes
+                          else None if digest == part.sha256 else "checksum differs from the manifest")
+                source = path.open_input() if is_remote(path) else pa.OSFile(str(path))
+        except OSError as err:
+            if _missing(err):
+                raise DamagedPart(Damage(run, path, "missing", round, stage)) from None
+            raise
         if reason:
             raise DamagedPart(Damage(run, path, reason, round, stage))
-        return read_parquet(path, data)
+        where = f"{folder}/{part.table}"
+        from_path = {"round": pa.scalar(round, pa.int32()), "stage": pa.scalar(stage, pa.string())}
+        with source:
+            # no pre-buffering: it would fetch every row group of the part before the first batch
+            parquet = pq.ParquetFile(source, pre_buffer=False)
+            stored = set(parquet.schema_arrow.names)
+            # a column added to the schema after the part was written reads as nulls
+            wanted = [n for n in schema.names if n in stored and n not in from_path] or parquet.schema_arrow.names[:1]
+            for batch in parquet.iter_batches(batch_size=READ_BATCH_ROWS, columns=wanted, use_threads=False):
+                columns = []
+                for field_ in schema:
+                    if field_.name in from_path:
+                        columns.append(pa.repeat(from_path[field_.name], batch.num_rows))
+                    elif field_.name in stored:
+                        columns.append(batch.column(field_.name))
+                    else:
+                        columns.append(pa.nulls(batch.num_rows, field_.type))
+                try:
+                    yield pa.RecordBatch.from_arrays(columns, schema=schema)
+                except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+                    rows = pa.Table.from_batches([pa.RecordBatch.from_arrays(
+                        columns, names=schema.names)])  # differing types: cast, or name what does not fit
+                    yield from schemas.conform(rows, schema, where=where).to_batches()
 
-    def _read_run_table(self, run: str, table: str, schema: pa.Schema) -> pa.Table:
+    def _read_run_table(self, run: str, table: str, files: list[LakePath] | None = None) -> pa.Table:
+        """A run table's events, each once (see `drop_duplicate_rows`)."""
+        schema = self._schema(table)
         parts = []
-        for path in self.run_table_files(run, table):
+        for path in self.run_table_files(run, table) if files is None else files:
             try:
                 rows = read_parquet(path)
-            except FileNotFoundError:
+            except FileNotFoundError:  # merged into a compacted file since the listing
                 continue
             except Exception as err:
                 raise DamagedPart(Damage(run, path, f"unreadable ({str(err).splitlines()[0][:120]})")) from None
             parts.append(schemas.conform(rows, schema, where=str(path), missing_as_null=True))
-        return pa.concat_tables(parts) if parts else schema.empty_table()
+        return drop_duplicate_rows(pa.concat_tables(parts)) if parts else schema.empty_table()
 
     def run_table_files(self, run: str, table: str) -> list[LakePath]:
         folder = self.run_dir(run) / table
@@ -324,31 +550,64 @@ class Lake:
         self.ensure_run(run)
         return write_parquet(rows, self.run_dir(run) / table / new_part_name())
 
-    def publish_stage(self, run: str, round: int, stage: str, tables: dict[str, pa.Table],
+    def compact_run_table(self, run: str, table: str, above: int | None = None) -> int:
+        """Merge a run table's files into one when there are more than `above` (RUN_TABLE_COMPACT_FILES);
+        returns how many were merged. The merged file is written whole first, its sources removed
+        after: a crash in between leaves each event twice, which reads drop (`_read_run_table`).
+        Caller holds the run's lock, so no event is appended meanwhile."""
+        files = self.run_table_files(run, table)
+        if len(files) <= (RUN_TABLE_COMPACT_FILES if above is None else above):
+            return 0
+        write_parquet(self._read_run_table(run, table, files), self.run_dir(run) / table / new_part_name())
+        for path in files:
+            path.unlink(missing_ok=True)
+        return len(files)
+
+    def publish_stage(self, run: str, round: int, stage: str, tables: Mapping[str, TableSource],
                       key: str | None = None) -> str | None:
-        """Commit `tables` as the stage's output; returns the output fingerprint (of `key`'s parts).
+        """Commit `tables` as the stage's output; returns the output fingerprint (of `key`'s parts)."""
+        return self.publish(run, round, stage, tables, key).fingerprint
+
+    def publish(self, run: str, round: int, stage: str, tables: Mapping[str, TableSource],
+                key: str | None = None) -> Published:
+        """Commit `tables` as the stage's output: each a table, or its rows (tables or record
+        batches) as they are produced, written in bounded parts as they come (`TableWriter`).
 
         Without `key` the whole output is replaced; with one, only the parts of that key (ingest: one
         source). New parts first, then the manifest (the commit), then the superseded parts go: a
         crash at any point leaves the old output or the new one, whole. Callers hold the run's lock."""
         self.ensure_run(run)
         folder = self.stage_dir(run, round, stage)
-        conformed = {t: schemas.conform(rows, self._schema(t), where=f"{stage}/{t}") for t, rows in tables.items()}
         try:
             old = self.manifest(run, round, stage)
         except DamagedPart:
             if key is not None:  # the other inputs' parts are unknown: doctor --repair first
                 raise
             old = None  # the whole output is replaced, the unreadable manifest with it
-        written = [_write_part(rows, folder, table, key) for table, rows in conformed.items()]
+        writers: list[TableWriter] = []
+        try:
+            for table, source in tables.items():
+                schema = self._schema(table)
+                writer = TableWriter(folder, table, schema, key)
+                writers.append(writer)
+                for rows in _pieces(source):
+                    writer.write(schemas.conform(rows, schema, where=f"{stage}/{table}"))
+            written = [part for writer in writers for part in writer.close()]
+        except BaseException:
+            for writer in writers:
+                writer.abort()
+            for source in tables.values():
+                _close(source)
+            raise
         for table_folder in {(folder / p.file).parent for p in written}:
             fsync_folder(table_folder)
         kept = [p for p in (old.parts if old else ()) if key is not None and p.key != key]
-        manifest = write_manifest(folder, kept + written)
+        check_run_lease(self.run_dir(run))  # a holder whose S3 lease was taken over must not commit
+        manifest = write_manifest(folder, kept + written)  # the commit
         for part in (old.parts if old else ()):
             if part not in kept:
                 (folder / part.file).unlink(missing_ok=True)
-        return manifest.fingerprint(key)
+        return Published(manifest.fingerprint(key), tuple(written))
 
     # -- health --------------------------------------------------------------------------------
     def inspect(self, run: str, checksum: bool = False) -> RunHealth:
@@ -426,6 +685,7 @@ class Lake:
                 target = path.parent / new_part_name()
                 commit(path, target)
                 parts.append(describe_part(folder, path.parent.name, target, LEGACY_PART.match(path.name)["key"]))
+            check_run_lease(self.run_dir(run))
             write_manifest(folder, parts)
             lines.append(f"{folder.relative_to(self.run_dir(run))}: committed {len(parts)} part(s) written before "
                          f"manifests ({sum(p.rows for p in parts)} rows)")
@@ -461,6 +721,7 @@ class Lake:
             dropped = [p for p in manifest.parts if entry.key is None or p.key == entry.key]
             kept = [p for p in manifest.parts if p not in dropped]
             if kept:
+                check_run_lease(self.run_dir(run))
                 write_manifest(folder, kept)
             else:
                 move_aside(folder / MANIFEST_NAME)
@@ -471,6 +732,163 @@ class Lake:
             lines.append(f"round {damage.round} {damage.stage}: moved {damage.path.name} aside and uncommitted "
                          f"{what} ({sum(p.rows for p in dropped)} rows); it will be recomputed")
         return lines
+
+
+def key_boundaries(keys: Iterable[str], total_rows: int, range_rows: int | None = None) -> list[str]:
+    """Where to split `in_key_ranges`: ranges of about equally many of `keys` (the keys the rows
+    carry, e.g. the pool's problem ids), as many as it takes for a range to hold about `range_rows`
+    (KEY_RANGE_ROWS) of `total_rows` rows; none when one range holds them all."""
+    ranges = -(-int(total_rows) // (range_rows or KEY_RANGE_ROWS))
+    keys = sorted(set(keys))
+    if ranges <= 1 or len(keys) < 2:
+        return []
+    return sorted({keys[len(keys) * i // ranges] for i in range(1, ranges)})
+
+
+def in_key_ranges(streams: Mapping[str, pa.Table | Iterable[pa.RecordBatch]], key: str, boundaries: list[str]
+                  ) -> Iterator[dict[str, pa.Table]]:
+    """The rows of each stream range by range of `key`, in key order: split at `boundaries`, so all the
+    rows of one key come in the same range (a range's rows are in no particular order: sort them).
+    With more than one range the streams are spilled first, range by range, to local files under the
+    project's .tmp (removed after): memory holds one range, disk the streams. What a stage does to
+    see a problem's rows together, in problem order, in a round of any size."""
+    if not boundaries:
+        yield {name: _whole(source) for name, source in streams.items()}
+        return
+    if len(boundaries) + 1 <= SPILL_FANOUT:
+        for ranged in _spilled(streams, key, boundaries):
+            yield {name: reader.read_all() for name, reader in ranged.items()}
+        return
+    # more ranges than files one pass may keep open: spill into coarse ranges, then split each
+    step = -(-(len(boundaries) + 1) // SPILL_FANOUT)
+    coarse = boundaries[step - 1::step]
+    for index, ranged in enumerate(_spilled(streams, key, coarse)):
+        low, high = (coarse[index - 1] if index else None), (coarse[index] if index < len(coarse) else None)
+        yield from in_key_ranges(ranged, key, [b for b in boundaries if (low is None or b > low) and (high is None or b < high)])
+
+
+def _spilled(streams: Mapping[str, pa.Table | Iterable[pa.RecordBatch]], key: str, boundaries: list[str]
+             ) -> Iterator[dict[str, pa.RecordBatchReader]]:
+    """`in_key_ranges` through files: every stream written once, split by range; then each range's
+    rows as one reader per stream, to be read before the next range is asked for."""
+    import numpy as np
+
+    splits = np.array(boundaries, dtype=str)
+    folder = _spill_folder()
+    schemas_of: dict[str, pa.Schema | None] = {}
+    try:
+        for name, source in streams.items():
+            writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
+            schemas_of[name] = getattr(source, "schema", None)
+            try:
+                for batch in (source.to_batches() if isinstance(source, pa.Table) else source):
+                    schemas_of[name] = batch.schema
+                    where = np.searchsorted(splits, batch.column(key).to_numpy(zero_copy_only=False).astype(str),
+                                            side="right")
+                    for index in np.unique(where).tolist():
+                        if index not in writers:
+                            writers[index] = pa.ipc.new_stream(str(folder / f"{name}-{index}.arrow"), batch.schema)
+                        writers[index].write_batch(batch.filter(pa.array(where == index)))
+            finally:
+                for writer in writers.values():
+                    writer.close()
+        for index in range(len(boundaries) + 1):
+            ranged, files = {}, []
+            for name, schema in schemas_of.items():
+                path = folder / f"{name}-{index}.arrow"
+                if path.exists():
+                    files.append(pa.OSFile(str(path)))
+                    ranged[name] = pa.ipc.open_stream(files[-1])
+                else:
+                    schema = schema if schema is not None else pa.schema([])
+                    ranged[name] = pa.RecordBatchReader.from_batches(schema, [])
+            try:
+                yield ranged
+            finally:
+                for file in files:
+                    file.close()
+                for name in schemas_of:
+                    (folder / f"{name}-{index}.arrow").unlink(missing_ok=True)
+    finally:
+        remove_tree(folder)
+
+
+def _spill_folder() -> Path:
+    """A new folder for one spill, named by host and process: the folders a killed process of this
+    host left behind are removed first (another host's, on a shared home, are not ours to judge)."""
+    import socket
+
+    root = home.home() / ".tmp" / "spill"
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())
+    for old in root.glob(f"{host}-*-*") if root.is_dir() else ():
+        try:
+            os.kill(int(old.name.rsplit("-", 2)[1]), 0)
+        except ProcessLookupError:
+            remove_tree(old)
+        except (ValueError, PermissionError):
+            pass
+    folder = root / f"{host}-{os.getpid()}-{new_part_name()[len('part-'):][:16]}"
+    folder.mkdir(parents=True)
+    return folder
+
+
+def fingerprint_rows(source: pa.Table | pa.RecordBatchReader) -> str:
+    """Content hash of a table's or stream's rows, independent of their order (a multiset: the count
+    and the sum of DuckDB's row hashes), read once in constant memory. What `fingerprint_table`
+    (data/ids.py) is for a table held whole, for one that is not; the two differ, and DuckDB's hash
+    may change with its version (the stages then run once more)."""
+    names = source.schema.names
+    columns = ", ".join('"' + n.replace('"', '""') + '"' for n in names)
+    (batch,) = list(sql_batches(f"SELECT count(*) AS n, sum(hash({columns}))::VARCHAR AS total FROM rows", rows=source))
+    return stable_hash("rows", *names, batch.column(0)[0].as_py(), batch.column(1)[0].as_py())
+
+
+def _whole(source: pa.Table | Iterable[pa.RecordBatch]) -> pa.Table:
+    if isinstance(source, pa.Table):
+        return source
+    batches = list(source)
+    schema = getattr(source, "schema", None) or (batches[0].schema if batches else None)
+    return pa.Table.from_batches(batches, schema) if schema is not None else pa.table({})
+
+
+def sql_batches(query: str, batch_rows: int = READ_BATCH_ROWS, **inputs: pa.Table | pa.RecordBatchReader
+                ) -> Iterator[pa.RecordBatch]:
+    """The result of `query` in DuckDB over Arrow inputs named by keyword (tables, or streams scanned
+    once as they arrive), in batches of `batch_rows`, under SQL_MEMORY_LIMIT (past it DuckDB spills
+    under the project's .tmp/duckdb, or fails: give it one key range of a round, not the round). An
+    error an input raised while it was read (a damaged part) is raised as itself, not as DuckDB's text."""
+    import duckdb
+
+    failures: list[BaseException] = []
+
+    def watched(source):
+        if isinstance(source, pa.Table):
+            return source
+
+        def batches():
+            try:
+                yield from source
+            except BaseException as err:
+                failures.append(err)
+                raise
+
+        return pa.RecordBatchReader.from_batches(source.schema, batches())
+
+    spill = home.home() / ".tmp" / "duckdb"
+    spill.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(":memory:", config={"memory_limit": SQL_MEMORY_LIMIT, "threads": 1,
+                                             "temp_directory": str(spill), "preserve_insertion_order": False})
+    try:
+        for name, source in inputs.items():
+            con.register(name, watched(source))
+        try:
+            yield from con.sql(query).to_arrow_reader(batch_rows)
+        except (duckdb.Error, pa.ArrowException):
+            if failures:
+                raise failures[0] from None
+            raise
+    finally:
+        con.close()
 
 
 _lake: Lake | None = None

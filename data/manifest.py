@@ -72,10 +72,9 @@ def new_part_name() -> str:
 
 
 def sha256_file(path: LakePath) -> str:
-    if is_remote(path):
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+    """Streamed, so a part is never held whole to be checked (on disk or on object storage)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with (path.fs.open_input_stream(path._path) if is_remote(path) else open(path, "rb")) as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

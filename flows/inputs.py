@@ -1,19 +1,23 @@
 """The one input layer: what a stage flow reads, each defined once. Stage flows read through these
 functions and never import each other.
 
-- round tables: `round_table` (a stage's output in a round, required) and `stage_output` (may be empty)
+- round tables: `round_table` (a stage's output in a round, required) and `stage_output` (may be empty),
+  whole; `round_stream` / `stage_stream` for the large ones (rollouts, verdicts), read part by part
+- a stage's input fingerprint: `fingerprint_inputs` (a streamed table in one more streamed pass)
 - the problem pool of a round, and its problems with an expert answer (RARO)
 - the checkpoint a round trained, for a role (`policy`, `ppm`)
 - the run config: given, named by file, or the run's saved one; and a round's policy applied to it
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from evoforge.data.lake import lake
+from evoforge.data.ids import fingerprint_table, stable_hash
+from evoforge.data.lake import fingerprint_rows, lake
 from evoforge.flows.config import ConfigError, RoundConfig, load_config, resolve_path, save_config
 
 
@@ -44,16 +48,62 @@ def round_table(run: str, round: int, table: str, made_by: str) -> pa.Table:
     input: empty only when that stage ran and found nothing to write (no correct answer, no SFT
     example), else MissingInput names the command that makes it."""
     rows = lake().read(run, table, round, made_by)
-    if rows.num_rows == 0 and not (lake().has_output(run, round, made_by) and stage_finished(run, round, made_by)):
-        raise MissingInput(
-            f"run {run!r} round {round} has no {table}: run `evoforge stage {made_by} --run {run} --round {round}` first"
-        )
+    if rows.num_rows == 0:
+        _require(run, round, table, made_by)
     return rows
 
 
-def problem_pool(run: str, round: int) -> pa.Table:
-    """P_r: the ingested problems plus the SvS variants kept in rounds before r."""
-    problems = lake().read(run, "problems")
+@dataclass(frozen=True)
+class TableStream:
+    """A round table too large to hold, with the columns a stage reads: its row count comes from its
+    stage's manifest; `reader()` streams its rows, part by part and checked, each call anew."""
+    run: str
+    round: int
+    table: str
+    made_by: str
+    columns: tuple[str, ...]
+    rows: int
+
+    def reader(self) -> pa.RecordBatchReader:
+        return lake().reader(self.run, self.table, self.round, self.made_by, columns=list(self.columns))
+
+    def fingerprint(self) -> str:
+        """Content hash of the columns read (one streamed pass): a stage whose input was rewritten
+        with the same content (a damaged output recomputed) is still skipped as unchanged."""
+        return fingerprint_rows(self.reader())
+
+
+def stage_stream(run: str, round: int, table: str, made_by: str, columns: list[str]) -> TableStream:
+    """`stage_output`, streamed: empty when that stage wrote none."""
+    return TableStream(run, round, table, made_by, tuple(columns), lake().table_rows(run, round, made_by).get(table, 0))
+
+
+def round_stream(run: str, round: int, table: str, made_by: str, columns: list[str]) -> TableStream:
+    """`round_table`, streamed: MissingInput when the stage that writes it has not run."""
+    stream = stage_stream(run, round, table, made_by, columns)
+    if stream.rows == 0:
+        _require(run, round, table, made_by)
+    return stream
+
+
+def fingerprint_inputs(*inputs: pa.Table | TableStream) -> str:
+    """One fingerprint of a stage's inputs, by their content: a table held whole, or streamed."""
+    return stable_hash("inputs", *(i.fingerprint() if isinstance(i, TableStream) else fingerprint_table(i)
+                                   for i in inputs))
+
+
+def _require(run: str, round: int, table: str, made_by: str) -> None:
+    if not (lake().has_output(run, round, made_by) and stage_finished(run, round, made_by)):
+        raise MissingInput(
+            f"run {run!r} round {round} has no {table}: run `evoforge stage {made_by} --run {run} --round {round}` first"
+        )
+
+
+def problem_pool(run: str, round: int, columns: list[str] | None = None) -> pa.Table:
+    """P_r: the ingested problems plus the SvS variants kept in rounds before r (`columns` only, with
+    `round` and `stage`, when given: a stage that needs the golds does not hold the questions)."""
+    columns = None if columns is None else list(dict.fromkeys([*columns, "round", "stage"]))
+    problems = lake().read(run, "problems", columns=columns)
     seeds = pc.equal(problems["stage"], "ingest")
     earlier_variants = pc.and_(pc.equal(problems["stage"], "synthesize"), pc.less(problems["round"], round))
     problems = problems.filter(pc.or_(seeds, earlier_variants))

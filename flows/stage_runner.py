@@ -15,10 +15,10 @@ import pyarrow as pa
 from evoforge.data import catalog
 from evoforge.data.chunks import Chunks, chunk_root
 from evoforge.data.ids import stable_hash
-from evoforge.data.lake import DamagedPart, Lake, lake
+from evoforge.data.lake import DamagedPart, Lake, TableSource, lake
 from evoforge.data.runlock import run_lock
 from evoforge.data.storage import remove_tree
-from evoforge.flows.artifacts import publish_stage_artifacts
+from evoforge.flows.artifacts import publish_stage_artifacts, summary_tables
 from evoforge.flows.inputs import FINISHED
 from evoforge.flows.stages import STAGES
 from evoforge.tasks.progress import flow_run_logger
@@ -35,7 +35,10 @@ class StageResult:
     rows_out: int
     rows_quarantined: int
     output_fingerprint: str | None
-    tables: dict[str, pa.Table] = field(default_factory=dict)  # empty when skipped
+    # the outputs the stage returned whole (small ones, e.g. ingest's quarantine); a streamed output is
+    # written as it is produced and never held: read it from the lake. Empty when skipped.
+    tables: dict[str, pa.Table] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)  # rows written per output table; empty when skipped
 
 
 def _now() -> datetime:
@@ -80,6 +83,9 @@ def run_guard(run: str, what: str):
         if swept:
             flow_run_logger().warning(f"run {run}: removed {swept} temporary file(s) that writers which died left behind")
         store.ensure_run(run)
+        merged = store.compact_run_table(run, "stage_runs")  # we are its only writer while we hold the lock
+        if merged:
+            flow_run_logger().info(f"run {run}: merged {merged} stage_runs files into one")
         for attempt in mark_interrupted(store, run):
             flow_run_logger().warning(f"{attempt['stage']} (run {run}, round {attempt['round']}): an earlier attempt "
                                  f"started {attempt['started_at']:%Y-%m-%d %H:%M:%S} was interrupted")
@@ -95,14 +101,16 @@ def execute_stage(
     model_id: str | None,
     input_fingerprint: str,
     rows_in: int | None,
-    compute: Callable[[Chunks], dict[str, pa.Table]],
+    compute: Callable[[Chunks], dict[str, TableSource]],
     force: bool = False,
     part: str | None = None,
 ) -> StageResult:
     """Run `compute` unless an identical earlier execution's output is still in place.
 
     `compute(chunks)` gets the chunk store of this execution: batches it stores there survive a
-    crash, and the same command resumes from them (see data/chunks.py). `part`: the stage commits
+    crash, and the same command resumes from them (see data/chunks.py). It returns each output
+    table whole or as an iterable of its rows (record batches or tables), which is written in
+    bounded parts as it is produced (Lake.publish) and never held. `part`: the stage commits
     one input at a time (ingest: one source) and replaces that input's parts instead of its whole
     output. A damaged output is never skipped as unchanged. `rows_in=None`: every input row ends in
     an output or in quarantine (ingest), so rows in = rows out + rows quarantined. Holds the run's lock throughout: a second process working on
@@ -111,12 +119,15 @@ def execute_stage(
     with run_guard(run, f"round {round} / {stage}") as store:
         result = _execute_locked(store, run, round, stage, config_hash, model_id, input_fingerprint, rows_in,
                                  compute, force, part)
-    tables = result.tables or {  # skipped: the output already in the lake
-        name: store.read(run, name, round, stage).drop_columns(["round", "stage"]) for name in STAGES[stage].writes
-    }
+    try:
+        tables, rows = summary_tables(store, run, round, stage, result.tables)
+        rows.update(result.rows)  # what this execution wrote (one input's, for a stage committed by input)
+    except Exception as err:  # the UI is a view of the lake: never fail a stage over it
+        flow_run_logger().warning(f"{stage}: could not read its output for the summary ({type(err).__name__}: {err})")
+        tables, rows = dict(result.tables), None
     publish_stage_artifacts(run, round, stage, result.status,
                             {"rows in": result.rows_in, "rows out": result.rows_out,
-                             "rows quarantined": result.rows_quarantined}, tables)
+                             "rows quarantined": result.rows_quarantined}, tables, rows)
     return result
 
 
@@ -171,7 +182,8 @@ def _execute_locked(store: Lake, run, round, stage, config_hash, model_id, input
         unexpected = sorted(set(tables) - set(STAGES[stage].writes))
         if unexpected:  # the registry says what a stage writes; catalog views and readers rely on it
             raise RuntimeError(f"{stage} returned tables {unexpected} that the stage registry does not list")
-        output_fp = store.publish_stage(run, round, stage, tables, key=part)
+        published = store.publish(run, round, stage, tables, key=part)
+        output_fp = published.fingerprint
     except BaseException as err:
         message = f"{type(err).__name__}: {err}".splitlines()[0][:500]
         # Ctrl-C or kill (SIGTERM): stopped, not broken; a rerun resumes from the completed chunks
@@ -186,8 +198,9 @@ def _execute_locked(store: Lake, run, round, stage, config_hash, model_id, input
         remove_tree(root)  # published: the chunks (and stale ones of older configs) are spent
     else:
         chunks.clear()
-    rows_quarantined = tables["quarantine"].num_rows if "quarantine" in tables else 0
-    rows_out = sum(t.num_rows for name, t in tables.items() if name != "quarantine")
+    rows = {name: published.rows(name) for name in tables}  # counted from the parts written, not held
+    rows_quarantined = rows.get("quarantine", 0)
+    rows_out = sum(n for name, n in rows.items() if name != "quarantine")
     rows_in = rows_out + rows_quarantined if rows_in is None else rows_in
     store.append_run_table(
         run, "stage_runs",
@@ -196,4 +209,5 @@ def _execute_locked(store: Lake, run, round, stage, config_hash, model_id, input
     )
     catalog.refresh_catalog(store.run_dir(run))
     log.info(f"{stage} (run {run}, round {round}): {rows_in} in, {rows_out} out, {rows_quarantined} quarantined")
-    return StageResult(stage, round, "completed", rows_in, rows_out, rows_quarantined, output_fp, tables)
+    held = {name: t for name, t in tables.items() if isinstance(t, pa.Table)}
+    return StageResult(stage, round, "completed", rows_in, rows_out, rows_quarantined, output_fp, held, rows)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import Iterable, Iterator
 
 import pyarrow as pa
 from prefect import task
@@ -9,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field, model_validator
 
 from evoforge.data import schemas
+from evoforge.data.lake import in_key_ranges, key_boundaries, sql_batches
 from evoforge.tasks import summary
 
 EPS = 1e-9
@@ -67,34 +69,54 @@ def correct_counts(verdicts: pa.Table) -> dict[str, tuple[int, int]]:
     return {pid: (n, c) for pid, (n, c) in counts.items()}
 
 
+# Per problem, over every graded verdict: samples, correct ones, and their completion tokens (a
+# verdict whose rollout is not in `rollouts` counts 0 tokens); pass@k and the bucket are then
+# computed over this per-problem table.
+PER_PROBLEM = """
+SELECT v.problem_id,
+       count(*) AS n,
+       count(*) FILTER (WHERE v.verdict = 'correct') AS correct,
+       coalesce(sum(r.completion_tokens), 0)::BIGINT AS tokens
+FROM verdicts v LEFT JOIN rollouts r ON r.rollout_id = v.rollout_id
+WHERE v.verdict IS DISTINCT FROM 'no_reference'  -- ungraded demonstrations have no accuracy to bucket
+GROUP BY v.problem_id
+ORDER BY v.problem_id
+"""
+
+
 @task(name="filter", cache_policy=NO_CACHE, persist_result=False)
 def filter_problems(verdicts: pa.Table, rollouts: pa.Table, config: FilterConfig) -> pa.Table:
-    tokens_of = dict(zip(rollouts["rollout_id"].to_pylist(), rollouts["completion_tokens"].to_pylist()))
-    per_problem: dict[str, list] = {}
-    for rollout, problem, verdict in zip(
-        verdicts["rollout_id"].to_pylist(), verdicts["problem_id"].to_pylist(), verdicts["verdict"].to_pylist()
-    ):
-        if verdict == "no_reference":  # ungraded demonstrations have no accuracy to bucket
-            continue
-        counts = per_problem.setdefault(problem, [0, 0, 0])
-        counts[0] += 1
-        counts[1] += verdict == "correct"
-        counts[2] += tokens_of.get(rollout, 0)
-    rows = []
-    for problem, (n, correct, tokens) in sorted(per_problem.items()):
-        accuracy = correct / n
-        rows.append(
-            dict(
-                problem_id=problem,
-                n=n,
-                correct=correct,
-                accuracy=accuracy,
-                pass_at_k=[(k, v) for k in config.pass_k if (v := pass_at_k(n, correct, k)) is not None],
-                mean_tokens=tokens / n,
-                bucket=bucket(accuracy, config.underperforming),
-            )
-        )
-    return pa.Table.from_pylist(rows, schema=schemas.PROBLEM_STATS)
+    parts = list(problem_stats_batches(verdicts, rollouts, config))
+    return pa.concat_tables(parts) if parts else schemas.PROBLEM_STATS.empty_table()
+
+
+def problem_stats_batches(verdicts: pa.Table | Iterable[pa.RecordBatch], rollouts: pa.Table | Iterable[pa.RecordBatch],
+                          config: FilterConfig, problem_ids: Iterable[str] = (), total: int | None = None
+                          ) -> Iterator[pa.Table]:
+    """`problem_stats` in batches, by problem id. `verdicts` (rollout_id, problem_id, verdict) and
+    `rollouts` (rollout_id, problem_id, completion_tokens) may be streams, read once, of `total`
+    verdicts: they are then counted range of `problem_ids` by range (`in_key_ranges`), so memory
+    holds one range, never the round."""
+    if isinstance(verdicts, pa.Table):
+        problem_ids, total = verdicts["problem_id"].to_pylist(), verdicts.num_rows
+    boundaries = key_boundaries(problem_ids, total or 0)
+    for ranged in in_key_ranges({"verdicts": verdicts, "rollouts": rollouts}, "problem_id", boundaries):
+        for batch in sql_batches(PER_PROBLEM, verdicts=ranged["verdicts"], rollouts=ranged["rollouts"]):
+            rows = []
+            for problem, n, correct, tokens in zip(*(batch.column(c).to_pylist() for c in ("problem_id", "n", "correct", "tokens"))):
+                accuracy = correct / n
+                rows.append(
+                    dict(
+                        problem_id=problem,
+                        n=n,
+                        correct=correct,
+                        accuracy=accuracy,
+                        pass_at_k=[(k, v) for k in config.pass_k if (v := pass_at_k(n, correct, k)) is not None],
+                        mean_tokens=tokens / n,
+                        bucket=bucket(accuracy, config.underperforming),
+                    )
+                )
+            yield pa.Table.from_pylist(rows, schema=schemas.PROBLEM_STATS)
 
 
 def summarize(tables: dict[str, pa.Table]) -> list[str]:

@@ -9,6 +9,9 @@ Both export to `datasets.Dataset` in TRL's conversational format.
 """
 from __future__ import annotations
 
+import itertools
+from typing import Iterable, Iterator
+
 import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -16,6 +19,7 @@ from pydantic import BaseModel, Field
 
 from evoforge.data import schemas
 from evoforge.data.ids import normalize_question, stable_hash
+from evoforge.data.lake import in_key_ranges, key_boundaries, sql_batches
 from evoforge.tasks import summary
 
 REJECTABLE = ("wrong", "no_answer")
@@ -30,13 +34,123 @@ class PairsConfig(BaseModel):
                                           description="step pairs: 1 - difflib ratio of the two steps at least this")
 
 
-def _joined(problems: pa.Table, rollouts: pa.Table, verdicts: pa.Table) -> dict[str, list[dict]]:
-    verdict_of = dict(zip(verdicts["rollout_id"].to_pylist(), verdicts["verdict"].to_pylist()))
-    by_problem: dict[str, list[dict]] = {}
-    for row in rollouts.select(["rollout_id", "problem_id", "text", "completion_tokens", "mean_logprob"]).to_pylist():
-        row["verdict"] = verdict_of.get(row["rollout_id"])
-        by_problem.setdefault(row["problem_id"], []).append(row)
-    return by_problem
+OUT_ROWS = 4_096  # output rows per yielded table
+
+# Each side of a problem ranked as the selection walks it: correct rollouts shortest first, rejectable
+# ones wrong before no_answer, most confident first; ties by rollout id. Only the first
+# `pairs_per_problem` of each side can be paired; `side_rows` is the side's full count.
+PAIR_CANDIDATES = """
+WITH graded AS (
+    SELECT r.rollout_id, r.problem_id, r.text, r.completion_tokens, r.mean_logprob, v.verdict,
+           v.verdict = 'correct' AS is_correct
+    FROM rollouts r JOIN verdicts v ON v.rollout_id = r.rollout_id
+    WHERE v.verdict = 'correct' OR v.verdict IN {rejectable}
+)
+SELECT problem_id, is_correct, rollout_id, text, completion_tokens, mean_logprob, verdict,
+       row_number() OVER side AS rank, count(*) OVER (PARTITION BY problem_id, is_correct) AS side_rows
+FROM graded
+WINDOW side AS (PARTITION BY problem_id, is_correct ORDER BY
+    CASE WHEN is_correct THEN completion_tokens END,
+    CASE WHEN NOT is_correct THEN verdict <> 'wrong' END,
+    CASE WHEN NOT is_correct THEN mean_logprob END DESC,
+    rollout_id)
+QUALIFY rank <= {pairs_per_problem}
+ORDER BY problem_id, is_correct DESC, rank
+"""
+
+# The correct rollouts of the problems whose bucket takes SFT examples, in the order they are taken.
+SFT_CANDIDATES = """
+SELECT r.problem_id, r.rollout_id, r.text
+FROM rollouts r JOIN verdicts v ON v.rollout_id = r.rollout_id
+WHERE v.verdict = 'correct' AND r.problem_id IN (SELECT problem_id FROM sft_problems)
+ORDER BY r.problem_id, r.completion_tokens, r.rollout_id
+"""
+
+
+def _by_problem(batches: Iterator[pa.RecordBatch]) -> Iterator[tuple[str, list[dict]]]:
+    rows = (row for batch in batches for row in batch.to_pylist())
+    for pid, group in itertools.groupby(rows, key=lambda r: r["problem_id"]):
+        yield pid, list(group)
+
+
+def _in_tables(rows: Iterator[dict], schema: pa.Schema) -> Iterator[pa.Table]:
+    out = []
+    for row in rows:
+        out.append(row)
+        if len(out) >= OUT_ROWS:
+            yield pa.Table.from_pylist(out, schema=schema)
+            out = []
+    if out:
+        yield pa.Table.from_pylist(out, schema=schema)
+
+
+def _graded(problems: pa.Table, rollouts, verdicts, total: int | None, query: str, **small: pa.Table
+            ) -> Iterator[tuple[str, list[dict]]]:
+    """The rows `query` selects from `rollouts` joined with `verdicts`, problem by problem in problem
+    order: over ranges of problem ids (`in_key_ranges`), so only one range is in memory at a time."""
+    total = rollouts.num_rows if isinstance(rollouts, pa.Table) else total
+    boundaries = key_boundaries(problems["problem_id"].to_pylist(), total or 0)
+    for ranged in in_key_ranges({"rollouts": rollouts, "verdicts": verdicts}, "problem_id", boundaries):
+        yield from _by_problem(sql_batches(query, rollouts=ranged["rollouts"], verdicts=ranged["verdicts"], **small))
+
+
+def solution_pairs(problems: pa.Table, rollouts: pa.Table | Iterable[pa.RecordBatch],
+                   verdicts: pa.Table | Iterable[pa.RecordBatch], config: PairsConfig,
+                   total: int | None = None) -> Iterator[pa.Table]:
+    """DPO `pairs` in batches, by problem id: a problem with both correct and rejectable rollouts
+    pairs its i-th correct one (cycling) with its i-th rejectable one, i < `pairs_per_problem`.
+    `rollouts` (rollout_id, problem_id, text, completion_tokens, mean_logprob) and `verdicts`
+    (rollout_id, verdict, and problem_id when `total` rows need more than one range) may be
+    streams, read once."""
+    question = dict(zip(problems["problem_id"].to_pylist(), problems["question"].to_pylist()))
+    query = PAIR_CANDIDATES.format(rejectable=str(REJECTABLE), pairs_per_problem=int(config.pairs_per_problem))
+
+    def pairs() -> Iterator[dict]:
+        for pid, rows in _graded(problems, rollouts, verdicts, total, query):
+            if pid not in question:
+                continue
+            correct = [r for r in rows if r["is_correct"]]
+            wrong = [r for r in rows if not r["is_correct"]]
+            for i in range(len(wrong) if correct else 0):
+                chosen, rejected = correct[i % correct[0]["side_rows"]], wrong[i]
+                yield dict(
+                    pair_id=stable_hash("pair", chosen["rollout_id"], rejected["rollout_id"]), kind="solution",
+                    problem_id=pid, prompt=question[pid], prefix=None, chosen=chosen["text"], rejected=rejected["text"],
+                    chosen_rollout_id=chosen["rollout_id"], rejected_rollout_id=rejected["rollout_id"],
+                    chosen_score=-float(chosen["completion_tokens"]), rejected_score=rejected["mean_logprob"],
+                )
+
+    return _in_tables(pairs(), schemas.PAIRS)
+
+
+def sft_selection(problems: pa.Table, stats: pa.Table, rollouts: pa.Table | Iterable[pa.RecordBatch],
+                  verdicts: pa.Table | Iterable[pa.RecordBatch], config: PairsConfig,
+                  variant_problem_ids: frozenset[str] = frozenset(), total: int | None = None) -> Iterator[pa.Table]:
+    """`sft_examples` in batches, by problem id: up to `sft_per_problem` distinct correct rollouts,
+    shortest first, of each problem in `sft_buckets` and of each kept variant. Inputs as `solution_pairs`."""
+    question = dict(zip(problems["problem_id"].to_pylist(), problems["question"].to_pylist()))
+    origin = dict(zip(problems["problem_id"].to_pylist(), problems["origin"].to_pylist()))
+    bucket = dict(zip(stats["problem_id"].to_pylist(), stats["bucket"].to_pylist()))
+    bucket.update({pid: "variant" for pid in variant_problem_ids})
+    chosen = pa.table({"problem_id": pa.array(
+        sorted(pid for pid, b in bucket.items() if b in (*config.sft_buckets, "variant")), pa.string())})
+
+    def examples() -> Iterator[dict]:
+        for pid, rows in _graded(problems, rollouts, verdicts, total, SFT_CANDIDATES, sft_problems=chosen):
+            if pid not in question:
+                continue
+            seen: set[str] = set()
+            for r in rows:
+                key = normalize_question(r["text"])
+                if key in seen or len(seen) >= config.sft_per_problem:
+                    continue
+                seen.add(key)
+                yield dict(
+                    example_id=stable_hash("sft", pid, key), problem_id=pid, rollout_id=r["rollout_id"],
+                    prompt=question[pid], completion=r["text"], bucket=bucket[pid], origin=origin.get(pid, "seed"),
+                )
+
+    return _in_tables(examples(), schemas.SFT_EXAMPLES)
 
 
 @task(name="pairs", cache_policy=NO_CACHE, persist_result=False)
@@ -44,41 +158,14 @@ def build_pairs(
     problems: pa.Table, stats: pa.Table, rollouts: pa.Table, verdicts: pa.Table, config: PairsConfig,
     variant_problem_ids: frozenset[str] = frozenset(),
 ) -> dict[str, pa.Table]:
-    """`variant_problem_ids`: kept SvS variants among `problems`; their correct rollouts join the SFT set."""
-    question = dict(zip(problems["problem_id"].to_pylist(), problems["question"].to_pylist()))
-    origin = dict(zip(problems["problem_id"].to_pylist(), problems["origin"].to_pylist()))
-    bucket = dict(zip(stats["problem_id"].to_pylist(), stats["bucket"].to_pylist()))
-    bucket.update({pid: "variant" for pid in variant_problem_ids})
-    pairs, sft = [], []
-    for pid, rows in sorted(_joined(problems, rollouts, verdicts).items()):
-        if pid not in question:
-            continue
-        correct = sorted((r for r in rows if r["verdict"] == "correct"),
-                         key=lambda r: (r["completion_tokens"], r["rollout_id"]))
-        wrong = sorted((r for r in rows if r["verdict"] in REJECTABLE),
-                       key=lambda r: (r["verdict"] != "wrong", -r["mean_logprob"], r["rollout_id"]))
-        for i in range(min(config.pairs_per_problem, len(wrong)) if correct else 0):
-            chosen, rejected = correct[i % len(correct)], wrong[i]
-            pairs.append(dict(
-                pair_id=stable_hash("pair", chosen["rollout_id"], rejected["rollout_id"]), kind="solution",
-                problem_id=pid, prompt=question[pid], prefix=None, chosen=chosen["text"], rejected=rejected["text"],
-                chosen_rollout_id=chosen["rollout_id"], rejected_rollout_id=rejected["rollout_id"],
-                chosen_score=-float(chosen["completion_tokens"]), rejected_score=rejected["mean_logprob"],
-            ))
-        if bucket.get(pid) in (*config.sft_buckets, "variant"):
-            seen: set[str] = set()
-            for r in correct:
-                key = normalize_question(r["text"])
-                if key in seen or len(seen) >= config.sft_per_problem:
-                    continue
-                seen.add(key)
-                sft.append(dict(
-                    example_id=stable_hash("sft", pid, key), problem_id=pid, rollout_id=r["rollout_id"],
-                    prompt=question[pid], completion=r["text"], bucket=bucket[pid], origin=origin.get(pid, "seed"),
-                ))
+    """`variant_problem_ids`: kept SvS variants among `problems`; their correct rollouts join the SFT set.
+    Whole tables in and out; the pairs stage streams (`solution_pairs`, `sft_selection`)."""
     return {
-        "pairs": pa.Table.from_pylist(pairs, schema=schemas.PAIRS),
-        "sft_examples": pa.Table.from_pylist(sft, schema=schemas.SFT_EXAMPLES),
+        "pairs": pa.Table.from_batches(
+            [b for t in solution_pairs(problems, rollouts, verdicts, config) for b in t.to_batches()], schemas.PAIRS),
+        "sft_examples": pa.Table.from_batches(
+            [b for t in sft_selection(problems, stats, rollouts, verdicts, config, variant_problem_ids)
+             for b in t.to_batches()], schemas.SFT_EXAMPLES),
     }
 
 

@@ -1,7 +1,7 @@
 """verify: extract each rollout's final answer and grade it against the gold with math-verify -> `verdicts`."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Iterable, Iterator, Literal
 
 import pyarrow as pa
 from prefect import task
@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 from evoforge.data import schemas
 from evoforge.data.chunks import NO_CHUNKS, Chunks
 from evoforge.data.ids import stable_hash
+from evoforge.data.lake import in_key_ranges, key_boundaries
 from evoforge.models.engine import RayConfig
 from evoforge.tasks import summary
 from evoforge.tasks.grader_pool import GraderPool
@@ -57,28 +58,62 @@ CHUNK_ROLLOUTS = 1024  # verdicts per resumable chunk
 
 @task(name="verify", cache_policy=NO_CACHE, persist_result=False)
 def verify(rollouts: pa.Table, problems: pa.Table, config: VerifyConfig, chunks: Chunks = NO_CHUNKS) -> pa.Table:
+    """Verdicts of a table of rollouts, whole (synthesize, evaluate); the verify stage streams them
+    (`verify_batches`): the same chunks, the same verdicts."""
+    parts = list(verify_batches(rollouts.select(["rollout_id", "problem_id", "text"]), problems, config, chunks,
+                                total=rollouts.num_rows))
+    return pa.concat_tables(parts) if parts else schemas.VERDICTS.empty_table()
+
+
+def verify_batches(rollouts: pa.Table | Iterable[pa.RecordBatch], problems: pa.Table, config: VerifyConfig,
+                   chunks: Chunks = NO_CHUNKS, total: int | None = None) -> Iterator[pa.Table]:
+    """Verdicts chunk by chunk as they are graded; `rollouts` (rollout_id, problem_id, text) may be a
+    stream read once, of `total` rows; `problems`: the golds (problem_id, answer), held (problems are
+    few beside rollouts).
+
+    The rollouts are graded sorted by (problem_id, rollout_id) and cut every CHUNK_ROLLOUTS rows, as a
+    whole table always was: a problem's samples are together (each distinct answer graded once, the
+    worker's gold-parse cache hits), and the chunks, their keys and the verdicts do not depend on the
+    input's order. A large round is sorted range of problem ids by range (`in_key_ranges`: one range
+    in memory, the rest spilled to local disk), so memory does not grow with it."""
     gold_of = dict(zip(problems["problem_id"].to_pylist(), problems["answer"].to_pylist()))
-    rows = rollouts.select(["rollout_id", "problem_id", "text"]).to_pylist()
-    missing = sorted({r["problem_id"] for r in rows if r["problem_id"] not in gold_of})
-    if missing:
-        raise ValueError(f"verify: {len(missing)} rollouts' problems are not in the pool (e.g. {missing[:3]})")
-    # grouped by problem so a worker's gold-parse cache hits for the G samples of a problem
-    rows.sort(key=lambda r: (r["problem_id"], r["rollout_id"]))
-    batches = [rows[i : i + CHUNK_ROLLOUTS] for i in range(0, len(rows), CHUNK_ROLLOUTS)]
-    parts: list[pa.Table] = []
-    with config.pool() as pool, Progress("verify", len(rows), "rollouts") as progress:
-        for batch in batches:
+    total = rollouts.num_rows if isinstance(rollouts, pa.Table) else total
+    ranges = in_key_ranges({"rollouts": rollouts}, "problem_id", key_boundaries(gold_of, total or 0))
+    with config.pool() as pool, Progress("verify", total or 0, "rollouts") as progress:
+        done = 0
+        for rows in _exactly(_sorted(ranges), CHUNK_ROLLOUTS):
+            batch = rows.to_pylist()
+            missing = sorted({r["problem_id"] for r in batch if r["problem_id"] not in gold_of})
+            if missing:
+                raise ValueError(f"verify: rollouts of {len(missing)} problem(s) are not in the pool (e.g. {missing[:3]})")
             key = stable_hash("verify", *(r["rollout_id"] for r in batch))
-            done = sum(p.num_rows for p in parts)
 
             def grade(batch=batch, done=done) -> pa.Table:
                 return _grade_batch(batch, gold_of, pool, lambda n: progress.update(done + n))
 
             # a chunk an older evoforge stored lacks the newer columns: they read as nulls
-            parts.append(schemas.conform(chunks.get_or_compute(key, grade), schemas.VERDICTS, where="verify chunk",
-                                         missing_as_null=True))
-            progress.update(done + len(batch))
-    return pa.concat_tables(parts) if parts else schemas.VERDICTS.empty_table()
+            yield schemas.conform(chunks.get_or_compute(key, grade), schemas.VERDICTS, where="verify chunk",
+                                  missing_as_null=True)
+            done += len(batch)
+            progress.update(done)
+
+
+def _sorted(ranges: Iterator[dict[str, pa.Table]]) -> Iterator[pa.Table]:
+    for ranged in ranges:
+        yield ranged["rollouts"].select(["rollout_id", "problem_id", "text"]).sort_by(
+            [("problem_id", "ascending"), ("rollout_id", "ascending")])
+
+
+def _exactly(tables: Iterator[pa.Table], size: int) -> Iterator[pa.Table]:
+    """The rows of `tables`, in order, as tables of exactly `size` rows (the last may be shorter)."""
+    pending: pa.Table | None = None
+    for table in tables:
+        pending = table if pending is None else pa.concat_tables([pending, table])
+        while pending.num_rows >= size:
+            yield pending.slice(0, size)
+            pending = pending.slice(size)
+    if pending is not None and pending.num_rows:
+        yield pending
 
 
 NO_REFERENCE = ("no_reference", None, "the problem has no reference answer (demonstrations only)", 0.0)

@@ -1,0 +1,445 @@
+"""Stages stream: bounded parts under one manifest, reads part by part, verify / filter / pairs over
+streams giving exactly what the whole-table code gave, and stage_runs compaction."""
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+
+import pyarrow as pa
+import pytest
+
+from evoforge.data import lake as lake_module
+from evoforge.data import schemas
+from evoforge.data.chunks import Chunks
+from evoforge.data.ids import normalize_question, stable_hash
+from evoforge.data.lake import DamagedPart, Lake, drop_duplicate_rows, sql_batches
+from evoforge.data.manifest import read_manifest
+from evoforge.tasks import verify as verify_module
+from evoforge.tasks.filter import FilterConfig, bucket, filter_problems, pass_at_k, problem_stats_batches
+from evoforge.tasks.pairs import REJECTABLE, PairsConfig, build_pairs, sft_selection, solution_pairs
+from evoforge.tasks.verify import VerifyConfig, verify, verify_batches
+
+
+def rollouts(n_problems: int, per_problem: int = 8, seed: int = 0) -> pa.Table:
+    """Rollouts as generate writes them: a problem's samples together, problems in no sorted order,
+    answers that repeat within a problem (so dedup shares gradings) and differ across problems."""
+    rng = random.Random(seed)
+    rows = []
+    for p in rng.sample(range(n_problems), n_problems):
+        pid = stable_hash("problem", p)
+        for i in range(per_problem):
+            answer = rng.choice([str(p % 7), str(p % 7), str(p % 5 + 1), "x"])
+            text = f"Step {i}: " + "we add the numbers. " * rng.randint(1, 4) + (
+                f"So \\boxed{{{answer}}}" if answer != "x" else "no idea")
+            rows.append(dict(rollout_id=stable_hash("rollout", pid, i), problem_id=pid, model_id="m", seed=p,
+                             sample_index=i, text=text, completion_tokens=rng.randint(5, 60), finish_reason="stop",
+                             mean_logprob=round(-rng.random(), 3)))
+    return pa.Table.from_pylist(rows, schema=schemas.ROLLOUTS)
+
+
+def golds(table: pa.Table) -> pa.Table:
+    ids = sorted(set(table["problem_id"].to_pylist()))
+    return pa.table({"problem_id": ids, "answer": [str(int(pid, 16) % 7) for pid in ids]})
+
+
+def in_batches(table: pa.Table, size: int):
+    yield from table.to_batches(max_chunksize=size)
+
+
+@pytest.fixture()
+def small_parts(monkeypatch):
+    """Part bounds low enough that a test table spans several parts."""
+    monkeypatch.setattr(lake_module, "PART_MAX_ROWS", 1000)
+    monkeypatch.setattr(lake_module, "ROW_GROUP_ROWS", 256)
+    monkeypatch.setattr(lake_module, "READ_BATCH_ROWS", 100)
+
+
+class FakePool:
+    """A deterministic grader (no processes): what verify does around the grader is what is tested."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def run(self, items, on_progress=None):
+        out = []
+        for _, gold, text in items:
+            boxed = text.rsplit("\\boxed{", 1)[1].rstrip("}") if "\\boxed{" in text else None
+            verdict = "no_answer" if boxed is None else "correct" if boxed == gold else "wrong"
+            out.append((verdict, boxed, None, len(text) / 1000))
+        return out
+
+
+# -- bounded parts ---------------------------------------------------------------------------------
+@pytest.mark.unit
+def test_a_table_past_the_part_bounds_spans_several_parts_of_one_manifest_and_reads_back_equal(scratch, small_parts,
+                                                                                                 monkeypatch):
+    lake = Lake(scratch)
+    table = rollouts(450)  # 3,600 rows
+    lake.publish_stage("r", 0, "generate", {"rollouts": in_batches(table, 70)})
+    manifest = read_manifest(lake.stage_dir("r", 0, "generate"))
+    assert sorted(p.rows for p in manifest.parts) == [600, 1000, 1000, 1000]  # every part listed by the one manifest
+    assert len(list((lake.stage_dir("r", 0, "generate") / "rollouts").glob("part-*.parquet"))) == 4
+    assert lake.read("r", "rollouts", 0, "generate").drop_columns(["round", "stage"]).sort_by("rollout_id").equals(
+        table.sort_by("rollout_id"))
+    batches = list(lake.read_batches("r", "rollouts", 0, "generate", columns=["rollout_id", "round"]))
+    assert all(b.schema.names == ["rollout_id", "round"] and b.num_rows <= 100 for b in batches)
+    assert sum(b.num_rows for b in batches) == 3600 and lake.table_rows("r", 0, "generate") == {"rollouts": 3600}
+
+    # the byte bound closes a part too, and a table given whole is split the same way
+    monkeypatch.setattr(lake_module, "PART_MAX_BYTES", 12_000)
+    lake.publish_stage("r", 0, "generate", {"rollouts": table})
+    parts = read_manifest(lake.stage_dir("r", 0, "generate")).parts
+    assert len(parts) > 4 and sum(p.rows for p in parts) == 3600 and all(p.rows <= 1000 for p in parts)
+    assert lake.read("r", "rollouts").num_rows == 3600
+    assert len(list((lake.stage_dir("r", 0, "generate") / "rollouts").glob("part-*.parquet"))) == len(parts)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("whole", [True, False], ids=["read-whole", "checksummed-as-a-stream"])
+def test_every_part_is_checked_against_its_manifest_before_its_rows_are_yielded(scratch, small_parts, monkeypatch, whole):
+    if not whole:  # a part above WHOLE_PART_BYTES is checksummed as a stream, then read by row groups
+        monkeypatch.setattr(lake_module, "WHOLE_PART_BYTES", 0)
+    lake = Lake(scratch)
+    table = rollouts(300)
+    lake.publish_stage("r", 0, "generate", {"rollouts": in_batches(table, 100)})
+    assert lake.read("r", "rollouts").num_rows == 2400
+    part = sorted(read_manifest(lake.stage_dir("r", 0, "generate")).parts, key=lambda p: p.file)[1]
+    path = lake.stage_dir("r", 0, "generate") / part.file
+    data = path.read_bytes()
+    path.write_bytes(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
+    with pytest.raises(DamagedPart, match="checksum differs"):
+        for _ in lake.read_batches("r", "rollouts"):
+            pass
+    # streamed into DuckDB, the damage is raised as itself, not as DuckDB's text
+    with pytest.raises(DamagedPart, match="checksum differs"):
+        list(sql_batches("SELECT count(*) FROM rollouts", rollouts=lake.reader("r", "rollouts", columns=["rollout_id"])))
+
+
+@pytest.mark.unit
+def test_a_stage_killed_mid_write_leaves_the_old_output_and_its_parts_are_swept(scratch):
+    """SIGKILL a writer after it closed one bounded part and while it writes the next: no manifest
+    names either, readers see the old output, and the sweep removes both."""
+    lake = Lake(scratch)
+    old = rollouts(10)
+    lake.publish_stage("r", 0, "generate", {"rollouts": old})
+    before = read_manifest(lake.stage_dir("r", 0, "generate"))
+    script = f"""
+import time
+from pathlib import Path
+import pyarrow as pa
+from evoforge.data import lake as lake_module, schemas
+lake_module.PART_MAX_ROWS, lake_module.ROW_GROUP_ROWS = 500, 100
+def produced():
+    for i in range(10_000):
+        rows = [dict(rollout_id=f"{{i}}-{{j}}", problem_id="p", model_id="m", seed=i, sample_index=j, text="x" * 100,
+                     completion_tokens=1, finish_reason="stop", mean_logprob=0.0) for j in range(50)]
+        if i == 15:
+            print("one part closed", flush=True)
+        yield pa.Table.from_pylist(rows, schema=schemas.ROLLOUTS)
+        time.sleep(0.02)
+lake_module.Lake(Path({str(scratch)!r})).publish_stage("r", 0, "generate", {{"rollouts": produced()}})
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "one part closed"
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    folder = lake.stage_dir("r", 0, "generate") / "rollouts"
+    assert read_manifest(lake.stage_dir("r", 0, "generate")) == before
+    assert len(list(folder.glob("part-*.parquet"))) >= 3  # the committed part, a closed one, a half-written one
+    assert lake.read("r", "rollouts").drop_columns(["round", "stage"]).equals(old)
+    leftovers = lake.inspect("r").leftovers
+    assert len(leftovers) >= 2 and lake.sweep("r") == len(leftovers)
+    assert [folder / p.file.split("/")[1] for p in before.parts] == list(folder.iterdir())
+
+
+@pytest.mark.unit
+def test_a_producer_that_fails_mid_stream_leaves_the_old_output_and_no_new_part(scratch, small_parts):
+    lake = Lake(scratch)
+    lake.publish_stage("r", 0, "generate", {"rollouts": rollouts(5)})
+
+    def failing():
+        yield from in_batches(rollouts(200), 100)  # 1,600 rows: one part closed, one open
+        raise RuntimeError("grader died")
+
+    with pytest.raises(RuntimeError, match="grader died"):
+        lake.publish_stage("r", 0, "generate", {"rollouts": failing()})
+    assert lake.read("r", "rollouts").num_rows == 40 and lake.inspect("r").leftovers == []
+
+
+# -- verify ----------------------------------------------------------------------------------------
+def today_verify(table: pa.Table, problems: pa.Table, pool) -> pa.Table:
+    """The verify stage before it streamed: the whole table sorted in Python, cut every CHUNK_ROLLOUTS rows."""
+    gold_of = dict(zip(problems["problem_id"].to_pylist(), problems["answer"].to_pylist()))
+    rows = table.select(["rollout_id", "problem_id", "text"]).to_pylist()
+    rows.sort(key=lambda r: (r["problem_id"], r["rollout_id"]))
+    size = verify_module.CHUNK_ROLLOUTS
+    parts = [verify_module._grade_batch(rows[i:i + size], gold_of, pool, lambda n: None) for i in range(0, len(rows), size)]
+    return pa.concat_tables(parts)
+
+
+@pytest.mark.unit
+def test_verify_streamed_over_several_parts_gives_the_verdicts_and_chunks_of_the_whole_table(scratch, small_parts,
+                                                                                            monkeypatch):
+    monkeypatch.setattr(verify_module, "CHUNK_ROLLOUTS", 64)
+    monkeypatch.setattr(lake_module, "KEY_RANGE_ROWS", 500)  # sorted range by range, spilled: 7 ranges
+    monkeypatch.setattr(VerifyConfig, "pool", lambda self: FakePool())
+    lake = Lake(scratch)
+    table = rollouts(400)  # 3,200 rollouts as generate writes them: 4 parts, 50 chunks
+    problems = golds(table)
+    lake.publish_stage("r", 0, "generate", {"rollouts": in_batches(table, 77)})
+    assert len(read_manifest(lake.stage_dir("r", 0, "generate")).parts) == 4
+    chunks = Chunks(scratch / "chunks")
+    columns = ["rollout_id", "problem_id", "text"]
+    streamed = pa.concat_tables(verify_batches(lake.reader("r", "rollouts", 0, "generate", columns=columns), problems,
+                                               VerifyConfig(), chunks, total=table.num_rows))
+    assert chunks.counts() == (0, 50)
+    expected = today_verify(table, problems, FakePool())
+    assert streamed.equals(expected)  # every column, row order included: bit-identical
+    assert len(set(streamed["graded_with"].to_pylist())) < streamed.num_rows  # dedup did share gradings
+    # the whole-table path cuts the same chunks (same keys): a rerun reuses every one
+    again = Chunks(scratch / "chunks")
+    assert verify.fn(table, problems, VerifyConfig(), again).equals(expected) and again.counts() == (50, 0)
+    # any order of the input grades the same
+    shuffled = table.take(random.Random(3).sample(range(table.num_rows), table.num_rows)).select(columns)
+    assert pa.concat_tables(verify_batches(pa.RecordBatchReader.from_batches(shuffled.schema, shuffled.to_batches(100)),
+                                           problems, VerifyConfig(), total=table.num_rows)).equals(expected)
+    assert not list((lake_module.home.home() / ".tmp" / "spill").glob("*"))  # the spilled ranges are gone
+
+
+@pytest.mark.unit
+def test_verify_streamed_with_math_verify_grades_like_the_whole_table(scratch, small_parts, monkeypatch):
+    monkeypatch.setattr(verify_module, "CHUNK_ROLLOUTS", 16)
+    lake = Lake(scratch)
+    table = rollouts(6, per_problem=8)
+    problems = golds(table)
+    lake.publish_stage("r", 0, "generate", {"rollouts": in_batches(table, 5)})
+    config = VerifyConfig(workers=1, deadline_seconds=30)
+    streamed = pa.concat_tables(verify_batches(lake.reader("r", "rollouts", columns=["rollout_id", "problem_id", "text"]),
+                                               problems, config))
+    whole = verify.fn(table, problems, config)
+    assert streamed.drop_columns(["seconds"]).equals(whole.drop_columns(["seconds"]))
+    with config.pool() as pool:
+        assert streamed.drop_columns(["seconds"]).equals(today_verify(table, problems, pool).drop_columns(["seconds"]))
+    assert set(streamed["verdict"].to_pylist()) >= {"correct", "wrong", "no_answer"}
+
+
+# -- filter and pairs against the Python they replaced --------------------------------------------
+def reference_filter(verdicts: pa.Table, rollouts: pa.Table, config: FilterConfig) -> list[dict]:
+    tokens_of = dict(zip(rollouts["rollout_id"].to_pylist(), rollouts["completion_tokens"].to_pylist()))
+    per_problem: dict[str, list] = {}
+    for rollout, problem, verdict in zip(verdicts["rollout_id"].to_pylist(), verdicts["problem_id"].to_pylist(),
+                                         verdicts["verdict"].to_pylist()):
+        if verdict == "no_reference":
+            continue
+        counts = per_problem.setdefault(problem, [0, 0, 0])
+        counts[0] += 1
+        counts[1] += verdict == "correct"
+        counts[2] += tokens_of.get(rollout, 0)
+    return [dict(problem_id=p, n=n, correct=c, accuracy=c / n,
+                 pass_at_k=[(k, v) for k in config.pass_k if (v := pass_at_k(n, c, k)) is not None],
+                 mean_tokens=t / n, bucket=bucket(c / n, config.underperforming))
+            for p, (n, c, t) in sorted(per_problem.items())]
+
+
+def reference_pairs(problems, stats, rollouts, verdicts, config, variant_problem_ids=frozenset()) -> dict[str, list]:
+    question = dict(zip(problems["problem_id"].to_pylist(), problems["question"].to_pylist()))
+    origin = dict(zip(problems["problem_id"].to_pylist(), problems["origin"].to_pylist()))
+    bucket_of = dict(zip(stats["problem_id"].to_pylist(), stats["bucket"].to_pylist()))
+    bucket_of.update({pid: "variant" for pid in variant_problem_ids})
+    verdict_of = dict(zip(verdicts["rollout_id"].to_pylist(), verdicts["verdict"].to_pylist()))
+    by_problem: dict[str, list[dict]] = {}
+    for row in rollouts.select(["rollout_id", "problem_id", "text", "completion_tokens", "mean_logprob"]).to_pylist():
+        row["verdict"] = verdict_of.get(row["rollout_id"])
+        by_problem.setdefault(row["problem_id"], []).append(row)
+    pairs, sft = [], []
+    for pid, rows in sorted(by_problem.items()):
+        if pid not in question:
+            continue
+        correct = sorted((r for r in rows if r["verdict"] == "correct"), key=lambda r: (r["completion_tokens"], r["rollout_id"]))
+        wrong = sorted((r for r in rows if r["verdict"] in REJECTABLE),
+                       key=lambda r: (r["verdict"] != "wrong", -r["mean_logprob"], r["rollout_id"]))
+        for i in range(min(config.pairs_per_problem, len(wrong)) if correct else 0):
+            chosen, rejected = correct[i % len(correct)], wrong[i]
+            pairs.append(dict(
+                pair_id=stable_hash("pair", chosen["rollout_id"], rejected["rollout_id"]), kind="solution",
+                problem_id=pid, prompt=question[pid], prefix=None, chosen=chosen["text"], rejected=rejected["text"],
+                chosen_rollout_id=chosen["rollout_id"], rejected_rollout_id=rejected["rollout_id"],
+                chosen_score=-float(chosen["completion_tokens"]), rejected_score=rejected["mean_logprob"]))
+        if bucket_of.get(pid) in (*config.sft_buckets, "variant"):
+            seen: set[str] = set()
+            for r in correct:
+                key = normalize_question(r["text"])
+                if key in seen or len(seen) >= config.sft_per_problem:
+                    continue
+                seen.add(key)
+                sft.append(dict(example_id=stable_hash("sft", pid, key), problem_id=pid, rollout_id=r["rollout_id"],
+                                prompt=question[pid], completion=r["text"], bucket=bucket_of[pid],
+                                origin=origin.get(pid, "seed")))
+    return {"pairs": pairs, "sft_examples": sft}
+
+
+def random_graded_round(seed: int = 1):
+    """A graded round with ties in tokens and log-probs, repeated texts, every verdict, a problem
+    outside the pool and rollouts without a verdict."""
+    rng = random.Random(seed)
+    table = rollouts(120, per_problem=8, seed=seed)
+    table = table.set_column(table.schema.get_field_index("completion_tokens"), "completion_tokens",
+                             pa.array([rng.choice([10, 10, 20, 30]) for _ in range(table.num_rows)], pa.int32()))
+    table = table.set_column(table.schema.get_field_index("mean_logprob"), "mean_logprob",
+                             pa.array([rng.choice([-0.5, -0.5, -0.1, -1.25]) for _ in range(table.num_rows)], pa.float64()))
+    verdict_names = ["correct", "correct", "wrong", "no_answer", "timeout", "bad_gold", "no_reference"]
+    graded = [i for i in range(table.num_rows) if i % 17]  # every 17th rollout has no verdict
+    verdicts = pa.table({"rollout_id": table["rollout_id"].take(graded),
+                         "problem_id": table["problem_id"].take(graded),
+                         "verdict": [rng.choice(verdict_names) for _ in graded]})
+    ids = sorted(set(table["problem_id"].to_pylist()))
+    problems = pa.table({"problem_id": ids[1:], "question": [f"question {p}" for p in ids[1:]],
+                         "origin": ["seed"] * (len(ids) - 1)})
+    stats = pa.table({"problem_id": ids, "bucket": [rng.choice(["underperforming", "learnable", "solved", "unsolved"])
+                                                    for _ in ids]})
+    return problems, stats, table, verdicts
+
+
+@pytest.mark.unit
+def test_filter_over_streams_equals_the_python_reference(scratch, small_parts, graded_round, monkeypatch):
+    monkeypatch.setattr(lake_module, "PART_MAX_ROWS", 300)
+    config = FilterConfig()
+    problems, stats, table, verdicts = random_graded_round()
+    expected = reference_filter(verdicts, table, config)
+    assert filter_problems.fn(verdicts, table, config).to_pylist() == expected
+    lake = Lake(scratch)
+    lake.publish_stage("r", 0, "generate", {"rollouts": in_batches(table, 50)})
+    full = pa.Table.from_pylist([dict(rollout_id=r, problem_id=p, verdict=v) for r, p, v in zip(
+        *(verdicts[c].to_pylist() for c in ("rollout_id", "problem_id", "verdict")))], schema=schemas.VERDICTS)
+    lake.publish_stage("r", 0, "verify", {"verdicts": in_batches(full, 50)})
+    assert len(read_manifest(lake.stage_dir("r", 0, "verify")).parts) == 4  # 903 rows, 300 a part
+    monkeypatch.setattr(lake_module, "KEY_RANGE_ROWS", 100)  # counted range of problems by range, spilled
+    streamed = pa.concat_tables(problem_stats_batches(
+        lake.reader("r", "verdicts", 0, "verify", columns=["rollout_id", "problem_id", "verdict"]),
+        lake.reader("r", "rollouts", 0, "generate", columns=["rollout_id", "problem_id", "completion_tokens"]), config,
+        problems["problem_id"].to_pylist(), total=full.num_rows))
+    assert streamed.to_pylist() == expected
+    # the small graded round of the pairs tests, too
+    _, _, small_rollouts, small_verdicts = graded_round
+    small_verdicts = small_verdicts.append_column("problem_id", small_rollouts["problem_id"])
+    assert filter_problems.fn(small_verdicts, small_rollouts, config).to_pylist() == reference_filter(
+        small_verdicts, small_rollouts, config)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("per_problem", [(1, 1), (2, 2), (3, 5), (0, 0)])
+def test_pairs_over_streams_equal_the_python_reference(scratch, small_parts, graded_round, per_problem, monkeypatch):
+    config = PairsConfig(pairs_per_problem=per_problem[0], sft_per_problem=per_problem[1])
+    for problems, stats, table, verdicts in (graded_round, random_graded_round()):
+        variants = frozenset(stats["problem_id"].to_pylist()[:3])
+        expected = reference_pairs(problems, stats, table, verdicts, config, variants)
+        out = build_pairs.fn(problems, stats, table, verdicts, config, variants)
+        assert out["pairs"].to_pylist() == expected["pairs"]
+        assert out["sft_examples"].to_pylist() == expected["sft_examples"]
+    lake = Lake(scratch)  # from the lake, part by part, in ranges of problems spilled to disk
+    monkeypatch.setattr(lake_module, "KEY_RANGE_ROWS", 200)
+    lake.publish_stage("r", 0, "generate", {"rollouts": in_batches(table, 64)})
+    columns = ["rollout_id", "problem_id", "text", "completion_tokens", "mean_logprob"]
+    stream = lambda: lake.reader("r", "rollouts", 0, "generate", columns=columns)  # noqa: E731
+    given = lambda: verdicts.to_batches(50)  # noqa: E731
+    pairs = pa.concat_tables([schemas.PAIRS.empty_table(),
+                              *solution_pairs(problems, stream(), given(), config, total=table.num_rows)])
+    sft = pa.concat_tables([schemas.SFT_EXAMPLES.empty_table(),
+                            *sft_selection(problems, stats, stream(), given(), config, variants, total=table.num_rows)])
+    assert pairs.to_pylist() == expected["pairs"] and sft.to_pylist() == expected["sft_examples"]
+
+
+# -- stage_runs compaction -------------------------------------------------------------------------
+def event(i: int, status: str = "completed") -> pa.Table:
+    at = datetime(2025, 1, 1, tzinfo=timezone.utc) + timedelta(seconds=i)
+    return pa.Table.from_pylist([dict(stage_run_id=f"run-{i}", run="r", round=0, stage="verify", status=status,
+                                      started_at=at, finished_at=at)], schema=schemas.STAGE_RUNS)
+
+
+@pytest.mark.unit
+def test_duplicate_rows_are_dropped_only_when_every_column_is_equal():
+    rows = pa.concat_tables([event(1), event(2), event(1), event(1, "failed"), event(2), event(3)])
+    assert [(r["stage_run_id"], r["status"]) for r in drop_duplicate_rows(rows).to_pylist()] == [
+        ("run-1", "completed"), ("run-2", "completed"), ("run-1", "failed"), ("run-3", "completed")]
+
+
+@pytest.mark.unit
+def test_stage_runs_compaction_keeps_every_event_exactly_once_even_when_cut_short(scratch):
+    from evoforge.data import catalog
+    from evoforge.data.lake import write_parquet
+    from evoforge.data.manifest import new_part_name
+
+    lake = Lake(scratch)
+    for i in range(70):
+        lake.append_run_table("r", "stage_runs", event(i))
+    assert len(lake.run_table_files("r", "stage_runs")) == 70
+    assert lake.compact_run_table("r", "stage_runs", above=100) == 0  # few enough: left alone
+    # a compaction cut short after it wrote the merged file, before it removed the sources: each event twice on disk
+    write_parquet(lake.read("r", "stage_runs"), lake.run_dir("r") / "stage_runs" / new_part_name())
+    assert len(lake.run_table_files("r", "stage_runs")) == 71
+    expected = sorted(f"run-{i}" for i in range(70))
+    assert sorted(lake.read("r", "stage_runs")["stage_run_id"].to_pylist()) == expected
+    for i in range(70, 75):
+        lake.append_run_table("r", "stage_runs", event(i))
+    assert lake.compact_run_table("r", "stage_runs") == 76
+    (merged,) = lake.run_table_files("r", "stage_runs")
+    assert sorted(lake.read("r", "stage_runs")["stage_run_id"].to_pylist()) == sorted(f"run-{i}" for i in range(75))
+    assert catalog.connect(lake.run_dir("r")).execute("SELECT count(*) FROM stage_runs").fetchone()[0] == 75
+    assert lake.inspect("r", checksum=True).damaged == [] and lake.sweep("r") == 0
+
+
+@pytest.mark.unit
+def test_a_stage_start_compacts_the_runs_events_under_the_lock(runs_root):
+    from evoforge.data.lake import lake
+    from evoforge.flows.stage_runner import run_guard
+
+    for i in range(lake_module.RUN_TABLE_COMPACT_FILES + 1):
+        lake().append_run_table("r", "stage_runs", event(i))
+    with run_guard("r", "round 0 / verify") as store:
+        assert len(store.run_table_files("r", "stage_runs")) == 1
+    assert store.read("r", "stage_runs").num_rows == lake_module.RUN_TABLE_COMPACT_FILES + 1
+
+
+# -- object storage ---------------------------------------------------------------------------------
+@pytest.mark.server
+def test_bounded_parts_streamed_reads_and_compaction_on_an_s3_lake(s3_runs, small_parts, monkeypatch):
+    monkeypatch.setattr(lake_module, "WHOLE_PART_BYTES", 20_000)  # some parts checksummed as a stream
+    lake = Lake(s3_runs)
+    table = rollouts(300)
+    lake.publish_stage("r", 0, "generate", {"rollouts": in_batches(table, 90)})
+    assert len(read_manifest(lake.stage_dir("r", 0, "generate")).parts) == 3
+    assert pa.Table.from_batches(list(lake.read_batches("r", "rollouts", columns=list(table.column_names)))).sort_by(
+        "rollout_id").equals(table.sort_by("rollout_id"))
+    problems = golds(table)
+    monkeypatch.setattr(VerifyConfig, "pool", lambda self: FakePool())
+    streamed = pa.concat_tables(verify_batches(lake.reader("r", "rollouts", columns=["rollout_id", "problem_id", "text"]),
+                                               problems, VerifyConfig()))
+    assert streamed.equals(today_verify(table, problems, FakePool()))
+    for i in range(5):
+        lake.append_run_table("r", "stage_runs", event(i))
+    assert lake.compact_run_table("r", "stage_runs", above=3) == 5
+    assert len(lake.run_table_files("r", "stage_runs")) == 1 and lake.read("r", "stage_runs").num_rows == 5
+
+
+@pytest.mark.unit
+def test_key_ranges_come_in_key_order_each_key_whole_through_one_or_two_spill_passes(monkeypatch):
+    table = rollouts(300)
+    ids = table["problem_id"].to_pylist()
+    for fanout in (128, 3):  # 3: more ranges than one pass keeps files open for: a second pass splits them
+        monkeypatch.setattr(lake_module, "SPILL_FANOUT", fanout)
+        boundaries = lake_module.key_boundaries(ids, table.num_rows, range_rows=200)
+        assert len(boundaries) == 11
+        ranges = list(lake_module.in_key_ranges({"rows": table.to_batches(64), "same": table}, "problem_id", boundaries))
+        assert len(ranges) == 12 and all(r["rows"].num_rows == r["same"].num_rows for r in ranges)
+        keys = [sorted(set(r["rows"]["problem_id"].to_pylist())) for r in ranges]
+        assert sum(keys, []) == sorted(set(ids))  # in key order, each key in one range only
+        assert sum(r["rows"].num_rows for r in ranges) == table.num_rows
+    assert not list((lake_module.home.home() / ".tmp" / "spill").glob("*"))
