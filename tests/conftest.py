@@ -23,7 +23,7 @@ from evoforge.data import home
 home.configure()  # before Prefect, vLLM or torch are imported
 
 TIERS = ("unit", "model", "server")
-MODEL_FIXTURES = {"tiny_model", "tiny_engine_config"}
+MODEL_FIXTURES = {"tiny_model", "tiny_engine_config", "apples_round"}
 SERVER_FIXTURES = {"prefect_server", "local_s3", "s3_runs"}
 
 
@@ -111,6 +111,27 @@ def tiny_engine_config(tiny_model):
     from evoforge.models.engine import EngineConfig
 
     return EngineConfig(model=str(tiny_model), backend="vllm", max_model_len=1024)
+
+
+@pytest.fixture()
+def apples_round(tiny_engine_config, scratch, write_jsonl):
+    """A small round config on the tiny model: 5 one-step word problems and one line that is not JSON,
+    4 samples each, generate -> verify -> filter."""
+    from evoforge.flows.config import RoundConfig
+    from evoforge.models.engine import SamplingConfig
+    from evoforge.tasks.generate import GenerateConfig
+    from evoforge.tasks.ingest import SourceConfig
+
+    source = write_jsonl(scratch / "pool.jsonl", [
+        {"question": f"Ann has {i} apples and buys {i + 2} more. How many apples does she have?", "answer": str(2 * i + 2)}
+        for i in range(5)
+    ] + ["not json"])
+    return RoundConfig(
+        engine=tiny_engine_config,
+        sources=[SourceConfig(path=str(source), preset="plain", name="apples")],
+        generate=GenerateConfig(sampling=SamplingConfig(n=4, max_tokens=24, seed=1), batch_problems=2),
+        stages=["generate", "verify", "filter"],
+    )
 
 
 @pytest.fixture()

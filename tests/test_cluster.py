@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from waiting import wait_until as _wait
 
 from evoforge.data import home
 
@@ -288,14 +289,6 @@ sys.meta_path.insert(0, _SlowVerify())
 '''
 
 
-def _wait(what: str, check, timeout: float, every: float = 0.5, explain=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{explain()}")
 
 
 def _wait_for_none(find, timeout: float = 10.0) -> list:

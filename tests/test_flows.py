@@ -7,23 +7,11 @@ import pytest
 from evoforge.data import catalog
 from evoforge.data.lake import lake
 from evoforge.flows.config import RoundConfig, load_config
-from evoforge.models.engine import SamplingConfig
-from evoforge.tasks.generate import GenerateConfig
-from evoforge.tasks.ingest import SourceConfig
 
 
 @pytest.fixture()
-def config(tiny_engine_config, scratch, write_jsonl) -> RoundConfig:
-    source = write_jsonl(scratch / "pool.jsonl", [
-        {"question": f"Ann has {i} apples and buys {i + 2} more. How many apples does she have?", "answer": str(2 * i + 2)}
-        for i in range(5)
-    ] + ["not json"])
-    return RoundConfig(
-        engine=tiny_engine_config,
-        sources=[SourceConfig(path=str(source), preset="plain", name="apples")],
-        generate=GenerateConfig(sampling=SamplingConfig(n=4, max_tokens=24, seed=1), batch_problems=2),
-        stages=["generate", "verify", "filter"],
-    )
+def config(apples_round) -> RoundConfig:
+    return apples_round
 
 
 def stage_runs(run: str) -> list[dict]:

@@ -12,9 +12,6 @@ from evoforge.data.lake import Lake, lake
 from evoforge.data.manifest import MANIFEST_NAME
 from evoforge.data.storage import ObjectPath, location
 from evoforge.flows.config import RoundConfig
-from evoforge.models.engine import SamplingConfig
-from evoforge.tasks.generate import GenerateConfig
-from evoforge.tasks.ingest import SourceConfig
 
 
 def problems(n: int) -> pa.Table:
@@ -78,17 +75,8 @@ def test_the_lake_location_is_a_uri_and_credentials_never_reach_the_lake(s3_runs
 
 
 @pytest.fixture()
-def config(tiny_engine_config, scratch, write_jsonl) -> RoundConfig:
-    source = write_jsonl(scratch / "pool.jsonl", [
-        {"question": f"Ann has {i} apples and buys {i + 2} more. How many apples does she have?", "answer": str(2 * i + 2)}
-        for i in range(5)
-    ] + ["not json"])
-    return RoundConfig(
-        engine=tiny_engine_config,
-        sources=[SourceConfig(path=str(source), preset="plain", name="apples")],
-        generate=GenerateConfig(sampling=SamplingConfig(n=4, max_tokens=24, seed=1), batch_problems=2),
-        stages=["generate", "verify", "filter"],
-    )
+def config(apples_round) -> RoundConfig:
+    return apples_round
 
 
 @pytest.mark.model

@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from waiting import wait_until as _wait
 
 from evoforge.data import home
 
@@ -27,14 +28,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait(what: str, check, timeout: float, every: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def _start_server(root: Path):

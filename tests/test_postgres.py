@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from waiting import wait_until as _wait
 
 from evoforge.data import home
 from evoforge.flows.postgres import DATABASE, SUPERUSER, PostgresServer, _binary, database_choice, hide_password
@@ -37,14 +38,6 @@ def _answers(port: int) -> bool:
         return False
 
 
-def _wait(what: str, check, timeout: float, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def _environment(root: Path, **extra: str) -> dict[str, str]:
