@@ -173,14 +173,15 @@ class ObjectPath:
         return iter(sorted(self._listing(recursive=False)))
 
     def glob(self, pattern: str) -> Iterator["ObjectPath"]:
-        """`*`-patterns segment by segment (`round=*/verify`, `*/part-*.parquet`), like Path.glob."""
+        """`*`-patterns segment by segment (`round=*/verify`, `*/part-*.parquet`), like Path.glob
+        (no `**`: `rglob`)."""
         segments = pattern.strip("/").split("/")
+        if "**" in segments:
+            raise ValueError(f"ObjectPath.glob({pattern!r}): use rglob for a recursive match")
         found = []
-        for path in self._listing(recursive=len(segments) > 1 or "**" in pattern):
+        for path in self._listing(recursive=len(segments) > 1):
             relative = path.relative_to(self).parts
             if len(relative) == len(segments) and all(fnmatch.fnmatchcase(p, s) for p, s in zip(relative, segments)):
-                found.append(path)
-            elif segments == ["**", "*"]:
                 found.append(path)
         return iter(sorted(found))
 
