@@ -103,32 +103,38 @@ def demo_round(env: dict[str, str], run: str) -> float:
     return time.perf_counter() - started
 
 
+def time_named_queries(root: Path, s3: LocalS3, rollouts: int) -> None:
+    print(f"building a round of {rollouts:,} rollouts ({rollouts // SAMPLES:,} problems)", flush=True)
+    tables = synthetic_round(rollouts)
+    s3.create_bucket("bench")
+    lakes = {"disk": Lake(root / "runs"), "s3": Lake("s3://bench/runs")}
+    written = {where: write_round(lake, tables) for where, lake in lakes.items()}
+    print(f"written: disk {written['disk']:.1f} s, S3 {written['s3']:.1f} s")
+    results = {where: time_queries(lake) for where, lake in lakes.items()}
+    print(f"\n{'query':<20} {'disk s':>8} {'S3 s':>8} {'S3/disk':>8}")
+    print(f"{'(build the views)':<20} {results['disk'][0]:>8.2f} {results['s3'][0]:>8.2f} "
+          f"{results['s3'][0] / results['disk'][0]:>8.1f}")
+    for name in results["disk"][1]:
+        disk, s3_time = results["disk"][1][name], results["s3"][1][name]
+        print(f"{name:<20} {disk:>8.2f} {s3_time:>8.2f} {s3_time / max(disk, 1e-3):>8.1f}")
+    slowest = max(results["s3"][1].items(), key=lambda item: item[1])
+    print(f"\nslowest query on S3: {slowest[0]} {slowest[1]:.2f} s (target < 3 s); "
+          f"views {results['s3'][0]:.2f} s before the first")
+
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rollouts", type=int, default=1_000_000)
+    parser.add_argument("--rollouts", type=int, default=1_000_000, help="0: skip the queries")
     parser.add_argument("--demo", action="store_true", help="also time a demo round on disk and on S3")
     parser.add_argument("--root", default=str(home.home() / ".tmp" / "bench-object-store"))
     args = parser.parse_args()
     root = Path(args.root)
     shutil.rmtree(root, ignore_errors=True)
-    print(f"building a round of {args.rollouts:,} rollouts ({args.rollouts // SAMPLES:,} problems)", flush=True)
-    tables = synthetic_round(args.rollouts)
     with LocalS3() as s3:
         os.environ.update(s3.environment())
-        s3.create_bucket("bench")
-        lakes = {"disk": Lake(root / "runs"), "s3": Lake("s3://bench/runs")}
-        written = {where: write_round(lake, tables) for where, lake in lakes.items()}
-        print(f"written: disk {written['disk']:.1f} s, S3 {written['s3']:.1f} s")
-        results = {where: time_queries(lake) for where, lake in lakes.items()}
-        print(f"\n{'query':<20} {'disk s':>8} {'S3 s':>8} {'S3/disk':>8}")
-        print(f"{'(build the views)':<20} {results['disk'][0]:>8.2f} {results['s3'][0]:>8.2f} "
-              f"{results['s3'][0] / results['disk'][0]:>8.1f}")
-        for name in results["disk"][1]:
-            disk, s3_time = results["disk"][1][name], results["s3"][1][name]
-            print(f"{name:<20} {disk:>8.2f} {s3_time:>8.2f} {s3_time / max(disk, 1e-3):>8.1f}")
-        slowest = max(results["s3"][1].items(), key=lambda item: item[1])
-        print(f"\nslowest query on S3: {slowest[0]} {slowest[1]:.2f} s (target < 3 s); "
-              f"views {results['s3'][0]:.2f} s before the first")
+        if args.rollouts:
+            time_named_queries(root, s3, args.rollouts)
         if args.demo:
             s3.create_bucket("demo")
             base = {**os.environ, "EVOFORGE_RUNS": str(root / "demo-runs")}
