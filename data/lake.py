@@ -295,15 +295,6 @@ class _OutputChanged(LakeError):
     """A writer committed (and removed the parts read so far) while a stage's output was streamed."""
 
 
-def _stream_sha256(path: LakePath) -> tuple[int, str]:
-    digest, size = hashlib.sha256(), 0
-    with (path.fs.open_input_stream(path._path) if is_remote(path) else open(path, "rb")) as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-            size += len(block)
-    return size, digest.hexdigest()
-
-
 def _missing(err: OSError) -> bool:
     return isinstance(err, FileNotFoundError) or "does not exist" in str(err) or "NoSuchKey" in str(err)
 
@@ -485,9 +476,7 @@ class Lake:
                 reason = part_damage(folder, part, checksum=True, data=data)
                 source = pa.BufferReader(data)
             else:
-                size, digest = _stream_sha256(path)
-                reason = (f"size {size} bytes, manifest says {part.bytes}" if size != part.bytes
-                          else None if digest == part.sha256 else "checksum differs from the manifest")
+                reason = part_damage(folder, part, checksum=True)  # checksummed as a stream: never held whole
                 source = path.open_input() if is_remote(path) else pa.OSFile(str(path))
         except OSError as err:
             if _missing(err):

@@ -12,11 +12,11 @@ never loaded, and a second use finds the verified copy.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from evoforge.data import atomic, home
+from evoforge.data.manifest import sha256_file
 from evoforge.data.storage import LakePath, ObjectPath, is_remote, location
 
 CHECKPOINT_MANIFEST = "_checkpoint.json"
@@ -24,14 +24,6 @@ CHECKPOINT_MANIFEST = "_checkpoint.json"
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def training_folder(target: LakePath) -> Path:
@@ -56,7 +48,7 @@ def publish(local: Path, target: LakePath) -> LakePath:
     for path in files:
         name = path.relative_to(local).as_posix()
         (target / name).upload(path)
-        entries.append({"file": name, "bytes": path.stat().st_size, "sha256": _sha256(path)})
+        entries.append({"file": name, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
     (target / CHECKPOINT_MANIFEST).write_text(json.dumps({"format": 1, "files": entries}, indent=1) + "\n")
     return target
 
@@ -81,7 +73,7 @@ def local_copy(reference: str) -> Path:
             path = staging / entry["file"]
             path.parent.mkdir(parents=True, exist_ok=True)
             ObjectPath.from_uri(f"{where}/{entry['file']}").download(path)
-            if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+            if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
                 raise CheckpointError(f"checkpoint {reference}: {entry['file']} does not match {CHECKPOINT_MANIFEST} "
                                       "(damaged on the store); rerun the finetune stage that trained it")
         (staging / CHECKPOINT_MANIFEST).write_text(json.dumps(manifest))
