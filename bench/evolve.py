@@ -1,17 +1,25 @@
-"""SvS rounds against plain rejection-sampling rounds, from the same start, on held-out sets.
+"""SvS rounds against plain rejection-sampling rounds, from the same start, over several seeds, with intervals.
 
-    .venv/bin/python bench/evolve.py [--rounds 2] [--pool 32] [--n 8] [--eval-problems 24] [--eval-n 8] [--method sft]
+    .venv/bin/python bench/evolve.py                      # 3 seeds x 2 rounds per arm, ~30 min per arm here
+    .venv/bin/python bench/evolve.py --seeds 5 --rounds 3 --pool 64 --eval-problems 100 --eval-n 8   # a larger run
 
 Arm (a), SvS: generate -> verify -> filter -> synthesize -> pairs -> finetune -> evaluate.
-Arm (b), rejection sampling (RFT): the same without synthesize. To give (b) the same sampling
-budget, its n per problem is raised so that its generated samples match (a)'s generate +
-synthesis + variant-solving samples of the same round (rounded up). Prints, per arm and model,
-pass@1 and pass@n on each held-out set with the samples behind each figure, and each arm's budget.
-Runs are written under runs/bench-evolve-{svs,rft}.
+Arm (b), rejection sampling (RFT): the same without synthesize; its n per problem is raised so that its
+generated samples match (a)'s generate + synthesis + variant-solving samples of the same round and seed.
+Each (arm, seed) is one run, `<tag>-<arm>-s<seed>`: the seed moves sampling, synthesis and training; the
+held-out samples use one fixed seed, so the starting model's evaluation is the same in every run and
+every comparison is paired over the same problems. The promotion gate is on (its default: a checkpoint
+significantly worse on held-out pass@1 does not become the next round's policy), as in any run.
+
+Prints, per arm: each round's trained model and the policy that came out of the round, with held-out
+pass@1 and pass@k and their 95% intervals pooled over seeds (bootstrap over problems, each problem's
+samples in every seed redrawn inside it), the paired change from the starting model, the gate's
+decisions, and wall time; then the paired difference between the arms. Also bench/out/evolve.json.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -24,28 +32,28 @@ from evoforge.data import home  # noqa: E402
 
 home.configure()
 
+EVAL_SET = "easy-arithmetic-test"
 
-def base_config(args):
+
+def base_config(args, seed: int):
     from evoforge.flows.config import RoundConfig
 
+    sets = [{"name": EVAL_SET, "path": "data/sets/easy_arithmetic/test.jsonl", "preset": "plain",
+             "limit": args.eval_problems}]
+    if args.gsm8k_problems:
+        sets.append({"name": "gsm8k-test", "path": "data/sets/gsm8k/test.jsonl", "preset": "gsm8k",
+                     "limit": args.gsm8k_problems})
     return RoundConfig.model_validate({
         "engine": {"model": args.model},
         "sources": [{"path": "data/sets/easy_arithmetic/train.jsonl", "preset": "plain", "name": "easy_arithmetic",
                      "limit": args.pool}],
-        "eval_sets": [{"name": "easy-arithmetic-test", "path": "data/sets/easy_arithmetic/test.jsonl", "preset": "plain"},
-                      {"name": "gsm8k-test", "path": "data/sets/gsm8k/test.jsonl", "preset": "gsm8k"}],
-        "generate": {"sampling": {"n": args.n, "max_tokens": args.max_tokens, "seed": 0}},
-        "synthesize": {"samples_per_variant": args.n, "synthesis": {"n": 1, "max_tokens": args.max_tokens, "seed": 1}},
+        "eval_sets": [{"name": s["name"], "path": s["path"], "preset": s["preset"]} for s in sets],
+        "generate": {"sampling": {"n": args.n, "max_tokens": args.max_tokens, "seed": seed}},
+        "synthesize": {"samples_per_variant": args.n, "synthesis": {"n": 1, "max_tokens": args.max_tokens, "seed": 100 + seed}},
         "pairs": {"sft_per_problem": 4},
-        "finetune": {"method": args.method, "max_steps": args.steps, "batch_size": 4},
-        "evaluate": {
-            "sets": [{"name": "easy-arithmetic-test", "path": "data/sets/easy_arithmetic/test.jsonl", "preset": "plain",
-                      "limit": args.eval_problems},
-                     {"name": "gsm8k-test", "path": "data/sets/gsm8k/test.jsonl", "preset": "gsm8k",
-                      "limit": args.eval_problems // 2}],
-            "sampling": {"n": args.eval_n, "max_tokens": args.max_tokens, "seed": 1234},
-            "pass_k": [1, args.eval_n],
-        },
+        "finetune": {"method": args.method, "max_steps": args.steps, "batch_size": 4, "seed": seed},
+        "evaluate": {"sets": sets, "sampling": {"n": args.eval_n, "max_tokens": args.max_tokens, "seed": 1234},
+                     "pass_k": sorted({1, args.eval_n})},
     })
 
 
@@ -53,58 +61,188 @@ def samples(run: str, round: int) -> dict[str, int]:
     from evoforge.data.lake import lake
 
     store = lake()
-    variants = store.read(run, "variants", round)
     return {
         "generate": store.read(run, "rollouts", round, "generate").num_rows,
-        "synthesis": variants.num_rows,
+        "synthesis": store.read(run, "variants", round).num_rows,
         "variant_solving": store.read(run, "rollouts", round, "synthesize").num_rows,
     }
 
 
+def run_arm(args, arm: str, seed: int, svs_budgets: list[dict] | None) -> dict:
+    """One run of `args.rounds` rounds; its per-round budgets, decisions and per-problem held-out results."""
+    from evoforge.data.lake import lake
+    from evoforge.flows.inputs import round_policy
+    from evoforge.flows.round import round_flow
+
+    run = f"{args.tag}-{arm}-s{seed}"
+    config = base_config(args, seed)
+    budgets, policies = [], []
+    started = time.monotonic()
+    for round in range(args.rounds):
+        arm_config = config.model_copy(deep=True)
+        if arm == "rft":
+            arm_config.stages = [s for s in arm_config.stages if s != "synthesize"]
+            svs = svs_budgets[round]
+            arm_config.generate.sampling.n = max(args.n, math.ceil(sum(svs.values()) / max(1, svs["generate"] // args.n)))
+        round_flow(run, arm_config, round=round)
+        budgets.append(samples(run, round))
+        policies.append(round_policy(run, arm_config, round + 1).model_round)  # the policy the round hands on
+    wall = time.monotonic() - started
+    store = lake()
+    results = store.read(run, "eval_results", columns=["model_round", "eval_set", "problem_id", "n", "correct",
+                                                        "mean_logprob", "round"]).to_pylist()
+    decisions = [{k: d[k] for k in ("round", "model_round", "decision", "why")}
+                 for d in store.read(run, "promotions").to_pylist()]
+    checkpoints = [{k: c[k] for k in ("round", "steps", "stopped_early")}
+                   for c in store.read(run, "checkpoints").to_pylist() if c["role"] == "policy"]
+    return {"run": run, "seed": seed, "wall_seconds": wall, "budgets": budgets, "policies": policies,
+            "results": results, "decisions": decisions, "checkpoints": checkpoints}
+
+
+def per_problem(runs: list[dict], model_round: int | list[int], eval_set: str):
+    """(n, correct) arrays of shape (problems, seeds) for one model of each seed's run (`model_round`: one
+    number for all seeds, or one per seed), over the problems every seed measured."""
+    import numpy as np
+
+    rounds = model_round if isinstance(model_round, list) else [model_round] * len(runs)
+    tables = []
+    for run, m in zip(runs, rounds):
+        rows = {}
+        for r in run["results"]:
+            if r["model_round"] == m and r["eval_set"] == eval_set and r["n"]:
+                rows[r["problem_id"]] = (r["n"], r["correct"])  # a model measured twice: same seed, same counts
+        tables.append(rows)
+    common = sorted(set.intersection(*(set(t) for t in tables))) if tables else []
+    n = np.array([[t[p][0] for t in tables] for p in common], dtype=int).reshape(len(common), len(tables))
+    c = np.array([[t[p][1] for t in tables] for p in common], dtype=int).reshape(len(common), len(tables))
+    return common, n, c
+
+
+def summarize(args, arms: dict[str, list[dict]]) -> dict:
+    from evoforge.tasks.intervals import change_interval, score_interval
+
+    k_max = args.eval_n
+    out: dict = {"settings": vars(args), "arms": {}, "between_arms": []}
+    for arm, runs in arms.items():
+        rows = []
+        for model in range(args.rounds + 1):
+            for label, rounds in ((("start" if model == 0 else "trained"), model), ("policy", None)):
+                if label == "policy":
+                    if model == 0:
+                        continue
+                    rounds = [run["policies"][model - 1] for run in runs]
+                entry = {"model": model, "kind": label, "model_rounds": rounds}
+                problems, n, c = per_problem(runs, rounds, EVAL_SET)
+                if not problems:
+                    continue
+                _, n0, c0 = per_problem(runs, 0, EVAL_SET)
+                for k in sorted({1, k_max}):
+                    score = score_interval(n, c, k, seed=k)
+                    entry[f"pass@{k}"] = [score.estimate, score.low, score.high]
+                    if model:
+                        change = change_interval(n, c, n0, c0, k, seed=k)
+                        entry[f"pass@{k} change from model 0"] = [change.estimate, change.low, change.high]
+                entry["per_seed_pass@1"] = [float((c[:, s] / n[:, s]).mean()) for s in range(n.shape[1])]
+                entry["problems"], entry["samples_per_problem"] = len(problems), int(n.sum(axis=1).max())
+                rows.append(entry)
+        out["arms"][arm] = {
+            "rows": rows,
+            "wall_seconds": [run["wall_seconds"] for run in runs],
+            "budgets": [run["budgets"] for run in runs],
+            "decisions": [run["decisions"] for run in runs],
+            "checkpoints": [run["checkpoints"] for run in runs],
+        }
+    if len(arms) == 2:
+        (a, runs_a), (b, runs_b) = arms.items()
+        for model in range(1, args.rounds + 1):
+            for label in ("trained", "policy"):
+                rounds_a = model if label == "trained" else [run["policies"][model - 1] for run in runs_a]
+                rounds_b = model if label == "trained" else [run["policies"][model - 1] for run in runs_b]
+                pa_, na, ca = per_problem(runs_a, rounds_a, EVAL_SET)
+                pb_, nb, cb = per_problem(runs_b, rounds_b, EVAL_SET)
+                common = sorted(set(pa_) & set(pb_))
+                if not common:  # an arm trained nothing that round in some seed
+                    continue
+                ia, ib = [pa_.index(p) for p in common], [pb_.index(p) for p in common]
+                entry = {"model": model, "kind": label, "difference": f"{a} - {b}"}
+                for k in sorted({1, k_max}):
+                    diff = change_interval(na[ia], ca[ia], nb[ib], cb[ib], k, seed=k)
+                    entry[f"pass@{k}"] = [diff.estimate, diff.low, diff.high]
+                out["between_arms"].append(entry)
+    return out
+
+
+def fmt(triple) -> str:
+    return f"{triple[0]:.3f} [{triple[1]:.3f}, {triple[2]:.3f}]"
+
+
+def fmt_change(triple) -> str:
+    return f"{triple[0]:+.3f} [{triple[1]:+.3f}, {triple[2]:+.3f}]"
+
+
+def print_table(args, summary: dict) -> None:
+    k = args.eval_n
+    print(f"\nSvS vs rejection sampling: {args.seeds} seeds x {args.rounds} rounds per arm, pool {args.pool} "
+          f"easy-arithmetic problems, model {args.model}, finetune {args.method} x {args.steps} steps; held-out "
+          f"{EVAL_SET}: {args.eval_problems} problems x {args.eval_n} samples per seed. Intervals: 95%, bootstrap over "
+          f"problems with each problem's samples (in every seed) redrawn inside it; changes are paired.")
+    for arm, data in summary["arms"].items():
+        walls = data["wall_seconds"]
+        print(f"\narm {arm}: wall {sum(walls):.0f} s ({', '.join(f'{w:.0f}' for w in walls)} s per seed)")
+        for seed, budget in enumerate(data["budgets"]):
+            print(f"  seed {seed} samples per round: {[sum(b.values()) for b in budget]}")
+        print(f"  {'model':<7}{'kind':<22}{'pass@1 [95%]':<24}{f'pass@{k} [95%]':<24}{'pass@1 change from model 0':<30}"
+              f"{'per-seed pass@1'}")
+        for row in data["rows"]:
+            change = fmt_change(row["pass@1 change from model 0"]) if "pass@1 change from model 0" in row else ""
+            seeds = ", ".join(f"{v:.3f}" for v in row["per_seed_pass@1"])
+            kind = row["kind"] if row["kind"] != "policy" else \
+                f"policy (models {','.join(str(m) for m in row['model_rounds'])})"
+            print(f"  {row['model']:<7}{kind:<22}{fmt(row['pass@1']):<24}{fmt(row[f'pass@{k}']):<24}{change:<30}{seeds}")
+        for seed, decisions in enumerate(data["decisions"]):
+            stops = {c["round"]: c["stopped_early"] for c in data["checkpoints"][seed] if c["stopped_early"]}
+            print(f"  seed {seed} gate: " + "; ".join(
+                f"round {d['round']} {d['decision']}" + (f" (training stopped early: {stops[d['round']]})"
+                                                         if d['round'] in stops else "") for d in decisions))
+    for entry in summary["between_arms"]:
+        print(f"\n{entry['difference']}, model {entry['model']} ({entry['kind']}): pass@1 {fmt_change(entry['pass@1'])}, "
+              f"pass@{k} {fmt_change(entry[f'pass@{k}'])}", end="")
+    print()
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="default")
+    parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--pool", type=int, default=32)
+    parser.add_argument("--pool", type=int, default=16)
     parser.add_argument("--n", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=160)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--method", default="sft", help="finetune method or chain (sft, dpo, grpo, sft+grpo)")
     parser.add_argument("--eval-problems", type=int, default=24)
-    parser.add_argument("--eval-n", type=int, default=8)
+    parser.add_argument("--eval-n", type=int, default=4)
+    parser.add_argument("--gsm8k-problems", type=int, default=0, help="also evaluate on this many GSM8K test problems")
+    parser.add_argument("--arms", default="svs,rft")
     parser.add_argument("--tag", default="bench-evolve")
     args = parser.parse_args()
 
-    from evoforge.flows.report import collect
-    from evoforge.flows.round import round_flow
-
-    config = base_config(args)
-    budgets: dict[str, list[dict]] = {"svs": [], "rft": []}
-    timings = {}
-    for arm in ("svs", "rft"):
-        run = f"{args.tag}-{arm}"
-        started = time.monotonic()
-        for round in range(args.rounds):
-            arm_config = config.model_copy(deep=True)
-            if arm == "rft":
-                arm_config.stages = [s for s in arm_config.stages if s != "synthesize"]
-                svs = budgets["svs"][round]
-                pool = svs["generate"] // args.n
-                arm_config.generate.sampling.n = max(args.n, math.ceil(sum(svs.values()) / max(1, pool)))
-            round_flow(run, arm_config, round=round)
-            budgets[arm].append(samples(run, round))
-        timings[arm] = time.monotonic() - started
-
-    print(f"\nSvS vs rejection sampling: {args.rounds} rounds, pool {args.pool} easy-arithmetic problems, "
-          f"model {args.model}, finetune {args.method} x {args.steps} steps")
-    for arm in ("svs", "rft"):
-        print(f"\narm {arm} ({timings[arm]:.0f} s)")
-        for round, budget in enumerate(budgets[arm]):
-            print(f"  round {round} samples: {budget} = {sum(budget.values())}")
-        for e in collect(f"{args.tag}-{arm}")["evals"]:
-            ks = ", ".join(f"pass@{k} {v:.3f}" for k, v in sorted(e["pass_at_k"].items()))
-            print(f"  model {e['model_round']} {e['set']:<22} {ks}  ({e['problems']} problems x {e['n']} samples "
-                  f"= {e['problems'] * e['n']})")
+    arms: dict[str, list[dict]] = {}
+    svs_budgets: dict[int, list[dict]] = {}
+    for arm in args.arms.split(","):
+        arms[arm] = []
+        for seed in range(args.seeds):
+            result = run_arm(args, arm, seed, svs_budgets.get(seed))
+            if arm == "svs":
+                svs_budgets[seed] = result["budgets"]
+            arms[arm].append(result)
+            print(f"arm {arm} seed {seed}: {result['wall_seconds']:.0f} s", flush=True)
+    summary = summarize(args, arms)
+    print_table(args, summary)
+    out = ROOT / "bench" / "out" / "evolve.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=1, default=str))
+    print(f"\n{out.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

@@ -153,6 +153,7 @@ CHECKPOINTS = pa.schema(
         ("steps", pa.int32()),
         ("final_loss", pa.float64()),
         ("wall_seconds", pa.float64()),
+        ("stopped_early", pa.string()),
     ]
 )
 
@@ -177,6 +178,63 @@ EVALS = pa.schema(
         ("entropy", pa.float64()),
         ("mean_tokens", pa.float64()),
         ("no_answer_rate", pa.float64()),
+        ("pass_at_1_low", pa.float64()),
+        ("pass_at_1_high", pa.float64()),
+        ("distinct_answer_rate", pa.float64()),
+    ]
+)
+
+# one row per model, held-out set and problem: what every interval and paired comparison is computed from
+EVAL_RESULTS = pa.schema(
+    [
+        ("model_id", pa.string()),
+        ("model_round", pa.int32()),
+        ("eval_set", pa.string()),
+        ("problem_id", pa.string()),
+        ("n", pa.int32()),
+        ("correct", pa.int32()),
+        ("mean_tokens", pa.float64()),
+        ("mean_logprob", pa.float64()),
+        ("distinct_answers", pa.int32()),
+        ("no_answer", pa.int32()),
+    ]
+)
+
+SCORE_INTERVALS = pa.schema(
+    [
+        ("model_id", pa.string()),
+        ("model_round", pa.int32()),
+        ("eval_set", pa.string()),
+        ("metric", pa.string()),
+        ("k", pa.int32()),
+        ("problems", pa.int32()),
+        ("n", pa.int32()),
+        ("estimate", pa.float64()),
+        ("low", pa.float64()),
+        ("high", pa.float64()),
+        ("baseline_model_id", pa.string()),
+        ("baseline_model_round", pa.int32()),
+        ("paired_problems", pa.int32()),
+        ("change", pa.float64()),
+        ("change_low", pa.float64()),
+        ("change_high", pa.float64()),
+        ("level", pa.float64()),
+        ("resamples", pa.int32()),
+        ("seed", pa.int64()),
+    ]
+)
+
+PROMOTIONS = pa.schema(
+    [
+        ("checkpoint_id", pa.string()),
+        ("model_id", pa.string()),
+        ("model_round", pa.int32()),
+        ("decision", pa.string()),
+        ("why", pa.string()),
+        ("decided_by", pa.string()),
+        ("rule", pa.string()),
+        ("baseline_model_id", pa.string()),
+        ("decided_at", pa.timestamp("us", tz="UTC")),
     ]
 )
 
@@ -242,6 +300,9 @@ ROUND_TABLES: dict[str, pa.Schema] = {
     "checkpoints": CHECKPOINTS,
     "train_metrics": TRAIN_METRICS,
     "evals": EVALS,
+    "eval_results": EVAL_RESULTS,
+    "score_intervals": SCORE_INTERVALS,
+    "promotions": PROMOTIONS,
     "mcts_nodes": MCTS_NODES,
     "traces": TRACES,
     "judgments": JUDGMENTS,

@@ -141,6 +141,23 @@ def cmd_report(args) -> None:
     _print_report(args.run, args.out)
 
 
+def cmd_promote(args) -> None:
+    from evoforge.flows.promote import decide_by_hand, decisions
+
+    if args.round is None:
+        for d in decisions(args.run):
+            by = f" ({d['decided_by']})" if d["decided_by"] else ""
+            why = f": {d['why']}" if d["why"] else ""
+            print(f"  round {d['round']}: model {d['round'] + 1} {d['checkpoint_id']} {d['decision'] or 'undecided'}{by}{why}")
+        return
+    row = decide_by_hand(args.run, args.round, promote=not args.reject, why=args.why)
+    was = f" (was {row['previous']})" if row["previous"] else ""
+    follows = "sample from it" if row["decision"] == "promoted" else "start from the last promoted model before it"
+    print(f"run {args.run}, round {args.round}: {row['checkpoint_id']} {row['decision']} by hand{was}; "
+          f"round {args.round + 1} and later {follows} (a round already run recomputes when run again: "
+          f"evoforge round --run {args.run} --round {args.round + 1})")
+
+
 def cmd_demo(args) -> None:
     from evoforge.flows.config import DEFAULT_CONFIG
 
@@ -446,6 +463,14 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("--run", required=True)
     report.add_argument("--out", help="PNG path (default: runs/<run>/report.png)")
     report.set_defaults(func=cmd_report)
+
+    promote = sub.add_parser("promote", help="promote or reject a round's checkpoint by hand (wins over the gate); "
+                                              "with no --round, list every decision")
+    promote.add_argument("--run", required=True)
+    promote.add_argument("--round", type=int, help="the round that trained the checkpoint")
+    promote.add_argument("--reject", action="store_true", help="reject it: the next round starts from the last promoted model")
+    promote.add_argument("--why", help="the reason, recorded with the decision")
+    promote.set_defaults(func=cmd_promote)
 
     sql = sub.add_parser("sql", help="query a run's tables (or a named query of sql/queries/) with DuckDB")
     sql.add_argument("query")

@@ -1,17 +1,68 @@
-"""evaluate flow: held-out pass@k of the round's policy -> `evals`. Round 0 also measures the
-starting model, so every later round has a baseline."""
+"""evaluate flow: the round's trained checkpoint and its baseline (the round's policy, the last
+promoted model) on the held-out sets -> `eval_results`, `evals`, `score_intervals`, the held-out
+`rollouts` and `verdicts`, and the gate's decision on the checkpoint (`promotions`).
+
+The baseline is measured once: a later round reuses its `eval_results` from the round that measured
+it (same sampling seed, same problems), and measures it again only when the sets or the sampling
+changed. Round 0 always measures the starting model, so every later round has a baseline.
+"""
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 import pyarrow as pa
+import pyarrow.compute as pc
 from prefect import flow
 
+from evoforge.data import schemas
 from evoforge.data.ids import fingerprint_tables
+from evoforge.data.lake import lake
 from evoforge.flows.config import RoundConfig, config_hash, resolve_path
-from evoforge.flows.inputs import MissingInput, checkpoint, stage_config
+from evoforge.flows.inputs import MissingInput, checkpoint, round_policy, stage_config
 from evoforge.flows.stage_runner import StageResult, execute_stage
 from evoforge.models.loader import load_engine, model_id_for
-from evoforge.tasks.evaluate import evaluate
+from evoforge.tasks.evaluate import EvaluateConfig, evaluate, score_intervals, set_summary
 from evoforge.tasks.ingest import load_eval_set
+from evoforge.tasks.progress import flow_run_logger
+from evoforge.tasks.promotion import decide, gate_metric
+
+
+def measured_before(run: str, round: int, model_id: str, sets: dict[str, pa.Table], n: int) -> pa.Table | None:
+    """`model_id`'s `eval_results` from an earlier round's evaluate, when they cover exactly these sets'
+    problems with n samples each (the newest such round); else None: measure it again."""
+    if round == 0:
+        return None
+    earlier = lake().read(run, "eval_results", stage="evaluate")
+    earlier = earlier.filter(pc.and_(pc.equal(earlier["model_id"], model_id), pc.less(earlier["round"], round)))
+    found = []
+    for name, problems in sets.items():
+        rows = earlier.filter(pc.equal(earlier["eval_set"], name))
+        if rows.num_rows == 0:
+            return None
+        rows = rows.filter(pc.equal(rows["round"], pc.max(rows["round"])))
+        if sorted(rows["problem_id"].to_pylist()) != sorted(problems["problem_id"].to_pylist()) \
+                or set(rows["n"].to_pylist()) != {n}:
+            return None
+        found.append(rows.drop_columns(["round", "stage"]))
+    return pa.concat_tables(found)
+
+
+def promotion_row(config: EvaluateConfig, trained: dict, model_round: int, intervals: pa.Table,
+                  baseline: pa.Table, new: pa.Table) -> dict:
+    """The gate's decision on the round's checkpoint, from its paired intervals against the baseline."""
+    metric = gate_metric(config.gate, config.pass_k)
+    changes = [r for r in intervals.to_pylist() if r["metric"] == metric]
+    entropies = {}
+    for name in set(new["eval_set"].to_pylist()):
+        before = baseline.filter(pc.equal(baseline["eval_set"], name))
+        after = new.filter(pc.equal(new["eval_set"], name))
+        if before.num_rows and after.num_rows:
+            entropies[name] = (set_summary(before, config)["entropy"], set_summary(after, config)["entropy"])
+    decision, why = decide(config.gate, changes, entropies)
+    return dict(checkpoint_id=trained["checkpoint_id"], model_id=trained["model_id"], model_round=model_round,
+                decision=decision, why=why, decided_by="gate", rule=config.gate.describe(max(config.pass_k)),
+                baseline_model_id=baseline["model_id"][0].as_py() if baseline.num_rows else None,
+                decided_at=datetime.now(timezone.utc))
 
 
 @flow(name="evaluate", flow_run_name="{run}/round-{round}/evaluate")
@@ -21,28 +72,43 @@ def evaluate_flow(run: str, round: int, config: RoundConfig | None = None, force
     if not config.evaluate.sets:
         raise MissingInput("evaluate: the config names no evaluation sets (evaluate.sets)")
     sets = {s.name: load_eval_set(s, resolve_path("."), s.limit) for s in config.evaluate.sets}
-    models = []  # (engine config, model_round)
-    if round == 0:
-        models.append((config.engine, 0))
+    policy = round_policy(run, config, round)
+    policy_id = model_id_for(config.engine)
+    baseline = measured_before(run, round, policy_id, sets, config.evaluate.sampling.n)
     trained = checkpoint(run, round, "policy")
+    models = []  # (engine config, model_round)
+    if baseline is None:
+        models.append((config.engine, policy.model_round))
     if trained is not None:
         models.append((config.engine.model_copy(update={"model": trained["path"]}), round + 1))
-    elif round > 0:
-        models.append((config.engine, round))
 
     def compute(chunks) -> dict[str, pa.Table]:
-        tables = []
-        for engine_config, model_round in models:
-            tables.append(evaluate(sets, load_engine(engine_config), config.evaluate, config.verify, model_round,
-                                   chunks.sub(f"model-{model_round}")))
-        return {"evals": pa.concat_tables(tables)}
+        outputs = {model_round: evaluate(sets, load_engine(engine_config), config.evaluate, config.verify, model_round,
+                                         chunks.sub(f"model-{model_round}"))
+                   for engine_config, model_round in models}
+        reference = baseline if baseline is not None else outputs[policy.model_round]["eval_results"]
+        intervals, promotions = [], []
+        for model_round, tables in outputs.items():
+            compared = reference if model_round == round + 1 else None
+            intervals.append(score_intervals(tables["eval_results"], config.evaluate, compared))
+        if trained is not None:
+            new = outputs[round + 1]["eval_results"]
+            promotions.append(promotion_row(config.evaluate, trained, round + 1, intervals[-1], reference, new))
+            decided = promotions[-1]
+            flow_run_logger().info(f"run {run}, round {round}: model {round + 1} ({trained['checkpoint_id']}) "
+                                   f"{decided['decision'].upper()} against model {policy.model_round}: {decided['why']}")
+        joined = {name: pa.concat_tables([t[name] for t in outputs.values()]) if outputs
+                  else schemas.ROUND_TABLES[name].empty_table()
+                  for name in ("rollouts", "verdicts", "eval_results", "evals")}
+        return {**joined, "score_intervals": pa.concat_tables(intervals) if intervals else schemas.SCORE_INTERVALS.empty_table(),
+                "promotions": pa.Table.from_pylist(promotions, schema=schemas.PROMOTIONS)}
 
     return execute_stage(
         run, round, "evaluate",
         config_hash=config_hash({"evaluate": config.evaluate.model_dump(mode="json"),
                                  "models": [m.model_dump(mode="json") for m, _ in models]}),
         model_id=",".join(model_id_for(m) for m, _ in models),
-        input_fingerprint=fingerprint_tables(*sets.values()),
+        input_fingerprint=fingerprint_tables(*sets.values(), *([baseline] if baseline is not None else [])),
         rows_in=sum(t.num_rows for t in sets.values()),
         compute=compute,
         force=force,

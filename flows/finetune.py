@@ -87,7 +87,7 @@ def _registry_row(checkpoint_id: str, parent_model_id: str, role: str, method: s
     return dict(checkpoint_id=checkpoint_id, parent_model_id=parent_model_id, role=role, method=method,
                 path=str(folder), model_id=f"{checkpoint_id}@{folder_hash(trained)}", data_fingerprint=data_fp,
                 train_rows=rows, steps=result["steps"], final_loss=result["final_loss"],
-                wall_seconds=result["wall_seconds"])
+                wall_seconds=result["wall_seconds"], stopped_early=result.get("stopped_early"))
 
 
 def _metric_rows(checkpoint_id: str, result: dict, by_method: bool) -> list[dict]:

@@ -5,7 +5,8 @@ functions and never import each other.
   whole; `round_stream` / `stage_stream` for the large ones (rollouts, verdicts), read part by part
 - a stage's input fingerprint: `fingerprint_inputs` (a streamed table in one more streamed pass)
 - the problem pool of a round, and its problems with an expert answer (RARO)
-- the checkpoint a round trained, for a role (`policy`, `ppm`)
+- the checkpoint a round trained, for a role (`policy`, `ppm`), and the promotion decision on it
+- the policy of a round: the last promoted model before it
 - the run config: given, named by file, or the run's saved one; and a round's policy applied to it
 """
 from __future__ import annotations
@@ -154,9 +155,55 @@ def run_config(run: str, config: RoundConfig | None = None, config_file: str | N
     return config
 
 
+def promotion(run: str, round: int, trained: dict) -> dict | None:
+    """The decision on round `round`'s policy checkpoint `trained`: a manual one (`evoforge promote`,
+    stage `promote`) wins over the gate's (stage `evaluate`); None when neither has decided. A
+    decision made on an earlier checkpoint of the round (finetune rerun since) does not count."""
+    rows = [r for r in lake().read(run, "promotions", round).to_pylist() if r["checkpoint_id"] == trained["checkpoint_id"]]
+    for stage in ("promote", "evaluate"):
+        decided = sorted((r for r in rows if r["stage"] == stage), key=lambda r: r["decided_at"])
+        if decided:
+            return decided[-1]
+    return None
+
+
+def gated(config: RoundConfig) -> bool:
+    """Whether a checkpoint waits for the gate before it may become a policy."""
+    return "evaluate" in config.stages and bool(config.evaluate.sets) and config.evaluate.gate.require != "always"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The model a round samples from and trains: the last promoted one before it."""
+    model_round: int  # 0: the config's model; r + 1: the checkpoint trained in round r
+    checkpoint: dict | None  # its `checkpoints` row; None for the config's model
+    passed_over: tuple[str, ...] = ()  # the later checkpoints that were rejected (and why), newest first
+
+
+def round_policy(run: str, config: RoundConfig, round: int) -> Policy:
+    """Walk back from round - 1: the newest policy checkpoint that was promoted. A round that trained
+    nothing carries the policy over; a rejected checkpoint is passed over; one still waiting for its
+    decision stops a gated run with the command that decides it."""
+    passed_over = []
+    for earlier in range(round - 1, -1, -1):
+        trained = checkpoint(run, earlier, "policy")
+        if trained is None:
+            continue
+        decided = promotion(run, earlier, trained)
+        if decided is None and gated(config):
+            raise MissingInput(
+                f"run {run!r}: round {earlier}'s checkpoint {trained['checkpoint_id']} has no promotion decision yet: run "
+                f"`evoforge stage evaluate --run {run} --round {earlier}` (the gate), or decide by hand with "
+                f"`evoforge promote --run {run} --round {earlier}` [--reject]")
+        if decided is None or decided["decision"] == "promoted":
+            return Policy(earlier + 1, trained, tuple(passed_over))
+        passed_over.append(f"{trained['checkpoint_id']} ({decided['why']})")
+    return Policy(0, None, tuple(passed_over))
+
+
 def policy_for_round(run: str, config: RoundConfig, round: int) -> RoundConfig:
-    """Round r's config: the engine loads the policy trained in round r - 1, if there is one."""
-    trained = checkpoint(run, round - 1, "policy")
+    """Round r's config: the engine loads the last promoted policy checkpoint before round r, if any."""
+    trained = round_policy(run, config, round).checkpoint
     if trained is None:
         return config
     return config.model_copy(update={"engine": config.engine.model_copy(update={"model": trained["path"]})})

@@ -12,7 +12,10 @@ from evoforge.flows.inputs import problem_pool
 
 
 def collect(run: str) -> dict:
-    """Per round: the pool, its buckets and the SvS variants; the RARO critic's rates; held-out scores."""
+    """Per round: the pool, its buckets and the SvS variants; the RARO critic's rates; held-out scores
+    with their intervals, the paired change of each model from its baseline, the promotion decisions
+    and the collapse signals (a model whose held-out entropy fell by more than `evaluate.entropy_drop_flag`
+    from its baseline is flagged)."""
     con = catalog.connect(lake().run_dir(run))
     buckets: dict[int, dict[str, int]] = {}
     for row in catalog.query(con, "buckets"):
@@ -23,10 +26,51 @@ def collect(run: str) -> dict:
             **{k: variants.get(r, {}).get(k, 0) for k in ("synthesized", "valid", "kept")}}
         for r, counts in sorted(buckets.items())
     }
-    evals = [{"model_round": e["model_round"], "set": e["eval_set"], "pass_at_1": e["pass_at_1"],
-              "pass_at_k": {entry["key"]: entry["value"] for entry in e["pass_at_k"]}, "entropy": e["entropy"],
-              "problems": e["problems"], "n": e["n"]} for e in catalog.query(con, "held_out")]
-    return {"rounds": per_round, "critic": catalog.query(con, "critic_report"), "evals": evals}
+    intervals = catalog.query(con, "intervals")
+    by_score = {(i["model_round"], i["eval_set"], i["metric"]): i for i in intervals}
+    evals = []
+    for e in catalog.query(con, "held_out"):
+        pass_at_k = {entry["key"]: entry["value"] for entry in e["pass_at_k"]}
+        evals.append({
+            "model_round": e["model_round"], "set": e["eval_set"], "pass_at_1": e["pass_at_1"],
+            "pass_at_1_interval": (e["pass_at_1_low"], e["pass_at_1_high"]), "pass_at_k": pass_at_k,
+            "pass_at_k_interval": {k: (by_score[key]["low"], by_score[key]["high"]) for k in pass_at_k
+                                   if (key := (e["model_round"], e["eval_set"], f"pass@{k}")) in by_score},
+            "change": by_score.get((e["model_round"], e["eval_set"], "pass@1")),
+            "entropy": e["entropy"], "distinct_answer_rate": e["distinct_answer_rate"],
+            "problems": e["problems"], "n": e["n"]})
+    return {"rounds": per_round, "critic": catalog.query(con, "critic_report"), "evals": evals,
+            "intervals": intervals, "decisions": catalog.query(con, "promotions_in_force"),
+            "collapse": catalog.query(con, "collapse"), "collapse_flags": collapse_flags(evals, _entropy_drop_flag(run))}
+
+
+def _entropy_drop_flag(run: str) -> float:
+    from evoforge.flows.config import ConfigError
+    from evoforge.flows.inputs import saved_config
+
+    try:
+        return saved_config(run).evaluate.entropy_drop_flag
+    except ConfigError:
+        from evoforge.tasks.evaluate import EvaluateConfig
+
+        return EvaluateConfig().entropy_drop_flag
+
+
+def collapse_flags(evals: list[dict], max_drop: float) -> list[str]:
+    """A model whose held-out entropy fell by more than `max_drop` (a fraction) from its baseline's."""
+    entropy = {(e["model_round"], e["set"]): e["entropy"] for e in evals}
+    flags = []
+    for e in evals:
+        base = e["change"]["baseline_model_round"] if e["change"] else None
+        before = entropy.get((base, e["set"]))
+        if base is None or not before or e["entropy"] is None:
+            continue
+        drop = (before - e["entropy"]) / before
+        if drop > max_drop:
+            flags.append(f"model {e['model_round']} on {e['set']}: held-out entropy {before:.3f} -> {e['entropy']:.3f} "
+                         f"({-drop:+.0%}, more than the {max_drop:.0%} drop evaluate.entropy_drop_flag allows): "
+                         f"a sign of collapse")
+    return flags
 
 
 def round_summary(run: str, round: int) -> dict:
@@ -78,12 +122,41 @@ def format_report(run: str, data: dict) -> str:
             lines.append(f"{'':>13}  {c['round']:>5}  {c['judgments']:>9}  {fmt(c['tie_rate'])}  {fmt(c['policy_win_rate']):>11}  "
                          f"{fmt(c['unparseable_rate']):>11}  {fmt(c['critic_accuracy']):>24} [{c['judged_wrong_answers']}]")
     if data["evals"]:
-        lines.append("model (0 = start, r+1 = after round r)  set  pass@1  pass@k  entropy  [problems x n]")
+        lines.append("held-out scores, 95% intervals (bootstrap over problems, samples nested); change: paired, "
+                     "against the model it was trained from")
+        lines.append("model (0 = start, r+1 = after round r)  set  pass@1 [95%]  pass@k [95%]  entropy  distinct  "
+                     "[problems x n]  change in pass@1 [95%]")
         for e in data["evals"]:
-            ks = ", ".join(f"pass@{k} {v:.3f}" for k, v in sorted(e["pass_at_k"].items()))
-            lines.append(f"  model {e['model_round']}  {e['set']:<22} {e['pass_at_1']:.3f}  {ks}  "
-                         f"{e['entropy']:.3f}  [{e['problems']} x {e['n']}]")
+            ks = ", ".join(f"pass@{k} {v:.3f}{_bounds(e['pass_at_k_interval'].get(k))}"
+                           for k, v in sorted(e["pass_at_k"].items()) if k != 1)
+            change = e["change"]
+            versus = "" if not change or change["change"] is None else (
+                f"  vs model {change['baseline_model_round']}: {change['change']:+.3f} "
+                f"[{change['change_low']:+.3f}, {change['change_high']:+.3f}] {change['significance']}")
+            distinct = "  n/a" if e["distinct_answer_rate"] is None else f"{e['distinct_answer_rate']:.2f}"
+            lines.append(f"  model {e['model_round']}  {e['set']:<22} {e['pass_at_1']:.3f}{_bounds(e['pass_at_1_interval'])}"
+                         f"  {ks}  {e['entropy']:.3f}  {distinct}  [{e['problems']} x {e['n']}]{versus}")
+    if data.get("decisions"):
+        lines.append("promotion (does round r's checkpoint become round r+1's policy?)")
+        for d in data["decisions"]:
+            stopped = f"; training stopped early: {d['stopped_early']}" if d["stopped_early"] else ""
+            lines.append(f"  round {d['round']}: model {d['round'] + 1} {d['checkpoint_id']} "
+                         f"{(d['decision'] or 'undecided').upper()}"
+                         f"{' (' + d['decided_by'] + ')' if d['decided_by'] else ''}: {d['why'] or 'not evaluated yet'}{stopped}")
+    if data.get("collapse"):
+        lines.append("collapse signals  model  scope (pool: the round's samples)  entropy  distinct answers  pass@n [problems x n]")
+        for c in data["collapse"]:
+            where = f"pool of round {c['round']}" if c["scope"] == "pool" else c["scope"]
+            model = "?" if c["model_round"] is None else c["model_round"]
+            lines.append(f"{'':>16}  {model:>5}  {where:<32}  {c['entropy']:.3f}  {c['distinct_answer_rate']:.2f}  "
+                         f"{c['pass_at_n']:.3f} [{c['problems']} x {c['n']}]")
+    for flag in data.get("collapse_flags", []):
+        lines.append(f"COLLAPSE? {flag}")
     return "\n".join(lines)
+
+
+def _bounds(interval) -> str:
+    return "" if not interval or interval[0] is None else f" [{interval[0]:.3f}, {interval[1]:.3f}]"
 
 
 def plot(run: str, data: dict, out: Path) -> Path | None:
@@ -98,11 +171,23 @@ def plot(run: str, data: dict, out: Path) -> Path | None:
     for name in sorted({e["set"] for e in data["evals"]}):
         rows = [e for e in data["evals"] if e["set"] == name]
         x = [e["model_round"] for e in rows]
-        ax.plot(x, [e["pass_at_1"] for e in rows], marker="o", label=f"{name} pass@1")
+        line, = ax.plot(x, [e["pass_at_1"] for e in rows], marker="o", label=f"{name} pass@1 (95% band)")
+        band = [e["pass_at_1_interval"] for e in rows]
+        if all(b[0] is not None for b in band):
+            ax.fill_between(x, [b[0] for b in band], [b[1] for b in band], color=line.get_color(), alpha=0.15)
         k = max(rows[0]["pass_at_k"]) if rows[0]["pass_at_k"] else None
         if k and k > 1:
-            ax.plot(x, [e["pass_at_k"].get(k, float("nan")) for e in rows], marker="s", linestyle="--",
-                    label=f"{name} pass@{k}")
+            line, = ax.plot(x, [e["pass_at_k"].get(k, float("nan")) for e in rows], marker="s", linestyle="--",
+                            label=f"{name} pass@{k} (95% band)")
+            band = [e["pass_at_k_interval"].get(k, (None, None)) for e in rows]
+            if all(b[0] is not None for b in band):
+                ax.fill_between(x, [b[0] for b in band], [b[1] for b in band], color=line.get_color(), alpha=0.08,
+                                hatch="//")
+    rejected = [d["round"] + 1 for d in data.get("decisions", []) if d["decision"] == "rejected"]
+    for model_round in rejected:
+        ax.axvline(model_round, color="grey", linestyle=":", alpha=0.6)
+    if rejected:
+        ax.plot([], [], color="grey", linestyle=":", label="rejected by the gate (or by hand)")
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -1,6 +1,6 @@
 """The round flow: ingest (round 0), then the config's `stages` in order (flows/stages.py), each a
-subflow that can also run alone. `evolve_flow` chains rounds: each starts from the previous round's
-checkpoint and grown pool. `stage_flow` reruns one stage by name (one deployment for all stages).
+subflow that can also run alone. `evolve_flow` chains rounds: each starts from the last promoted
+checkpoint (the evaluate stage's gate, or `evoforge promote`) and the grown pool. `stage_flow` reruns one stage by name (one deployment for all stages).
 
 All three are deployable (deploy/prefect.yaml, `evoforge serve`): with no `round`, a round flow runs
 the run's next unfinished round, so a cron schedule keeps a run evolving one round per tick.
@@ -20,7 +20,7 @@ from evoforge.data.lake import lake
 from evoforge.flows.artifacts import publish_round_report
 from evoforge.flows.config import RoundConfig
 from evoforge.flows.dispatch import dispatch_stage, orchestrating, uses_pools
-from evoforge.flows.inputs import next_round, policy_for_round, run_config
+from evoforge.flows.inputs import next_round, policy_for_round, round_policy, run_config
 from evoforge.flows.stage_runner import StageResult, run_guard
 from evoforge.flows.stages import STAGES, StageName
 from evoforge.tasks.progress import flow_run_logger
@@ -69,9 +69,11 @@ def round_flow(run: str, config: RoundConfig | None = None, round: int | None = 
             _rename_flow_run(f"{run}/round-{round}")
         names = (["ingest"] if round == 0 else []) + list(config.stages)
         policy = policy_for_round(run, config, round).engine.model
+        chosen = round_policy(run, config, round)
+        passed = f" (model {chosen.model_round}; rejected since: {'; '.join(chosen.passed_over)})" if chosen.passed_over else ""
         pools = {name: config.cluster.pools[name] for name in names if config.cluster.pools.get(name)}
         where = f"; in work pools: {', '.join(f'{n} -> {p}' for n, p in pools.items())}" if pools else ""
-        flow_run_logger().info(f"run {run}, round {round}: stages {', '.join(config.stages)}; policy {policy}{where}")
+        flow_run_logger().info(f"run {run}, round {round}: stages {', '.join(config.stages)}; policy {policy}{passed}{where}")
         if pools:
             held.close()  # the stages take the run's lock themselves, on their machines
         results: list[StageResult] = []
@@ -89,7 +91,7 @@ def round_flow(run: str, config: RoundConfig | None = None, round: int | None = 
 @flow(name="evolve", flow_run_name="{run}/evolve-{rounds}")
 def evolve_flow(run: str, rounds: int, config: RoundConfig | None = None, force: bool = False,
                 config_file: str | None = None) -> list[StageResult]:
-    """Rounds 0 .. rounds - 1 of `run`, each on the previous round's checkpoint and grown pool."""
+    """Rounds 0 .. rounds - 1 of `run`, each on the last promoted checkpoint (evaluate's gate) and grown pool."""
     results: list[StageResult] = []
     with orchestrating(run, "evolve"), ExitStack() as held:
         held.enter_context(run_guard(run, "evolve"))

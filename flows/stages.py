@@ -67,7 +67,8 @@ REGISTRY: tuple[Stage, ...] = (
           reads=("sft_examples", "pairs", "traces", "problems", "problem_stats", "judgments", "rollouts", "checkpoints"),
           writes=("checkpoints", "train_metrics")),
     Stage("evaluate", "evoforge.tasks.evaluate", "EvaluateConfig", "evoforge.flows.evaluate:evaluate_flow",
-          reads=("checkpoints",), writes=("evals",)),
+          reads=("checkpoints", "eval_results", "promotions"),
+          writes=("rollouts", "verdicts", "eval_results", "evals", "score_intervals", "promotions")),
 )
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in REGISTRY}

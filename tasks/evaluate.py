@@ -1,7 +1,16 @@
-"""evaluate: pass@1 (mean over n samples), unbiased pass@k, entropy estimate and length on held-out sets."""
+"""evaluate: a model on held-out sets, per problem and per set, with intervals.
+
+Per problem (`eval_results`): samples, correct ones, mean tokens, mean log-probability, distinct
+final answers. Per set (`evals`): pass@1 with its 95% interval, unbiased pass@k, an entropy estimate
+(mean negative log-probability of the sampled tokens), the distinct-answer rate. `score_intervals`:
+pass@k for each configured k with its interval and, against a baseline model measured on the same
+problems, the paired change with its interval (tasks/intervals.py). The held-out rollouts and
+verdicts are outputs too, so every figure can be traced to its samples.
+"""
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
@@ -9,10 +18,17 @@ from pydantic import BaseModel, Field
 from evoforge.data import schemas
 from evoforge.data.chunks import NO_CHUNKS, Chunks
 from evoforge.models.engine import Engine, SamplingConfig
-from evoforge.tasks.filter import correct_counts, pass_at_k
+from evoforge.tasks import intervals
 from evoforge.tasks.generate import GenerateConfig, generate
 from evoforge.tasks.ingest import EvalSetConfig
+from evoforge.tasks.promotion import GateConfig
 from evoforge.tasks.verify import VerifyConfig, verify
+
+
+class IntervalConfig(BaseModel):
+    resamples: int = Field(intervals.RESAMPLES, ge=100, description="bootstrap resamples")
+    level: float = Field(intervals.LEVEL, gt=0.5, lt=1.0, description="coverage of every interval")
+    seed: int = Field(0, description="the bootstrap's seed: the same data gives the same intervals")
 
 
 class EvaluateConfig(BaseModel):
@@ -20,41 +36,149 @@ class EvaluateConfig(BaseModel):
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(n=4, max_tokens=200, seed=1234))
     pass_k: list[int] = Field(default_factory=lambda: [1, 4])
     few_shot: bool = True
+    intervals: IntervalConfig = Field(default_factory=IntervalConfig)
+    gate: GateConfig = Field(default_factory=GateConfig, description="which checkpoints become the next round's policy")
+    entropy_drop_flag: float = Field(0.3, ge=0, le=1, description="the report flags a model whose held-out entropy "
+                                                                   "fell by more than this fraction from its baseline")
+
+
+def problem_results(problems: pa.Table, rollouts: pa.Table, verdicts: pa.Table, model_id: str, model_round: int,
+                    eval_set: str) -> pa.Table:
+    """One `eval_results` row per problem of the set, in the set's order."""
+    per_problem: dict[str, dict] = {pid: dict(n=0, correct=0, answers=set(), no_answer=0, tokens=[], logprobs=[])
+                                    for pid in problems["problem_id"].to_pylist()}
+    for v in verdicts.select(["problem_id", "verdict", "extracted_answer"]).to_pylist():
+        row = per_problem.get(v["problem_id"])
+        if row is None or v["verdict"] == "no_reference":
+            continue
+        row["n"] += 1
+        row["correct"] += v["verdict"] == "correct"
+        row["no_answer"] += v["verdict"] == "no_answer"
+        if v["extracted_answer"] is not None:
+            row["answers"].add(v["extracted_answer"])
+    for r in rollouts.select(["problem_id", "completion_tokens", "mean_logprob"]).to_pylist():
+        row = per_problem.get(r["problem_id"])
+        if row is not None:
+            row["tokens"].append(r["completion_tokens"])
+            row["logprobs"].append(r["mean_logprob"])
+    mean = lambda values: sum(values) / len(values) if values else None  # noqa: E731
+    return pa.Table.from_pylist([
+        dict(model_id=model_id, model_round=model_round, eval_set=eval_set, problem_id=pid, n=row["n"],
+             correct=row["correct"], mean_tokens=mean(row["tokens"]),
+             mean_logprob=mean([lp for lp in row["logprobs"] if lp is not None]),
+             distinct_answers=len(row["answers"]), no_answer=row["no_answer"])
+        for pid, row in per_problem.items()
+    ], schema=schemas.EVAL_RESULTS)
+
+
+def _counts(results: pa.Table) -> tuple[list[int], list[int]]:
+    graded = results.filter(pc.greater(results["n"], 0))
+    return graded["n"].to_pylist(), graded["correct"].to_pylist()
+
+
+def set_summary(results: pa.Table, config: EvaluateConfig) -> dict:
+    """The `evals` row of one model on one set, from its `eval_results` rows."""
+    n, correct = _counts(results)
+    first = results.slice(0, 1).to_pylist()[0]
+    pass_at_1 = intervals.score_interval(n, correct, 1, **config.intervals.model_dump())
+    pass_at = {k: sum(intervals.pass_at_k(a, b, k) for a, b in zip(n, correct)) / len(n)
+               for k in sorted(set(config.pass_k)) if n and k <= min(n)}
+    rows = results.to_pylist()
+    graded = [r for r in rows if r["n"]]
+    weighted = lambda column: (sum(r[column] * r["n"] for r in graded if r[column] is not None)  # noqa: E731
+                               / max(1, sum(r["n"] for r in graded if r[column] is not None)))
+    return dict(
+        model_id=first["model_id"], model_round=first["model_round"], eval_set=first["eval_set"],
+        problems=len(graded), n=config.sampling.n, pass_at_1=pass_at_1.estimate, pass_at_k=list(pass_at.items()),
+        entropy=-weighted("mean_logprob"), mean_tokens=weighted("mean_tokens"),
+        no_answer_rate=sum(r["no_answer"] for r in graded) / max(1, sum(r["n"] for r in graded)),
+        pass_at_1_low=pass_at_1.low, pass_at_1_high=pass_at_1.high,
+        distinct_answer_rate=sum(r["distinct_answers"] / r["n"] for r in graded) / max(1, len(graded)),
+    )
+
+
+def score_intervals(results: pa.Table, config: EvaluateConfig, baseline: pa.Table | None = None) -> pa.Table:
+    """pass@k of one model (its `eval_results`) for each configured k, per set, with its interval;
+    with `baseline` (another model's `eval_results`), the paired change over the problems both
+    measured with at least k samples."""
+    rows = []
+    settings = config.intervals.model_dump()
+    for eval_set in sorted(set(results["eval_set"].to_pylist())):
+        mine = results.filter(pc.equal(results["eval_set"], eval_set))
+        n, correct = _counts(mine)
+        theirs = None
+        if baseline is not None:
+            theirs = {r["problem_id"]: r for r in baseline.filter(pc.equal(baseline["eval_set"], eval_set)).to_pylist()}
+        first = mine.slice(0, 1).to_pylist()[0]
+        for k in sorted(set(config.pass_k)):
+            if not n or k > min(n):
+                continue
+            score = intervals.score_interval(n, correct, k, **settings)
+            row = dict(model_id=first["model_id"], model_round=first["model_round"], eval_set=eval_set,
+                       metric=f"pass@{k}", k=k, problems=len(n), n=max(n), estimate=score.estimate, low=score.low,
+                       high=score.high, baseline_model_id=None, baseline_model_round=None, paired_problems=None,
+                       change=None, change_low=None, change_high=None, **settings)
+            if theirs:
+                pairs = [(r, theirs[r["problem_id"]]) for r in mine.to_pylist()
+                         if r["problem_id"] in theirs and r["n"] >= k and theirs[r["problem_id"]]["n"] >= k]
+                if pairs:
+                    change = intervals.change_interval([a["n"] for a, _ in pairs], [a["correct"] for a, _ in pairs],
+                                                       [b["n"] for _, b in pairs], [b["correct"] for _, b in pairs],
+                                                       k, **settings)
+                    base = pairs[0][1]
+                    row.update(baseline_model_id=base["model_id"], baseline_model_round=base["model_round"],
+                               paired_problems=len(pairs), change=change.estimate, change_low=change.low,
+                               change_high=change.high)
+            rows.append(row)
+    return pa.Table.from_pylist(rows, schema=schemas.SCORE_INTERVALS)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE, persist_result=False)
 def evaluate(
     sets: dict[str, pa.Table], engine: Engine, config: EvaluateConfig, verify_config: VerifyConfig, model_round: int,
     chunks: Chunks = NO_CHUNKS,
-) -> pa.Table:
-    """`sets`: name -> (problem_id, question, answer). One `evals` row per set."""
-    rows = []
+) -> dict[str, pa.Table]:
+    """`sets`: name -> (problem_id, question, answer). Returns the held-out `rollouts` and `verdicts`,
+    `eval_results` (per problem) and `evals` (per set) of the engine's model."""
     generate_config = GenerateConfig(sampling=config.sampling, few_shot=config.few_shot)
+    rollouts, verdicts, results, summaries = [], [], [], []
     for name, problems in sets.items():
-        rollouts = generate.fn(problems.select(["problem_id", "question"]), engine, generate_config, chunks.sub(f"{name}-solve"))
-        verdicts = verify.fn(rollouts, problems.select(["problem_id", "answer"]), verify_config, chunks.sub(f"{name}-grade"))
-        correct = correct_counts(verdicts)
-        pass_at = {}
-        for k in config.pass_k:
-            values = [pass_at_k(n, c, k) for n, c in correct.values()]
-            if values and all(v is not None for v in values):
-                pass_at[k] = sum(values) / len(values)
-        verdict_list = verdicts["verdict"].to_pylist()
-        logprobs = rollouts["mean_logprob"].to_pylist()
-        rows.append(dict(
-            model_id=engine.model_id, model_round=model_round, eval_set=name, problems=len(correct),
-            n=config.sampling.n, pass_at_1=sum(c for _, c in correct.values()) / max(1, sum(n for n, _ in correct.values())),
-            pass_at_k=list(pass_at.items()), entropy=-sum(logprobs) / max(1, len(logprobs)),
-            mean_tokens=sum(rollouts["completion_tokens"].to_pylist()) / max(1, rollouts.num_rows),
-            no_answer_rate=verdict_list.count("no_answer") / max(1, len(verdict_list)),
-        ))
-    return pa.Table.from_pylist(rows, schema=schemas.EVALS)
+        solved = generate.fn(problems.select(["problem_id", "question"]), engine, generate_config, chunks.sub(f"{name}-solve"))
+        graded = verify.fn(solved, problems.select(["problem_id", "answer"]), verify_config, chunks.sub(f"{name}-grade"))
+        per_problem = problem_results(problems, solved, graded, engine.model_id, model_round, name)
+        rollouts.append(solved)
+        verdicts.append(graded)
+        results.append(per_problem)
+        summaries.append(set_summary(per_problem, config))
+    return {
+        "rollouts": pa.concat_tables(rollouts) if rollouts else schemas.ROLLOUTS.empty_table(),
+        "verdicts": pa.concat_tables(verdicts) if verdicts else schemas.VERDICTS.empty_table(),
+        "eval_results": pa.concat_tables(results) if results else schemas.EVAL_RESULTS.empty_table(),
+        "evals": pa.Table.from_pylist(summaries, schema=schemas.EVALS),
+    }
+
+
+def _interval(low, high) -> str:
+    return "" if low is None else f" [{low:.3f}, {high:.3f}]"
 
 
 def summarize(tables: dict[str, pa.Table]) -> list[str]:
-    lines = ["| model | set | pass@1 | pass@k | entropy | problems x n |", "|---|---|---|---|---|---|"]
+    lines = ["| model | set | pass@1 [95%] | pass@k | entropy | distinct answers | problems x n |",
+             "|---|---|---|---|---|---|---|"]
     for e in tables["evals"].to_pylist() if "evals" in tables else []:
         ks = ", ".join(f"@{k} {v:.3f}" for k, v in sorted(dict(e["pass_at_k"]).items()))
-        lines.append(f"| {e['model_round']} | {e['eval_set']} | {e['pass_at_1']:.3f} | {ks} | {e['entropy']:.3f} "
+        lines.append(f"| {e['model_round']} | {e['eval_set']} | {e['pass_at_1']:.3f}"
+                     f"{_interval(e['pass_at_1_low'], e['pass_at_1_high'])} | {ks} | {e['entropy']:.3f} "
+                     f"| {e['distinct_answer_rate'] if e['distinct_answer_rate'] is not None else float('nan'):.2f} "
                      f"| {e['problems']} x {e['n']} |")
+    changes = [r for r in tables["score_intervals"].to_pylist() if r["change"] is not None] \
+        if "score_intervals" in tables else []
+    if changes:
+        lines += ["", "| model | vs | set | metric | change [95%, paired] | problems |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['model_round']} | {r['baseline_model_round']} | {r['eval_set']} | {r['metric']} | "
+                  f"{r['change']:+.3f}{_interval(r['change_low'], r['change_high'])} | {r['paired_problems']} |"
+                  for r in changes]
+    for p in tables["promotions"].to_pylist() if "promotions" in tables else []:
+        lines += ["", f"**model {p['model_round']} ({p['checkpoint_id']}): {p['decision']}** ({p['decided_by']}, "
+                      f"rule {p['rule']}): {p['why']}"]
     return lines

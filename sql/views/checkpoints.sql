@@ -1,17 +1,28 @@
--- checkpoints: the registry of trained models. One row per fine-tuning stage execution.
+-- checkpoints: the registry of trained models. One row per fine-tuning stage execution, with the
+-- promotion decision on it (a manual one, evoforge promote, wins over the gate's).
 CREATE OR REPLACE VIEW checkpoints AS
 SELECT
-    checkpoint_id,      -- folder name under runs/<run>/models/
-    parent_model_id,    -- the model it was trained from (name@weights-hash)
-    role,               -- 'policy' (the next round's engine loads it) or 'ppm' (process preference model, scores steps)
-    method,             -- sft | dpo | grpo | traces, or the chain that trained it in order (sft+grpo); ppm
-    path,               -- absolute folder of the saved model: set engine.model to it to load it
-    model_id,           -- its own id (name@weights-hash), as rollouts and evals record it
-    data_fingerprint,   -- content hash of the training rows
-    train_rows,
-    steps,
-    final_loss,
-    wall_seconds,
-    round,              -- the round whose data trained it: it is the policy of round + 1
-    regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
-FROM read_parquet(${parts:checkpoints}, hive_partitioning = true, union_by_name = true, filename = true);
+    c.checkpoint_id,    -- folder name under runs/<run>/models/
+    c.parent_model_id,  -- the model it was trained from (name@weights-hash): the round's policy
+    c.role,             -- 'policy' (a later round's engine may load it) or 'ppm' (process preference model, scores steps)
+    c.method,           -- sft | dpo | grpo | traces, or the chain that trained it in order (sft+grpo); ppm
+    c.path,             -- absolute folder of the saved model: set engine.model to it to load it
+    c.model_id,         -- its own id (name@weights-hash), as rollouts and evals record it
+    c.data_fingerprint, -- content hash of the training rows
+    c.train_rows,       -- the rows of its training table (the collapse guard's held-out rows among them)
+    c.steps,            -- optimizer steps taken (fewer than max_steps when the collapse guard stopped it)
+    c.final_loss,
+    c.wall_seconds,
+    c.stopped_early,    -- why the collapse guard stopped training (held-out entropy floor, held-out loss rise); NULL: it did not
+    d.decision,         -- 'promoted': it became the next round's policy; 'rejected': the next round started from the last promoted one; NULL: not decided (a ppm, or not evaluated yet)
+    d.why,              -- the paired changes the gate read, or the reason given by hand
+    d.decided_by,       -- 'gate' or 'manual'
+    c.round,            -- the round whose data trained it: if promoted, the policy of round + 1
+    regexp_extract(c.filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
+FROM read_parquet(${parts:checkpoints}, hive_partitioning = true, union_by_name = true, filename = true) AS c
+LEFT JOIN (
+    SELECT checkpoint_id, decision, why, decided_by
+    FROM read_parquet(${parts:promotions}, hive_partitioning = true, union_by_name = true, filename = true)
+    QUALIFY row_number() OVER (PARTITION BY checkpoint_id
+                               ORDER BY filename LIKE '%/promote/%' DESC, decided_at DESC) = 1
+) AS d USING (checkpoint_id);

@@ -1,4 +1,4 @@
--- evals: held-out performance of each model of a run, per evaluation set.
+-- evals: held-out performance of each model of a run, per evaluation set (eval_results: per problem).
 CREATE OR REPLACE VIEW evals AS
 SELECT
     model_id,
@@ -11,6 +11,9 @@ SELECT
     entropy,            -- mean of minus the mean token log-probability: an entropy estimate of the policy
     mean_tokens,
     no_answer_rate,     -- share of samples without a \boxed{} answer
+    pass_at_1_low,      -- pass@1's 95% interval (score_intervals has every k, and the change from the baseline)
+    pass_at_1_high,
+    distinct_answer_rate, -- distinct final answers / samples, per problem, averaged: collapse drives it towards 1/n
     round,              -- the round whose evaluate stage measured it
     regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
 FROM read_parquet(${parts:evals}, hive_partitioning = true, union_by_name = true, filename = true);

@@ -11,6 +11,32 @@ from pydantic import BaseModel, Field, field_validator
 METHODS = ("sft", "dpo", "grpo", "traces", "raro")
 
 
+class CollapseGuardConfig(BaseModel):
+    """Stop a method early when its policy collapses, judged on rows held out of its training data
+    (tasks/finetune/guard.py): every `eval_steps` optimizer steps, and once before the first."""
+    eval_steps: int = Field(10, ge=1, description="measure every N optimizer steps (and once before the first, as the baseline)")
+    held_out_rows: int = Field(
+        8, ge=0, description="rows of each method's training data held out of training and measured (0: guard off)")
+    held_out_share: float = Field(
+        0.25, gt=0, le=0.5, description="at most this share of a method's rows is held out; a method too small to spare "
+                                        "one row trains on all of them, unguarded")
+    entropy_floor: float | None = Field(
+        None, gt=0, description="stop when the held-out entropy (mean negative log-probability of sampled tokens, "
+                                "nats/token, as the evaluate stage defines it) falls below it; None: not measured")
+    max_loss_rise: float | None = Field(
+        0.5, gt=0, description="stop when the held-out loss (token NLL of the reference completion: sft/traces their "
+                               "completion, dpo the chosen answer; grpo/raro have none) exceeds (1 + this) x its "
+                               "lowest value so far; None: not measured")
+    samples: int = Field(1, ge=1, le=64, description="entropy: completions sampled per held-out prompt")
+    max_tokens: int = Field(48, ge=1, le=4096, description="entropy: new tokens per sampled completion")
+    temperature: float = Field(1.0, gt=0, le=10, description="entropy: sampling temperature (the log-probabilities "
+                                                              "are the model's own, at temperature 1)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.held_out_rows > 0 and (self.entropy_floor is not None or self.max_loss_rise is not None)
+
+
 class FinetuneConfig(BaseModel):
     method: str = Field("sft", description="sft, dpo, grpo, traces or raro, or a chain such as sft+grpo run in that order")
     train_ppm: bool = Field(False, description="also train a process preference model on the round's step pairs")
@@ -29,6 +55,9 @@ class FinetuneConfig(BaseModel):
     checkpoint_steps: int = Field(10, ge=1, description="save trainer state every N steps, so a killed run resumes there")
     seed: int = 0
     few_shot: bool = Field(True, description="train with the same few-shot prompt the generate stage uses")
+    guard: CollapseGuardConfig = Field(
+        default_factory=CollapseGuardConfig,
+        description="collapse guard: stop a method early on a held-out entropy floor or a rise of held-out loss")
 
     @field_validator("method")
     @classmethod
@@ -49,7 +78,9 @@ def summarize(tables: dict[str, pa.Table]) -> list[str]:
     if not rows:
         return ["- no checkpoint: nothing to train on; the policy carries over"]
     return [f"- **{c['checkpoint_id']}** ({c['method']}): {c['train_rows']} rows, {c['steps']} steps, "
-            f"final loss {c['final_loss']:.4f}, {c['wall_seconds']:.0f} s" for c in rows]
+            f"final loss {c['final_loss']:.4f}, {c['wall_seconds']:.0f} s"
+            + (f"; stopped early by the collapse guard: {c['stopped_early']}" if c.get("stopped_early") else "")
+            for c in rows]
 
 
 def common_arguments(config: FinetuneConfig, output_dir) -> dict:

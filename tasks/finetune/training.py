@@ -5,6 +5,9 @@ weights) and publish the result as a checkpoint folder. The work happens in a st
 the output, `.<name>.staging`, so a crash leaves no half checkpoint, and a run killed mid-training
 resumes from it: finished methods are not trained again, and the running one restarts from its last
 saved trainer state (every `checkpoint_steps`). The finished folder is committed atomically.
+The collapse guard (guard.py, `config.guard`) holds some of each method's rows out of training and
+stops the method early when the policy collapses on them; a phase it stopped keeps the reason beside
+its metrics (`stopped.json`), so a resumed chain still reports it.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from evoforge.tasks.verify import VerifyConfig
 METHOD_MODULES = {"sft": sft, "dpo": dpo, "grpo": grpo, "traces": traces, "raro": raro, "ppm": ppm}
 # which lake table each method's rows come from (the finetune flow selects them)
 METHOD_TABLES = {name: module.TABLE for name, module in METHOD_MODULES.items()}
+STOPPED = "stopped.json"  # beside a finished phase's metrics.json when the collapse guard stopped it early
 
 
 @dataclass
@@ -44,11 +48,14 @@ def _causal_lm(path, dtype, tokenizer):
 
 
 def _step_metrics(log_history: list[dict], method: str, steps_before: int) -> list[dict]:
-    """The numeric entries of each logged step, numbered across the chain."""
+    """The numeric entries of each logged step, and of each collapse guard measurement (guard.py), numbered
+    across the chain."""
+    from evoforge.tasks.finetune import guard  # imports transformers: only when training
+
     return [
         {"step": steps_before + int(entry["step"]), "method": method,
          **{k: float(v) for k, v in entry.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}}
-        for entry in log_history if "loss" in entry
+        for entry in log_history if "loss" in entry or guard.LOSS_KEY in entry or guard.ENTROPY_KEY in entry
     ]
 
 
@@ -56,6 +63,8 @@ def _train(model_path: str, data: dict[str, pa.Table], methods: list[str], confi
            context: TrainingContext, resume: bool) -> dict:
     import torch
     from transformers import AutoTokenizer, TrainerCallback
+
+    from evoforge.tasks.finetune import guard
 
     for method in methods:
         rows = data.get(method)
@@ -74,6 +83,7 @@ def _train(model_path: str, data: dict[str, pa.Table], methods: list[str], confi
     model = load(model_path, dtype, tokenizer)
     metrics: list[dict] = []
     steps_before = 0
+    stopped_early: str | None = None
     started = time.monotonic()
     for index, method in enumerate(methods):
         module = METHOD_MODULES[method]
@@ -84,6 +94,8 @@ def _train(model_path: str, data: dict[str, pa.Table], methods: list[str], confi
             phase_metrics = json.loads((finished / "metrics.json").read_text())
             metrics += phase_metrics
             steps_before = max([steps_before, *(m["step"] for m in phase_metrics)])
+            if (finished / STOPPED).exists():
+                stopped_early = stopped_early or json.loads((finished / STOPPED).read_text())["stopped_early"]
             log.info(f"finetune {method}: finished before an interruption; resuming after it")
             continue
 
@@ -97,18 +109,30 @@ def _train(model_path: str, data: dict[str, pa.Table], methods: list[str], confi
         saved = sorted(trainer_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
         if saved:
             log.info(f"finetune {method}: resuming from the trainer state saved at {saved[-1].name}")
-        trainer_kwargs = dict(model=model, args=module.arguments(config, trainer_dir),
-                              train_dataset=module.dataset(data[method], config, context),
-                              processing_class=tokenizer, callbacks=[Log()])
+        # the collapse guard's rows leave training (the same rows every time: a resumed trainer sees the same data)
+        train_rows, held_out = guard.hold_out(module.dataset(data[method], config, context), method, config, log)
+        collapse = guard.CollapseGuard(tokenizer, held_out, method, config, log) if held_out is not None else None
+        if collapse is not None:
+            log.info(f"finetune {method}: collapse guard on {len(held_out)} held-out rows every "
+                     f"{config.guard.eval_steps} steps; training on {len(train_rows)}")
+        trainer_kwargs = dict(model=model, args=module.arguments(config, trainer_dir), train_dataset=train_rows,
+                              processing_class=tokenizer, callbacks=[Log(), *([collapse] if collapse else [])])
         with module.trainer(trainer_kwargs, context) as trainer:
             result = trainer.train(resume_from_checkpoint=str(saved[-1]) if saved else None)
         model = trainer.model
         # from the trainer's own history, which a resumed trainer restores, so no step's log is lost
         phase_metrics = _step_metrics(trainer.state.log_history, method, steps_before)
+        stopped = f"{method}: {collapse.stopped}" if collapse is not None and collapse.stopped else None
+        if stopped:
+            log.warning(f"finetune {method}: stopped early by the collapse guard after {result.global_step} of "
+                        f"{config.max_steps} steps: {collapse.stopped}")
         with atomic_path(finished) as building:  # the phase's weights and metrics appear together: it is done
             model.save_pretrained(building, safe_serialization=True)
             (building / "metrics.json").write_text(json.dumps(phase_metrics))
+            if stopped:
+                (building / STOPPED).write_text(json.dumps({"stopped_early": stopped}))
         metrics += phase_metrics
+        stopped_early = stopped_early or stopped
         steps_before += int(result.global_step)
         shutil.rmtree(trainer_dir, ignore_errors=True)
     wall = time.monotonic() - started
@@ -117,11 +141,13 @@ def _train(model_path: str, data: dict[str, pa.Table], methods: list[str], confi
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
     commit(staging, output_dir)
+    losses = [m["loss"] for m in metrics if "loss" in m]  # the guard's entries carry no training loss
     return {
         "steps": steps_before,
-        "final_loss": metrics[-1]["loss"] if metrics else float("nan"),
+        "final_loss": losses[-1] if losses else float("nan"),
         "wall_seconds": wall,
         "metrics": metrics,
+        "stopped_early": stopped_early,
     }
 
 
@@ -132,7 +158,11 @@ def train_policy(model_path: str, data: dict[str, pa.Table], config: FinetuneCon
 
     `data` maps each method to its rows (METHOD_TABLES names their table; raro's are
     tasks/critic.py `RARO_ROWS`). Returns {"steps", "final_loss", "wall_seconds", "metrics":
-    [{"step", "method", "loss", ...}]}; steps count across the chain.
+    [{"step", "method", "loss", ...}], "stopped_early"}; steps count across the chain (a method the
+    collapse guard stopped counts the steps it ran). `config.guard` (guard.py) holds rows out of each
+    method's data and adds its measurements to the metrics ({"step", "method", "guard_loss",
+    "guard_entropy"}); "stopped_early" is why it stopped the first method it stopped ("sft: held-out
+    loss ..."), or None.
     """
     return _train(model_path, data, config.methods, config, output_dir, context or TrainingContext(), resume)
 

@@ -1,0 +1,33 @@
+-- Collapse signals per model, on the round's pool (the samples the policy drew in generate) and on each held-out
+-- set: entropy (mean negative log-probability of the sampled tokens), the distinct-answer rate (distinct final
+-- answers / samples, per problem, averaged) and pass@n for the largest n drawn (share of problems with a correct
+-- sample). Collapse shows as all three falling together.
+WITH pool_problems AS (
+    SELECT r.round, r.model_id, r.problem_id, count(*) AS n, count(*) FILTER (v.verdict = 'correct') AS correct,
+           count(DISTINCT v.extracted_answer) AS distinct_answers, sum(-r.mean_logprob) AS minus_logprob
+    FROM rollouts r
+    JOIN verdicts v ON v.rollout_id = r.rollout_id AND v.round = r.round AND v.stage = 'verify'
+    WHERE r.stage = 'generate' AND v.verdict <> 'no_reference'
+    GROUP BY ALL
+),
+held_out AS (
+    SELECT * FROM eval_results
+    QUALIFY dense_rank() OVER (PARTITION BY model_id, eval_set ORDER BY round DESC) = 1
+),
+model_rounds AS (SELECT DISTINCT model_id, model_round FROM eval_results)
+SELECT m.model_round, 'pool' AS scope, p.round, count(*) AS problems, max(p.n) AS n,
+       sum(p.minus_logprob) / sum(p.n) AS entropy,
+       avg(p.distinct_answers / p.n) AS distinct_answer_rate,
+       avg(CASE WHEN p.correct > 0 THEN 1.0 ELSE 0.0 END) AS pass_at_n,
+       p.model_id
+FROM pool_problems p LEFT JOIN model_rounds m USING (model_id)
+GROUP BY m.model_round, p.round, p.model_id
+UNION ALL
+SELECT model_round, eval_set AS scope, NULL AS round, count(*) AS problems, max(n) AS n,
+       -sum(mean_logprob * n) / sum(n) AS entropy,
+       avg(distinct_answers / n) AS distinct_answer_rate,
+       avg(CASE WHEN correct > 0 THEN 1.0 ELSE 0.0 END) AS pass_at_n,
+       model_id
+FROM held_out WHERE n > 0
+GROUP BY model_round, eval_set, model_id
+ORDER BY model_round NULLS FIRST, scope;

@@ -1,0 +1,230 @@
+"""The promotion gate, per-problem evaluation rows and the policy a round starts from: decisions on
+constructed evaluations, the walk back past rejected checkpoints, the manual override, and a rejected
+round on the tiny model whose next round samples from the earlier model."""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+
+import pyarrow as pa
+import pytest
+
+from evoforge.data import schemas
+from evoforge.tasks.evaluate import EvaluateConfig, problem_results, score_intervals, set_summary
+from evoforge.tasks.promotion import PROMOTED, REJECTED, GateConfig, decide
+
+
+def results(model_round: int, counts: list[tuple[int, int]], eval_set: str = "held", logprob: float = -0.5) -> pa.Table:
+    """`eval_results` of one model: problem i has counts[i] = (n, correct)."""
+    return pa.Table.from_pylist([
+        dict(model_id=f"m{model_round}@h", model_round=model_round, eval_set=eval_set, problem_id=f"p{i}", n=n,
+             correct=c, mean_tokens=10.0, mean_logprob=logprob, distinct_answers=1, no_answer=0)
+        for i, (n, c) in enumerate(counts)], schema=schemas.EVAL_RESULTS)
+
+
+def gate_decision(gate: GateConfig, new: pa.Table, old: pa.Table) -> tuple[str, str]:
+    from evoforge.flows.evaluate import promotion_row
+
+    config = EvaluateConfig(pass_k=[1, 4], gate=gate)
+    row = promotion_row(config, {"checkpoint_id": "r0-sft-x", "model_id": "m1@h"}, 1,
+                        score_intervals(new, config, old), old, new)
+    return row["decision"], row["why"]
+
+
+@pytest.mark.unit
+def test_the_gate_rejects_a_checkpoint_significantly_worse_on_held_out_pass_at_1():
+    before = results(0, [(4, 3)] * 30)
+    worse = results(1, [(4, 1)] * 30)            # 0.75 -> 0.25 on every one of 30 problems
+    decision, why = gate_decision(GateConfig(), worse, before)
+    assert decision == REJECTED
+    assert "significantly worse on held" in why and "pass@1 change -0.500" in why
+
+
+@pytest.mark.unit
+def test_the_gate_promotes_a_checkpoint_not_significantly_worse_and_one_that_is_better():
+    before = results(0, [(4, 2)] * 10)
+    same_but_noisy = results(1, [(4, 1), (4, 3)] * 5)  # the same mean, spread over problems
+    assert gate_decision(GateConfig(), same_but_noisy, before)[0] == PROMOTED
+    better = results(1, [(4, 4)] * 10)
+    decision, why = gate_decision(GateConfig(require="better"), better, before)
+    assert decision == PROMOTED and why.startswith("significantly better on held")
+    # `better` asks for evidence: a change the interval cannot tell from noise is rejected
+    assert gate_decision(GateConfig(require="better"), same_but_noisy, before)[0] == REJECTED
+    assert gate_decision(GateConfig(require="always"), results(1, [(4, 0)] * 10), before)[0] == PROMOTED
+
+
+@pytest.mark.unit
+def test_the_gate_reads_only_its_sets_and_its_metric_and_refuses_an_unmeasured_set():
+    before = pa.concat_tables([results(0, [(4, 2)] * 20, "a"), results(0, [(4, 2)] * 20, "b")])
+    new = pa.concat_tables([results(1, [(4, 2)] * 20, "a"), results(1, [(4, 0)] * 20, "b")])  # worse on b only
+    assert gate_decision(GateConfig(sets=["a"]), new, before)[0] == PROMOTED
+    assert gate_decision(GateConfig(sets=["a", "b"]), new, before)[0] == REJECTED
+    decision, why = gate_decision(GateConfig(sets=["c"]), new, before)
+    assert decision == REJECTED and "no paired comparison on c" in why
+    # pass@4 of a model that is right once in 4 on every problem equals that of one right 4 times in 4
+    once = results(1, [(4, 1)] * 20, "a")
+    assert gate_decision(GateConfig(metric="pass@k", sets=["a"]), once, results(0, [(4, 4)] * 20, "a"))[0] == PROMOTED
+    assert gate_decision(GateConfig(metric="pass@1", sets=["a"]), once, results(0, [(4, 4)] * 20, "a"))[0] == REJECTED
+
+
+@pytest.mark.unit
+def test_the_gate_can_reject_on_an_entropy_drop():
+    before = results(0, [(4, 2)] * 10, logprob=-0.50)
+    collapsed = results(1, [(4, 2)] * 10, logprob=-0.10)  # entropy 0.50 -> 0.10: an 80% drop
+    assert gate_decision(GateConfig(), collapsed, before)[0] == PROMOTED
+    decision, why = gate_decision(GateConfig(max_entropy_drop=0.5), collapsed, before)
+    assert decision == REJECTED and "entropy 0.500 -> 0.100" in why
+
+
+@pytest.mark.unit
+def test_decide_names_each_sets_change_with_its_interval():
+    change = dict(eval_set="s", metric="pass@1", change=-0.1, change_low=-0.3, change_high=0.05)
+    decision, why = decide(GateConfig(), [change], {})
+    assert decision == PROMOTED and "s: pass@1 change -0.100 [-0.300, +0.050]" in why
+
+
+@pytest.mark.unit
+def test_eval_results_count_each_problems_samples_answers_and_log_probabilities():
+    problems = pa.table({"problem_id": ["a", "b", "unseen"]})
+    rollouts = pa.table({"problem_id": ["a", "a", "a", "b"], "completion_tokens": [10, 20, 30, 5],
+                         "mean_logprob": [-1.0, -2.0, -3.0, -0.5]})
+    verdicts = pa.table({"problem_id": ["a", "a", "a", "b"], "verdict": ["correct", "wrong", "no_answer", "correct"],
+                         "extracted_answer": ["4", "5", None, "7"]})
+    rows = {r["problem_id"]: r for r in problem_results(problems, rollouts, verdicts, "m@h", 2, "s").to_pylist()}
+    assert rows["a"] == dict(model_id="m@h", model_round=2, eval_set="s", problem_id="a", n=3, correct=1,
+                             mean_tokens=20.0, mean_logprob=-2.0, distinct_answers=2, no_answer=1)
+    assert rows["unseen"]["n"] == 0  # kept, so a problem the engine never answered is visible, not dropped
+    summary = set_summary(problem_results(problems, rollouts, verdicts, "m@h", 2, "s"), EvaluateConfig(pass_k=[1]))
+    assert summary["problems"] == 2 and summary["pass_at_1"] == pytest.approx((1 / 3 + 1) / 2)
+    assert summary["pass_at_1_low"] <= summary["pass_at_1"] <= summary["pass_at_1_high"]
+    assert summary["entropy"] == pytest.approx((3 * 2.0 + 1 * 0.5) / 4)  # per sample, as before
+    assert summary["distinct_answer_rate"] == pytest.approx((2 / 3 + 1) / 2)
+
+
+@pytest.mark.unit
+def test_score_intervals_pair_problems_by_id_not_by_position():
+    config = EvaluateConfig(pass_k=[1])
+    old = results(0, [(4, 0), (4, 4)])                          # p0 wrong, p1 right
+    new = results(1, [(4, 4), (4, 0)]).take([1, 0])              # p1 wrong, p0 right; listed p1 first
+    row = score_intervals(new, config, old).to_pylist()[0]
+    # by id the changes are +1 (p0) and -1 (p1): a wide interval; paired by position they would be 0 and 0
+    assert row["paired_problems"] == 2 and row["change"] == pytest.approx(0.0)
+    assert row["change_low"] < -0.5 and row["change_high"] > 0.5
+    assert row["baseline_model_round"] == 0 and row["low"] <= row["estimate"] <= row["high"]
+
+
+# -- the policy of a round ------------------------------------------------------------------------
+def _checkpoint(round: int) -> dict:
+    return dict(checkpoint_id=f"r{round}-sft-x", parent_model_id="base@h", role="policy", method="sft",
+                path=f"/models/r{round}", model_id=f"r{round}-sft-x@h", data_fingerprint="d", train_rows=4, steps=2,
+                final_loss=1.0, wall_seconds=1.0, stopped_early=None)
+
+
+def _decision(round: int, decision: str, by: str = "gate", minutes: int = 0) -> pa.Table:
+    return pa.Table.from_pylist([dict(
+        checkpoint_id=f"r{round}-sft-x", model_id=f"r{round}-sft-x@h", model_round=round + 1, decision=decision,
+        why=f"{by} said {decision}", decided_by=by, rule="r", baseline_model_id="b",
+        decided_at=datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(minutes=minutes))], schema=schemas.PROMOTIONS)
+
+
+@pytest.mark.unit
+def test_a_round_starts_from_the_last_promoted_checkpoint_and_a_manual_decision_wins(runs_root):
+    from evoforge.data.lake import lake
+    from evoforge.flows.config import RoundConfig
+    from evoforge.flows.inputs import MissingInput, policy_for_round, round_policy
+
+    store = lake()
+    config = RoundConfig.model_validate({"evaluate": {"sets": [{"name": "s", "path": "x.jsonl"}]}})
+    for round in (0, 1, 3):
+        store.publish_stage("r", round, "finetune", {"checkpoints": pa.Table.from_pylist([_checkpoint(round)],
+                                                                                          schema=schemas.CHECKPOINTS)})
+    store.publish_stage("r", 0, "evaluate", {"promotions": _decision(0, PROMOTED)})
+    store.publish_stage("r", 1, "evaluate", {"promotions": _decision(1, REJECTED)})
+    # round 2 trained nothing; round 3's checkpoint waits for its gate
+    assert round_policy("r", config, 1).model_round == 1
+    policy = round_policy("r", config, 3)
+    assert policy.model_round == 1 and policy.checkpoint["checkpoint_id"] == "r0-sft-x"
+    assert policy.passed_over == ("r1-sft-x (gate said rejected)",)
+    assert policy_for_round("r", config, 3).engine.model == "/models/r0"
+    with pytest.raises(MissingInput, match="round 3's checkpoint r3-sft-x has no promotion decision yet"):
+        round_policy("r", config, 4)
+    ungated = config.model_copy(update={"evaluate": config.evaluate.model_copy(update={"gate": GateConfig(require="always")})})
+    assert round_policy("r", ungated, 4).model_round == 4  # no gate: a trained checkpoint is the next policy
+
+    store.publish_stage("r", 1, "promote", {"promotions": _decision(1, PROMOTED, by="manual", minutes=-5)})
+    assert round_policy("r", config, 3).model_round == 2  # by hand wins, even over a later gate decision
+    store.publish_stage("r", 0, "promote", {"promotions": _decision(0, REJECTED, by="manual")})
+    store.publish_stage("r", 1, "promote", {"promotions": _decision(1, REJECTED, by="manual")})
+    assert round_policy("r", config, 3).model_round == 0 and round_policy("r", config, 3).checkpoint is None
+
+
+@pytest.mark.unit
+def test_the_report_flags_a_model_whose_held_out_entropy_fell_too_far():
+    from evoforge.flows.report import collapse_flags
+
+    def row(model, entropy, baseline):
+        return {"model_round": model, "set": "s", "entropy": entropy,
+                "change": None if baseline is None else {"baseline_model_round": baseline}}
+
+    evals = [row(0, 0.50, None), row(1, 0.45, 0), row(2, 0.17, 1)]
+    flags = collapse_flags(evals, 0.3)
+    assert len(flags) == 1 and flags[0].startswith("model 2 on s: held-out entropy 0.450 -> 0.170 (-62%")
+    assert collapse_flags(evals, 0.7) == []
+
+
+# -- on the tiny model ----------------------------------------------------------------------------
+@pytest.mark.model
+@pytest.mark.server
+def test_a_rejected_round_is_followed_by_a_round_on_the_earlier_model_and_promote_overrides_it(
+        prefect_server, runs_root, tiny_model, scratch, capsys):
+    """The tiny random model answers nothing, so its GRPO checkpoint cannot be significantly better:
+    `require: better` rejects it, and round 1 samples from the starting model again. Promoting it by
+    hand makes round 1, run again, sample from it."""
+    from evoforge.data import catalog
+    from evoforge.data.lake import lake
+    from evoforge.flows.cli import main
+
+    config = scratch / "gated.yaml"
+    config.write_text(f"""
+engine: {{model: {tiny_model}, backend: vllm, max_model_len: 1024}}
+sources: [{{path: data/sets/easy_arithmetic/train.jsonl, preset: plain, name: easy, limit: 4}}]
+generate: {{sampling: {{n: 2, max_tokens: 16, seed: 0}}}}
+finetune: {{method: grpo, grpo_problems: all, max_steps: 1, batch_size: 2, grpo_generations: 2,
+            grpo_max_completion_tokens: 8}}
+evaluate:
+  sets: [{{name: easy-test, path: data/sets/easy_arithmetic/test.jsonl, preset: plain, limit: 3}}]
+  sampling: {{n: 2, max_tokens: 16, seed: 7}}
+  pass_k: [1, 2]
+  gate: {{require: better}}
+stages: [generate, verify, filter, finetune, evaluate]
+""")
+    assert main(["evolve", "--run", "gated", "--rounds", "2", "--config", str(config)]) == 0
+    printed = capsys.readouterr().out
+    store = lake()
+    checkpoints = store.read("gated", "checkpoints").to_pylist()
+    base = checkpoints[0]["parent_model_id"]
+    assert [c["round"] for c in checkpoints] == [0, 1]
+    assert checkpoints[1]["parent_model_id"] == base  # round 1 trained from the start again
+    assert set(store.read("gated", "rollouts", 1, "generate")["model_id"].to_pylist()) == {base}
+    assert "REJECTED (gate): not significantly better on any set" in printed
+
+    con = catalog.connect(store.run_dir("gated"))
+    decided = con.execute("SELECT round, decision, decided_by FROM checkpoints ORDER BY round").fetchall()
+    assert decided == [(0, "rejected", "gate"), (1, "rejected", "gate")]
+    held_out = con.execute("SELECT model_round, count(*), sum(n) FROM eval_results GROUP BY ALL ORDER BY 1").fetchall()
+    assert held_out == [(0, 3, 6), (1, 3, 6), (2, 3, 6)]  # per problem, n samples each; model 0 measured once
+    assert con.execute("SELECT count(*) FROM rollouts WHERE stage = 'evaluate'").fetchone()[0] == 3 * 3 * 2
+    intervals = catalog.query(con, "intervals")
+    changes = [(i["model_round"], i["metric"], i["baseline_model_round"]) for i in intervals if i["change"] is not None]
+    assert changes == [(1, "pass@1", 0), (1, "pass@2", 0), (2, "pass@1", 0), (2, "pass@2", 0)]
+
+    assert main(["promote", "--run", "gated", "--round", "0", "--why", "I checked it"]) == 0
+    assert "r0-grpo" in capsys.readouterr().out
+    assert main(["round", "--run", "gated", "--round", "1"]) == 0
+    promoted = checkpoints[0]["model_id"]
+    assert set(store.read("gated", "rollouts", 1, "generate")["model_id"].to_pylist()) == {promoted}
+    assert store.read("gated", "checkpoints", 1)["parent_model_id"].to_pylist() == [promoted]
+    assert main(["promote", "--run", "gated"]) == 0
+    listed = capsys.readouterr().out
+    assert "round 0: model 1 r0-grpo" in listed and "promoted (manual): I checked it" in listed
+    assert json.loads(json.dumps(intervals, default=str))  # what `evoforge sql intervals --csv` serialises
