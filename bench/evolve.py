@@ -1,6 +1,6 @@
 """SvS rounds against plain rejection-sampling rounds, from the same start, over several seeds, with intervals.
 
-    .venv/bin/python bench/evolve.py                      # 3 seeds x 2 rounds per arm, ~30 min per arm here
+    .venv/bin/python bench/evolve.py                      # 3 seeds x 3 rounds per arm, ~25 min per arm here
     .venv/bin/python bench/evolve.py --seeds 5 --rounds 3 --pool 64 --eval-problems 100 --eval-n 8   # a larger run
 
 Arm (a), SvS: generate -> verify -> filter -> synthesize -> pairs -> finetune -> evaluate.
@@ -214,13 +214,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="default")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--pool", type=int, default=16)
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--method", default="sft", help="finetune method or chain (sft, dpo, grpo, sft+grpo)")
-    parser.add_argument("--eval-problems", type=int, default=24)
+    parser.add_argument("--eval-problems", type=int, default=32)
     parser.add_argument("--eval-n", type=int, default=4)
     parser.add_argument("--gsm8k-problems", type=int, default=0, help="also evaluate on this many GSM8K test problems")
     parser.add_argument("--arms", default="svs,rft")

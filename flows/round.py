@@ -1,6 +1,7 @@
 """The round flow: ingest (round 0), then the config's `stages` in order (flows/stages.py), each a
 subflow that can also run alone. `evolve_flow` chains rounds: each starts from the last promoted
-checkpoint (the evaluate stage's gate, or `evoforge promote`) and the grown pool. `stage_flow` reruns one stage by name (one deployment for all stages).
+checkpoint (the evaluate stage's gate, or `evoforge promote`) and the grown pool. `stage_flow` reruns
+one stage by name (one deployment for all stages).
 
 All three are deployable (deploy/prefect.yaml, `evoforge serve`): with no `round`, a round flow runs
 the run's next unfinished round, so a cron schedule keeps a run evolving one round per tick.

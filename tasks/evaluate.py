@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from evoforge.data import schemas
 from evoforge.data.chunks import NO_CHUNKS, Chunks
@@ -40,6 +40,14 @@ class EvaluateConfig(BaseModel):
     gate: GateConfig = Field(default_factory=GateConfig, description="which checkpoints become the next round's policy")
     entropy_drop_flag: float = Field(0.3, ge=0, le=1, description="the report flags a model whose held-out entropy "
                                                                    "fell by more than this fraction from its baseline")
+
+    @model_validator(mode="after")
+    def _gate_reads_evaluated_sets(self):
+        unknown = [name for name in self.gate.sets if name not in {s.name for s in self.sets}]
+        if unknown and self.sets:
+            raise ValueError(f"gate.sets names {unknown}, which evaluate.sets does not evaluate "
+                             f"({', '.join(s.name for s in self.sets)})")
+        return self
 
 
 def problem_results(problems: pa.Table, rollouts: pa.Table, verdicts: pa.Table, model_id: str, model_round: int,

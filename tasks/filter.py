@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from evoforge.data import schemas
 from evoforge.data.lake import in_key_ranges, key_boundaries, sql_batches
-from evoforge.tasks import summary
+from evoforge.tasks import intervals, summary
 
 EPS = 1e-9
 
@@ -33,15 +33,9 @@ class FilterConfig(BaseModel):
 
 
 def pass_at_k(n: int, c: int, k: int) -> float | None:
-    """Unbiased pass@k, 1 - C(n-c, k) / C(n, k), as a stable product; None when k > n."""
-    if k > n:
-        return None
-    if n - c < k:
-        return 1.0
-    prob_all_wrong = 1.0
-    for i in range(n - c + 1, n + 1):
-        prob_all_wrong *= 1.0 - k / i
-    return 1.0 - prob_all_wrong
+    """Unbiased pass@k (tasks/intervals.py: the one estimator evaluate and the intervals use too); None
+    when k > n."""
+    return None if k > n else intervals.pass_at_k(n, c, k)
 
 
 UNSOLVED, UNDERPERFORMING, LEARNABLE, SOLVED = schemas.BUCKETS

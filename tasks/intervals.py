@@ -6,6 +6,7 @@ percentiles are moved by its gap to the unbiased estimate. change_interval pairs
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -41,10 +42,13 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return float(_table(n, k)[c])
 
 
+@functools.lru_cache(maxsize=4096)
 def _table(n: int, k: int) -> np.ndarray:
     # exact integers and one rounding per entry: pass@1 is c/n exactly and large n cannot overflow
     total = math.comb(n, k)
-    return np.array([(total - math.comb(n - c, k)) / total for c in range(n + 1)])
+    table = np.array([(total - math.comb(n - c, k)) / total for c in range(n + 1)])
+    table.setflags(write=False)  # shared by every caller through the cache
+    return table
 
 
 def _binomial_pmf(n: int, p: np.ndarray) -> np.ndarray:
