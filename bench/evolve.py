@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,52 +68,61 @@ def samples(run: str, round: int) -> dict[str, int]:
 
 
 def run_arm(args, arm: str, seed: int, svs_budgets: list[dict] | None) -> dict:
-    """One run of `args.rounds` rounds; its per-round budgets, decisions and per-problem held-out results."""
-    from evoforge.data.lake import lake
-    from evoforge.flows.inputs import round_policy
+    """One run of `args.rounds` rounds, then what `collect_run` reads of it."""
     from evoforge.flows.round import round_flow
 
     run = f"{args.tag}-{arm}-s{seed}"
     config = base_config(args, seed)
-    budgets, policies = [], []
-    started = time.monotonic()
     for round in range(args.rounds):
         arm_config = config.model_copy(deep=True)
         if arm == "rft":
             arm_config.stages = [s for s in arm_config.stages if s != "synthesize"]
-            svs = svs_budgets[round]
-            arm_config.generate.sampling.n = max(args.n, math.ceil(sum(svs.values()) / max(1, svs["generate"] // args.n)))
+            if svs_budgets:  # with the SvS arm: the same samples per round
+                svs = svs_budgets[round]
+                arm_config.generate.sampling.n = max(args.n, math.ceil(sum(svs.values()) / max(1, svs["generate"] // args.n)))
         round_flow(run, arm_config, round=round)
-        budgets.append(samples(run, round))
-        policies.append(round_policy(run, arm_config, round + 1).model_round)  # the policy the round hands on
-    wall = time.monotonic() - started
+    return collect_run(args, run, seed)
+
+
+def collect_run(args, run: str, seed: int) -> dict:
+    """A finished run's per-round budgets, the policy each round handed on, decisions, early stops, the
+    per-problem held-out results, and its wall time (first stage start to last stage end)."""
+    from evoforge.data.lake import lake
+    from evoforge.flows.inputs import round_policy
+
     store = lake()
-    results = store.read(run, "eval_results", columns=["model_round", "eval_set", "problem_id", "n", "correct",
-                                                        "mean_logprob", "round"]).to_pylist()
+    config = base_config(args, seed)
+    events = store.read(run, "stage_runs").to_pylist()
+    wall = (max(e["finished_at"] for e in events if e["finished_at"])
+            - min(e["started_at"] for e in events if e["started_at"])).total_seconds()
+    results = store.read(run, "eval_results", columns=["model_id", "model_round", "eval_set", "problem_id", "n",
+                                                        "correct", "mean_logprob", "round"]).to_pylist()
     decisions = [{k: d[k] for k in ("round", "model_round", "decision", "why")}
                  for d in store.read(run, "promotions").to_pylist()]
     checkpoints = [{k: c[k] for k in ("round", "steps", "stopped_early")}
                    for c in store.read(run, "checkpoints").to_pylist() if c["role"] == "policy"]
-    return {"run": run, "seed": seed, "wall_seconds": wall, "budgets": budgets, "policies": policies,
+    return {"run": run, "seed": seed, "wall_seconds": wall, "budgets": [samples(run, r) for r in range(args.rounds)],
+            "policies": [round_policy(run, config, r + 1).model_round for r in range(args.rounds)],
             "results": results, "decisions": decisions, "checkpoints": checkpoints}
 
 
 def per_problem(runs: list[dict], model_round: int | list[int], eval_set: str):
-    """(n, correct) arrays of shape (problems, seeds) for one model of each seed's run (`model_round`: one
-    number for all seeds, or one per seed), over the problems every seed measured."""
+    """(n, correct) arrays of shape (problems, models) for one model of each seed's run (`model_round`: one
+    number for all seeds, or one per seed), over the problems every one measured. A model several seeds
+    share (the starting model; a policy nobody improved on) is one group, not one copy per seed."""
     import numpy as np
 
     rounds = model_round if isinstance(model_round, list) else [model_round] * len(runs)
-    tables = []
+    tables: dict[str, dict] = {}
     for run, m in zip(runs, rounds):
-        rows = {}
         for r in run["results"]:
             if r["model_round"] == m and r["eval_set"] == eval_set and r["n"]:
-                rows[r["problem_id"]] = (r["n"], r["correct"])  # a model measured twice: same seed, same counts
-        tables.append(rows)
-    common = sorted(set.intersection(*(set(t) for t in tables))) if tables else []
-    n = np.array([[t[p][0] for t in tables] for p in common], dtype=int).reshape(len(common), len(tables))
-    c = np.array([[t[p][1] for t in tables] for p in common], dtype=int).reshape(len(common), len(tables))
+                # a model measured twice: the same seed, the same counts
+                tables.setdefault(r["model_id"], {})[r["problem_id"]] = (r["n"], r["correct"])
+    groups = list(tables.values())
+    common = sorted(set.intersection(*(set(t) for t in groups))) if groups else []
+    n = np.array([[t[p][0] for t in groups] for p in common], dtype=int).reshape(len(common), len(groups))
+    c = np.array([[t[p][1] for t in groups] for p in common], dtype=int).reshape(len(common), len(groups))
     return common, n, c
 
 
@@ -142,7 +150,7 @@ def summarize(args, arms: dict[str, list[dict]]) -> dict:
                     if model:
                         change = change_interval(n, c, n0, c0, k, seed=k)
                         entry[f"pass@{k} change from model 0"] = [change.estimate, change.low, change.high]
-                entry["per_seed_pass@1"] = [float((c[:, s] / n[:, s]).mean()) for s in range(n.shape[1])]
+                entry["per_model_pass@1"] = [float((c[:, s] / n[:, s]).mean()) for s in range(n.shape[1])]
                 entry["problems"], entry["samples_per_problem"] = len(problems), int(n.sum(axis=1).max())
                 rows.append(entry)
         out["arms"][arm] = {
@@ -192,10 +200,10 @@ def print_table(args, summary: dict) -> None:
         for seed, budget in enumerate(data["budgets"]):
             print(f"  seed {seed} samples per round: {[sum(b.values()) for b in budget]}")
         print(f"  {'model':<7}{'kind':<22}{'pass@1 [95%]':<24}{f'pass@{k} [95%]':<24}{'pass@1 change from model 0':<30}"
-              f"{'per-seed pass@1'}")
+              f"{'pass@1 of each distinct model'}")
         for row in data["rows"]:
             change = fmt_change(row["pass@1 change from model 0"]) if "pass@1 change from model 0" in row else ""
-            seeds = ", ".join(f"{v:.3f}" for v in row["per_seed_pass@1"])
+            seeds = ", ".join(f"{v:.3f}" for v in row["per_model_pass@1"])
             kind = row["kind"] if row["kind"] != "policy" else \
                 f"policy (models {','.join(str(m) for m in row['model_rounds'])})"
             print(f"  {row['model']:<7}{kind:<22}{fmt(row['pass@1']):<24}{fmt(row[f'pass@{k}']):<24}{change:<30}{seeds}")
@@ -225,14 +233,25 @@ def main() -> None:
     parser.add_argument("--gsm8k-problems", type=int, default=0, help="also evaluate on this many GSM8K test problems")
     parser.add_argument("--arms", default="svs,rft")
     parser.add_argument("--tag", default="bench-evolve")
+    parser.add_argument("--from-runs", action="store_true",
+                        help="run nothing: summarize the runs a finished bench with the same settings left")
     args = parser.parse_args()
 
+    from evoforge.data.lake import lake
+    from evoforge.data.storage import remove_tree
+
+    if not args.from_runs:
+        for old_run in lake().root.glob(f"{args.tag}-*"):  # a bench measures afresh: a kept run would skip every stage
+            remove_tree(old_run)
     arms: dict[str, list[dict]] = {}
     svs_budgets: dict[int, list[dict]] = {}
     for arm in args.arms.split(","):
         arms[arm] = []
         for seed in range(args.seeds):
-            result = run_arm(args, arm, seed, svs_budgets.get(seed))
+            if args.from_runs:
+                result = collect_run(args, f"{args.tag}-{arm}-s{seed}", seed)
+            else:
+                result = run_arm(args, arm, seed, svs_budgets.get(seed))
             if arm == "svs":
                 svs_budgets[seed] = result["budgets"]
             arms[arm].append(result)

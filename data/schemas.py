@@ -197,6 +197,7 @@ EVAL_RESULTS = pa.schema(
         ("mean_logprob", pa.float64()),
         ("distinct_answers", pa.int32()),
         ("no_answer", pa.int32()),
+        ("settings_hash", pa.string()),
     ]
 )
 

@@ -18,7 +18,7 @@ from evoforge.data import schemas
 from evoforge.data.ids import fingerprint_tables
 from evoforge.data.lake import lake
 from evoforge.flows.config import RoundConfig, config_hash, resolve_path
-from evoforge.flows.inputs import MissingInput, checkpoint, round_policy, stage_config
+from evoforge.flows.inputs import MissingInput, checkpoint, policy_for_round, round_policy, saved_config
 from evoforge.flows.stage_runner import StageResult, execute_stage
 from evoforge.models.loader import load_engine, model_id_for
 from evoforge.tasks.evaluate import EvaluateConfig, evaluate, score_intervals, set_summary
@@ -27,21 +27,21 @@ from evoforge.tasks.progress import flow_run_logger
 from evoforge.tasks.promotion import decide, gate_metric
 
 
-def measured_before(run: str, round: int, model_id: str, sets: dict[str, pa.Table], n: int) -> pa.Table | None:
+def measured_before(run: str, round: int, model_id: str, sets: dict[str, pa.Table], settings_hash: str) -> pa.Table | None:
     """`model_id`'s `eval_results` from an earlier round's evaluate, when they cover exactly these sets'
-    problems with n samples each (the newest such round); else None: measure it again."""
+    problems under the same sampling and grading (the newest such round); else None: measure it again."""
     if round == 0:
         return None
     earlier = lake().read(run, "eval_results", stage="evaluate")
     earlier = earlier.filter(pc.and_(pc.equal(earlier["model_id"], model_id), pc.less(earlier["round"], round)))
+    earlier = earlier.filter(pc.equal(earlier["settings_hash"], settings_hash))  # a row from before the hash: null, never equal
     found = []
     for name, problems in sets.items():
         rows = earlier.filter(pc.equal(earlier["eval_set"], name))
         if rows.num_rows == 0:
             return None
         rows = rows.filter(pc.equal(rows["round"], pc.max(rows["round"])))
-        if sorted(rows["problem_id"].to_pylist()) != sorted(problems["problem_id"].to_pylist()) \
-                or set(rows["n"].to_pylist()) != {n}:
+        if sorted(rows["problem_id"].to_pylist()) != sorted(problems["problem_id"].to_pylist()):
             return None
         found.append(rows.drop_columns(["round", "stage"]))
     return pa.concat_tables(found)
@@ -58,7 +58,7 @@ def promotion_row(config: EvaluateConfig, trained: dict, model_round: int, inter
         after = new.filter(pc.equal(new["eval_set"], name))
         if before.num_rows and after.num_rows:
             entropies[name] = (set_summary(before, config)["entropy"], set_summary(after, config)["entropy"])
-    decision, why = decide(config.gate, changes, entropies)
+    decision, why = decide(config.gate, changes, entropies, sorted(set(new["eval_set"].to_pylist())))
     return dict(checkpoint_id=trained["checkpoint_id"], model_id=trained["model_id"], model_round=model_round,
                 decision=decision, why=why, decided_by="gate", rule=config.gate.describe(max(config.pass_k)),
                 baseline_model_id=baseline["model_id"][0].as_py() if baseline.num_rows else None,
@@ -68,14 +68,23 @@ def promotion_row(config: EvaluateConfig, trained: dict, model_round: int, inter
 @flow(name="evaluate", flow_run_name="{run}/round-{round}/evaluate")
 def evaluate_flow(run: str, round: int, config: RoundConfig | None = None, force: bool = False) -> StageResult:
     """Rerunnable alone: with no config, the run's saved one; the round's policy either way."""
-    config = stage_config(run, round, config)
+    run_wide = config if config is not None else saved_config(run)
+    policy = round_policy(run, run_wide, round)
+    config = policy_for_round(run, run_wide, round)
     if not config.evaluate.sets:
         raise MissingInput("evaluate: the config names no evaluation sets (evaluate.sets)")
     sets = {s.name: load_eval_set(s, resolve_path("."), s.limit) for s in config.evaluate.sets}
-    policy = round_policy(run, config, round)
+    empty = [name for name, problems in sets.items() if problems.num_rows == 0]
+    if empty:
+        raise MissingInput(f"evaluate: held-out set(s) {', '.join(empty)} have no problems (check path and limit)")
     policy_id = model_id_for(config.engine)
-    baseline = measured_before(run, round, policy_id, sets, config.evaluate.sampling.n)
+    settings = config.evaluate.settings_hash(config.verify)
+    baseline = measured_before(run, round, policy_id, sets, settings)
     trained = checkpoint(run, round, "policy")
+    if trained is not None and trained["parent_model_id"] != policy_id:
+        raise MissingInput(f"run {run!r} round {round}: the checkpoint {trained['checkpoint_id']} was trained from "
+                           f"{trained['parent_model_id']}, but the round's policy is now {policy_id} (a promotion decision "
+                           f"changed since): train it again, `evoforge stage finetune --run {run} --round {round}`")
     models = []  # (engine config, model_round)
     if baseline is None:
         models.append((config.engine, policy.model_round))
@@ -105,7 +114,7 @@ def evaluate_flow(run: str, round: int, config: RoundConfig | None = None, force
 
     return execute_stage(
         run, round, "evaluate",
-        config_hash=config_hash({"evaluate": config.evaluate.model_dump(mode="json"),
+        config_hash=config_hash({"evaluate": config.evaluate.model_dump(mode="json"), "grading": settings,
                                  "models": [m.model_dump(mode="json") for m, _ in models]}),
         model_id=",".join(model_id_for(m) for m, _ in models),
         input_fingerprint=fingerprint_tables(*sets.values(), *([baseline] if baseline is not None else [])),

@@ -157,9 +157,10 @@ def run_config(run: str, config: RoundConfig | None = None, config_file: str | N
 
 def promotion(run: str, round: int, trained: dict) -> dict | None:
     """The decision on round `round`'s policy checkpoint `trained`: a manual one (`evoforge promote`,
-    stage `promote`) wins over the gate's (stage `evaluate`); None when neither has decided. A
-    decision made on an earlier checkpoint of the round (finetune rerun since) does not count."""
-    rows = [r for r in lake().read(run, "promotions", round).to_pylist() if r["checkpoint_id"] == trained["checkpoint_id"]]
+    stage `promote`) wins over the gate's (stage `evaluate`); None when neither has decided. A decision
+    on other weights (finetune rerun since, even under the same checkpoint id) does not count."""
+    rows = [r for r in lake().read(run, "promotions", round).to_pylist()
+            if r["checkpoint_id"] == trained["checkpoint_id"] and r["model_id"] == trained["model_id"]]
     for stage in ("promote", "evaluate"):
         decided = sorted((r for r in rows if r["stage"] == stage), key=lambda r: r["decided_at"])
         if decided:
@@ -168,8 +169,10 @@ def promotion(run: str, round: int, trained: dict) -> dict | None:
 
 
 def gated(config: RoundConfig) -> bool:
-    """Whether a checkpoint waits for the gate before it may become a policy."""
-    return "evaluate" in config.stages and bool(config.evaluate.sets) and config.evaluate.gate.require != "always"
+    """Whether a checkpoint waits for evaluate's decision before it may become a policy."""
+    gate = config.evaluate.gate
+    return ("evaluate" in config.stages and bool(config.evaluate.sets)
+            and (gate.require != "always" or gate.max_entropy_drop is not None))
 
 
 @dataclass(frozen=True)
@@ -177,18 +180,28 @@ class Policy:
     """The model a round samples from and trains: the last promoted one before it."""
     model_round: int  # 0: the config's model; r + 1: the checkpoint trained in round r
     checkpoint: dict | None  # its `checkpoints` row; None for the config's model
-    passed_over: tuple[str, ...] = ()  # the later checkpoints that were rejected (and why), newest first
+    passed_over: tuple[str, ...] = ()  # the checkpoints since then that were rejected (and why)
 
 
 def round_policy(run: str, config: RoundConfig, round: int) -> Policy:
-    """Walk back from round - 1: the newest policy checkpoint that was promoted. A round that trained
-    nothing carries the policy over; a rejected checkpoint is passed over; one still waiting for its
-    decision stops a gated run with the command that decides it."""
-    passed_over = []
-    for earlier in range(round - 1, -1, -1):
+    """Walk the rounds before `round` in order: each checkpoint that was promoted becomes the policy.
+    A round that trained nothing carries the policy over; a rejected checkpoint is passed over. A
+    checkpoint still waiting for its decision, or one trained from a model that is no longer its
+    round's policy (a decision changed since), stops with the command that settles it."""
+    policy = Policy(0, None)
+    trained_before: set[str] = set()  # the run's checkpoints so far: a round on the config's model trains from none
+    for earlier in range(round):
         trained = checkpoint(run, earlier, "policy")
         if trained is None:
             continue
+        parent = trained["parent_model_id"]
+        in_force = policy.checkpoint["model_id"] if policy.checkpoint else None
+        if (parent != in_force) if in_force else (parent in trained_before):
+            raise MissingInput(
+                f"run {run!r}: round {earlier}'s checkpoint {trained['checkpoint_id']} was trained from {parent}, but "
+                f"round {earlier}'s policy is now {in_force or 'the config model'} (a promotion decision changed "
+                f"since): run the round again, `evoforge round --run {run} --round {earlier}`")
+        trained_before.add(trained["model_id"])
         decided = promotion(run, earlier, trained)
         if decided is None and gated(config):
             raise MissingInput(
@@ -196,9 +209,11 @@ def round_policy(run: str, config: RoundConfig, round: int) -> Policy:
                 f"`evoforge stage evaluate --run {run} --round {earlier}` (the gate), or decide by hand with "
                 f"`evoforge promote --run {run} --round {earlier}` [--reject]")
         if decided is None or decided["decision"] == "promoted":
-            return Policy(earlier + 1, trained, tuple(passed_over))
-        passed_over.append(f"{trained['checkpoint_id']} ({decided['why']})")
-    return Policy(0, None, tuple(passed_over))
+            policy = Policy(earlier + 1, trained)
+        else:
+            policy = Policy(policy.model_round, policy.checkpoint,
+                            (*policy.passed_over, f"{trained['checkpoint_id']} ({decided['why']})"))
+    return policy
 
 
 def policy_for_round(run: str, config: RoundConfig, round: int) -> RoundConfig:

@@ -42,16 +42,26 @@ class EvaluateConfig(BaseModel):
                                                                    "fell by more than this fraction from its baseline")
 
     @model_validator(mode="after")
-    def _gate_reads_evaluated_sets(self):
+    def _gate_reads_what_is_measured(self):
         unknown = [name for name in self.gate.sets if name not in {s.name for s in self.sets}]
         if unknown and self.sets:
             raise ValueError(f"gate.sets names {unknown}, which evaluate.sets does not evaluate "
                              f"({', '.join(s.name for s in self.sets)})")
+        if max(self.pass_k, default=1) > self.sampling.n:
+            raise ValueError(f"pass_k {max(self.pass_k)} needs at least that many samples per problem; "
+                             f"sampling.n is {self.sampling.n}")
         return self
+
+    def settings_hash(self, verify: VerifyConfig) -> str:
+        """What decides a model's held-out samples and verdicts besides the model: another model's
+        `eval_results` are comparable only under the same hash."""
+        from evoforge.data.ids import stable_hash
+
+        return stable_hash(self.sampling.model_dump_json(), str(self.few_shot), str(sorted(verify.grading_settings().items())))
 
 
 def problem_results(problems: pa.Table, rollouts: pa.Table, verdicts: pa.Table, model_id: str, model_round: int,
-                    eval_set: str) -> pa.Table:
+                    eval_set: str, settings_hash: str | None = None) -> pa.Table:
     """One `eval_results` row per problem of the set, in the set's order."""
     per_problem: dict[str, dict] = {pid: dict(n=0, correct=0, answers=set(), no_answer=0, tokens=[], logprobs=[])
                                     for pid in problems["problem_id"].to_pylist()}
@@ -74,7 +84,7 @@ def problem_results(problems: pa.Table, rollouts: pa.Table, verdicts: pa.Table, 
         dict(model_id=model_id, model_round=model_round, eval_set=eval_set, problem_id=pid, n=row["n"],
              correct=row["correct"], mean_tokens=mean(row["tokens"]),
              mean_logprob=mean([lp for lp in row["logprobs"] if lp is not None]),
-             distinct_answers=len(row["answers"]), no_answer=row["no_answer"])
+             distinct_answers=len(row["answers"]), no_answer=row["no_answer"], settings_hash=settings_hash)
         for pid, row in per_problem.items()
     ], schema=schemas.EVAL_RESULTS)
 
@@ -113,13 +123,13 @@ def score_intervals(results: pa.Table, config: EvaluateConfig, baseline: pa.Tabl
     settings = config.intervals.model_dump()
     for eval_set in sorted(set(results["eval_set"].to_pylist())):
         mine = results.filter(pc.equal(results["eval_set"], eval_set))
-        n, correct = _counts(mine)
         theirs = None
         if baseline is not None:
             theirs = {r["problem_id"]: r for r in baseline.filter(pc.equal(baseline["eval_set"], eval_set)).to_pylist()}
         first = mine.slice(0, 1).to_pylist()[0]
         for k in sorted(set(config.pass_k)):
-            if not n or k > min(n):
+            n, correct = _counts(mine.filter(pc.greater_equal(mine["n"], k)))  # a problem with fewer samples cannot say
+            if not n:
                 continue
             score = intervals.score_interval(n, correct, k, **settings)
             row = dict(model_id=first["model_id"], model_round=first["model_round"], eval_set=eval_set,
@@ -153,7 +163,8 @@ def evaluate(
     for name, problems in sets.items():
         solved = generate.fn(problems.select(["problem_id", "question"]), engine, generate_config, chunks.sub(f"{name}-solve"))
         graded = verify.fn(solved, problems.select(["problem_id", "answer"]), verify_config, chunks.sub(f"{name}-grade"))
-        per_problem = problem_results(problems, solved, graded, engine.model_id, model_round, name)
+        per_problem = problem_results(problems, solved, graded, engine.model_id, model_round, name,
+                                      config.settings_hash(verify_config))
         rollouts.append(solved)
         verdicts.append(graded)
         results.append(per_problem)

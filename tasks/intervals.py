@@ -129,7 +129,8 @@ class _Scorer:
 def _bootstrap(scorers: list[_Scorer], resamples: int, seed: int) -> np.ndarray:
     """(resamples, len(scorers)) set scores; every scorer sees the same problems in each resample."""
     rng = np.random.default_rng(seed)
-    problems, groups = scorers[0].offset.shape
+    problems = scorers[0].offset.shape[0]
+    groups = max(scorer.offset.shape[1] for scorer in scorers)
     block = max(1, BLOCK // (problems * groups))
     scores = np.empty((resamples, len(scorers)))
     for start in range(0, resamples, block):
@@ -162,8 +163,9 @@ def score_interval(n, correct, k: int, *, resamples: int = RESAMPLES, level: flo
 def change_interval(
     new_n, new_correct, old_n, old_correct, k: int, *, resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 0,
 ) -> Interval:
-    """pass@k of new minus old on the same problems in the same order, with its paired interval."""
-    if np.shape(new_n) != np.shape(old_n):
+    """pass@k of new minus old on the same problems in the same order, with its paired interval. The two
+    may have different numbers of groups (S): a model every seed shares is one group, not S copies."""
+    if np.shape(new_n)[:1] != np.shape(old_n)[:1]:
         raise ValueError(
             f"new and old must cover the same problems in the same order: shapes {np.shape(new_n)} and {np.shape(old_n)}"
         )

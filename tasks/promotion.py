@@ -18,7 +18,7 @@ class GateConfig(BaseModel):
     require: Literal["not_worse", "better", "always"] = Field(
         "not_worse", description="not_worse: reject when the paired interval of the change lies wholly below 0 on a "
                                  "set; better: promote only when it lies wholly above 0 on a set and below on none; "
-                                 "always: promote every checkpoint (no gate; the comparison is still recorded)")
+                                 "always: no interval rule (max_entropy_drop still applies; the comparison is recorded)")
     metric: Literal["pass@1", "pass@k"] = Field("pass@1", description="pass@k: the largest k of evaluate.pass_k")
     sets: list[str] = Field(default_factory=list, description="held-out sets the rule reads (default: all of evaluate.sets)")
     max_entropy_drop: float | None = Field(
@@ -35,12 +35,16 @@ def gate_metric(config: GateConfig, pass_k: list[int]) -> str:
     return f"pass@{max(pass_k)}" if config.metric == "pass@k" else "pass@1"
 
 
-def decide(config: GateConfig, changes: list[dict], entropies: dict[str, tuple[float, float]]) -> tuple[str, str]:
+def decide(config: GateConfig, changes: list[dict], entropies: dict[str, tuple[float, float]],
+           evaluated: list[str]) -> tuple[str, str]:
     """(decision, why). `changes`: the trained model's `score_intervals` rows for the gate's metric,
     each with the paired change against its baseline; `entropies`: set -> (baseline, new) held-out
-    entropy. A set the rule names that was not measured is a reason to reject: nothing unmeasured passes."""
+    entropy; `evaluated`: the sets the model was measured on (the rule's default). A set the rule reads
+    without a paired comparison is a reason to reject: nothing unmeasured passes."""
     by_set = {row["eval_set"]: row for row in changes}
-    sets = config.sets or sorted(by_set)
+    sets = config.sets or sorted(evaluated)
+    if not sets:
+        return REJECTED, "no held-out set was measured"
     missing = [s for s in sets if s not in by_set or by_set[s]["change"] is None]
     if missing:
         return REJECTED, f"no paired comparison on {', '.join(missing)}"

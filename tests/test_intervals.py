@@ -109,3 +109,16 @@ def test_interval_reads_as_estimate_and_bounds():
     iv = Interval(0.1934, 0.12, 0.2704)
     assert iv.format() == "0.193 [0.120, 0.270]"
     assert iv.contains(0.12) and not iv.contains(0.3)
+
+
+def test_a_model_every_seed_shares_is_one_group_not_several_copies():
+    """The starting model measured with one seed in every run is one measurement: tiling it into S
+    identical groups would pretend its samples were drawn S times and narrow the change's interval."""
+    rng = np.random.default_rng(3)
+    new_n = np.full((40, 3), 4)
+    new_c = rng.integers(0, 5, size=(40, 3))
+    old_c = rng.integers(0, 5, size=40)
+    once = change_interval(new_n, new_c, np.full(40, 4), old_c, 1, seed=1)
+    tiled = change_interval(new_n, new_c, np.full((40, 3), 4), np.repeat(old_c[:, None], 3, axis=1), 1, seed=1)
+    assert once.estimate == pytest.approx(tiled.estimate)
+    assert (once.high - once.low) > (tiled.high - tiled.low)

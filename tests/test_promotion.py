@@ -18,7 +18,7 @@ def results(model_round: int, counts: list[tuple[int, int]], eval_set: str = "he
     """`eval_results` of one model: problem i has counts[i] = (n, correct)."""
     return pa.Table.from_pylist([
         dict(model_id=f"m{model_round}@h", model_round=model_round, eval_set=eval_set, problem_id=f"p{i}", n=n,
-             correct=c, mean_tokens=10.0, mean_logprob=logprob, distinct_answers=1, no_answer=0)
+             correct=c, mean_tokens=10.0, mean_logprob=logprob, distinct_answers=1, no_answer=0, settings_hash="s")
         for i, (n, c) in enumerate(counts)], schema=schemas.EVAL_RESULTS)
 
 
@@ -79,8 +79,11 @@ def test_the_gate_can_reject_on_an_entropy_drop():
 @pytest.mark.unit
 def test_decide_names_each_sets_change_with_its_interval():
     change = dict(eval_set="s", metric="pass@1", change=-0.1, change_low=-0.3, change_high=0.05)
-    decision, why = decide(GateConfig(), [change], {})
+    decision, why = decide(GateConfig(), [change], {}, ["s"])
     assert decision == PROMOTED and "s: pass@1 change -0.100 [-0.300, +0.050]" in why
+    # a set measured without a paired comparison (no baseline rows) is not a pass
+    assert decide(GateConfig(), [], {}, ["s"]) == (REJECTED, "no paired comparison on s")
+    assert decide(GateConfig(), [], {}, [])[0] == REJECTED
 
 
 @pytest.mark.unit
@@ -90,9 +93,9 @@ def test_eval_results_count_each_problems_samples_answers_and_log_probabilities(
                          "mean_logprob": [-1.0, -2.0, -3.0, -0.5]})
     verdicts = pa.table({"problem_id": ["a", "a", "a", "b"], "verdict": ["correct", "wrong", "no_answer", "correct"],
                          "extracted_answer": ["4", "5", None, "7"]})
-    rows = {r["problem_id"]: r for r in problem_results(problems, rollouts, verdicts, "m@h", 2, "s").to_pylist()}
+    rows = {r["problem_id"]: r for r in problem_results(problems, rollouts, verdicts, "m@h", 2, "s", "cfg").to_pylist()}
     assert rows["a"] == dict(model_id="m@h", model_round=2, eval_set="s", problem_id="a", n=3, correct=1,
-                             mean_tokens=20.0, mean_logprob=-2.0, distinct_answers=2, no_answer=1)
+                             mean_tokens=20.0, mean_logprob=-2.0, distinct_answers=2, no_answer=1, settings_hash="cfg")
     assert rows["unseen"]["n"] == 0  # kept, so a problem the engine never answered is visible, not dropped
     summary = set_summary(problem_results(problems, rollouts, verdicts, "m@h", 2, "s"), EvaluateConfig(pass_k=[1]))
     assert summary["problems"] == 2 and summary["pass_at_1"] == pytest.approx((1 / 3 + 1) / 2)
@@ -114,15 +117,16 @@ def test_score_intervals_pair_problems_by_id_not_by_position():
 
 
 # -- the policy of a round ------------------------------------------------------------------------
-def _checkpoint(round: int) -> dict:
-    return dict(checkpoint_id=f"r{round}-sft-x", parent_model_id="base@h", role="policy", method="sft",
-                path=f"/models/r{round}", model_id=f"r{round}-sft-x@h", data_fingerprint="d", train_rows=4, steps=2,
-                final_loss=1.0, wall_seconds=1.0, stopped_early=None)
-
-
-def _decision(round: int, decision: str, by: str = "gate", minutes: int = 0) -> pa.Table:
+def _checkpoint(round: int, parent: str = "base@h", weights: str = "h") -> pa.Table:
     return pa.Table.from_pylist([dict(
-        checkpoint_id=f"r{round}-sft-x", model_id=f"r{round}-sft-x@h", model_round=round + 1, decision=decision,
+        checkpoint_id=f"r{round}-sft-x", parent_model_id=parent, role="policy", method="sft", path=f"/models/r{round}",
+        model_id=f"r{round}-sft-x@{weights}", data_fingerprint="d", train_rows=4, steps=2, final_loss=1.0,
+        wall_seconds=1.0, stopped_early=None)], schema=schemas.CHECKPOINTS)
+
+
+def _decision(round: int, decision: str, by: str = "gate", minutes: int = 0, weights: str = "h") -> pa.Table:
+    return pa.Table.from_pylist([dict(
+        checkpoint_id=f"r{round}-sft-x", model_id=f"r{round}-sft-x@{weights}", model_round=round + 1, decision=decision,
         why=f"{by} said {decision}", decided_by=by, rule="r", baseline_model_id="b",
         decided_at=datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(minutes=minutes))], schema=schemas.PROMOTIONS)
 
@@ -135,12 +139,12 @@ def test_a_round_starts_from_the_last_promoted_checkpoint_and_a_manual_decision_
 
     store = lake()
     config = RoundConfig.model_validate({"evaluate": {"sets": [{"name": "s", "path": "x.jsonl"}]}})
-    for round in (0, 1, 3):
-        store.publish_stage("r", round, "finetune", {"checkpoints": pa.Table.from_pylist([_checkpoint(round)],
-                                                                                          schema=schemas.CHECKPOINTS)})
+    # round 0 promoted; round 1 (from round 0's model) rejected; round 2 trained nothing; round 3 (from round
+    # 0's model again) waits for its gate
+    for round, parent in ((0, "base@h"), (1, "r0-sft-x@h"), (3, "r0-sft-x@h")):
+        store.publish_stage("r", round, "finetune", {"checkpoints": _checkpoint(round, parent)})
     store.publish_stage("r", 0, "evaluate", {"promotions": _decision(0, PROMOTED)})
     store.publish_stage("r", 1, "evaluate", {"promotions": _decision(1, REJECTED)})
-    # round 2 trained nothing; round 3's checkpoint waits for its gate
     assert round_policy("r", config, 1).model_round == 1
     policy = round_policy("r", config, 3)
     assert policy.model_round == 1 and policy.checkpoint["checkpoint_id"] == "r0-sft-x"
@@ -151,11 +155,36 @@ def test_a_round_starts_from_the_last_promoted_checkpoint_and_a_manual_decision_
     ungated = config.model_copy(update={"evaluate": config.evaluate.model_copy(update={"gate": GateConfig(require="always")})})
     assert round_policy("r", ungated, 4).model_round == 4  # no gate: a trained checkpoint is the next policy
 
+    # by hand wins, even over a later gate decision; round 3 was trained from a model no longer in force
     store.publish_stage("r", 1, "promote", {"promotions": _decision(1, PROMOTED, by="manual", minutes=-5)})
-    assert round_policy("r", config, 3).model_round == 2  # by hand wins, even over a later gate decision
+    assert round_policy("r", config, 3).model_round == 2
+    with pytest.raises(MissingInput, match=r"round 3's checkpoint r3-sft-x was trained from r0-sft-x@h, but round 3's "
+                                           r"policy is now r1-sft-x@h .*evoforge round --run r --round 3"):
+        round_policy("r", config, 4)
+    # rejecting round 0 by hand leaves round 1's checkpoint, trained from it, without a parent in force
     store.publish_stage("r", 0, "promote", {"promotions": _decision(0, REJECTED, by="manual")})
-    store.publish_stage("r", 1, "promote", {"promotions": _decision(1, REJECTED, by="manual")})
-    assert round_policy("r", config, 3).model_round == 0 and round_policy("r", config, 3).checkpoint is None
+    assert round_policy("r", config, 1) == round_policy("r", config, 1).__class__(0, None, ("r0-sft-x (manual said rejected)",))
+    with pytest.raises(MissingInput, match="round 1's checkpoint r1-sft-x was trained from r0-sft-x@h, but round 1's "
+                                           "policy is now the config model"):
+        round_policy("r", config, 2)
+
+
+@pytest.mark.unit
+def test_a_decision_on_other_weights_of_the_same_checkpoint_id_does_not_count(runs_root):
+    """finetune --force may write new weights under the same id (training is not bit-exact on a GPU):
+    the gate's or a user's decision on the old weights must not pass the new ones."""
+    from evoforge.data.lake import lake
+    from evoforge.flows.config import RoundConfig
+    from evoforge.flows.inputs import MissingInput, round_policy
+
+    store = lake()
+    config = RoundConfig.model_validate({"evaluate": {"sets": [{"name": "s", "path": "x.jsonl"}]}})
+    store.publish_stage("r", 0, "finetune", {"checkpoints": _checkpoint(0, weights="new")})
+    store.publish_stage("r", 0, "promote", {"promotions": _decision(0, PROMOTED, by="manual", weights="old")})
+    with pytest.raises(MissingInput, match="has no promotion decision yet"):
+        round_policy("r", config, 1)
+    store.publish_stage("r", 0, "evaluate", {"promotions": _decision(0, REJECTED, weights="new")})
+    assert round_policy("r", config, 1).model_round == 0
 
 
 @pytest.mark.unit
@@ -228,3 +257,41 @@ stages: [generate, verify, filter, finetune, evaluate]
     listed = capsys.readouterr().out
     assert "round 0: model 1 r0-grpo" in listed and "promoted (manual): I checked it" in listed
     assert json.loads(json.dumps(intervals, default=str))  # what `evoforge sql intervals --csv` serialises
+
+
+@pytest.mark.unit
+def test_the_report_and_the_named_queries_show_intervals_changes_decisions_and_collapse(runs_root):
+    """What `evoforge report` and `evoforge sql intervals|collapse|promotions_in_force` read, over an
+    evaluate stage's outputs built from constructed per-problem rows."""
+    from evoforge.data import catalog
+    from evoforge.data.lake import lake
+    from evoforge.flows.evaluate import measured_before
+    from evoforge.flows.report import collect, format_report
+
+    store = lake()
+    config = EvaluateConfig(pass_k=[1, 4])
+    start = results(0, [(4, 2)] * 20, logprob=-0.5)
+    trained = results(1, [(4, 4)] * 20, logprob=-0.2)  # better, and its entropy fell by 60%
+    store.publish_stage("r", 0, "finetune", {"checkpoints": _checkpoint(0, parent="m0@h")})
+    store.publish_stage("r", 0, "evaluate", {
+        "eval_results": pa.concat_tables([start, trained]),
+        "evals": pa.Table.from_pylist([set_summary(start, config), set_summary(trained, config)], schema=schemas.EVALS),
+        "score_intervals": pa.concat_tables([score_intervals(start, config), score_intervals(trained, config, start)]),
+        "promotions": _decision(0, PROMOTED)})
+    data = collect("r")
+    text = format_report("r", data)
+    assert "model 1  held" in text and "pass@1 [95%]" in text
+    assert "vs model 0: +0.500 [" in text and "better" in text
+    assert "round 0: model 1 r0-sft-x PROMOTED (gate): gate said promoted" in text
+    assert "COLLAPSE? model 1 on held: held-out entropy 0.500 -> 0.200 (-60%" in text
+    con = catalog.connect(store.run_dir("r"))
+    held = [c for c in catalog.query(con, "collapse") if c["scope"] == "held"]
+    assert [(c["model_round"], round(c["entropy"], 3), c["distinct_answer_rate"], c["pass_at_n"]) for c in held] == \
+        [(0, 0.5, 0.25, 1.0), (1, 0.2, 0.25, 1.0)]
+    change = next(i for i in catalog.query(con, "intervals") if i["model_round"] == 1 and i["metric"] == "pass@1")
+    assert change["significance"] == "better" and change["paired_problems"] == 20
+    # a later round reuses model 0's rows only under the same sampling and grading
+    sets = {"held": pa.table({"problem_id": [f"p{i}" for i in range(20)]})}
+    assert measured_before("r", 1, "m0@h", sets, "s").num_rows == 20
+    assert measured_before("r", 1, "m0@h", sets, "other sampling") is None
+    assert measured_before("r", 1, "m0@h", {"held": sets["held"].slice(0, 5)}, "s") is None  # other problems

@@ -9,5 +9,6 @@ SELECT model_round, eval_set, metric, round(estimate, 4) AS estimate, round(low,
             WHEN change IS NOT NULL THEN 'no significant change' END AS significance,
        model_id, round AS measured_in_round
 FROM score_intervals
-QUALIFY row_number() OVER (PARTITION BY model_id, eval_set, metric ORDER BY round DESC) = 1
+-- a model measured again later as a baseline keeps the measurement that compared it with its own baseline
+QUALIFY row_number() OVER (PARTITION BY model_id, eval_set, metric ORDER BY change IS NOT NULL DESC, round DESC) = 1
 ORDER BY model_round, eval_set, k;

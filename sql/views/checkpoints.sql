@@ -21,8 +21,10 @@ SELECT
     regexp_extract(c.filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
 FROM read_parquet(${parts:checkpoints}, hive_partitioning = true, union_by_name = true, filename = true) AS c
 LEFT JOIN (
-    SELECT checkpoint_id, decision, why, decided_by
+    -- the decision in force: by hand (stage 'promote') over the gate's, then the newest; on these very weights
+    SELECT checkpoint_id, model_id, decision, why, decided_by
     FROM read_parquet(${parts:promotions}, hive_partitioning = true, union_by_name = true, filename = true)
-    QUALIFY row_number() OVER (PARTITION BY checkpoint_id
-                               ORDER BY filename LIKE '%/promote/%' DESC, decided_at DESC) = 1
-) AS d USING (checkpoint_id);
+    QUALIFY row_number() OVER (
+        PARTITION BY checkpoint_id, model_id
+        ORDER BY regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) = 'promote' DESC, decided_at DESC) = 1
+) AS d ON d.checkpoint_id = c.checkpoint_id AND d.model_id = c.model_id;
