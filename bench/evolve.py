@@ -68,7 +68,20 @@ def samples(run: str, round: int) -> dict[str, int]:
 
 
 def run_arm(args, arm: str, seed: int, svs_budgets: list[dict] | None) -> dict:
-    """One run of `args.rounds` rounds, then what `collect_run` reads of it."""
+    """One run of `args.rounds` rounds in a process of its own, then what `collect_run` reads of it: on a
+    CPU every checkpoint's vLLM engine stays in its process (~2 GB each, models/loader.py), so 18 runs'
+    models in one process would not fit in memory; a fresh process per run also times each run alike."""
+    import multiprocessing
+
+    child = multiprocessing.get_context("spawn").Process(target=_rounds, args=(args, arm, seed, svs_budgets))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise SystemExit(f"arm {arm} seed {seed}: the run's process ended with status {child.exitcode}")
+    return collect_run(args, f"{args.tag}-{arm}-s{seed}", seed)
+
+
+def _rounds(args, arm: str, seed: int, svs_budgets: list[dict] | None) -> None:
     from evoforge.flows.round import round_flow
 
     run = f"{args.tag}-{arm}-s{seed}"
@@ -81,7 +94,6 @@ def run_arm(args, arm: str, seed: int, svs_budgets: list[dict] | None) -> dict:
                 svs = svs_budgets[round]
                 arm_config.generate.sampling.n = max(args.n, math.ceil(sum(svs.values()) / max(1, svs["generate"] // args.n)))
         round_flow(run, arm_config, round=round)
-    return collect_run(args, run, seed)
 
 
 def collect_run(args, run: str, seed: int) -> dict:
@@ -240,12 +252,18 @@ def main() -> None:
     from evoforge.data.lake import lake
     from evoforge.data.storage import remove_tree
 
+    arms_run = args.arms.split(",")
     if not args.from_runs:
-        for old_run in lake().root.glob(f"{args.tag}-*"):  # a bench measures afresh: a kept run would skip every stage
-            remove_tree(old_run)
+        for arm in arms_run:  # a bench measures afresh: a kept run would skip every stage
+            for old_run in lake().root.glob(f"{args.tag}-{arm}-s*"):
+                remove_tree(old_run)
     arms: dict[str, list[dict]] = {}
     svs_budgets: dict[int, list[dict]] = {}
-    for arm in args.arms.split(","):
+    if "svs" not in arms_run:  # the rejection-sampling arm alone matches the budgets of SvS runs already there
+        for seed in range(args.seeds):
+            if lake().run_dir(f"{args.tag}-svs-s{seed}").exists():
+                svs_budgets[seed] = [samples(f"{args.tag}-svs-s{seed}", r) for r in range(args.rounds)]
+    for arm in arms_run:
         arms[arm] = []
         for seed in range(args.seeds):
             if args.from_runs:
