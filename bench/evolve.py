@@ -138,6 +138,17 @@ def per_problem(runs: list[dict], model_round: int | list[int], eval_set: str):
     return common, n, c
 
 
+def held_out_entropy(runs: list[dict], model_round: int | list[int], eval_set: str) -> float:
+    """Mean negative log-probability of the sampled tokens over the distinct models' held-out samples."""
+    rounds = model_round if isinstance(model_round, list) else [model_round] * len(runs)
+    seen = {}
+    for run, m in zip(runs, rounds):
+        for r in run["results"]:
+            if r["model_round"] == m and r["eval_set"] == eval_set and r["n"] and r["mean_logprob"] is not None:
+                seen[(r["model_id"], r["problem_id"])] = (-r["mean_logprob"], r["n"])
+    return sum(e * n for e, n in seen.values()) / max(1, sum(n for _, n in seen.values()))
+
+
 def summarize(args, arms: dict[str, list[dict]]) -> dict:
     from evoforge.tasks.intervals import change_interval, score_interval
 
@@ -163,6 +174,7 @@ def summarize(args, arms: dict[str, list[dict]]) -> dict:
                         change = change_interval(n, c, n0, c0, k, seed=k)
                         entry[f"pass@{k} change from model 0"] = [change.estimate, change.low, change.high]
                 entry["per_model_pass@1"] = [float((c[:, s] / n[:, s]).mean()) for s in range(n.shape[1])]
+                entry["entropy"] = held_out_entropy(runs, rounds, EVAL_SET)
                 entry["problems"], entry["samples_per_problem"] = len(problems), int(n.sum(axis=1).max())
                 rows.append(entry)
         out["arms"][arm] = {
@@ -212,13 +224,14 @@ def print_table(args, summary: dict) -> None:
         for seed, budget in enumerate(data["budgets"]):
             print(f"  seed {seed} samples per round: {[sum(b.values()) for b in budget]}")
         print(f"  {'model':<7}{'kind':<22}{'pass@1 [95%]':<24}{f'pass@{k} [95%]':<24}{'pass@1 change from model 0':<30}"
-              f"{'pass@1 of each distinct model'}")
+              f"{'entropy':<9}{'pass@1 of each distinct model'}")
         for row in data["rows"]:
             change = fmt_change(row["pass@1 change from model 0"]) if "pass@1 change from model 0" in row else ""
             seeds = ", ".join(f"{v:.3f}" for v in row["per_model_pass@1"])
             kind = row["kind"] if row["kind"] != "policy" else \
                 f"policy (models {','.join(str(m) for m in row['model_rounds'])})"
-            print(f"  {row['model']:<7}{kind:<22}{fmt(row['pass@1']):<24}{fmt(row[f'pass@{k}']):<24}{change:<30}{seeds}")
+            print(f"  {row['model']:<7}{kind:<22}{fmt(row['pass@1']):<24}{fmt(row[f'pass@{k}']):<24}{change:<30}"
+                  f"{row['entropy']:<9.3f}{seeds}")
         for seed, decisions in enumerate(data["decisions"]):
             stops = {c["round"]: c["stopped_early"] for c in data["checkpoints"][seed] if c["stopped_early"]}
             print(f"  seed {seed} gate: " + "; ".join(
