@@ -21,7 +21,7 @@ from evoforge.flows.config import RoundConfig, config_hash, resolve_path
 from evoforge.flows.inputs import MissingInput, checkpoint, policy_for_round, round_policy, saved_config
 from evoforge.flows.stage_runner import StageResult, execute_stage
 from evoforge.models.loader import load_engine, model_id_for
-from evoforge.tasks.evaluate import EvaluateConfig, evaluate, score_intervals, set_summary
+from evoforge.tasks.evaluate import EvaluateConfig, evaluate, held_out_entropy, score_intervals
 from evoforge.tasks.ingest import load_eval_set
 from evoforge.tasks.progress import flow_run_logger
 from evoforge.tasks.promotion import decide, gate_metric
@@ -57,7 +57,7 @@ def promotion_row(config: EvaluateConfig, trained: dict, model_round: int, inter
         before = baseline.filter(pc.equal(baseline["eval_set"], name))
         after = new.filter(pc.equal(new["eval_set"], name))
         if before.num_rows and after.num_rows:
-            entropies[name] = (set_summary(before, config)["entropy"], set_summary(after, config)["entropy"])
+            entropies[name] = (held_out_entropy(before), held_out_entropy(after))
     decision, why = decide(config.gate, changes, entropies, sorted(set(new["eval_set"].to_pylist())))
     return dict(checkpoint_id=trained["checkpoint_id"], model_id=trained["model_id"], model_round=model_round,
                 decision=decision, why=why, decided_by="gate", rule=config.gate.describe(max(config.pass_k)),

@@ -94,21 +94,32 @@ def _counts(results: pa.Table) -> tuple[list[int], list[int]]:
     return graded["n"].to_pylist(), graded["correct"].to_pylist()
 
 
+def _per_sample(rows: list[dict], column: str) -> float:
+    """A per-problem mean of `column` as a mean over the samples (each problem weighs its n)."""
+    rows = [r for r in rows if r["n"] and r[column] is not None]
+    return sum(r[column] * r["n"] for r in rows) / max(1, sum(r["n"] for r in rows))
+
+
+def held_out_entropy(results: pa.Table) -> float:
+    """Mean negative log-probability of the sampled tokens, over every sample of `eval_results` rows."""
+    return -_per_sample(results.select(["n", "mean_logprob"]).to_pylist(), "mean_logprob")
+
+
 def set_summary(results: pa.Table, config: EvaluateConfig) -> dict:
     """The `evals` row of one model on one set, from its `eval_results` rows."""
     n, correct = _counts(results)
     first = results.slice(0, 1).to_pylist()[0]
     pass_at_1 = intervals.score_interval(n, correct, 1, **config.intervals.model_dump())
-    pass_at = {k: sum(intervals.pass_at_k(a, b, k) for a, b in zip(n, correct)) / len(n)
-               for k in sorted(set(config.pass_k)) if n and k <= min(n)}
-    rows = results.to_pylist()
-    graded = [r for r in rows if r["n"]]
-    weighted = lambda column: (sum(r[column] * r["n"] for r in graded if r[column] is not None)  # noqa: E731
-                               / max(1, sum(r["n"] for r in graded if r[column] is not None)))
+    pass_at = {}
+    for k in sorted(set(config.pass_k)):  # over the problems with at least k samples, as score_intervals
+        enough = [(a, b) for a, b in zip(n, correct) if a >= k]
+        if enough:
+            pass_at[k] = sum(intervals.pass_at_k(a, b, k) for a, b in enough) / len(enough)
+    graded = [r for r in results.to_pylist() if r["n"]]
     return dict(
         model_id=first["model_id"], model_round=first["model_round"], eval_set=first["eval_set"],
         problems=len(graded), n=config.sampling.n, pass_at_1=pass_at_1.estimate, pass_at_k=list(pass_at.items()),
-        entropy=-weighted("mean_logprob"), mean_tokens=weighted("mean_tokens"),
+        entropy=held_out_entropy(results), mean_tokens=_per_sample(graded, "mean_tokens"),
         no_answer_rate=sum(r["no_answer"] for r in graded) / max(1, sum(r["n"] for r in graded)),
         pass_at_1_low=pass_at_1.low, pass_at_1_high=pass_at_1.high,
         distinct_answer_rate=sum(r["distinct_answers"] / r["n"] for r in graded) / max(1, len(graded)),
