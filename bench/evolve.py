@@ -118,19 +118,26 @@ def collect_run(args, run: str, seed: int) -> dict:
             "results": results, "decisions": decisions, "checkpoints": checkpoints}
 
 
-def per_problem(runs: list[dict], model_round: int | list[int], eval_set: str):
-    """(n, correct) arrays of shape (problems, models) for one model of each seed's run (`model_round`: one
-    number for all seeds, or one per seed), over the problems every one measured. A model several seeds
-    share (the starting model; a policy nobody improved on) is one group, not one copy per seed."""
-    import numpy as np
-
+def chosen_rows(runs: list[dict], model_round: int | list[int], eval_set: str) -> dict[tuple[str, str], dict]:
+    """The held-out rows of one model of each seed's run (`model_round`: one number for all seeds, or one
+    per seed), keyed (model id, problem id): a model several seeds share (the starting model; a policy
+    nobody improved on) counts once, not once per seed."""
     rounds = model_round if isinstance(model_round, list) else [model_round] * len(runs)
-    tables: dict[str, dict] = {}
+    rows = {}
     for run, m in zip(runs, rounds):
         for r in run["results"]:
             if r["model_round"] == m and r["eval_set"] == eval_set and r["n"]:
-                # a model measured twice: the same seed, the same counts
-                tables.setdefault(r["model_id"], {})[r["problem_id"]] = (r["n"], r["correct"])
+                rows[(r["model_id"], r["problem_id"])] = r  # a model measured twice: the same seed, the same counts
+    return rows
+
+
+def per_problem(runs: list[dict], model_round: int | list[int], eval_set: str):
+    """(n, correct) arrays of shape (problems, distinct models) over the problems every model measured."""
+    import numpy as np
+
+    tables: dict[str, dict] = {}
+    for (model_id, problem_id), r in chosen_rows(runs, model_round, eval_set).items():
+        tables.setdefault(model_id, {})[problem_id] = (r["n"], r["correct"])
     groups = list(tables.values())
     common = sorted(set.intersection(*(set(t) for t in groups))) if groups else []
     n = np.array([[t[p][0] for t in groups] for p in common], dtype=int).reshape(len(common), len(groups))
@@ -138,15 +145,14 @@ def per_problem(runs: list[dict], model_round: int | list[int], eval_set: str):
     return common, n, c
 
 
-def held_out_entropy(runs: list[dict], model_round: int | list[int], eval_set: str) -> float:
-    """Mean negative log-probability of the sampled tokens over the distinct models' held-out samples."""
-    rounds = model_round if isinstance(model_round, list) else [model_round] * len(runs)
-    seen = {}
-    for run, m in zip(runs, rounds):
-        for r in run["results"]:
-            if r["model_round"] == m and r["eval_set"] == eval_set and r["n"] and r["mean_logprob"] is not None:
-                seen[(r["model_id"], r["problem_id"])] = (-r["mean_logprob"], r["n"])
-    return sum(e * n for e, n in seen.values()) / max(1, sum(n for _, n in seen.values()))
+def pooled_entropy(runs: list[dict], model_round: int | list[int], eval_set: str) -> float:
+    """Held-out entropy (tasks/evaluate.py's estimator) over the distinct models' samples."""
+    import pyarrow as pa
+
+    from evoforge.tasks.evaluate import held_out_entropy
+
+    rows = [{"n": r["n"], "mean_logprob": r["mean_logprob"]} for r in chosen_rows(runs, model_round, eval_set).values()]
+    return held_out_entropy(pa.Table.from_pylist(rows, schema=pa.schema([("n", pa.int32()), ("mean_logprob", pa.float64())])))
 
 
 def summarize(args, arms: dict[str, list[dict]]) -> dict:
@@ -156,6 +162,7 @@ def summarize(args, arms: dict[str, list[dict]]) -> dict:
     out: dict = {"settings": vars(args), "arms": {}, "between_arms": []}
     for arm, runs in arms.items():
         rows = []
+        _, n0, c0 = per_problem(runs, 0, EVAL_SET)  # the starting model: the baseline of every change
         for model in range(args.rounds + 1):
             for label, rounds in ((("start" if model == 0 else "trained"), model), ("policy", None)):
                 if label == "policy":
@@ -166,7 +173,6 @@ def summarize(args, arms: dict[str, list[dict]]) -> dict:
                 problems, n, c = per_problem(runs, rounds, EVAL_SET)
                 if not problems:
                     continue
-                _, n0, c0 = per_problem(runs, 0, EVAL_SET)
                 for k in sorted({1, k_max}):
                     score = score_interval(n, c, k, seed=k)
                     entry[f"pass@{k}"] = [score.estimate, score.low, score.high]
@@ -174,7 +180,7 @@ def summarize(args, arms: dict[str, list[dict]]) -> dict:
                         change = change_interval(n, c, n0, c0, k, seed=k)
                         entry[f"pass@{k} change from model 0"] = [change.estimate, change.low, change.high]
                 entry["per_model_pass@1"] = [float((c[:, s] / n[:, s]).mean()) for s in range(n.shape[1])]
-                entry["entropy"] = held_out_entropy(runs, rounds, EVAL_SET)
+                entry["entropy"] = pooled_entropy(runs, rounds, EVAL_SET)
                 entry["problems"], entry["samples_per_problem"] = len(problems), int(n.sum(axis=1).max())
                 rows.append(entry)
         out["arms"][arm] = {

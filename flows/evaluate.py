@@ -18,7 +18,7 @@ from evoforge.data import schemas
 from evoforge.data.ids import fingerprint_tables
 from evoforge.data.lake import lake
 from evoforge.flows.config import RoundConfig, config_hash, resolve_path
-from evoforge.flows.inputs import MissingInput, checkpoint, policy_for_round, round_policy, saved_config
+from evoforge.flows.inputs import MissingInput, checkpoint, round_policy, saved_config, with_policy
 from evoforge.flows.stage_runner import StageResult, execute_stage
 from evoforge.models.loader import load_engine, model_id_for
 from evoforge.tasks.evaluate import EvaluateConfig, evaluate, held_out_entropy, score_intervals
@@ -70,7 +70,7 @@ def evaluate_flow(run: str, round: int, config: RoundConfig | None = None, force
     """Rerunnable alone: with no config, the run's saved one; the round's policy either way."""
     run_wide = config if config is not None else saved_config(run)
     policy = round_policy(run, run_wide, round)
-    config = policy_for_round(run, run_wide, round)
+    config = with_policy(run_wide, policy)
     if not config.evaluate.sets:
         raise MissingInput("evaluate: the config names no evaluation sets (evaluate.sets)")
     sets = {s.name: load_eval_set(s, resolve_path("."), s.limit) for s in config.evaluate.sets}

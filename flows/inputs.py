@@ -216,12 +216,16 @@ def round_policy(run: str, config: RoundConfig, round: int) -> Policy:
     return policy
 
 
+def with_policy(config: RoundConfig, policy: Policy) -> RoundConfig:
+    """`config` with its engine on `policy` (the config's own model when no checkpoint is promoted)."""
+    if policy.checkpoint is None:
+        return config
+    return config.model_copy(update={"engine": config.engine.model_copy(update={"model": policy.checkpoint["path"]})})
+
+
 def policy_for_round(run: str, config: RoundConfig, round: int) -> RoundConfig:
     """Round r's config: the engine loads the last promoted policy checkpoint before round r, if any."""
-    trained = round_policy(run, config, round).checkpoint
-    if trained is None:
-        return config
-    return config.model_copy(update={"engine": config.engine.model_copy(update={"model": trained["path"]})})
+    return with_policy(config, round_policy(run, config, round))
 
 
 def stage_config(run: str, round: int, config: RoundConfig | None) -> RoundConfig:

@@ -21,7 +21,7 @@ from evoforge.data.lake import lake
 from evoforge.flows.artifacts import publish_round_report
 from evoforge.flows.config import RoundConfig
 from evoforge.flows.dispatch import dispatch_stage, orchestrating, uses_pools
-from evoforge.flows.inputs import next_round, policy_for_round, round_policy, run_config
+from evoforge.flows.inputs import next_round, round_policy, run_config, with_policy
 from evoforge.flows.stage_runner import StageResult, run_guard
 from evoforge.flows.stages import STAGES, StageName
 from evoforge.tasks.progress import flow_run_logger
@@ -69,8 +69,8 @@ def round_flow(run: str, config: RoundConfig | None = None, round: int | None = 
             round = next_round(run, config)
             _rename_flow_run(f"{run}/round-{round}")
         names = (["ingest"] if round == 0 else []) + list(config.stages)
-        policy = policy_for_round(run, config, round).engine.model
         chosen = round_policy(run, config, round)
+        policy = with_policy(config, chosen).engine.model
         passed = f" (model {chosen.model_round}; rejected since: {'; '.join(chosen.passed_over)})" if chosen.passed_over else ""
         pools = {name: config.cluster.pools[name] for name in names if config.cluster.pools.get(name)}
         where = f"; in work pools: {', '.join(f'{n} -> {p}' for n, p in pools.items())}" if pools else ""

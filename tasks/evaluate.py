@@ -137,7 +137,8 @@ def score_intervals(results: pa.Table, config: EvaluateConfig, baseline: pa.Tabl
         theirs = None
         if baseline is not None:
             theirs = {r["problem_id"]: r for r in baseline.filter(pc.equal(baseline["eval_set"], eval_set)).to_pylist()}
-        first = mine.slice(0, 1).to_pylist()[0]
+        mine_rows = mine.to_pylist()
+        first = mine_rows[0]
         for k in sorted(set(config.pass_k)):
             n, correct = _counts(mine.filter(pc.greater_equal(mine["n"], k)))  # a problem with fewer samples cannot say
             if not n:
@@ -148,7 +149,7 @@ def score_intervals(results: pa.Table, config: EvaluateConfig, baseline: pa.Tabl
                        high=score.high, baseline_model_id=None, baseline_model_round=None, paired_problems=None,
                        change=None, change_low=None, change_high=None, **settings)
             if theirs:
-                pairs = [(r, theirs[r["problem_id"]]) for r in mine.to_pylist()
+                pairs = [(r, theirs[r["problem_id"]]) for r in mine_rows
                          if r["problem_id"] in theirs and r["n"] >= k and theirs[r["problem_id"]]["n"] >= k]
                 if pairs:
                     change = intervals.change_interval([a["n"] for a, _ in pairs], [a["correct"] for a, _ in pairs],
