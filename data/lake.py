@@ -327,6 +327,12 @@ class Lake:
             )
         return self.root / run
 
+    def log_dir(self, run: str) -> Path:
+        """Where the run's log files grow, line by line: runs/<run>/logs/ on disk; on object storage they stay on
+        this machine, under the home's logs/runs/<run>/."""
+        run_dir = self.run_dir(run)
+        return Path(run_dir) / "logs" if not is_remote(run_dir) else home.home() / "logs" / "runs" / run
+
     def existing_run_dir(self, run: str) -> LakePath:
         """The run's folder; LakeError listing the runs there when it does not exist."""
         run_dir = self.run_dir(run)

@@ -154,6 +154,10 @@ CHECKPOINTS = pa.schema(
         ("final_loss", pa.float64()),
         ("wall_seconds", pa.float64()),
         ("stopped_early", pa.string()),
+        ("base_model_id", pa.string()),
+        ("adapter", pa.bool_()),
+        ("processes", pa.int32()),
+        ("tracking", pa.string()),
     ]
 )
 

@@ -569,9 +569,7 @@ def _run_log(args):
     runs/<run>/logs/; the terminal shows only evoforge's lines (tasks/progress.py TerminalFilter)."""
     import logging
 
-    from evoforge.data import home
     from evoforge.data.lake import LakeError, lake
-    from evoforge.data.storage import is_remote
 
     if args.command not in RUN_COMMANDS:
         yield None
@@ -585,8 +583,7 @@ def _run_log(args):
     if not run_dir.is_dir() and not starts_run:  # no folder for a misspelt run: the command says it does not exist
         yield None
         return
-    # a log file grows line by line: on object storage it stays on this machine, under the home's logs/
-    folder = run_dir / "logs" if not is_remote(run_dir) else home.home() / "logs" / "runs" / args.run
+    folder = lake().log_dir(args.run)
     from prefect.logging.configuration import setup_logging
 
     setup_logging()  # Prefect's first: it leaves the root logger alone once it has a handler of someone else's

@@ -12,16 +12,17 @@ from prefect import flow
 from evoforge.data import schemas
 from evoforge.data.ids import fingerprint_table, stable_hash
 from evoforge.data.lake import lake
-from evoforge.data.storage import LakePath
+from evoforge.data.storage import LakePath, is_remote, upload_tree
 from evoforge.flows.config import RoundConfig, config_hash
 from evoforge.flows.inputs import (MissingInput, problem_pool, problems_with_experts, round_table, stage_config,
                                    stage_output)
 from evoforge.flows.stage_runner import StageResult, execute_stage
 from evoforge.models import checkpoint_store
 from evoforge.models.loader import release_engines
-from evoforge.models.registry import folder_hash, resolve
+from evoforge.models.registry import ResolvedModel, folder_hash, resolve
 from evoforge.tasks.critic import raro_training_rows
-from evoforge.tasks.finetune.training import METHOD_TABLES, TrainingContext, train_policy, train_ppm
+from evoforge.tasks.finetune.adapters import base_record, is_adapter
+from evoforge.tasks.finetune.training import METHOD_TABLES, TrackerRun, TrainingContext, train_policy, train_ppm
 from evoforge.tasks.progress import flow_run_logger
 
 
@@ -82,12 +83,43 @@ def raro_rows(run: str, round: int, config: RoundConfig) -> pa.Table:
 
 
 def _registry_row(checkpoint_id: str, parent_model_id: str, role: str, method: str, folder: LakePath, trained: Path,
-                  data_fp: str, rows: int, result: dict) -> dict:
-    """`path` is where every machine finds it (a folder, or an s3:// prefix); the id hashes the weights."""
+                  data_fp: str, rows: int, result: dict, tracking: LakePath | None) -> dict:
+    """`path` is where every machine finds it (a folder, or an s3:// prefix); the id hashes the weights
+    (an adapter's: the adapter's)."""
+    base = base_record(trained)
     return dict(checkpoint_id=checkpoint_id, parent_model_id=parent_model_id, role=role, method=method,
                 path=str(folder), model_id=f"{checkpoint_id}@{folder_hash(trained)}", data_fingerprint=data_fp,
                 train_rows=rows, steps=result["steps"], final_loss=result["final_loss"],
-                wall_seconds=result["wall_seconds"], stopped_early=result.get("stopped_early"))
+                wall_seconds=result["wall_seconds"], stopped_early=result.get("stopped_early"),
+                base_model_id=base["model_id"] if base else None, adapter=is_adapter(trained),
+                processes=result["processes"], tracking=str(tracking) if tracking is not None else None)
+
+
+def _base_model(reference: str, parent: ResolvedModel) -> dict:
+    """What an adapter checkpoint records of the model it loads on: a continued adapter keeps its base; a
+    fresh one names the round's policy as the config names it ('default', a hub id, an s3:// checkpoint), or
+    by its absolute folder."""
+    if parent.adapter is not None:
+        return base_record(parent.adapter)
+    local = Path(reference).expanduser()
+    return {"reference": parent.path if local.is_dir() else reference, "model_id": parent.model_id}
+
+
+def _tracker(config: RoundConfig, run: str, checkpoint_id: str) -> tuple[TrackerRun | None, LakePath | None]:
+    """The tracker run of one checkpoint and where its TensorBoard files end up (None: no local tracker)."""
+    if not config.finetune.report_to:
+        return None, None
+    params = config.model_dump(mode="json")
+    if "tensorboard" not in config.finetune.report_to:
+        return TrackerRun(checkpoint_id, None, params), None
+    home_of_files = lake().run_dir(run) / "tracking" / checkpoint_id
+    local = checkpoint_store.training_folder(home_of_files)  # on object storage: written here, uploaded after
+    return TrackerRun(checkpoint_id, str(local), params), home_of_files
+
+
+def _publish_tracking(tracker: TrackerRun | None, target: LakePath | None) -> None:
+    if tracker is not None and target is not None and is_remote(target) and Path(tracker.folder).exists():
+        upload_tree(Path(tracker.folder), target)
 
 
 def _metric_rows(checkpoint_id: str, result: dict, by_method: bool) -> list[dict]:
@@ -113,6 +145,7 @@ def finetune_flow(run: str, round: int, config: RoundConfig | None = None, force
                             **({"verify": config.verify.grading_settings()} if "grpo" in data else {}),
                             **({"critic": config.critic.model_dump(mode="json")} if "raro" in data else {})})
     models = lake().run_dir(run) / "models"
+    logs = lake().log_dir(run)
     checkpoint_id = f"r{round}-{method.replace('+', '-')}-{stable_hash(parent.model_id, data_fp, settings, length=8)}"
     folder = models / checkpoint_id
 
@@ -132,22 +165,30 @@ def finetune_flow(run: str, round: int, config: RoundConfig | None = None, force
         checkpoints, metrics = [], []
         if data or trains_ppm:
             release_engines()  # the policy is about to change, and training wants the memory
+        starting_weights = parent.adapter or parent.path  # an adapter checkpoint trains on with its base
         if data:
             context = TrainingContext(verify=config.verify, critic=config.critic)
             trained = checkpoint_store.training_folder(folder)
-            result = train_policy(parent.path, data, train_config, trained, context, resume=not force)
+            tracker, tracking = _tracker(config, run, checkpoint_id)
+            result = train_policy(starting_weights, data, train_config, trained, context, resume=not force,
+                                  tracker=tracker, base_model=_base_model(config.engine.model, parent),
+                                  log_path=logs / f"finetune-{checkpoint_id}.log")
             checkpoint_store.publish(trained, folder)  # on object storage: uploaded, its manifest last
+            _publish_tracking(tracker, tracking)
             checkpoints.append(_registry_row(checkpoint_id, parent.model_id, "policy", method, folder, trained,
-                                             data_fp, rows_in, result))
+                                             data_fp, rows_in, result, tracking))
             metrics += _metric_rows(checkpoint_id, result, by_method=len(data) > 1)
         if step_pairs is not None and not trains_ppm:
             flow_run_logger().warning(f"finetune (run {run}, round {round}): no step pairs; no PPM this round")
         if trains_ppm:  # the PPM starts from the round's policy, as in rStar-Math
             trained = checkpoint_store.training_folder(ppm_folder)
-            result = train_ppm(parent.path, step_pairs, config.finetune, trained, resume=not force)
+            tracker, tracking = _tracker(config, run, ppm_id)
+            result = train_ppm(starting_weights, step_pairs, config.finetune, trained, resume=not force,
+                               tracker=tracker, log_path=logs / f"finetune-{ppm_id}.log")
             checkpoint_store.publish(trained, ppm_folder)
+            _publish_tracking(tracker, tracking)
             checkpoints.append(_registry_row(ppm_id, parent.model_id, "ppm", "ppm", ppm_folder, trained,
-                                             fingerprint_table(step_pairs), step_pairs.num_rows, result))
+                                             fingerprint_table(step_pairs), step_pairs.num_rows, result, tracking))
             metrics += _metric_rows(ppm_id, result, by_method=False)
         return {"checkpoints": pa.Table.from_pylist(checkpoints, schema=schemas.CHECKPOINTS),
                 "train_metrics": pa.Table.from_pylist(metrics, schema=schemas.TRAIN_METRICS)}

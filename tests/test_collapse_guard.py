@@ -98,12 +98,12 @@ def test_held_out_rows_leave_training_the_same_way_every_time():
 def test_sft_stops_at_the_first_check_under_an_impossible_entropy_floor(tiny_model, scratch):
     from transformers import AutoModelForCausalLM
 
-    from evoforge.tasks.finetune.training import train_policy
+    from evoforge.tasks.finetune.training import train_in_process
 
     config = FinetuneConfig(method="sft", max_steps=6, batch_size=2, learning_rate=1e-3, few_shot=False,
                             guard={"eval_steps": 2, "held_out_rows": 2, "held_out_share": 0.5, "entropy_floor": 1e6, "max_tokens": 8})
     folder = scratch / "ckpt"
-    result = train_policy.fn(str(tiny_model), {"sft": sft_rows(6)}, config, folder)
+    result = train_in_process(str(tiny_model), {"sft": sft_rows(6)}, config, folder)
     assert result["steps"] == 2 < config.max_steps
     assert result["stopped_early"].startswith("sft: held-out entropy ") and result["stopped_early"].endswith(
         "< floor 1e+06 at step 2")
@@ -122,7 +122,7 @@ def test_the_held_out_rows_are_not_in_the_trainers_dataset(tiny_model, scratch, 
     from transformers import AutoTokenizer
 
     from evoforge.tasks.finetune.guard import CollapseGuard
-    from evoforge.tasks.finetune.training import train_policy
+    from evoforge.tasks.finetune.training import train_in_process
 
     seen = {}
     original = trl.SFTTrainer.train
@@ -136,7 +136,7 @@ def test_the_held_out_rows_are_not_in_the_trainers_dataset(tiny_model, scratch, 
 
     monkeypatch.setattr(trl.SFTTrainer, "train", spy)
     config = FinetuneConfig(method="sft", max_steps=1, batch_size=2, few_shot=False, guard={"held_out_rows": 2, "held_out_share": 0.5})
-    result = train_policy.fn(str(tiny_model), {"sft": sft_rows(6)}, config, scratch / "ckpt")
+    result = train_in_process(str(tiny_model), {"sft": sft_rows(6)}, config, scratch / "ckpt")
     questions = sft_rows(6)["prompt"].to_pylist()
     assert len(seen["trained"]) == 4 and len(seen["held_out"]) == 2
     trained = [q for q in questions if any(q in text for text in seen["trained"])]
@@ -148,14 +148,14 @@ def test_the_held_out_rows_are_not_in_the_trainers_dataset(tiny_model, scratch, 
 
 @pytest.mark.model
 def test_grpo_stops_on_the_entropy_floor_with_no_loss_rule(tiny_model, scratch):
-    from evoforge.tasks.finetune.training import train_policy
+    from evoforge.tasks.finetune.training import train_in_process
 
     prompts = pa.Table.from_pylist([{"problem_id": f"p{i}", "question": f"What is {i} + 4?", "answer": str(i + 4)}
                                     for i in range(3)])
-    config = FinetuneConfig(method="grpo", max_steps=3, batch_size=4, grpo_generations=4, grpo_max_completion_tokens=8,
+    config = FinetuneConfig(method="grpo", max_steps=3, batch_size=4, grpo_generations=4, grpo_max_completion_tokens=8, generation="hf",
                             learning_rate=1e-3, few_shot=False,
                             guard={"eval_steps": 1, "held_out_rows": 1, "held_out_share": 0.5, "entropy_floor": 1e6, "max_tokens": 8, "samples": 2})
-    result = train_policy.fn(str(tiny_model), {"grpo": prompts}, config, scratch / "ckpt")
+    result = train_in_process(str(tiny_model), {"grpo": prompts}, config, scratch / "ckpt")
     assert result["steps"] == 1 and result["stopped_early"].startswith("grpo: held-out entropy ")
     guard = [m for m in result["metrics"] if "guard_entropy" in m]
     assert [m["step"] for m in guard] == [0, 1] and not any("guard_loss" in m for m in result["metrics"])
@@ -167,7 +167,7 @@ def test_grpo_stops_on_the_entropy_floor_with_no_loss_rule(tiny_model, scratch):
 def test_a_resumed_chain_still_reports_the_early_stop_of_a_finished_phase(tiny_model, scratch, monkeypatch):
     import trl
 
-    from evoforge.tasks.finetune.training import train_policy
+    from evoforge.tasks.finetune.training import train_in_process
 
     config = FinetuneConfig(method="sft+sft", max_steps=4, batch_size=2, learning_rate=1e-3, few_shot=False,
                             guard={"eval_steps": 2, "held_out_rows": 2, "held_out_share": 0.5, "entropy_floor": 1e6, "max_tokens": 4})
@@ -183,13 +183,13 @@ def test_a_resumed_chain_still_reports_the_early_stop_of_a_finished_phase(tiny_m
 
     monkeypatch.setattr(trl.SFTTrainer, "training_step", crash_in_the_second_phase)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train_policy.fn(str(tiny_model), {"sft": sft_rows(6)}, config, folder)
+        train_in_process(str(tiny_model), {"sft": sft_rows(6)}, config, folder)
     assert len(phases) == 2  # the first phase stopped at step 2 of 4
     staging = scratch / ".ckpt.staging"
     assert "sft: held-out entropy" in (staging / "finished-0-sft" / "stopped.json").read_text()
 
     monkeypatch.setattr(trl.SFTTrainer, "training_step", original)
-    result = train_policy.fn(str(tiny_model), {"sft": sft_rows(6)}, config, folder)
+    result = train_in_process(str(tiny_model), {"sft": sft_rows(6)}, config, folder)
     assert result["stopped_early"].startswith("sft: held-out entropy ") and result["stopped_early"].endswith("at step 2")
     assert result["steps"] == 4  # 2 + 2: each phase counts the steps it ran
     assert [(m["step"], m["method"]) for m in result["metrics"] if "loss" in m] == [(1, "sft"), (2, "sft"), (3, "sft"), (4, "sft")]
@@ -202,7 +202,7 @@ def test_a_trainer_resumed_mid_phase_keeps_its_guard_history(tiny_model, scratch
     import trl
 
     from evoforge.tasks.finetune.guard import CollapseGuard
-    from evoforge.tasks.finetune.training import train_policy
+    from evoforge.tasks.finetune.training import train_in_process
 
     config = FinetuneConfig(method="sft", max_steps=4, batch_size=2, checkpoint_steps=1, learning_rate=1e-3, few_shot=False,
                             guard={"eval_steps": 2, "held_out_rows": 2, "held_out_share": 0.5, "max_loss_rise": 100.0})
@@ -221,10 +221,10 @@ def test_a_trainer_resumed_mid_phase_keeps_its_guard_history(tiny_model, scratch
     monkeypatch.setattr(CollapseGuard, "measure", count)
     monkeypatch.setattr(trl.SFTTrainer, "training_step", crash_at_step_three)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train_policy.fn(str(tiny_model), {"sft": sft_rows(6)}, config, scratch / "ckpt")
+        train_in_process(str(tiny_model), {"sft": sft_rows(6)}, config, scratch / "ckpt")
     assert len(measured) == 2  # the baseline and step 2, saved with the trainer state at checkpoint-2
     monkeypatch.setattr(trl.SFTTrainer, "training_step", original_step)
-    result = train_policy.fn(str(tiny_model), {"sft": sft_rows(6)}, config, scratch / "ckpt")
+    result = train_in_process(str(tiny_model), {"sft": sft_rows(6)}, config, scratch / "ckpt")
     assert len(measured) == 3  # only step 4: no second baseline
     assert [m["step"] for m in result["metrics"] if "guard_loss" in m] == [0, 2, 4]
     assert [m["step"] for m in result["metrics"] if "loss" in m] == [1, 2, 3, 4]

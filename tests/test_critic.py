@@ -149,7 +149,7 @@ def test_raro_grpo_trains_both_roles_of_one_model(tiny_model, scratch):
     assert sorted(rows["role"].to_pylist()) == ["critic", "critic", "policy", "policy"]
     folder = scratch / "ckpt-raro"
     config = FinetuneConfig(method="raro", max_steps=2, batch_size=8, grpo_generations=4, grpo_max_completion_tokens=8,
-                            learning_rate=1e-3, few_shot=False)
+                            learning_rate=1e-3, few_shot=False, generation="hf")
     result = train_policy.fn(str(tiny_model), {"raro": rows}, config, folder, TrainingContext(critic=critic))
     assert result["steps"] == 2 and all(math.isfinite(m["loss"]) for m in result["metrics"])
     logged = set().union(*result["metrics"])

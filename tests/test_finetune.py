@@ -13,7 +13,7 @@ from evoforge.models.prompts import solve_messages
 from evoforge.tasks.finetune import grpo
 from evoforge.tasks.finetune.config import FinetuneConfig
 from evoforge.tasks.finetune.grpo import VerifierReward
-from evoforge.tasks.finetune.training import train_policy, train_ppm
+from evoforge.tasks.finetune.training import train_in_process, train_policy
 from evoforge.tasks.pairs import PairsConfig, build_pairs
 from evoforge.tasks.verify import VerifyConfig
 
@@ -59,9 +59,9 @@ def test_grpo_then_sft_chain_trains_with_the_verifier_reward(graded_round, tiny_
     prompts = pa.Table.from_pylist([{"problem_id": "p1", "question": "What is 2 + 2?", "answer": "4"},
                                     {"problem_id": "p2", "question": "What is 3 + 4?", "answer": "7"}])
     folder = scratch / "ckpt-grpo"
-    config = FinetuneConfig(method="grpo+sft", max_steps=2, batch_size=4, grpo_generations=4,
+    config = FinetuneConfig(method="grpo+sft", max_steps=2, batch_size=4, grpo_generations=4, generation="hf",
                             grpo_max_completion_tokens=8, learning_rate=1e-3, few_shot=False)
-    result = train_policy.fn(str(tiny_model), {"grpo": prompts, "sft": tables["sft_examples"]}, config, folder)
+    result = train_in_process(str(tiny_model), {"grpo": prompts, "sft": tables["sft_examples"]}, config, folder)
     assert result["steps"] == 4
     assert [(m["step"], m["method"]) for m in result["metrics"]] == [(1, "grpo"), (2, "grpo"), (3, "sft"), (4, "sft")]
     grpo = [m for m in result["metrics"] if m["method"] == "grpo"]
@@ -120,7 +120,7 @@ def test_a_killed_training_resumes_from_its_saved_state_without_redoing_steps(gr
 
     monkeypatch.setattr(trl.SFTTrainer, "training_step", crash_after_two_steps)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train_policy.fn(str(tiny_model), {"sft": tables["sft_examples"]}, config, folder)
+        train_in_process(str(tiny_model), {"sft": tables["sft_examples"]}, config, folder)
     assert not folder.exists() and (scratch / ".ckpt-resume.staging" / "trainer-0-sft" / "checkpoint-2").is_dir()
 
     def count_steps(self, *args, **kwargs):
@@ -128,7 +128,7 @@ def test_a_killed_training_resumes_from_its_saved_state_without_redoing_steps(gr
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(trl.SFTTrainer, "training_step", count_steps)
-    result = train_policy.fn(str(tiny_model), {"sft": tables["sft_examples"]}, config, folder)
+    result = train_in_process(str(tiny_model), {"sft": tables["sft_examples"]}, config, folder)
     assert steps_run == [0, 1, 2]  # the second run trained only step 3
     assert result["steps"] == 3 and [m["step"] for m in result["metrics"]] == [1, 2, 3]
     assert (folder / "model.safetensors").exists()
@@ -146,7 +146,7 @@ def test_the_ppm_and_trace_sft_train_from_mcts_data(tiny_model, scratch):
              chosen="y = x * 4\nprint(y)", rejected="y = x + 4\nprint(y)", chosen_rollout_id="a",
              rejected_rollout_id="b", chosen_score=1.0, rejected_score=-1.0) for i in range(4)], schema=schemas.PAIRS)
     config = FinetuneConfig(max_steps=2, batch_size=2, learning_rate=1e-3)
-    result = train_ppm.fn(str(tiny_model), step_pairs, config, scratch / "ppm")
+    result = train_in_process(str(tiny_model), {"ppm": step_pairs}, config, scratch / "ppm", methods=["ppm"])
     assert result["steps"] == 2 and math.isfinite(result["final_loss"])
     from transformers import AutoModelForSequenceClassification
 
@@ -159,6 +159,6 @@ def test_the_ppm_and_trace_sft_train_from_mcts_data(tiny_model, scratch):
     traces = pa.Table.from_pylist([dict(trace_id="t", problem_id="p", tree_id="x", node_ids=["a", "b"],
                                         prompt="3 boxes of 4 pens?", completion=prefix + "The answer is \\boxed{12}",
                                         answer="12", mean_q=1.0, depth=2)], schema=schemas.TRACES)
-    policy = train_policy.fn(str(tiny_model), {"traces": traces}, FinetuneConfig(method="traces", max_steps=1, batch_size=1),
-                         scratch / "traced")
+    policy = train_in_process(str(tiny_model), {"traces": traces}, FinetuneConfig(method="traces", max_steps=1, batch_size=1),
+                              scratch / "traced")
     assert policy["steps"] == 1 and (scratch / "traced" / "model.safetensors").exists()

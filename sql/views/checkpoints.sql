@@ -14,6 +14,10 @@ SELECT
     c.final_loss,
     c.wall_seconds,
     c.stopped_early,    -- why the collapse guard stopped training (held-out entropy floor, held-out loss rise); NULL: it did not
+    c.base_model_id,    -- an adapter's base model (name@weights-hash), which engines load it on; NULL: full weights
+    c.adapter,          -- true: a LoRA adapter alone (finetune.lora.merge: false); false: full weights (a full fine-tune, or LoRA merged)
+    c.processes,        -- training processes that made it (finetune.processes: DDP/FSDP/ZeRO ranks)
+    c.tracking,         -- the tracker's files for it (tensorboard --logdir <this>); NULL: no local tracker
     d.decision,         -- 'promoted': it became the next round's policy; 'rejected': the next round started from the last promoted one; NULL: not decided (a ppm, or not evaluated yet)
     d.why,              -- the paired changes the gate read, or the reason given by hand
     d.decided_by,       -- 'gate' or 'manual'

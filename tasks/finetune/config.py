@@ -1,10 +1,11 @@
 """The finetune section of the round config, the methods it may chain, and the stage's summary."""
 from __future__ import annotations
 
-from typing import Literal
+import importlib.util
+from typing import Any, Literal
 
 import pyarrow as pa
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 # policy methods, each a module of this package; `ppm` (the process preference model) is trained
 # beside the policy when `train_ppm` is set, never chained
@@ -37,6 +38,19 @@ class CollapseGuardConfig(BaseModel):
         return self.held_out_rows > 0 and (self.entropy_floor is not None or self.max_loss_rise is not None)
 
 
+class LoraConfig(BaseModel):
+    """A LoRA adapter trained instead of every weight (PEFT's `LoraConfig`, handed to the TRL trainer)."""
+    r: int = Field(16, ge=1, description="adapter rank")
+    alpha: int = Field(32, ge=1, description="scaling: the update is alpha / r x B A")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = Field(
+        "all-linear", description="the layers that get an adapter: 'all-linear' (every linear layer but the output "
+                                  "head, as QLoRA and open-r1 do) or module names such as [q_proj, v_proj]")
+    merge: bool = Field(
+        True, description="publish merged full weights (every engine loads them as any model); false: publish the "
+                          "adapter alone, loaded on its base model (vLLM's LoRA support), and continued by later rounds")
+
+
 class FinetuneConfig(BaseModel):
     method: str = Field("sft", description="sft, dpo, grpo, traces or raro, or a chain such as sft+grpo run in that order")
     train_ppm: bool = Field(False, description="also train a process preference model on the round's step pairs")
@@ -58,6 +72,32 @@ class FinetuneConfig(BaseModel):
     guard: CollapseGuardConfig = Field(
         default_factory=CollapseGuardConfig,
         description="collapse guard: stop a method early on a held-out entropy floor or a rise of held-out loss")
+    processes: int = Field(
+        1, ge=1, description="training processes on this machine (one per GPU; on a CPU, DDP over gloo, one core "
+                             "each), started with `accelerate launch`")
+    accelerate_config: str = Field(
+        "ddp", description="the accelerate recipe: ddp, fsdp, zero2 or zero3 (deploy/accelerate/<name>.yaml), or the "
+                           "path of an accelerate config file of your own")
+    lora: LoraConfig | None = Field(None, description="train a LoRA adapter (absent: a full fine-tune)")
+    trainer_args: dict[str, Any] = Field(
+        default_factory=dict, description="any field of the method's TRL config (SFTConfig, DPOConfig, GRPOConfig, "
+                                          "RewardConfig): lr_scheduler_type, warmup_ratio, gradient_checkpointing, bf16, "
+                                          "optim, deepspeed, ...; a field no method of the chain has is an error")
+    report_to: list[str] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="experiment trackers (TRL's report_to): tensorboard (local event files under the run, the "
+                    "default), mlflow, wandb, trackio (configured by their own environment variables), or [] for none")
+    generation: Literal["hf", "vllm"] = Field(
+        default_factory=lambda: "vllm" if importlib.util.find_spec("vllm") is not None else "hf",
+        description="grpo and raro: sample completions with vLLM (the default where it is installed) or HF generate")
+    vllm_mode: Literal["colocate", "server"] = Field(
+        "colocate", description="generation vllm: an engine inside each training process (one machine), or a "
+                                "`trl vllm-serve` server on GPUs apart from the trainer's (vllm_server_url)")
+    vllm_server_url: str | None = Field(None, description="vllm_mode server: the server's base URL (http://host:8000)")
+    sync_steps: int = Field(
+        1, ge=1, description="generation vllm on a CPU: the engine takes the trained weights every N optimizer steps "
+                             "(1: on-policy; N > 1 samples from weights up to N - 1 steps old, recorded as "
+                             "vllm/staleness_steps)")
 
     @field_validator("method")
     @classmethod
@@ -67,6 +107,20 @@ class FinetuneConfig(BaseModel):
         if unknown or not value:
             raise ValueError(f"unknown finetune method {unknown or value!r}: use {', '.join(METHODS)} or a chain like sft+grpo")
         return value
+
+    @model_validator(mode="after")
+    def _server_has_an_address(self) -> "FinetuneConfig":
+        if self.vllm_mode == "server" and self.generation == "vllm" and not self.vllm_server_url:
+            raise ValueError("vllm_mode server needs vllm_server_url (the `trl vllm-serve` server, http://host:port)")
+        return self
+
+    @model_validator(mode="after")
+    def _trainer_args_known(self) -> "FinetuneConfig":
+        if self.trainer_args:  # the TRL configs are imported only when there is something to check
+            from evoforge.tasks.finetune.trainer_args import check_trainer_args
+
+            check_trainer_args(self.trainer_args, self.methods + (["ppm"] if self.train_ppm else []))
+        return self
 
     @property
     def methods(self) -> list[str]:
@@ -81,18 +135,3 @@ def summarize(tables: dict[str, pa.Table]) -> list[str]:
             f"final loss {c['final_loss']:.4f}, {c['wall_seconds']:.0f} s"
             + (f"; stopped early by the collapse guard: {c['stopped_early']}" if c.get("stopped_early") else "")
             for c in rows]
-
-
-def common_arguments(config: FinetuneConfig, output_dir) -> dict:
-    """The TRL training arguments every method shares; each method's module adds its own."""
-    import torch
-
-    gpu = torch.cuda.is_available()
-    return dict(
-        bf16=gpu, use_cpu=not gpu,  # TRL defaults to bf16, which CPUs here only emulate
-        output_dir=str(output_dir), max_steps=config.max_steps, learning_rate=config.learning_rate,
-        per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.gradient_accumulation_steps,
-        logging_steps=1, save_strategy="steps", save_steps=config.checkpoint_steps, save_total_limit=1,
-        report_to="none", seed=config.seed,
-        disable_tqdm=True, dataloader_num_workers=0, lr_scheduler_type="constant",
-    )

@@ -6,21 +6,27 @@ from contextlib import contextmanager
 
 import pyarrow as pa
 
-from evoforge.tasks.finetune.config import FinetuneConfig, common_arguments
+from evoforge.tasks.finetune.config import FinetuneConfig
+from evoforge.tasks.finetune.trainer_args import build_arguments
 
 TABLE = "problems"
 
 
-def arguments(config: FinetuneConfig, output_dir):
-    """GRPO's arguments; RARO trains with GRPO too and uses these."""
-    from trl import GRPOConfig
-
+def arguments(config: FinetuneConfig, output_dir, run_name: str | None = None, method: str = "grpo"):
+    """GRPO's arguments; RARO trains with GRPO too and uses these. With `generation: vllm` TRL samples
+    through vLLM (its colocate or server mode; on a CPU, models/vllm_sync.py's engine, see `trainer`)."""
     if (config.batch_size * config.gradient_accumulation_steps) % config.grpo_generations:
         raise ValueError(f"finetune grpo: batch_size x gradient_accumulation_steps "
                          f"({config.batch_size} x {config.gradient_accumulation_steps}) must be a multiple of "
                          f"grpo_generations ({config.grpo_generations})")
-    return GRPOConfig(num_generations=config.grpo_generations, max_completion_length=config.grpo_max_completion_tokens,
-                      temperature=config.grpo_temperature, beta=config.grpo_beta, **common_arguments(config, output_dir))
+    vllm = {}
+    if config.generation == "vllm":
+        vllm = dict(use_vllm=True, vllm_mode=config.vllm_mode)
+        if config.vllm_mode == "server":
+            vllm["vllm_server_base_url"] = config.vllm_server_url
+    return build_arguments(method, config, output_dir, run_name, num_generations=config.grpo_generations,
+                           max_completion_length=config.grpo_max_completion_tokens,
+                           temperature=config.grpo_temperature, beta=config.grpo_beta, **vllm)
 
 
 def dataset(problems: pa.Table, config: FinetuneConfig, context):

@@ -161,6 +161,18 @@ def held_out_entropy(model, tokenizer, prompts: list, samples: int, max_tokens: 
     return sum(per_sample) / len(per_sample) if per_sample else None
 
 
+def _rank_zeros(decision):
+    """Rank 0's decision on every training process: each measures the same rows with the same weights and
+    seed, but a process that stopped alone would leave the others waiting in the next collective."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return decision
+    shared = [decision]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
 class CollapseGuard(TrainerCallback):
     """Measures the held-out rows at train begin (step 0) and at every `eval_steps`-th step end, appends each
     measurement to the trainer's log history ({"step", "guard_loss", "guard_entropy"}; with "guard_stop", the
@@ -229,7 +241,7 @@ class CollapseGuard(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.guard.eval_steps:
             return control
-        reason = self._record(state, model)
+        reason = _rank_zeros(self._record(state, model))
         if reason and state.global_step < state.max_steps:
             self.stopped = reason
             control.should_training_stop = True

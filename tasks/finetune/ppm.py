@@ -8,15 +8,14 @@ from contextlib import contextmanager
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from evoforge.tasks.finetune.config import FinetuneConfig, common_arguments
+from evoforge.tasks.finetune.config import FinetuneConfig
+from evoforge.tasks.finetune.trainer_args import build_arguments
 
 TABLE = "pairs"
 
 
-def arguments(config: FinetuneConfig, output_dir):
-    from trl import RewardConfig
-
-    return RewardConfig(max_length=config.max_length, **common_arguments(config, output_dir))
+def arguments(config: FinetuneConfig, output_dir, run_name: str | None = None):
+    return build_arguments("ppm", config, output_dir, run_name, max_length=config.max_length)
 
 
 def load_model(path, dtype, tokenizer):

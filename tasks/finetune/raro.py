@@ -7,10 +7,15 @@ from contextlib import contextmanager
 
 import pyarrow as pa
 
+from evoforge.tasks.finetune import grpo
 from evoforge.tasks.finetune.config import FinetuneConfig
-from evoforge.tasks.finetune.grpo import arguments  # noqa: F401  (RARO trains with GRPO's arguments)
 
 TABLE = "judgments"
+
+
+def arguments(config: FinetuneConfig, output_dir, run_name: str | None = None):
+    """GRPO's arguments (RARO trains both roles with GRPO), checked against RARO's own trainer_args."""
+    return grpo.arguments(config, output_dir, run_name, method="raro")
 
 
 def dataset(rows: pa.Table, config: FinetuneConfig, context):

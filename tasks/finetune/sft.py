@@ -6,15 +6,14 @@ from contextlib import contextmanager
 
 import pyarrow as pa
 
-from evoforge.tasks.finetune.config import FinetuneConfig, common_arguments
+from evoforge.tasks.finetune.config import FinetuneConfig
+from evoforge.tasks.finetune.trainer_args import build_arguments
 
 TABLE = "sft_examples"
 
 
-def arguments(config: FinetuneConfig, output_dir):
-    from trl import SFTConfig
-
-    return SFTConfig(completion_only_loss=True, max_length=config.max_length, **common_arguments(config, output_dir))
+def arguments(config: FinetuneConfig, output_dir, run_name: str | None = None):
+    return build_arguments("sft", config, output_dir, run_name, completion_only_loss=True, max_length=config.max_length)
 
 
 def dataset(examples: pa.Table, config: FinetuneConfig, context):

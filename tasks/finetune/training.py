@@ -1,10 +1,17 @@
-"""The one train-and-publish path every method shares.
+"""The one train-and-publish path every method shares, as it runs inside each training process.
 
-Train from `model_path` with each method of a chain in turn (each starts from the previous one's
-weights) and publish the result as a checkpoint folder. The work happens in a staging folder beside
-the output, `.<name>.staging`, so a crash leaves no half checkpoint, and a run killed mid-training
-resumes from it: finished methods are not trained again, and the running one restarts from its last
-saved trainer state (every `checkpoint_steps`). The finished folder is committed atomically.
+The finetune stage does not train in its own process: `train_policy` / `train_ppm` (Prefect tasks)
+hand the job to launch.py, which starts `accelerate launch ... -m evoforge.tasks.finetune.worker`
+with `finetune.processes` processes; each of them runs `train_in_process` below (DDP, FSDP or
+DeepSpeed as the accelerate recipe says; one process is the same code with a world of one).
+
+Train from `model_path` with each method of a chain in turn (each starts from the weights the
+previous one saved) and publish the result as a checkpoint folder. The work happens in a staging
+folder beside the output, `.<name>.staging`, so a crash leaves no half checkpoint, and a run killed
+mid-training resumes from it: finished methods are not trained again, and the running one restarts
+from its last saved trainer state (every `checkpoint_steps`). The finished folder is committed
+atomically. With `finetune.lora` the trainers get PEFT's LoraConfig and the checkpoint is the merged
+weights (`merge: true`) or the adapter alone with the base it loads on (adapters.py).
 The collapse guard (guard.py, `config.guard`) holds some of each method's rows out of training and
 stops the method early when the policy collapses on them; a phase it stopped keeps the reason beside
 its metrics (`stopped.json`), so a resumed chain still reports it.
@@ -12,6 +19,7 @@ its metrics (`stopped.json`), so a resumed chain still reports it.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -21,9 +29,9 @@ import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from evoforge.data.atomic import atomic_path, commit
+from evoforge.data.atomic import atomic_path
 from evoforge.tasks.critic import CriticConfig
-from evoforge.tasks.finetune import dpo, grpo, ppm, raro, sft, traces
+from evoforge.tasks.finetune import adapters, dpo, grpo, ppm, raro, sft, traces
 from evoforge.tasks.finetune.config import FinetuneConfig
 from evoforge.tasks.progress import flow_run_logger
 from evoforge.tasks.verify import VerifyConfig
@@ -32,6 +40,9 @@ METHOD_MODULES = {"sft": sft, "dpo": dpo, "grpo": grpo, "traces": traces, "raro"
 # which lake table each method's rows come from (the finetune flow selects them)
 METHOD_TABLES = {name: module.TABLE for name, module in METHOD_MODULES.items()}
 STOPPED = "stopped.json"  # beside a finished phase's metrics.json when the collapse guard stopped it early
+# what trainer.save_model writes besides the model, which a checkpoint does not carry (a pickle of the
+# arguments names the staging folder: it would change the weights' hash from one attempt to the next)
+NOT_CHECKPOINT = ("training_args.bin", "metrics.json", STOPPED)
 
 
 @dataclass
@@ -41,10 +52,29 @@ class TrainingContext:
     critic: CriticConfig = field(default_factory=CriticConfig)
 
 
-def _causal_lm(path, dtype, tokenizer):
-    from transformers import AutoModelForCausalLM
+@dataclass
+class TrackerRun:
+    """One tracker run per checkpoint: named by the checkpoint id, the round config as its parameters,
+    TensorBoard's event files in `folder` (runs/<run>/tracking/<checkpoint_id>/ on a local lake)."""
+    name: str
+    folder: str | None = None
+    params: dict = field(default_factory=dict)
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+def staging_folder(output_dir: Path) -> Path:
+    output_dir = Path(output_dir)
+    return output_dir.parent / f".{output_dir.name}.staging"
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _wait_for_everyone() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def _step_metrics(log_history: list[dict], method: str, steps_before: int) -> list[dict]:
@@ -59,51 +89,77 @@ def _step_metrics(log_history: list[dict], method: str, steps_before: int) -> li
     ]
 
 
-def _train(model_path: str, data: dict[str, pa.Table], methods: list[str], config: FinetuneConfig, output_dir: Path,
-           context: TrainingContext, resume: bool) -> dict:
+def _phase_callbacks(method: str, config: FinetuneConfig, tracker: TrackerRun | None, log):
+    from transformers import TrainerCallback
+
+    class Log(TrainerCallback):
+        """One line per step on the terminal and in the flow run (the launcher forwards rank 0's lines), and the
+        step count the launcher's progress bar follows."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:  # the bar starts here: its rate counts training, not loading
+                log.info(f"finetune {method}: training from step {state.global_step}",
+                         extra={"progress": {"label": f"finetune {method}", "done": state.global_step,
+                                             "total": state.max_steps}})
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs and "loss" in logs:
+                extra = f" reward {logs['reward']:.3f}" if "reward" in logs else ""
+                log.info(f"finetune {method}: step {state.global_step}/{config.max_steps} loss {logs['loss']:.4f}{extra}",
+                         extra={"progress": {"label": f"finetune {method}", "done": state.global_step,
+                                             "total": state.max_steps}})
+
+    callbacks = [Log()]
+    if tracker is not None and tracker.params:
+        from evoforge.tasks.finetune.tracking import RoundConfigToTrackers
+
+        callbacks.append(RoundConfigToTrackers(tracker.params))
+    return callbacks
+
+
+def train_in_process(model_path: str, data: dict[str, pa.Table], config: FinetuneConfig, output_dir: Path,
+                     context: TrainingContext | None = None, tracker: TrackerRun | None = None,
+                     base_model: dict | None = None, methods: list[str] | None = None) -> dict:
+    """The policy (or, with methods ["ppm"], the PPM) trained with each method of `config.method` in turn,
+    saved in `output_dir`; run by every training process alike (rank 0 writes the files). `base_model`: what
+    an adapter checkpoint records about the model it loads on ({"reference", "model_id"}), with `lora.merge:
+    false`. Returns {"steps", "final_loss", "wall_seconds", "metrics": [{"step", "method", "loss", ...}],
+    "stopped_early"}."""
     import torch
-    from transformers import AutoTokenizer, TrainerCallback
 
     from evoforge.tasks.finetune import guard
 
+    methods = methods or config.methods
+    context = context or TrainingContext()
     for method in methods:
         rows = data.get(method)
         if rows is None or rows.num_rows == 0:
             raise ValueError(f"finetune ({method}): no training rows in {METHOD_TABLES[method]}")
     log = flow_run_logger()
+    main = _rank() == 0
     output_dir = Path(output_dir)
-    staging = output_dir.parent / f".{output_dir.name}.staging"
-    if not resume:
-        shutil.rmtree(staging, ignore_errors=True)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    staging = staging_folder(output_dir)
+    staging.mkdir(parents=True, exist_ok=True)
+    tokenizer = adapters.load_tokenizer(model_path)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    load = getattr(METHOD_MODULES[methods[0]], "load_model", _causal_lm)
-    model = load(model_path, dtype, tokenizer)
     metrics: list[dict] = []
     steps_before = 0
     stopped_early: str | None = None
+    weights = model_path  # where the next phase starts from: the input model, then each finished phase
     started = time.monotonic()
     for index, method in enumerate(methods):
         module = METHOD_MODULES[method]
         phase = f"{index}-{method}"
         finished = staging / f"finished-{phase}"
         if (finished / "metrics.json").exists():  # trained before a crash: take its weights, do not train again
-            model = getattr(module, "load_model", _causal_lm)(finished, dtype, tokenizer)
             phase_metrics = json.loads((finished / "metrics.json").read_text())
             metrics += phase_metrics
             steps_before = max([steps_before, *(m["step"] for m in phase_metrics)])
             if (finished / STOPPED).exists():
                 stopped_early = stopped_early or json.loads((finished / STOPPED).read_text())["stopped_early"]
             log.info(f"finetune {method}: finished before an interruption; resuming after it")
+            weights = str(finished)
             continue
-
-        class Log(TrainerCallback):
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                if logs and "loss" in logs:
-                    extra = f" reward {logs['reward']:.3f}" if "reward" in logs else ""
-                    log.info(f"finetune {method}: step {state.global_step}/{config.max_steps} loss {logs['loss']:.4f}{extra}")
 
         trainer_dir = staging / f"trainer-{phase}"
         saved = sorted(trainer_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -115,32 +171,56 @@ def _train(model_path: str, data: dict[str, pa.Table], methods: list[str], confi
         if collapse is not None:
             log.info(f"finetune {method}: collapse guard on {len(held_out)} held-out rows every "
                      f"{config.guard.eval_steps} steps; training on {len(train_rows)}")
-        trainer_kwargs = dict(model=model, args=module.arguments(config, trainer_dir), train_dataset=train_rows,
-                              processing_class=tokenizer, callbacks=[Log(), *([collapse] if collapse else [])])
+        model = adapters.load_for_training(module, weights, dtype, tokenizer, config.lora)
+        phase_tracker = None
+        if tracker is not None:
+            phase_tracker = tracker if len(methods) == 1 else TrackerRun(f"{tracker.name}/{phase}", tracker.folder and
+                                                                          f"{tracker.folder}/{phase}", tracker.params)
+            if phase_tracker.folder:
+                os.environ["TENSORBOARD_LOGGING_DIR"] = phase_tracker.folder
+        trainer_kwargs = dict(model=model, args=module.arguments(config, trainer_dir, phase_tracker and phase_tracker.name),
+                              train_dataset=train_rows, processing_class=tokenizer,
+                              callbacks=[*_phase_callbacks(method, config, phase_tracker, log), *([collapse] if collapse else [])])
+        peft_config = adapters.peft_config(config.lora, method, model)
+        if peft_config is not None:
+            trainer_kwargs["peft_config"] = peft_config
         with module.trainer(trainer_kwargs, context) as trainer:
+            if phase_tracker is not None and phase_tracker.params:
+                from evoforge.tasks.finetune.tracking import bind
+
+                bind(trainer)
             result = trainer.train(resume_from_checkpoint=str(saved[-1]) if saved else None)
-        model = trainer.model
-        # from the trainer's own history, which a resumed trainer restores, so no step's log is lost
-        phase_metrics = _step_metrics(trainer.state.log_history, method, steps_before)
-        stopped = f"{method}: {collapse.stopped}" if collapse is not None and collapse.stopped else None
+            # every process takes part (FSDP and ZeRO-3 gather the weights); rank 0 writes
+            with atomic_path(finished) if main else _elsewhere(staging) as building:
+                trainer.save_model(str(building))
+                _wait_for_everyone()
+                # from the trainer's own history, which a resumed trainer restores, so no step's log is lost
+                phase_metrics = _step_metrics(trainer.state.log_history, method, steps_before)
+                stopped = f"{method}: {collapse.stopped}" if collapse is not None and collapse.stopped else None
+                if main:  # the phase's weights and metrics appear together: it is done
+                    (building / "metrics.json").write_text(json.dumps(phase_metrics))
+                    if stopped:
+                        (building / STOPPED).write_text(json.dumps({"stopped_early": stopped}))
+        _wait_for_everyone()
         if stopped:
             log.warning(f"finetune {method}: stopped early by the collapse guard after {result.global_step} of "
                         f"{config.max_steps} steps: {collapse.stopped}")
-        with atomic_path(finished) as building:  # the phase's weights and metrics appear together: it is done
-            model.save_pretrained(building, safe_serialization=True)
-            (building / "metrics.json").write_text(json.dumps(phase_metrics))
-            if stopped:
-                (building / STOPPED).write_text(json.dumps({"stopped_early": stopped}))
         metrics += phase_metrics
         stopped_early = stopped_early or stopped
         steps_before += int(result.global_step)
-        shutil.rmtree(trainer_dir, ignore_errors=True)
+        weights = str(finished)
+        del trainer, model
+        if main:
+            shutil.rmtree(trainer_dir, ignore_errors=True)
     wall = time.monotonic() - started
-    for path in staging.glob("*"):  # only the final weights and tokenizer go into the checkpoint
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    commit(staging, output_dir)
+    if main:  # only the final weights and tokenizer go into the checkpoint
+        with atomic_path(output_dir) as building:
+            adapters.write_checkpoint(METHOD_MODULES[methods[-1]], Path(weights), building, config.lora, tokenizer,
+                                      base_model, dtype)
+            for name in NOT_CHECKPOINT:
+                (building / name).unlink(missing_ok=True)
+        shutil.rmtree(staging)  # published: the trainer's state is spent
+    _wait_for_everyone()
     losses = [m["loss"] for m in metrics if "loss" in m]  # the guard's entries carry no training loss
     return {
         "steps": steps_before,
@@ -151,25 +231,51 @@ def _train(model_path: str, data: dict[str, pa.Table], methods: list[str], confi
     }
 
 
+class _elsewhere:
+    """Where a process other than rank 0 points trainer.save_model: it writes nothing there, but FSDP and
+    ZeRO-3 need every process in the call."""
+
+    def __init__(self, staging: Path):
+        self.path = staging / f"rank-{_rank()}-unused"
+
+    def __enter__(self) -> Path:
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
 @task(name="finetune", cache_policy=NO_CACHE, persist_result=False)
 def train_policy(model_path: str, data: dict[str, pa.Table], config: FinetuneConfig, output_dir: Path,
-                 context: TrainingContext | None = None, resume: bool = True) -> dict:
-    """The policy trained with each method of `config.method` in turn, saved in `output_dir`.
+                 context: TrainingContext | None = None, resume: bool = True, tracker: TrackerRun | None = None,
+                 base_model: dict | None = None, log_path: Path | None = None) -> dict:
+    """The policy trained with each method of `config.method` in turn, saved in `output_dir`, by
+    `config.processes` training processes that launch.py starts with accelerate.
 
     `data` maps each method to its rows (METHOD_TABLES names their table; raro's are
     tasks/critic.py `RARO_ROWS`). Returns {"steps", "final_loss", "wall_seconds", "metrics":
-    [{"step", "method", "loss", ...}], "stopped_early"}; steps count across the chain (a method the
-    collapse guard stopped counts the steps it ran). `config.guard` (guard.py) holds rows out of each
-    method's data and adds its measurements to the metrics ({"step", "method", "guard_loss",
+    [{"step", "method", "loss", ...}], "stopped_early", "processes"}; steps count across the chain (a
+    method the collapse guard stopped counts the steps it ran). `config.guard` (guard.py) holds rows out
+    of each method's data and adds its measurements to the metrics ({"step", "method", "guard_loss",
     "guard_entropy"}); "stopped_early" is why it stopped the first method it stopped ("sft: held-out
-    loss ..."), or None.
+    loss ..."), or None. `resume=False` starts over, discarding what an interrupted attempt saved.
+    `log_path`: the training processes' whole output (default: <home>/logs/finetune/<checkpoint>.log).
     """
-    return _train(model_path, data, config.methods, config, output_dir, context or TrainingContext(), resume)
+    from evoforge.tasks.finetune.launch import launch_training
+
+    return launch_training("policy", model_path, data, config, Path(output_dir), context or TrainingContext(),
+                           resume, tracker, base_model, config.methods, log_path)
 
 
 @task(name="train_ppm", cache_policy=NO_CACHE, persist_result=False)
 def train_ppm(model_path: str, step_pairs: pa.Table, config: FinetuneConfig, output_dir: Path,
-              resume: bool = True) -> dict:
-    """The process preference model from the policy at `model_path` on step pairs (see ppm.py); same
-    return value as `train_policy`."""
-    return _train(model_path, {"ppm": step_pairs}, ["ppm"], config, output_dir, TrainingContext(), resume)
+              resume: bool = True, tracker: TrackerRun | None = None, log_path: Path | None = None) -> dict:
+    """The process preference model from the policy at `model_path` on step pairs (see ppm.py), trained
+    like the policy; same return value as `train_policy`. A PPM is always published as full weights
+    (models/ppm.py scores with a plain folder), LoRA or not."""
+    from evoforge.tasks.finetune.launch import launch_training
+
+    ppm_config = config if config.lora is None else config.model_copy(
+        update={"lora": config.lora.model_copy(update={"merge": True})})
+    return launch_training("ppm", model_path, {"ppm": step_pairs}, ppm_config, Path(output_dir), TrainingContext(),
+                           resume, tracker, None, ["ppm"], log_path)
