@@ -102,7 +102,8 @@ def load_config(path: str | Path) -> RoundConfig:
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"config {path}: {where}: {first['msg']} ({err.error_count()} error(s) in all)") from None
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"config {path}: {where}: {message} ({err.error_count()} error(s) in all)") from None
 
 
 def config_hash(section: BaseModel | dict | None) -> str:

@@ -119,7 +119,7 @@ class FinetuneConfig(BaseModel):
         if self.trainer_args:  # the TRL configs are imported only when there is something to check
             from evoforge.tasks.finetune.trainer_args import check_trainer_args
 
-            check_trainer_args(self.trainer_args, self.methods + (["ppm"] if self.train_ppm else []))
+            check_trainer_args(self, self.methods + (["ppm"] if self.train_ppm else []))
         return self
 
     @property

@@ -10,6 +10,7 @@ config passes through as the user wrote it (`lr_scheduler_type`, `warmup_ratio`,
 from __future__ import annotations
 
 import difflib
+import importlib
 import os
 import typing
 
@@ -65,11 +66,12 @@ def _field_types(cls) -> dict[str, object]:
     return {f.name: hints.get(f.name, typing.Any) for f in dataclasses.fields(cls) if f.init}
 
 
-def check_trainer_args(trainer_args: dict, methods: list[str]) -> None:
+def check_trainer_args(config: FinetuneConfig, methods: list[str]) -> None:
     """Raise ValueError (one line) for a key evoforge owns, a key no method of the chain knows (naming the
-    closest valid fields), or a value of the wrong type."""
+    closest valid fields), a value of the wrong type, or one the method's TRL config refuses when built."""
     from pydantic import TypeAdapter, ValidationError
 
+    trainer_args = config.trainer_args
     classes = {method: config_class(method) for method in dict.fromkeys(methods)}
     fields = {method: _field_types(cls) for method, cls in classes.items()}
     known = sorted(set().union(*fields.values()) - set(OWNED))
@@ -90,6 +92,11 @@ def check_trainer_args(trainer_args: dict, methods: list[str]) -> None:
             raise ValueError(f"finetune.trainer_args.{key}: {value!r} does not fit {_type_name(wanted)} ({problem})") from None
         except Exception:  # a type pydantic cannot check (a callable, a class): TRL checks it when it builds the config
             pass
+    for method, cls in classes.items():  # the values themselves, as TRL checks them (a scheduler's name, an optimizer's)
+        try:
+            importlib.import_module(f"evoforge.tasks.finetune.{method}").arguments(config, "unused-output-dir")
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"finetune.trainer_args: {cls.__name__} refuses them: {str(err).splitlines()[0]}") from None
 
 
 def _type_name(annotation) -> str:
