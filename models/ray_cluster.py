@@ -80,9 +80,10 @@ def use_project_token() -> None:
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
 
 
-def connect(address: str | None = None) -> None:
+def connect(address: str | None = None, log_to_driver: bool = False) -> None:
     """Connect this process to Ray (see the module docstring); a no-op when already connected to it.
-    Raises RuntimeError when this process is already connected to a different cluster."""
+    Raises RuntimeError when this process is already connected to a different cluster. `log_to_driver`:
+    the workers' output comes to this process's (a driver whose output is a log file: ray_train.py)."""
     global _connected_address
     import ray
 
@@ -103,10 +104,10 @@ def connect(address: str | None = None) -> None:
                 f"{MAX_TEMP_DIR_LENGTH} characters): set RAY_TMPDIR to a shorter folder of your own")
         folder.mkdir(parents=True, exist_ok=True)
         use_project_token()
-        ray.init(address="local", _temp_dir=str(folder), include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", _temp_dir=str(folder), include_dashboard=False, log_to_driver=log_to_driver,
                  logging_level=logging.ERROR, runtime_env=runtime_env())
     else:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR, runtime_env=runtime_env())
+        ray.init(address=address, log_to_driver=log_to_driver, logging_level=logging.ERROR, runtime_env=runtime_env())
     _connected_address = address
     quiet_driver()
 

@@ -75,6 +75,11 @@ class FinetuneConfig(BaseModel):
     processes: int = Field(
         1, ge=1, description="training processes on this machine (one per GPU; on a CPU, DDP over gloo, one core "
                              "each), started with `accelerate launch`")
+    launcher: Literal["accelerate", "ray"] = Field(
+        "accelerate", description="accelerate: the processes on this machine (accelerate launch); ray: Ray Train's "
+                                  "workers on the Ray cluster, across machines (tasks/finetune/ray_train.py)")
+    ray_address: str | None = Field(
+        None, description="launcher ray: the cluster ('auto', 'host:6379', 'ray://host:10001'); none: a local one")
     accelerate_config: str = Field(
         "ddp", description="the accelerate recipe: ddp, fsdp, zero2 or zero3 (deploy/accelerate/<name>.yaml), or the "
                            "path of an accelerate config file of your own")

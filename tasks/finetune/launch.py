@@ -71,6 +71,9 @@ def die_with_parent() -> None:
 def launch_command(config: FinetuneConfig, job: Path) -> list[str]:
     import torch
 
+    if config.launcher == "ray":
+        return [sys.executable, "-m", "evoforge.tasks.finetune.ray_train", str(job)]
+
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(recipe_path(config.accelerate_config)),
                "--num_processes", str(config.processes), "--num_machines", "1"]
     if config.processes > 1 and not torch.cuda.is_available():
@@ -169,8 +172,9 @@ def run_supervised(command: list[str], log_path: Path, what: str) -> int:
         try:
             for line in process.stdout:
                 sink.write(line)
-                if line.startswith(MARKER):
-                    _forward(line[len(MARKER):], log, bars)
+                marked = line.find(MARKER)  # at the start; after Ray's "(RayTrainWorker pid=...)" prefix
+                if marked >= 0:
+                    _forward(line[marked + len(MARKER):], log, bars)
             return process.wait()
         except BaseException:
             stop_group(process)

@@ -32,6 +32,8 @@ class MarkedLines(logging.Handler):
 
 
 def _configure_logging(rank: int) -> None:
+    import evoforge.tasks.finetune.training  # noqa: F401  (first: Prefect's import configures the logging it finds)
+
     own = logging.getLogger("evoforge")
     own.handlers.clear()  # Prefect's console handler: the launcher is this process's terminal
     own.setLevel(logging.INFO)
@@ -44,6 +46,20 @@ def _configure_logging(rank: int) -> None:
         own.addHandler(handler)
 
 
+def run_job(job: dict, data: dict) -> dict:
+    """Train the job (launch.py `write_job`) in this process, one of the job's processes."""
+    from evoforge.tasks.critic import CriticConfig
+    from evoforge.tasks.finetune.config import FinetuneConfig
+    from evoforge.tasks.finetune.training import TrackerRun, TrainingContext, train_in_process
+    from evoforge.tasks.verify import VerifyConfig
+
+    context = TrainingContext(verify=VerifyConfig.model_validate(job["context"]["verify"]),
+                              critic=CriticConfig.model_validate(job["context"]["critic"]))
+    tracker = TrackerRun(**job["tracker"]) if job["tracker"] else None
+    return train_in_process(job["model_path"], data, FinetuneConfig.model_validate(job["config"]), Path(job["output_dir"]),
+                            context, tracker, job["base_model"], job["methods"])
+
+
 def main(job_path: str) -> int:
     from evoforge.tasks.finetune.launch import die_with_parent
 
@@ -53,25 +69,15 @@ def main(job_path: str) -> int:
     home.configure()
     import pyarrow.parquet as pq
 
-    from evoforge.tasks.critic import CriticConfig
-    from evoforge.tasks.finetune.config import FinetuneConfig
-    from evoforge.tasks.finetune.training import TrackerRun, TrainingContext, train_in_process
-    from evoforge.tasks.verify import VerifyConfig
+    from evoforge.data.atomic import write_text
 
     rank = int(os.environ.get("RANK", "0"))
-    _configure_logging(rank)  # after Prefect's import, which configures the logging it finds
-
+    _configure_logging(rank)
     job_file = Path(job_path)
     job = json.loads(job_file.read_text())
     data = {method: pq.read_table(job_file.parent / f"{method}.parquet") for method in job["methods"]}
-    context = TrainingContext(verify=VerifyConfig.model_validate(job["context"]["verify"]),
-                              critic=CriticConfig.model_validate(job["context"]["critic"]))
-    tracker = TrackerRun(**job["tracker"]) if job["tracker"] else None
-    result = train_in_process(job["model_path"], data, FinetuneConfig.model_validate(job["config"]), Path(job["output_dir"]),
-                              context, tracker, job["base_model"], job["methods"])
+    result = run_job(job, data)
     if rank == 0:
-        from evoforge.data.atomic import write_text
-
         write_text(Path(job["result"]), json.dumps(result))
     return 0
 
