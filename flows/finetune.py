@@ -170,7 +170,7 @@ def finetune_flow(run: str, round: int, config: RoundConfig | None = None, force
             context = TrainingContext(verify=config.verify, critic=config.critic)
             trained = checkpoint_store.training_folder(folder)
             tracker, tracking = _tracker(config, run, checkpoint_id)
-            result = train_policy(starting_weights, data, train_config, trained, context, resume=not force,
+            result = train_policy(starting_weights, data, train_config, trained, context, resume=not force_retrain,
                                   tracker=tracker, base_model=_base_model(config.engine.model, parent),
                                   log_path=logs / f"finetune-{checkpoint_id}.log")
             checkpoint_store.publish(trained, folder)  # on object storage: uploaded, its manifest last
@@ -183,7 +183,7 @@ def finetune_flow(run: str, round: int, config: RoundConfig | None = None, force
         if trains_ppm:  # the PPM starts from the round's policy, as in rStar-Math
             trained = checkpoint_store.training_folder(ppm_folder)
             tracker, tracking = _tracker(config, run, ppm_id)
-            result = train_ppm(starting_weights, step_pairs, config.finetune, trained, resume=not force,
+            result = train_ppm(starting_weights, step_pairs, config.finetune, trained, resume=not force_retrain,
                                tracker=tracker, log_path=logs / f"finetune-{ppm_id}.log")
             checkpoint_store.publish(trained, ppm_folder)
             _publish_tracking(tracker, tracking)
@@ -193,8 +193,9 @@ def finetune_flow(run: str, round: int, config: RoundConfig | None = None, force
         return {"checkpoints": pa.Table.from_pylist(checkpoints, schema=schemas.CHECKPOINTS),
                 "train_metrics": pa.Table.from_pylist(metrics, schema=schemas.TRAIN_METRICS)}
 
+    force_retrain = force  # --force trains from scratch; otherwise an interrupted training resumes from its state
     if (data and not checkpoint_store.is_published(folder)) or (trains_ppm and not checkpoint_store.is_published(ppm_folder)):
-        force = True  # the registry row alone is not a checkpoint
+        force = True  # the registry row alone is not a checkpoint: the stage runs again (and its trainer resumes)
     return execute_stage(
         run, round, "finetune", config_hash=settings, model_id=parent.model_id, input_fingerprint=input_fp,
         rows_in=rows_in + (step_pairs.num_rows if step_pairs is not None else 0), compute=compute, force=force,
