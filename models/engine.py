@@ -145,6 +145,19 @@ def vllm_engine_args(config: EngineConfig, gpu: bool) -> dict:
     return args
 
 
+# the LoRA ranks vLLM sizes its adapter slots for (vllm/config/lora.py)
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_engine_args(model: ResolvedModel) -> dict:
+    """vLLM's LoRA settings for an adapter checkpoint (the base is `model.path`), none for full weights: one
+    adapter slot, sized to the smallest rank vLLM offers that holds the adapter's."""
+    if model.adapter is None:
+        return {}
+    rank = next((r for r in VLLM_LORA_RANKS if r >= (model.adapter_rank or 1)), VLLM_LORA_RANKS[-1])
+    return dict(enable_lora=True, max_lora_rank=rank, max_loras=1)
+
+
 class VLLMEngine:
     def __init__(self, model: ResolvedModel, config: EngineConfig):
         from vllm import LLM
@@ -152,7 +165,12 @@ class VLLMEngine:
         self.model_id = model.model_id
         gpu = has_cuda()
         # its weight-loading bar wrote into the terminal past the log file
-        kwargs = dict(model=model.path, use_tqdm_on_load=False, **vllm_engine_args(config, gpu))
+        kwargs = dict(model=model.path, use_tqdm_on_load=False, **vllm_engine_args(config, gpu), **lora_engine_args(model))
+        self.lora_request = None
+        if model.adapter is not None:  # the base's weights, and the adapter applied to every request
+            from vllm.lora.request import LoRARequest
+
+            self.lora_request = LoRARequest(model.model_id, 1, model.adapter)
         if gpu:
             kwargs["enable_sleep_mode"] = True  # frees GPU memory for training between rounds
         else:
@@ -195,7 +213,7 @@ class VLLMEngine:
         from vllm.exceptions import VLLMClientError
 
         try:
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora_request)
         except VLLMClientError as err:  # the request is wrong, not the engine: retrying cannot help
             raise EngineRequestError(f"{self.model_id}: {err}") from err
         results = []
@@ -231,7 +249,12 @@ class TransformersEngine:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(model.path, dtype=dtype).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model.path, dtype=dtype)
+        if model.adapter is not None:  # merged in memory: the same outputs as the base with the adapter, faster
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(self.model, model.adapter).merge_and_unload()
+        self.model = self.model.to(self.device).eval()
 
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingConfig) -> list[list[Completion]]:
         return [self._generate_one(r, sampling) for r in requests]

@@ -65,13 +65,15 @@ class Endpoint:
 
 def served_name_for(models: list[dict], model: ResolvedModel, reference: str) -> str | None:
     """The name under which a `/models` listing serves `model`: evoforge's id (launched replicas),
-    the reference the config gives, or the same folder."""
+    the reference the config gives, or the same folder (an adapter's: the LoRA module loaded from its
+    folder, never its base)."""
+    folder = model.adapter or (model.path if model.is_local else None)
     for entry in models:
         if entry.get("id") in (model.model_id, reference):
             return entry["id"]
         root = entry.get("root") or entry.get("id") or ""
-        if model.is_local and root and Path(root).expanduser().is_dir() \
-                and Path(root).expanduser().resolve() == Path(model.path).resolve():
+        if folder and root and Path(root).expanduser().is_dir() \
+                and Path(root).expanduser().resolve() == Path(folder).resolve():
             return entry["id"]
     return None
 
@@ -215,8 +217,10 @@ class OpenAIEngine:
         if name is None:
             served = ", ".join(str(m.get("id")) for m in models) or "nothing"
             raise WrongServedModel(
-                f"endpoint {endpoint.url} serves {served}, not {self.model_id} ({self.model.path}): restart it "
-                f"with `vllm serve {self.model.path} --served-model-name {self.model_id}`")
+                f"endpoint {endpoint.url} serves {served}, not {self.model_id} ({self.model.adapter or self.model.path}): "
+                f"restart it with `vllm serve {self.model.path} " + (
+                    f"--enable-lora --lora-modules {self.model_id}={self.model.adapter}`" if self.model.adapter else
+                    f"--served-model-name {self.model_id}`"))
         endpoint.served_name = name
 
     def _probe(self, endpoint: Endpoint) -> bool:

@@ -39,11 +39,14 @@ from evoforge.models.engine import (
     prompt_text,
     vllm_engine_args,
 )
-from evoforge.models.registry import ResolvedModel
+from evoforge.models.registry import ModelError, ResolvedModel
 
 
 class RayDataEngine:
     def __init__(self, model: ResolvedModel, config: EngineConfig):
+        if model.adapter is not None:
+            raise ModelError(f"{model.model_id} is a LoRA adapter: engine.backend ray loads full weights; publish the "
+                             "checkpoint merged (finetune.lora.merge: true) or use the vllm or openai backend")
         ray_cluster.connect(config.ray.address)  # first: it quiets the loggers Ray's LLM modules make at import
         import ray
         from ray.data.llm import build_processor

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from evoforge.data import home
-from evoforge.models.engine import EngineConfig, LaunchConfig, has_cuda, vllm_engine_args
+from evoforge.models.engine import EngineConfig, LaunchConfig, has_cuda, lora_engine_args, vllm_engine_args
 from evoforge.models.registry import ResolvedModel
 
 
@@ -181,10 +181,12 @@ class ServerFleet:
     def _command(self, port: int, gpu: bool) -> list[str]:
         command = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", self.model.path, "--served-model-name", self.model.model_id,
+            "--model", self.model.path, "--served-model-name", self.model.base_model_id or self.model.model_id,
             "--host", self.host, "--port", str(port), "--generation-config", "vllm", "--disable-uvicorn-access-log",
         ]
-        for name, value in vllm_engine_args(self.engine, gpu).items():
+        if self.model.adapter is not None:  # the base is served, and the adapter under the checkpoint's own id
+            command += ["--lora-modules", f"{self.model.model_id}={self.model.adapter}"]
+        for name, value in {**vllm_engine_args(self.engine, gpu), **lora_engine_args(self.model)}.items():
             flag = name.replace("_", "-")
             command += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
         return command
