@@ -195,12 +195,24 @@ class RaroReward:
         self.trainer = None  # set once the trainer exists: the critic is the model being trained
 
     def judge(self, prompts: list) -> list[str]:
+        """The critic's outputs for `prompts`, from the model being trained: on the trainer's colocated vLLM
+        engine when it samples through one (it holds the weights of this step: GRPO synced them before
+        generating), else with HF generate on the trainer's model."""
         import torch
 
-        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
         texts = [self.tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         sampling = self.critic.sampling
+        generation = getattr(self.trainer, "vllm_generation", None) if getattr(self.trainer, "use_vllm", False) else None
+        llm = getattr(generation, "llm", None)  # colocate mode; a server's engine is the main process's alone
+        if llm is not None and not getattr(generation, "_llm_weights_sleeping", False):
+            from vllm import SamplingParams
+
+            ids = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+            params = SamplingParams(n=1, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens)
+            outputs = llm.generate([{"prompt_token_ids": i} for i in ids], params, use_tqdm=False)
+            return [o.outputs[0].text for o in outputs]
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         was_training = model.training
         model.eval()
         with torch.no_grad():

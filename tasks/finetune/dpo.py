@@ -32,7 +32,7 @@ def dataset(pairs: pa.Table, config: FinetuneConfig, context):
 
 
 @contextmanager
-def trainer(trainer_kwargs: dict, context):
+def trainer(trainer_kwargs: dict, context, config: FinetuneConfig):
     from trl import DPOTrainer
 
     yield DPOTrainer(**trainer_kwargs)

@@ -60,8 +60,8 @@ class VerifierReward:
 
 
 @contextmanager
-def trainer(trainer_kwargs: dict, context):
-    from trl import GRPOTrainer
+def trainer(trainer_kwargs: dict, context, config: FinetuneConfig):
+    from evoforge.tasks.finetune.vllm_colocate import build_grpo_trainer
 
     with context.verify.pool() as pool:
-        yield GRPOTrainer(reward_funcs=[VerifierReward(pool)], **trainer_kwargs)
+        yield build_grpo_trainer(trainer_kwargs, config.sync_steps, reward_funcs=[VerifierReward(pool)])

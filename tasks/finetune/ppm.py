@@ -39,7 +39,7 @@ def dataset(pairs: pa.Table, config: FinetuneConfig, context):
 
 
 @contextmanager
-def trainer(trainer_kwargs: dict, context):
+def trainer(trainer_kwargs: dict, context, config: FinetuneConfig):
     from trl import RewardTrainer
 
     yield RewardTrainer(**trainer_kwargs)

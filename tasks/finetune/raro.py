@@ -37,12 +37,11 @@ def dataset(rows: pa.Table, config: FinetuneConfig, context):
 
 
 @contextmanager
-def trainer(trainer_kwargs: dict, context):
-    from trl import GRPOTrainer
-
+def trainer(trainer_kwargs: dict, context, config: FinetuneConfig):
     from evoforge.tasks.critic import RaroReward
+    from evoforge.tasks.finetune.vllm_colocate import build_grpo_trainer
 
     reward = RaroReward(trainer_kwargs["processing_class"], context.critic, trainer_kwargs["args"].seed)
-    trained = GRPOTrainer(reward_funcs=[reward], **trainer_kwargs)
-    reward.trainer = trained  # the critic is the model being trained
+    trained = build_grpo_trainer(trainer_kwargs, config.sync_steps, reward_funcs=[reward])
+    reward.trainer = trained  # the critic is the model being trained, and judges on its engine
     yield trained

@@ -30,7 +30,7 @@ def dataset(examples: pa.Table, config: FinetuneConfig, context):
 
 
 @contextmanager
-def trainer(trainer_kwargs: dict, context):
+def trainer(trainer_kwargs: dict, context, config: FinetuneConfig):
     from trl import SFTTrainer
 
     yield SFTTrainer(**trainer_kwargs)

@@ -184,7 +184,7 @@ def train_in_process(model_path: str, data: dict[str, pa.Table], config: Finetun
         peft_config = adapters.peft_config(config.lora, method, model)
         if peft_config is not None:
             trainer_kwargs["peft_config"] = peft_config
-        with module.trainer(trainer_kwargs, context) as trainer:
+        with module.trainer(trainer_kwargs, context, config) as trainer:
             if phase_tracker is not None and phase_tracker.params:
                 from evoforge.tasks.finetune.tracking import bind
 
