@@ -83,8 +83,8 @@ def last_loss(metrics: list[dict]) -> float:
 @pytest.mark.server
 @pytest.mark.parametrize("method", ["sft", "grpo"])
 def test_two_processes_train_what_one_does_with_the_same_global_batch(prefect_server, runs_root, tiny_model, method):
-    per_step = dict(sft={"batch_size": 4}, grpo={"batch_size": 8, "grpo_generations": 4, "grpo_max_completion_tokens": 8,
-                                                   "generation": "hf"})[method]
+    # grpo samples through vLLM, an engine in each training process
+    per_step = dict(sft={"batch_size": 4}, grpo={"batch_size": 8, "grpo_generations": 4, "grpo_max_completion_tokens": 8})[method]
     rows = {}
     for processes in (1, 2):
         run = f"{method}-{processes}"
@@ -95,6 +95,8 @@ def test_two_processes_train_what_one_does_with_the_same_global_batch(prefect_se
         assert row["processes"] == processes and row["adapter"] is False and row["base_model_id"] is None
         assert (Path(row["path"]) / "model.safetensors").exists() and row["steps"] == 3
         assert sorted({m["step"] for m in metrics if m["metric"] == "loss"}) == [1, 2, 3]
+        if method == "grpo":
+            assert {m["value"] for m in metrics if m["metric"] == "vllm/staleness_steps"} == {0.0}
         assert not trainers(f".{Path(row['path']).name}.job")  # every training process is gone
         rows[processes] = last_loss(metrics)
     assert math.isfinite(rows[1]) and abs(rows[2] - rows[1]) <= 0.02 * abs(rows[1]) + 1e-6, rows
