@@ -138,5 +138,8 @@ def summarize(tables: dict[str, pa.Table]) -> list[str]:
         return ["- no checkpoint: nothing to train on; the policy carries over"]
     return [f"- **{c['checkpoint_id']}** ({c['method']}): {c['train_rows']} rows, {c['steps']} steps, "
             f"final loss {c['final_loss']:.4f}, {c['wall_seconds']:.0f} s"
+            + (f" in {c['processes']} processes" if (c.get("processes") or 1) > 1 else "")
+            + (f"; a LoRA adapter on {c['base_model_id']}" if c.get("adapter") else "")
             + (f"; stopped early by the collapse guard: {c['stopped_early']}" if c.get("stopped_early") else "")
+            + (f"; dashboard: `tensorboard --logdir {c['tracking']}`" if c.get("tracking") else "")
             for c in rows]
