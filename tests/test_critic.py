@@ -139,7 +139,8 @@ def test_raro_grpo_trains_both_roles_of_one_model(tiny_model, scratch):
     from evoforge.models.engine import EngineConfig, SamplingConfig
     from evoforge.models.loader import load_engine
     from evoforge.tasks.finetune.config import FinetuneConfig
-    from evoforge.tasks.finetune.training import TrainingContext, train_policy
+    from evoforge.tasks.finetune.launch import train_policy
+    from evoforge.tasks.finetune.training import TrainingContext
 
     problems = pa.Table.from_pylist([dict(problem_id=f"p{i}", question=f"What is {i} + 2?",
                                           expert_answer=f"{i} + 2 = {i + 2}. The answer is \\boxed{{{i + 2}}}.")

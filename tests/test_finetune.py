@@ -13,7 +13,8 @@ from evoforge.models.prompts import solve_messages
 from evoforge.tasks.finetune import grpo
 from evoforge.tasks.finetune.config import FinetuneConfig
 from evoforge.tasks.finetune.grpo import VerifierReward
-from evoforge.tasks.finetune.training import train_in_process, train_policy
+from evoforge.tasks.finetune.launch import train_policy
+from evoforge.tasks.finetune.training import train_in_process
 from evoforge.tasks.pairs import PairsConfig, build_pairs
 from evoforge.tasks.verify import VerifyConfig
 

@@ -99,8 +99,44 @@ def test_two_processes_train_what_one_does_with_the_same_global_batch(prefect_se
             assert {m["value"] for m in metrics if m["metric"] == "vllm/staleness_steps"} == {0.0}
         assert not trainers(f".{Path(row['path']).name}.job")  # every training process is gone
         rows[processes] = last_loss(metrics)
+        tracked(row, metrics)
     assert math.isfinite(rows[1]) and abs(rows[2] - rows[1]) <= 0.02 * abs(rows[1]) + 1e-6, rows
     assert not trainers()
+
+
+def tracked(row: dict, metrics: list[dict]) -> None:
+    """The checkpoint's TensorBoard run (the default tracker): under the run, named by the checkpoint id, the
+    losses train_metrics has, and the round config as the run's parameters."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folder = Path(row["tracking"])
+    assert folder.name == row["checkpoint_id"] and folder.parent.name == "tracking"
+    events = EventAccumulator(str(folder)).Reload()
+    losses = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert losses == pytest.approx({m["step"]: m["value"] for m in metrics if m["metric"] == "loss"}, rel=1e-5)
+    config = events.Tensors("round_config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "finetune:" in config and f"processes: {row['processes']}" in config
+
+
+@pytest.mark.model
+def test_a_trainer_that_fails_is_one_line_naming_its_log(tiny_model, scratch):
+    from evoforge.tasks.finetune.config import FinetuneConfig
+    from evoforge.tasks.finetune.launch import TrainingFailed
+    from evoforge.tasks.finetune.launch import train_policy
+
+    broken = scratch / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    rows = pa.Table.from_pylist([dict(prompt="1 + 1?", completion="\\boxed{2}")] * 4)
+    output = scratch / f"ckpt-{scratch.name[-8:]}"  # the log is named by the checkpoint: one of this test's own
+    with pytest.raises(TrainingFailed) as caught:
+        train_policy.fn(str(broken), {"sft": rows}, FinetuneConfig(report_to=[]), output)
+    message = str(caught.value)
+    log = home.home() / "logs" / "finetune" / f"{output.name}.log"
+    assert "\n" not in message and message.startswith("finetune: the training processes failed (exit 1): ")
+    assert message.endswith(f"; log: {log}") and "Error" in message.split(": ", 2)[2]
+    assert "Traceback" in log.read_text() and not output.exists() and not trainers()
+    log.unlink()
 
 
 @pytest.mark.model
@@ -108,7 +144,8 @@ def test_every_method_and_the_ppm_train_under_two_processes(tiny_model, scratch)
     """A chain of every policy method with the collapse guard on, and the PPM, each launched as two processes."""
     from evoforge.tasks.critic import CriticConfig, raro_training_rows
     from evoforge.tasks.finetune.config import FinetuneConfig
-    from evoforge.tasks.finetune.training import TrainingContext, train_policy, train_ppm
+    from evoforge.tasks.finetune.launch import train_policy, train_ppm
+    from evoforge.tasks.finetune.training import TrainingContext
 
     solution = lambda i: f"{i} + 4 = {i + 4}. The answer is \\boxed{{{i + 4}}}."  # noqa: E731
     sft = pa.Table.from_pylist([dict(prompt=f"What is {i} + 4?", completion=solution(i)) for i in range(8)])
@@ -188,7 +225,7 @@ def test_finetune_spans_two_ray_nodes_with_ray_train(tiny_model, scratch):
     from ray.cluster_utils import Cluster
 
     from evoforge.tasks.finetune.config import FinetuneConfig
-    from evoforge.tasks.finetune.training import train_policy
+    from evoforge.tasks.finetune.launch import train_policy
 
     if ray.is_initialized():
         ray.shutdown()

@@ -97,7 +97,8 @@ def test_sync_steps_samples_from_weights_at_most_that_many_steps_old(tiny_model,
 
 def test_grpo_and_raro_train_through_vllm_in_the_finetune_processes(tiny_model, scratch):
     from evoforge.tasks.critic import CriticConfig, raro_training_rows
-    from evoforge.tasks.finetune.training import TrainingContext, train_policy
+    from evoforge.tasks.finetune.launch import train_policy
+    from evoforge.tasks.finetune.training import TrainingContext
 
     solution = lambda i: f"{i} + 4 = {i + 4}. The answer is \\boxed{{{i + 4}}}."  # noqa: E731
     problems = pa.Table.from_pylist([dict(problem_id=f"p{i}", question=f"What is {i} + 4?", answer=str(i + 4),

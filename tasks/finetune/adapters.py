@@ -88,11 +88,14 @@ def peft_config(lora: LoraConfig | None, method: str, model):
 
 
 def write_checkpoint(module, weights: Path, folder: Path, lora: LoraConfig | None, tokenizer, base_model: dict | None,
-                     dtype) -> None:
+                     dtype, merged=None) -> None:
     """The checkpoint at `folder` (created) from the last phase's saved weights: full weights as they are, an
-    adapter merged into its base (`lora.merge`), or the adapter with the record of its base."""
+    adapter merged into its base (`lora.merge`; `merged`: already merged in memory), or the adapter with the
+    record of its base."""
     if not is_adapter(weights):
         shutil.copytree(weights, folder)
+    elif merged is not None and (lora is None or lora.merge):
+        merged.save_pretrained(folder, safe_serialization=True)
     elif lora is None or lora.merge:
         model = load_for_training(module, str(weights), dtype, tokenizer, lora=None)  # merged
         model.save_pretrained(folder, safe_serialization=True)

@@ -15,6 +15,8 @@ TABLE = "problems"
 def arguments(config: FinetuneConfig, output_dir, run_name: str | None = None, method: str = "grpo"):
     """GRPO's arguments; RARO trains with GRPO too and uses these. With `generation: vllm` TRL samples
     through vLLM (its colocate or server mode; on a CPU, models/vllm_sync.py's engine, see `trainer`)."""
+    import torch
+
     if (config.batch_size * config.gradient_accumulation_steps) % config.grpo_generations:
         raise ValueError(f"finetune grpo: batch_size x gradient_accumulation_steps "
                          f"({config.batch_size} x {config.gradient_accumulation_steps}) must be a multiple of "
@@ -24,6 +26,12 @@ def arguments(config: FinetuneConfig, output_dir, run_name: str | None = None, m
         vllm = dict(use_vllm=True, vllm_mode=config.vllm_mode)
         if config.vllm_mode == "server":
             vllm["vllm_server_base_url"] = config.vllm_server_url
+        elif not torch.cuda.is_available():
+            # TRL corrects for the sampler's log-probabilities differing from the trainer's (another precision,
+            # stale weights) with one more forward pass per step. On a CPU both are float32 and, synced every
+            # step, the same weights: the ratio is 1 (measured: 4e-7 apart), and the pass cost ~15% of a step.
+            # With sync_steps > 1 the weights are stale, and the correction is kept. trainer_args can say otherwise.
+            vllm["vllm_importance_sampling_correction"] = config.sync_steps > 1
     return build_arguments(method, config, output_dir, run_name, num_generations=config.grpo_generations,
                            max_completion_length=config.grpo_max_completion_tokens,
                            temperature=config.grpo_temperature, beta=config.grpo_beta, **vllm)

@@ -32,10 +32,13 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from evoforge.data import home
 from evoforge.data.home import PROJECT_ROOT
 from evoforge.tasks.finetune.config import FinetuneConfig
+from evoforge.tasks.finetune.training import TrackerRun, TrainingContext, check_rows, staging_folder
 from evoforge.tasks.progress import Progress, flow_run_logger
 
 MARKER = "@evoforge "  # a line evoforge's logger wrote in a training process: JSON, forwarded to the flow run
@@ -92,15 +95,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def write_job(job_dir: Path, role: str, model_path: str, data: dict[str, pa.Table], config: FinetuneConfig,
-              output_dir: Path, context, tracker, base_model: dict | None, methods: list[str]) -> Path:
+def write_job(job_dir: Path, model_path: str, data: dict[str, pa.Table], config: FinetuneConfig, output_dir: Path,
+              context, tracker, base_model: dict | None, methods: list[str]) -> Path:
     """The job a training process reads: the rows of each method as Parquet, everything else as JSON."""
     from dataclasses import asdict
 
     job_dir.mkdir(parents=True, exist_ok=True)
     for method, table in data.items():
         pq.write_table(table, job_dir / f"{method}.parquet")
-    spec = dict(role=role, model_path=str(model_path), methods=methods, output_dir=str(output_dir),
+    spec = dict(model_path=str(model_path), methods=methods, output_dir=str(output_dir),
                 config=config.model_dump(mode="json"),
                 context={"verify": context.verify.model_dump(mode="json"), "critic": context.critic.model_dump(mode="json")},
                 tracker=asdict(tracker) if tracker is not None else None, base_model=base_model,
@@ -114,24 +117,18 @@ def log_path_for(output_dir: Path) -> Path:
     return home.home() / "logs" / "finetune" / f"{Path(output_dir).name}.log"
 
 
-def launch_training(role: str, model_path: str, data: dict[str, pa.Table], config: FinetuneConfig, output_dir: Path,
-                    context, resume: bool, tracker, base_model: dict | None, methods: list[str],
-                    log_path: Path | None = None) -> dict:
-    """Train in `config.processes` processes started by accelerate; returns the result rank 0 wrote
-    (training.py `train_in_process`), with "processes" added."""
+def launch_training(model_path: str, data: dict[str, pa.Table], config: FinetuneConfig, output_dir: Path, context,
+                    resume: bool, tracker, base_model: dict | None, methods: list[str], log_path: Path | None = None) -> dict:
+    """Train in `config.processes` processes started by accelerate (or Ray Train); returns the result rank 0
+    wrote (training.py `train_in_process`), with "processes" added."""
     import shutil
 
-    from evoforge.tasks.finetune.training import METHOD_TABLES, staging_folder
-
-    for method in methods:  # before any process starts: one line, nothing written
-        rows = data.get(method)
-        if rows is None or rows.num_rows == 0:
-            raise ValueError(f"finetune ({method}): no training rows in {METHOD_TABLES[method]}")
+    check_rows(data, methods)  # before any process starts: one line, nothing written
     if not resume:
         shutil.rmtree(staging_folder(output_dir), ignore_errors=True)
     job_dir = output_dir.parent / f".{output_dir.name}.job"
     shutil.rmtree(job_dir, ignore_errors=True)  # the job is written afresh each attempt; the trainer's state is kept
-    job = write_job(job_dir, role, model_path, data, config, output_dir, context, tracker, base_model, methods)
+    job = write_job(job_dir, model_path, data, config, output_dir, context, tracker, base_model, methods)
     log_path = log_path or log_path_for(output_dir)
     command = launch_command(config, job)
     started = time.monotonic()
@@ -239,3 +236,34 @@ def _last_error(log_path: Path) -> str:
             return text[:400]
     return next((line for line in reversed(lines) if line.strip()), "no output")[:400]
 
+
+@task(name="finetune", cache_policy=NO_CACHE, persist_result=False)
+def train_policy(model_path: str, data: dict[str, pa.Table], config: FinetuneConfig, output_dir: Path,
+                 context: TrainingContext | None = None, resume: bool = True, tracker: TrackerRun | None = None,
+                 base_model: dict | None = None, log_path: Path | None = None) -> dict:
+    """The policy trained with each method of `config.method` in turn, saved in `output_dir`, by
+    `config.processes` training processes that launch.py starts with accelerate.
+
+    `data` maps each method to its rows (METHOD_TABLES names their table; raro's are
+    tasks/critic.py `RARO_ROWS`). Returns {"steps", "final_loss", "wall_seconds", "metrics":
+    [{"step", "method", "loss", ...}], "stopped_early", "processes"}; steps count across the chain (a
+    method the collapse guard stopped counts the steps it ran). `config.guard` (guard.py) holds rows out
+    of each method's data and adds its measurements to the metrics ({"step", "method", "guard_loss",
+    "guard_entropy"}); "stopped_early" is why it stopped the first method it stopped ("sft: held-out
+    loss ..."), or None. `resume=False` starts over, discarding what an interrupted attempt saved.
+    `log_path`: the training processes' whole output (default: <home>/logs/finetune/<checkpoint>.log).
+    """
+    return launch_training(model_path, data, config, Path(output_dir), context or TrainingContext(), resume, tracker,
+                           base_model, config.methods, log_path)
+
+
+@task(name="train_ppm", cache_policy=NO_CACHE, persist_result=False)
+def train_ppm(model_path: str, step_pairs: pa.Table, config: FinetuneConfig, output_dir: Path,
+              resume: bool = True, tracker: TrackerRun | None = None, log_path: Path | None = None) -> dict:
+    """The process preference model from the policy at `model_path` on step pairs (see ppm.py), trained
+    like the policy; same return value as `train_policy`. A PPM is always published as full weights
+    (models/ppm.py scores with a plain folder), LoRA or not."""
+    ppm_config = config if config.lora is None else config.model_copy(
+        update={"lora": config.lora.model_copy(update={"merge": True})})
+    return launch_training(model_path, {"ppm": step_pairs}, ppm_config, Path(output_dir), TrainingContext(), resume,
+                           tracker, None, ["ppm"], log_path)

@@ -14,8 +14,6 @@ import importlib
 import os
 import typing
 
-from evoforge.tasks.finetune.config import FinetuneConfig
-
 # the TRL config class of each method; raro trains with GRPO, traces with SFT, the PPM is a reward model
 CONFIG_CLASSES = {"sft": "SFTConfig", "traces": "SFTConfig", "dpo": "DPOConfig", "grpo": "GRPOConfig",
                   "raro": "GRPOConfig", "ppm": "RewardConfig"}
@@ -66,8 +64,9 @@ def _field_types(cls) -> dict[str, object]:
     return {f.name: hints.get(f.name, typing.Any) for f in dataclasses.fields(cls) if f.init}
 
 
-def check_trainer_args(config: FinetuneConfig, methods: list[str]) -> None:
-    """Raise ValueError (one line) for a key evoforge owns, a key no method of the chain knows (naming the
+def check_trainer_args(config, methods: list[str]) -> None:
+    """`config`: the finetune section (config.py's FinetuneConfig, which calls this as it validates).
+    Raise ValueError (one line) for a key evoforge owns, a key no method of the chain knows (naming the
     closest valid fields), a value of the wrong type, or one the method's TRL config refuses when built."""
     from pydantic import TypeAdapter, ValidationError
 
@@ -107,7 +106,7 @@ def distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def build_arguments(method: str, config: FinetuneConfig, output_dir, run_name: str | None = None, **method_args):
+def build_arguments(method: str, config, output_dir, run_name: str | None = None, **method_args):
     """The method's TRL config: evoforge's settings, the method's own (`method_args`), then the user's
     `trainer_args` that this method's config has (a chain's fields go to the methods that know them)."""
     import torch

@@ -1,9 +1,9 @@
 """The one train-and-publish path every method shares, as it runs inside each training process.
 
-The finetune stage does not train in its own process: `train_policy` / `train_ppm` (Prefect tasks)
-hand the job to launch.py, which starts `accelerate launch ... -m evoforge.tasks.finetune.worker`
-with `finetune.processes` processes; each of them runs `train_in_process` below (DDP, FSDP or
-DeepSpeed as the accelerate recipe says; one process is the same code with a world of one).
+The finetune stage does not train in its own process: launch.py's `train_policy` / `train_ppm`
+(Prefect tasks) start `accelerate launch ... -m evoforge.tasks.finetune.worker` with
+`finetune.processes` processes; each of them runs `train_in_process` below (DDP, FSDP or DeepSpeed
+as the accelerate recipe says; one process is the same code with a world of one).
 
 Train from `model_path` with each method of a chain in turn (each starts from the weights the
 previous one saved) and publish the result as a checkpoint folder. The work happens in a staging
@@ -18,6 +18,7 @@ its metrics (`stopped.json`), so a resumed chain still reports it.
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -26,8 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from evoforge.data.atomic import atomic_path
 from evoforge.tasks.critic import CriticConfig
@@ -64,6 +63,13 @@ class TrackerRun:
 def staging_folder(output_dir: Path) -> Path:
     output_dir = Path(output_dir)
     return output_dir.parent / f".{output_dir.name}.staging"
+
+
+def check_rows(data: dict[str, pa.Table], methods: list[str]) -> None:
+    for method in methods:
+        rows = data.get(method)
+        if rows is None or rows.num_rows == 0:
+            raise ValueError(f"finetune ({method}): no training rows in {METHOD_TABLES[method]}")
 
 
 def _rank() -> int:
@@ -131,10 +137,7 @@ def train_in_process(model_path: str, data: dict[str, pa.Table], config: Finetun
 
     methods = methods or config.methods
     context = context or TrainingContext()
-    for method in methods:
-        rows = data.get(method)
-        if rows is None or rows.num_rows == 0:
-            raise ValueError(f"finetune ({method}): no training rows in {METHOD_TABLES[method]}")
+    check_rows(data, methods)
     log = flow_run_logger()
     main = _rank() == 0
     output_dir = Path(output_dir)
@@ -146,6 +149,7 @@ def train_in_process(model_path: str, data: dict[str, pa.Table], config: Finetun
     steps_before = 0
     stopped_early: str | None = None
     weights = model_path  # where the next phase starts from: the input model, then each finished phase
+    merged = None  # the last phase's adapter merged into its model, when it could be merged in memory
     started = time.monotonic()
     for index, method in enumerate(methods):
         module = METHOD_MODULES[method]
@@ -201,6 +205,10 @@ def train_in_process(model_path: str, data: dict[str, pa.Table], config: Finetun
                     (building / "metrics.json").write_text(json.dumps(phase_metrics))
                     if stopped:
                         (building / STOPPED).write_text(json.dumps({"stopped_early": stopped}))
+            if main and index == len(methods) - 1 and config.lora is not None and config.lora.merge \
+                    and not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+                # merged in place, while the weights are here and whole: publishing needs no second copy of the base
+                merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
         _wait_for_everyone()
         if stopped:
             log.warning(f"finetune {method}: stopped early by the collapse guard after {result.global_step} of "
@@ -209,14 +217,15 @@ def train_in_process(model_path: str, data: dict[str, pa.Table], config: Finetun
         stopped_early = stopped_early or stopped
         steps_before += int(result.global_step)
         weights = str(finished)
-        del trainer, model
+        del trainer, model, trainer_kwargs  # the next phase (or the merge) loads its own copy: free this one first
+        gc.collect()
         if main:
             shutil.rmtree(trainer_dir, ignore_errors=True)
     wall = time.monotonic() - started
     if main:  # only the final weights and tokenizer go into the checkpoint
         with atomic_path(output_dir) as building:
             adapters.write_checkpoint(METHOD_MODULES[methods[-1]], Path(weights), building, config.lora, tokenizer,
-                                      base_model, dtype)
+                                      base_model, dtype, merged)
             for name in NOT_CHECKPOINT:
                 (building / name).unlink(missing_ok=True)
         shutil.rmtree(staging)  # published: the trainer's state is spent
@@ -243,39 +252,3 @@ class _elsewhere:
 
     def __exit__(self, *exc) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
-
-
-@task(name="finetune", cache_policy=NO_CACHE, persist_result=False)
-def train_policy(model_path: str, data: dict[str, pa.Table], config: FinetuneConfig, output_dir: Path,
-                 context: TrainingContext | None = None, resume: bool = True, tracker: TrackerRun | None = None,
-                 base_model: dict | None = None, log_path: Path | None = None) -> dict:
-    """The policy trained with each method of `config.method` in turn, saved in `output_dir`, by
-    `config.processes` training processes that launch.py starts with accelerate.
-
-    `data` maps each method to its rows (METHOD_TABLES names their table; raro's are
-    tasks/critic.py `RARO_ROWS`). Returns {"steps", "final_loss", "wall_seconds", "metrics":
-    [{"step", "method", "loss", ...}], "stopped_early", "processes"}; steps count across the chain (a
-    method the collapse guard stopped counts the steps it ran). `config.guard` (guard.py) holds rows out
-    of each method's data and adds its measurements to the metrics ({"step", "method", "guard_loss",
-    "guard_entropy"}); "stopped_early" is why it stopped the first method it stopped ("sft: held-out
-    loss ..."), or None. `resume=False` starts over, discarding what an interrupted attempt saved.
-    `log_path`: the training processes' whole output (default: <home>/logs/finetune/<checkpoint>.log).
-    """
-    from evoforge.tasks.finetune.launch import launch_training
-
-    return launch_training("policy", model_path, data, config, Path(output_dir), context or TrainingContext(),
-                           resume, tracker, base_model, config.methods, log_path)
-
-
-@task(name="train_ppm", cache_policy=NO_CACHE, persist_result=False)
-def train_ppm(model_path: str, step_pairs: pa.Table, config: FinetuneConfig, output_dir: Path,
-              resume: bool = True, tracker: TrackerRun | None = None, log_path: Path | None = None) -> dict:
-    """The process preference model from the policy at `model_path` on step pairs (see ppm.py), trained
-    like the policy; same return value as `train_policy`. A PPM is always published as full weights
-    (models/ppm.py scores with a plain folder), LoRA or not."""
-    from evoforge.tasks.finetune.launch import launch_training
-
-    ppm_config = config if config.lora is None else config.model_copy(
-        update={"lora": config.lora.model_copy(update={"merge": True})})
-    return launch_training("ppm", model_path, {"ppm": step_pairs}, ppm_config, Path(output_dir), TrainingContext(),
-                           resume, tracker, None, ["ppm"], log_path)
