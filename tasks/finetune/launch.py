@@ -230,10 +230,10 @@ def _last_error(log_path: Path) -> str:
                 lines.clear()
             lines.append(line.rstrip())
     for line in reversed(lines):
-        text = line.split("] ", 1)[-1] if line.startswith("[rank") else line
+        text = line.split("]: ", 1)[-1] if line.startswith("[rank") else line  # torchrun tags a rank's lines
         head = text.split(":", 1)[0]
-        if head.endswith(("Error", "Exception", "Failed", "Interrupt")) and " " not in head.strip():
-            return text[:400]
+        if head.endswith(("Error", "Exception", "Interrupt")) and " " not in head.strip() and "ChildFailedError" not in head:
+            return text[:400]  # the trainer's own exception, not torchrun's summary of it
     return next((line for line in reversed(lines) if line.strip()), "no output")[:400]
 
 

@@ -72,6 +72,23 @@ def check_rows(data: dict[str, pa.Table], methods: list[str]) -> None:
             raise ValueError(f"finetune ({method}): no training rows in {METHOD_TABLES[method]}")
 
 
+def complete_checkpoints(trainer_dir: Path) -> list[Path]:
+    """The trainer's saved states that a resume can load, oldest first. A process killed while the trainer saved
+    leaves the newest one half written; the trainer writes its state file last (after the weights, optimizer and
+    every rank's random state) and removes the older state only after it, so the last complete one is there."""
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    needed = ["rng_state.pth"] if ranks == 1 else [f"rng_state_{rank}.pth" for rank in range(ranks)]
+    complete = []
+    for folder in trainer_dir.glob("checkpoint-*"):
+        try:
+            json.loads((folder / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if all((folder / name).exists() for name in needed):
+            complete.append(folder)
+    return sorted(complete, key=lambda p: int(p.name.split("-")[1]))
+
+
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
@@ -166,7 +183,7 @@ def train_in_process(model_path: str, data: dict[str, pa.Table], config: Finetun
             continue
 
         trainer_dir = staging / f"trainer-{phase}"
-        saved = sorted(trainer_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        saved = complete_checkpoints(trainer_dir)
         if saved:
             log.info(f"finetune {method}: resuming from the trainer state saved at {saved[-1].name}")
         # the collapse guard's rows leave training (the same rows every time: a resumed trainer sees the same data)
