@@ -36,6 +36,7 @@ class RoundConfigToTrackers(TrainerCallback):
 
     def __init__(self, params: dict):
         self.params = params
+        self.handler = None  # the trainer's callback handler (`bind`): transformers hands a callback no other callbacks
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
@@ -43,8 +44,7 @@ class RoundConfigToTrackers(TrainerCallback):
         import yaml
         from transformers.integrations import MLflowCallback, TensorBoardCallback, WandbCallback
 
-        trainer_callbacks = kwargs.get("callbacks") or []
-        for callback in _integration_callbacks(self, trainer_callbacks):
+        for callback in self.handler.callbacks if self.handler is not None else []:
             if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
                 text = yaml.safe_dump(self.params, sort_keys=False)
                 callback.tb_writer.add_text("round_config", f"```yaml\n{text}```", 0)
@@ -56,13 +56,6 @@ class RoundConfigToTrackers(TrainerCallback):
                     callback._ml_flow.log_params({f"round.{k}": str(v)[:500] for k, v in items[start:start + 100]})
             elif isinstance(callback, WandbCallback) and getattr(callback, "_initialized", False):
                 callback._wandb.config.update({"round": self.params}, allow_val_change=True)
-
-
-def _integration_callbacks(me: RoundConfigToTrackers, given: list) -> list:
-    """The trainer's callbacks: transformers hands them to no callback, so they come from the handler the
-    trainer registered us with (set in `bind`)."""
-    handler = getattr(me, "handler", None)
-    return list(handler.callbacks) if handler is not None else list(given)
 
 
 def bind(trainer) -> None:
