@@ -19,9 +19,9 @@ from evoforge.flows.inputs import (MissingInput, problem_pool, problems_with_exp
 from evoforge.flows.stage_runner import StageResult, execute_stage
 from evoforge.models import checkpoint_store
 from evoforge.models.loader import release_engines
-from evoforge.models.registry import ResolvedModel, folder_hash, resolve
+from evoforge.models.registry import ResolvedModel, base_record, folder_hash, resolve
 from evoforge.tasks.critic import raro_training_rows
-from evoforge.tasks.finetune.adapters import base_record, is_adapter
+from evoforge.tasks.finetune.adapters import is_adapter
 from evoforge.tasks.finetune.launch import train_policy, train_ppm
 from evoforge.tasks.finetune.training import METHOD_TABLES, TrackerRun, TrainingContext
 from evoforge.tasks.progress import flow_run_logger

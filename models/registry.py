@@ -75,12 +75,17 @@ def resolve_base(record: dict, adapter: str | Path) -> ResolvedModel:
     return base
 
 
+def base_record(folder: str | Path) -> dict | None:
+    """What an adapter checkpoint records of its base model ({"reference", "model_id"}); None without the record."""
+    path = Path(folder) / BASE_RECORD
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _resolve_adapter(folder: Path) -> ResolvedModel:
-    try:
-        record = json.loads((folder / BASE_RECORD).read_text())
-    except FileNotFoundError:
+    record = base_record(folder)
+    if record is None:
         raise ModelError(f"adapter folder {folder} has no {BASE_RECORD}: evoforge cannot tell which base model it "
-                         "loads on") from None
+                         "loads on")
     base = resolve_base(record, folder)
     rank = json.loads((folder / ADAPTER_CONFIG).read_text()).get("r")
     return ResolvedModel(base.path, f"{folder.name}@{folder_hash(folder)}", adapter=str(folder),

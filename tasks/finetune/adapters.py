@@ -19,18 +19,12 @@ import json
 import shutil
 from pathlib import Path
 
+from evoforge.models.registry import ADAPTER_CONFIG, BASE_RECORD, base_record, resolve_base
 from evoforge.tasks.finetune.config import LoraConfig
-
-from evoforge.models.registry import ADAPTER_CONFIG, BASE_RECORD  # BASE_RECORD: {"reference", "model_id"}
 
 
 def is_adapter(folder: str | Path) -> bool:
     return (Path(folder) / ADAPTER_CONFIG).is_file()
-
-
-def base_record(folder: str | Path) -> dict | None:
-    path = Path(folder) / BASE_RECORD
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def adapter_base_path(folder: str | Path) -> str:
@@ -39,8 +33,6 @@ def adapter_base_path(folder: str | Path) -> str:
     adapter staged on this machine)."""
     record = base_record(folder)
     if record is not None:
-        from evoforge.models.registry import resolve_base
-
         return resolve_base(record, folder).path
     return json.loads((Path(folder) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
 
