@@ -185,6 +185,7 @@ EVALS = pa.schema(
         ("pass_at_1_low", pa.float64()),
         ("pass_at_1_high", pa.float64()),
         ("distinct_answer_rate", pa.float64()),
+        ("search", pa.string()),
     ]
 )
 
@@ -202,6 +203,7 @@ EVAL_RESULTS = pa.schema(
         ("distinct_answers", pa.int32()),
         ("no_answer", pa.int32()),
         ("settings_hash", pa.string()),
+        ("search", pa.string()),
     ]
 )
 
@@ -226,6 +228,7 @@ SCORE_INTERVALS = pa.schema(
         ("level", pa.float64()),
         ("resamples", pa.int32()),
         ("seed", pa.int64()),
+        ("search", pa.string()),
     ]
 )
 

@@ -5,6 +5,11 @@ promoted model) on the held-out sets -> `eval_results`, `evals`, `score_interval
 The baseline is measured once: a later round reuses its `eval_results` from the round that measured
 it (same sampling seed, same problems), and measures it again only when the sets or the sampling
 changed. Round 0 always measures the starting model, so every later round has a baseline.
+
+With `evaluate.search: ppm_best_of_n` the run's newest PPM (trained in this round or before) also picks one
+of each problem's samples, for both models: a baseline measured in an earlier round is picked again from its
+stored samples by the same PPM, so the paired change compares picks by one judge. The gate reads plain
+sampling.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from evoforge.flows.config import RoundConfig, config_hash, resolve_path
 from evoforge.flows.inputs import MissingInput, checkpoint, round_policy, saved_config, with_policy
 from evoforge.flows.stage_runner import StageResult, execute_stage
 from evoforge.models.loader import load_engine, model_id_for
-from evoforge.tasks.evaluate import EvaluateConfig, evaluate, held_out_entropy, score_intervals
+from evoforge.tasks.evaluate import PLAIN, EvaluateConfig, evaluate, held_out_entropy, ppm_picks, score_intervals
 from evoforge.tasks.ingest import load_eval_set
 from evoforge.tasks.progress import flow_run_logger
 from evoforge.tasks.promotion import decide, gate_metric
@@ -35,6 +40,7 @@ def measured_before(run: str, round: int, model_id: str, sets: dict[str, pa.Tabl
     earlier = lake().read(run, "eval_results", stage="evaluate")
     earlier = earlier.filter(pc.and_(pc.equal(earlier["model_id"], model_id), pc.less(earlier["round"], round)))
     earlier = earlier.filter(pc.equal(earlier["settings_hash"], settings_hash))  # a row from before the hash: null, never equal
+    earlier = earlier.filter(pc.equal(pc.fill_null(earlier["search"], PLAIN), PLAIN))  # picks are redone by today's PPM
     found = []
     for name, problems in sets.items():
         rows = earlier.filter(pc.equal(earlier["eval_set"], name))
@@ -51,7 +57,8 @@ def promotion_row(config: EvaluateConfig, trained: dict, model_round: int, inter
                   baseline: pa.Table, new: pa.Table) -> dict:
     """The gate's decision on the round's checkpoint, from its paired intervals against the baseline."""
     metric = gate_metric(config.gate, config.pass_k)
-    changes = [r for r in intervals.to_pylist() if r["metric"] == metric]
+    changes = [r for r in intervals.to_pylist() if r["metric"] == metric and (r["search"] or PLAIN) == PLAIN]
+    baseline, new = _plain(baseline), _plain(new)
     entropies = {}
     for name in set(new["eval_set"].to_pylist()):
         before = baseline.filter(pc.equal(baseline["eval_set"], name))
@@ -63,6 +70,48 @@ def promotion_row(config: EvaluateConfig, trained: dict, model_round: int, inter
                 decision=decision, why=why, decided_by="gate", rule=config.gate.describe(max(config.pass_k)),
                 baseline_model_id=baseline["model_id"][0].as_py() if baseline.num_rows else None,
                 decided_at=datetime.now(timezone.utc))
+
+
+def _plain(results: pa.Table) -> pa.Table:
+    return results.filter(pc.equal(pc.fill_null(results["search"], PLAIN), PLAIN))
+
+
+def newest_ppm(run: str, round: int) -> dict | None:
+    """The PPM registered by this round's finetune, else by the latest round before it that trained one."""
+    return next((found for r in range(round, -1, -1) if (found := checkpoint(run, r, "ppm")) is not None), None)
+
+
+def repicked_baseline(run: str, baseline: pa.Table, sets: dict[str, pa.Table], scorer) -> pa.Table:
+    """A baseline measured in an earlier round, picked again from its stored held-out samples by `scorer`."""
+    store, picks = lake(), []
+    for name, problems in sets.items():
+        rows = baseline.filter(pc.equal(baseline["eval_set"], name))
+        first = rows.slice(0, 1).to_pylist()[0]
+        measured_in = _measured_round(run, first["model_id"], first["settings_hash"], name)
+        rollouts = store.read(run, "rollouts", measured_in, "evaluate")
+        rollouts = rollouts.filter(pc.and_(pc.equal(rollouts["model_id"], first["model_id"]),
+                                           pc.is_in(rollouts["problem_id"], problems["problem_id"])))
+        verdicts = store.read(run, "verdicts", measured_in, "evaluate")
+        verdicts = verdicts.filter(pc.is_in(verdicts["rollout_id"], rollouts["rollout_id"]))
+        picks.append(ppm_picks(problems, rollouts, verdicts, scorer, first["model_id"], first["model_round"], name,
+                               first["settings_hash"]))
+    return pa.concat_tables([baseline, *picks])
+
+
+def _measured_round(run: str, model_id: str, settings_hash: str, eval_set: str) -> int:
+    earlier = lake().read(run, "eval_results", stage="evaluate")
+    mask = pc.and_(pc.and_(pc.equal(earlier["model_id"], model_id), pc.equal(earlier["settings_hash"], settings_hash)),
+                   pc.equal(earlier["eval_set"], eval_set))
+    return pc.max(earlier.filter(mask)["round"]).as_py()
+
+
+def _ppm_scorer(ppm: dict | None):
+    if ppm is None:
+        return None
+    from evoforge.models.checkpoint_store import local_copy
+    from evoforge.models.ppm import PPMScorer
+
+    return PPMScorer(str(local_copy(ppm["path"])))  # on object storage: downloaded once and verified
 
 
 @flow(name="evaluate", flow_run_name="{run}/round-{round}/evaluate")
@@ -91,11 +140,21 @@ def evaluate_flow(run: str, round: int, config: RoundConfig | None = None, force
     if trained is not None:
         models.append((config.engine.model_copy(update={"model": trained["path"]}), round + 1))
 
+    ppm = None
+    if config.evaluate.search == "ppm_best_of_n":
+        ppm = newest_ppm(run, round)
+        if ppm is None:
+            flow_run_logger().warning(f"evaluate (run {run}, round {round}): search is ppm_best_of_n but no round up to "
+                                      f"{round} trained a PPM; plain sampling only")
+
     def compute(chunks) -> dict[str, pa.Table]:
+        scorer = _ppm_scorer(ppm)
         outputs = {model_round: evaluate(sets, load_engine(engine_config), config.evaluate, config.verify, model_round,
-                                         chunks.sub(f"model-{model_round}"))
+                                         chunks.sub(f"model-{model_round}"), ppm_scorer=scorer)
                    for engine_config, model_round in models}
         reference = baseline if baseline is not None else outputs[policy.model_round]["eval_results"]
+        if baseline is not None and scorer is not None:
+            reference = repicked_baseline(run, baseline, sets, scorer)
         intervals, promotions = [], []
         for model_round, tables in outputs.items():
             compared = reference if model_round == round + 1 else None
@@ -115,8 +174,9 @@ def evaluate_flow(run: str, round: int, config: RoundConfig | None = None, force
     return execute_stage(
         run, round, "evaluate",
         config_hash=config_hash({"evaluate": config.evaluate.model_dump(mode="json"), "grading": settings,
-                                 "models": [m.model_dump(mode="json") for m, _ in models]}),
-        model_id=",".join(model_id_for(m) for m, _ in models),
+                                 "models": [m.model_dump(mode="json") for m, _ in models],
+                                 **({"ppm": ppm["model_id"]} if ppm else {})}),
+        model_id=",".join(model_id_for(m) for m, _ in models) + (f"+{ppm['model_id']}" if ppm else ""),
         input_fingerprint=fingerprint_tables(*sets.values(), *([baseline] if baseline is not None else [])),
         rows_in=sum(t.num_rows for t in sets.values()),
         compute=compute,

@@ -27,16 +27,16 @@ def collect(run: str) -> dict:
         for r, counts in sorted(buckets.items())
     }
     intervals = catalog.query(con, "intervals")
-    by_score = {(i["model_round"], i["eval_set"], i["metric"]): i for i in intervals}
+    by_score = {(i["model_round"], i["eval_set"], i["search"], i["metric"]): i for i in intervals}
     evals = []
     for e in catalog.query(con, "held_out"):
         pass_at_k = {entry["key"]: entry["value"] for entry in e["pass_at_k"]}
         evals.append({
-            "model_round": e["model_round"], "set": e["eval_set"], "pass_at_1": e["pass_at_1"],
+            "model_round": e["model_round"], "set": e["eval_set"], "search": e["search"], "pass_at_1": e["pass_at_1"],
             "pass_at_1_interval": (e["pass_at_1_low"], e["pass_at_1_high"]), "pass_at_k": pass_at_k,
             "pass_at_k_interval": {k: (by_score[key]["low"], by_score[key]["high"]) for k in pass_at_k
-                                   if (key := (e["model_round"], e["eval_set"], f"pass@{k}")) in by_score},
-            "change": by_score.get((e["model_round"], e["eval_set"], "pass@1")),
+                                   if (key := (e["model_round"], e["eval_set"], e["search"], f"pass@{k}")) in by_score},
+            "change": by_score.get((e["model_round"], e["eval_set"], e["search"], "pass@1")),
             "entropy": e["entropy"], "distinct_answer_rate": e["distinct_answer_rate"],
             "problems": e["problems"], "n": e["n"]})
     return {"rounds": per_round, "critic": catalog.query(con, "critic_report"), "evals": evals,
@@ -58,6 +58,7 @@ def _entropy_drop_flag(run: str) -> float:
 
 def collapse_flags(evals: list[dict], max_drop: float) -> list[str]:
     """A model whose held-out entropy fell by more than `max_drop` (a fraction) from its baseline's."""
+    evals = [e for e in evals if e["search"] == "none"]  # the samples' entropy, not a PPM's picks'
     entropy = {(e["model_round"], e["set"]): e["entropy"] for e in evals}
     flags = []
     for e in evals:
@@ -134,7 +135,8 @@ def format_report(run: str, data: dict) -> str:
                 f"  vs model {change['baseline_model_round']}: {change['change']:+.3f} "
                 f"[{change['change_low']:+.3f}, {change['change_high']:+.3f}] {change['significance']}")
             distinct = "  n/a" if e["distinct_answer_rate"] is None else f"{e['distinct_answer_rate']:.2f}"
-            lines.append(f"  model {e['model_round']}  {e['set']:<22} {e['pass_at_1']:.3f}{_bounds(e['pass_at_1_interval'])}"
+            set_and_search = e["set"] if e["search"] == "none" else f"{e['set']} (PPM best of n)"
+            lines.append(f"  model {e['model_round']}  {set_and_search:<22} {e['pass_at_1']:.3f}{_bounds(e['pass_at_1_interval'])}"
                          f"  {ks}  {e['entropy']:.3f}  {distinct}  [{e['problems']} x {e['n']}]{versus}")
     if data.get("decisions"):
         lines.append("promotion (does round r's checkpoint become round r+1's policy?)")
@@ -169,7 +171,7 @@ def plot(run: str, data: dict, out: Path) -> Path | None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name in sorted({e["set"] for e in data["evals"]}):
-        rows = [e for e in data["evals"] if e["set"] == name]
+        rows = [e for e in data["evals"] if e["set"] == name and e["search"] == "none"]
         x = [e["model_round"] for e in rows]
         line, = ax.plot(x, [e["pass_at_1"] for e in rows], marker="o", label=f"{name} pass@1 (95% band)")
         band = [e["pass_at_1_interval"] for e in rows]

@@ -6,6 +6,11 @@ final answers. Per set (`evals`): pass@1 with its 95% interval, unbiased pass@k,
 pass@k for each configured k with its interval and, against a baseline model measured on the same
 problems, the paired change with its interval (tasks/intervals.py). The held-out rollouts and
 verdicts are outputs too, so every figure can be traced to its samples.
+
+Test-time search (`search: ppm_best_of_n`, rStar-Math's "Pass@1 with N trajectories"): a process preference
+model scores each of a problem's n samples and picks one; its rows (`search = 'ppm_best_of_n'`, n = 1 per
+problem) sit beside plain sampling's (`search = 'none'`) in every table, with the same intervals, and compare
+with the baseline's picks by the same PPM.
 """
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from typing import Literal
+
 from pydantic import BaseModel, Field, model_validator
 
 from evoforge.data import schemas
@@ -40,6 +47,9 @@ class EvaluateConfig(BaseModel):
     gate: GateConfig = Field(default_factory=GateConfig, description="which checkpoints become the next round's policy")
     entropy_drop_flag: float = Field(0.3, ge=0, le=1, description="the report flags a model whose held-out entropy "
                                                                    "fell by more than this fraction from its baseline")
+    search: Literal["none", "ppm_best_of_n"] = Field(
+        "none", description="none: plain sampling; ppm_best_of_n: also the PPM's pick among each problem's sampling.n "
+                            "samples (the run's newest PPM), side by side with plain sampling")
 
     @model_validator(mode="after")
     def _gate_reads_what_is_measured(self):
@@ -60,8 +70,11 @@ class EvaluateConfig(BaseModel):
         return stable_hash(self.sampling.model_dump_json(), str(self.few_shot), str(sorted(verify.grading_settings().items())))
 
 
+PLAIN, PPM_PICK = "none", "ppm_best_of_n"
+
+
 def problem_results(problems: pa.Table, rollouts: pa.Table, verdicts: pa.Table, model_id: str, model_round: int,
-                    eval_set: str, settings_hash: str | None = None) -> pa.Table:
+                    eval_set: str, settings_hash: str | None = None, search: str = PLAIN) -> pa.Table:
     """One `eval_results` row per problem of the set, in the set's order."""
     per_problem: dict[str, dict] = {pid: dict(n=0, correct=0, answers=set(), no_answer=0, tokens=[], logprobs=[])
                                     for pid in problems["problem_id"].to_pylist()}
@@ -84,9 +97,35 @@ def problem_results(problems: pa.Table, rollouts: pa.Table, verdicts: pa.Table, 
         dict(model_id=model_id, model_round=model_round, eval_set=eval_set, problem_id=pid, n=row["n"],
              correct=row["correct"], mean_tokens=mean(row["tokens"]),
              mean_logprob=mean([lp for lp in row["logprobs"] if lp is not None]),
-             distinct_answers=len(row["answers"]), no_answer=row["no_answer"], settings_hash=settings_hash)
+             distinct_answers=len(row["answers"]), no_answer=row["no_answer"], settings_hash=settings_hash,
+             search=search)
         for pid, row in per_problem.items()
     ], schema=schemas.EVAL_RESULTS)
+
+
+def solution_text(question: str, completion: str) -> str:
+    """What the PPM scores for a whole solution: the problem, then the solution, as it scores a step after the
+    steps before it (tasks/mcts.py `ppm_text`)."""
+    return f"{question}\n\n{completion}"
+
+
+def ppm_picks(problems: pa.Table, rollouts: pa.Table, verdicts: pa.Table, scorer, model_id: str, model_round: int,
+              eval_set: str, settings_hash: str | None = None) -> pa.Table:
+    """Best-of-n by the PPM: `eval_results` rows (search 'ppm_best_of_n') whose one sample per problem is the
+    one `scorer(texts) -> scores` rates highest among that problem's samples (ties: the lowest sample index)."""
+    question = dict(zip(problems["problem_id"].to_pylist(), problems["question"].to_pylist()))
+    candidates = [r for r in rollouts.select(["rollout_id", "problem_id", "sample_index", "text"]).to_pylist()
+                  if r["problem_id"] in question]
+    scores = scorer([solution_text(question[r["problem_id"]], r["text"]) for r in candidates]) if candidates else []
+    best: dict[str, tuple] = {}
+    for row, score in zip(candidates, scores):
+        key = (float(score), -row["sample_index"])
+        if row["problem_id"] not in best or key > best[row["problem_id"]][0]:
+            best[row["problem_id"]] = (key, row["rollout_id"])
+    picked = pa.array([rollout_id for _, rollout_id in best.values()], pa.string())
+    return problem_results(problems, rollouts.filter(pc.is_in(rollouts["rollout_id"], picked)),
+                           verdicts.filter(pc.is_in(verdicts["rollout_id"], picked)), model_id, model_round, eval_set,
+                           settings_hash, PPM_PICK)
 
 
 def _counts(results: pa.Table) -> tuple[list[int], list[int]]:
@@ -106,7 +145,7 @@ def held_out_entropy(results: pa.Table) -> float:
 
 
 def set_summary(results: pa.Table, config: EvaluateConfig) -> dict:
-    """The `evals` row of one model on one set, from its `eval_results` rows."""
+    """The `evals` row of one model on one set and search, from its `eval_results` rows."""
     n, correct = _counts(results)
     first = results.slice(0, 1).to_pylist()[0]
     pass_at_1 = intervals.score_interval(n, correct, 1, **config.intervals.model_dump())
@@ -118,25 +157,28 @@ def set_summary(results: pa.Table, config: EvaluateConfig) -> dict:
     graded = [r for r in results.to_pylist() if r["n"]]
     return dict(
         model_id=first["model_id"], model_round=first["model_round"], eval_set=first["eval_set"],
-        problems=len(graded), n=config.sampling.n, pass_at_1=pass_at_1.estimate, pass_at_k=list(pass_at.items()),
+        problems=len(graded), n=max(n, default=0), pass_at_1=pass_at_1.estimate, pass_at_k=list(pass_at.items()),
         entropy=held_out_entropy(results), mean_tokens=_per_sample(graded, "mean_tokens"),
         no_answer_rate=sum(r["no_answer"] for r in graded) / max(1, sum(r["n"] for r in graded)),
         pass_at_1_low=pass_at_1.low, pass_at_1_high=pass_at_1.high,
         distinct_answer_rate=sum(r["distinct_answers"] / r["n"] for r in graded) / max(1, len(graded)),
+        search=first["search"] or PLAIN,
     )
 
 
 def score_intervals(results: pa.Table, config: EvaluateConfig, baseline: pa.Table | None = None) -> pa.Table:
-    """pass@k of one model (its `eval_results`) for each configured k, per set, with its interval;
-    with `baseline` (another model's `eval_results`), the paired change over the problems both
-    measured with at least k samples."""
+    """pass@k of one model (its `eval_results`) for each configured k, per set and search, with its interval;
+    with `baseline` (another model's `eval_results`), the paired change over the problems both measured with
+    at least k samples under the same search."""
     rows = []
     settings = config.intervals.model_dump()
-    for eval_set in sorted(set(results["eval_set"].to_pylist())):
-        mine = results.filter(pc.equal(results["eval_set"], eval_set))
+    searched = lambda table: pc.fill_null(table["search"], PLAIN)  # noqa: E731 (rows written before the column)
+    for eval_set, search in sorted(set(zip(results["eval_set"].to_pylist(), searched(results).to_pylist()))):
+        mine = results.filter(pc.and_(pc.equal(results["eval_set"], eval_set), pc.equal(searched(results), search)))
         theirs = None
         if baseline is not None:
-            theirs = {r["problem_id"]: r for r in baseline.filter(pc.equal(baseline["eval_set"], eval_set)).to_pylist()}
+            theirs = {r["problem_id"]: r for r in baseline.filter(pc.and_(
+                pc.equal(baseline["eval_set"], eval_set), pc.equal(searched(baseline), search))).to_pylist()}
         mine_rows = mine.to_pylist()
         first = mine_rows[0]
         for k in sorted(set(config.pass_k)):
@@ -147,7 +189,7 @@ def score_intervals(results: pa.Table, config: EvaluateConfig, baseline: pa.Tabl
             row = dict(model_id=first["model_id"], model_round=first["model_round"], eval_set=eval_set,
                        metric=f"pass@{k}", k=k, problems=len(n), n=max(n), estimate=score.estimate, low=score.low,
                        high=score.high, baseline_model_id=None, baseline_model_round=None, paired_problems=None,
-                       change=None, change_low=None, change_high=None, **settings)
+                       change=None, change_low=None, change_high=None, search=search, **settings)
             if theirs:
                 pairs = [(r, theirs[r["problem_id"]]) for r in mine_rows
                          if r["problem_id"] in theirs and r["n"] >= k and theirs[r["problem_id"]]["n"] >= k]
@@ -166,21 +208,24 @@ def score_intervals(results: pa.Table, config: EvaluateConfig, baseline: pa.Tabl
 @task(name="evaluate", cache_policy=NO_CACHE, persist_result=False)
 def evaluate(
     sets: dict[str, pa.Table], engine: Engine, config: EvaluateConfig, verify_config: VerifyConfig, model_round: int,
-    chunks: Chunks = NO_CHUNKS,
+    chunks: Chunks = NO_CHUNKS, ppm_scorer=None,
 ) -> dict[str, pa.Table]:
     """`sets`: name -> (problem_id, question, answer). Returns the held-out `rollouts` and `verdicts`,
-    `eval_results` (per problem) and `evals` (per set) of the engine's model."""
+    `eval_results` (per problem) and `evals` (per set and search) of the engine's model; with
+    `ppm_scorer(texts) -> scores` (models/ppm.py), also the PPM's picks (`ppm_picks`)."""
     generate_config = GenerateConfig(sampling=config.sampling, few_shot=config.few_shot)
     rollouts, verdicts, results, summaries = [], [], [], []
     for name, problems in sets.items():
         solved = generate.fn(problems.select(["problem_id", "question"]), engine, generate_config, chunks.sub(f"{name}-solve"))
         graded = verify.fn(solved, problems.select(["problem_id", "answer"]), verify_config, chunks.sub(f"{name}-grade"))
-        per_problem = problem_results(problems, solved, graded, engine.model_id, model_round, name,
-                                      config.settings_hash(verify_config))
+        settings = config.settings_hash(verify_config)
+        per_problem = [problem_results(problems, solved, graded, engine.model_id, model_round, name, settings)]
+        if ppm_scorer is not None:
+            per_problem.append(ppm_picks(problems, solved, graded, ppm_scorer, engine.model_id, model_round, name, settings))
         rollouts.append(solved)
         verdicts.append(graded)
-        results.append(per_problem)
-        summaries.append(set_summary(per_problem, config))
+        results += per_problem
+        summaries += [set_summary(table, config) for table in per_problem]
     return {
         "rollouts": pa.concat_tables(rollouts) if rollouts else schemas.ROLLOUTS.empty_table(),
         "verdicts": pa.concat_tables(verdicts) if verdicts else schemas.VERDICTS.empty_table(),
@@ -194,19 +239,19 @@ def _interval(low, high) -> str:
 
 
 def summarize(tables: dict[str, pa.Table]) -> list[str]:
-    lines = ["| model | set | pass@1 [95%] | pass@k | entropy | distinct answers | problems x n |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | set | search | pass@1 [95%] | pass@k | entropy | distinct answers | problems x n |",
+             "|---|---|---|---|---|---|---|---|"]
     for e in tables["evals"].to_pylist() if "evals" in tables else []:
         ks = ", ".join(f"@{k} {v:.3f}" for k, v in sorted(dict(e["pass_at_k"]).items()))
-        lines.append(f"| {e['model_round']} | {e['eval_set']} | {e['pass_at_1']:.3f}"
+        lines.append(f"| {e['model_round']} | {e['eval_set']} | {e['search'] or PLAIN} | {e['pass_at_1']:.3f}"
                      f"{_interval(e['pass_at_1_low'], e['pass_at_1_high'])} | {ks} | {e['entropy']:.3f} "
                      f"| {e['distinct_answer_rate'] if e['distinct_answer_rate'] is not None else float('nan'):.2f} "
                      f"| {e['problems']} x {e['n']} |")
     changes = [r for r in tables["score_intervals"].to_pylist() if r["change"] is not None] \
         if "score_intervals" in tables else []
     if changes:
-        lines += ["", "| model | vs | set | metric | change [95%, paired] | problems |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['model_round']} | {r['baseline_model_round']} | {r['eval_set']} | {r['metric']} | "
+        lines += ["", "| model | vs | set | search | metric | change [95%, paired] | problems |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['model_round']} | {r['baseline_model_round']} | {r['eval_set']} | {r['search'] or PLAIN} | {r['metric']} | "
                   f"{r['change']:+.3f}{_interval(r['change_low'], r['change_high'])} | {r['paired_problems']} |"
                   for r in changes]
     for p in tables["promotions"].to_pylist() if "promotions" in tables else []:

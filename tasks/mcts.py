@@ -12,6 +12,11 @@ the sandbox pool at once.
 
 Visit counts add up: values are only ever evaluated at leaves (terminal, failed, or cut at the depth
 limit), so every expanded node has exactly the visits of its children summed.
+
+With a PPM from an earlier round, `use_ppm` orders the unvisited candidates and picks the simulation path;
+`ppm_q_init` adds rStar-Math's PPM-augmented search (rounds 3-4): a new step's Q starts at the PPM's score,
+held as one virtual visit (Q = (q_ppm + value) / (visits + 1)), and a step cut at the depth limit backs up
+the PPM's score instead of -1. Visit counts stay the real ones.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from evoforge.data import schemas
 from evoforge.data.ids import problem_seed, stable_hash
@@ -52,7 +57,16 @@ class MCTSConfig(BaseModel):
                                description="search only problems of these filter buckets (empty: the whole pool)")
     limit: int | None = Field(None, ge=1, description="search at most this many problems (the first by id)")
     use_ppm: bool = Field(False, description="score candidate steps with the PPM trained in the round before, if any")
+    ppm_q_init: bool = Field(False, description="PPM-augmented MCTS (rStar-Math rounds 3-4): each new step's Q starts at "
+                                                "the PPM's score and a step cut at the depth limit is valued by the PPM "
+                                                "(off: the PPM only orders the unvisited candidates)")
     batched: bool = Field(True, description="one engine call per depth for all trees (False: one per node, for the benchmark)")
+
+    @model_validator(mode="after")
+    def _q_init_needs_the_ppm(self):
+        if self.ppm_q_init and not self.use_ppm:
+            raise ValueError("mcts.ppm_q_init starts Q at the PPM's scores: it needs mcts.use_ppm")
+        return self
 
 
 
@@ -84,9 +98,12 @@ class Node:
     value: float = 0.0
     children: list["Node"] = field(default_factory=list)
     prior: float = 0.0  # the PPM's score of the step, when a PPM scores candidates (later rounds)
+    q_init: float | None = None  # PPM-augmented MCTS: the PPM's score, counted as one visit of that value
 
     @property
     def q(self) -> float:
+        if self.q_init is not None:
+            return (self.q_init + self.value) / (self.visits + 1)
         return self.value / self.visits if self.visits else 0.0
 
     @property
@@ -108,9 +125,12 @@ class Node:
 
 
 def uct(child: Node, parent_visits: int, c: float) -> float:
-    if child.visits == 0:
+    """Q + c * sqrt(ln N_parent / N). An unvisited step is tried first, unless the PPM gave it a Q: then its
+    score stands for one visit, and a step the PPM rates low can wait behind a proven sibling."""
+    visits = child.visits + (child.q_init is not None)
+    if visits == 0:
         return math.inf
-    return child.q + c * math.sqrt(math.log(max(parent_visits, 1)) / child.visits)
+    return child.q + c * math.sqrt(math.log(max(parent_visits, 1)) / visits)
 
 
 def select(root: Node, c: float) -> Node | None:
@@ -132,6 +152,10 @@ def backup(leaf: Node, reward: float) -> None:
 
 
 def leaf_reward(node: Node) -> float:
+    """A terminal's verdict (+1 / -1); a failed step -1; a step cut at the depth limit -1, or the PPM's score of
+    it under PPM-augmented MCTS (no answer yet is not a wrong answer)."""
+    if node.status == "cut" and node.q_init is not None:
+        return node.q_init
     return 1.0 if node.status == "terminal" and node.correct else -1.0
 
 
@@ -191,7 +215,8 @@ def search(problems: pa.Table, engine: Engine, config: MCTSConfig, verify: Verif
     """problems (problem_id, question, answer) -> {"mcts_nodes", "traces"}.
 
     `step_scorer(texts) -> scores` (a trained PPM, models/ppm.py) orders unvisited candidates and the
-    simulation path; round 0 has none and relies on terminal rewards alone."""
+    simulation path, and with `config.ppm_q_init` gives each new step its first Q and values the steps cut at
+    the depth limit; round 0 has none and relies on terminal rewards alone."""
     rows = problems.select(["problem_id", "question", "answer"]).to_pylist()
     roots: list[tuple[Node, dict]] = []
     for row in rows:
@@ -221,6 +246,8 @@ def search(problems: pa.Table, engine: Engine, config: MCTSConfig, verify: Verif
                     scored = [c for c in born if c.status == "ok"]
                     for child, score in zip(scored, step_scorer([ppm_text(question_of[c.problem_id], c) for c in scored])):
                         child.prior = float(score)
+                        if config.ppm_q_init:
+                            child.q_init = child.prior
                 by_parent: dict[int, list[Node]] = {}
                 for child in born:
                     by_parent.setdefault(id(child.parent), []).append(child)
@@ -237,7 +264,7 @@ def search(problems: pa.Table, engine: Engine, config: MCTSConfig, verify: Verif
                     nxt = max(going_on, key=lambda child: child.prior)
                     if nxt.depth >= config.max_depth:
                         nxt.status = "cut"
-                        backup(nxt, -1.0)
+                        backup(nxt, leaf_reward(nxt))
                     else:
                         following.append((nxt, question))
                 frontier = following

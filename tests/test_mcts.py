@@ -220,3 +220,58 @@ def test_a_step_scorer_sees_each_runnable_step_in_its_context(scripted_engine):
     assert any(t.endswith("pens = 3 * 4\nprint(pens)") for t in seen)  # a first step, no prefix
     deeper = [t for t in seen if "print(pens + 0)" in t]
     assert deeper and all("<output>12</output>" in t for t in deeper)  # later steps carry the earlier output
+
+
+@pytest.mark.unit
+def test_ppm_q_init_lets_a_proven_step_go_before_an_unvisited_one_the_ppm_rates_low():
+    """rStar-Math rounds 3-4: a new step's Q starts at the PPM's score (one virtual visit), so UCT is no longer
+    infinite for an unvisited step; without it the unvisited step always goes first."""
+    root = node("root", status="root", visits=2)
+    proven = node("proven", root, visits=2, value=1.0)
+    doubtful = node("doubtful", root)
+    assert select(root, 1.0) is doubtful  # plain UCT: unvisited first
+    proven.q_init, doubtful.q_init = 0.8, -0.9
+    assert proven.q == pytest.approx((0.8 + 1.0) / 3) and doubtful.q == pytest.approx(-0.9)
+    assert uct(proven, 2, 1.0) == pytest.approx((0.8 + 1.0) / 3 + math.sqrt(math.log(2) / 3))
+    assert uct(doubtful, 2, 1.0) == pytest.approx(-0.9 + math.sqrt(math.log(2) / 1))
+    assert select(root, 1.0) is proven
+    doubtful.q_init = 0.95  # the PPM likes it: explored first again
+    assert select(root, 1.0) is doubtful
+
+
+@pytest.mark.unit
+def test_a_step_cut_at_the_depth_limit_backs_up_the_ppms_score_under_q_init():
+    root = node("root", status="root")
+    cut = node("cut", root, status="cut")
+    assert leaf_reward(cut) == -1.0  # no PPM: an unfinished solution counts as a wrong one
+    cut.q_init = 0.4
+    backup(cut, leaf_reward(cut))
+    assert (root.visits, root.value) == (1, 0.4) and cut.q == pytest.approx((0.4 + 0.4) / 2)
+    with pytest.raises(ValueError, match="needs mcts.use_ppm"):
+        MCTSConfig(ppm_q_init=True)
+
+
+@pytest.mark.unit
+def test_ppm_q_init_changes_the_search_as_specified(scripted_engine):
+    """The same scripted policy and PPM, with and without Q-init: with it every scored step keeps the PPM's
+    score as its first Q, and the runnable steps cut at the depth limit back up that score, not -1."""
+    problems = pa.table({"problem_id": ["p1"], "question": ["3 boxes of 4 pens?"], "answer": ["12"]})
+
+    def scorer(texts):
+        return [0.5 if "pens + 0" in t else 0.25 for t in texts]
+
+    def run(**ppm):
+        config = MCTSConfig(rollouts=4, max_depth=2, children=3, use_ppm=True, **ppm)
+        nodes = search.fn(problems, scripted_engine(scripted_steps, "scripted-steps@test"), config, VerifyConfig(workers=1),
+                          step_scorer=scorer)["mcts_nodes"].to_pylist()
+        return {(n["depth"], n["exec_status"], n["code"]): n for n in nodes}
+
+    plain, augmented = run(), run(ppm_q_init=True)
+    cut_plain = [n for n in plain.values() if n["exec_status"] == "cut"]
+    cut_augmented = [n for n in augmented.values() if n["exec_status"] == "cut"]
+    assert cut_plain and cut_augmented
+    assert all(n["q_value"] == -1.0 for n in cut_plain)  # cut: -1 per visit
+    # cut under Q-init: (score + score * visits) / (visits + 1) = the PPM's score of "print(pens + 0)"
+    assert all(n["q_value"] == pytest.approx(0.5) for n in cut_augmented)
+    first = augmented[(1, "ok", "# pens in the boxes\npens = 3 * 4\nprint(pens)")]
+    assert first["q_value"] != plain[(1, "ok", "# pens in the boxes\npens = 3 * 4\nprint(pens)")]["q_value"]

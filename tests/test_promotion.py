@@ -14,11 +14,14 @@ from evoforge.tasks.evaluate import EvaluateConfig, problem_results, score_inter
 from evoforge.tasks.promotion import PROMOTED, REJECTED, GateConfig, decide
 
 
-def results(model_round: int, counts: list[tuple[int, int]], eval_set: str = "held", logprob: float = -0.5) -> pa.Table:
-    """`eval_results` of one model: problem i has counts[i] = (n, correct)."""
+def results(model_round: int, counts: list[tuple[int, int]], eval_set: str = "held", logprob: float = -0.5,
+            search: str | None = None) -> pa.Table:
+    """`eval_results` of one model: problem i has counts[i] = (n, correct). search None: a row written before
+    the column existed."""
     return pa.Table.from_pylist([
         dict(model_id=f"m{model_round}@h", model_round=model_round, eval_set=eval_set, problem_id=f"p{i}", n=n,
-             correct=c, mean_tokens=10.0, mean_logprob=logprob, distinct_answers=1, no_answer=0, settings_hash="s")
+             correct=c, mean_tokens=10.0, mean_logprob=logprob, distinct_answers=1, no_answer=0, settings_hash="s",
+             search=search)
         for i, (n, c) in enumerate(counts)], schema=schemas.EVAL_RESULTS)
 
 
@@ -95,7 +98,8 @@ def test_eval_results_count_each_problems_samples_answers_and_log_probabilities(
                          "extracted_answer": ["4", "5", None, "7"]})
     rows = {r["problem_id"]: r for r in problem_results(problems, rollouts, verdicts, "m@h", 2, "s", "cfg").to_pylist()}
     assert rows["a"] == dict(model_id="m@h", model_round=2, eval_set="s", problem_id="a", n=3, correct=1,
-                             mean_tokens=20.0, mean_logprob=-2.0, distinct_answers=2, no_answer=1, settings_hash="cfg")
+                             mean_tokens=20.0, mean_logprob=-2.0, distinct_answers=2, no_answer=1, settings_hash="cfg",
+                             search="none")
     assert rows["unseen"]["n"] == 0  # kept, so a problem the engine never answered is visible, not dropped
     summary = set_summary(problem_results(problems, rollouts, verdicts, "m@h", 2, "s"), EvaluateConfig(pass_k=[1]))
     assert summary["problems"] == 2 and summary["pass_at_1"] == pytest.approx((1 / 3 + 1) / 2)
@@ -191,11 +195,13 @@ def test_a_decision_on_other_weights_of_the_same_checkpoint_id_does_not_count(ru
 def test_the_report_flags_a_model_whose_held_out_entropy_fell_too_far():
     from evoforge.flows.report import collapse_flags
 
-    def row(model, entropy, baseline):
-        return {"model_round": model, "set": "s", "entropy": entropy,
+    def row(model, entropy, baseline, search="none"):
+        return {"model_round": model, "set": "s", "entropy": entropy, "search": search,
                 "change": None if baseline is None else {"baseline_model_round": baseline}}
 
-    evals = [row(0, 0.50, None), row(1, 0.45, 0), row(2, 0.17, 1)]
+    # a PPM's picks are low-entropy by design: they are not the policy's samples and raise no flag
+    evals = [row(0, 0.50, None), row(1, 0.45, 0), row(1, 0.20, 0, "ppm_best_of_n"), row(2, 0.17, 1),
+             row(2, 0.01, 1, "ppm_best_of_n")]
     flags = collapse_flags(evals, 0.3)
     assert len(flags) == 1 and flags[0].startswith("model 2 on s: held-out entropy 0.450 -> 0.170 (-62%")
     assert collapse_flags(evals, 0.7) == []
@@ -295,3 +301,39 @@ def test_the_report_and_the_named_queries_show_intervals_changes_decisions_and_c
     assert measured_before("r", 1, "m0@h", sets, "s").num_rows == 20
     assert measured_before("r", 1, "m0@h", sets, "other sampling") is None
     assert measured_before("r", 1, "m0@h", {"held": sets["held"].slice(0, 5)}, "s") is None  # other problems
+
+
+@pytest.mark.unit
+def test_ppm_best_of_n_takes_the_sample_the_ppm_rates_highest_and_is_compared_pick_with_pick():
+    from evoforge.tasks.evaluate import ppm_picks, solution_text
+
+    problems = pa.table({"problem_id": ["a", "b"], "question": ["1 + 1?", "2 + 2?"]})
+    texts = {("a", 0): "so \\boxed{3}", ("a", 1): "careful: \\boxed{2}", ("a", 2): "\\boxed{5}",
+             ("b", 0): "\\boxed{4}", ("b", 1): "\\boxed{4} too", ("b", 2): "\\boxed{1}"}
+    rollouts = pa.Table.from_pylist([dict(rollout_id=f"{p}{i}", problem_id=p, sample_index=i, text=t, completion_tokens=10 + i,
+                                          mean_logprob=-1.0 - i) for (p, i), t in texts.items()])
+    verdicts = pa.Table.from_pylist([dict(rollout_id=f"{p}{i}", problem_id=p, extracted_answer=t.split("{")[1].split("}")[0],
+                                          verdict="correct" if t.split("{")[1].startswith(("2", "4")) else "wrong")
+                                     for (p, i), t in texts.items()])
+    seen = []
+
+    def scorer(batch):
+        seen.extend(batch)
+        return [0.9 if "careful" in t else (0.5 if "\\boxed{4}" in t else 0.1) for t in batch]
+
+    picks = {r["problem_id"]: r for r in ppm_picks(problems, rollouts, verdicts, scorer, "m1@h", 1, "held", "s").to_pylist()}
+    assert seen[0] == solution_text("1 + 1?", "so \\boxed{3}") == "1 + 1?\n\nso \\boxed{3}"  # question, then the solution
+    assert picks["a"]["search"] == "ppm_best_of_n" and (picks["a"]["n"], picks["a"]["correct"]) == (1, 1)
+    assert picks["a"]["mean_tokens"] == 11  # the picked sample's own figures
+    assert picks["b"]["mean_tokens"] == 10  # a tie (0.5 twice): the lower sample index
+    summary = set_summary(pa.Table.from_pylist(list(picks.values()), schema=schemas.EVAL_RESULTS),
+                          EvaluateConfig(pass_k=[1, 2], sampling={"n": 3}))
+    assert summary["search"] == "ppm_best_of_n" and summary["pass_at_1"] == 1.0 and summary["n"] == 1
+    assert dict(summary["pass_at_k"]) == {1: 1.0}  # one pick per problem: no pass@2
+    # against a baseline picked by the same PPM: pick with pick, plain sampling with plain sampling
+    new = pa.concat_tables([results(1, [(3, 1), (3, 2)], search="none"), results(1, [(1, 1), (1, 1)], search="ppm_best_of_n")])
+    old = pa.concat_tables([results(0, [(3, 0), (3, 3)]), results(0, [(1, 0), (1, 1)], search="ppm_best_of_n")])
+    by_search = {r["search"]: r for r in score_intervals(new, EvaluateConfig(pass_k=[1], sampling={"n": 3}), old).to_pylist()}
+    assert set(by_search) == {"none", "ppm_best_of_n"}
+    assert by_search["ppm_best_of_n"]["estimate"] == 1.0 and by_search["ppm_best_of_n"]["change"] == pytest.approx(0.5)
+    assert by_search["none"]["estimate"] == pytest.approx(0.5) and by_search["none"]["change"] == pytest.approx(0.0)

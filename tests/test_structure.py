@@ -80,6 +80,28 @@ def evoforge_imports() -> dict[str, set[str]]:
     return graph
 
 
+def test_no_module_imports_a_layer_by_its_bare_name():
+    """`from tasks.critic import ...` works under pytest (the checkout's root is on sys.path) and fails from the
+    installed `evoforge` command (ModuleNotFoundError): every import of evoforge's own code names `evoforge.`,
+    at module level or inside a function."""
+    import ast
+
+    root = home.PROJECT_ROOT
+    bare = {*PACKAGES, "sql", "deploy"}
+    files = [root / "__init__.py", root / "__main__.py", *(p for package in PACKAGES for p in (root / package).rglob("*.py"))]
+    found = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            found += [f"{path.relative_to(root)}:{node.lineno}: {name}" for name in names if name.split(".")[0] in bare]
+    assert len(files) > 50 and found == []
+
+
 def test_no_import_cycles_and_the_layers_point_one_way():
     """data <- models <- tasks <- flows: storage knows nothing of engines, stages or flows; no stage flow
     imports another; and no cycle, not even through an import inside a function."""

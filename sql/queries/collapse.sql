@@ -11,7 +11,7 @@ WITH pool_problems AS (
     GROUP BY ALL
 ),
 held_out AS (
-    SELECT * FROM eval_results
+    SELECT * FROM eval_results WHERE search = 'none'  -- the samples themselves, not a PPM's picks among them
     QUALIFY dense_rank() OVER (PARTITION BY model_id, eval_set ORDER BY round DESC) = 1
 ),
 model_rounds AS (SELECT DISTINCT model_id, model_round FROM eval_results)

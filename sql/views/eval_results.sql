@@ -12,6 +12,7 @@ SELECT
     distinct_answers,   -- distinct extracted final answers among its samples (collapse: it falls towards 1)
     no_answer,          -- samples without a \boxed{} answer
     settings_hash,      -- hash of the sampling, few-shot and grading settings: rows compare only under the same one
+    coalesce(search, 'none') AS search,  -- 'none': the problem's n samples; 'ppm_best_of_n': the one sample the PPM picked among them (n = 1)
     round,              -- the round whose evaluate stage measured it
     regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
 FROM read_parquet(${parts:eval_results}, hive_partitioning = true, union_by_name = true, filename = true);

@@ -14,6 +14,7 @@ SELECT
     pass_at_1_low,      -- pass@1's 95% interval (score_intervals has every k, and the change from the baseline)
     pass_at_1_high,
     distinct_answer_rate, -- distinct final answers / samples, per problem, averaged: collapse drives it towards 1/n
+    coalesce(search, 'none') AS search,  -- 'none': plain sampling (pass@k over the n samples); 'ppm_best_of_n': the PPM picks one of the n samples per problem (n = 1)
     round,              -- the round whose evaluate stage measured it
     regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
 FROM read_parquet(${parts:evals}, hive_partitioning = true, union_by_name = true, filename = true);

@@ -23,6 +23,7 @@ SELECT
     level,              -- interval coverage (0.95)
     resamples,          -- bootstrap resamples
     seed,               -- bootstrap seed
+    coalesce(search, 'none') AS search,  -- 'none': plain sampling; 'ppm_best_of_n': the PPM's pick among the samples (compared with the baseline's pick by the same PPM)
     round,
     regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
 FROM read_parquet(${parts:score_intervals}, hive_partitioning = true, union_by_name = true, filename = true);
