@@ -109,6 +109,8 @@ VARIANTS = pa.schema(
         ("kept", pa.bool_()),
         ("reward", pa.float64()),
         ("reject_reason", pa.string()),
+        ("origin", pa.string()),
+        ("step", pa.int32()),
     ]
 )
 

@@ -45,7 +45,7 @@ def training_data(run: str, round: int, methods: list[str], config: RoundConfig 
             data[method] = pairs.filter(pc.equal(pairs["kind"], "solution"))
         elif method == "raro":
             data[method] = raro_rows(run, round, config)
-        elif method == "grpo":
+        elif method in ("grpo", "svs"):  # svs: the same problems, solved and synthesized from online
             pool = problem_pool(run, round).select(["problem_id", "question", "answer"])
             pool = pool.filter(pc.invert(pc.is_null(pool["answer"])))
             if config.finetune.grpo_problems == "learnable":
@@ -143,7 +143,7 @@ def finetune_flow(run: str, round: int, config: RoundConfig | None = None, force
     data_fp = stable_hash(*(f"{m}:{fingerprint_table(t)}" for m, t in data.items()))
     # the grader's settings decide GRPO's rewards, so they are part of what a grpo checkpoint depends on
     settings = config_hash({"finetune": config.finetune.model_dump(mode="json"),
-                            **({"verify": config.verify.grading_settings()} if "grpo" in data else {}),
+                            **({"verify": config.verify.grading_settings()} if {"grpo", "svs"} & set(data) else {}),
                             **({"critic": config.critic.model_dump(mode="json")} if "raro" in data else {})})
     models = lake().run_dir(run) / "models"
     logs = lake().log_dir(run)
@@ -163,7 +163,7 @@ def finetune_flow(run: str, round: int, config: RoundConfig | None = None, force
         if empty:
             flow_run_logger().warning(f"finetune (run {run}, round {round}): no rows for {', '.join(empty)}"
                                  + (f"; training with {method} only" if data else "; the policy is unchanged"))
-        checkpoints, metrics = [], []
+        checkpoints, metrics, variants = [], [], []
         if data or trains_ppm:
             release_engines()  # the policy is about to change, and training wants the memory
         starting_weights = parent.adapter or parent.path  # an adapter checkpoint trains on with its base
@@ -179,6 +179,7 @@ def finetune_flow(run: str, round: int, config: RoundConfig | None = None, force
             checkpoints.append(_registry_row(checkpoint_id, parent.model_id, "policy", method, folder, trained,
                                              data_fp, rows_in, result, tracking))
             metrics += _metric_rows(checkpoint_id, result, by_method=len(data) > 1)
+            variants += result.get("tables", {}).get("variants", [])  # svs: the variants the policy wrote while training
         if step_pairs is not None and not trains_ppm:
             flow_run_logger().warning(f"finetune (run {run}, round {round}): no step pairs; no PPM this round")
         if trains_ppm:  # the PPM starts from the round's policy, as in rStar-Math
@@ -192,7 +193,8 @@ def finetune_flow(run: str, round: int, config: RoundConfig | None = None, force
                                              fingerprint_table(step_pairs), step_pairs.num_rows, result, tracking))
             metrics += _metric_rows(ppm_id, result, by_method=False)
         return {"checkpoints": pa.Table.from_pylist(checkpoints, schema=schemas.CHECKPOINTS),
-                "train_metrics": pa.Table.from_pylist(metrics, schema=schemas.TRAIN_METRICS)}
+                "train_metrics": pa.Table.from_pylist(metrics, schema=schemas.TRAIN_METRICS),
+                "variants": pa.Table.from_pylist(variants, schema=schemas.VARIANTS)}
 
     force_retrain = force  # --force trains from scratch; otherwise an interrupted training resumes from its state
     if (data and not checkpoint_store.is_published(folder)) or (trains_ppm and not checkpoint_store.is_published(ppm_folder)):

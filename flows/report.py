@@ -20,7 +20,8 @@ def collect(run: str) -> dict:
     buckets: dict[int, dict[str, int]] = {}
     for row in catalog.query(con, "buckets"):
         buckets.setdefault(row["round"], {})[row["bucket"]] = row["problems"]
-    variants = {row["round"]: row for row in catalog.query(con, "variant_counts")}
+    # the pool's story: the synthesize stage's variants (the online ones, method svs, are training's own)
+    variants = {row["round"]: row for row in catalog.query(con, "variant_counts") if row["origin"] == "offline"}
     per_round = {
         r: {"pool": sum(counts.values()), "buckets": counts,
             **{k: variants.get(r, {}).get(k, 0) for k in ("synthesized", "valid", "kept")}}

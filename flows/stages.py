@@ -65,7 +65,7 @@ REGISTRY: tuple[Stage, ...] = (
           reads=("problems", "problem_stats", "rollouts", "verdicts", "mcts_nodes"), writes=("pairs", "sft_examples")),
     Stage("finetune", "evoforge.tasks.finetune.config", "FinetuneConfig", "evoforge.flows.finetune:finetune_flow",
           reads=("sft_examples", "pairs", "traces", "problems", "problem_stats", "judgments", "rollouts", "checkpoints"),
-          writes=("checkpoints", "train_metrics")),
+          writes=("checkpoints", "train_metrics", "variants")),
     Stage("evaluate", "evoforge.tasks.evaluate", "EvaluateConfig", "evoforge.flows.evaluate:evaluate_flow",
           reads=("checkpoints", "eval_results", "promotions"),
           writes=("rollouts", "verdicts", "eval_results", "evals", "score_intervals", "promotions")),

@@ -58,6 +58,14 @@ def leaks_answer(text: str, answer: str) -> bool:
     return len(answer) >= 2 and answer in text
 
 
+def synthesis_reward(accuracy: float, solved: int, band: tuple[float, float], rejected: bool = False) -> float:
+    """SvS's reward of one synthesis: 1 when its variant was valid (not rejected by the screens), solved at
+    least once, and its accuracy against the ORIGINAL answer lies in `band` (inclusive); else 0. The offline
+    stage keeps such a variant; the online method (tasks/finetune/svs.py) trains the synthesis on it."""
+    lo, hi = band
+    return 1.0 if not rejected and solved > 0 and lo - EPS <= accuracy <= hi + EPS else 0.0
+
+
 def seeds_for_synthesis(stats: pa.Table, rollouts: pa.Table, verdicts: pa.Table, per_problem: int) -> list[dict]:
     """(problem, correct rollout) pairs of the under-performing problems, the first `per_problem` samples each."""
     under = {p for p, b in zip(stats["problem_id"].to_pylist(), stats["bucket"].to_pylist()) if b == "underperforming"}
@@ -145,17 +153,17 @@ def synthesize(
     graded = verify.fn(solved, golds, verify_config, chunks.sub("grade")) if valid else schemas.VERDICTS.empty_table()
 
     tally = correct_counts(graded)
-    lo, hi = config.keep_band
     rows, kept_problems = [], []
     for c in candidates:
         vid = ids[id(c)]
         n, correct = tally.get(vid, (0, 0)) if c.reject_reason is None else (0, 0)
         accuracy = correct / n if n else 0.0
-        kept = c.reject_reason is None and n > 0 and lo - EPS <= accuracy <= hi + EPS
+        reward = synthesis_reward(accuracy, n, config.keep_band, c.reject_reason is not None)
+        kept = reward == 1.0
         reason = c.reject_reason or (None if kept else "outside_band")
         rows.append(dict(variant_id=vid, parent_problem_id=c.parent_problem_id, source_rollout_id=c.source_rollout_id,
                          text=c.text, answer=c.answer, raw_output=c.raw_output, n=n, correct=correct,
-                         accuracy=accuracy, kept=kept, reward=1.0 if kept else 0.0, reject_reason=reason))
+                         accuracy=accuracy, kept=kept, reward=reward, reject_reason=reason, origin="offline"))
         if kept:
             kept_problems.append(dict(problem_id=vid, question=c.text, answer=c.answer, source="svs",
                                       source_file=None, source_row=None, origin="synthetic",

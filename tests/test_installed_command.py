@@ -56,7 +56,7 @@ def test_every_method_and_the_ppm_train_from_the_installed_command_outside_the_c
 
     run = "installed"
     seed_every_methods_rows(run)
-    methods = "sft+dpo+traces+grpo+raro"
+    methods = "sft+dpo+traces+grpo+raro+svs"
     config = {"engine": {"model": str(tiny_model), "max_model_len": 1024},
               "critic": {"sampling": {"n": 1, "max_tokens": 8, "temperature": 1.0}},
               "finetune": {"method": methods, "train_ppm": True, "max_steps": 1, "batch_size": 4, "grpo_generations": 4,
@@ -74,7 +74,7 @@ def test_every_method_and_the_ppm_train_from_the_installed_command_outside_the_c
                           cwd=outside, env=env, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = {r["role"]: r for r in lake().read(run, "checkpoints", 0, "finetune").to_pylist()}
-    assert rows["policy"]["method"] == methods and rows["policy"]["steps"] == 5  # one step of each method, in order
+    assert rows["policy"]["method"] == methods and rows["policy"]["steps"] == 6  # one step of each method, in order
     assert rows["ppm"]["steps"] == 1
     metrics = lake().read(run, "train_metrics", 0, "finetune").to_pylist()
     policy = [m for m in metrics if m["checkpoint_id"] == rows["policy"]["checkpoint_id"]]

@@ -9,7 +9,21 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 # policy methods, each a module of this package; `ppm` (the process preference model) is trained
 # beside the policy when `train_ppm` is set, never chained
-METHODS = ("sft", "dpo", "grpo", "traces", "raro")
+METHODS = ("sft", "dpo", "grpo", "traces", "raro", "svs")
+
+
+class SvsConfig(BaseModel):
+    """`method: svs`, SvS trained online (tasks/finetune/svs.py); the paper's defaults. G is grpo_generations."""
+    solve_band: tuple[float, float] = Field(
+        (0.125, 0.5), description="a problem whose accuracy over its G samples lies here (inclusive) is under-performing: "
+                                  "the policy writes G variants from one of its correct solutions")
+    synthesis_band: tuple[float, float] = Field(
+        (0.125, 0.625), description="a variant whose accuracy (against the ORIGINAL answer) lies here rewards its synthesis")
+    variant_generations: int = Field(8, ge=2, description="G_v: samples solving each valid variant")
+    epsilon_high: float = Field(0.28, gt=0, description="Clip-Higher: the upper clip of the policy ratio (DAPO)")
+    dynamic_sampling: bool = Field(True, description="drop the rows of groups whose rewards are all equal (no GRPO "
+                                                     "signal) from the update; TRL has no refill, so the batch shrinks")
+    max_variant_chars: int = Field(2000, ge=16, description="a longer variant is rejected (too_long)")
 
 
 class CollapseGuardConfig(BaseModel):
@@ -65,7 +79,8 @@ class FinetuneConfig(BaseModel):
     grpo_temperature: float = Field(1.0, gt=0)
     grpo_beta: float = Field(0.0, ge=0, description="KL weight against the starting policy (0: no reference model)")
     grpo_problems: Literal["learnable", "all"] = Field(
-        "learnable", description="grpo: the round's learnable problems (SvS) or every problem with a reference answer")
+        "learnable", description="grpo, svs: the round's learnable problems (SvS) or every problem with a reference answer")
+    svs: SvsConfig = Field(default_factory=SvsConfig, description="method svs: SvS's self-play inside GRPO training")
     checkpoint_steps: int = Field(10, ge=1, description="save trainer state every N steps, so a killed run resumes there")
     seed: int = 0
     few_shot: bool = Field(True, description="train with the same few-shot prompt the generate stage uses")
@@ -112,6 +127,13 @@ class FinetuneConfig(BaseModel):
         if unknown or not value:
             raise ValueError(f"unknown finetune method {unknown or value!r}: use {', '.join(METHODS)} or a chain like sft+grpo")
         return value
+
+    @model_validator(mode="after")
+    def _svs_in_one_process(self) -> "FinetuneConfig":
+        if "svs" in self.methods and self.processes > 1:
+            raise ValueError("finetune method svs trains in one process for now (processes: 1): each step's synthesis "
+                             "depends on that process's own batch, and its ranks would stop agreeing on the step's shape")
+        return self
 
     @model_validator(mode="after")
     def _server_has_an_address(self) -> "FinetuneConfig":

@@ -12,8 +12,9 @@ from evoforge.tasks.finetune.trainer_args import build_arguments
 TABLE = "problems"
 
 
-def arguments(config: FinetuneConfig, output_dir, run_name: str | None = None, method: str = "grpo"):
-    """GRPO's arguments; RARO trains with GRPO too and uses these. With `generation: vllm` TRL samples
+def arguments(config: FinetuneConfig, output_dir, run_name: str | None = None, method: str = "grpo", **method_args):
+    """GRPO's arguments; RARO and SvS train with GRPO too and use these (`method_args`: their own). With
+    `generation: vllm` TRL samples
     through vLLM (its colocate or server mode; on a CPU, models/vllm_sync.py's engine, see `trainer`)."""
     import torch
 
@@ -34,7 +35,7 @@ def arguments(config: FinetuneConfig, output_dir, run_name: str | None = None, m
             vllm["vllm_importance_sampling_correction"] = config.sync_steps > 1
     return build_arguments(method, config, output_dir, run_name, num_generations=config.grpo_generations,
                            max_completion_length=config.grpo_max_completion_tokens,
-                           temperature=config.grpo_temperature, beta=config.grpo_beta, **vllm)
+                           temperature=config.grpo_temperature, beta=config.grpo_beta, **vllm, **method_args)
 
 
 def dataset(problems: pa.Table, config: FinetuneConfig, context):

@@ -16,7 +16,7 @@ import typing
 
 # the TRL config class of each method; raro trains with GRPO, traces with SFT, the PPM is a reward model
 CONFIG_CLASSES = {"sft": "SFTConfig", "traces": "SFTConfig", "dpo": "DPOConfig", "grpo": "GRPOConfig",
-                  "raro": "GRPOConfig", "ppm": "RewardConfig"}
+                  "raro": "GRPOConfig", "svs": "GRPOConfig", "ppm": "RewardConfig"}
 
 # fields evoforge sets, and where a user sets them instead
 OWNED = {

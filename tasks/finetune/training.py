@@ -30,18 +30,21 @@ import pyarrow as pa
 
 from evoforge.data.atomic import atomic_path
 from evoforge.tasks.critic import CriticConfig
-from evoforge.tasks.finetune import adapters, dpo, grpo, ppm, raro, sft, traces
+from evoforge.tasks.finetune import adapters, dpo, grpo, ppm, raro, sft, svs, traces
 from evoforge.tasks.finetune.config import FinetuneConfig
 from evoforge.tasks.progress import flow_run_logger
 from evoforge.tasks.verify import VerifyConfig
 
-METHOD_MODULES = {"sft": sft, "dpo": dpo, "grpo": grpo, "traces": traces, "raro": raro, "ppm": ppm}
+METHOD_MODULES = {"sft": sft, "dpo": dpo, "grpo": grpo, "traces": traces, "raro": raro, "svs": svs, "ppm": ppm}
 # which lake table each method's rows come from (the finetune flow selects them)
 METHOD_TABLES = {name: module.TABLE for name, module in METHOD_MODULES.items()}
 STOPPED = "stopped.json"  # beside a finished phase's metrics.json when the collapse guard stopped it early
 # what trainer.save_model writes besides the model, which a checkpoint does not carry (a pickle of the
 # arguments names the staging folder: it would change the weights' hash from one attempt to the next)
 NOT_CHECKPOINT = ("training_args.bin", "metrics.json", STOPPED)
+# rows a method's trainer writes besides the model, under its output folder: tables/<table>/step-<N>.parquet
+# (svs: the variants it wrote); kept with a finished phase, returned as the result's "tables"
+TABLES = "tables"
 
 
 @dataclass
@@ -186,6 +189,8 @@ def train_in_process(model_path: str, data: dict[str, pa.Table], config: Finetun
         saved = complete_checkpoints(trainer_dir)
         if saved:
             log.info(f"finetune {method}: resuming from the trainer state saved at {saved[-1].name}")
+            if main:
+                _forget_tables_after(trainer_dir, int(saved[-1].name.split("-")[-1]))
         # the collapse guard's rows leave training (the same rows every time: a resumed trainer sees the same data)
         train_rows, held_out = guard.hold_out(module.dataset(data[method], config, context), method, config, log)
         collapse = guard.CollapseGuard(tokenizer, held_out, method, config, log) if held_out is not None else None
@@ -218,8 +223,10 @@ def train_in_process(model_path: str, data: dict[str, pa.Table], config: Finetun
                 # from the trainer's own history, which a resumed trainer restores, so no step's log is lost
                 phase_metrics = _step_metrics(trainer.state.log_history, method, steps_before)
                 stopped = f"{method}: {collapse.stopped}" if collapse is not None and collapse.stopped else None
-                if main:  # the phase's weights and metrics appear together: it is done
+                if main:  # the phase's weights, metrics and tables appear together: it is done
                     (building / "metrics.json").write_text(json.dumps(phase_metrics))
+                    if (trainer_dir / TABLES).is_dir():
+                        shutil.copytree(trainer_dir / TABLES, building / TABLES)
                     if stopped:
                         (building / STOPPED).write_text(json.dumps({"stopped_early": stopped}))
             if main and index == len(methods) - 1 and config.lora is not None and config.lora.merge \
@@ -245,16 +252,38 @@ def train_in_process(model_path: str, data: dict[str, pa.Table], config: Finetun
                                       base_model, dtype, merged)
             for name in NOT_CHECKPOINT:
                 (building / name).unlink(missing_ok=True)
-        shutil.rmtree(staging)  # published: the trainer's state is spent
+            shutil.rmtree(building / TABLES, ignore_errors=True)
     _wait_for_everyone()
     losses = [m["loss"] for m in metrics if "loss" in m]  # the guard's entries carry no training loss
+    tables = _phase_tables([staging / f"finished-{index}-{method}" for index, method in enumerate(methods)]) if main else {}
+    if main:
+        shutil.rmtree(staging)  # published, and its tables read: the trainer's state is spent
     return {
+        "tables": tables,
         "steps": steps_before,
         "final_loss": losses[-1] if losses else float("nan"),
         "wall_seconds": wall,
         "metrics": metrics,
         "stopped_early": stopped_early,
     }
+
+
+def _forget_tables_after(trainer_dir: Path, step: int) -> None:
+    """A resumed phase trains its later steps again: the rows they wrote before the interruption go."""
+    for path in (trainer_dir / TABLES).glob("*/step-*.parquet"):
+        if int(path.stem.split("-")[1]) > step:
+            path.unlink()
+
+
+def _phase_tables(finished: list[Path]) -> dict[str, list[dict]]:
+    """The rows the phases' trainers wrote besides the model (svs: its `variants`), by table, in step order."""
+    import pyarrow.parquet as pq
+
+    tables: dict[str, list[dict]] = {}
+    for folder in finished:
+        for path in sorted((folder / TABLES).glob("*/step-*.parquet")):
+            tables.setdefault(path.parent.name, []).extend(pq.read_table(path).to_pylist())
+    return tables
 
 
 class _elsewhere:

@@ -86,18 +86,20 @@ def attach(trainer, sync_steps: int) -> None:
     trainer._last_loaded_step = -1  # TRL's own "synced at" tag: sync before the first generation
 
 
-def build_grpo_trainer(trainer_kwargs: dict, sync_steps: int, **grpo_kwargs):
-    """A GRPOTrainer that samples through vLLM: TRL's own engine on a GPU (or a server), the CPU backend here."""
+def build_grpo_trainer(trainer_kwargs: dict, sync_steps: int, trainer_class=None, **grpo_kwargs):
+    """A GRPOTrainer (or `trainer_class`, a subclass) that samples through vLLM: TRL's own engine on a GPU (or a
+    server), the CPU backend here."""
     import torch
     from trl import GRPOTrainer
 
     from evoforge.tasks.finetune.cpu_scoring import score_completions_only
 
+    build = trainer_class or GRPOTrainer
     score_completions_only()
     args = trainer_kwargs["args"]
     if not (args.use_vllm and args.vllm_mode == "colocate") or torch.cuda.is_available():
-        return GRPOTrainer(**trainer_kwargs, **grpo_kwargs)
+        return build(**trainer_kwargs, **grpo_kwargs)
     args.use_vllm = False  # TRL must not start its own engine (external_launcher, bfloat16)
-    trainer = GRPOTrainer(**trainer_kwargs, **grpo_kwargs)
+    trainer = build(**trainer_kwargs, **grpo_kwargs)
     attach(trainer, sync_steps)
     return trainer
