@@ -1,11 +1,23 @@
-"""SvS rounds against plain rejection-sampling rounds, from the same start, over several seeds, with intervals.
+"""Self-evolving arms from the same start, over several seeds, with intervals: plain RLVR (GRPO), SvS trained
+online, SvS's offline round, and rejection sampling.
 
-    .venv/bin/python bench/evolve.py                      # 3 seeds x 3 rounds per arm, ~25 min per arm here
-    .venv/bin/python bench/evolve.py --seeds 5 --rounds 3 --pool 64 --eval-problems 100 --eval-n 8   # a larger run
+    .venv/bin/python bench/evolve.py                      # grpo, svs, offline: 3 seeds x 3 rounds each
+    .venv/bin/python bench/evolve.py --arms offline,rft --method sft     # the SvS round against rejection sampling
+    # the same comparison for a 1.5B model on a GPU node (engine and finetune settings from the config):
+    .venv/bin/python bench/evolve.py --config deploy/configs/gpu-1.5b.yaml --model Qwen/Qwen2.5-Math-1.5B-Instruct \
+        --seeds 3 --rounds 3 --pool 512 --n 8 --max-tokens 1024 --steps 100 --eval-problems 500 --eval-n 32
 
-Arm (a), SvS: generate -> verify -> filter -> synthesize -> pairs -> finetune -> evaluate.
-Arm (b), rejection sampling (RFT): the same without synthesize; its n per problem is raised so that its
-generated samples match (a)'s generate + synthesis + variant-solving samples of the same round and seed.
+Every arm: generate -> verify -> filter -> [synthesize] -> pairs -> finetune -> evaluate; the three RL arms train
+with the same problems (all the pool's, `grpo_problems: all`), G = `--n` samples a problem, batch and steps:
+- grpo: no synthesize; finetune `method: grpo` (RLVR on the pool).
+- svs: no synthesize; finetune `method: svs` (tasks/finetune/svs.py: each step also writes variants of the
+  under-performing problems, solves them G_v = `--n` times and rewards the synthesis, in one update). Its steps
+  draw more samples than grpo's (the syntheses and their solutions): the price of the method, reported per arm.
+- offline: the SvS round as the factory runs it: synthesize between rounds with the frozen policy, finetune
+  `method: --method` (default grpo) on the pool and the kept variants.
+- rft (rejection sampling, with `--method sft`): no synthesize; its n per problem is raised so that its
+  generated samples match the offline arm's generate + synthesis + variant-solving samples of the same round
+  and seed.
 Each (arm, seed) is one run, `<tag>-<arm>-s<seed>`: the seed moves sampling, synthesis and training; the
 held-out samples use one fixed seed, so the starting model's evaluation is the same in every run and
 every comparison is paired over the same problems. The promotion gate is on (its default: a checkpoint
@@ -35,22 +47,27 @@ EVAL_SET = "easy-arithmetic-test"
 
 
 def base_config(args, seed: int):
-    from evoforge.flows.config import RoundConfig
+    from evoforge.flows.config import RoundConfig, load_config
 
     sets = [{"name": EVAL_SET, "path": "data/sets/easy_arithmetic/test.jsonl", "preset": "plain",
              "limit": args.eval_problems}]
     if args.gsm8k_problems:
         sets.append({"name": "gsm8k-test", "path": "data/sets/gsm8k/test.jsonl", "preset": "gsm8k",
                      "limit": args.gsm8k_problems})
+    machine = load_config(args.config) if args.config else None  # a GPU node's engine and training settings
+    engine = {**(machine.engine.model_dump() if machine else {}), "model": args.model}
+    finetune = machine.finetune.model_dump(exclude={"method"}) if machine else {}
     return RoundConfig.model_validate({
-        "engine": {"model": args.model},
+        "engine": engine,
         "sources": [{"path": "data/sets/easy_arithmetic/train.jsonl", "preset": "plain", "name": "easy_arithmetic",
                      "limit": args.pool}],
         "eval_sets": [{"name": s["name"], "path": s["path"], "preset": s["preset"]} for s in sets],
         "generate": {"sampling": {"n": args.n, "max_tokens": args.max_tokens, "seed": seed}},
         "synthesize": {"samples_per_variant": args.n, "synthesis": {"n": 1, "max_tokens": args.max_tokens, "seed": 100 + seed}},
         "pairs": {"sft_per_problem": 4},
-        "finetune": {"method": args.method, "max_steps": args.steps, "batch_size": 4, "seed": seed},
+        "finetune": {**finetune, "method": args.method, "max_steps": args.steps, "seed": seed, "grpo_problems": "all",
+                     "grpo_generations": args.n, "grpo_max_completion_tokens": args.max_tokens,
+                     "batch_size": finetune.get("batch_size", 2 * args.n), "svs": {"variant_generations": args.n}},
         "evaluate": {"sets": sets, "sampling": {"n": args.eval_n, "max_tokens": args.max_tokens, "seed": 1234},
                      "pass_k": sorted({1, args.eval_n})},
     })
@@ -60,17 +77,20 @@ def samples(run: str, round: int) -> dict[str, int]:
     from evoforge.data.lake import lake
 
     store = lake()
+    online = store.read(run, "variants", round, "finetune")
     return {
         "generate": store.read(run, "rollouts", round, "generate").num_rows,
-        "synthesis": store.read(run, "variants", round).num_rows,
+        "synthesis": store.read(run, "variants", round, "synthesize").num_rows,
         "variant_solving": store.read(run, "rollouts", round, "synthesize").num_rows,
+        # svs: written and solved inside training (G_v solutions of each valid variant)
+        "online_synthesis": online.num_rows,
+        "online_variant_solving": sum(v["n"] for v in online.select(["n"]).to_pylist()),
     }
 
 
 def run_arm(args, arm: str, seed: int, svs_budgets: list[dict] | None) -> dict:
-    """One run of `args.rounds` rounds in a process of its own, then what `collect_run` reads of it: on a
-    CPU every checkpoint's vLLM engine stays in its process (~2 GB each, models/loader.py), so 18 runs'
-    models in one process would not fit in memory; a fresh process per run also times each run alike."""
+    """One run of `args.rounds` rounds in a process of its own, then what `collect_run` reads of it: a fresh
+    process per run times each run alike, and what one run leaves in memory cannot slow the next."""
     import multiprocessing
 
     child = multiprocessing.get_context("spawn").Process(target=_rounds, args=(args, arm, seed, svs_budgets))
@@ -88,11 +108,15 @@ def _rounds(args, arm: str, seed: int, svs_budgets: list[dict] | None) -> None:
     config = base_config(args, seed)
     for round in range(args.rounds):
         arm_config = config.model_copy(deep=True)
-        if arm == "rft":
+        if arm != "offline":
             arm_config.stages = [s for s in arm_config.stages if s != "synthesize"]
-            if svs_budgets:  # with the SvS arm: the same samples per round
-                svs = svs_budgets[round]
-                arm_config.generate.sampling.n = max(args.n, math.ceil(sum(svs.values()) / max(1, svs["generate"] // args.n)))
+        if arm in ("grpo", "svs"):
+            arm_config.finetune.method = arm
+        if arm == "svs":
+            arm_config.finetune.processes = 1  # svs trains in one process for now (tasks/finetune/config.py)
+        if arm == "rft" and svs_budgets:  # with the offline SvS arm: the same samples per round
+            svs = svs_budgets[round]
+            arm_config.generate.sampling.n = max(args.n, math.ceil(sum(svs.values()) / max(1, svs["generate"] // args.n)))
         round_flow(run, arm_config, round=round)
 
 
@@ -107,8 +131,9 @@ def collect_run(args, run: str, seed: int) -> dict:
     events = store.read(run, "stage_runs").to_pylist()
     wall = (max(e["finished_at"] for e in events if e["finished_at"])
             - min(e["started_at"] for e in events if e["started_at"])).total_seconds()
-    results = store.read(run, "eval_results", columns=["model_id", "model_round", "eval_set", "problem_id", "n",
-                                                        "correct", "mean_logprob", "round"]).to_pylist()
+    results = [r for r in store.read(run, "eval_results", columns=["model_id", "model_round", "eval_set", "problem_id", "n",
+                                                                    "correct", "mean_logprob", "search", "round"]).to_pylist()
+               if (r["search"] or "none") == "none"]  # the samples themselves, not a PPM's picks among them
     decisions = [{k: d[k] for k in ("round", "model_round", "decision", "why")}
                  for d in store.read(run, "promotions").to_pylist()]
     checkpoints = [{k: c[k] for k in ("round", "steps", "stopped_early")}
@@ -190,8 +215,8 @@ def summarize(args, arms: dict[str, list[dict]]) -> dict:
             "decisions": [run["decisions"] for run in runs],
             "checkpoints": [run["checkpoints"] for run in runs],
         }
-    if len(arms) == 2:
-        (a, runs_a), (b, runs_b) = arms.items()
+    (b, runs_b), *others = arms.items()  # every other arm against the first (grpo: plain RLVR)
+    for a, runs_a in others:
         for model in range(1, args.rounds + 1):
             for label in ("trained", "policy"):
                 rounds_a = model if label == "trained" else [run["policies"][model - 1] for run in runs_a]
@@ -220,7 +245,7 @@ def fmt_change(triple) -> str:
 
 def print_table(args, summary: dict) -> None:
     k = args.eval_n
-    print(f"\nSvS vs rejection sampling: {args.seeds} seeds x {args.rounds} rounds per arm, pool {args.pool} "
+    print(f"\narms {args.arms}: {args.seeds} seeds x {args.rounds} rounds per arm, pool {args.pool} "
           f"easy-arithmetic problems, model {args.model}, finetune {args.method} x {args.steps} steps; held-out "
           f"{EVAL_SET}: {args.eval_problems} problems x {args.eval_n} samples per seed. Intervals: 95%, bootstrap over "
           f"problems with each problem's samples (in every seed) redrawn inside it; changes are paired.")
@@ -258,11 +283,14 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--method", default="sft", help="finetune method or chain (sft, dpo, grpo, sft+grpo)")
+    parser.add_argument("--method", default="grpo", help="the offline and rft arms' finetune method or chain "
+                                                          "(grpo, sft, dpo, sft+grpo); the grpo and svs arms train theirs")
+    parser.add_argument("--config", help="a round config whose engine and finetune settings the arms use (a GPU "
+                                         "node's: deploy/configs/gpu-1.5b.yaml)")
     parser.add_argument("--eval-problems", type=int, default=32)
     parser.add_argument("--eval-n", type=int, default=4)
     parser.add_argument("--gsm8k-problems", type=int, default=0, help="also evaluate on this many GSM8K test problems")
-    parser.add_argument("--arms", default="svs,rft")
+    parser.add_argument("--arms", default="grpo,svs,offline", help="grpo, svs, offline, rft (comma-separated)")
     parser.add_argument("--tag", default="bench-evolve")
     parser.add_argument("--from-runs", action="store_true",
                         help="run nothing: summarize the runs a finished bench with the same settings left")
@@ -278,10 +306,10 @@ def main() -> None:
                 remove_tree(old_run)
     arms: dict[str, list[dict]] = {}
     svs_budgets: dict[int, list[dict]] = {}
-    if "svs" not in arms_run:  # the rejection-sampling arm alone matches the budgets of SvS runs already there
+    if "offline" not in arms_run:  # the rejection-sampling arm alone matches the budgets of offline runs already there
         for seed in range(args.seeds):
-            if lake().run_dir(f"{args.tag}-svs-s{seed}").exists():
-                svs_budgets[seed] = [samples(f"{args.tag}-svs-s{seed}", r) for r in range(args.rounds)]
+            if lake().run_dir(f"{args.tag}-offline-s{seed}").exists():
+                svs_budgets[seed] = [samples(f"{args.tag}-offline-s{seed}", r) for r in range(args.rounds)]
     for arm in arms_run:
         arms[arm] = []
         for seed in range(args.seeds):
@@ -289,7 +317,7 @@ def main() -> None:
                 result = collect_run(args, f"{args.tag}-{arm}-s{seed}", seed)
             else:
                 result = run_arm(args, arm, seed, svs_budgets.get(seed))
-            if arm == "svs":
+            if arm == "offline":
                 svs_budgets[seed] = result["budgets"]
             arms[arm].append(result)
             print(f"arm {arm} seed {seed}: {result['wall_seconds']:.0f} s", flush=True)
