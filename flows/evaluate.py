@@ -26,6 +26,7 @@ from evoforge.flows.config import RoundConfig, config_hash, resolve_path
 from evoforge.flows.inputs import MissingInput, checkpoint, round_policy, saved_config, with_policy
 from evoforge.flows.stage_runner import StageResult, execute_stage
 from evoforge.models.loader import load_engine, model_id_for
+from evoforge.models.ppm import ppm_scorer
 from evoforge.tasks.evaluate import PLAIN, EvaluateConfig, evaluate, held_out_entropy, ppm_picks, score_intervals
 from evoforge.tasks.ingest import load_eval_set
 from evoforge.tasks.progress import flow_run_logger
@@ -105,15 +106,6 @@ def _measured_round(run: str, model_id: str, settings_hash: str, eval_set: str) 
     return pc.max(earlier.filter(mask)["round"]).as_py()
 
 
-def _ppm_scorer(ppm: dict | None):
-    if ppm is None:
-        return None
-    from evoforge.models.checkpoint_store import local_copy
-    from evoforge.models.ppm import PPMScorer
-
-    return PPMScorer(str(local_copy(ppm["path"])))  # on object storage: downloaded once and verified
-
-
 @flow(name="evaluate", flow_run_name="{run}/round-{round}/evaluate")
 def evaluate_flow(run: str, round: int, config: RoundConfig | None = None, force: bool = False) -> StageResult:
     """Rerunnable alone: with no config, the run's saved one; the round's policy either way."""
@@ -148,7 +140,7 @@ def evaluate_flow(run: str, round: int, config: RoundConfig | None = None, force
                                       f"{round} trained a PPM; plain sampling only")
 
     def compute(chunks) -> dict[str, pa.Table]:
-        scorer = _ppm_scorer(ppm)
+        scorer = ppm_scorer(ppm)
         outputs = {model_round: evaluate(sets, load_engine(engine_config), config.evaluate, config.verify, model_round,
                                          chunks.sub(f"model-{model_round}"), ppm_scorer=scorer)
                    for engine_config, model_round in models}

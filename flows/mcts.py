@@ -11,6 +11,7 @@ from evoforge.flows.config import RoundConfig, config_hash
 from evoforge.flows.inputs import checkpoint, problem_pool, round_table, stage_config
 from evoforge.flows.stage_runner import StageResult, execute_stage
 from evoforge.models.loader import load_engine, model_id_for
+from evoforge.models.ppm import ppm_scorer
 from evoforge.tasks.mcts import search
 from evoforge.tasks.progress import flow_run_logger
 
@@ -23,15 +24,6 @@ def search_problems(run: str, round: int, config: RoundConfig) -> pa.Table:
         problems = problems.filter(pc.is_in(problems["problem_id"], chosen))
     problems = problems.sort_by("problem_id")
     return problems.slice(0, config.mcts.limit) if config.mcts.limit else problems
-
-
-def _scorer(ppm: dict | None):
-    if ppm is None:
-        return None
-    from evoforge.models.checkpoint_store import local_copy
-    from evoforge.models.ppm import PPMScorer
-
-    return PPMScorer(str(local_copy(ppm["path"])))  # on object storage: downloaded once and verified
 
 
 @flow(name="mcts", flow_run_name="{run}/round-{round}/mcts")
@@ -53,6 +45,6 @@ def mcts_flow(run: str, round: int, config: RoundConfig | None = None, force: bo
         input_fingerprint=fingerprint_tables(problems),
         rows_in=problems.num_rows,
         compute=lambda _chunks: search(problems, load_engine(config.engine), config.mcts, config.verify, round,
-                                       step_scorer=_scorer(ppm)),
+                                       step_scorer=ppm_scorer(ppm)),
         force=force,
     )

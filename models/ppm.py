@@ -27,3 +27,13 @@ class PPMScorer:
                 logits = self.model(**batch).logits[:, 0]
                 scores += self.torch.tanh(logits).tolist()
         return scores
+
+
+def ppm_scorer(checkpoint: dict | None) -> PPMScorer | None:
+    """The scorer of the PPM a `checkpoints` row (role 'ppm') names; None for none. A PPM on object storage is
+    downloaded once and verified."""
+    if checkpoint is None:
+        return None
+    from evoforge.models.checkpoint_store import local_copy
+
+    return PPMScorer(str(local_copy(checkpoint["path"])))

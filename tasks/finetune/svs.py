@@ -120,8 +120,6 @@ def make_trainer_class():
         """GRPOTrainer whose generate-and-score step is SvS's: solve, synthesize, solve the variants."""
 
         def _generate_and_score_completions(self, inputs):
-            import torch
-
             from evoforge.models.prompts import extract_problem, solve_messages, synthesis_messages
             from evoforge.tasks.synthesize import Candidate, screen, synthesis_reward
 
@@ -170,7 +168,7 @@ def make_trainer_class():
                 finally:
                     self._replay = None
                 counts["synthesize"] = len(synth_inputs)
-            self._record(counts, rewards, variants, batches)
+            self._record(counts, rewards, variants)
             batch = _concat(batches, self.processing_class.pad_token_id)
             if svs.dynamic_sampling:
                 informative = batch["advantages"] != 0
@@ -200,7 +198,7 @@ def make_trainer_class():
             finally:
                 self.num_generations = kept
 
-        def _record(self, counts: dict, solve_rewards: list[float], variants: list[dict], batches: list[dict]) -> None:
+        def _record(self, counts: dict, solve_rewards: list[float], variants: list[dict]) -> None:
             metrics = self._metrics["train"]
             for kind in KINDS:
                 metrics[f"svs/{kind}_rows"].append(float(counts[kind]))
