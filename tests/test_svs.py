@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import pyarrow as pa
+import pyarrow.parquet  # noqa: F401 (pa.parquet)
 import pytest
 
 from evoforge.tasks.finetune.config import FinetuneConfig
@@ -43,6 +44,19 @@ def test_three_kinds_of_scored_rows_become_one_padded_batch_and_uniform_groups_d
     kept = _rows(batch, batch["advantages"] != 0)
     assert kept["advantages"].tolist() == [0.5, -0.5, 1.0, -1.0] and int(kept["num_items_in_batch"]) == 2 * 4 + 2 * 3
     assert group_accuracy([1, 0, 0, 0, 1, 1, 1, 1], 4) == [0.25, 1.0]
+
+
+@pytest.mark.unit
+def test_a_resumed_phase_forgets_the_rows_its_later_steps_wrote_before_the_interruption(scratch):
+    from evoforge.tasks.finetune.training import TABLES, _forget_tables_after, _phase_tables
+
+    folder = scratch / "trainer-0-svs" / TABLES / "variants"
+    folder.mkdir(parents=True)
+    for step in (1, 2, 3, 4):
+        pa.parquet.write_table(pa.table({"step": [step, step]}), folder / f"step-{step:06d}.parquet")
+    _forget_tables_after(scratch / "trainer-0-svs", 2)  # resumed from checkpoint-2: steps 3 and 4 train again
+    assert sorted(p.name for p in folder.iterdir()) == ["step-000001.parquet", "step-000002.parquet"]
+    assert _phase_tables([scratch / "trainer-0-svs"]) == {"variants": [{"step": 1}, {"step": 1}, {"step": 2}, {"step": 2}]}
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +104,58 @@ def test_svs_trains_solving_synthesizing_and_variant_solving_in_one_update(parro
     assert valid and all(v["n"] == 3 and v["reward"] == (1.0 if v["kept"] else 0.0) for v in valid)
     assert any(v["reject_reason"] == "near_duplicate_of_pool" for v in variants)  # the same variant twice: once solved
     assert (scratch / "ckpt" / "model.safetensors").exists() and not (scratch / "ckpt" / "tables").exists()
+
+
+@pytest.mark.model
+@pytest.mark.server  # the stage's own Prefect server
+def test_an_svs_stage_killed_mid_training_resumes_and_keeps_each_steps_variants_once(parrot, runs_root, scratch):
+    """kill -9 of the stage while svs trains: the rerun resumes from the trainer's last saved state, trains the
+    steps after it again, and the variants of those steps come from the run that finished, not both."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from evoforge.data import home, schemas
+    from evoforge.data.lake import lake
+    from test_training_processes import WORKER, trainers
+    from waiting import wait_until
+
+    run, store = "svs-crash", lake()
+    store.publish_stage(run, 0, "ingest", {"problems": pa.Table.from_pylist([
+        dict(problem_id=f"p{i}", question=f"What is {i} + {4 - i}?", answer="4", source="t", source_file="f", source_row=i,
+             origin="seed") for i in range(4)], schema=schemas.PROBLEMS)})
+    store.publish_stage(run, 0, "synthesize", {"problems": schemas.PROBLEMS.empty_table()})
+    config = {"engine": {"model": str(parrot), "max_model_len": 1024}, "stages": ["finetune"],
+              "finetune": {"method": "svs", "grpo_problems": "all", "max_steps": 4, "checkpoint_steps": 1, "batch_size": 4,
+                           "grpo_generations": 2, "grpo_max_completion_tokens": 24, "learning_rate": 1e-5,
+                           "few_shot": False, "report_to": [], "guard": {"held_out_rows": 0},
+                           "svs": {"solve_band": [0.125, 1.0], "synthesis_band": [0.125, 1.0], "variant_generations": 2}}}
+    path = scratch / "round.json"
+    path.write_text(json.dumps(config))
+    command = [sys.executable, "-m", "evoforge", "stage", "finetune", "--run", run, "--round", "0", "--config", str(path)]
+    env = {**os.environ, "EVOFORGE_RUNS": str(runs_root)}
+    models = runs_root / run / "models"
+    with open(scratch / "first.log", "wb") as out:
+        first = subprocess.Popen(command, cwd=home.PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    wait_until("the trainer saved step 2", lambda: list(models.glob(".*.staging/trainer-0-svs/checkpoint-2")), timeout=600,
+               explain=lambda: (scratch / "first.log").read_text()[-3000:])
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    wait_until("the trainer died with its stage", lambda: not trainers(WORKER), timeout=60)
+
+    done = subprocess.run(command, cwd=home.PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (row,) = store.read(run, "checkpoints", 0, "finetune").to_pylist()
+    log = (store.log_dir(run) / f"finetune-{row['checkpoint_id']}.log").read_text()
+    assert row["steps"] == 4 and "resuming from the trainer state saved at checkpoint-" in log
+    steps = [m["step"] for m in store.read(run, "train_metrics", 0, "finetune").to_pylist() if m["metric"] == "loss"]
+    assert sorted(steps) == [1, 2, 3, 4]
+    variants = store.read(run, "variants", 0, "finetune").to_pylist()
+    assert variants and {v["origin"] for v in variants} == {"online"}
+    per_step = {s: sum(1 for v in variants if v["step"] == s) for s in {v["step"] for v in variants}}
+    # a step's batch holds 2 problems: at most 2 seeds x G = 2 syntheses; a step trained twice (before the kill
+    # and after) must not count its syntheses twice
+    assert set(per_step) <= {1, 2, 3, 4} and all(count <= 4 for count in per_step.values()), per_step
+    assert not trainers()
