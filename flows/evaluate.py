@@ -27,7 +27,8 @@ from evoforge.flows.inputs import MissingInput, checkpoint, round_policy, saved_
 from evoforge.flows.stage_runner import StageResult, execute_stage
 from evoforge.models.loader import load_engine, model_id_for
 from evoforge.models.ppm import ppm_scorer
-from evoforge.tasks.evaluate import PLAIN, EvaluateConfig, evaluate, held_out_entropy, ppm_picks, score_intervals
+from evoforge.tasks.evaluate import (PLAIN, EvaluateConfig, evaluate, held_out_entropy, plain_sampling, ppm_picks,
+                                    score_intervals)
 from evoforge.tasks.ingest import load_eval_set
 from evoforge.tasks.progress import flow_run_logger
 from evoforge.tasks.promotion import decide, gate_metric
@@ -41,7 +42,7 @@ def measured_before(run: str, round: int, model_id: str, sets: dict[str, pa.Tabl
     earlier = lake().read(run, "eval_results", stage="evaluate")
     earlier = earlier.filter(pc.and_(pc.equal(earlier["model_id"], model_id), pc.less(earlier["round"], round)))
     earlier = earlier.filter(pc.equal(earlier["settings_hash"], settings_hash))  # a row from before the hash: null, never equal
-    earlier = earlier.filter(pc.equal(pc.fill_null(earlier["search"], PLAIN), PLAIN))  # picks are redone by today's PPM
+    earlier = plain_sampling(earlier)  # picks are redone by today's PPM
     found = []
     for name, problems in sets.items():
         rows = earlier.filter(pc.equal(earlier["eval_set"], name))
@@ -59,7 +60,7 @@ def promotion_row(config: EvaluateConfig, trained: dict, model_round: int, inter
     """The gate's decision on the round's checkpoint, from its paired intervals against the baseline."""
     metric = gate_metric(config.gate, config.pass_k)
     changes = [r for r in intervals.to_pylist() if r["metric"] == metric and (r["search"] or PLAIN) == PLAIN]
-    baseline, new = _plain(baseline), _plain(new)
+    baseline, new = plain_sampling(baseline), plain_sampling(new)
     entropies = {}
     for name in set(new["eval_set"].to_pylist()):
         before = baseline.filter(pc.equal(baseline["eval_set"], name))
@@ -71,10 +72,6 @@ def promotion_row(config: EvaluateConfig, trained: dict, model_round: int, inter
                 decision=decision, why=why, decided_by="gate", rule=config.gate.describe(max(config.pass_k)),
                 baseline_model_id=baseline["model_id"][0].as_py() if baseline.num_rows else None,
                 decided_at=datetime.now(timezone.utc))
-
-
-def _plain(results: pa.Table) -> pa.Table:
-    return results.filter(pc.equal(pc.fill_null(results["search"], PLAIN), PLAIN))
 
 
 def newest_ppm(run: str, round: int) -> dict | None:

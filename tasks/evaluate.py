@@ -103,6 +103,11 @@ def problem_results(problems: pa.Table, rollouts: pa.Table, verdicts: pa.Table, 
     ], schema=schemas.EVAL_RESULTS)
 
 
+def plain_sampling(results: pa.Table) -> pa.Table:
+    """The rows of the samples themselves (search 'none', or written before the column), not a PPM's picks."""
+    return results.filter(pc.equal(pc.fill_null(results["search"], PLAIN), PLAIN))
+
+
 def solution_text(question: str, completion: str) -> str:
     """What the PPM scores for a whole solution: the problem, then the solution, as it scores a step after the
     steps before it (tasks/mcts.py `ppm_text`)."""
