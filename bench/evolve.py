@@ -112,8 +112,6 @@ def _rounds(args, arm: str, seed: int, svs_budgets: list[dict] | None) -> None:
             arm_config.stages = [s for s in arm_config.stages if s != "synthesize"]
         if arm in ("grpo", "svs"):
             arm_config.finetune.method = arm
-        if arm == "svs":
-            arm_config.finetune.processes = 1  # svs trains in one process for now (tasks/finetune/config.py)
         if arm == "rft" and svs_budgets:  # with the offline SvS arm: the same samples per round
             svs = svs_budgets[round]
             arm_config.generate.sampling.n = max(args.n, math.ceil(sum(svs.values()) / max(1, svs["generate"] // args.n)))

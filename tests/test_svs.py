@@ -47,6 +47,47 @@ def test_three_kinds_of_scored_rows_become_one_padded_batch_and_uniform_groups_d
 
 
 @pytest.mark.unit
+def test_the_ranks_of_a_step_agree_on_its_seeds_and_each_scores_an_equal_share_of_whole_groups():
+    from evoforge.tasks.finetune.svs import fill_to_share, local_share, synthesis_seeds
+
+    rows = [{"problem_id": p} for p in "abc" for _ in range(4)]  # three problems, G = 4, as gathered from the ranks
+    texts = [f"{p}{i}" for p in "abc" for i in range(4)]
+    rewards = [0, 1, 0, 0] + [1, 1, 1, 1] + [0, 0, 1, 1]  # accuracy 0.25 (in the band), 1.0, 0.5 (its upper edge)
+    seeds = synthesis_seeds(rows, texts, rewards, 4, (0.125, 0.5))
+    assert [(row["problem_id"], text) for row, text in seeds] == [("a", "a1"), ("c", "c2")]  # the first correct one
+    # 3 valid variants x G_v = 3 rows over 2 ranks: one more copy of a variant, so no group is cut in two
+    assert fill_to_share(["v1", "v2", "v3"], 3, 2) == ["v1", "v2", "v3", "v1"]
+    assert fill_to_share(["s1"], 8, 2) == ["s1"] and fill_to_share([], 3, 2) == []
+    assert fill_to_share(["s1"], 2, 4) == ["s1", "s1"]
+    step = [f"r{i}" for i in range(12)]
+    assert local_share(step, 2, 0) + local_share(step, 2, 1) == step and len(local_share(step, 2, 1)) == 6
+
+
+@pytest.mark.unit
+def test_dynamic_sampling_trains_as_many_rows_on_every_rank_and_padding_rows_carry_no_advantage():
+    import torch
+
+    from evoforge.tasks.finetune.svs import _pad_rows, _top_up, rows_to_train
+
+    advantages = torch.tensor([0.5, -0.5, 0.0, 0.0, 1.0, 0.0, 0.0])
+    keep, target = rows_to_train(advantages, dynamic_sampling=True)
+    assert keep.tolist() == [True, True, False, False, True, False, False] and target == 3
+    assert rows_to_train(advantages, dynamic_sampling=False)[1] == 7
+    # another rank kept 5 rows: this one trains 5 too, the first uninformative rows filling in
+    keep, target = rows_to_train(advantages, True, rows_on_busiest_rank=lambda kept: max(int(kept), 5))
+    assert target == 5 and _top_up(keep, target).tolist() == [True, True, True, True, True, False, False]
+    # nothing informative on any rank: the step trains every row (its forward and backward still run)
+    keep, target = rows_to_train(torch.zeros(4), True)
+    assert keep.all() and target == 4
+    batch = {"advantages": torch.tensor([0.5, -0.5, 1.0]), "completion_ids": torch.arange(6).view(3, 2),
+             "kinds": ["solve", "solve", "variant"], "num_items_in_batch": torch.tensor(6)}
+    even = _pad_rows(batch, 4)  # e.g. 4 micro-batches a step
+    assert even["advantages"].tolist() == [0.5, -0.5, 1.0, 0.0]  # the copy of row 0 has no advantage
+    assert even["completion_ids"][3].tolist() == [0, 1] and even["kinds"][3] == "solve"
+    assert _pad_rows(batch, 3) is batch
+
+
+@pytest.mark.unit
 def test_a_resumed_phase_forgets_the_rows_its_later_steps_wrote_before_the_interruption(scratch):
     from evoforge.tasks.finetune.training import TABLES, _forget_tables_after, _phase_tables
 
@@ -77,16 +118,21 @@ def parrot(tiny_model, tmp_path_factory):
 
 
 @pytest.mark.model
-def test_svs_trains_solving_synthesizing_and_variant_solving_in_one_update(parrot, scratch):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_svs_trains_solving_synthesizing_and_variant_solving_in_one_update(parrot, scratch, processes):
+    """One process, and two (DDP, the same global batch of 4 problems: each rank holds 2): the step's counts are
+    the whole step's, and every variant the policy wrote is recorded once."""
     from evoforge.tasks.finetune.launch import train_policy
 
     problems = pa.Table.from_pylist([dict(problem_id=f"p{i}", question=f"What is {i} + {4 - i if i < 2 else 9}?",
                                           answer="4" if i < 2 else str(i + 9)) for i in range(4)])
-    config = FinetuneConfig(method="svs", max_steps=2, batch_size=4, grpo_generations=2, grpo_max_completion_tokens=24,
+    config = FinetuneConfig(method="svs", max_steps=2, batch_size=4 // processes, processes=processes,
+                            grpo_generations=2, grpo_max_completion_tokens=24,
                             learning_rate=1e-5, few_shot=False, report_to=[], guard={"held_out_rows": 0},
                             svs={"solve_band": [0.125, 1.0], "synthesis_band": [0.125, 1.0], "variant_generations": 3,
                                  "dynamic_sampling": False})
     result = train_policy.fn(str(parrot), {"svs": problems}, config, scratch / "ckpt")
+    assert result["processes"] == processes
     assert result["steps"] == 2 and all(math.isfinite(m["loss"]) for m in result["metrics"] if "loss" in m)
     steps = [m for m in result["metrics"] if "loss" in m]
     solved_fours = [m for m in steps if m["svs/synthesize_rows"] > 0]
@@ -94,6 +140,7 @@ def test_svs_trains_solving_synthesizing_and_variant_solving_in_one_update(parro
     for m in solved_fours:  # the trainer's per-kind counts: all three kinds in one batch, every row trained
         assert m["svs/solve_rows"] == 4 and m["svs/synthesize_rows"] % config.grpo_generations == 0
         assert m["svs/variant_rows"] > 0 and m["svs/variant_rows"] % config.svs.variant_generations == 0
+        assert m["svs/variant_rows"] % processes == 0  # whole groups, an equal share on each rank
         assert m["svs/rows_trained"] == m["svs/solve_rows"] + m["svs/synthesize_rows"] + m["svs/variant_rows"]
     for name in ("svs/solve_reward", "svs/synthesis_reward", "svs/variant_accuracy", "svs/entropy"):
         assert all(name in m for m in steps)
@@ -101,7 +148,9 @@ def test_svs_trains_solving_synthesizing_and_variant_solving_in_one_update(parro
     assert variants and {v["origin"] for v in variants} == {"online"}
     assert {v["step"] for v in variants} <= {1, 2} and all(v["answer"] == "4" for v in variants)
     valid = [v for v in variants if v["reject_reason"] in (None, "outside_band")]
-    assert valid and all(v["n"] == 3 and v["reward"] == (1.0 if v["kept"] else 0.0) for v in valid)
+    # solved G_v = 3 times (twice that for a variant copied to even out the ranks' shares)
+    assert valid and all(v["n"] in (3, 6) and v["reward"] == (1.0 if v["kept"] else 0.0) for v in valid)
+    assert len({v["variant_id"] for v in valid}) == len(valid)  # each written once, whichever rank solved it
     assert any(v["reject_reason"] == "near_duplicate_of_pool" for v in variants)  # the same variant twice: once solved
     assert (scratch / "ckpt" / "model.safetensors").exists() and not (scratch / "ckpt" / "tables").exists()
 

@@ -129,13 +129,6 @@ class FinetuneConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _svs_in_one_process(self) -> "FinetuneConfig":
-        if "svs" in self.methods and self.processes > 1:
-            raise ValueError("finetune method svs trains in one process for now (processes: 1): each step's synthesis "
-                             "depends on that process's own batch, and its ranks would stop agreeing on the step's shape")
-        return self
-
-    @model_validator(mode="after")
     def _server_has_an_address(self) -> "FinetuneConfig":
         if self.vllm_mode == "server" and self.generation == "vllm" and not self.vllm_server_url:
             raise ValueError("vllm_mode server needs vllm_server_url (the `trl vllm-serve` server, http://host:port)")

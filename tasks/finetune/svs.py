@@ -12,6 +12,9 @@ Each step (the paper's steps 6-13), in one GRPO update:
    rewards are all equal carry no GRPO signal and are dropped (`dynamic_sampling`; TRL has no refill, so
    the batch shrinks instead of being topped up).
 
+Under several training processes the step's choices are made on the whole step, gathered to every rank,
+and each rank scores an equal share of each kind of row (see `SvsTrainer`).
+
 Built on TRL's GRPOTrainer: `SvsTrainer` replaces only `_generate_and_score_completions` (TRL's own
 generate-and-score step, called three times with the three kinds of rows, generation through vLLM where
 `finetune.generation: vllm`, else HF generate) and concatenates the results. Defaults from the paper:
@@ -104,12 +107,87 @@ def _concat(batches: list[dict], pad_token_id: int) -> dict:
 
 
 def _rows(batch: dict, keep) -> dict:
-    """The rows `keep` (a bool tensor) of a generate-and-score output; the token count recomputed."""
+    """The rows `keep` (a bool tensor) of a generate-and-score output; the token count recomputed (this
+    rank's: the trainer sums it over the ranks)."""
     import torch
 
-    out = {key: (value[keep] if isinstance(value, torch.Tensor) and value.dim() >= 1 else value)
+    rows = keep.shape[0]
+    out = {key: (value[keep] if isinstance(value, torch.Tensor) and value.dim() >= 1 else
+                 [v for v, k in zip(value, keep.tolist()) if k] if isinstance(value, list) and len(value) == rows
+                 else value)
            for key, value in batch.items()}
     out["num_items_in_batch"] = out["completion_mask"].sum().to(batch["completion_mask"].device)
+    return out
+
+
+def synthesis_seeds(rows: list[dict], texts: list[str], rewards: list[float], group: int,
+                    band: tuple[float, float]) -> list[tuple[dict, str]]:
+    """The under-performing problems of a step (accuracy in `band`, above 0), each with its first correct
+    solution: what the policy writes variants from. `rows`, `texts`, `rewards`: the step's solving rows in
+    TRL's order, a problem's `group` samples consecutive."""
+    lo, hi = band
+    seeds = []
+    for start, accuracy in zip(range(0, len(rows), group), group_accuracy(rewards, group)):
+        if accuracy > 0 and lo - 1e-9 <= accuracy <= hi + 1e-9:
+            correct = next(i for i in range(start, start + group) if rewards[i] == 1.0)
+            seeds.append((rows[start], texts[correct]))
+    return seeds
+
+
+def fill_to_share(items: list, rows_per_item: int, processes: int) -> list:
+    """`items` repeated in turn until their rows (`rows_per_item` each) split evenly over `processes`: every
+    rank scores as many rows (TRL gathers them), and a group is never cut. Empty stays empty."""
+    out = list(items)
+    while out and (len(out) * rows_per_item) % processes:
+        out.append(items[(len(out) - len(items)) % len(items)])
+    return out
+
+
+def local_share(rows: list, processes: int, rank: int) -> list:
+    """This rank's contiguous slice of a step's rows, as TRL's sampler deals them out."""
+    size = len(rows) // processes
+    return rows[rank * size:(rank + 1) * size]
+
+
+def rows_to_train(advantages, dynamic_sampling: bool, rows_on_busiest_rank=lambda kept: kept) -> tuple:
+    """Which of a step's rows train (a mask over them) and how many rows every rank trains.
+
+    Dynamic sampling keeps the rows whose advantage is not 0 (a group with one reward for all has none). TRL
+    then needs every rank to train as many rows (it gathers per-row values in its loss) and a multiple of
+    `steps_per_generation` (it splits the step into that many equal micro-batches and drops a remainder):
+    the count is raised to the busiest rank's (`rows_on_busiest_rank`: the max of a count over the ranks),
+    rounded up; uninformative rows fill it first. Where nothing is informative anywhere, every row trains.
+    Returns the mask and the target count; `_pad_rows` makes up a shortfall with copies."""
+    import torch
+
+    keep = advantages != 0 if dynamic_sampling else torch.ones_like(advantages, dtype=torch.bool)
+    target = int(rows_on_busiest_rank(keep.sum()))
+    if target == 0:
+        keep, target = torch.ones_like(keep), int(rows_on_busiest_rank(torch.tensor(keep.numel())))
+    return keep, target
+
+
+def _top_up(keep, target: int):
+    """`keep` with its first unkept rows added until it holds `target` rows, or all of them."""
+    keep = keep.clone()
+    for i in (~keep).nonzero().flatten().tolist()[:max(0, target - int(keep.sum()))]:
+        keep[i] = True
+    return keep
+
+
+def _pad_rows(batch: dict, rows: int) -> dict:
+    """The batch grown to `rows` by copies of its first rows with advantage 0. A copy adds nothing to the policy
+    gradient (its advantage is 0); it counts in the token normalizer like an uninformative row."""
+    import torch
+
+    have = batch["advantages"].shape[0]
+    if have >= rows:
+        return batch
+    copies = torch.arange(rows - have) % have
+    out = {key: (torch.cat([value, value[copies]]) if isinstance(value, torch.Tensor) and value.dim() >= 1 else
+                 value + [value[i] for i in copies.tolist()] if isinstance(value, list) and len(value) == have else value)
+           for key, value in batch.items()}
+    out["advantages"][have:] = 0.0
     return out
 
 
@@ -117,64 +195,76 @@ def make_trainer_class():
     from trl import GRPOTrainer
 
     class SvsTrainer(GRPOTrainer):
-        """GRPOTrainer whose generate-and-score step is SvS's: solve, synthesize, solve the variants."""
+        """GRPOTrainer whose generate-and-score step is SvS's: solve, synthesize, solve the variants.
+
+        Under several processes each rank holds a slice of the step; the choices (which problems seed a
+        synthesis, which variants are valid, their accuracy) are made on the whole step, gathered to every
+        rank, so the ranks agree and each scores an equal, contiguous share of every kind of row."""
 
         def _generate_and_score_completions(self, inputs):
+            import torch
+            from accelerate.utils import gather_object
+
             from evoforge.models.prompts import extract_problem, solve_messages, synthesis_messages
             from evoforge.tasks.synthesize import Candidate, screen, synthesis_reward
 
             svs, group = self.svs_config, self.num_generations
+            processes, rank = self.accelerator.num_processes, self.accelerator.process_index
             solved = super()._generate_and_score_completions(inputs)
             texts = self.processing_class.batch_decode(solved["completion_ids"], skip_special_tokens=True)
-            rewards = list(self.svs_reward.last)
-            lo, hi = svs.solve_band
-            # the under-performing problems, and one correct solution of each: the synthesis seeds
-            seeds = []
-            for start, accuracy in zip(range(0, len(inputs), group), group_accuracy(rewards, group)):
-                if accuracy > 0 and lo - 1e-9 <= accuracy <= hi + 1e-9:  # a correct solution to write from
-                    correct = next(i for i in range(start, start + group) if rewards[i] == 1.0)
-                    seeds.append((inputs[start], texts[correct]))
-            batches, counts = [solved], {"solve": len(inputs), "synthesize": 0, "variant": 0}
+            rewards = gather_object(list(self.svs_reward.last))
+            seeds = synthesis_seeds(gather_object(list(inputs)), gather_object(texts), rewards, group, svs.solve_band)
+            batches, counts = [solved], {"solve": len(rewards), "synthesize": 0, "variant": 0}
             variants = []
-            if seeds:
+            if seeds:  # the same on every rank: all of them synthesize, or none
                 synth_inputs = [{"prompt": synthesis_messages(row["question"], solution), "answer": row["answer"],
                                  "kind": "synthesize", "problem_id": row["problem_id"], "question": row["question"],
-                                 "reward": 0.0} for row, solution in seeds for _ in range(group)]
-                generated = self._generate([x["prompt"] for x in synth_inputs])
-                written = generated[3]  # the completions, as TRL's own scoring sees them
-                raw = [c[-1]["content"] if isinstance(c, list) else c for c in written]
+                                 "reward": 0.0} for row, solution in fill_to_share(seeds, group, processes)
+                                for _ in range(group)]
+                mine = local_share(synth_inputs, processes, rank)
+                generated = self._generate([x["prompt"] for x in mine])
+                raw = gather_object([c[-1]["content"] if isinstance(c, list) else c for c in generated[3]])
                 candidates = [Candidate(x["problem_id"], f"step{self.state.global_step}-{i}", x["answer"], text,
                                         extract_problem(text), None) for i, (x, text) in enumerate(zip(synth_inputs, raw))]
                 questions = {x["problem_id"]: x["question"] for x in synth_inputs}
                 screen(candidates, questions, list(questions.values()), svs.max_variant_chars)
                 valid = [c for c in candidates if c.reject_reason is None]
-                accuracy = {}
+                solutions = {}  # id(candidate) -> its variant's rewards, over every copy solved
                 if valid:
+                    solving = fill_to_share(valid, svs.variant_generations, processes)
                     variant_inputs = [{"prompt": solve_messages(c.text, self.svs_few_shot), "answer": c.answer,
                                        "kind": "variant", "problem_id": c.parent_problem_id, "question": c.text,
-                                       "reward": 0.0} for c in valid for _ in range(svs.variant_generations)]
+                                       "reward": 0.0} for c in solving for _ in range(svs.variant_generations)]
                     with self._group_size(svs.variant_generations):
-                        batches.append(super()._generate_and_score_completions(variant_inputs))
+                        batches.append(super()._generate_and_score_completions(
+                            local_share(variant_inputs, processes, rank)))
                     counts["variant"] = len(variant_inputs)
-                    for c, value in zip(valid, group_accuracy(self.svs_reward.last, svs.variant_generations)):
-                        accuracy[id(c)] = value
+                    graded = gather_object(list(self.svs_reward.last))
+                    for c, start in zip(solving, range(0, len(graded), svs.variant_generations)):
+                        solutions.setdefault(id(c), []).extend(graded[start:start + svs.variant_generations])
                 for x, c in zip(synth_inputs, candidates):
-                    x["reward"] = synthesis_reward(accuracy.get(id(c), 0.0), svs.variant_generations if id(c) in accuracy
-                                                   else 0, svs.synthesis_band, c.reject_reason is not None)
-                    variants.append(dict(candidate=c, accuracy=accuracy.get(id(c)), reward=x["reward"]))
+                    solved_by = solutions.get(id(c), [])
+                    accuracy = sum(solved_by) / len(solved_by) if solved_by else None
+                    x["reward"] = synthesis_reward(accuracy or 0.0, len(solved_by), svs.synthesis_band,
+                                                   c.reject_reason is not None)
+                    variants.append(dict(candidate=c, accuracy=accuracy, n=len(solved_by), reward=x["reward"]))
                 self._replay = generated  # score the syntheses that were solved, not fresh ones
                 try:
-                    batches.append(super()._generate_and_score_completions(synth_inputs))
+                    batches.append(super()._generate_and_score_completions(mine))
                 finally:
                     self._replay = None
                 counts["synthesize"] = len(synth_inputs)
             self._record(counts, rewards, variants)
             batch = _concat(batches, self.processing_class.pad_token_id)
-            if svs.dynamic_sampling:
-                informative = batch["advantages"] != 0
-                if bool(informative.any()):  # all uniform: nothing to learn this step, and nothing to drop either
-                    batch = _rows(batch, informative)
-            self._metrics["train"]["svs/rows_trained"].append(float(batch["advantages"].numel()))
+            multiple = self.args.steps_per_generation
+            keep, target = rows_to_train(batch["advantages"], svs.dynamic_sampling,
+                                         lambda kept: self.accelerator.gather(kept.reshape(1)).max())
+            target += (-target) % multiple
+            batch = _pad_rows(_rows(batch, _top_up(keep, target)), target)
+            # TRL's token count is the whole step's, over every rank (its loss divides by it)
+            batch["num_items_in_batch"] = self.accelerator.gather(batch["completion_mask"].sum()).sum()
+            self._metrics["train"]["svs/rows_trained"].append(
+                float(self.accelerator.gather(torch.tensor(batch["advantages"].numel())).sum()))
             return batch
 
         def log(self, logs, start_time=None):
@@ -223,8 +313,8 @@ def make_trainer_class():
                 rows.append(dict(
                     variant_id=problem_id(c.text) if valid else stable_hash("variant", c.source_rollout_id, c.raw_output),
                     parent_problem_id=c.parent_problem_id, source_rollout_id=None, text=c.text, answer=c.answer,
-                    raw_output=c.raw_output, n=self.svs_config.variant_generations if v["accuracy"] is not None else 0,
-                    correct=round((v["accuracy"] or 0.0) * self.svs_config.variant_generations), accuracy=v["accuracy"] or 0.0,
+                    raw_output=c.raw_output, n=v["n"], correct=round((v["accuracy"] or 0.0) * v["n"]),
+                    accuracy=v["accuracy"] or 0.0,
                     kept=v["reward"] == 1.0, reward=v["reward"],
                     reject_reason=c.reject_reason or (None if v["reward"] == 1.0 else "outside_band"),
                     origin="online", step=step))
