@@ -76,10 +76,32 @@ def create_views(con: duckdb.DuckDBPyConnection, run_dir: LakePath, report: Call
 
 
 def connect(run_dir: LakePath, report: Callable[[str], None] | None = None,
-            health: RunHealth | None = None) -> duckdb.DuckDBPyConnection:
+            health: RunHealth | None = None, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """An in-memory session with the run's views; `read_only`: DuckDB itself keeps it to them (`lock_to_parts`)."""
+    run_dir = location(run_dir)
+    health = health or run_health(run_dir)
     con = duckdb.connect(":memory:")
     create_views(con, run_dir, report, health)
+    if read_only:
+        lock_to_parts(con, [part for parts in health.files.values() for part in parts])
     return con
+
+
+def lock_to_parts(con: duckdb.DuckDBPyConnection, parts: list[LakePath]) -> None:
+    """DuckDB's own guard on a query session: the files it may open are the parts the views read and nothing
+    else (so `read_text('/etc/passwd')`, `glob('/root/**')`, ATTACH, INSTALL, EXPORT and COPY to any other
+    path fail inside DuckDB, whatever the statement), extensions neither installed nor loaded on their own,
+    and the configuration locked so no statement can undo it. One write this leaves open, COPY over one of
+    those very parts, is what `check_read_only` refuses."""
+    con.execute("SET allowed_paths = " + _list_literal(parts))
+    # DuckDB always lets a session open its spill folder, by default `.tmp` under the working directory
+    # (evoforge's own scratch when run from the project): no spilling, so no such opening
+    con.execute("SET temp_directory = ''")
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+    con.execute("SET allow_community_extensions = false")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
 
 
 def refresh_catalog(run_dir: LakePath) -> LakePath:
@@ -121,13 +143,26 @@ class ReadOnlyError(ValueError):
 
 
 READ_ONLY_STATEMENTS = ("SELECT", "EXPLAIN")  # DESCRIBE, SHOW, SUMMARIZE and FROM-first queries parse as SELECT
+EXPLAINED = re.compile(r"^\s*EXPLAIN\s+(?:ANALY[SZ]E\s+)?(?:\((?:[^()]|\([^()]*\))*\)\s*)?", re.IGNORECASE)
+
+
+def _kind(statement) -> str:
+    return str(statement.type).rsplit(".", 1)[-1]
 
 
 def check_read_only(sql: str) -> None:
-    """Refuse any statement that could write (COPY ... TO, ATTACH, CREATE, SET, INSTALL, EXPORT, ...),
-    by DuckDB's own parse of the text, so `evoforge sql` cannot change the lake or the catalog."""
+    """Refuse any statement but a query, by DuckDB's own parse of the text; an EXPLAIN (ANALYZE runs what it
+    explains) is judged by the statement it explains. `lock_to_parts` is the guard on what a query can open;
+    this one keeps a session from writing over the parts it may read (COPY ... TO one of them)."""
     for number, statement in enumerate(duckdb.extract_statements(sql), start=1):
-        kind = str(statement.type).rsplit(".", 1)[-1]
+        kind = _kind(statement)
+        if kind == "EXPLAIN":
+            try:
+                explained = duckdb.extract_statements(EXPLAINED.sub("", statement.query, count=1))
+            except duckdb.ParserException:
+                explained = []
+            kind = "EXPLAIN" if [_kind(e) for e in explained] == ["SELECT"] else \
+                f"EXPLAIN of {_kind(explained[0]) if len(explained) == 1 else 'a statement it cannot tell'}"
         if kind not in READ_ONLY_STATEMENTS:
             raise ReadOnlyError(f"statement {number} is {kind}: evoforge sql only reads (SELECT, EXPLAIN); "
                                 "--allow-writes to run it anyway")

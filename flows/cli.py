@@ -176,16 +176,23 @@ def cmd_demo(args) -> None:
 
 
 def cmd_sql(args, health=None) -> None:
+    import duckdb
+
     from evoforge.data import catalog
     from evoforge.data.lake import lake
 
     # a damaged part is left out of the views and named on stderr; the rest of the run still answers
+    read_only = not getattr(args, "allow_writes", False)
     con = catalog.connect(lake().existing_run_dir(args.run), report=lambda line: print(line, file=sys.stderr),
-                          health=health)
+                          health=health, read_only=read_only)
     query = catalog.resolve_query(args.query)
-    if not getattr(args, "allow_writes", False):
+    if read_only:
         catalog.check_read_only(query)
-    cursor = con.execute(query)
+    try:
+        cursor = con.execute(query)
+    except duckdb.PermissionException as err:  # the session's lock (data/catalog.py lock_to_parts) said no
+        raise catalog.ReadOnlyError(f"{str(err).splitlines()[0]}: evoforge sql reads the run's tables only; "
+                                    "--allow-writes to run it anyway") from None
     names = [d[0] for d in cursor.description]
     rows = cursor.fetchall()
     if args.csv:

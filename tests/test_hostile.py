@@ -6,6 +6,8 @@ import codecs
 import json
 import os
 
+import pyarrow as pa
+import pyarrow.parquet  # noqa: F401 (pa.parquet)
 import pytest
 
 from evoforge.tasks.ingest import SourceConfig, ingest
@@ -128,22 +130,45 @@ def test_an_option_out_of_range_is_one_line_naming_the_option_and_what_it_allows
     "SELECT 1; COPY (SELECT 1) TO '{folder}/x.csv'",
     "CREATE OR REPLACE VIEW problems AS SELECT 1",
     "SET enable_external_access = true",
+    "EXPLAIN ANALYZE COPY (SELECT 42) TO '{folder}/x.csv'",  # ANALYZE runs what it explains
+    "EXPLAIN (ANALYZE, FORMAT json) COPY (SELECT 42) TO '{folder}/x.csv'",
+    "COPY (SELECT 42) TO '{part}' (FORMAT parquet, USE_TMP_FILE false)",  # over a part the views read
+    "INSTALL httpfs",
+    "LOAD '{run_dir}/x.duckdb_extension'",
+    "SELECT content FROM read_text('/etc/passwd')",  # a query, but of a file outside the run
+    "SELECT * FROM glob('/root/**')",
+    "SELECT * FROM read_csv('{home}/README.md')",
+    "SELECT * FROM read_parquet('{other}')",  # another run's part
+    "SELECT * FROM read_blob('{manifest}')",  # this run's, but not a part of its tables
+    "SELECT * FROM read_blob('{run_dir}/**/*.json')",  # the manifests again, by a glob
 ])
-def test_evoforge_sql_only_reads_unless_asked(runs_root, capsys, statement):
+def test_evoforge_sql_only_reads_the_runs_tables_unless_asked(runs_root, capsys, statement):
+    """What `evoforge sql` refuses, each in one line: writes of any kind, and reads of anything but the parts
+    its views read (DuckDB's own lock: allowed paths, no external access, locked configuration)."""
+    from evoforge.data import home, schemas
     from evoforge.data.lake import lake
     from evoforge.flows.cli import main
 
-    run_dir = lake().ensure_run("r")
-    folder = run_dir / "round=0" / "ingest" / "problems"
+    store = lake()
+    store.publish_stage("r", 0, "ingest", {"problems": pa.Table.from_pylist([dict(
+        problem_id="p0", question="1+1?", answer="2", source="t", source_file="f", source_row=0, origin="seed")],
+        schema=schemas.PROBLEMS)})
+    run_dir = store.run_dir("r")
+    (part,) = [p for p in (run_dir / "round=0" / "ingest" / "problems").iterdir() if p.suffix == ".parquet"]
+    manifest = next(p for p in run_dir.rglob("*.json") if "manifest" in str(p))
+    other = store.ensure_run("other") / "part.parquet"
+    pa.parquet.write_table(pa.table({"secret": [1]}), other)
+    folder = run_dir / "round=0" / "scratch"
     folder.mkdir(parents=True)
-    sql = statement.format(folder=folder, run_dir=run_dir)
+    before = part.read_bytes()
+    sql = statement.format(folder=folder, run_dir=run_dir, part=part, home=home.home(), manifest=manifest, other=other)
     assert main(["sql", sql, "--run", "r"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "evoforge sql only reads" in err
-    assert list(folder.iterdir()) == []
+    assert err.count("\n") == 1 and "evoforge sql" in err and "--allow-writes" in err, err
+    assert list(folder.iterdir()) == [] and part.read_bytes() == before
     assert main(["sql", "SELECT count(*) AS n FROM problems", "--run", "r", "--csv"]) == 0
-    assert capsys.readouterr().out.splitlines() == ["n", "0"]
-    if statement.startswith("COPY"):  # opted in, it runs
+    assert capsys.readouterr().out.splitlines() == ["n", "1"]
+    if statement.startswith("COPY (SELECT * FROM problems)"):  # opted in, it runs
         assert main(["sql", sql, "--run", "r", "--allow-writes"]) == 0 and list(folder.iterdir())
 
 
