@@ -127,7 +127,7 @@ class Bench:
         if self.lake.has_output(run, 0, stage):  # the trial's copy starts without one
             return "after commit"
         folder = self.lake.stage_dir(run, 0, stage)
-        return "publishing" if any(PART_NAME.match(p.name) for p in folder.glob("*/part-*.parquet")) else "computing"
+        return "publishing" if any(PART_NAME.fullmatch(p.name) for p in folder.glob("*/part-*.parquet")) else "computing"
 
 
 def wait_for_publication(bench: Bench, run: str, stage: str, process: subprocess.Popen) -> bool:
@@ -140,7 +140,7 @@ def wait_for_publication(bench: Bench, run: str, stage: str, process: subprocess
             for table in os.scandir(folder):
                 if table.is_dir():
                     for entry in os.scandir(table.path):
-                        if PART_NAME.match(entry.name):  # the trial's copy starts with no output
+                        if PART_NAME.fullmatch(entry.name):  # the trial's copy starts with no output
                             return True
         time.sleep(0.0005)
     return False

@@ -141,9 +141,9 @@ def leftovers(root: Path) -> list[Path]:
     found: list[Path] = []
     for current, folders, files in os.walk(root):
         for name in files + folders:
-            if TEMPORARY_NAME.match(name):
+            if TEMPORARY_NAME.fullmatch(name):
                 found.append(Path(current) / name)
-        folders[:] = [f for f in folders if not TEMPORARY_NAME.match(f)]
+        folders[:] = [f for f in folders if not TEMPORARY_NAME.fullmatch(f)]
     return sorted(found)
 
 

@@ -38,7 +38,7 @@ class Chunks:
         return child
 
     def get_or_compute(self, key: str, compute: Callable[[], pa.Table]) -> pa.Table:
-        if not _KEY.match(key):
+        if not _KEY.fullmatch(key):
             raise ValueError(f"chunk key {key!r}: use letters, digits, '_', '.', '-'")
         if self.folder is None:
             self.computed += 1

@@ -3,8 +3,10 @@
 Prefect, vLLM, torch, Hugging Face and the temp directory all default to `~` or `/tmp`.
 `configure()` points each of them under EVOFORGE_HOME *before* any of those libraries is imported,
 because several read their environment at import. EVOFORGE_HOME defaults to the project folder of a
-source checkout (an editable install), and to the working folder where evoforge was installed as a
-regular package (never into site-packages).
+source checkout (an editable install); installed as a regular package, to the user's data folder
+(`$XDG_DATA_HOME/evoforge`, else `~/.local/share/evoforge`): never site-packages, and never the working
+folder, where anyone who could write a file (a `.prefect/server.json`, a replica's pid record) would
+choose the API a command talks to or the process group it stops.
 """
 from __future__ import annotations
 
@@ -19,8 +21,15 @@ SOURCE_CHECKOUT = (PROJECT_ROOT / "pyproject.toml").exists()
 
 
 def home() -> Path:
-    default = PROJECT_ROOT if SOURCE_CHECKOUT else Path.cwd()
-    return Path(os.environ.get("EVOFORGE_HOME", default)).resolve()
+    if os.environ.get("EVOFORGE_HOME"):
+        return Path(os.environ["EVOFORGE_HOME"]).resolve()
+    return PROJECT_ROOT if SOURCE_CHECKOUT else installed_home()
+
+
+def installed_home() -> Path:
+    """An installed evoforge's home when EVOFORGE_HOME is not set: the user's own data folder."""
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return (Path(data) / "evoforge").resolve()
 
 
 def runs_root() -> str:

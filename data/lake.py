@@ -321,7 +321,7 @@ class Lake:
 
     # -- paths ---------------------------------------------------------------------------------
     def run_dir(self, run: str) -> LakePath:
-        if not RUN_NAME.match(run or ""):
+        if not RUN_NAME.fullmatch(run or ""):
             raise LakeError(
                 f"run name {run!r} is not valid: use letters, digits, '-', '_' or '.', at most 64 characters"
             )
@@ -337,7 +337,7 @@ class Lake:
         """The run's folder; LakeError listing the runs there when it does not exist."""
         run_dir = self.run_dir(run)
         if not run_dir.is_dir():
-            runs = sorted(p.name for p in self.root.iterdir() if p.is_dir() and RUN_NAME.match(p.name)) \
+            runs = sorted(p.name for p in self.root.iterdir() if p.is_dir() and RUN_NAME.fullmatch(p.name)) \
                 if self.root.is_dir() else []
             raise LakeError(f"run {run!r} does not exist under {self.root}; runs there: {', '.join(runs) or 'none'}")
         return run_dir
@@ -530,7 +530,7 @@ class Lake:
 
     def run_table_files(self, run: str, table: str) -> list[LakePath]:
         folder = self.run_dir(run) / table
-        return sorted(p for p in folder.glob("part-*.parquet") if PART_NAME.match(p.name)) if folder.is_dir() else []
+        return sorted(p for p in folder.glob("part-*.parquet") if PART_NAME.fullmatch(p.name)) if folder.is_dir() else []
 
     @staticmethod
     def _schema(table: str) -> pa.Schema:
@@ -631,9 +631,9 @@ class Lake:
                 relative = path.relative_to(folder).as_posix()
                 if not path.is_file() or relative in listed or path.name.startswith("."):
                     continue
-                if PART_NAME.match(path.name):
+                if PART_NAME.fullmatch(path.name):
                     health.leftovers.append(path)
-                elif manifest is None and LEGACY_PART.match(path.name) and path.parent.name in schemas.ROUND_TABLES:
+                elif manifest is None and LEGACY_PART.fullmatch(path.name) and path.parent.name in schemas.ROUND_TABLES:
                     health.legacy.append(path)
                 else:
                     health.unnamed.append(path)
@@ -643,7 +643,7 @@ class Lake:
             for path in sorted(folder.glob("*")) if folder.is_dir() else []:
                 if path.name == SCHEMA_PART or path.name.startswith("."):
                     continue
-                if not PART_NAME.match(path.name):
+                if not PART_NAME.fullmatch(path.name):
                     health.unnamed.append(path)
                     continue
                 try:
@@ -679,7 +679,7 @@ class Lake:
             for path in paths:
                 target = path.parent / new_part_name()
                 commit(path, target)
-                parts.append(describe_part(folder, path.parent.name, target, LEGACY_PART.match(path.name)["key"]))
+                parts.append(describe_part(folder, path.parent.name, target, LEGACY_PART.fullmatch(path.name)["key"]))
             check_run_lease(self.run_dir(run))
             write_manifest(folder, parts)
             lines.append(f"{folder.relative_to(self.run_dir(run))}: committed {len(parts)} part(s) written before "

@@ -25,12 +25,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from evoforge.data.atomic import write_text
+from evoforge.data.schemas import ROUND_TABLES, RUN_TABLES
 from evoforge.data.ids import stable_hash
 from evoforge.data.storage import LakePath, is_remote, parquet_metadata
 
 MANIFEST_NAME = "_manifest.json"
 FORMAT = 1
-PART_NAME = re.compile(r"^part-[0-9a-f]{32}\.parquet$")  # evoforge's own part names (committed or not)
+PART_NAME = re.compile(r"part-[0-9a-f]{32}\.parquet")  # evoforge's own part names (committed or not): fullmatch
+KNOWN_TABLES = frozenset(ROUND_TABLES) | frozenset(RUN_TABLES)
 
 
 class ManifestError(ValueError):
@@ -98,7 +100,11 @@ def read_manifest(stage_dir: LakePath) -> Manifest | None:
             raise ValueError(f"format {data.get('format')!r}, this evoforge reads {FORMAT}")
         parts = tuple(Part(**p) for p in data["parts"])
         for p in parts:
-            if not PART_NAME.match(Path(p.file).name) or Path(p.file).parent.as_posix() != p.table:
+            # a table is one of the schemas' names (never a path: a tampered `../..` would point a part, and a
+            # later sweep's delete, outside the lake), and its part sits right under the table's folder
+            if p.table not in KNOWN_TABLES:
+                raise ValueError(f"table {p.table!r} is not one of evoforge's tables")
+            if not PART_NAME.fullmatch(Path(p.file).name) or Path(p.file).parent.as_posix() != p.table:
                 raise ValueError(f"part {p.file!r} is not a part of table {p.table!r}")
         return Manifest(commit=data["commit"], committed_at=data["committed_at"], parts=parts)
     except (ValueError, KeyError, TypeError) as err:

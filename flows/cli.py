@@ -340,11 +340,24 @@ def cmd_sandbox(args) -> None:
         raise SystemExit(1)
 
 
+def urlsplit_password(url: str) -> str | None:
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(url.strip()).password
+    except ValueError:
+        return None
+
+
 def cmd_ui(args) -> None:
     from evoforge.flows.postgres import database_choice, prefect_database
     from evoforge.flows.serve import api_url, project_server_url, start_server
 
     url = api_url(args.host, args.port)
+    if args.database and urlsplit_password(args.database):
+        raise ValueError("--database: a password on the command line is readable by every user of this machine "
+                         "(ps); give the URL in EVOFORGE_PREFECT_DATABASE, or leave the password out and set "
+                         "PGPASSWORD or a ~/.pgpass (mode 0600) entry")
     choice = database_choice(args.database)  # a wrong value fails before anything starts
     if project_server_url() == url:
         print(f"this project's Prefect server already answers: UI {url.removesuffix('/api')}")
@@ -512,8 +525,9 @@ def parser() -> argparse.ArgumentParser:
     ui.add_argument("--database", default=None,
                     help="the Prefect server's database: sqlite (default; in the project's .prefect), postgres (a "
                          "PostgreSQL evoforge runs in the project's .postgres, stopped on exit), or a "
-                         "postgresql+asyncpg://... URL of an existing server (left running); default "
-                         "$EVOFORGE_PREFECT_DATABASE, else sqlite")
+                         "postgresql+asyncpg://USER@HOST/DB URL of an existing server (left running; its password "
+                         "from PGPASSWORD or ~/.pgpass, never here: argv is public); default "
+                         "$EVOFORGE_PREFECT_DATABASE (which may hold the password), else sqlite")
     ui.add_argument("--postgres-port", type=int, default=5433, help="port of the project's PostgreSQL on 127.0.0.1")
     ui.set_defaults(func=cmd_ui)
 

@@ -184,6 +184,31 @@ def test_an_unreadable_manifest_is_named_and_the_rest_of_the_run_reads(scratch):
     assert lake.read("r", "problems").num_rows == 2 and lake.sweep("r") == 1  # the old part, unlisted
 
 
+def test_a_tampered_manifest_cannot_point_a_part_or_a_sweep_outside_its_stage(scratch):
+    """A manifest whose table is a path (`../../..`) is unreadable, named in one line: nothing outside the lake
+    is read as data, and no later sweep or repair deletes what it names."""
+    import json
+
+    lake = Lake(scratch / "lake")
+    lake.publish_stage("r", 0, "ingest", {"problems": problems(3)})
+    victim_dir = scratch / "outside"
+    victim = victim_dir / "part-0123456789abcdef0123456789abcdef.parquet"
+    victim_dir.mkdir()
+    pq.write_table(problems(1), victim)
+    path = lake.stage_dir("r", 0, "ingest") / MANIFEST_NAME
+    body = json.loads(path.read_text())
+    escape = "../../../../outside"
+    body["parts"][0].update(table=escape, file=f"{escape}/{victim.name}")
+    path.write_text(json.dumps(body))
+    with pytest.raises(DamagedPart, match="table '../../../../outside' is not one of evoforge's tables"):
+        lake.read("r", "problems")
+    lake.sweep("r")
+    lake.inspect("r", checksum=True)
+    assert victim.exists()
+    with pytest.raises(LakeError, match="is not valid"):  # a name is matched whole: no trailing newline
+        lake.run_dir("r\n")
+
+
 def test_catalog_refresh_never_waits_for_a_reader_holding_the_old_file(scratch):
     lake = Lake(scratch)
     run_dir = lake.ensure_run("r")

@@ -133,6 +133,11 @@ def test_ui_says_in_one_line_when_the_database_is_wrong_or_does_not_answer(scrat
     url = f"postgresql+asyncpg://someone:hunter2@127.0.0.1:{_free_port()}/prefect"
     done = subprocess.run([str(EVOFORGE), "ui", "--port", str(_free_port()), "--database", url], cwd=home.PROJECT_ROOT,
                           env=env, capture_output=True, text=True, timeout=120)
+    # a password in argv is readable in `ps` by every user: refused before anything starts
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "a password on the command line" in done.stderr and "hunter2" not in done.stderr
+    done = subprocess.run([str(EVOFORGE), "ui", "--port", str(_free_port())], cwd=home.PROJECT_ROOT,
+                          env={**env, "EVOFORGE_PREFECT_DATABASE": url}, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "does not answer" in done.stderr and "someone:***@" in done.stderr and "hunter2" not in done.stderr
 

@@ -193,7 +193,8 @@ def test_every_file_is_written_through_the_atomic_helper():
 
 def test_a_regular_install_carries_its_sql_configs_and_data_sets_and_writes_outside_site_packages(scratch):
     """The wheel (what `pip install evoforge` installs) holds every subpackage and the files evoforge reads
-    at run time; installed that way, its home is the working folder, not site-packages."""
+    at run time; installed that way, its home is the user's data folder: not site-packages, and not the working
+    folder (where a planted `.prefect/server.json` would choose the API its commands talk to)."""
     import zipfile
 
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
@@ -209,8 +210,12 @@ def test_a_regular_install_carries_its_sql_configs_and_data_sets_and_writes_outs
               "import evoforge.tasks.finetune.training\n"
               "print(home.SOURCE_CHECKOUT, home.home(), load_config(DEFAULT_CONFIG).stages, sorted(catalog.named_queries())[:2],"
               " sum(1 for _ in home.SHIPPED_SETS.rglob('*.jsonl')))")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=work, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(site)})
+    env = {key: value for key, value in os.environ.items() if key != "EVOFORGE_HOME"}
+    env.update(PYTHONPATH=str(site), XDG_DATA_HOME=str(scratch / "data"))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=work, timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["False", str(work.resolve()), "['generate',", "'verify',", "'filter']",
-                                   "['buckets',", "'by_source']", "6"]
+    assert done.stdout.split() == ["False", str((scratch / "data" / "evoforge").resolve()), "['generate',", "'verify',",
+                                   "'filter']", "['buckets',", "'by_source']", "6"]
+    chosen = subprocess.run([sys.executable, "-c", "from evoforge.data import home; print(home.home())"], cwd=work,
+                            capture_output=True, text=True, timeout=120, env={**env, "EVOFORGE_HOME": str(work)})
+    assert chosen.stdout.split() == [str(work.resolve())]  # the user's choice wins
