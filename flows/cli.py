@@ -516,7 +516,8 @@ def parser() -> argparse.ArgumentParser:
     box_run.add_argument("file")
     box_run.add_argument("--wall", type=float, default=5.0, help="deadline in seconds")
     box_run.add_argument("--memory-mb", type=int, default=512)
-    box_run.add_argument("--isolation", choices=["auto", "namespaces", "rlimits"], default="auto")
+    box_run.add_argument("--isolation", choices=["namespaces", "rlimits", "auto"], default="namespaces",
+                         help="namespaces (bubblewrap; auto: the same) or rlimits: resource limits only, no isolation")
     box_run.set_defaults(func=cmd_sandbox)
 
     ui = sub.add_parser("ui", help="start the local Prefect server and UI (database inside the project)")

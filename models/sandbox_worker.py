@@ -2,10 +2,18 @@
 imports nothing from the project). It reads requests from stdin, runs each one in a forked child
 with resource limits in a fresh scratch folder, and writes one result per request to stdout.
 
-Nothing carries over between executions: /scratch (and, in namespaces, /tmp) is emptied before
-each one, and each runs in a folder with a fresh random name, so no file an earlier step planted can
-collide with it. In namespaces both folders are tmpfs mounts of `scratch_mb`, so the child's
-address-space limit is what is left of `memory_mb` beside them.
+Nothing carries over between executions: /scratch (and, in namespaces, /tmp and /dev/shm) is
+emptied before each one, and each runs in a folder with a fresh random name, so no file an earlier
+step planted can collide with it. No process outlives its execution: in namespaces every process of
+the PID namespace but this worker is killed; with resource limits only, this worker is the
+processes' subreaper (an orphan, even one that called setsid, becomes its child, never init's) and
+kills every descendant.
+
+Memory is one budget per execution, `memory_mb`: the proportional set size of all the execution's
+processes plus what its folders hold (in namespaces each a tmpfs of `scratch_mb`: pages of memory),
+checked every 50 ms; past it the execution is killed (status `memory`). Each process is also held to
+what is left of the budget beside the folders by RLIMIT_AS, so one process fails its allocation
+(MemoryError) before the watch has to act.
 
 Protocol: 4-byte big-endian length + JSON, both ways. Request: {"code", "wall", "cpu", "memory_mb",
 "processes", "file_mb", "output_chars", "scratch_mb"}. Result: {"status", "exit_code", "stdout", "stderr",
@@ -28,6 +36,79 @@ if SITE:
     sys.path.append(SITE)  # after the standard library: sympy and numpy for the model's code
 NAMESPACED = os.environ.pop("EVOFORGE_SANDBOX_NAMESPACED", "") == "1"
 SCRATCH = os.getcwd()
+FOLDERS = (SCRATCH, "/tmp", "/dev/shm") if NAMESPACED else (SCRATCH,)
+MEMORY_CHECK_SECONDS = 0.05
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper():
+    """Without a PID namespace: orphans of the execution are re-parented to this worker, not to init."""
+    import ctypes
+
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def _processes():
+    """pid -> (parent pid, state) of every process this worker can see."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            table[int(name)] = (int(fields[1]), fields[0])
+    return table
+
+
+def execution_pids():
+    """The live processes of the execution: in a PID namespace all but its init (1) and this worker; without
+    one, this worker's descendants."""
+    me, table = os.getpid(), _processes()
+    if NAMESPACED:
+        return [pid for pid, (_, state) in table.items() if pid not in (1, me) and state != "Z"]
+    children = {}
+    for pid, (parent, _) in table.items():
+        children.setdefault(parent, []).append(pid)
+    found, todo = [], [me]
+    while todo:
+        for pid in children.get(todo.pop(), []):
+            todo.append(pid)
+            if table[pid][1] != "Z":
+                found.append(pid)
+    return found
+
+
+def memory_used():
+    """Bytes the execution holds: its processes' proportional set size plus its folders' contents."""
+    total = 0
+    for pid in execution_pids():
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as fh:
+                for line in fh:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            pass
+    if NAMESPACED:
+        for folder in FOLDERS:
+            stats = os.statvfs(folder)
+            total += (stats.f_blocks - stats.f_bfree) * stats.f_frsize
+    return total
+
+
+def reap():
+    """Collect the exit status of any child (an orphan re-parented to this worker included)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
 
 
 def read_message():
@@ -53,7 +134,7 @@ def child(request, run_dir, out_w, err_w):
     # the CPU limit's hard value is a second above the soft one: at the soft limit the kernel sends
     # SIGXCPU (read as a timeout); with both equal it sends SIGKILL, indistinguishable from any other kill
     resource.setrlimit(resource.RLIMIT_CPU, (request["cpu"], request["cpu"] + 1))
-    memory_mb = request["memory_mb"] - (2 * request["scratch_mb"] if NAMESPACED else 0)  # tmpfs pages are memory too
+    memory_mb = request["memory_mb"] - (len(FOLDERS) * request["scratch_mb"] if NAMESPACED else 0)  # tmpfs pages too
     for limit, value in ((resource.RLIMIT_AS, memory_mb * mb), (resource.RLIMIT_NPROC, request["processes"]),
                          (resource.RLIMIT_FSIZE, request["file_mb"] * mb), (resource.RLIMIT_NOFILE, 64),
                          (resource.RLIMIT_CORE, 0)):
@@ -81,21 +162,21 @@ def child(request, run_dir, out_w, err_w):
         os._exit(code)
 
 
-def sweep_namespace():
-    """Kill whatever the child left behind (a fork bomb's children escape its process group)."""
-    if not NAMESPACED:
-        return
-    me = os.getpid()
-    for _ in range(3):
-        pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) not in (1, me)]
+def sweep():
+    """Kill whatever the execution left behind (a fork bomb's children, a daemon that left its process group
+    and session), until none is left."""
+    for _ in range(20):
+        pids = execution_pids()
         if not pids:
-            return
+            break
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
-        time.sleep(0.01)
+        time.sleep(0.005)
+        reap()
+    reap()
 
 
 def empty(folder):
@@ -111,7 +192,7 @@ def empty(folder):
 
 
 def run(request, number):
-    for folder in (SCRATCH, "/tmp") if NAMESPACED else (SCRATCH,):
+    for folder in FOLDERS:
         empty(folder)
     run_dir = tempfile.mkdtemp(prefix="run-", dir=SCRATCH)
     out_r, out_w = os.pipe()
@@ -129,19 +210,26 @@ def run(request, number):
     truncated = False
     open_fds = [out_r, err_r]
     deadline = started + request["wall"]
-    timed_out = False
+    budget = request["memory_mb"] * 1024 * 1024
+    timed_out = over_budget = False
     status_code = None
+    checked = started
     while status_code is None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            timed_out = True
+        now = time.monotonic()
+        remaining = deadline - now
+        if now - checked >= MEMORY_CHECK_SECONDS:
+            checked = now
+            over_budget = memory_used() > budget
+        if remaining <= 0 or over_budget:
+            timed_out = not over_budget
             try:
                 os.killpg(pid, signal.SIGKILL)
             except OSError:
                 pass
             status_code = os.waitpid(pid, 0)[1]
             break
-        ready, _, _ = select.select(open_fds, [], [], min(remaining, 0.05)) if open_fds else ([], [], time.sleep(0.005))
+        wait = min(remaining, MEMORY_CHECK_SECONDS)
+        ready, _, _ = select.select(open_fds, [], [], wait) if open_fds else ([], [], time.sleep(0.005))
         for fd in ready:
             chunk = os.read(fd, 65536)
             if not chunk:
@@ -155,7 +243,7 @@ def run(request, number):
             done, code = os.waitpid(pid, os.WNOHANG)
             if done:
                 status_code = code
-    sweep_namespace()
+    sweep()
     for fd in open_fds:  # what is already in the pipes (bounded: a leftover writer must not keep us here)
         for _ in range(16):
             if not select.select([fd], [], [], 0)[0]:
@@ -168,7 +256,7 @@ def run(request, number):
     os.close(out_r)
     os.close(err_r)
     seconds = time.monotonic() - started
-    for folder in (SCRATCH, "/tmp") if NAMESPACED else (SCRATCH,):
+    for folder in FOLDERS:
         empty(folder)
     stdout = buffers[out_r].decode("utf-8", "replace")
     stderr = buffers[err_r].decode("utf-8", "replace")
@@ -182,12 +270,17 @@ def run(request, number):
         status = "ok" if exit_code == 0 else ("memory" if exit_code == 3 and "MemoryError" in stderr else "error")
     if timed_out:
         status = "timeout"
+    if over_budget:
+        status, stderr = "memory", (stderr + f"\nsandbox: the execution's processes and files passed its memory budget "
+                                           f"({request['memory_mb']} MB)")[-limit:]
     return {"status": status, "exit_code": exit_code, "stdout": stdout[:limit], "stderr": stderr[-limit:],
             "seconds": seconds, "truncated": truncated}
 
 
 def main():
     number = 0
+    if not NAMESPACED:
+        become_subreaper()
     write_message({"ready": True, "pid": os.getpid(), "uid": os.getuid()})
     while True:
         request = read_message()

@@ -133,9 +133,10 @@ def test_nothing_an_execution_plants_or_fills_reaches_the_next_one(box):
              "    open(f'/scratch/run-{n}', 'w').close()\n"   # the names an older worker used for its folders
              "open('/tmp/left-behind', 'w').write('secret')\n"
              "open('/scratch/left-behind', 'w').write('secret')\n"
+             "open('/dev/shm/left-behind', 'w').write('secret')\n"
              "print(len(os.listdir('/scratch')))")
     fill = ("import os\n"
-            "for folder in ('/tmp', '/scratch'):\n"
+            "for folder in ('/tmp', '/scratch', '/dev/shm'):\n"
             "    written = 0\n"
             "    try:\n"
             "        for n in range(100):\n"  # files under max_file_mb, 400 MB asked in all
@@ -144,19 +145,120 @@ def test_nothing_an_execution_plants_or_fills_reaches_the_next_one(box):
             "            written += 4\n"
             "    except OSError as err:\n"
             "        print(folder, written, err.errno)\n")
-    probe = "import os\nprint(sorted(os.listdir('/tmp')), sorted(p for p in os.listdir('/scratch') if not p.startswith('run-')))"
+    probe = ("import os\nprint(sorted(os.listdir('/tmp')), sorted(p for p in os.listdir('/scratch') if not p.startswith('run-')),"
+             " sorted(os.listdir('/dev/shm')))")
     for _ in range(2):  # both warm workers take a turn at each
         results = box.run_many([plant, fill, probe, probe, "print('fine')", "print('fine')"])
         assert [r.status for r in results] == ["ok"] * 6, [r.stderr for r in results]
         assert int(results[0].stdout) >= 200
         # each folder is full (ENOSPC) before scratch_mb (32 MB by default), far below the 400 MB asked for
         full = [line.split() for line in results[1].stdout.splitlines()]
-        assert [(folder, errno) for folder, _, errno in full] == [("/tmp", "28"), ("/scratch", "28")]
+        assert [(folder, errno) for folder, _, errno in full] == [("/tmp", "28"), ("/scratch", "28"), ("/dev/shm", "28")]
         assert all(int(written) <= 32 for _, written, _ in full)
-        assert results[2].stdout.strip() == "[] []" and results[3].stdout.strip() == "[] []"
+        assert results[2].stdout.strip() == "[] [] []" and results[3].stdout.strip() == "[] [] []"
         assert results[4].stdout == results[5].stdout == "fine\n"
 
 
 def test_the_folders_sizes_come_out_of_the_memory_budget():
     with pytest.raises(ValueError, match="must leave at least 64 MB"):
-        SandboxConfig(memory_mb=128, scratch_mb=64)
+        SandboxConfig(memory_mb=128, scratch_mb=32)  # /scratch, /tmp and /dev/shm: 96 MB of 128
+
+
+# -- hostile: each escape a review tried (issue 27) -------------------------------------------------------
+
+@pytest.mark.parametrize("isolation", ["namespaces", "auto"])
+def test_without_namespaces_no_model_code_runs_unless_rlimits_is_named(monkeypatch, caplog, isolation):
+    """No silent step down: where bubblewrap cannot run, the sandbox refuses in one line naming the opt-in;
+    named, rlimits runs, and every start of it warns what it does not isolate."""
+    import logging
+
+    from evoforge.models import sandbox as module
+
+    monkeypatch.setattr(module, "_bwrap", lambda: None)
+    with pytest.raises(module.SandboxError, match="isolation: rlimits") as refused:
+        Sandbox(SandboxConfig(isolation=isolation))
+    assert "\n" not in str(refused.value) and "bubblewrap" in str(refused.value)
+    with caplog.at_level(logging.WARNING, logger="evoforge.sandbox"):
+        for _ in range(2):
+            with Sandbox(SandboxConfig(isolation="rlimits", workers=1)) as weaker:
+                assert weaker.run("print(6 * 7)").stdout == "42\n"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and all("NO filesystem or network isolation" in w for w in warnings)
+
+
+DAEMON = ("import os, time\n"
+          "if os.fork() == 0:\n"
+          "    os.setsid()\n"  # out of the execution's process group and session
+          "    if os.fork() == 0:\n"
+          "        os.execv('/usr/bin/sleep', ['sleep', '61.25'])\n"
+          "    os._exit(0)\n"
+          "time.sleep(0.3)\n"
+          "print('left a daemon')")
+
+
+def _daemons() -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if open(f"/proc/{pid}/cmdline", "rb").read() == b"sleep\x0061.25\x00":
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.parametrize("isolation", ["namespaces", "rlimits"])
+def test_a_daemon_that_leaves_its_session_dies_with_its_execution(isolation):
+    """fork, setsid, fork: the grandchild is in no process group of the execution, and its parent is gone. In
+    namespaces the PID namespace is swept; with resource limits only, the worker is the orphans' subreaper."""
+    with Sandbox(SandboxConfig(isolation=isolation, wall_seconds=5, workers=1)) as sandbox:
+        result = sandbox.run(DAEMON)
+        assert result.stdout == "left a daemon\n", result.stderr
+        deadline = time.monotonic() + 2
+        while _daemons() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _daemons() == []
+
+
+def test_no_nested_user_namespace_and_no_system_call_a_step_never_needs(box):
+    """`unshare -Urn` would make the code uid 0 (with every capability) in a namespace of its own; mounts,
+    ptrace, the keyring and BPF are refused; threads and subprocesses still work (clone3 falls back to clone)."""
+    probe = ("import ctypes, os, subprocess, threading\n"
+             "libc = ctypes.CDLL(None, use_errno=True)\n"
+             "def refused(result):\n"
+             "    return result == -1 and ctypes.get_errno() in (1, 28)\n"  # EPERM (seccomp), ENOSPC (no userns left)
+             "print('unshare', refused(libc.unshare(0x10000000)), refused(libc.unshare(0x40000000)))\n"
+             "print('mount', refused(libc.mount(b'none', b'/scratch', b'tmpfs', 0, None)))\n"
+             "print('ptrace', refused(libc.ptrace(16, 1, None, None)))\n"  # PTRACE_ATTACH to the namespace's init
+             "print('keyctl', refused(libc.syscall(250, 0, 0, 0, 0, 0)), 'bpf', refused(libc.syscall(321, 0, 0, 0)))\n"
+             "print('io_uring', libc.syscall(425, 1, 0), ctypes.get_errno())\n"  # EPERM: the filter (EFAULT without)
+             "print([line.split()[1] for line in open('/proc/self/status') if line.startswith('Seccomp:')])\n"
+             "done = subprocess.run(['unshare', '-Urn', 'id', '-u'], capture_output=True, text=True)\n"
+             "print('unshare -Urn', done.returncode != 0, repr(done.stdout))\n"
+             "box = []\n"
+             "thread = threading.Thread(target=lambda: box.append(sum(range(10))))\n"
+             "thread.start(); thread.join()\n"
+             "print('thread', box, 'subprocess', subprocess.run(['echo', 'hi'], capture_output=True, text=True).stdout.strip())")
+    result = box.run(probe)
+    assert result.status == "ok", result.stderr
+    assert result.stdout.splitlines() == [
+        "unshare True True", "mount True", "ptrace True", "keyctl True bpf True", "io_uring -1 1", "['2']",
+        "unshare -Urn True ''",
+        "thread [45] subprocess hi"]
+
+
+def test_memory_is_one_budget_for_all_of_an_executions_processes(box):
+    """Four processes of 80 MB each fit the 256 MB address-space limit one by one, not the execution's budget."""
+    spread = ("import os, time\n"
+              "for _ in range(4):\n"
+              "    if os.fork() == 0:\n"
+              "        held = b'x' * (80 << 20)\n"
+              "        time.sleep(30)\n"
+              "        os._exit(0)\n"
+              "time.sleep(30)")
+    started = time.monotonic()
+    result = box.run(spread)
+    assert result.status == "memory" and "memory budget (256 MB)" in result.stderr
+    assert time.monotonic() - started < 3  # killed when the budget was passed, not at the deadline
+    assert box.run("print('next')").stdout == "next\n"
+    assert box.run("held = b'x' * (80 << 20)\nprint('one process fits')").stdout == "one process fits\n"
