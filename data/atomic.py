@@ -120,17 +120,24 @@ def _local_build(target: ObjectPath) -> Iterator[Path]:
             _remove(tmp)
 
 
-def write_bytes(path, data: bytes):
+def write_bytes(path, data: bytes, mode: int | None = None):
+    """`data` as `path`'s whole new content; `mode` (a local file's permissions, e.g. 0o600 for a secret) holds
+    from the temporary file's creation on, so the content is never readable by others, not even briefly."""
     if is_remote(path):
         path.write_bytes(data)  # one PUT: whole or nothing
         return path
     with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+        if mode is None:
+            tmp.write_bytes(data)
+        else:
+            descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            with os.fdopen(descriptor, "wb") as fh:
+                fh.write(data)
     return Path(path)
 
 
-def write_text(path, text: str):
-    return write_bytes(path, text.encode())
+def write_text(path, text: str, mode: int | None = None):
+    return write_bytes(path, text.encode(), mode)
 
 
 def leftovers(root: Path) -> list[Path]:

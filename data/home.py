@@ -37,6 +37,9 @@ def runs_root() -> str:
     return os.environ.get("EVOFORGE_RUNS") or str(home() / "runs")
 
 
+AUTH_FILE = "auth-string"  # in the Prefect home, mode 0600: the Prefect API's basic-auth string
+
+
 def cache_dir() -> Path:
     return home() / ".cache"
 
@@ -90,6 +93,13 @@ def configure() -> Path:
         os.environ.setdefault(key, value)
     for key in ("PREFECT_HOME", "TMPDIR", "VLLM_CACHE_ROOT", "HF_HOME", "MPLCONFIGDIR"):
         Path(os.environ[key]).mkdir(parents=True, exist_ok=True)
+    # the Prefect API's auth string `evoforge ui` keeps in the Prefect home (flows/serve.py): every command,
+    # worker and flow run of this home sends it (Prefect's client reads PREFECT_API_AUTH_STRING)
+    if "PREFECT_API_AUTH_STRING" not in os.environ:
+        try:
+            os.environ["PREFECT_API_AUTH_STRING"] = (Path(os.environ["PREFECT_HOME"]) / AUTH_FILE).read_text().strip()
+        except OSError:
+            pass
     import tempfile
 
     tempfile.tempdir = None  # re-read TMPDIR if tempfile was imported before us

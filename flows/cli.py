@@ -351,9 +351,10 @@ def urlsplit_password(url: str) -> str | None:
 
 def cmd_ui(args) -> None:
     from evoforge.flows.postgres import database_choice, prefect_database
-    from evoforge.flows.serve import api_url, project_server_url, start_server
+    from evoforge.flows.serve import api_url, auth_file, project_server_url, server_auth_string, start_server
 
     url = api_url(args.host, args.port)
+    auth = server_auth_string(args.host)  # before anything starts: a server others reach never runs without one
     if args.database and urlsplit_password(args.database):
         raise ValueError("--database: a password on the command line is readable by every user of this machine "
                          "(ps); give the URL in EVOFORGE_PREFECT_DATABASE, or leave the password out and set "
@@ -364,11 +365,19 @@ def cmd_ui(args) -> None:
         return
     # the PostgreSQL it starts is stopped on the way out, after the Prefect server (Ctrl-C, kill, failure)
     with prefect_database(choice, args.postgres_port) as database:
-        server = start_server(args.host, args.port, database_url=database.url)
+        server = start_server(args.host, args.port, database_url=database.url, auth_string=auth)
+        if auth:
+            where = ("PREFECT_SERVER_API_AUTH_STRING" if os.environ.get("PREFECT_SERVER_API_AUTH_STRING")
+                     else f"{auth_file()} (mode 0600)")
+            access = (f"API auth: on, the string in {where}; the UI asks for it once per browser. Other machines "
+                      f"and workers: copy it to their Prefect home's {auth_file().name} (mode 0600) or set "
+                      f"PREFECT_API_AUTH_STRING in their environment (not on a command line)\n")
+        else:
+            access = f"API auth: off (a server on {args.host} answers this machine only; any other --host turns it on)\n"
         try:
             print(f"Prefect UI: {url.removesuffix('/api')}   API: {url}\n"
                   f"database: {database.shown}   log: {Path(os.environ['PREFECT_HOME']) / 'server.log'}\n"
-                  "evoforge commands run while it is up show in it; Ctrl-C stops it.", flush=True)
+                  f"{access}evoforge commands run while it is up show in it; Ctrl-C stops it.", flush=True)
             server.wait()
         except KeyboardInterrupt:
             pass  # Ctrl-C or kill: the way to stop it

@@ -38,6 +38,53 @@ def _prefect_home() -> Path:
     return Path(os.environ.get("PREFECT_HOME", home.home() / ".prefect"))
 
 
+class AuthRefused(ValueError):
+    pass
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to any interface
+
+
+def auth_file() -> Path:
+    from evoforge.data.home import AUTH_FILE
+
+    return _prefect_home() / AUTH_FILE
+
+
+def server_auth_string(host: str) -> str | None:
+    """The basic-auth string the Prefect server on `host` requires: the user's (PREFECT_SERVER_API_AUTH_STRING),
+    else the Prefect home's `auth-string` file, else, for any host but loopback, a new one written there
+    (mode 0600). A server others can reach never starts without one; on loopback none is made up."""
+    import secrets
+
+    from evoforge.data import atomic
+
+    given = os.environ.get("PREFECT_SERVER_API_AUTH_STRING")
+    if given is not None:
+        if not given.strip() and not is_loopback(host):
+            raise AuthRefused(f"the Prefect server on {host} would answer anyone (PREFECT_SERVER_API_AUTH_STRING "
+                              f"is empty): set it, or unset it and evoforge keeps one in {auth_file()}")
+        return given.strip() or None
+    path = auth_file()
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    if is_loopback(host):
+        return None
+    made = f"evoforge:{secrets.token_urlsafe(32)}"  # user:password, as the UI's login asks for it
+    atomic.write_text(path, made + "\n", mode=0o600)
+    return made
+
+
 def project_server_url() -> str | None:
     """The API of the server `evoforge ui` (or `serve`) started for this project's Prefect home, if it
     answers. A server some other project or user left on the port is never taken for it."""
@@ -49,11 +96,13 @@ def project_server_url() -> str | None:
 
 
 def start_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_path: Path | None = None,
-                 wait_seconds: float = 120.0, database_url: str | None = None) -> subprocess.Popen:
+                 wait_seconds: float = 120.0, database_url: str | None = None,
+                 auth_string: str | None = None) -> subprocess.Popen:
     """`prefect server start` in a child process; returns once /api/health answers. It is recorded in
     the project's Prefect home (server.json), so this project's commands find it and no other server.
     `database_url` (e.g. the project's PostgreSQL, flows/postgres.py) replaces the environment's
-    database (SQLite in the Prefect home); the server migrates it as it starts."""
+    database (SQLite in the Prefect home); the server migrates it as it starts. `auth_string`: every API
+    request (HTTP and websocket) must carry it (Prefect's basic auth); passed by environment, never argv."""
     from evoforge.data import atomic
 
     url = api_url(host, port)
@@ -65,6 +114,9 @@ def start_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_path: P
     env.pop("PREFECT_API_URL", None)  # the server itself must not look for another API
     if database_url is not None:  # both names: Prefect takes PREFECT_SERVER_... first when both are set
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
+    env.pop("PREFECT_SERVER_API_AUTH_STRING", None)
+    if auth_string:  # the server's own services call its API too: they send the client string
+        env["PREFECT_SERVER_API_AUTH_STRING"] = env["PREFECT_API_AUTH_STRING"] = auth_string
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
@@ -145,7 +197,7 @@ def serve(run: str, config_file: str | Path, cron: str | None = None, limit: int
     if url is None:
         url = api_url()
         print(f"starting the Prefect server on {url} (log: {_prefect_home() / 'server.log'})", flush=True)
-        server = start_server()
+        server = start_server(auth_string=server_auth_string(DEFAULT_HOST))
     elif not server_healthy(url):
         raise RuntimeError(f"PREFECT_API_URL={url} does not answer; start that server or unset the variable")
     os.environ["PREFECT_API_URL"] = url  # for the flow-run processes the runner starts

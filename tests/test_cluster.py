@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -23,7 +24,7 @@ import pytest
 import yaml
 from waiting import wait_until as _wait
 
-from evoforge.data import home
+from evoforge.data import atomic, home
 
 CLUSTER = home.PROJECT_ROOT / "deploy" / "cluster"
 GPU_STAGES = {"generate", "synthesize", "mcts", "critic", "finetune", "evaluate"}
@@ -372,6 +373,50 @@ class Machines:
         return "\n".join(_tail(path) for path in sorted(self.logs.glob("*.log")))
 
 
+def _unauthenticated_post(url: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=b"{}", method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def _secrets_on_command_lines(secret_values: dict[str, str]) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes() if entry.name.isdigit() else b""
+        except OSError:
+            continue
+        found += [f"{name} on the command line of {entry.name}" for name, value in secret_values.items()
+                  if value.encode() in cmdline]
+    return found
+
+
+def _secrets_in_files(files: list[Path], secret_values: dict[str, str]) -> list[str]:
+    found = []
+    for path in files:
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        found += [f"{name} in {path}" for name, value in secret_values.items() if value.encode() in data]
+    return found
+
+
+def _secrets_in_objects(root: str, secret_values: dict[str, str]) -> list[str]:
+    """The secrets found in the lake's objects (every run, table, manifest, log and config under `root`)."""
+    from evoforge.data.storage import location
+
+    objects = [path for path in location(root).rglob("*") if path.is_file()]
+    assert objects, f"no object under {root}"
+    return _secrets_in_files(objects, secret_values)
+
+
 def _cluster_config(scratch: Path, tiny_model: Path) -> Path:
     """deploy/cluster/round.yaml as it is, but for the tiny model, short completions and a quicker
     verdict on a lost machine."""
@@ -389,7 +434,7 @@ def _cluster_config(scratch: Path, tiny_model: Path) -> Path:
 def test_a_round_split_over_a_gpu_and_a_cpu_machine_survives_losing_the_cpu_machine(
         s3_runs, tiny_model, scratch, monkeypatch):
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     from evoforge.data.lake import lake
     from evoforge.data.local_s3 import free_port
@@ -398,10 +443,15 @@ def test_a_round_split_over_a_gpu_and_a_cpu_machine_survives_losing_the_cpu_mach
     from evoforge.flows.postgres import PostgresServer
     from evoforge.flows.serve import api_url, start_server, stop_server
 
+    import secrets
+
     started = time.monotonic()
     timings: dict[str, float] = {}
     machines = Machines(scratch)
     postgres = PostgresServer(home=machines.homes / "server", port=free_port())
+    # the secrets of a real cluster, distinct enough to be searched for afterwards (moto takes any S3 secret)
+    auth = f"evoforge:{secrets.token_urlsafe(24)}"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", f"s3-{secrets.token_urlsafe(24)}")
     server = None
     # the server's record goes to the test's Prefect home, not the project's (.prefect/server.json)
     (machines.homes / "server" / ".prefect").mkdir(parents=True)
@@ -409,16 +459,23 @@ def test_a_round_split_over_a_gpu_and_a_cpu_machine_survives_losing_the_cpu_mach
     try:
         postgres.start()
         port = free_port()
-        server = start_server(port=port, log_path=machines.logs / "prefect-server.log", database_url=postgres.url())
+        server = start_server(port=port, log_path=machines.logs / "prefect-server.log", database_url=postgres.url(),
+                              auth_string=auth)
         url = api_url(port=port)
         timings["server"] = time.monotonic() - started
+        assert _unauthenticated_post(url + "/deployments/") == 401  # what a stranger on the network gets
         shared = {"PREFECT_API_URL": url, "EVOFORGE_LOCK_TTL_SECONDS": "10", "PREFECT_WORKER_QUERY_SECONDS": "2"}
-        control = machines.environment("control", **shared)
+        # the two ways README gives the other machines the auth string: the environment, or the file
+        control = machines.environment("control", **shared, PREFECT_API_AUTH_STRING=auth)
         gpu = machines.environment("gpu", **shared)
+        (machines.homes / "gpu" / ".prefect").mkdir(parents=True)
+        atomic.write_text(machines.homes / "gpu" / ".prefect" / home.AUTH_FILE, auth + "\n", mode=0o600)
         slow = scratch / "cpu-site"
         slow.mkdir()
         (slow / "sitecustomize.py").write_text(SLOW_VERIFY.format(chunk=8, delay=1.5))
-        cpu = machines.environment("cpu", **shared, PYTHONPATH=str(slow))
+        cpu = machines.environment("cpu", **shared, PREFECT_API_AUTH_STRING=auth, PYTHONPATH=str(slow))
+        secret_values = {"the Prefect auth string": auth, "the S3 secret": os.environ["AWS_SECRET_ACCESS_KEY"],
+                         "the database password": postgres.password()}
 
         # the documented setup: pools and the stage deployments (not the scheduled demo round), one worker per machine
         setup = subprocess.run([str(CLUSTER / "setup.sh"), "--name", "stage_flow/gpu", "--name", "stage_flow/cpu"],
@@ -440,6 +497,7 @@ def test_a_round_split_over_a_gpu_and_a_cpu_machine_survives_losing_the_cpu_mach
 
         _wait("verify to store 3 chunks", verify_midway, 300, every=0.3, explain=machines.explain)
         timings["verify midway"] = time.monotonic() - started
+        assert _secrets_on_command_lines(secret_values) == []  # every machine's processes are up now
         machines.kill(cpu_worker)  # the CPU machine dies: its worker, the verify run, its graders
         time.sleep(1)  # a chunk whose upload was under way when it died lands now, or never
         done_before = {p.name for p in chunks.glob("*/*.parquet")}
@@ -470,7 +528,8 @@ def test_a_round_split_over_a_gpu_and_a_cpu_machine_survives_losing_the_cpu_mach
         # each stage ran in its machine's pool: asked of Prefect through the flow run each event names
         finished = [e for e in events if e["status"] == "completed"]
         assert sorted(e["stage"] for e in finished) == ["filter", "generate", "ingest", "verify"]
-        with temporary_settings(updates={PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+        with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_API_AUTH_STRING: auth}), \
+                get_client(sync_client=True) as client:
             ran = {e["stage"]: where_it_ran(client, e["flow_run_id"]) for e in finished}
             lost = [r for r in client.read_flow_runs() if r.name == "cl/round-0/verify" and r.state.is_crashed()]
         assert {stage: (r["work_pool"], r["worker"]) for stage, r in ran.items()} == {
@@ -487,6 +546,14 @@ def test_a_round_split_over_a_gpu_and_a_cpu_machine_survives_losing_the_cpu_mach
             assert done.returncode == 0, done.stderr[-2000:]
             seen[name] = done.stdout
         assert seen["gpu"] == seen["cpu"] and "verify,interrupted,1" in seen["gpu"]
+
+        # no secret in any file the round wrote (the machines' homes, their logs, the lake), but the two files
+        # that are there to hold one (mode 0600)
+        stores = {machines.homes / "server" / ".postgres" / "password", machines.homes / "gpu" / ".prefect" / home.AUTH_FILE}
+        assert all(stat.S_IMODE(path.stat().st_mode) == 0o600 for path in stores)
+        files = [p for root in (machines.homes, machines.logs) for p in root.rglob("*") if p.is_file() and p not in stores]
+        assert len(files) > 50 and _secrets_in_files(files, secret_values) == []
+        assert _secrets_in_objects(s3_runs, secret_values) == []
         timings["total"] = time.monotonic() - started
         print("timings (s from the start): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     finally:
