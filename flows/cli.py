@@ -393,19 +393,27 @@ def cmd_engine_serve(args) -> int:
     from evoforge.models.registry import resolve
     from evoforge.models.vllm_servers import ServerFleet
 
+    from evoforge.models.vllm_servers import serve_api_key
+
+    key, kept_in = serve_api_key(args.host)  # before anything starts: replicas others reach never run without one
     model = resolve(args.model)
     fleet = ServerFleet(model, EngineConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len),
                         LaunchConfig(replicas=args.replicas, port=args.port, threads_per_replica=args.threads_per_replica),
-                        host=args.host)
+                        host=args.host, api_key=key)
     print(f"starting {args.replicas} vllm serve replica(s) of {model.model_id} ...", flush=True)
     try:
         fleet.start()
         for replica in fleet.running:
             print(f"  {fleet.endpoints[replica.index]}   on {'GPU' if fleet.gpu_count() else 'cores'} {replica.devices}"
                   f"   log: {replica.log_path}")
+        if key:
+            print(f"API key: on, in {kept_in}; every request needs it (Authorization: Bearer). On the machines that "
+                  f"generate: VLLM_API_KEY in the environment (export VLLM_API_KEY=\"$(cat {kept_in})\" where the file "
+                  f"is readable; not on a command line)", flush=True)
         print("in a round config:\n  engine:\n    backend: openai\n"
               f"    model: {args.model}\n    max_model_len: {args.max_model_len}\n"
-              f"    endpoints: [{', '.join(fleet.endpoints)}]\nCtrl-C stops them.", flush=True)
+              f"    endpoints: [{', '.join(fleet.endpoints)}]\n" + ("    api_key_env: VLLM_API_KEY\n" if key else "") +
+              "Ctrl-C stops them.", flush=True)
         while True:
             time.sleep(2)
             for replica in fleet.running:

@@ -42,17 +42,6 @@ class AuthRefused(ValueError):
     pass
 
 
-def is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a name: it may resolve to any interface
-
-
 def auth_file() -> Path:
     from evoforge.data.home import AUTH_FILE
 
@@ -63,9 +52,7 @@ def server_auth_string(host: str) -> str | None:
     """The basic-auth string the Prefect server on `host` requires: the user's (PREFECT_SERVER_API_AUTH_STRING),
     else the Prefect home's `auth-string` file, else, for any host but loopback, a new one written there
     (mode 0600). A server others can reach never starts without one; on loopback none is made up."""
-    import secrets
-
-    from evoforge.data import atomic
+    from evoforge.data.credentials import is_loopback, make_secret, read_secret
 
     given = os.environ.get("PREFECT_SERVER_API_AUTH_STRING")
     if given is not None:
@@ -73,16 +60,10 @@ def server_auth_string(host: str) -> str | None:
             raise AuthRefused(f"the Prefect server on {host} would answer anyone (PREFECT_SERVER_API_AUTH_STRING "
                               f"is empty): set it, or unset it and evoforge keeps one in {auth_file()}")
         return given.strip() or None
-    path = auth_file()
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        pass
-    if is_loopback(host):
-        return None
-    made = f"evoforge:{secrets.token_urlsafe(32)}"  # user:password, as the UI's login asks for it
-    atomic.write_text(path, made + "\n", mode=0o600)
-    return made
+    kept = read_secret(auth_file())
+    if kept is not None or is_loopback(host):
+        return kept
+    return make_secret(auth_file(), prefix="evoforge:")  # user:password, as the UI's login asks for it
 
 
 def project_server_url() -> str | None:

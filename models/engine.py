@@ -15,10 +15,12 @@ so a problem's samples do not depend on which other problems share the batch.
 from __future__ import annotations
 
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, Sequence
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from evoforge.models.registry import ResolvedModel
 
@@ -67,12 +69,45 @@ class EngineConfig(BaseModel):
     )
     endpoints: list[str] = Field(
         default_factory=list, description="openai: base URLs of the servers (http://host:port/v1)")
+    api_key_env: str | None = Field(
+        None, description="openai: the NAME of the environment variable holding the servers' API key (sent as a "
+                          "Bearer token; launched replicas are started with it); the key itself never goes in a "
+                          "config, the lake or a command line")
     launch: LaunchConfig | None = Field(None, description="openai: start local `vllm serve` replicas for the round")
     max_concurrency: int = Field(16, ge=1, description="openai: requests in flight per endpoint")
     request_timeout_s: float = Field(600.0, gt=0, description="openai: one request's limit before it fails over")
     unavailable_timeout_s: float = Field(
         300.0, gt=0, description="openai: how long a stage waits with every endpoint down before it fails")
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _a_variable_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError(f"engine.api_key_env is the name of an environment variable (e.g. VLLM_API_KEY), not "
+                             f"{'a key' if len(value) > 20 else repr(value)}")
+        return value
+
+    @field_validator("endpoints")
+    @classmethod
+    def _no_credentials_in_urls(cls, urls: list[str]) -> list[str]:
+        from urllib.parse import urlsplit
+
+        for url in urls:
+            if urlsplit(url).password is not None or urlsplit(url).username is not None:
+                raise ValueError("engine.endpoints: a URL with a user or password in it would be written to the "
+                                 "run's config; give the key through engine.api_key_env")
+        return urls
+
+    def api_key(self) -> str | None:
+        """The key the `api_key_env` variable holds; one line when it names a variable that is not set."""
+        if self.api_key_env is None:
+            return None
+        key = os.environ.get(self.api_key_env, "").strip()
+        if not key:
+            raise ValueError(f"engine.api_key_env names {self.api_key_env}, which is not set (or empty) in this "
+                             f"environment: export it with the servers' API key")
+        return key
 
     def output_settings(self) -> dict:
         """What can change a completion: the stages' fingerprints hash this, so adding a server, moving

@@ -48,6 +48,11 @@ class WrongServedModel(ValueError):
     """An endpoint serves another model than the config's: a stale server (see README, new checkpoints)."""
 
 
+class KeyRefused(ValueError):
+    """An endpoint answered 401/403: no key, or another key than the server's. Never retried: every request
+    would get the same answer."""
+
+
 @dataclass
 class Endpoint:
     url: str  # base URL, ending in /v1
@@ -178,15 +183,18 @@ class OpenAIEngine:
         self.fleet = None
         if config.launch is None and not config.endpoints:
             raise ValueError("engine.backend openai needs engine.endpoints (server URLs) or engine.launch")
+        self.api_key = config.api_key()  # from the variable engine.api_key_env names; one line if it is unset
         timeout = httpx.Timeout(config.request_timeout_s, connect=5.0)
-        self.client = httpx.Client(timeout=timeout, limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        self.client = httpx.Client(timeout=timeout, headers=headers,
+                                   limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
         self._connect()
 
     def _connect(self) -> None:
         if self.config.launch is not None:
             from evoforge.models.vllm_servers import ServerFleet
 
-            self.fleet = ServerFleet(self.model, self.config, self.config.launch).start()
+            self.fleet = ServerFleet(self.model, self.config, self.config.launch, api_key=self.api_key).start()
             urls = self.fleet.endpoints
         else:
             urls = [u.rstrip("/") for u in self.config.endpoints]
@@ -209,6 +217,10 @@ class OpenAIEngine:
     def _check_model(self, endpoint: Endpoint) -> None:
         try:
             response = self.client.get(f"{endpoint.url}/models", timeout=5.0)
+        except httpx.HTTPError as err:
+            raise _Transient(str(err)) from err
+        self._check_key(endpoint, response)
+        try:
             response.raise_for_status()
             models = response.json().get("data", [])
         except (httpx.HTTPError, ValueError) as err:
@@ -223,13 +235,20 @@ class OpenAIEngine:
                     f"--served-model-name {self.model_id}`"))
         endpoint.served_name = name
 
+    def _check_key(self, endpoint: Endpoint, response: httpx.Response) -> None:
+        if response.status_code in (401, 403):
+            held = (f"the key in ${self.config.api_key_env}" if self.config.api_key_env else
+                    "no key (engine.api_key_env names the variable that holds one)")
+            raise KeyRefused(f"endpoint {endpoint.url} refused {held} (HTTP {response.status_code}): use the key the "
+                             f"server was started with (`evoforge engine serve` says where it keeps it)")
+
     def _probe(self, endpoint: Endpoint) -> bool:
         try:
             self._check_model(endpoint)
             return True
         except _Transient:
             return False
-        except WrongServedModel as err:  # up, but with other weights: not usable for this model
+        except (WrongServedModel, KeyRefused) as err:  # up, but not usable for this model or with this key
             log.warning("%s", err)
             return False
 
@@ -291,6 +310,7 @@ class OpenAIEngine:
             response = self.client.post(f"{endpoint.url}/completions", json={**body, "model": endpoint.served_name})
         except httpx.TransportError as err:  # refused, reset, timed out: the server is gone or stuck
             raise _Transient(f"{type(err).__name__}: {err}") from err
+        self._check_key(endpoint, response)  # a restarted server with another key: one line, no retries
         if response.status_code == 404 or response.status_code >= 500 or response.status_code == 429:
             raise _Transient(f"HTTP {response.status_code}")  # 404: restarted with another model
         if response.status_code >= 400:

@@ -133,10 +133,35 @@ def _bind_spec(cores: list[int]) -> str:
     return ",".join(str(c) for c in cores)
 
 
-def health(url: str, timeout: float = 2.0) -> bool:
-    """`url` is a server's root (http://host:port)."""
+API_KEY_FILE = ".secrets/vllm-api-key"  # under the home, mode 0600 in a 0700 folder
+
+
+def serve_api_key(host: str) -> tuple[str | None, str | None]:
+    """The API key `engine serve` replicas on `host` ask for, and where it is kept: the user's (VLLM_API_KEY),
+    else the home's key file, else, for any host but loopback, a new key written there (mode 0600). Replicas
+    others can reach never start without one; on loopback none is made up."""
+    from evoforge.data.credentials import is_loopback, make_secret, read_secret
+
+    given = os.environ.get("VLLM_API_KEY")
+    if given is not None:
+        if not given.strip() and not is_loopback(host):
+            raise ValueError(f"vllm serve replicas on {host} would answer anyone (VLLM_API_KEY is empty): set it, "
+                                   f"or unset it and evoforge keeps one in {home.home() / API_KEY_FILE}")
+        return (given.strip() or None), "VLLM_API_KEY"
+    path = home.home() / API_KEY_FILE
+    kept = read_secret(path)
+    if kept is None and is_loopback(host):
+        return None, None
+    return (kept or make_secret(path)), str(path)
+
+
+def health(url: str, timeout: float = 2.0, api_key: str | None = None) -> bool:
+    """`url` is a server's root (http://host:port); `api_key`: a replica with a key guards /health too."""
+    request = urllib.request.Request(f"{url}/health")
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status == 200
     except (urllib.error.URLError, OSError, ValueError):
         return False
@@ -159,6 +184,7 @@ class ServerFleet:
     engine: EngineConfig  # the vLLM settings (dtype, context, eager): the in-process engine's
     launch: LaunchConfig  # replicas, first port, cores each, start-up limit
     host: str = "127.0.0.1"
+    api_key: str | None = None  # every request must carry it (Bearer); given to the replicas by environment
     running: list[Replica] = field(default_factory=list)
 
     @property
@@ -180,7 +206,7 @@ class ServerFleet:
 
     def _command(self, port: int, gpu: bool) -> list[str]:
         command = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            sys.executable, "-m", "evoforge.models.vllm_api_server",  # vLLM's server, its key guarding every path
             "--model", self.model.path, "--served-model-name", self.model.base_model_id or self.model.model_id,
             "--host", self.host, "--port", str(port), "--generation-config", "vllm", "--disable-uvicorn-access-log",
         ]
@@ -233,6 +259,9 @@ class ServerFleet:
     def _spawn(self, replica: Replica) -> None:
         gpu = bool(self.gpu_count())
         env = dict(os.environ)
+        env.pop("VLLM_API_KEY", None)  # a replica asks for the key this fleet holds, or none: never one it inherits
+        if self.api_key:
+            env["VLLM_API_KEY"] = self.api_key  # by environment: argv is readable by every user (ps)
         if gpu:
             env["CUDA_VISIBLE_DEVICES"] = replica.devices
         else:
@@ -253,7 +282,7 @@ class ServerFleet:
                     raise ServerStartError(
                         f"vllm serve replica on port {replica.port} exited with code {replica.process.returncode}: "
                         f"{_last_line(replica.log_path)} (log: {replica.log_path})")
-                if health(self._root(replica.port), timeout=1.0):
+                if health(self._root(replica.port), timeout=1.0, api_key=self.api_key):
                     waiting.remove(replica)
             if waiting and time.monotonic() > deadline:
                 raise ServerStartError(

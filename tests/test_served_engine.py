@@ -181,3 +181,113 @@ def resolve_id(folder) -> str:
     from evoforge.models.registry import resolve
 
     return resolve(str(folder)).model_id
+
+
+@pytest.mark.unit
+def test_an_openai_engine_config_names_the_variable_holding_its_key_never_the_key(monkeypatch):
+    with pytest.raises(ValueError, match="the name of an environment variable"):
+        EngineConfig(backend="openai", endpoints=["http://h:1/v1"], api_key_env="sk-0123456789abcdefghijklmnop")
+    with pytest.raises(ValueError, match="give the key through engine.api_key_env"):
+        EngineConfig(backend="openai", endpoints=["http://user:s3cret@h:1/v1"])
+    config = EngineConfig(backend="openai", endpoints=["http://h:1/v1"], api_key_env="EVOFORGE_TEST_KEY")
+    monkeypatch.delenv("EVOFORGE_TEST_KEY", raising=False)
+    with pytest.raises(ValueError, match="names EVOFORGE_TEST_KEY, which is not set"):
+        config.api_key()
+    monkeypatch.setenv("EVOFORGE_TEST_KEY", "k")
+    assert config.api_key() == "k" and "api_key" not in config.output_settings()
+
+
+@pytest.mark.unit
+def test_engine_serve_refuses_to_serve_other_machines_without_a_key(scratch):
+    import os
+    import subprocess
+    import sys
+
+    from evoforge.data import home
+
+    done = subprocess.run([sys.executable, "-m", "evoforge", "engine", "serve", "--model", "default", "--host",
+                           "0.0.0.0", "--port", "8231"], cwd=home.PROJECT_ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "VLLM_API_KEY": ""})
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "would answer anyone" in done.stderr
+
+
+@pytest.mark.model
+def test_replicas_others_can_reach_answer_only_with_their_key_on_every_path(tiny_model, scratch, monkeypatch):
+    """`engine serve --host 0.0.0.0` makes a key (0600, by environment to the replicas, on no command line); every
+    path refuses a request without it (vLLM itself guards /v1 only); an openai engine naming the variable that
+    holds it generates; a wrong key is one line at once, not a retry storm."""
+    import os
+    import signal
+    import stat
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+    from pathlib import Path
+
+    from evoforge.data import home
+    from evoforge.models.openai_engine import KeyRefused, OpenAIEngine
+    from evoforge.models.registry import resolve
+
+    import shutil
+    import uuid
+
+    root = home.home() / ".tmp" / f"key-{uuid.uuid4().hex[:8]}"  # short: its .tmp holds vLLM's unix sockets (107 bytes)
+    env = {k: v for k, v in os.environ.items() if k not in home.environment_defaults(home.home()) and k != "VLLM_API_KEY"}
+    env.update(EVOFORGE_HOME=str(root), EVOFORGE_TRACEBACK="1")
+    out_path = scratch / "serve.out"
+    with open(out_path, "w") as out:
+        serve = subprocess.Popen([sys.executable, "-m", "evoforge", "engine", "serve", "--model", str(tiny_model),
+                                  "--host", "0.0.0.0", "--port", "8240", "--max-model-len", "1024"], cwd=home.PROJECT_ROOT,
+                                 stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while "Ctrl-C stops them" not in out_path.read_text() and time.monotonic() < deadline:
+            assert serve.poll() is None, out_path.read_text()
+            time.sleep(0.5)
+        printed = out_path.read_text()
+        key_file = root / ".secrets" / "vllm-api-key"
+        key = key_file.read_text().strip()
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600 and stat.S_IMODE(key_file.parent.stat().st_mode) == 0o700
+        assert f"API key: on, in {key_file}" in printed and "api_key_env: VLLM_API_KEY" in printed and key not in printed
+        port = int(next(w for w in printed.split() if w.startswith("http://") and w.endswith("/v1")).rsplit(":", 1)[1][:-3])
+        root_url = f"http://127.0.0.1:{port}"
+
+        def status(path: str, token: str | None, body: bytes | None = None) -> int:
+            request = urllib.request.Request(root_url + path, data=body, headers={"Content-Type": "application/json"})
+            if token is not None:
+                request.add_header("Authorization", f"Bearer {token}")
+            try:
+                with urllib.request.urlopen(request, timeout=60) as answer:
+                    return answer.status
+            except urllib.error.HTTPError as err:
+                return err.code
+
+        completion = b'{"prompt": "1 + 1 =", "max_tokens": 2}'
+        for path, body in (("/v1/models", None), ("/v1/completions", completion), ("/invocations", completion),
+                           ("/tokenize", b'{"prompt": "x"}'), ("/health", None), ("/metrics", None)):
+            assert (status(path, None, body), status(path, "wrong", body)) == (401, 401), path
+        assert status("/v1/models", key) == 200 and status("/health", key) == 200
+        for entry in Path("/proc").iterdir():  # by environment only: no process shows it in `ps`
+            try:
+                cmdline = (entry / "cmdline").read_bytes() if entry.name.isdigit() else b""
+            except OSError:
+                continue
+            assert key.encode() not in cmdline, entry.name
+
+        config = EngineConfig(model=str(tiny_model), backend="openai", max_model_len=1024,
+                              endpoints=[f"{root_url}/v1"], api_key_env="EVOFORGE_TEST_VLLM_KEY", unavailable_timeout_s=30)
+        monkeypatch.setenv("EVOFORGE_TEST_VLLM_KEY", key)
+        engine = OpenAIEngine(resolve(config.model), config)
+        (texts,) = engine.generate(_requests(1), SamplingConfig(n=2, temperature=0.8, max_tokens=8))
+        assert len(texts) == 2 and engine.requests_per_endpoint == {f"{root_url}/v1": 1}
+        monkeypatch.setenv("EVOFORGE_TEST_VLLM_KEY", "wrong")
+        started = time.monotonic()
+        with pytest.raises(KeyRefused, match=r"refused the key in \$EVOFORGE_TEST_VLLM_KEY \(HTTP 401\)") as refused:
+            OpenAIEngine(resolve(config.model), config)
+        assert time.monotonic() - started < 10 and "\n" not in str(refused.value)
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(120)
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,38 @@
+"""The secrets evoforge makes for the servers it starts (the Prefect API's auth string, the `vllm serve` key):
+each kept in one file, mode 0600 in a folder only its owner enters, passed to processes by environment and
+never on a command line (readable by every user in `ps`), never in a config, the lake or a log."""
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+from pathlib import Path
+
+from evoforge.data import atomic
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a server bound to `host` answers this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to any interface
+
+
+def read_secret(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def make_secret(path: Path, prefix: str = "") -> str:
+    """A new random secret written to `path` (mode 0600 from its creation on; its folder 0700 when made here)."""
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True)
+    value = prefix + secrets.token_urlsafe(32)
+    atomic.write_text(path, value + "\n", mode=0o600)
+    os.chmod(path, 0o600)
+    return value
