@@ -233,6 +233,10 @@ def test_no_nested_user_namespace_and_no_system_call_a_step_never_needs(box):
              "print('keyctl', refused(libc.syscall(250, 0, 0, 0, 0, 0)), 'bpf', refused(libc.syscall(321, 0, 0, 0)))\n"
              "print('io_uring', libc.syscall(425, 1, 0), ctypes.get_errno())\n"  # EPERM: the filter (EFAULT without)
              "print([line.split()[1] for line in open('/proc/self/status') if line.startswith('Seccomp:')])\n"
+             "try:\n"
+             "    open('/dev/planted', 'w')\n"  # /dev was a writable, uncapped tmpfs kept between executions
+             "except OSError as err:\n"
+             "    print('/dev', err.errno)\n"
              "done = subprocess.run(['unshare', '-Urn', 'id', '-u'], capture_output=True, text=True)\n"
              "print('unshare -Urn', done.returncode != 0, repr(done.stdout))\n"
              "box = []\n"
@@ -242,7 +246,7 @@ def test_no_nested_user_namespace_and_no_system_call_a_step_never_needs(box):
     result = box.run(probe)
     assert result.status == "ok", result.stderr
     assert result.stdout.splitlines() == [
-        "unshare True True", "mount True", "ptrace True", "keyctl True bpf True", "io_uring -1 1", "['2']",
+        "unshare True True", "mount True", "ptrace True", "keyctl True bpf True", "io_uring -1 1", "['2']", "/dev 30",
         "unshare -Urn True ''",
         "thread [45] subprocess hi"]
 
