@@ -36,3 +36,19 @@ def make_secret(path: Path, prefix: str = "") -> str:
     atomic.write_text(path, value + "\n", mode=0o600)
     os.chmod(path, 0o600)
     return value
+
+
+def server_secret(host: str, variable: str, path: Path, what: str, prefix: str = "") -> str | None:
+    """The secret a server on `host` asks its clients for: the user's (the environment's `variable`), else the
+    one kept in `path`, else, for any host but loopback, a new one kept there. A server others can reach never
+    starts without one (an empty `variable` there is refused); on loopback none is made up."""
+    given = os.environ.get(variable)
+    if given is not None:
+        if not given.strip() and not is_loopback(host):
+            raise ValueError(f"{what} on {host} would answer anyone ({variable} is empty): set it, or unset it and "
+                             f"evoforge keeps one in {path}")
+        return given.strip() or None
+    kept = read_secret(path)
+    if kept is not None or is_loopback(host):
+        return kept
+    return make_secret(path, prefix)

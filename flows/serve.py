@@ -38,10 +38,6 @@ def _prefect_home() -> Path:
     return Path(os.environ.get("PREFECT_HOME", home.home() / ".prefect"))
 
 
-class AuthRefused(ValueError):
-    pass
-
-
 def auth_file() -> Path:
     from evoforge.data.home import AUTH_FILE
 
@@ -49,21 +45,12 @@ def auth_file() -> Path:
 
 
 def server_auth_string(host: str) -> str | None:
-    """The basic-auth string the Prefect server on `host` requires: the user's (PREFECT_SERVER_API_AUTH_STRING),
-    else the Prefect home's `auth-string` file, else, for any host but loopback, a new one written there
-    (mode 0600). A server others can reach never starts without one; on loopback none is made up."""
-    from evoforge.data.credentials import is_loopback, make_secret, read_secret
+    """The basic-auth string the Prefect server on `host` requires: PREFECT_SERVER_API_AUTH_STRING, else the Prefect
+    home's `auth-string` file, else, for any host but loopback, a new one kept there (data/credentials.py)."""
+    from evoforge.data.credentials import server_secret
 
-    given = os.environ.get("PREFECT_SERVER_API_AUTH_STRING")
-    if given is not None:
-        if not given.strip() and not is_loopback(host):
-            raise AuthRefused(f"the Prefect server on {host} would answer anyone (PREFECT_SERVER_API_AUTH_STRING "
-                              f"is empty): set it, or unset it and evoforge keeps one in {auth_file()}")
-        return given.strip() or None
-    kept = read_secret(auth_file())
-    if kept is not None or is_loopback(host):
-        return kept
-    return make_secret(auth_file(), prefix="evoforge:")  # user:password, as the UI's login asks for it
+    # user:password, as the UI's login asks for it
+    return server_secret(host, "PREFECT_SERVER_API_AUTH_STRING", auth_file(), "the Prefect server", prefix="evoforge:")
 
 
 def project_server_url() -> str | None:

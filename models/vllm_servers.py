@@ -137,22 +137,13 @@ API_KEY_FILE = ".secrets/vllm-api-key"  # under the home, mode 0600 in a 0700 fo
 
 
 def serve_api_key(host: str) -> tuple[str | None, str | None]:
-    """The API key `engine serve` replicas on `host` ask for, and where it is kept: the user's (VLLM_API_KEY),
-    else the home's key file, else, for any host but loopback, a new key written there (mode 0600). Replicas
-    others can reach never start without one; on loopback none is made up."""
-    from evoforge.data.credentials import is_loopback, make_secret, read_secret
+    """The API key `engine serve` replicas on `host` ask for (VLLM_API_KEY, else the home's key file, else, for
+    any host but loopback, a new key kept there: data/credentials.py), and where it is kept."""
+    from evoforge.data.credentials import server_secret
 
-    given = os.environ.get("VLLM_API_KEY")
-    if given is not None:
-        if not given.strip() and not is_loopback(host):
-            raise ValueError(f"vllm serve replicas on {host} would answer anyone (VLLM_API_KEY is empty): set it, "
-                                   f"or unset it and evoforge keeps one in {home.home() / API_KEY_FILE}")
-        return (given.strip() or None), "VLLM_API_KEY"
     path = home.home() / API_KEY_FILE
-    kept = read_secret(path)
-    if kept is None and is_loopback(host):
-        return None, None
-    return (kept or make_secret(path)), str(path)
+    key = server_secret(host, "VLLM_API_KEY", path, "vllm serve replicas")
+    return key, (None if key is None else "VLLM_API_KEY" if os.environ.get("VLLM_API_KEY") else str(path))
 
 
 def health(url: str, timeout: float = 2.0, api_key: str | None = None) -> bool:

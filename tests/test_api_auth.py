@@ -6,28 +6,21 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import stat
 import subprocess
 import sys
-import urllib.error
 import urllib.request
-from base64 import b64encode
 from pathlib import Path
 
 import pytest
 
 from browser import Browser, chromium
 from evoforge.data import home
+from evoforge.data.local_s3 import free_port
+from exposure import on_command_lines, post_status
 from waiting import wait_until
 
 WEBSOCKETS = ("/events/in", "/events/out", "/logs/out", "/task_runs/subscriptions/scheduled")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _environment(root: Path, **extra: str) -> dict[str, str]:
@@ -37,17 +30,6 @@ def _environment(root: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(home.environment_defaults(root), EVOFORGE_HOME=str(root), **extra)
     return env
-
-
-def _post(url: str, auth: str | None) -> int:
-    request = urllib.request.Request(url, data=b"{}", method="POST", headers={"Content-Type": "application/json"})
-    if auth is not None:
-        request.add_header("Authorization", "Basic " + b64encode(auth.encode()).decode())
-    try:
-        with urllib.request.urlopen(request, timeout=30) as answer:
-            return answer.status
-    except urllib.error.HTTPError as err:
-        return err.code
 
 
 def _websocket(url: str, token: str | None) -> str:
@@ -68,7 +50,7 @@ def _websocket(url: str, token: str | None) -> str:
 @pytest.mark.unit
 def test_ui_refuses_to_serve_other_machines_without_an_auth_string(scratch):
     env = _environment(scratch, PREFECT_SERVER_API_AUTH_STRING="")
-    done = subprocess.run([sys.executable, "-m", "evoforge", "ui", "--host", "0.0.0.0", "--port", str(_free_port())],
+    done = subprocess.run([sys.executable, "-m", "evoforge", "ui", "--host", "0.0.0.0", "--port", str(free_port())],
                           cwd=home.PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "would answer anyone" in done.stderr and not (scratch / ".prefect" / "server.json").exists()
@@ -76,7 +58,7 @@ def test_ui_refuses_to_serve_other_machines_without_an_auth_string(scratch):
 
 @pytest.mark.server
 def test_a_server_others_can_reach_answers_only_with_its_auth_string(scratch):
-    port = _free_port()
+    port = free_port()
     env = _environment(scratch)
     log = scratch / "ui.log"
     with open(log, "w") as out:
@@ -95,8 +77,8 @@ def test_a_server_others_can_reach_answers_only_with_its_auth_string(scratch):
         api = f"http://127.0.0.1:{port}/api"
         # HTTP: the call that creates a deployment (whose pull step would run a script on every worker) included
         for path in ("/flows/filter", "/deployments/", "/flow_runs/filter"):
-            assert _post(api + path, None) == 401 and _post(api + path, "evoforge:wrong") == 401
-        assert _post(api + "/flows/filter", auth) == 200
+            assert post_status(api + path, None) == 401 and post_status(api + path, "evoforge:wrong") == 401
+        assert post_status(api + "/flows/filter", auth) == 200
         with urllib.request.urlopen(api + "/health", timeout=10) as answer:
             assert answer.status == 200  # the probe a load balancer uses stays open
         for path in WEBSOCKETS:
@@ -133,12 +115,7 @@ def test_a_server_others_can_reach_answers_only_with_its_auth_string(scratch):
                 assert "Login" not in shown and "Authentication failed" not in shown
 
         # the string is on no command line of this machine (only in the file and in environments)
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    assert auth.encode() not in (entry / "cmdline").read_bytes(), entry.name
-                except OSError:
-                    pass
+        assert on_command_lines({"the auth string": auth}) == []
     finally:
         if ui.poll() is None:
             os.killpg(ui.pid, 15)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from exposure import in_files, on_command_lines, post_status
 from waiting import wait_until as _wait
 
 from evoforge.data import atomic, home
@@ -373,48 +374,13 @@ class Machines:
         return "\n".join(_tail(path) for path in sorted(self.logs.glob("*.log")))
 
 
-def _unauthenticated_post(url: str) -> int:
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(url, data=b"{}", method="POST", headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as answer:
-            return answer.status
-    except urllib.error.HTTPError as err:
-        return err.code
-
-
-def _secrets_on_command_lines(secret_values: dict[str, str]) -> list[str]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            cmdline = (entry / "cmdline").read_bytes() if entry.name.isdigit() else b""
-        except OSError:
-            continue
-        found += [f"{name} on the command line of {entry.name}" for name, value in secret_values.items()
-                  if value.encode() in cmdline]
-    return found
-
-
-def _secrets_in_files(files: list[Path], secret_values: dict[str, str]) -> list[str]:
-    found = []
-    for path in files:
-        try:
-            data = path.read_bytes()
-        except OSError:
-            continue
-        found += [f"{name} in {path}" for name, value in secret_values.items() if value.encode() in data]
-    return found
-
-
 def _secrets_in_objects(root: str, secret_values: dict[str, str]) -> list[str]:
     """The secrets found in the lake's objects (every run, table, manifest, log and config under `root`)."""
     from evoforge.data.storage import location
 
     objects = [path for path in location(root).rglob("*") if path.is_file()]
     assert objects, f"no object under {root}"
-    return _secrets_in_files(objects, secret_values)
+    return in_files(objects, secret_values)
 
 
 def _cluster_config(scratch: Path, tiny_model: Path) -> Path:
@@ -463,7 +429,7 @@ def test_a_round_split_over_a_gpu_and_a_cpu_machine_survives_losing_the_cpu_mach
                               auth_string=auth)
         url = api_url(port=port)
         timings["server"] = time.monotonic() - started
-        assert _unauthenticated_post(url + "/deployments/") == 401  # what a stranger on the network gets
+        assert post_status(url + "/deployments/") == 401  # what a stranger on the network gets
         shared = {"PREFECT_API_URL": url, "EVOFORGE_LOCK_TTL_SECONDS": "10", "PREFECT_WORKER_QUERY_SECONDS": "2"}
         # the two ways README gives the other machines the auth string: the environment, or the file
         control = machines.environment("control", **shared, PREFECT_API_AUTH_STRING=auth)
@@ -497,7 +463,7 @@ def test_a_round_split_over_a_gpu_and_a_cpu_machine_survives_losing_the_cpu_mach
 
         _wait("verify to store 3 chunks", verify_midway, 300, every=0.3, explain=machines.explain)
         timings["verify midway"] = time.monotonic() - started
-        assert _secrets_on_command_lines(secret_values) == []  # every machine's processes are up now
+        assert on_command_lines(secret_values) == []  # every machine's processes are up now
         machines.kill(cpu_worker)  # the CPU machine dies: its worker, the verify run, its graders
         time.sleep(1)  # a chunk whose upload was under way when it died lands now, or never
         done_before = {p.name for p in chunks.glob("*/*.parquet")}
@@ -552,7 +518,7 @@ def test_a_round_split_over_a_gpu_and_a_cpu_machine_survives_losing_the_cpu_mach
         stores = {machines.homes / "server" / ".postgres" / "password", machines.homes / "gpu" / ".prefect" / home.AUTH_FILE}
         assert all(stat.S_IMODE(path.stat().st_mode) == 0o600 for path in stores)
         files = [p for root in (machines.homes, machines.logs) for p in root.rglob("*") if p.is_file() and p not in stores]
-        assert len(files) > 50 and _secrets_in_files(files, secret_values) == []
+        assert len(files) > 50 and in_files(files, secret_values) == []
         assert _secrets_in_objects(s3_runs, secret_values) == []
         timings["total"] = time.monotonic() - started
         print("timings (s from the start): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))

@@ -224,10 +224,10 @@ def test_replicas_others_can_reach_answer_only_with_their_key_on_every_path(tiny
     import sys
     import urllib.error
     import urllib.request
-    from pathlib import Path
 
     from evoforge.data import home
     from evoforge.models.openai_engine import KeyRefused, OpenAIEngine
+    from exposure import on_command_lines
     from evoforge.models.registry import resolve
 
     import shutil
@@ -269,12 +269,7 @@ def test_replicas_others_can_reach_answer_only_with_their_key_on_every_path(tiny
                            ("/tokenize", b'{"prompt": "x"}'), ("/health", None), ("/metrics", None)):
             assert (status(path, None, body), status(path, "wrong", body)) == (401, 401), path
         assert status("/v1/models", key) == 200 and status("/health", key) == 200
-        for entry in Path("/proc").iterdir():  # by environment only: no process shows it in `ps`
-            try:
-                cmdline = (entry / "cmdline").read_bytes() if entry.name.isdigit() else b""
-            except OSError:
-                continue
-            assert key.encode() not in cmdline, entry.name
+        assert on_command_lines({"the API key": key}) == []  # by environment only: no process shows it in `ps`
 
         config = EngineConfig(model=str(tiny_model), backend="openai", max_model_len=1024,
                               endpoints=[f"{root_url}/v1"], api_key_env="EVOFORGE_TEST_VLLM_KEY", unavailable_timeout_s=30)
