@@ -34,7 +34,6 @@ def make_secret(path: Path, prefix: str = "") -> str:
         path.parent.mkdir(mode=0o700, parents=True)
     value = prefix + secrets.token_urlsafe(32)
     atomic.write_text(path, value + "\n", mode=0o600)
-    os.chmod(path, 0o600)
     return value
 
 

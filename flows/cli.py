@@ -340,25 +340,13 @@ def cmd_sandbox(args) -> None:
         raise SystemExit(1)
 
 
-def urlsplit_password(url: str) -> str | None:
-    from urllib.parse import urlsplit
-
-    try:
-        return urlsplit(url.strip()).password
-    except ValueError:
-        return None
-
-
 def cmd_ui(args) -> None:
-    from evoforge.flows.postgres import database_choice, prefect_database
+    from evoforge.flows.postgres import database_choice, prefect_database, refuse_password_in_argv
     from evoforge.flows.serve import api_url, auth_file, project_server_url, server_auth_string, start_server
 
     url = api_url(args.host, args.port)
     auth = server_auth_string(args.host)  # before anything starts: a server others reach never runs without one
-    if args.database and urlsplit_password(args.database):
-        raise ValueError("--database: a password on the command line is readable by every user of this machine "
-                         "(ps); give the URL in EVOFORGE_PREFECT_DATABASE, or leave the password out and set "
-                         "PGPASSWORD or a ~/.pgpass (mode 0600) entry")
+    refuse_password_in_argv(args.database)
     choice = database_choice(args.database)  # a wrong value fails before anything starts
     if project_server_url() == url:
         print(f"this project's Prefect server already answers: UI {url.removesuffix('/api')}")
@@ -391,9 +379,7 @@ def cmd_engine_serve(args) -> int:
     """N local `vllm serve` replicas of a model until Ctrl-C or kill; a replica that dies is started again."""
     from evoforge.models.engine import EngineConfig, LaunchConfig
     from evoforge.models.registry import resolve
-    from evoforge.models.vllm_servers import ServerFleet
-
-    from evoforge.models.vllm_servers import serve_api_key
+    from evoforge.models.vllm_servers import ServerFleet, serve_api_key
 
     key, kept_in = serve_api_key(args.host)  # before anything starts: replicas others reach never run without one
     model = resolve(args.model)

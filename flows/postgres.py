@@ -444,6 +444,14 @@ class PrefectDatabase:
     server: PostgresServer | None = None  # the project's PostgreSQL, when used
 
 
+def refuse_password_in_argv(argument: str | None) -> None:
+    """--database takes no password: a command line is readable by every user of the machine (ps)."""
+    if argument and "://" in argument and urlsplit(argument.strip()).password is not None:
+        raise PostgresError("--database: a password on the command line is readable by every user of this machine "
+                            "(ps); give the URL in EVOFORGE_PREFECT_DATABASE, or leave the password out and set "
+                            "PGPASSWORD or a ~/.pgpass (mode 0600) entry")
+
+
 def database_choice(value: str | None) -> str:
     """--database / EVOFORGE_PREFECT_DATABASE: 'sqlite' (the default), 'postgres', or a URL."""
     value = (value or os.environ.get("EVOFORGE_PREFECT_DATABASE") or "sqlite").strip()

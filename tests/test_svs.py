@@ -160,15 +160,13 @@ def test_svs_trains_solving_synthesizing_and_variant_solving_in_one_update(parro
 def test_an_svs_stage_killed_mid_training_resumes_and_keeps_each_steps_variants_once(parrot, runs_root, scratch):
     """kill -9 of the stage while svs trains: the rerun resumes from the trainer's last saved state, trains the
     steps after it again, and the variants of those steps come from the run that finished, not both."""
-    import json
     import os
     import signal
     import subprocess
-    import sys
 
     from evoforge.data import home, schemas
     from evoforge.data.lake import lake
-    from test_training_processes import WORKER, trainers
+    from test_training_processes import WORKER, finetune_stage_until_saved, trainers
     from waiting import wait_until
 
     run, store = "svs-crash", lake()
@@ -181,15 +179,7 @@ def test_an_svs_stage_killed_mid_training_resumes_and_keeps_each_steps_variants_
                            "grpo_generations": 2, "grpo_max_completion_tokens": 24, "learning_rate": 1e-5,
                            "few_shot": False, "report_to": [], "guard": {"held_out_rows": 0},
                            "svs": {"solve_band": [0.125, 1.0], "synthesis_band": [0.125, 1.0], "variant_generations": 2}}}
-    path = scratch / "round.json"
-    path.write_text(json.dumps(config))
-    command = [sys.executable, "-m", "evoforge", "stage", "finetune", "--run", run, "--round", "0", "--config", str(path)]
-    env = {**os.environ, "EVOFORGE_RUNS": str(runs_root)}
-    models = runs_root / run / "models"
-    with open(scratch / "first.log", "wb") as out:
-        first = subprocess.Popen(command, cwd=home.PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    wait_until("the trainer saved step 2", lambda: list(models.glob(".*.staging/trainer-0-svs/checkpoint-2")), timeout=600,
-               explain=lambda: (scratch / "first.log").read_text()[-3000:])
+    first, command, env = finetune_stage_until_saved(run, config, runs_root, scratch, "trainer-0-svs")
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
     wait_until("the trainer died with its stage", lambda: not trainers(WORKER), timeout=60)

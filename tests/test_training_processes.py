@@ -180,6 +180,22 @@ def test_every_method_and_the_ppm_train_under_two_processes(tiny_model, scratch)
     assert not trainers()
 
 
+def finetune_stage_until_saved(run: str, config: dict, runs_root: Path, scratch: Path, phase: str):
+    """`evoforge stage finetune` of `run` with `config`, started in a process of its own and returned once its
+    trainer folder `phase` (e.g. trainer-0-sft) has saved step 2: the process, and the command and environment
+    that run the stage again."""
+    path = scratch / "round.json"
+    path.write_text(json.dumps(config))
+    command = [sys.executable, "-m", "evoforge", "stage", "finetune", "--run", run, "--round", "0", "--config", str(path)]
+    env = {**os.environ, "EVOFORGE_RUNS": str(runs_root)}
+    with open(scratch / "first.log", "wb") as out:
+        first = subprocess.Popen(command, cwd=home.PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    wait_until(f"{phase} to save step 2",
+               lambda: list((runs_root / run / "models").glob(f".*.staging/{phase}/checkpoint-2")), timeout=600,
+               explain=lambda: (scratch / "first.log").read_text()[-3000:])
+    return first, command, env
+
+
 @pytest.mark.model
 @pytest.mark.server
 def test_a_stage_killed_mid_training_takes_its_trainers_with_it_and_resumes(runs_root, tiny_model, scratch):
@@ -189,15 +205,9 @@ def test_a_stage_killed_mid_training_takes_its_trainers_with_it_and_resumes(runs
     seed_round(run, examples=48)
     config = round_config(tiny_model, method="sft", max_steps=8, batch_size=1, processes=2, checkpoint_steps=1,
                           report_to=[])
-    path = scratch / "round.json"
-    path.write_text(json.dumps({**config.model_dump(mode="json"), "stages": ["finetune"]}))
-    command = [sys.executable, "-m", "evoforge", "stage", "finetune", "--run", run, "--round", "0", "--config", str(path)]
-    env = {**os.environ, "EVOFORGE_RUNS": str(runs_root)}
+    first, command, env = finetune_stage_until_saved(
+        run, {**config.model_dump(mode="json"), "stages": ["finetune"]}, runs_root, scratch, "trainer-0-sft")
     models = runs_root / run / "models"
-    with open(scratch / "first.log", "wb") as out:
-        first = subprocess.Popen(command, cwd=home.PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    wait_until("the trainers saved step 2", lambda: list(models.glob(".*.staging/trainer-0-sft/checkpoint-2")), timeout=600,
-               explain=lambda: (scratch / "first.log").read_text()[-3000:])
     assert len(trainers(WORKER, but="accelerate.commands.launch")) == 2  # two training processes, under accelerate
     os.kill(first.pid, signal.SIGKILL)  # the stage's own process only: its trainers must follow it by themselves
     first.wait()
