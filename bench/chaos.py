@@ -217,7 +217,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
 
-    from evoforge.flows.serve import api_url, start_server, stop_server
+    from evoforge.app.prefect_server import api_url, start_server, stop_server
     from evoforge.models.tiny import tiny_model_folder
 
     root = ROOT / "runs" / "bench-chaos"

@@ -161,7 +161,7 @@ class TrivialPool:
         return False
 
     def run(self, items, on_progress=None):
-        from evoforge.tasks.grading import last_boxed
+        from evoforge.tasks.grading.answers import last_boxed
 
         out = []
         for _, gold, text in items:

@@ -98,7 +98,7 @@ def time_queries(lake: Lake) -> tuple[float, dict[str, float]]:
 
 def demo_round(env: dict[str, str], run: str) -> float:
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "evoforge.flows.cli", "demo", "--run", run], env=env, check=True,
+    subprocess.run([sys.executable, "-m", "evoforge.app.cli", "demo", "--run", run], env=env, check=True,
                    stdout=subprocess.DEVNULL)
     return time.perf_counter() - started
 

@@ -77,7 +77,7 @@ def measure_ray_verify(pair_set: str, side: str, args) -> dict:
             first.append((time.perf_counter() - started, done))
 
     if side == "local":
-        from evoforge.tasks.grader_pool import GraderPool
+        from evoforge.tasks.grading.pool import GraderPool
 
         started = time.perf_counter()
         with GraderPool(2, args.deadline, args.memory_mb, args.chunk_size) as pool:
@@ -89,7 +89,7 @@ def measure_ray_verify(pair_set: str, side: str, args) -> dict:
     from ray.cluster_utils import Cluster
 
     from evoforge.models import ray_cluster
-    from evoforge.tasks.ray_grading import RayGraderPool
+    from evoforge.tasks.grading.on_ray import RayGraderPool
 
     nodes = int(side.split(":")[1])
     temp = ray_cluster.temp_dir()

@@ -79,8 +79,8 @@ def make_pairs(count: int, seed: int = 0, samples: int = 8) -> list[tuple[str, s
 
 def measure(side: str, pairs_count: int, workers: int, deadline: float) -> dict:
     """One side, in this (fresh) process."""
-    from evoforge.tasks.grader_pool import GraderPool
-    from evoforge.tasks.grading import grade
+    from evoforge.tasks.grading.pool import GraderPool
+    from evoforge.tasks.grading.answers import grade
 
     pairs = make_pairs(pairs_count)
     if side == "sequential":

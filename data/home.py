@@ -93,7 +93,7 @@ def configure() -> Path:
         os.environ.setdefault(key, value)
     for key in ("PREFECT_HOME", "TMPDIR", "VLLM_CACHE_ROOT", "HF_HOME", "MPLCONFIGDIR"):
         Path(os.environ[key]).mkdir(parents=True, exist_ok=True)
-    # the Prefect API's auth string `evoforge ui` keeps in the Prefect home (flows/serve.py): every command,
+    # the Prefect API's auth string `evoforge ui` keeps in the Prefect home (app/prefect_server.py): every command,
     # worker and flow run of this home sends it (Prefect's client reads PREFECT_API_AUTH_STRING)
     if "PREFECT_API_AUTH_STRING" not in os.environ:
         try:

@@ -22,17 +22,11 @@ and waits for it; a worker of that pool (one per machine, deploy/cluster/worker.
 """
 from __future__ import annotations
 
-import argparse
 import datetime as dt
-import os
-import socket
-import subprocess
-import sys
 import time
 from contextlib import ExitStack, contextmanager
 from uuid import UUID
 
-from evoforge.data import home
 from evoforge.data.lake import lake
 from evoforge.data.runlock import RunBusy, run_lock
 from evoforge.flows.inputs import FINISHED
@@ -281,76 +275,3 @@ def where_it_ran(client, flow_run_id: str | UUID) -> dict:
         flow_run = client.read_flow_run(client.read_task_run(flow_run.parent_task_run_id).flow_run_id)
     return {"work_pool": flow_run.work_pool_name, "worker": (flow_run.labels or {}).get("prefect.worker.name"),
             "flow_run_id": str(flow_run.id)}
-
-
-# -- the machines: setting up the server, starting a worker ----------------------------------------
-def create_pools(pools=POOLS) -> list[str]:
-    """The process work pools (existing ones are left as they are); returns those it created."""
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectAlreadyExists
-    from prefect.workers.process import ProcessWorker
-
-    created = []
-    with _client() as client:
-        for pool in pools:
-            try:
-                client.create_work_pool(WorkPoolCreate(name=pool, type="process",
-                                                       base_job_template=ProcessWorker.get_default_base_job_template()))
-                created.append(pool)
-            except ObjectAlreadyExists:
-                pass
-    return created
-
-
-def setup(deploy_args: list[str]) -> int:
-    """deploy/cluster/setup.sh: the work pools, then `prefect deploy` of deploy/prefect.yaml (all its
-    deployments, or the `--name flow/deployment` options given)."""
-    if not os.environ.get("PREFECT_API_URL"):
-        print("error: set PREFECT_API_URL to the shared Prefect server (http://SERVER:4200/api)", file=sys.stderr)
-        return 2
-    os.environ.setdefault("EVOFORGE_PROJECT_ROOT", str(home.PROJECT_ROOT))
-    created = create_pools()
-    print(f"work pools {', '.join(POOLS)}" + (f" (created {', '.join(created)})" if created else " (existing)"), flush=True)
-    command = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--prefect-file",
-               str(home.PROJECT_ROOT / "deploy" / "prefect.yaml"), *(deploy_args or ["--all"])]
-    return subprocess.run(command, cwd=home.PROJECT_ROOT).returncode
-
-
-def worker_command(pool: str, name: str | None, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process",
-            "--name", name or f"{pool}-{socket.gethostname()}", *extra]
-
-
-def worker(pool: str, name: str | None, extra: list[str]) -> int:
-    """deploy/cluster/worker.sh: this machine's worker of `pool`, with evoforge's home settings
-    (EVOFORGE_HOME: caches, Prefect home, temp) in its environment and its flow runs'."""
-    missing = [k for k in ("PREFECT_API_URL", "EVOFORGE_RUNS") if not os.environ.get(k)]
-    if missing:
-        print(f"error: set {' and '.join(missing)} (the shared Prefect server's API; the lake every machine "
-              f"reads, s3://bucket/prefix)", file=sys.stderr)
-        return 2
-    if not os.environ["EVOFORGE_RUNS"].startswith("s3://"):
-        print(f"warning: EVOFORGE_RUNS={os.environ['EVOFORGE_RUNS']} is not on object storage: every machine "
-              f"must see the same folder", file=sys.stderr, flush=True)
-    os.environ.setdefault("EVOFORGE_PROJECT_ROOT", str(home.PROJECT_ROOT))  # the deployments' pull step
-    command = worker_command(pool, name, extra)
-    os.execv(command[0], command)  # the worker is this process: a signal to it reaches the worker
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m evoforge.flows.dispatch",
-                                     description="Set up the work pools and deployments; start a machine's worker. "
-                                                 "Options it does not know go to `prefect deploy` / `prefect worker start`.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("setup", help="create the work pools and deploy deploy/prefect.yaml (default --all)")
-    run = sub.add_parser("worker", help="start this machine's worker of a pool")
-    run.add_argument("pool", help="gpu or cpu (a pool of deploy/prefect.yaml)")
-    run.add_argument("--name", default=None, help="the worker's name (default POOL-HOSTNAME)")
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "setup":
-        return setup(rest)
-    return worker(args.pool, args.name, rest)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Prompts, in one place: what the policy is asked, in each of its roles (solver, problem writer,
 step-by-step searcher, critic). Answers are asked for as `\\boxed{...}`; reading them is grading's
-job (tasks/grading.py)."""
+job (tasks/grading/answers.py)."""
 from __future__ import annotations
 
 import re

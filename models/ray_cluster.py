@@ -1,7 +1,7 @@
 """Joining a Ray cluster, or starting one on this machine, with evoforge's environment on every worker.
 
 `connect(address)` is the one door to Ray for the engine (models/ray_engine.py) and the graders
-(tasks/ray_grading.py); it is idempotent, so each of them calls it before use.
+(tasks/grading/on_ray.py); it is idempotent, so each of them calls it before use.
 
 - `address=None`: the cluster this process is already connected to, else a fresh local cluster
   (`ray.init(address="local")`: a bare `ray.init()` would join any Ray it finds running on the

@@ -298,6 +298,17 @@ class ServerFleet:
             self._spawn(replica)
             self._wait_ready()
 
+    def keep_alive(self, on_restart=None, poll_seconds: float = 2.0) -> None:
+        """Until interrupted (Ctrl-C, kill): every replica that dies is started again on its port.
+        `on_restart(replica)` is told before each restart (`evoforge engine serve` prints it)."""
+        while True:
+            time.sleep(poll_seconds)
+            for replica in self.running:
+                if not replica.alive:
+                    if on_restart is not None:
+                        on_restart(replica)
+                    self.restart_replica(replica.index)
+
     def stop(self, grace_s: float = 30.0) -> None:
         """SIGTERM to every replica's process group (the API server and its engine core) at once,
         SIGKILL to what is left past the grace."""

@@ -22,7 +22,7 @@ from evoforge.data import schemas
 from evoforge.data.ids import problem_id
 from evoforge.tasks import summary
 from evoforge.tasks.decontam import Decontaminator
-from evoforge.tasks.grading import last_boxed, normalize_answer
+from evoforge.tasks.grading.answers import last_boxed, normalize_answer
 
 Preset = Literal["gsm8k", "math", "plain", "demonstrations"]
 GradedPreset = Literal["gsm8k", "math", "plain"]  # an eval set needs answers a verifier can grade

@@ -36,7 +36,7 @@ from evoforge.models.engine import Engine, GenerationRequest, SamplingConfig
 from evoforge.models.prompts import ANSWER_END, STEP_END, step_messages, step_prefix
 from evoforge.models.sandbox import Sandbox, SandboxConfig
 from evoforge.tasks import summary
-from evoforge.tasks.grading import last_boxed
+from evoforge.tasks.grading.answers import last_boxed
 from evoforge.tasks.progress import Progress
 from evoforge.tasks.verify import VerifyConfig
 

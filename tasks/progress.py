@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 # evoforge's own code: a record logged from these folders is evoforge's, whatever logger carries it
-_OWN_CODE = tuple(str(Path(__file__).resolve().parent.parent / folder) + os.sep for folder in ("data", "flows", "models", "tasks"))
+_OWN_CODE = tuple(str(Path(__file__).resolve().parent.parent / folder) + os.sep for folder in ("app", "data", "flows", "models", "tasks"))
 
 
 def flow_run_logger() -> logging.Logger | logging.LoggerAdapter:

@@ -1,6 +1,8 @@
 """verify: extract each rollout's final answer and grade it against the gold with math-verify -> `verdicts`."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Iterable, Iterator, Literal
 
 import pyarrow as pa
@@ -14,8 +16,8 @@ from evoforge.data.ids import stable_hash
 from evoforge.data.lake import in_key_ranges, key_boundaries
 from evoforge.models.engine import RayConfig
 from evoforge.tasks import summary
-from evoforge.tasks.grader_pool import GraderPool
-from evoforge.tasks.grading import all_boxes
+from evoforge.tasks.grading.answers import all_boxes
+from evoforge.tasks.grading.pool import GraderPool
 from evoforge.tasks.progress import Progress
 
 
@@ -34,7 +36,7 @@ class VerifyConfig(BaseModel):
 
     def pool(self) -> GraderPool:
         if self.backend == "ray":
-            from evoforge.tasks.ray_grading import RayGraderPool
+            from evoforge.tasks.grading.on_ray import RayGraderPool
 
             return RayGraderPool(self.workers, self.deadline_seconds, self.memory_mb, self.chunk_size,
                                  address=self.ray.address)
@@ -153,3 +155,50 @@ def summarize(tables: dict[str, pa.Table]) -> list[str]:
     shared = "" if rows is None or rows.num_rows == 0 else (
         f"- **graded**: {len(set(v for v in rows['graded_with'].to_pylist() if v))} distinct answers for {rows.num_rows} rollouts")
     return [summary.line("verdicts", verdicts), f"- **timeouts**: {verdicts.get('timeout', 0)}", *([shared] if shared else [])]
+
+
+def read_verify_lines(path: Path) -> list[dict]:
+    """Each non-blank line of a verify-file input as {"input_line", "row"} or, when the line cannot be
+    graded (not UTF-8, not JSON, no 'gold' or 'pred'), {"input_line", "invalid": reason, "raw"}."""
+    lines = []
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            entry: dict = {"input_line": number}
+            try:
+                row = json.loads(raw.decode("utf-8"))
+                if not isinstance(row, dict):
+                    raise ValueError(f"a JSON {type(row).__name__}, not an object")
+                missing = [key for key in ("gold", "pred") if row.get(key) is None]
+                if missing:
+                    raise ValueError(f"no field {missing[0]!r}")
+                entry["row"] = row
+            except UnicodeDecodeError as err:
+                entry["invalid"] = f"not UTF-8 (byte {err.start})"
+            except ValueError as err:  # json.JSONDecodeError is a ValueError too
+                entry["invalid"] = f"not JSON: {err.msg}" if isinstance(err, json.JSONDecodeError) else str(err)
+            if "invalid" in entry:
+                entry["raw"] = raw.decode("utf-8", errors="replace").rstrip("\n")[:200]
+            lines.append(entry)
+    return lines
+
+
+def grade_file(path: Path, config: VerifyConfig) -> list[dict]:
+    """`evoforge verify-file`: grade a JSONL file of {gold, pred} lines exactly as the stage grades, one
+    output row per non-blank input line, in order: the input's fields plus input_line, verdict,
+    extracted_answer, detail and seconds; a line that cannot be graded gets verdict `invalid_input`,
+    its file and line in `detail`, and the start of its text in `raw`."""
+    lines = read_verify_lines(path)
+    graded = [entry for entry in lines if "row" in entry]
+    results = iter(grade_pairs([(str(e["row"]["gold"]), str(e["row"]["pred"])) for e in graded], config))
+    written = []
+    for entry in lines:
+        if "row" in entry:
+            verdict, extracted, detail, seconds = next(results)
+            written.append({**entry["row"], "input_line": entry["input_line"], "verdict": verdict,
+                            "extracted_answer": extracted, "detail": detail, "seconds": round(seconds, 4)})
+        else:
+            written.append({"input_line": entry["input_line"], "verdict": "invalid_input",
+                            "detail": f"{path}:{entry['input_line']}: {entry['invalid']}", "raw": entry["raw"]})
+    return written

@@ -1,4 +1,4 @@
-"""The Prefect API others can reach asks for its auth string (flows/serve.py `server_auth_string`): `evoforge ui`
+"""The Prefect API others can reach asks for its auth string (app/prefect_server.py `server_auth_string`): `evoforge ui`
 on any host but loopback makes one (mode 0600) or takes the user's, refuses to serve without one, and every
 HTTP and websocket endpoint refuses a request without it; evoforge's own clients send it, and the UI asks for it
 once and then works. (The split cluster round in tests/test_cluster.py runs with it on.)"""

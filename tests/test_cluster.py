@@ -1,7 +1,7 @@
 """Stages on the machines that fit them (flows/dispatch.py, deploy/prefect.yaml, deploy/cluster/).
 
 The server test runs the documented setup on this machine: one Prefect server on the project's
-PostgreSQL (flows/postgres.py), the lake on the local S3 server, deploy/cluster/setup.sh, and two
+PostgreSQL (app/postgres.py), the lake on the local S3 server, deploy/cluster/setup.sh, and two
 workers started by deploy/cluster/worker.sh, each with an EVOFORGE_HOME of its own and no disk in
 common with the other ("a GPU machine" and "a CPU machine"), and the round of deploy/cluster/round.yaml
 run by `evoforge round` from a third home. Then the CPU machine dies in the middle of verify.
@@ -406,8 +406,8 @@ def test_a_round_split_over_a_gpu_and_a_cpu_machine_survives_losing_the_cpu_mach
     from evoforge.data.local_s3 import free_port
     from evoforge.data.storage import location
     from evoforge.flows.dispatch import where_it_ran
-    from evoforge.flows.postgres import PostgresServer
-    from evoforge.flows.serve import api_url, start_server, stop_server
+    from evoforge.app.postgres import PostgresServer
+    from evoforge.app.prefect_server import api_url, start_server, stop_server
 
     import secrets
 

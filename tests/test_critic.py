@@ -88,7 +88,7 @@ def test_raro_rows_mix_fresh_and_replayed_answers_half_and_half():
 def test_the_critic_stage_writes_judgments_the_catalog_reports(write_jsonl, prefect_server, runs_root, tiny_engine_config, scratch):
     from evoforge.data import catalog
     from evoforge.data.lake import lake
-    from evoforge.flows.cli import main
+    from evoforge.app.cli import main
     from evoforge.flows.config import RoundConfig
     from evoforge.flows.round import round_flow
     from evoforge.models.engine import SamplingConfig

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from evoforge.data.lake import lake
-from evoforge.flows.cli import main
+from evoforge.app.cli import main
 
 
 @pytest.mark.model

@@ -140,7 +140,7 @@ def test_the_shipped_demo_config_loads(runs_root):
 
 @pytest.mark.server
 def test_ingest_command_prints_counts_by_reason_and_names_a_bad_file(write_jsonl, prefect_server, runs_root, scratch, capsys):
-    from evoforge.flows.cli import main
+    from evoforge.app.cli import main
 
     source = write_jsonl(scratch / "mixed.jsonl", [
         {"question": "What is 3 + 4?", "answer": "7"}, {"question": "What is 3 + 4?", "answer": "7"},
@@ -170,7 +170,7 @@ def test_a_truncated_part_is_named_by_status_sql_and_ingest_and_a_rerun_heals_it
                                                                                  scratch, capsys):
     """The issue's repro: ingest a small file, truncate its `problems` part to half its size, then run
     `status`, `sql` and the ingest again with --force; `doctor` finds it, `doctor --repair` heals it."""
-    from evoforge.flows.cli import main
+    from evoforge.app.cli import main
 
     source = write_jsonl(scratch / "small.jsonl", [{"question": f"What is {i} + {i}?", "answer": str(2 * i)}
                                                     for i in range(40)])
@@ -210,7 +210,7 @@ def test_a_truncated_part_is_named_by_status_sql_and_ingest_and_a_rerun_heals_it
 @pytest.mark.server
 def test_a_stage_that_fails_for_good_is_recorded_and_stops_the_round_with_one_line(prefect_server, runs_root, config,
                                                                                    scratch, capsys):
-    from evoforge.flows.cli import main
+    from evoforge.app.cli import main
     from evoforge.flows.config import save_config
 
     broken = config.model_copy(deep=True)
@@ -237,7 +237,7 @@ def test_a_run_started_by_ingest_alone_runs_a_stage_on_the_shipped_default_confi
     import subprocess
     import sys
 
-    from evoforge.flows.cli import main
+    from evoforge.app.cli import main
 
     source = write_jsonl(scratch / "pool.jsonl", [{"question": "What is 1 + 1?", "answer": "2"}])
     assert main(["ingest", str(source), "--run", "bare"]) == 0

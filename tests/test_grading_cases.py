@@ -22,7 +22,7 @@ position in the test's list, and adds what evoforge is given:
 Agreement is the share of rows whose verdict (correct or not) is the expected one. evoforge: the
 verify stage's own path (`grade_pairs`, the grader pool, `grade(answer, response)`). Plain math-verify
 for comparison: `verify(parse(gold), parse(response))` with the same extraction targets, the gold in
-its original form. Before the multi-box and digit-group changes of tasks/grading.py evoforge agreed on
+its original form. Before the multi-box and digit-group changes of tasks/grading/answers.py evoforge agreed on
 0.887 of these rows (149/168), plain math-verify on 0.982 (165/168).
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 from math_verify import parse, verify
 
-from evoforge.tasks.grading import _EXTRACTION
+from evoforge.tasks.grading.answers import _EXTRACTION
 from evoforge.tasks.verify import VerifyConfig, grade_pairs
 
 pytestmark = pytest.mark.unit

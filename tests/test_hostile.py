@@ -65,7 +65,7 @@ def test_json_nan_and_overflowing_numbers_as_gold_answers_are_quarantined_too(sc
 
 
 def test_verify_file_grades_every_good_line_and_writes_a_row_naming_each_bad_one(scratch, capsys):
-    from evoforge.flows.cli import main
+    from evoforge.app.cli import main
 
     source = scratch / "mixed.jsonl"
     source.write_bytes(b"\n".join([
@@ -87,7 +87,7 @@ def test_verify_file_grades_every_good_line_and_writes_a_row_naming_each_bad_one
 
 
 def test_verify_file_refuses_an_output_folder_that_does_not_exist_before_grading(scratch, capsys):
-    from evoforge.flows.cli import main
+    from evoforge.app.cli import main
 
     source = scratch / "in.jsonl"
     source.write_text(json.dumps({"gold": "1", "pred": "\\boxed{1}"}) + "\n")
@@ -99,7 +99,7 @@ def test_verify_file_refuses_an_output_folder_that_does_not_exist_before_grading
 @pytest.mark.parametrize("command", [["status"], ["sql", "SELECT 1"], ["report"]])
 def test_a_run_that_does_not_exist_is_one_line_that_lists_the_runs(runs_root, capsys, command):
     from evoforge.data.lake import lake
-    from evoforge.flows.cli import main
+    from evoforge.app.cli import main
 
     lake().ensure_run("alpha")
     lake().ensure_run("beta")
@@ -114,7 +114,7 @@ def test_a_run_that_does_not_exist_is_one_line_that_lists_the_runs(runs_root, ca
 ])
 def test_an_option_out_of_range_is_one_line_naming_the_option_and_what_it_allows(runs_root, scratch, capsys,
                                                                                monkeypatch, command, option):
-    from evoforge.flows.cli import main
+    from evoforge.app.cli import main
 
     monkeypatch.chdir(scratch)
     (scratch / "in.jsonl").write_text('{"gold": "1", "pred": "1"}\n')
@@ -147,7 +147,7 @@ def test_evoforge_sql_only_reads_the_runs_tables_unless_asked(runs_root, capsys,
     its views read (DuckDB's own lock: allowed paths, no external access, locked configuration)."""
     from evoforge.data import home, schemas
     from evoforge.data.lake import lake
-    from evoforge.flows.cli import main
+    from evoforge.app.cli import main
 
     store = lake()
     store.publish_stage("r", 0, "ingest", {"problems": pa.Table.from_pylist([dict(
@@ -217,7 +217,7 @@ def test_a_file_system_without_locks_is_one_clear_line(scratch, monkeypatch):
 
 def test_a_stage_of_a_run_that_does_not_exist_is_one_line_and_creates_nothing(runs_root, capsys):
     from evoforge.data.lake import lake
-    from evoforge.flows.cli import main
+    from evoforge.app.cli import main
 
     lake().ensure_run("alpha")
     assert main(["stage", "verify", "--run", "nosuchrun"]) == 2
@@ -236,7 +236,7 @@ def test_a_stage_of_a_run_that_does_not_exist_is_one_line_and_creates_nothing(ru
     ("2e", "\\boxed{2e}", "correct"),  # a product with Euler's e, not E notation: left as it is
 ])
 def test_scientific_notation_is_graded_as_the_number_it_is(gold, response, verdict):
-    from evoforge.tasks.grading import grade
+    from evoforge.tasks.grading.answers import grade
 
     assert grade(gold, response)[0] == verdict
 
@@ -263,8 +263,8 @@ def _health_server(port: int):
 def test_commands_use_this_projects_server_or_the_users_url_never_whatever_answers(scratch, monkeypatch):
     import socket
 
-    from evoforge.flows import cli
-    from evoforge.flows.serve import api_url, project_server_url
+    from evoforge.app import cli
+    from evoforge.app.prefect_server import api_url, project_server_url
 
     monkeypatch.setenv("PREFECT_HOME", str(scratch / "prefect"))
     monkeypatch.delenv("PREFECT_API_URL", raising=False)

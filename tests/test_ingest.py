@@ -7,7 +7,7 @@ import pytest
 
 from evoforge.data.ids import problem_id
 from evoforge.tasks.decontam import Decontaminator
-from evoforge.tasks.grading import normalize_answer
+from evoforge.tasks.grading.answers import normalize_answer
 from evoforge.tasks.ingest import IngestError, SourceConfig, ingest
 from evoforge.tasks.verify import VerifyConfig, check_golds
 
@@ -132,7 +132,7 @@ def test_shipped_sets_ingest_cleanly(scratch):
 
 def test_arithmetic_generator_reproduces_the_shipped_files(scratch):
     from evoforge.data.home import PROJECT_ROOT
-    from evoforge.tasks.arithmetic_set import write_splits
+    from evoforge.tasks.sets.arithmetic import write_splits
 
     written = write_splits(scratch / "arith")
     shipped = PROJECT_ROOT / "data" / "sets" / "easy_arithmetic"
@@ -191,7 +191,7 @@ def test_the_shipped_demonstrations_are_reproducible_and_ingest_cleanly(scratch)
     import json
 
     from evoforge.data.home import PROJECT_ROOT
-    from evoforge.tasks.demonstrations_set import build
+    from evoforge.tasks.sets.demonstrations import build
 
     shipped = PROJECT_ROOT / "data" / "sets" / "gsm8k_demonstrations" / "train.jsonl"
     assert [json.loads(line) for line in shipped.open()] == build(200)

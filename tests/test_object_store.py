@@ -85,7 +85,7 @@ def test_a_round_on_an_s3_lake_is_queried_reported_and_healed_like_one_on_disk(p
     """ingest -> generate -> verify -> filter with the lake on the S3 server: nothing of the run on the
     local disk, `evoforge sql` / `report` / `doctor` work unchanged, a rerun skips, and a damaged
     object is found by doctor and recomputed by the stage that wrote it."""
-    from evoforge.flows.cli import main
+    from evoforge.app.cli import main
     from evoforge.flows.round import round_flow
 
     results = round_flow("s3run", config)

@@ -32,7 +32,7 @@ def _free_port() -> int:
 
 def _start_server(root: Path):
     """A Prefect server whose home and SQLite database are under `root`; (process, url, its settings)."""
-    from evoforge.flows.serve import api_url, start_server
+    from evoforge.app.prefect_server import api_url, start_server
 
     prefect_home = root / "prefect"
     prefect_home.mkdir(parents=True)
@@ -64,7 +64,7 @@ def _round_config(root: Path, tiny_model: Path, problems: int) -> Path:
 @pytest.fixture(scope="module")
 def served(tiny_model):
     """A Prefect server (database under .tmp/) and `evoforge serve` of run 'sched' every minute."""
-    from evoforge.flows.serve import stop_server
+    from evoforge.app.prefect_server import stop_server
 
     root = home.home() / ".tmp" / "tests" / f"operations-{uuid.uuid4().hex[:8]}"
     server, url, settings = _start_server(root)
@@ -216,7 +216,7 @@ def test_killing_evoforge_ui_stops_its_server_too(scratch):
     import signal
     import threading
 
-    from evoforge.flows.serve import api_url, server_healthy
+    from evoforge.app.prefect_server import api_url, server_healthy
 
     port = _free_port()
     prefect_home = scratch / "prefect"
@@ -246,7 +246,7 @@ def test_a_server_that_stops_mid_round_costs_no_work_and_the_round_resumes_witho
     """Stop the Prefect server while `generate` runs: the stage keeps its work, the round stops at the
     stage boundary with one line saying how to resume, and the resumed round (no server) redoes nothing."""
     from evoforge.data.lake import Lake
-    from evoforge.flows.serve import stop_server
+    from evoforge.app.prefect_server import stop_server
 
     root = home.home() / ".tmp" / "tests" / f"midway-{uuid.uuid4().hex[:8]}"
     server, url, server_env = _start_server(root)

@@ -1,4 +1,4 @@
-"""`evoforge ui --database postgres`: the Prefect server on the project's own PostgreSQL (flows/postgres.py).
+"""`evoforge ui --database postgres`: the Prefect server on the project's own PostgreSQL (app/postgres.py).
 
 The server tests run the real command in a fresh EVOFORGE_HOME (and so a fresh PREFECT_HOME and
 PostgreSQL data folder) on free ports, and clean up whatever they started even when they fail.
@@ -19,7 +19,7 @@ import pytest
 from waiting import wait_until as _wait
 
 from evoforge.data import home
-from evoforge.flows.postgres import DATABASE, SUPERUSER, PostgresServer, _binary, database_choice, hide_password
+from evoforge.app.postgres import DATABASE, SUPERUSER, PostgresServer, _binary, database_choice, hide_password
 
 EVOFORGE = Path(sys.executable).parent / "evoforge"
 

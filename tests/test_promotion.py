@@ -217,7 +217,7 @@ def test_a_rejected_round_is_followed_by_a_round_on_the_earlier_model_and_promot
     hand makes round 1, run again, sample from it."""
     from evoforge.data import catalog
     from evoforge.data.lake import lake
-    from evoforge.flows.cli import main
+    from evoforge.app.cli import main
 
     config = scratch / "gated.yaml"
     config.write_text(f"""

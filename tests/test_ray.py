@@ -1,5 +1,5 @@
 """Ray backends against the local ones, on a two-node Ray cluster on this machine: verification
-(tasks/ray_grading.py) must give the local grader pool's verdicts, and generation (models/ray_engine.py)
+(tasks/grading/on_ray.py) must give the local grader pool's verdicts, and generation (models/ray_engine.py)
 the in-process vLLM engine's completions.
 
 One cluster serves the module (`ray.cluster_utils.Cluster`: two nodes of one CPU each, its session

@@ -112,7 +112,7 @@ def test_resource_limits_alone_still_stop_loops_and_memory_bombs():
 
 
 def test_the_cli_runs_a_file_the_way_the_search_does(scratch, capsys):
-    from evoforge.flows.cli import main
+    from evoforge.app.cli import main
 
     script = scratch / "step.py"
     script.write_text("# the total of 3 boxes of 4\ntotal = 3 * 4\nprint(total)\n")

@@ -6,8 +6,8 @@ import json
 import pyarrow as pa
 import pytest
 
-from evoforge.tasks.grader_pool import GraderPool
-from evoforge.tasks.grading import last_boxed
+from evoforge.tasks.grading.pool import GraderPool
+from evoforge.tasks.grading.answers import last_boxed
 from evoforge.tasks.verify import VerifyConfig, grade_pairs, verify
 
 pytestmark = pytest.mark.unit
@@ -70,7 +70,7 @@ def test_verify_task_returns_one_verdict_per_rollout_with_gold_and_answer():
 
 
 def test_verify_file_cli_grades_exactly_like_the_stage(scratch, capsys):
-    from evoforge.flows.cli import main
+    from evoforge.app.cli import main
 
     source = scratch / "in.jsonl"
     source.write_text("\n".join(json.dumps(r) for r in [

@@ -14,4 +14,4 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 python="${EVOFORGE_PYTHON:-$root/.venv/bin/python}"
 export EVOFORGE_PROJECT_ROOT="${EVOFORGE_PROJECT_ROOT:-$root}"   # where the deployments' pull step runs flows from
-exec "$python" -m evoforge.flows.dispatch worker "$@"
+exec "$python" -m evoforge worker "$@"

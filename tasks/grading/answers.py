@@ -1,6 +1,6 @@
 """Reading answers and grading them: the final answer of a response (its last `\\boxed{}`), gold
 answers in one normal form, and math-verify's verdict on the two. `grade` runs inside grader worker
-processes (tasks/grader_pool.py).
+processes (tasks/grading/pool.py).
 
 The final answer is the content of the LAST box: math-verify's own extraction concatenates repeated
 boxes, so extraction happens here, before math-verify sees text. One exception: when the gold has k

@@ -266,62 +266,22 @@ def cmd_doctor(args) -> int:
     return 0
 
 
-def read_verify_lines(path: Path) -> list[dict]:
-    """Each non-blank line of a verify-file input as {"input_line", "row"} or, when the line cannot be
-    graded (not UTF-8, not JSON, no 'gold' or 'pred'), {"input_line", "invalid": reason, "raw"}."""
-    lines = []
-    with open(path, "rb") as fh:
-        for number, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            entry: dict = {"input_line": number}
-            try:
-                row = json.loads(raw.decode("utf-8"))
-                if not isinstance(row, dict):
-                    raise ValueError(f"a JSON {type(row).__name__}, not an object")
-                missing = [key for key in ("gold", "pred") if row.get(key) is None]
-                if missing:
-                    raise ValueError(f"no field {missing[0]!r}")
-                entry["row"] = row
-            except UnicodeDecodeError as err:
-                entry["invalid"] = f"not UTF-8 (byte {err.start})"
-            except ValueError as err:  # json.JSONDecodeError is a ValueError too
-                entry["invalid"] = f"not JSON: {err.msg}" if isinstance(err, json.JSONDecodeError) else str(err)
-            if "invalid" in entry:
-                entry["raw"] = raw.decode("utf-8", errors="replace").rstrip("\n")[:200]
-            lines.append(entry)
-    return lines
-
-
 def cmd_verify_file(args) -> None:
     from evoforge.data import atomic
-    from evoforge.tasks.verify import VerifyConfig, grade_pairs
+    from evoforge.tasks.verify import VerifyConfig, grade_file
 
     path, out = Path(args.input), Path(args.out)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):  # before the grading, not after it
         raise FileNotFoundError(f"--out {out}: the folder {out.parent} does not exist or is not writable")
-    lines = read_verify_lines(path)
-    graded = [entry for entry in lines if "row" in entry]
-    config = VerifyConfig(workers=args.workers, deadline_seconds=args.deadline)
-    results = iter(grade_pairs([(str(e["row"]["gold"]), str(e["row"]["pred"])) for e in graded], config))
-    written, counts = [], Counter()
-    for entry in lines:
-        if "row" in entry:
-            verdict, extracted, detail, seconds = next(results)
-            written.append({**entry["row"], "input_line": entry["input_line"], "verdict": verdict,
-                            "extracted_answer": extracted, "detail": detail, "seconds": round(seconds, 4)})
-        else:
-            verdict = "invalid_input"
-            written.append({"input_line": entry["input_line"], "verdict": verdict,
-                            "detail": f"{path}:{entry['input_line']}: {entry['invalid']}", "raw": entry["raw"]})
-        counts[verdict] += 1
+    written = grade_file(path, VerifyConfig(workers=args.workers, deadline_seconds=args.deadline))
     atomic.write_text(out, "".join(json.dumps(row) + "\n" for row in written))
-    print(f"{len(lines)} lines -> {out}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-    for entry in lines:
-        if "invalid" in entry:
-            print(f"  {path}:{entry['input_line']}: {entry['invalid']} (verdict invalid_input)")
+    counts = Counter(row["verdict"] for row in written)
+    print(f"{len(written)} lines -> {out}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    for row in written:
+        if row["verdict"] == "invalid_input":
+            print(f"  {row['detail']} (verdict invalid_input)")
 
 
 def cmd_sandbox(args) -> None:
@@ -341,8 +301,8 @@ def cmd_sandbox(args) -> None:
 
 
 def cmd_ui(args) -> None:
-    from evoforge.flows.postgres import database_choice, prefect_database, refuse_password_in_argv
-    from evoforge.flows.serve import api_url, auth_file, project_server_url, server_auth_string, start_server
+    from evoforge.app.postgres import database_choice, prefect_database, refuse_password_in_argv
+    from evoforge.app.prefect_server import api_url, auth_file, project_server_url, server_auth_string, start_server
 
     url = api_url(args.host, args.port)
     auth = server_auth_string(args.host)  # before anything starts: a server others reach never runs without one
@@ -370,7 +330,7 @@ def cmd_ui(args) -> None:
         except KeyboardInterrupt:
             pass  # Ctrl-C or kill: the way to stop it
         finally:
-            from evoforge.flows.serve import stop_server
+            from evoforge.app.prefect_server import stop_server
 
             stop_server(server)
 
@@ -400,13 +360,9 @@ def cmd_engine_serve(args) -> int:
               f"    model: {args.model}\n    max_model_len: {args.max_model_len}\n"
               f"    endpoints: [{', '.join(fleet.endpoints)}]\n" + ("    api_key_env: VLLM_API_KEY\n" if key else "") +
               "Ctrl-C stops them.", flush=True)
-        while True:
-            time.sleep(2)
-            for replica in fleet.running:
-                if not replica.alive:
-                    print(f"replica on port {replica.port} exited ({replica.process.returncode}): starting it again",
-                          file=sys.stderr, flush=True)
-                    fleet.restart_replica(replica.index)
+        fleet.keep_alive(on_restart=lambda replica: print(
+            f"replica on port {replica.port} exited ({replica.process.returncode}): starting it again",
+            file=sys.stderr, flush=True))
     except KeyboardInterrupt:
         return 0
     finally:
@@ -416,9 +372,21 @@ def cmd_engine_serve(args) -> int:
 
 def cmd_serve(args) -> None:
     from evoforge.flows.config import DEFAULT_CONFIG
-    from evoforge.flows.serve import serve
+    from evoforge.app.prefect_server import serve
 
     serve(args.run, args.config or DEFAULT_CONFIG, cron=args.cron, limit=args.limit)
+
+
+def cmd_pools_setup(args) -> int:
+    from evoforge.app.pools import setup
+
+    return setup(args.passed_on)
+
+
+def cmd_worker(args) -> int:
+    from evoforge.app.pools import worker
+
+    return worker(args.pool, args.name, args.passed_on)
 
 
 def _use_running_server() -> None:
@@ -426,7 +394,7 @@ def _use_running_server() -> None:
     the CLI's too. Whatever else answers on its port (another project's server) is not used."""
     if os.environ.get("PREFECT_API_URL"):
         return
-    from evoforge.flows.serve import project_server_url
+    from evoforge.app.prefect_server import project_server_url
 
     url = project_server_url()
     if url is not None:
@@ -555,6 +523,18 @@ def parser() -> argparse.ArgumentParser:
     srv.add_argument("--limit", type=int, default=1, help="flow runs at once")
     srv.set_defaults(func=cmd_serve)
 
+    pools = sub.add_parser("pools", help="the cluster's work pools and deployments on the shared Prefect server")
+    pools_sub = pools.add_subparsers(dest="pools_command", required=True)
+    pools_setup = pools_sub.add_parser("setup", help="create the work pools and deploy deploy/prefect.yaml (default "
+                                                     "--all; other options go to `prefect deploy`)")
+    pools_setup.set_defaults(func=cmd_pools_setup, passes_options_on=True)
+
+    worker = sub.add_parser("worker", help="start this machine's Prefect worker of a pool (other options go to "
+                                           "`prefect worker start`)")
+    worker.add_argument("pool", help="gpu or cpu (a pool of deploy/prefect.yaml)")
+    worker.add_argument("--name", default=None, help="the worker's name (default POOL-HOSTNAME)")
+    worker.set_defaults(func=cmd_worker, passes_options_on=True)
+
     vf = sub.add_parser("verify-file", help="grade {gold, pred} JSONL lines exactly as the verify stage does")
     vf.add_argument("input")
     vf.add_argument("--out", required=True)
@@ -643,13 +623,18 @@ def main(argv: list[str] | None = None) -> int:
     import shlex
 
     argv = sys.argv[1:] if argv is None else argv
-    args = parser().parse_args(argv)
+    command_line = parser()
+    args, passed_on = command_line.parse_known_args(argv)
+    if passed_on and not getattr(args, "passes_options_on", False):
+        command_line.error(f"unrecognized arguments: {' '.join(passed_on)}")
+    args.passed_on = passed_on  # pools setup, worker: the options of `prefect deploy` / `prefect worker start`
     started = time.time()
     # a handler that cannot deliver a record (Prefect's API log worker when the server went away)
     # must not print its own error into the terminal; the log file keeps the records
     logging.raiseExceptions = False
     logging.captureWarnings(True)  # libraries' warnings go to the log file, not the terminal
-    if args.command not in ("ui", "serve", "engine", "verify-file", "sql", "status", "report", "sandbox", "doctor"):
+    if args.command not in ("ui", "serve", "engine", "verify-file", "sql", "status", "report", "sandbox", "doctor",
+                            "pools", "worker"):
         _use_running_server()
     log_path = None
     try:

@@ -324,7 +324,7 @@ class PostgresServer:
             socket_dir = ""  # too deep a home for a unix socket: TCP only (evoforge connects over TCP)
         settings = {"listen_addresses": HOST, "port": self.port, "unix_socket_directories": socket_dir,
                     "password_encryption": "scram-sha-256"}
-        text = "# written by evoforge (flows/postgres.py) before each start\n" + "".join(
+        text = "# written by evoforge (app/postgres.py) before each start\n" + "".join(
             f"{key} = {value}\n" if isinstance(value, int) else f"{key} = '{value.replace(chr(39), chr(39) * 2)}'\n"
             for key, value in settings.items())
         conf = self.data / "evoforge.conf"

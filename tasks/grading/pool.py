@@ -30,7 +30,7 @@ def _worker_main(conn: Connection, state, memory_mb: int) -> None:
     if memory_mb:
         limit = memory_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    from evoforge.tasks.grading import run_item
+    from evoforge.tasks.grading.answers import run_item
 
     while True:
         try:
@@ -54,7 +54,7 @@ def _context() -> mp.context.BaseContext:
     global _CONTEXT
     if _CONTEXT is None:
         _CONTEXT = mp.get_context("forkserver")
-        _CONTEXT.set_forkserver_preload(["evoforge.tasks.grader_preload"])
+        _CONTEXT.set_forkserver_preload(["evoforge.tasks.grading.preload"])
     return _CONTEXT
 
 

@@ -68,7 +68,7 @@ def start_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_path: P
                  auth_string: str | None = None) -> subprocess.Popen:
     """`prefect server start` in a child process; returns once /api/health answers. It is recorded in
     the project's Prefect home (server.json), so this project's commands find it and no other server.
-    `database_url` (e.g. the project's PostgreSQL, flows/postgres.py) replaces the environment's
+    `database_url` (e.g. the project's PostgreSQL, app/postgres.py) replaces the environment's
     database (SQLite in the Prefect home); the server migrates it as it starts. `auth_string`: every API
     request (HTTP and websocket) must carry it (Prefect's basic auth); passed by environment, never argv."""
     from evoforge.data import atomic

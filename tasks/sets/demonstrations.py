@@ -1,6 +1,6 @@
 """A small demonstrations set from GSM8K train, for the RARO track (verifier-free training).
 
-    python -m evoforge.tasks.demonstrations_set --out data/sets/gsm8k_demonstrations
+    python -m evoforge.tasks.sets.demonstrations --out data/sets/gsm8k_demonstrations
 
 writes train.jsonl with `question`, `answer` (the expert's worked solution, in the policy's format:
 no calculator annotations, final answer as \\boxed{}) and `reference` (GSM8K's final number). Ingest
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from evoforge.data import atomic
 from evoforge.data.home import SHIPPED_SETS
-from evoforge.tasks.grading import normalize_answer
+from evoforge.tasks.grading.answers import normalize_answer
 from evoforge.tasks.ingest import gsm8k_worked_solution
 
 GSM8K_TRAIN = SHIPPED_SETS / "gsm8k" / "train.jsonl"

@@ -1,4 +1,4 @@
-"""Grading on a Ray cluster: `RayGraderPool`, a drop-in for `GraderPool` (tasks/grader_pool.py) whose
+"""Grading on a Ray cluster: `RayGraderPool`, a drop-in for `GraderPool` (tasks/grading/pool.py) whose
 graders are Ray actors, so verification spreads over every machine of the cluster.
 
 The items become a Ray Data dataset of Arrow blocks, graded with `map_batches` by a fixed pool of
@@ -25,7 +25,7 @@ from typing import Callable
 import pyarrow as pa
 
 from evoforge.models import ray_cluster
-from evoforge.tasks.grader_pool import GraderPool, Item, Result
+from evoforge.tasks.grading.pool import GraderPool, Item, Result
 
 
 class RayGraderPool:

@@ -1,6 +1,6 @@
 """Reproducible easy arithmetic word problems (one and two steps) that a 135M model sometimes solves.
 
-    python -m evoforge.tasks.arithmetic_set --out data/sets/easy_arithmetic
+    python -m evoforge.tasks.sets.arithmetic --out data/sets/easy_arithmetic
 
 writes train.jsonl and test.jsonl (fields: question, answer, steps); the same seed gives the same
 files byte for byte, and no training question shares an 8-word run with a test question.
