@@ -131,7 +131,7 @@ def deployments(run: str, config_file: str | Path, cron: str | None = None) -> l
     instead, as deployments `stage/<pool>` of deploy/prefect.yaml (deploy/cluster/setup.sh) that the
     pools' workers run; this process then only orchestrates them and runs the other stages."""
     from evoforge.flows.config import load_config, resolve_path
-    from evoforge.flows.round import round_flow
+    from evoforge.flows.round import STAGE_FLOWS, round_flow
     from evoforge.flows.stages import STAGES
 
     config = load_config(resolve_path(config_file))
@@ -148,7 +148,7 @@ def deployments(run: str, config_file: str | Path, cron: str | None = None) -> l
     for name, stage in STAGES.items():
         if not stage.in_round:
             continue  # ingest runs in round 0 from the config's sources
-        out.append(stage.flow.to_deployment(
+        out.append(STAGE_FLOWS[name].to_deployment(
             name=run, tags=tags, parameters={"run": run, "round": 0, "force": False},
             description=f"Rerun {name} of one round of run {run!r} with the run's saved config "
                         f"(force: recompute even when nothing changed).",

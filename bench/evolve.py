@@ -8,7 +8,7 @@ online, SvS's offline round, and rejection sampling.
         --seeds 3 --rounds 3 --pool 512 --n 8 --max-tokens 1024 --steps 100 --eval-problems 500 --eval-n 32
 
 Every arm: generate -> verify -> filter -> [synthesize] -> pairs -> finetune -> evaluate; the three RL arms train
-with the same problems (all the pool's, `grpo_problems: all`), G = `--n` samples a problem, batch and steps:
+with the same problems (all the pool's, `grpo.problems: all`), G = `--n` samples a problem, batch and steps:
 - grpo: no synthesize; finetune `method: grpo` (RLVR on the pool).
 - svs: no synthesize; finetune `method: svs` (tasks/finetune/svs.py: each step also writes variants of the
   under-performing problems, solves them G_v = `--n` times and rewards the synthesis, in one update). Its steps
@@ -65,8 +65,8 @@ def base_config(args, seed: int):
         "generate": {"sampling": {"n": args.n, "max_tokens": args.max_tokens, "seed": seed}},
         "synthesize": {"samples_per_variant": args.n, "synthesis": {"n": 1, "max_tokens": args.max_tokens, "seed": 100 + seed}},
         "pairs": {"sft_per_problem": 4},
-        "finetune": {**finetune, "method": args.method, "max_steps": args.steps, "seed": seed, "grpo_problems": "all",
-                     "grpo_generations": args.n, "grpo_max_completion_tokens": args.max_tokens,
+        "finetune": {**finetune, "method": args.method, "max_steps": args.steps, "seed": seed,
+                     "grpo": {"problems": "all", "generations": args.n, "max_completion_tokens": args.max_tokens},
                      "batch_size": finetune.get("batch_size", 2 * args.n), "svs": {"variant_generations": args.n}},
         "evaluate": {"sets": sets, "sampling": {"n": args.eval_n, "max_tokens": args.max_tokens, "seed": 1234},
                      "pass_k": sorted({1, args.eval_n})},

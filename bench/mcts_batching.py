@@ -39,9 +39,9 @@ def one_side(args) -> dict:
     config = MCTSConfig(rollouts=args.rollouts, max_depth=args.depth, children=args.children, batched=args.side == "batched")
     config.step.max_tokens = args.max_tokens
     config.step.top_p = args.top_p  # 1.0 skips the sampler's sort over the vocabulary
-    search.fn(problems.slice(0, 1), engine, config.model_copy(update={"rollouts": 1}), VerifyConfig(workers=1))  # warm-up
+    search(problems.slice(0, 1), engine, config.model_copy(update={"rollouts": 1}), VerifyConfig(workers=1))  # warm-up
     started = time.monotonic()
-    out = search.fn(problems, engine, config, VerifyConfig(workers=1))
+    out = search(problems, engine, config, VerifyConfig(workers=1))
     seconds = time.monotonic() - started
     nodes = out["mcts_nodes"].num_rows - args.problems  # roots are not generated
     return {"side": args.side, "nodes": nodes, "seconds": seconds, "nodes_per_s": nodes / seconds}

@@ -42,7 +42,7 @@ def main() -> None:
     config = MCTSConfig(rollouts=args.rollouts, max_depth=args.depth, children=args.children)
     config.step.max_tokens = args.max_tokens
     started = time.monotonic()
-    out = search.fn(pool, engine, config, VerifyConfig())
+    out = search(pool, engine, config, VerifyConfig())
     seconds = time.monotonic() - started
     nodes = out["mcts_nodes"].to_pylist()
     steps = [n for n in nodes if n["depth"] > 0]

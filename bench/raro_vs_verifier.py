@@ -32,8 +32,8 @@ def arm_config(args, arm: str):
     held_out = [{"name": "gsm8k-test", "path": "data/sets/gsm8k/test.jsonl", "preset": "gsm8k", "limit": args.eval_problems},
                 {"name": "easy-arithmetic-test", "path": "data/sets/easy_arithmetic/test.jsonl", "preset": "plain",
                  "limit": args.eval_problems}]
-    grpo = {"max_steps": args.steps, "learning_rate": args.lr, "batch_size": args.batch, "grpo_generations": args.generations,
-            "grpo_max_completion_tokens": args.max_tokens}
+    grpo = {"max_steps": args.steps, "learning_rate": args.lr, "batch_size": args.batch, "grpo": {"generations": args.generations,
+            "max_completion_tokens": args.max_tokens}}
     return RoundConfig.model_validate({
         "engine": {"model": args.model},
         "sources": [{"path": "data/sets/gsm8k_demonstrations/train.jsonl", "preset": "demonstrations",
@@ -41,7 +41,7 @@ def arm_config(args, arm: str):
         "eval_sets": held_out,
         "generate": {"sampling": {"n": args.n, "max_tokens": args.max_tokens, "seed": 0}},
         "critic": {"sampling": {"n": 1, "temperature": 0.7, "max_tokens": args.critic_tokens, "seed": 0}},
-        "finetune": {**grpo, "method": "raro"} if arm == "raro" else {**grpo, "method": "grpo", "grpo_problems": "all"},
+        "finetune": {**grpo, "method": "raro"} if arm == "raro" else {**grpo, "method": "grpo", "grpo": {**grpo["grpo"], "problems": "all"}},
         "evaluate": {"sets": held_out, "sampling": {"n": args.eval_n, "max_tokens": args.max_tokens, "seed": 1234},
                      "pass_k": [1, args.eval_n]},
         "stages": (["generate", "verify", "critic", "finetune", "evaluate"] if arm == "raro"

@@ -72,7 +72,7 @@ def arm(name: str, steps: int) -> dict:
         config = _config(max_steps=steps, batch_size=4 // processes, processes=processes,
                          lora={"r": 16, "alpha": 32, "dropout": 0.0} if name.startswith("sft-lora") else None,
                          trainer_args={"gradient_checkpointing": True} if name.endswith("checkpointing") else {})
-        result = train_policy.fn(model, {"sft": _rows(64).select(["prompt", "completion"])}, config, out)
+        result = train_policy(model, {"sft": _rows(64).select(["prompt", "completion"])}, config, out)
     elif name == "sft-plain":
         result = plain_sft(model, steps, out)
     else:
@@ -95,7 +95,7 @@ def grpo_steps(model: str, generation: str, steps: int, out: Path) -> dict:
     from evoforge.tasks.finetune import adapters, grpo
     from evoforge.tasks.finetune.training import TrainingContext
 
-    config = _config(method="grpo", max_steps=steps, batch_size=8, grpo_generations=8, grpo_max_completion_tokens=96,
+    config = _config(method="grpo", max_steps=steps, batch_size=8, grpo={"generations": 8, "max_completion_tokens": 96},
                      generation=generation)
     tokenizer = adapters.load_tokenizer(model)
     kwargs = dict(model=adapters.causal_lm(model, None, tokenizer), args=grpo.arguments(config, out / "trainer"),

@@ -119,7 +119,7 @@ def measure_real(side: str, run: str, workers: int, deadline: float) -> dict:
         verdicts = {r["rollout_id"]: list(v[:3]) for r, v in zip(ordered, results)}
         graded = len(ordered)
     else:
-        table = verify.fn(rollouts, problems, config)
+        table = verify(rollouts, problems, config)
         verdicts = {r["rollout_id"]: [r["verdict"], r["extracted_answer"], r["detail"]] for r in table.to_pylist()}
         graded = len(set(table["graded_with"].to_pylist()))
     return {"total": time.perf_counter() - started, "graded": graded, "verdicts": verdicts}

@@ -1,5 +1,6 @@
-"""Ids and content hashes: every id in the lake is a hash of what it names (DESIGN.md), so the same
-input gives the same id in any process, on any machine, and a changed input never reuses an old one."""
+"""Ids and content hashes: every id in the lake is a hash of what it names (docs/ARCHITECTURE.md, "The
+lake"), so the same input gives the same id in any process, on any machine, and a changed input never
+reuses an old one."""
 from __future__ import annotations
 
 import hashlib

@@ -1,6 +1,6 @@
 """The Parquet lake: the source of truth for every artifact.
 
-Layout (DESIGN.md):
+Layout (docs/ARCHITECTURE.md, "The lake"):
     runs/<run>/round=<r>/<stage>/_manifest.json            the stage's committed output (data/manifest.py)
     runs/<run>/round=<r>/<stage>/<table>/part-<hex>.parquet  its parts
     runs/<run>/stage_runs/part-<hex>.parquet               one file per stage_runs event

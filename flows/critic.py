@@ -8,9 +8,9 @@ from prefect import flow
 from evoforge.data.ids import fingerprint_tables
 from evoforge.flows.config import RoundConfig, config_hash
 from evoforge.flows.inputs import problems_with_experts, round_table, stage_config
+from evoforge.flows.prefect_tasks import judge
 from evoforge.flows.stage_runner import StageResult, execute_stage
 from evoforge.models.loader import load_engine, model_id_for
-from evoforge.tasks.critic import judge
 from evoforge.tasks.progress import flow_run_logger
 
 
@@ -26,7 +26,7 @@ def critic_flow(run: str, round: int, config: RoundConfig | None = None, force: 
                           f"{rollouts.num_rows} rollouts answer problems without an expert answer; they are not judged")
     return execute_stage(
         run, round, "critic",
-        config_hash=config_hash({"critic": config.critic.model_dump(mode="json", exclude={"replay_size", "critic_share"}),
+        config_hash=config_hash({"critic": config.critic.model_dump(mode="json"),
                                  "engine": config.engine.output_settings()}),
         model_id=model_id_for(config.engine),
         input_fingerprint=fingerprint_tables(judged, problems),

@@ -24,10 +24,11 @@ from evoforge.data.ids import fingerprint_tables
 from evoforge.data.lake import lake
 from evoforge.flows.config import RoundConfig, config_hash, resolve_path
 from evoforge.flows.inputs import MissingInput, checkpoint, round_policy, saved_config, with_policy
+from evoforge.flows.prefect_tasks import evaluate
 from evoforge.flows.stage_runner import StageResult, execute_stage
 from evoforge.models.loader import load_engine, model_id_for
 from evoforge.models.ppm import ppm_scorer
-from evoforge.tasks.evaluate import (PLAIN, EvaluateConfig, evaluate, held_out_entropy, plain_sampling, ppm_picks,
+from evoforge.tasks.evaluate import (PLAIN, EvaluateConfig, held_out_entropy, plain_sampling, ppm_picks,
                                     score_intervals)
 from evoforge.tasks.ingest import load_eval_set
 from evoforge.tasks.progress import flow_run_logger

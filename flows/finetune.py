@@ -1,12 +1,12 @@
-"""finetune flow: each method's rows of the round (tasks/finetune/training.py METHOD_TABLES) -> a
+"""finetune flow: each method's rows of the round (its module's `training_rows`) -> a
 checkpoint folder, registered in `checkpoints`, with per-step `train_metrics`. The next round's engine
 loads the folder; with `train_ppm`, the process preference model is trained and registered beside it."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from prefect import flow
 
 from evoforge.data import schemas
@@ -14,73 +14,48 @@ from evoforge.data.ids import fingerprint_table, stable_hash
 from evoforge.data.lake import lake
 from evoforge.data.storage import LakePath, is_remote, upload_tree
 from evoforge.flows.config import RoundConfig, config_hash
-from evoforge.flows.inputs import (MissingInput, problem_pool, problems_with_experts, round_table, stage_config,
-                                   stage_output)
+from evoforge.flows.inputs import problem_pool, problems_with_experts, round_table, stage_config, stage_output
+from evoforge.flows.prefect_tasks import train_policy, train_ppm
 from evoforge.flows.stage_runner import StageResult, execute_stage
 from evoforge.models import checkpoint_store
 from evoforge.models.loader import release_engines
 from evoforge.models.registry import ResolvedModel, base_record, folder_hash, resolve
-from evoforge.tasks.critic import raro_training_rows
+from evoforge.tasks.finetune import ppm
 from evoforge.tasks.finetune.adapters import is_adapter
-from evoforge.tasks.finetune.launch import train_policy, train_ppm
-from evoforge.tasks.finetune.training import METHOD_TABLES, TrackerRun, TrainingContext
+from evoforge.tasks.finetune.training import METHOD_MODULES, TrackerRun, TrainingContext
 from evoforge.tasks.progress import flow_run_logger
 
 
+@dataclass(frozen=True)
+class LakeRoundInputs:
+    """What a method's `training_rows` reads (tasks/finetune/rows.py `RoundInputs`), from the lake: a
+    missing input names the command that makes it (MissingInput)."""
+    run: str
+    round: int
+
+    def round_table(self, table: str, made_by: str) -> pa.Table:
+        return round_table(self.run, self.round, table, made_by)
+
+    def stage_output(self, table: str, made_by: str) -> pa.Table:
+        return stage_output(self.run, self.round, table, made_by)
+
+    def problem_pool(self) -> pa.Table:
+        return problem_pool(self.run, self.round)
+
+    def problems_with_experts(self) -> pa.Table:
+        return problems_with_experts(self.run, self.round)
+
+    def every_round(self, table: str, made_by: str) -> pa.Table:
+        return lake().read(self.run, table, stage=made_by)
+
+
 def training_data(run: str, round: int, methods: list[str], config: RoundConfig | None = None) -> dict[str, pa.Table]:
-    """Each method's rows for this round, from its table (METHOD_TABLES): sft -> sft_examples, traces ->
-    the MCTS traces, dpo -> solution pairs, grpo -> problems (the round's learnable ones, or all with
-    `grpo_problems: all`, and the variants it kept, each with the answer the reward checks), raro ->
-    both roles' rows (see `raro_rows`)."""
+    """Each method's rows for this round, as its module selects them (`training_rows`: sft the
+    sft_examples, traces the MCTS traces, dpo the solution pairs, grpo and svs the problems, raro both
+    roles' rows)."""
     config = config or RoundConfig()
-    data: dict[str, pa.Table] = {}
-    for method in methods:
-        table = METHOD_TABLES[method]
-        if method == "sft":
-            data[method] = round_table(run, round, table, "pairs")
-        elif method == "traces":
-            data[method] = stage_output(run, round, table, "mcts")
-        elif method == "dpo":
-            pairs = round_table(run, round, table, "pairs")
-            data[method] = pairs.filter(pc.equal(pairs["kind"], "solution"))
-        elif method == "raro":
-            data[method] = raro_rows(run, round, config)
-        elif method in ("grpo", "svs"):  # svs: the same problems, solved and synthesized from online
-            pool = problem_pool(run, round).select(["problem_id", "question", "answer"])
-            pool = pool.filter(pc.invert(pc.is_null(pool["answer"])))
-            if config.finetune.grpo_problems == "learnable":
-                stats = round_table(run, round, "problem_stats", "filter")
-                pool = pool.filter(pc.is_in(pool["problem_id"], stats.filter(pc.equal(stats["bucket"], "learnable"))["problem_id"]))
-            kept = stage_output(run, round, table, "synthesize").select(["problem_id", "question", "answer"])
-            data[method] = pa.concat_tables([pool, kept])
-    return data
-
-
-def compared_answers(run: str, rounds: list[int], problems: pa.Table) -> pa.Table:
-    """The comparisons the critic judged in `rounds`: problem_id, question, expert_answer, policy_answer,
-    order, round, newest round first. `problems`: a pool holding those rounds' problems."""
-    store = lake()
-    in_rounds = lambda table: table.filter(pc.is_in(table["round"], pa.array(rounds, pa.int32())))  # noqa: E731
-    judgments = in_rounds(store.read(run, "judgments", stage="critic")).select(["problem_id", "rollout_id", "order", "round"])
-    # a policy that did not change between rounds writes the same rollout ids again: join within a round
-    rollouts = in_rounds(store.read(run, "rollouts", stage="generate")).select(["rollout_id", "round", "text"])
-    joined = judgments.join(rollouts, ["rollout_id", "round"]).join(
-        problems.select(["problem_id", "question", "expert_answer"]), "problem_id")
-    joined = joined.rename_columns(["policy_answer" if name == "text" else name for name in joined.column_names])
-    return joined.sort_by([("round", "descending"), ("rollout_id", "ascending")])
-
-
-def raro_rows(run: str, round: int, config: RoundConfig) -> pa.Table:
-    """RARO's two roles: every problem with an expert answer asks the policy; the critic role gets this
-    round's judged comparisons (fresh) and, from the replay buffer, the latest `critic.replay_size` of
-    earlier rounds', half and half."""
-    problems = problems_with_experts(run, round)
-    fresh = compared_answers(run, [round], problems)
-    if fresh.num_rows == 0:
-        raise MissingInput(f"run {run!r} round {round} has no judgments: run `evoforge stage critic --run {run} "
-                           f"--round {round}` before RARO training")
-    replay = compared_answers(run, list(range(round)), problems).slice(0, config.critic.replay_size)
-    return raro_training_rows(problems, fresh, replay, config.critic, seed=config.finetune.seed + round)
+    inputs = LakeRoundInputs(run, round)
+    return {method: METHOD_MODULES[method].training_rows(inputs, config.finetune) for method in methods}
 
 
 def _registry_row(checkpoint_id: str, parent_model_id: str, role: str, method: str, folder: LakePath, trained: Path,
@@ -150,10 +125,7 @@ def finetune_flow(run: str, round: int, config: RoundConfig | None = None, force
     checkpoint_id = f"r{round}-{method.replace('+', '-')}-{stable_hash(parent.model_id, data_fp, settings, length=8)}"
     folder = models / checkpoint_id
 
-    step_pairs = None
-    if config.finetune.train_ppm:
-        pairs = stage_output(run, round, "pairs", "pairs")
-        step_pairs = pairs.filter(pc.equal(pairs["kind"], "step"))
+    step_pairs = ppm.training_rows(LakeRoundInputs(run, round), config.finetune) if config.finetune.train_ppm else None
     input_fp = data_fp if step_pairs is None else stable_hash(data_fp, "ppm", fingerprint_table(step_pairs))
     ppm_id = f"r{round}-ppm-{stable_hash(parent.model_id, input_fp, settings, length=8)}"
     ppm_folder = models / ppm_id

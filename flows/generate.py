@@ -6,9 +6,9 @@ from prefect import flow
 from evoforge.data.ids import fingerprint_tables
 from evoforge.flows.config import RoundConfig, config_hash
 from evoforge.flows.inputs import problem_pool, stage_config
+from evoforge.flows.prefect_tasks import generate
 from evoforge.flows.stage_runner import StageResult, execute_stage
 from evoforge.models.loader import load_engine, model_id_for
-from evoforge.tasks.generate import generate
 
 
 @flow(name="generate", flow_run_name="{run}/round-{round}/generate")

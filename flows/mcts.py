@@ -9,10 +9,10 @@ from prefect import flow
 from evoforge.data.ids import fingerprint_tables
 from evoforge.flows.config import RoundConfig, config_hash
 from evoforge.flows.inputs import checkpoint, problem_pool, round_table, stage_config
+from evoforge.flows.prefect_tasks import search
 from evoforge.flows.stage_runner import StageResult, execute_stage
 from evoforge.models.loader import load_engine, model_id_for
 from evoforge.models.ppm import ppm_scorer
-from evoforge.tasks.mcts import search
 from evoforge.tasks.progress import flow_run_logger
 
 

@@ -20,11 +20,27 @@ from prefect import flow
 from evoforge.data.lake import lake
 from evoforge.flows.artifacts import publish_round_report
 from evoforge.flows.config import RoundConfig
+from evoforge.flows.critic import critic_flow
 from evoforge.flows.dispatch import dispatch_stage, orchestrating, uses_pools
+from evoforge.flows.evaluate import evaluate_flow
+from evoforge.flows.filter import filter_flow
+from evoforge.flows.finetune import finetune_flow
+from evoforge.flows.generate import generate_flow
+from evoforge.flows.ingest import ingest_flow
 from evoforge.flows.inputs import next_round, round_policy, run_config, with_policy
+from evoforge.flows.mcts import mcts_flow
+from evoforge.flows.pairs import pairs_flow
 from evoforge.flows.stage_runner import StageResult, run_guard
 from evoforge.flows.stages import STAGES, StageName
+from evoforge.flows.synthesize import synthesize_flow
+from evoforge.flows.verify import verify_flow
 from evoforge.tasks.progress import flow_run_logger
+
+
+# each stage's Prefect flow, by its name in the registry (tests/test_structure.py keeps the two in step)
+STAGE_FLOWS = {"ingest": ingest_flow, "generate": generate_flow, "verify": verify_flow, "filter": filter_flow,
+               "synthesize": synthesize_flow, "mcts": mcts_flow, "critic": critic_flow, "pairs": pairs_flow,
+               "finetune": finetune_flow, "evaluate": evaluate_flow}
 
 
 def _round_flow_run_name() -> str:
@@ -49,11 +65,10 @@ def _rename_flow_run(name: str) -> None:
 
 def run_stage(name: str, run: str, round: int, config: RoundConfig | None, force: bool) -> list[StageResult]:
     """One stage of one round; ingest reads every source of the config (round 0)."""
-    stage = STAGES[name]
-    if stage.in_round:
-        return [stage.flow(run, round, config, force=force)]
+    if STAGES[name].in_round:
+        return [STAGE_FLOWS[name](run, round, config, force=force)]
     config = config if config is not None else run_config(run)
-    return [stage.flow(run, source, config.eval_sets, config.verify, force=force) for source in config.sources]
+    return [ingest_flow(run, source, config.eval_sets, config.verify, force=force) for source in config.sources]
 
 
 @flow(name="round", flow_run_name=_round_flow_run_name)

@@ -1,9 +1,11 @@
 """The stage registry: every stage evoforge knows, in the order a round runs them, each once.
 
-An entry says what a stage is: its Prefect flow, its section of the round config, the tables it
-reads and writes, and the summary its Prefect artifact shows. The round flow, the round config,
-the CLI, the deployments and the artifacts all read this list, so adding a stage is its task
-module, its flow module, its SQL view, one entry here, and its tests.
+An entry says what a stage is: its task module, its section of the round config, the tables it
+reads and writes, and the summary its Prefect artifact shows. The round config (flows/config.py
+`RoundConfig`, one field per section) and the round's flows (flows/round.py `STAGE_FLOWS`) name each
+stage in code, so a reader follows them without this list; tests/test_structure.py keeps both in step
+with it. Adding a stage is its task module, its flow module, its SQL view, one entry here, its field
+in RoundConfig, its flow in STAGE_FLOWS, and its tests (docs/ARCHITECTURE.md).
 """
 from __future__ import annotations
 
@@ -27,7 +29,6 @@ class Stage:
     name: str
     task: str  # its task module: the functions over Arrow tables, its config section and `summarize`
     section_name: str | None  # the class of its round-config section in `task`; ingest is configured by `sources`
-    flow_path: str  # "module:function" of its Prefect flow
     reads: tuple[str, ...]  # lake tables it reads (written by earlier stages)
     writes: tuple[str, ...]  # lake tables it writes, and nothing else
     in_round: bool = True  # False: ingest, which runs once per source in round 0
@@ -41,32 +42,28 @@ class Stage:
         """Its output tables -> the markdown lines of its Prefect artifact."""
         return _load(f"{self.task}:summarize")
 
-    @property
-    def flow(self):
-        return _load(self.flow_path)
-
 
 REGISTRY: tuple[Stage, ...] = (
-    Stage("ingest", "evoforge.tasks.ingest", None, "evoforge.flows.ingest:ingest_flow",
+    Stage("ingest", "evoforge.tasks.ingest", None,
           reads=(), writes=("problems", "quarantine"), in_round=False),
-    Stage("generate", "evoforge.tasks.generate", "GenerateConfig", "evoforge.flows.generate:generate_flow",
+    Stage("generate", "evoforge.tasks.generate", "GenerateConfig",
           reads=("problems",), writes=("rollouts",)),
-    Stage("verify", "evoforge.tasks.verify", "VerifyConfig", "evoforge.flows.verify:verify_flow",
+    Stage("verify", "evoforge.tasks.verify", "VerifyConfig",
           reads=("problems", "rollouts"), writes=("verdicts",)),
-    Stage("filter", "evoforge.tasks.filter", "FilterConfig", "evoforge.flows.filter:filter_flow",
+    Stage("filter", "evoforge.tasks.filter", "FilterConfig",
           reads=("rollouts", "verdicts"), writes=("problem_stats",)),
-    Stage("synthesize", "evoforge.tasks.synthesize", "SynthesizeConfig", "evoforge.flows.synthesize:synthesize_flow",
+    Stage("synthesize", "evoforge.tasks.synthesize", "SynthesizeConfig",
           reads=("problems", "problem_stats", "rollouts", "verdicts"), writes=("variants", "rollouts", "verdicts", "problems")),
-    Stage("mcts", "evoforge.tasks.mcts", "MCTSConfig", "evoforge.flows.mcts:mcts_flow",
+    Stage("mcts", "evoforge.tasks.mcts", "MCTSConfig",
           reads=("problems", "problem_stats", "checkpoints"), writes=("mcts_nodes", "traces")),
-    Stage("critic", "evoforge.tasks.critic", "CriticConfig", "evoforge.flows.critic:critic_flow",
+    Stage("critic", "evoforge.tasks.critic", "CriticConfig",
           reads=("problems", "rollouts"), writes=("judgments",)),
-    Stage("pairs", "evoforge.tasks.pairs", "PairsConfig", "evoforge.flows.pairs:pairs_flow",
+    Stage("pairs", "evoforge.tasks.pairs", "PairsConfig",
           reads=("problems", "problem_stats", "rollouts", "verdicts", "mcts_nodes"), writes=("pairs", "sft_examples")),
-    Stage("finetune", "evoforge.tasks.finetune.config", "FinetuneConfig", "evoforge.flows.finetune:finetune_flow",
+    Stage("finetune", "evoforge.tasks.finetune.config", "FinetuneConfig",
           reads=("sft_examples", "pairs", "traces", "problems", "problem_stats", "judgments", "rollouts", "checkpoints"),
           writes=("checkpoints", "train_metrics", "variants")),
-    Stage("evaluate", "evoforge.tasks.evaluate", "EvaluateConfig", "evoforge.flows.evaluate:evaluate_flow",
+    Stage("evaluate", "evoforge.tasks.evaluate", "EvaluateConfig",
           reads=("checkpoints", "eval_results", "promotions"),
           writes=("rollouts", "verdicts", "eval_results", "evals", "score_intervals", "promotions")),
 )

@@ -7,9 +7,9 @@ from prefect import flow
 from evoforge.data.ids import fingerprint_tables
 from evoforge.flows.config import RoundConfig, config_hash
 from evoforge.flows.inputs import problem_pool, round_table, stage_config
+from evoforge.flows.prefect_tasks import synthesize
 from evoforge.flows.stage_runner import StageResult, execute_stage
 from evoforge.models.loader import load_engine, model_id_for
-from evoforge.tasks.synthesize import synthesize
 
 
 @flow(name="synthesize", flow_run_name="{run}/round-{round}/synthesize")

@@ -20,8 +20,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, Sequence
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field, field_validator
 
+from evoforge.data.section import Section
 from evoforge.models.registry import ResolvedModel
 
 Messages = list[dict[str, str]]
@@ -31,7 +32,7 @@ class EngineRequestError(ValueError):
     """The engine refused a request (too long for the context, bad sampling values): not transient."""
 
 
-class SamplingConfig(BaseModel):
+class SamplingConfig(Section):
     n: int = Field(8, ge=1, description="samples per prompt")
     temperature: float = Field(0.8, ge=0.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
@@ -40,7 +41,7 @@ class SamplingConfig(BaseModel):
     seed: int = 0
 
 
-class LaunchConfig(BaseModel):
+class LaunchConfig(Section):
     """Replicas of `vllm serve` that evoforge starts for the round and stops after it (models/vllm_servers.py)."""
     replicas: int = Field(1, ge=1, description="servers to start: one per GPU, or one per group of CPU cores")
     port: int = Field(8100, ge=1024, le=65535, description="the first replica's port; the others count up from it")
@@ -49,14 +50,14 @@ class LaunchConfig(BaseModel):
     startup_timeout_s: float = Field(600.0, gt=0)
 
 
-class RayConfig(BaseModel):
+class RayConfig(Section):
     address: str | None = Field(None, description="a running cluster ('auto', 'ray://host:10001'); none: a local one")
     replicas: int = Field(1, ge=1, description="engine: vLLM engines (one Ray actor each)")
     batch_size: int = Field(16, ge=1, description="engine: requests per batch sent to an engine")
     cpus_per_replica: float = Field(1.0, gt=0, description="CPU only: cores reserved for each engine")
 
 
-class EngineConfig(BaseModel):
+class EngineConfig(Section):
     model: str = Field("default", description="'default', a local Hugging Face folder, or a hub id")
     backend: Literal["vllm", "transformers", "openai", "ray"] = Field(
         "vllm", description="vllm: in this process; transformers: the fallback; openai: OpenAI-compatible servers; "

@@ -41,8 +41,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 
+from evoforge.data.section import Section
 from evoforge.models import seccomp
 
 log = logging.getLogger("evoforge.sandbox")
@@ -55,7 +56,7 @@ RLIMITS_WARNING = ("sandbox isolation is rlimits (as configured): model-written 
 WORKER_SOURCE = (Path(__file__).parent / "sandbox_worker.py").read_text()
 
 
-class SandboxConfig(BaseModel):
+class SandboxConfig(Section):
     wall_seconds: float = Field(5.0, gt=0, description="deadline per execution; the process is killed past it")
     cpu_seconds: int = Field(5, ge=1)
     memory_mb: int = Field(512, ge=32, description="one budget for the execution: all its processes' memory and "

@@ -9,22 +9,20 @@ RARO (arXiv 2511.21667):
     policy reward = 1[label = policy] + tau_policy * 1[tie]
 
 An output with no label is recorded (`parsed_ok = false`) and gets no reward (NULL in the table).
-The same helpers give the rewards when RARO trains both roles with GRPO (`RaroReward` below,
-tasks/finetune/raro.py).
+The same helpers give the rewards when RARO trains both roles with GRPO (tasks/finetune/raro.py:
+its rows, its reward `RaroReward` and its section `finetune.raro`).
 """
 from __future__ import annotations
 
-import random
 import re
 
 import pyarrow as pa
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from evoforge.data import schemas
 from evoforge.data.chunks import NO_CHUNKS, Chunks
 from evoforge.data.ids import problem_seed, stable_hash
+from evoforge.data.section import Section
 from evoforge.models.engine import Engine, GenerationRequest, SamplingConfig
 from evoforge.models.prompts import critic_messages
 from evoforge.tasks import summary
@@ -34,14 +32,12 @@ ORDERS = ("policy_first", "expert_first")
 LABELS = ("expert", "policy", "tie")
 
 
-class CriticConfig(BaseModel):
+class CriticConfig(Section):
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(n=1, temperature=0.7, max_tokens=160, seed=0))
     tau_critic: float = Field(0.55, ge=0, le=1, description="critic reward for a tie (RARO's community implementation: 0.55)")
     tau_policy: float = Field(0.6, ge=0, le=1, description="policy reward for a tie (RARO's community implementation: 0.6)")
     max_answer_chars: int = Field(2000, ge=100, description="each answer is cut to this many characters in the critic prompt")
     batch_rollouts: int = Field(128, ge=1, description="judgments per engine call and per resumable chunk")
-    replay_size: int = Field(512, ge=0, description="RARO training: past policy answers kept for the critic role")
-    critic_share: float = Field(0.5, ge=0, le=1, description="RARO training: share of the rows that train the critic role")
 
 
 _LABEL = re.compile(r"\banswer\s*#?\s*([12])(?![\d.,]?\d)|\b(tie)\b", re.IGNORECASE)
@@ -111,7 +107,6 @@ def _judge_batch(batch: list[dict], engine: Engine, config: CriticConfig) -> pa.
     return pa.Table.from_pylist(out, schema=schemas.JUDGMENTS)
 
 
-@task(name="critic", cache_policy=NO_CACHE, persist_result=False)
 def judge(problems: pa.Table, rollouts: pa.Table, engine: Engine, config: CriticConfig,
           chunks: Chunks = NO_CHUNKS) -> pa.Table:
     """One judgment per rollout whose problem has an expert answer. `problems`: problem_id, question,
@@ -134,121 +129,6 @@ def judge(problems: pa.Table, rollouts: pa.Table, engine: Engine, config: Critic
             parsed = sum(sum(p["parsed_ok"].to_pylist()) for p in parts)
             progress.update(start + len(batch), f", {parsed} with a label")
     return pa.concat_tables(parts) if parts else schemas.JUDGMENTS.empty_table()
-
-
-RARO_ROWS = pa.schema([
-    ("role", pa.string()),            # 'policy' (answer the question) or 'critic' (judge two answers)
-    ("problem_id", pa.string()),
-    ("question", pa.string()),
-    ("expert_answer", pa.string()),
-    ("policy_answer", pa.string()),   # critic rows: the policy answer it is shown
-    ("order", pa.string()),           # critic rows: which answer comes first
-    ("replayed", pa.bool_()),         # critic rows: taken from the replay buffer of earlier rounds
-])
-
-
-def raro_training_rows(problems: pa.Table, fresh: pa.Table, replay: pa.Table, config: CriticConfig,
-                       seed: int = 0) -> pa.Table:
-    """The rows RARO's GRPO trains on, both roles in one set.
-
-    Policy rows: every problem with an expert answer (its reward comes from the critic, judging online).
-    Critic rows: `critic_share` of the set, compared answers of this round's judgments (`fresh`) and of
-    earlier rounds (`replay`, the replay buffer), half and half when both have enough; each keeps the
-    order it was judged in. `fresh`/`replay`: problem_id, question, expert_answer, policy_answer, order.
-    """
-    rng = random.Random(seed)
-    policy = [dict(role="policy", problem_id=p["problem_id"], question=p["question"], expert_answer=p["expert_answer"],
-                   policy_answer=None, order=None, replayed=None)
-              for p in problems.select(["problem_id", "question", "expert_answer"]).to_pylist() if p["expert_answer"]]
-    share = config.critic_share
-    wanted = round(len(policy) * share / (1 - share)) if share < 1 else fresh.num_rows + replay.num_rows
-    fresh_rows, replay_rows = fresh.to_pylist(), replay.to_pylist()
-    take_replay = min(len(replay_rows), wanted // 2)
-    take_fresh = min(len(fresh_rows), wanted - take_replay)
-    take_replay = min(len(replay_rows), wanted - take_fresh)  # fresh ran short: fill from the buffer
-    chosen = [(r, False) for r in rng.sample(fresh_rows, take_fresh)] + [(r, True) for r in rng.sample(replay_rows, take_replay)]
-    critic = [dict(role="critic", problem_id=r["problem_id"], question=r["question"], expert_answer=r["expert_answer"],
-                   policy_answer=r["policy_answer"], order=r["order"], replayed=replayed) for r, replayed in chosen]
-    rows = policy + critic
-    rng.shuffle(rows)
-    return pa.Table.from_pylist(rows, schema=RARO_ROWS)
-
-
-class RaroReward:
-    """RARO's reward for both roles of one model (arXiv 2511.21667), computed online.
-
-    A policy completion is judged by the model being trained, in its critic role, against the
-    expert's answer in a fresh random order: policy reward = 1[critic picks it] + tau_policy*1[tie].
-    A critic completion is parsed for its last label: critic reward = 1[it picks the expert] +
-    tau_critic*1[tie]. A judgment with no label rewards neither role (0). Per-step rates go to the
-    trainer's log as raro/*.
-    """
-
-    __name__ = "raro"
-
-    def __init__(self, tokenizer, critic: CriticConfig, seed: int = 0):
-        import copy
-
-        self.tokenizer = copy.copy(tokenizer)
-        self.tokenizer.padding_side = "left"  # generation continues each prompt from its end
-        self.critic, self.seed = critic, seed
-        self.trainer = None  # set once the trainer exists: the critic is the model being trained
-
-    def judge(self, prompts: list) -> list[str]:
-        """The critic's outputs for `prompts`, from the model being trained: on the trainer's colocated vLLM
-        engine when it samples through one (it holds the weights of this step: GRPO synced them before
-        generating), else with HF generate on the trainer's model."""
-        import torch
-
-        texts = [self.tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-        sampling = self.critic.sampling
-        generation = getattr(self.trainer, "vllm_generation", None) if getattr(self.trainer, "use_vllm", False) else None
-        llm = getattr(generation, "llm", None)  # colocate mode; a server's engine is the main process's alone
-        if llm is not None and not getattr(generation, "_llm_weights_sleeping", False):
-            from vllm import SamplingParams
-
-            ids = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-            params = SamplingParams(n=1, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens)
-            outputs = llm.generate([{"prompt_token_ids": i} for i in ids], params, use_tqdm=False)
-            return [o.outputs[0].text for o in outputs]
-        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            out = model.generate(**batch, do_sample=sampling.temperature > 0, temperature=sampling.temperature or None,
-                                 top_p=sampling.top_p, max_new_tokens=sampling.max_tokens,
-                                 pad_token_id=self.tokenizer.pad_token_id)
-        model.train(was_training)
-        return self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-
-    def __call__(self, prompts, completions, role, question, expert_answer, order, trainer_state=None,
-                 log_metric=None, **_) -> list[float]:
-        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        step = trainer_state.global_step if trainer_state is not None else 0
-        labels: dict[str, list] = {"policy": [], "critic": []}
-        out = [0.0] * len(texts)
-        asked = [i for i, r in enumerate(role) if r == "policy"]
-        orders = {i: order_for(self.seed, f"train-{step}-{i}") for i in asked}
-        verdicts = self.judge([critic_prompt(question[i], orders[i], texts[i], expert_answer[i], self.critic.max_answer_chars)
-                               for i in asked]) if asked else []
-        for i, output in zip(asked, verdicts):
-            label = winner(parse_label(output), orders[i])
-            labels["policy"].append(label)
-            out[i] = rewards(label, self.critic.tau_critic, self.critic.tau_policy)[1] or 0.0
-        for i, r in enumerate(role):
-            if r == "critic":
-                label = winner(parse_label(texts[i]), order[i])
-                labels["critic"].append(label)
-                out[i] = rewards(label, self.critic.tau_critic, self.critic.tau_policy)[0] or 0.0
-        if log_metric is not None:
-            for name, got in labels.items():
-                if got:
-                    log_metric(f"raro/{name}_rows_expert_won", sum(g == "expert" for g in got) / len(got))
-                    log_metric(f"raro/{name}_rows_policy_won", sum(g == "policy" for g in got) / len(got))
-                    log_metric(f"raro/{name}_rows_tie", sum(g == "tie" for g in got) / len(got))
-                    log_metric(f"raro/{name}_rows_unparseable", sum(g is None for g in got) / len(got))
-        return out
 
 
 def summarize(tables: dict[str, pa.Table]) -> list[str]:

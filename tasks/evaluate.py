@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 
 from evoforge.data import schemas
 from evoforge.data.chunks import NO_CHUNKS, Chunks
+from evoforge.data.section import Section
 from evoforge.models.engine import Engine, SamplingConfig
 from evoforge.tasks import intervals
 from evoforge.tasks.generate import GenerateConfig, generate
@@ -32,13 +31,13 @@ from evoforge.tasks.promotion import GateConfig
 from evoforge.tasks.verify import VerifyConfig, verify
 
 
-class IntervalConfig(BaseModel):
+class IntervalConfig(Section):
     resamples: int = Field(intervals.RESAMPLES, ge=100, description="bootstrap resamples")
     level: float = Field(intervals.LEVEL, gt=0.5, lt=1.0, description="coverage of every interval")
     seed: int = Field(0, description="the bootstrap's seed: the same data gives the same intervals")
 
 
-class EvaluateConfig(BaseModel):
+class EvaluateConfig(Section):
     sets: list[EvalSetConfig] = Field(default_factory=list, description="held-out sets; `limit` picks a fixed sample")
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(n=4, max_tokens=200, seed=1234))
     pass_k: list[int] = Field(default_factory=lambda: [1, 4])
@@ -210,7 +209,6 @@ def score_intervals(results: pa.Table, config: EvaluateConfig, baseline: pa.Tabl
     return pa.Table.from_pylist(rows, schema=schemas.SCORE_INTERVALS)
 
 
-@task(name="evaluate", cache_policy=NO_CACHE, persist_result=False)
 def evaluate(
     sets: dict[str, pa.Table], engine: Engine, config: EvaluateConfig, verify_config: VerifyConfig, model_round: int,
     chunks: Chunks = NO_CHUNKS, ppm_scorer=None,
@@ -221,8 +219,8 @@ def evaluate(
     generate_config = GenerateConfig(sampling=config.sampling, few_shot=config.few_shot)
     rollouts, verdicts, results, summaries = [], [], [], []
     for name, problems in sets.items():
-        solved = generate.fn(problems.select(["problem_id", "question"]), engine, generate_config, chunks.sub(f"{name}-solve"))
-        graded = verify.fn(solved, problems.select(["problem_id", "answer"]), verify_config, chunks.sub(f"{name}-grade"))
+        solved = generate(problems.select(["problem_id", "question"]), engine, generate_config, chunks.sub(f"{name}-solve"))
+        graded = verify(solved, problems.select(["problem_id", "answer"]), verify_config, chunks.sub(f"{name}-grade"))
         settings = config.settings_hash(verify_config)
         per_problem = [problem_results(problems, solved, graded, engine.model_id, model_round, name, settings)]
         if ppm_scorer is not None:

@@ -5,18 +5,17 @@ from collections import Counter
 from typing import Iterable, Iterator
 
 import pyarrow as pa
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 
 from evoforge.data import schemas
 from evoforge.data.lake import in_key_ranges, key_boundaries, sql_batches
+from evoforge.data.section import Section
 from evoforge.tasks import intervals, summary
 
 EPS = 1e-9
 
 
-class FilterConfig(BaseModel):
+class FilterConfig(Section):
     underperforming: tuple[float, float] = Field(
         (0.125, 0.5), description="accuracy band of the SvS 'under-performing' bucket, inclusive"
     )
@@ -78,7 +77,6 @@ ORDER BY v.problem_id
 """
 
 
-@task(name="filter", cache_policy=NO_CACHE, persist_result=False)
 def filter_problems(verdicts: pa.Table, rollouts: pa.Table, config: FilterConfig) -> pa.Table:
     parts = list(problem_stats_batches(verdicts, rollouts, config))
     return pa.concat_tables(parts) if parts else schemas.PROBLEM_STATS.empty_table()

@@ -2,20 +2,19 @@
 from __future__ import annotations
 
 import pyarrow as pa
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from evoforge.data import schemas
 from evoforge.data.chunks import NO_CHUNKS, Chunks
 from evoforge.data.ids import problem_seed, rollout_id, stable_hash
+from evoforge.data.section import Section
 from evoforge.models.engine import Engine, GenerationRequest, SamplingConfig
 from evoforge.models.prompts import solve_messages
 from evoforge.tasks import summary
 from evoforge.tasks.progress import Progress
 
 
-class GenerateConfig(BaseModel):
+class GenerateConfig(Section):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     few_shot: bool = Field(True, description="worked examples in the prompt (see models/prompts.py)")
     batch_problems: int = Field(64, ge=1, description="problems per engine call; progress is reported per call")
@@ -50,8 +49,6 @@ def _generate_batch(batch: list[dict], engine: Engine, config: GenerateConfig) -
     return pa.Table.from_pylist(out, schema=schemas.ROLLOUTS)
 
 
-@task(name="generate", cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=[10, 60],
-      retry_condition_fn=transient)
 def generate(problems: pa.Table, engine: Engine, config: GenerateConfig, chunks: Chunks = NO_CHUNKS) -> pa.Table:
     """G samples per problem, `batch_problems` problems per engine call; each call's rollouts are one
     chunk, so a crashed or retried run does not generate them again."""

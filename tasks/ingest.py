@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Callable, Iterator, Literal
 
 import pyarrow as pa
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from evoforge.data import schemas
 from evoforge.data.ids import problem_id
+from evoforge.data.section import Section
 from evoforge.tasks import summary
 from evoforge.tasks.decontam import Decontaminator
 from evoforge.tasks.grading.answers import last_boxed, normalize_answer
@@ -39,7 +40,7 @@ class IngestError(ValueError):
     pass
 
 
-class SourceConfig(BaseModel):
+class SourceConfig(Section):
     path: str
     preset: Preset = "plain"
     question_field: str | None = None
@@ -54,7 +55,7 @@ class SourceConfig(BaseModel):
     max_expert_chars: int = Field(8000, description="demonstrations: longer expert answers are quarantined")
 
 
-class EvalSetConfig(BaseModel):
+class EvalSetConfig(Section):
     name: str
     path: str
     preset: GradedPreset = "plain"

@@ -26,12 +26,11 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 
 from evoforge.data import schemas
 from evoforge.data.ids import problem_seed, stable_hash
+from evoforge.data.section import Section
 from evoforge.models.engine import Engine, GenerationRequest, SamplingConfig
 from evoforge.models.prompts import ANSWER_END, STEP_END, step_messages, step_prefix
 from evoforge.models.sandbox import Sandbox, SandboxConfig
@@ -43,7 +42,7 @@ from evoforge.tasks.verify import VerifyConfig
 FAILED = ("error", "timeout", "unparsed")
 
 
-class MCTSConfig(BaseModel):
+class MCTSConfig(Section):
     rollouts: int = Field(8, ge=1, description="N: rollouts per tree")
     max_depth: int = Field(6, ge=1, description="D: steps in a solution at most")
     children: int = Field(3, ge=1, description="k: candidate steps sampled per expansion")
@@ -209,7 +208,6 @@ def _expand(frontier: list[tuple[Node, str]], gold: dict[str, str], engine: Engi
     return born
 
 
-@task(name="mcts", cache_policy=NO_CACHE, persist_result=False)
 def search(problems: pa.Table, engine: Engine, config: MCTSConfig, verify: VerifyConfig, round: int = 0,
            step_scorer=None) -> dict[str, pa.Table]:
     """problems (problem_id, question, answer) -> {"mcts_nodes", "traces"}.

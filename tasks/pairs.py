@@ -13,19 +13,18 @@ import itertools
 from typing import Iterable, Iterator
 
 import pyarrow as pa
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from evoforge.data import schemas
 from evoforge.data.ids import normalize_question, stable_hash
 from evoforge.data.lake import in_key_ranges, key_boundaries, sql_batches
+from evoforge.data.section import Section
 from evoforge.tasks import summary
 
 REJECTABLE = ("wrong", "no_answer")
 
 
-class PairsConfig(BaseModel):
+class PairsConfig(Section):
     pairs_per_problem: int = Field(2, ge=0)
     sft_per_problem: int = Field(2, ge=0)
     sft_buckets: list[str] = Field(default_factory=lambda: ["learnable", "underperforming"])
@@ -153,7 +152,6 @@ def sft_selection(problems: pa.Table, stats: pa.Table, rollouts: pa.Table | Iter
     return _in_tables(examples(), schemas.SFT_EXAMPLES)
 
 
-@task(name="pairs", cache_policy=NO_CACHE, persist_result=False)
 def build_pairs(
     problems: pa.Table, stats: pa.Table, rollouts: pa.Table, verdicts: pa.Table, config: PairsConfig,
     variant_problem_ids: frozenset[str] = frozenset(),

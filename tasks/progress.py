@@ -16,11 +16,14 @@ _OWN_CODE = tuple(str(Path(__file__).resolve().parent.parent / folder) + os.sep 
 
 
 def flow_run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The active Prefect run's logger, else the `evoforge` logger. Prefect is imported here, not at
+    module level, because inside a flow run the lines go to the Prefect UI; tasks/ stays plain functions
+    that tests, benches and training processes call without Prefect (tests/test_structure.py checks it)."""
     try:
         from prefect import get_run_logger
 
         return get_run_logger()
-    except Exception:  # no active Prefect flow or task run: a plain `task.fn(...)` call, a benchmark
+    except Exception:  # no active Prefect flow or task run: a plain call from a test, a benchmark
         return logging.getLogger("evoforge")
 
 

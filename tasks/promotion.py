@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
+
+from evoforge.data.section import Section
 
 PROMOTED, REJECTED = "promoted", "rejected"
 
 
-class GateConfig(BaseModel):
+class GateConfig(Section):
     require: Literal["not_worse", "better", "always"] = Field(
         "not_worse", description="not_worse: reject when the paired interval of the change lies wholly below 0 on a "
                                  "set; better: promote only when it lies wholly above 0 on a set and below on none; "

@@ -12,13 +12,12 @@ import re
 from dataclasses import dataclass
 
 import pyarrow as pa
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from evoforge.data import schemas
 from evoforge.data.chunks import NO_CHUNKS, Chunks
 from evoforge.data.ids import normalize_question, problem_id, problem_seed, stable_hash
+from evoforge.data.section import Section
 from evoforge.models.engine import Engine, GenerationRequest, SamplingConfig
 from evoforge.models.prompts import extract_problem, synthesis_messages
 from evoforge.tasks import summary
@@ -28,7 +27,7 @@ from evoforge.tasks.generate import GenerateConfig, generate
 from evoforge.tasks.verify import VerifyConfig, verify
 
 
-class SynthesizeConfig(BaseModel):
+class SynthesizeConfig(Section):
     solutions_per_problem: int = Field(2, ge=1, description="correct rollouts of a problem used as synthesis seeds")
     samples_per_variant: int = Field(8, ge=1, description="G_v: solving samples per variant")
     keep_band: tuple[float, float] = Field((0.125, 0.625), description="variant accuracy band that is kept, inclusive")
@@ -105,7 +104,6 @@ def screen(candidates: list[Candidate], questions: dict[str, str], pool: list[st
             seen.add_set("variant", [(c.source_rollout_id, c.text)])
 
 
-@task(name="synthesize", cache_policy=NO_CACHE, persist_result=False)
 def synthesize(
     problems: pa.Table,
     stats: pa.Table,
@@ -148,9 +146,9 @@ def synthesize(
     solve_config = generate_config.model_copy(deep=True)
     solve_config.sampling.n = config.samples_per_variant
     variant_problems = pa.table({"problem_id": [ids[id(c)] for c in valid], "question": [c.text for c in valid]})
-    solved = generate.fn(variant_problems, engine, solve_config, chunks.sub("solve")) if valid else schemas.ROLLOUTS.empty_table()
+    solved = generate(variant_problems, engine, solve_config, chunks.sub("solve")) if valid else schemas.ROLLOUTS.empty_table()
     golds = pa.table({"problem_id": [ids[id(c)] for c in valid], "answer": [c.answer for c in valid]})
-    graded = verify.fn(solved, golds, verify_config, chunks.sub("grade")) if valid else schemas.VERDICTS.empty_table()
+    graded = verify(solved, golds, verify_config, chunks.sub("grade")) if valid else schemas.VERDICTS.empty_table()
 
     tally = correct_counts(graded)
     rows, kept_problems = [], []

@@ -6,14 +6,13 @@ from pathlib import Path
 from typing import Iterable, Iterator, Literal
 
 import pyarrow as pa
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from evoforge.data import schemas
 from evoforge.data.chunks import NO_CHUNKS, Chunks
 from evoforge.data.ids import stable_hash
 from evoforge.data.lake import in_key_ranges, key_boundaries
+from evoforge.data.section import Section
 from evoforge.models.engine import RayConfig
 from evoforge.tasks import summary
 from evoforge.tasks.grading.answers import all_boxes
@@ -21,7 +20,7 @@ from evoforge.tasks.grading.pool import GraderPool
 from evoforge.tasks.progress import Progress
 
 
-class VerifyConfig(BaseModel):
+class VerifyConfig(Section):
     workers: int = Field(2, ge=1, description="grader processes")
     deadline_seconds: float = Field(10.0, gt=0, description="hard limit per item; the worker is killed past it")
     memory_mb: int = Field(2048, ge=256, description="address-space limit of each grader process")
@@ -58,7 +57,6 @@ def check_golds(answers: list[str], config: VerifyConfig) -> list[bool]:
 CHUNK_ROLLOUTS = 1024  # verdicts per resumable chunk
 
 
-@task(name="verify", cache_policy=NO_CACHE, persist_result=False)
 def verify(rollouts: pa.Table, problems: pa.Table, config: VerifyConfig, chunks: Chunks = NO_CHUNKS) -> pa.Table:
     """Verdicts of a table of rollouts, whole (synthesize, evaluate); the verify stage streams them
     (`verify_batches`): the same chunks, the same verdicts."""

@@ -152,7 +152,7 @@ def test_grpo_stops_on_the_entropy_floor_with_no_loss_rule(tiny_model, scratch):
 
     prompts = pa.Table.from_pylist([{"problem_id": f"p{i}", "question": f"What is {i} + 4?", "answer": str(i + 4)}
                                     for i in range(3)])
-    config = FinetuneConfig(method="grpo", max_steps=3, batch_size=4, grpo_generations=4, grpo_max_completion_tokens=8, generation="hf",
+    config = FinetuneConfig(method="grpo", max_steps=3, batch_size=4, grpo={"generations": 4, "max_completion_tokens": 8}, generation="hf",
                             learning_rate=1e-3, few_shot=False,
                             guard={"eval_steps": 1, "held_out_rows": 1, "held_out_share": 0.5, "entropy_floor": 1e6, "max_tokens": 8, "samples": 2})
     result = train_in_process(str(tiny_model), {"grpo": prompts}, config, scratch / "ckpt")

@@ -7,8 +7,8 @@ import math
 import pyarrow as pa
 import pytest
 
-from evoforge.tasks.critic import (ORDERS, CriticConfig, arrange, order_for, parse_label, raro_training_rows, rewards,
-                                   winner)
+from evoforge.tasks.critic import ORDERS, CriticConfig, arrange, order_for, parse_label, rewards, winner
+from evoforge.tasks.finetune.raro import RaroConfig, build_rows
 
 
 @pytest.mark.unit
@@ -66,8 +66,8 @@ def _compared(n: int, tag: str) -> pa.Table:
 def test_raro_rows_mix_fresh_and_replayed_answers_half_and_half():
     problems = pa.Table.from_pylist([dict(problem_id=f"p{i}", question=f"q{i}", expert_answer=f"e{i}") for i in range(3)]
                                     + [dict(problem_id="p9", question="q9", expert_answer=None)])
-    config = CriticConfig(critic_share=0.5)
-    rows = raro_training_rows(problems, _compared(10, "fresh"), _compared(10, "old"), config).to_pylist()
+    config = RaroConfig(critic_share=0.5)
+    rows = build_rows(problems, _compared(10, "fresh"), _compared(10, "old"), config).to_pylist()
     policy = [r for r in rows if r["role"] == "policy"]
     critic = [r for r in rows if r["role"] == "critic"]
     assert sorted(r["problem_id"] for r in policy) == ["p0", "p1", "p2"]  # no expert answer, no policy row
@@ -75,11 +75,11 @@ def test_raro_rows_mix_fresh_and_replayed_answers_half_and_half():
     assert sum(r["replayed"] for r in critic) == 1  # 3 critic rows: 1 from the buffer, 2 fresh
     assert all(r["policy_answer"].startswith("old" if r["replayed"] else "fresh") for r in critic)
 
-    more = raro_training_rows(problems, _compared(10, "fresh"), _compared(10, "old"), CriticConfig(critic_share=0.8)).to_pylist()
+    more = build_rows(problems, _compared(10, "fresh"), _compared(10, "old"), RaroConfig(critic_share=0.8)).to_pylist()
     critic = [r for r in more if r["role"] == "critic"]
     assert len(critic) == 12 and sum(r["replayed"] for r in critic) == 6
     # round 0 has no buffer: the critic rows are all fresh
-    first = raro_training_rows(problems, _compared(10, "fresh"), _compared(0, "old"), config).to_pylist()
+    first = build_rows(problems, _compared(10, "fresh"), _compared(0, "old"), config).to_pylist()
     assert [r["replayed"] for r in first if r["role"] == "critic"] == [False] * 3
 
 
@@ -145,13 +145,13 @@ def test_raro_grpo_trains_both_roles_of_one_model(tiny_model, scratch):
     problems = pa.Table.from_pylist([dict(problem_id=f"p{i}", question=f"What is {i} + 2?",
                                           expert_answer=f"{i} + 2 = {i + 2}. The answer is \\boxed{{{i + 2}}}.")
                                      for i in range(2)])
-    critic = CriticConfig(critic_share=0.5, sampling=SamplingConfig(n=1, max_tokens=8, temperature=1.0))
-    rows = raro_training_rows(problems, _compared(4, "fresh"), _compared(0, "old"), critic)
+    critic = CriticConfig(sampling=SamplingConfig(n=1, max_tokens=8, temperature=1.0))
+    rows = build_rows(problems, _compared(4, "fresh"), _compared(0, "old"), RaroConfig(critic_share=0.5))
     assert sorted(rows["role"].to_pylist()) == ["critic", "critic", "policy", "policy"]
     folder = scratch / "ckpt-raro"
-    config = FinetuneConfig(method="raro", max_steps=2, batch_size=8, grpo_generations=4, grpo_max_completion_tokens=8,
+    config = FinetuneConfig(method="raro", max_steps=2, batch_size=8, grpo={"generations": 4, "max_completion_tokens": 8},
                             learning_rate=1e-3, few_shot=False, generation="hf")
-    result = train_policy.fn(str(tiny_model), {"raro": rows}, config, folder, TrainingContext(critic=critic))
+    result = train_policy(str(tiny_model), {"raro": rows}, config, folder, TrainingContext(critic=critic))
     assert result["steps"] == 2 and all(math.isfinite(m["loss"]) for m in result["metrics"])
     logged = set().union(*result["metrics"])
     # each logged step reports the critic's verdicts on the policy's answers and on its own judgments

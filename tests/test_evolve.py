@@ -64,8 +64,8 @@ def test_an_evolve_on_launched_vllm_servers_generates_round_1_from_round_0s_chec
 engine: {{model: {tiny_model}, backend: openai, max_model_len: 1024, launch: {{replicas: 2, port: 8190}}}}
 sources: [{{path: data/sets/easy_arithmetic/train.jsonl, preset: plain, name: easy, limit: 6}}]
 generate: {{sampling: {{n: 2, max_tokens: 24, seed: 0}}}}
-finetune: {{method: grpo, grpo_problems: all, max_steps: 1, batch_size: 2, grpo_generations: 2,
-            grpo_max_completion_tokens: 8}}
+finetune: {{method: grpo, max_steps: 1, batch_size: 2,
+            grpo: {{problems: all, generations: 2, max_completion_tokens: 8}}}}
 evaluate:
   sets: [{{name: easy-test, path: data/sets/easy_arithmetic/test.jsonl, preset: plain, limit: 3}}]
   sampling: {{n: 2, max_tokens: 16, seed: 7}}

@@ -43,7 +43,7 @@ def test_filter_counts_every_verdict_and_writes_pass_at_k_per_problem():
         + ["correct"] * 4,
     })
     rollouts = pa.table({"rollout_id": [f"r{i}" for i in range(12)], "completion_tokens": [10] * 8 + [20] * 4})
-    stats = {r["problem_id"]: r for r in filter_problems.fn(verdicts, rollouts, FilterConfig()).to_pylist()}
+    stats = {r["problem_id"]: r for r in filter_problems(verdicts, rollouts, FilterConfig()).to_pylist()}
     assert (stats["a"]["n"], stats["a"]["correct"], stats["a"]["bucket"]) == (8, 2, "underperforming")
     assert dict(stats["a"]["pass_at_k"])[8] == 1.0
     assert dict(stats["a"]["pass_at_k"])[1] == pytest.approx(0.25)

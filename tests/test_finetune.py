@@ -22,10 +22,10 @@ from evoforge.tasks.verify import VerifyConfig
 @pytest.mark.model
 @pytest.mark.parametrize("method", ["sft", "dpo"])
 def test_trl_training_writes_a_checkpoint_the_engine_loads(graded_round, tiny_model, scratch, method):
-    tables = build_pairs.fn(*graded_round, PairsConfig(sft_per_problem=5))
+    tables = build_pairs(*graded_round, PairsConfig(sft_per_problem=5))
     data = {method: tables["sft_examples"] if method == "sft" else tables["pairs"]}
     folder = scratch / f"ckpt-{method}"
-    result = train_policy.fn(str(tiny_model), data, FinetuneConfig(method=method, max_steps=2, batch_size=2,
+    result = train_policy(str(tiny_model), data, FinetuneConfig(method=method, max_steps=2, batch_size=2,
                                                                learning_rate=1e-3), folder)
     assert result["steps"] == 2 and math.isfinite(result["final_loss"])
     assert [m["step"] for m in result["metrics"]] == [1, 2]
@@ -38,9 +38,9 @@ def test_trl_training_writes_a_checkpoint_the_engine_loads(graded_round, tiny_mo
 
 @pytest.mark.model
 def test_finetune_refuses_an_empty_training_set(graded_round, tiny_model, scratch):
-    tables = build_pairs.fn(*graded_round, PairsConfig(pairs_per_problem=0))
+    tables = build_pairs(*graded_round, PairsConfig(pairs_per_problem=0))
     with pytest.raises(ValueError, match="no training rows"):
-        train_policy.fn(str(tiny_model), {"dpo": tables["pairs"]}, FinetuneConfig(method="dpo"), scratch / "x")
+        train_policy(str(tiny_model), {"dpo": tables["pairs"]}, FinetuneConfig(method="dpo"), scratch / "x")
 
 
 @pytest.mark.unit
@@ -56,12 +56,12 @@ def test_verifier_reward_grades_completions_against_each_rows_answer():
 
 @pytest.mark.model
 def test_grpo_then_sft_chain_trains_with_the_verifier_reward(graded_round, tiny_model, scratch):
-    tables = build_pairs.fn(*graded_round, PairsConfig(sft_per_problem=5))
+    tables = build_pairs(*graded_round, PairsConfig(sft_per_problem=5))
     prompts = pa.Table.from_pylist([{"problem_id": "p1", "question": "What is 2 + 2?", "answer": "4"},
                                     {"problem_id": "p2", "question": "What is 3 + 4?", "answer": "7"}])
     folder = scratch / "ckpt-grpo"
-    config = FinetuneConfig(method="grpo+sft", max_steps=2, batch_size=4, grpo_generations=4, generation="hf",
-                            grpo_max_completion_tokens=8, learning_rate=1e-3, few_shot=False)
+    config = FinetuneConfig(method="grpo+sft", max_steps=2, batch_size=4, grpo={"generations": 4, "max_completion_tokens": 8},
+                            generation="hf", learning_rate=1e-3, few_shot=False)
     result = train_in_process(str(tiny_model), {"grpo": prompts, "sft": tables["sft_examples"]}, config, folder)
     assert result["steps"] == 4
     assert [(m["step"], m["method"]) for m in result["metrics"]] == [(1, "grpo"), (2, "grpo"), (3, "sft"), (4, "sft")]
@@ -74,8 +74,8 @@ def test_grpo_then_sft_chain_trains_with_the_verifier_reward(graded_round, tiny_
 
 @pytest.mark.unit
 def test_grpo_batch_must_hold_whole_groups():
-    with pytest.raises(ValueError, match="multiple of grpo_generations"):
-        grpo.arguments(FinetuneConfig(method="grpo", batch_size=3, grpo_generations=4), Path("unused"))
+    with pytest.raises(ValueError, match="multiple of grpo.generations"):
+        grpo.arguments(FinetuneConfig(method="grpo", batch_size=3, grpo={"generations": 4}), Path("unused"))
     with pytest.raises(ValueError, match="unknown finetune method"):
         FinetuneConfig(method="sft+ppo")
 
@@ -107,7 +107,7 @@ def test_grpo_trains_on_the_rounds_learnable_problems_and_kept_variants(runs_roo
 def test_a_killed_training_resumes_from_its_saved_state_without_redoing_steps(graded_round, tiny_model, scratch, monkeypatch):
     import trl
 
-    tables = build_pairs.fn(*graded_round, PairsConfig(sft_per_problem=5))
+    tables = build_pairs(*graded_round, PairsConfig(sft_per_problem=5))
     config = FinetuneConfig(method="sft", max_steps=3, batch_size=2, checkpoint_steps=1, learning_rate=1e-3)
     folder = scratch / "ckpt-resume"
     original = trl.SFTTrainer.training_step
@@ -163,3 +163,48 @@ def test_the_ppm_and_trace_sft_train_from_mcts_data(tiny_model, scratch):
     policy = train_in_process(str(tiny_model), {"traces": traces}, FinetuneConfig(method="traces", max_steps=1, batch_size=1),
                               scratch / "traced")
     assert policy["steps"] == 1 and (scratch / "traced" / "model.safetensors").exists()
+
+
+@pytest.mark.unit
+def test_each_method_selects_its_own_rows_of_the_round():
+    """Each method module's `training_rows`, on tables handed in as the flow hands in the lake's."""
+    import pyarrow.compute as pc
+
+    from evoforge.data import schemas
+    from evoforge.tasks.finetune import dpo, ppm, raro, sft
+    from evoforge.tasks.finetune.config import FinetuneConfig
+
+    pairs = pa.Table.from_pylist([
+        dict(pair_id=f"{kind}{i}", kind=kind, problem_id="p0", prompt="q", prefix=None, chosen="a", rejected="b",
+             chosen_rollout_id="x", rejected_rollout_id="y", chosen_score=1.0, rejected_score=0.0)
+        for i in range(2) for kind in ("solution", "step")], schema=schemas.PAIRS)
+    problems = pa.table({"problem_id": ["p0", "p1"], "question": ["q0", "q1"], "expert_answer": ["e0", "e1"]})
+    judgments = pa.table({"problem_id": ["p0", "p1", "p0"], "rollout_id": ["r0", "r1", "r2"],
+                          "order": ["policy_first", "expert_first", "policy_first"], "round": pa.array([1, 1, 0], pa.int32())})
+    rollouts = pa.table({"rollout_id": ["r0", "r1", "r2"], "round": pa.array([1, 1, 0], pa.int32()),
+                         "text": ["fresh a", "fresh b", "old c"]})
+
+    class Inputs:
+        round = 1
+
+        def round_table(self, table, made_by):
+            return {("pairs", "pairs"): pairs, ("sft_examples", "pairs"): pa.table({"prompt": ["q"], "completion": ["a"]}),
+                    ("judgments", "critic"): judgments.filter(pc.equal(judgments["round"], 1))}[(table, made_by)]
+
+        def stage_output(self, table, made_by):
+            return self.round_table(table, made_by)
+
+        def problems_with_experts(self):
+            return problems
+
+        def every_round(self, table, made_by):
+            return {"judgments": judgments, "rollouts": rollouts}[table]
+
+    config = FinetuneConfig(raro={"critic_share": 0.5, "replay_size": 1})
+    assert sft.training_rows(Inputs(), config).num_rows == 1
+    assert dpo.training_rows(Inputs(), config)["pair_id"].to_pylist() == ["solution0", "solution1"]
+    assert ppm.training_rows(Inputs(), config)["pair_id"].to_pylist() == ["step0", "step1"]
+    rows = raro.training_rows(Inputs(), config).to_pylist()
+    assert sorted(r["question"] for r in rows if r["role"] == "policy") == ["q0", "q1"]
+    critic = sorted((r["policy_answer"], r["replayed"]) for r in rows if r["role"] == "critic")
+    assert critic == [("fresh a", False), ("old c", True)]  # one fresh and one from the replay buffer of round 0

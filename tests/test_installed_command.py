@@ -59,8 +59,8 @@ def test_every_method_and_the_ppm_train_from_the_installed_command_outside_the_c
     methods = "sft+dpo+traces+grpo+raro+svs"
     config = {"engine": {"model": str(tiny_model), "max_model_len": 1024},
               "critic": {"sampling": {"n": 1, "max_tokens": 8, "temperature": 1.0}},
-              "finetune": {"method": methods, "train_ppm": True, "max_steps": 1, "batch_size": 4, "grpo_generations": 4,
-                           "grpo_max_completion_tokens": 8, "grpo_problems": "all", "learning_rate": 1e-3,
+              "finetune": {"method": methods, "train_ppm": True, "max_steps": 1, "batch_size": 4, "learning_rate": 1e-3,
+                           "grpo": {"generations": 4, "max_completion_tokens": 8, "problems": "all"},
                            "few_shot": False, "report_to": [], "guard": {"held_out_rows": 0}},
               "stages": ["finetune"]}
     path = scratch / "round.json"

@@ -83,7 +83,7 @@ def test_search_batches_every_tree_per_depth_and_writes_consistent_trees(scripte
     problems = pa.table({"problem_id": ["p1", "p2"], "question": ["3 boxes of 4 pens?"] * 2, "answer": ["12", "12"]})
     policy = scripted_engine(scripted_steps, "scripted-steps@test")
     config = MCTSConfig(rollouts=3, max_depth=3, children=3)
-    out = search.fn(problems, policy, config, VerifyConfig(workers=1))
+    out = search(problems, policy, config, VerifyConfig(workers=1))
     nodes = out["mcts_nodes"].to_pylist()
     assert policy.calls[:2] == [2, 2]  # both trees expanded in one engine call at each depth
     by_id = {n["node_id"]: n for n in nodes}
@@ -117,7 +117,7 @@ def test_a_tiny_model_search_through_vllm_and_the_sandbox_writes_trees(tiny_engi
                          "answer": ["5", "20", "8"]})
     config = MCTSConfig(rollouts=2, max_depth=2, children=2)
     config.step.max_tokens = 24
-    out = search.fn(problems, load_engine(tiny_engine_config), config, VerifyConfig(workers=1))
+    out = search(problems, load_engine(tiny_engine_config), config, VerifyConfig(workers=1))
     nodes = out["mcts_nodes"].to_pylist()
     ids = {n["node_id"] for n in nodes}
     assert len(ids) == len(nodes) and {n["problem_id"] for n in nodes if n["parent_id"] is None} == {"a", "b", "c"}
@@ -214,7 +214,7 @@ def test_a_step_scorer_sees_each_runnable_step_in_its_context(scripted_engine):
         seen.extend(texts)
         return [1.0 if "pens + 0" in t else 0.0 for t in texts]
 
-    search.fn(problems, scripted_engine(scripted_steps, "scripted-steps@test"), MCTSConfig(rollouts=2, max_depth=3, children=3), VerifyConfig(workers=1),
+    search(problems, scripted_engine(scripted_steps, "scripted-steps@test"), MCTSConfig(rollouts=2, max_depth=3, children=3), VerifyConfig(workers=1),
               step_scorer=scorer)
     assert seen and all(t.startswith("3 boxes of 4 pens?\n\n") for t in seen)
     assert any(t.endswith("pens = 3 * 4\nprint(pens)") for t in seen)  # a first step, no prefix
@@ -262,7 +262,7 @@ def test_ppm_q_init_changes_the_search_as_specified(scripted_engine):
 
     def run(**ppm):
         config = MCTSConfig(rollouts=4, max_depth=2, children=3, use_ppm=True, **ppm)
-        nodes = search.fn(problems, scripted_engine(scripted_steps, "scripted-steps@test"), config, VerifyConfig(workers=1),
+        nodes = search(problems, scripted_engine(scripted_steps, "scripted-steps@test"), config, VerifyConfig(workers=1),
                           step_scorer=scorer)["mcts_nodes"].to_pylist()
         return {(n["depth"], n["exec_status"], n["code"]): n for n in nodes}
 

@@ -224,8 +224,8 @@ def test_a_rejected_round_is_followed_by_a_round_on_the_earlier_model_and_promot
 engine: {{model: {tiny_model}, backend: vllm, max_model_len: 1024}}
 sources: [{{path: data/sets/easy_arithmetic/train.jsonl, preset: plain, name: easy, limit: 4}}]
 generate: {{sampling: {{n: 2, max_tokens: 16, seed: 0}}}}
-finetune: {{method: grpo, grpo_problems: all, max_steps: 1, batch_size: 2, grpo_generations: 2,
-            grpo_max_completion_tokens: 8}}
+finetune: {{method: grpo, max_steps: 1, batch_size: 2,
+            grpo: {{problems: all, generations: 2, max_completion_tokens: 8}}}}
 evaluate:
   sets: [{{name: easy-test, path: data/sets/easy_arithmetic/test.jsonl, preset: plain, limit: 3}}]
   sampling: {{n: 2, max_tokens: 16, seed: 7}}

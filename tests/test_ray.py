@@ -93,8 +93,8 @@ def test_the_verify_stage_on_ray_writes_the_local_verdicts_table(cluster_address
     rollouts = pa.table({"rollout_id": [r[0] for r in rows], "problem_id": [r[1] for r in rows],
                          "text": [r[2] for r in rows]})
     local_config = VerifyConfig(workers=2, deadline_seconds=DEADLINE_S)
-    local = verify.fn(rollouts, problems, local_config)
-    on_ray = verify.fn(rollouts, problems, local_config.model_copy(
+    local = verify(rollouts, problems, local_config)
+    on_ray = verify(rollouts, problems, local_config.model_copy(
         update={"backend": "ray", "ray": RayConfig(address=cluster_address)}))
     assert on_ray.drop_columns(["seconds"]).equals(local.drop_columns(["seconds"]))
     assert on_ray.num_rows == len(rows) and len(set(on_ray["graded_with"].to_pylist())) < len(rows)

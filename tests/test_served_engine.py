@@ -71,10 +71,10 @@ def test_a_generate_stage_survives_a_replica_killed_in_the_middle(served, tiny_e
 
     killer = threading.Thread(target=kill_after_some_requests)
     killer.start()
-    rollouts = generate.fn(problems, served, config)
+    rollouts = generate(problems, served, config)
     killer.join()
     assert not victim.alive
-    expected = generate.fn(problems, load_engine(tiny_engine_config), config)
+    expected = generate(problems, load_engine(tiny_engine_config), config)
     # no rollout lost or duplicated: the same rows as the in-process engine's, each once
     assert rollouts.num_rows == 24 * 4 == len(set(rollouts["rollout_id"].to_pylist()))
     assert sorted(rollouts["rollout_id"].to_pylist()) == sorted(expected["rollout_id"].to_pylist())
@@ -127,7 +127,7 @@ def test_mcts_and_the_critic_search_and_judge_the_same_through_the_servers(serve
     config.step.max_tokens = 24
     nodes = {}
     for name, engine in (("served", served), ("local", local)):
-        nodes[name] = search.fn(problems, engine, config, VerifyConfig(workers=1))["mcts_nodes"].sort_by("node_id")
+        nodes[name] = search(problems, engine, config, VerifyConfig(workers=1))["mcts_nodes"].sort_by("node_id")
     assert nodes["served"].num_rows > 2
     assert nodes["served"].select(["node_id", "step_text", "exec_output", "q_value", "visits"]).equals(
         nodes["local"].select(["node_id", "step_text", "exec_output", "q_value", "visits"]))
@@ -136,8 +136,8 @@ def test_mcts_and_the_critic_search_and_judge_the_same_through_the_servers(serve
                        "expert_answer": ["2 + 3 = 5. \\boxed{5}", "4 * 5 = 20. \\boxed{20}"]})
     answers = pa.table({"rollout_id": ["r1", "r2"], "problem_id": ["a", "b"], "text": ["\\boxed{5}", "\\boxed{21}"]})
     critic = CriticConfig(sampling=SamplingConfig(n=1, temperature=0.7, max_tokens=24, seed=3))
-    served_judgments = judge.fn(judged, answers, served, critic).sort_by("rollout_id")
-    local_judgments = judge.fn(judged, answers, local, critic).sort_by("rollout_id")
+    served_judgments = judge(judged, answers, served, critic).sort_by("rollout_id")
+    local_judgments = judge(judged, answers, local, critic).sort_by("rollout_id")
     assert served_judgments.num_rows == 2
     assert served_judgments.equals(local_judgments)
 

@@ -206,7 +206,7 @@ def test_verify_streamed_over_several_parts_gives_the_verdicts_and_chunks_of_the
     assert len(set(streamed["graded_with"].to_pylist())) < streamed.num_rows  # dedup did share gradings
     # the whole-table path cuts the same chunks (same keys): a rerun reuses every one
     again = Chunks(scratch / "chunks")
-    assert verify.fn(table, problems, VerifyConfig(), again).equals(expected) and again.counts() == (50, 0)
+    assert verify(table, problems, VerifyConfig(), again).equals(expected) and again.counts() == (50, 0)
     # any order of the input grades the same
     shuffled = table.take(random.Random(3).sample(range(table.num_rows), table.num_rows)).select(columns)
     assert pa.concat_tables(verify_batches(pa.RecordBatchReader.from_batches(shuffled.schema, shuffled.to_batches(100)),
@@ -224,7 +224,7 @@ def test_verify_streamed_with_math_verify_grades_like_the_whole_table(scratch, s
     config = VerifyConfig(workers=1, deadline_seconds=30)
     streamed = pa.concat_tables(verify_batches(lake.reader("r", "rollouts", columns=["rollout_id", "problem_id", "text"]),
                                                problems, config))
-    whole = verify.fn(table, problems, config)
+    whole = verify(table, problems, config)
     assert streamed.drop_columns(["seconds"]).equals(whole.drop_columns(["seconds"]))
     with config.pool() as pool:
         assert streamed.drop_columns(["seconds"]).equals(today_verify(table, problems, pool).drop_columns(["seconds"]))
@@ -314,7 +314,7 @@ def test_filter_over_streams_equals_the_python_reference(scratch, small_parts, g
     config = FilterConfig()
     problems, stats, table, verdicts = random_graded_round()
     expected = reference_filter(verdicts, table, config)
-    assert filter_problems.fn(verdicts, table, config).to_pylist() == expected
+    assert filter_problems(verdicts, table, config).to_pylist() == expected
     lake = Lake(scratch)
     lake.publish_stage("r", 0, "generate", {"rollouts": in_batches(table, 50)})
     full = pa.Table.from_pylist([dict(rollout_id=r, problem_id=p, verdict=v) for r, p, v in zip(
@@ -330,7 +330,7 @@ def test_filter_over_streams_equals_the_python_reference(scratch, small_parts, g
     # the small graded round of the pairs tests, too
     _, _, small_rollouts, small_verdicts = graded_round
     small_verdicts = small_verdicts.append_column("problem_id", small_rollouts["problem_id"])
-    assert filter_problems.fn(small_verdicts, small_rollouts, config).to_pylist() == reference_filter(
+    assert filter_problems(small_verdicts, small_rollouts, config).to_pylist() == reference_filter(
         small_verdicts, small_rollouts, config)
 
 
@@ -341,7 +341,7 @@ def test_pairs_over_streams_equal_the_python_reference(scratch, small_parts, gra
     for problems, stats, table, verdicts in (graded_round, random_graded_round()):
         variants = frozenset(stats["problem_id"].to_pylist()[:3])
         expected = reference_pairs(problems, stats, table, verdicts, config, variants)
-        out = build_pairs.fn(problems, stats, table, verdicts, config, variants)
+        out = build_pairs(problems, stats, table, verdicts, config, variants)
         assert out["pairs"].to_pylist() == expected["pairs"]
         assert out["sft_examples"].to_pylist() == expected["sft_examples"]
     lake = Lake(scratch)  # from the lake, part by part, in ranges of problems spilled to disk

@@ -63,7 +63,9 @@ def test_every_module_imports_on_its_own_in_a_fresh_interpreter():
 
 
 def evoforge_imports() -> dict[str, set[str]]:
-    """module -> the evoforge modules it imports, at module level or inside functions."""
+    """module -> the evoforge modules it imports, at module level or inside functions. An import under
+    `if TYPE_CHECKING:` is a type checker's, never run (a method module names FinetuneConfig, which
+    holds the method's section, for its annotations only), so it is no edge."""
     import ast
 
     modules = set(project_modules())
@@ -72,7 +74,10 @@ def evoforge_imports() -> dict[str, set[str]]:
         path = home.PROJECT_ROOT.joinpath(*name.split(".")[1:])
         path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
         graph[name] = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        for block in [n for n in ast.walk(tree) if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING"]:
+            block.body = []
+        for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("evoforge"):
                 graph[name] |= {n for n in (node.module, *(f"{node.module}.{a.name}" for a in node.names)) if n in modules}
             elif isinstance(node, ast.Import):
@@ -129,6 +134,33 @@ def test_no_import_cycles_and_the_layers_point_one_way():
     assert [c for m in graph if (c := cycle_from(m))] == []
 
 
+def test_stages_in_tasks_are_plain_functions_and_prefect_stays_in_flows():
+    """No module under tasks/ imports Prefect when it is imported: a stage is a plain function that tests,
+    benches and training processes call without Prefect; flows/prefect_tasks.py makes the Prefect tasks.
+    The one import inside a function is progress.py's run logger (inside a flow run its lines go to the UI)."""
+    import ast
+
+    root = home.PROJECT_ROOT
+
+    def prefect_imports(node: ast.AST, in_function: bool = False):
+        for child in ast.iter_child_nodes(node):
+            names = ([a.name for a in child.names] if isinstance(child, ast.Import)
+                     else [child.module or ""] if isinstance(child, ast.ImportFrom) and child.level == 0 else [])
+            if any(n == "prefect" or n.startswith("prefect.") for n in names):
+                yield child.lineno, in_function
+            yield from prefect_imports(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef,
+                                                                               ast.Lambda)))
+
+    module_level, in_functions = [], []
+    files = sorted((root / "tasks").rglob("*.py"))
+    for path in files:
+        for lineno, in_function in prefect_imports(ast.parse(path.read_text())):
+            (in_functions if in_function else module_level).append(f"{path.relative_to(root)}:{lineno}")
+    assert len(files) > 20
+    assert module_level == []
+    assert [where.split(":")[0] for where in in_functions] == ["tasks/progress.py"]
+
+
 def test_evoforge_lives_beside_a_users_own_models_and_data_packages(scratch):
     """Installed evoforge takes one top-level name: a user's `models` and `data` packages stay theirs."""
     for name in ("models", "data"):
@@ -144,6 +176,7 @@ def test_evoforge_lives_beside_a_users_own_models_and_data_packages(scratch):
 def test_the_stage_registry_is_what_the_config_the_cli_and_the_lake_agree_on():
     from evoforge.app.cli import parser
     from evoforge.flows.config import RoundConfig
+    from evoforge.flows.round import STAGE_FLOWS
     from evoforge.flows.stages import REGISTRY, ROUND_STAGES, STAGES
 
     # one config section per round stage, in round order, each of its registered class
@@ -161,7 +194,8 @@ def test_the_stage_registry_is_what_the_config_the_cli_and_the_lake_agree_on():
     for stage in REGISTRY:
         assert set(stage.writes) <= set(schemas.ROUND_TABLES), stage.name
         assert set(stage.reads) <= written, (stage.name, set(stage.reads) - written)
-        assert callable(stage.flow) and callable(stage.summarize)
+        assert callable(STAGE_FLOWS[stage.name]) and callable(stage.summarize)
+    assert list(STAGE_FLOWS) == list(STAGES)
     # every table is written by some stage and has its view
     views = {p.stem for p in (home.PROJECT_ROOT / "sql" / "views").glob("*.sql")}
     assert written == set(schemas.ROUND_TABLES) and set(schemas.ROUND_TABLES) | set(schemas.RUN_TABLES) <= views

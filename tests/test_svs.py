@@ -127,18 +127,18 @@ def test_svs_trains_solving_synthesizing_and_variant_solving_in_one_update(parro
     problems = pa.Table.from_pylist([dict(problem_id=f"p{i}", question=f"What is {i} + {4 - i if i < 2 else 9}?",
                                           answer="4" if i < 2 else str(i + 9)) for i in range(4)])
     config = FinetuneConfig(method="svs", max_steps=2, batch_size=4 // processes, processes=processes,
-                            grpo_generations=2, grpo_max_completion_tokens=24,
+                            grpo={"generations": 2, "max_completion_tokens": 24},
                             learning_rate=1e-5, few_shot=False, report_to=[], guard={"held_out_rows": 0},
                             svs={"solve_band": [0.125, 1.0], "synthesis_band": [0.125, 1.0], "variant_generations": 3,
                                  "dynamic_sampling": False})
-    result = train_policy.fn(str(parrot), {"svs": problems}, config, scratch / "ckpt")
+    result = train_policy(str(parrot), {"svs": problems}, config, scratch / "ckpt")
     assert result["processes"] == processes
     assert result["steps"] == 2 and all(math.isfinite(m["loss"]) for m in result["metrics"] if "loss" in m)
     steps = [m for m in result["metrics"] if "loss" in m]
     solved_fours = [m for m in steps if m["svs/synthesize_rows"] > 0]
     assert solved_fours, steps  # a step whose batch held a problem answered 4 wrote variants from its solution
     for m in solved_fours:  # the trainer's per-kind counts: all three kinds in one batch, every row trained
-        assert m["svs/solve_rows"] == 4 and m["svs/synthesize_rows"] % config.grpo_generations == 0
+        assert m["svs/solve_rows"] == 4 and m["svs/synthesize_rows"] % config.grpo.generations == 0
         assert m["svs/variant_rows"] > 0 and m["svs/variant_rows"] % config.svs.variant_generations == 0
         assert m["svs/variant_rows"] % processes == 0  # whole groups, an equal share on each rank
         assert m["svs/rows_trained"] == m["svs/solve_rows"] + m["svs/synthesize_rows"] + m["svs/variant_rows"]
@@ -175,8 +175,8 @@ def test_an_svs_stage_killed_mid_training_resumes_and_keeps_each_steps_variants_
              origin="seed") for i in range(4)], schema=schemas.PROBLEMS)})
     store.publish_stage(run, 0, "synthesize", {"problems": schemas.PROBLEMS.empty_table()})
     config = {"engine": {"model": str(parrot), "max_model_len": 1024}, "stages": ["finetune"],
-              "finetune": {"method": "svs", "grpo_problems": "all", "max_steps": 4, "checkpoint_steps": 1, "batch_size": 4,
-                           "grpo_generations": 2, "grpo_max_completion_tokens": 24, "learning_rate": 1e-5,
+              "finetune": {"method": "svs", "max_steps": 4, "checkpoint_steps": 1, "batch_size": 4, "learning_rate": 1e-5,
+                           "grpo": {"problems": "all", "generations": 2, "max_completion_tokens": 24},
                            "few_shot": False, "report_to": [], "guard": {"held_out_rows": 0},
                            "svs": {"solve_band": [0.125, 1.0], "synthesis_band": [0.125, 1.0], "variant_generations": 2}}}
     first, command, env = finetune_stage_until_saved(run, config, runs_root, scratch, "trainer-0-svs")

@@ -70,7 +70,7 @@ def test_answer_leak_is_a_whole_number_not_a_digit_inside_another():
 def test_variants_are_screened_solved_against_the_parent_answer_and_kept_in_band(scripted_engine):
     problems, stats, rollouts, verdicts = inputs()
     config = SynthesizeConfig(solutions_per_problem=10, samples_per_variant=8)
-    out = synthesize.fn(problems, stats, rollouts, verdicts, scripted_engine(scripted_policy), config,
+    out = synthesize(problems, stats, rollouts, verdicts, scripted_engine(scripted_policy), config,
                         GenerateConfig(), VerifyConfig(workers=1))
     by_source = {r["source_rollout_id"]: r for r in out["variants"].to_pylist()}
     assert {k[2:]: v["reject_reason"] for k, v in by_source.items()} == {
@@ -95,7 +95,7 @@ def test_variants_are_screened_solved_against_the_parent_answer_and_kept_in_band
 def test_keep_band_is_config(scripted_engine):
     problems, stats, rollouts, verdicts = inputs()
     config = SynthesizeConfig(solutions_per_problem=10, keep_band=(0.5, 1.0))
-    out = synthesize.fn(problems, stats, rollouts, verdicts, scripted_engine(scripted_policy), config, GenerateConfig(), VerifyConfig(workers=1))
+    out = synthesize(problems, stats, rollouts, verdicts, scripted_engine(scripted_policy), config, GenerateConfig(), VerifyConfig(workers=1))
     kept = {r["text"] for r in out["variants"].to_pylist() if r["kept"]}
     assert kept == {"Six boxes hold two pens each. How many pens are in the boxes?"}
 
@@ -103,5 +103,5 @@ def test_keep_band_is_config(scripted_engine):
 def test_nothing_to_synthesize_without_underperforming_problems(scripted_engine):
     problems, stats, rollouts, verdicts = inputs()
     stats = pa.table({"problem_id": stats["problem_id"], "bucket": ["solved"]})
-    out = synthesize.fn(problems, stats, rollouts, verdicts, scripted_engine(scripted_policy), SynthesizeConfig(), GenerateConfig(), VerifyConfig())
+    out = synthesize(problems, stats, rollouts, verdicts, scripted_engine(scripted_policy), SynthesizeConfig(), GenerateConfig(), VerifyConfig())
     assert all(t.num_rows == 0 for t in out.values())

@@ -84,7 +84,7 @@ def last_loss(metrics: list[dict]) -> float:
 @pytest.mark.parametrize("method", ["sft", "grpo"])
 def test_two_processes_train_what_one_does_with_the_same_global_batch(prefect_server, runs_root, tiny_model, method):
     # grpo samples through vLLM, an engine in each training process
-    per_step = dict(sft={"batch_size": 4}, grpo={"batch_size": 8, "grpo_generations": 4, "grpo_max_completion_tokens": 8})[method]
+    per_step = dict(sft={"batch_size": 4}, grpo={"batch_size": 8, "grpo": {"generations": 4, "max_completion_tokens": 8}})[method]
     rows = {}
     for processes in (1, 2):
         run = f"{method}-{processes}"
@@ -129,7 +129,7 @@ def test_a_trainer_that_fails_is_one_line_naming_its_log(tiny_model, scratch):
     rows = pa.Table.from_pylist([dict(prompt="1 + 1?", completion="\\boxed{2}")] * 4)
     output = scratch / f"ckpt-{scratch.name[-8:]}"  # the log is named by the checkpoint: one of this test's own
     with pytest.raises(TrainingFailed) as caught:
-        train_policy.fn(str(broken), {"sft": rows}, FinetuneConfig(report_to=[]), output)
+        train_policy(str(broken), {"sft": rows}, FinetuneConfig(report_to=[]), output)
     message = str(caught.value)
     log = home.home() / "logs" / "finetune" / f"{output.name}.log"
     assert "\n" not in message and message.startswith("finetune: the training processes failed (exit 1): ")
@@ -142,9 +142,10 @@ def test_a_trainer_that_fails_is_one_line_naming_its_log(tiny_model, scratch):
 @pytest.mark.model
 def test_every_method_and_the_ppm_train_under_two_processes(tiny_model, scratch):
     """A chain of every policy method with the collapse guard on, and the PPM, each launched as two processes."""
-    from evoforge.tasks.critic import CriticConfig, raro_training_rows
+    from evoforge.tasks.critic import CriticConfig
     from evoforge.tasks.finetune.config import FinetuneConfig
     from evoforge.tasks.finetune.launch import train_policy, train_ppm
+    from evoforge.tasks.finetune.raro import RaroConfig, build_rows
     from evoforge.tasks.finetune.training import TrainingContext
 
     solution = lambda i: f"{i} + 4 = {i + 4}. The answer is \\boxed{{{i + 4}}}."  # noqa: E731
@@ -162,17 +163,17 @@ def test_every_method_and_the_ppm_train_under_two_processes(tiny_model, scratch)
     compared = pa.Table.from_pylist([dict(problem_id=f"p{i}", question=f"What is {i} + 4?", expert_answer=solution(i),
                                           policy_answer="\\boxed{1}", order="policy_first") for i in range(4)])
     critic = CriticConfig(sampling={"n": 1, "max_tokens": 8, "temperature": 1.0})
-    raro = raro_training_rows(problems, compared, compared.slice(0, 0), critic)
-    config = FinetuneConfig(method="sft+dpo+traces+grpo+raro", max_steps=2, batch_size=4, grpo_generations=4,
-                            grpo_max_completion_tokens=8, learning_rate=1e-3, few_shot=False, processes=2, generation="hf",
+    raro = build_rows(problems, compared, compared.slice(0, 0), RaroConfig())
+    config = FinetuneConfig(method="sft+dpo+traces+grpo+raro", max_steps=2, batch_size=4, learning_rate=1e-3,
+                            grpo={"generations": 4, "max_completion_tokens": 8}, few_shot=False, processes=2, generation="hf",
                             report_to=[], guard={"eval_steps": 1, "held_out_rows": 1, "held_out_share": 0.25, "max_loss_rise": 1e6})
     data = {"sft": sft, "dpo": pairs, "traces": traces, "grpo": problems, "raro": raro}
-    result = train_policy.fn(str(tiny_model), data, config, scratch / "chain", TrainingContext(critic=critic))
+    result = train_policy(str(tiny_model), data, config, scratch / "chain", TrainingContext(critic=critic))
     assert result["processes"] == 2 and result["steps"] == 10 and result["stopped_early"] is None
     assert [m["method"] for m in result["metrics"] if "loss" in m] == [m for m in config.methods for _ in range(2)]
     assert [m["step"] for m in result["metrics"] if "guard_loss" in m] == [0, 1, 2, 2, 3, 4, 4, 5, 6]  # sft, dpo, traces: each a baseline, then every step
     assert (scratch / "chain" / "model.safetensors").exists()
-    ppm = train_ppm.fn(str(scratch / "chain"), pairs, config.model_copy(update={"method": "sft"}), scratch / "ppm")
+    ppm = train_ppm(str(scratch / "chain"), pairs, config.model_copy(update={"method": "sft"}), scratch / "ppm")
     assert ppm["processes"] == 2 and ppm["steps"] == 2 and math.isfinite(ppm["final_loss"])
     from transformers import AutoModelForSequenceClassification
 
@@ -248,8 +249,8 @@ def test_finetune_spans_two_ray_nodes_with_ray_train(tiny_model, scratch):
         rows = pa.Table.from_pylist([dict(prompt=f"What is {i} + 3?", completion=f"\\boxed{{{i + 3}}}") for i in range(8)])
         config = FinetuneConfig(method="sft", max_steps=3, batch_size=2, learning_rate=1e-3, few_shot=False, processes=2,
                                 launcher="ray", ray_address=cluster.address, report_to=[], guard={"held_out_rows": 0})
-        result = train_policy.fn(str(tiny_model), {"sft": rows}, config, scratch / "ray")
-        local = train_policy.fn(str(tiny_model), {"sft": rows}, config.model_copy(update={"launcher": "accelerate"}),
+        result = train_policy(str(tiny_model), {"sft": rows}, config, scratch / "ray")
+        local = train_policy(str(tiny_model), {"sft": rows}, config.model_copy(update={"launcher": "accelerate"}),
                                 scratch / "accelerate")
     finally:
         cluster.shutdown()

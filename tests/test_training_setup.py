@@ -37,7 +37,7 @@ def test_bad_trainer_args_fail_at_load_with_one_line_and_nothing_written(scratch
 def test_trainer_args_reach_the_methods_of_a_chain_that_have_them(scratch):
     from evoforge.tasks.finetune import dpo, grpo, sft
 
-    config = _load(scratch, {"method": "sft+grpo", "generation": "hf", "batch_size": 4, "grpo_generations": 4, "trainer_args": {
+    config = _load(scratch, {"method": "sft+grpo", "generation": "hf", "batch_size": 4, "grpo": {"generations": 4}, "trainer_args": {
         "lr_scheduler_type": "cosine", "warmup_steps": 0.1, "gradient_checkpointing": True, "epsilon_high": 0.28}}).finetune
     sft_args, grpo_args = sft.arguments(config, scratch / "a", "ck"), grpo.arguments(config, scratch / "b", "ck")
     assert sft_args.lr_scheduler_type == grpo_args.lr_scheduler_type == "cosine"

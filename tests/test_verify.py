@@ -63,7 +63,7 @@ def test_verify_task_returns_one_verdict_per_rollout_with_gold_and_answer():
         "rollout_id": ["r1", "r2", "r3"], "problem_id": ["p1", "p1", "p2"],
         "text": ["\\boxed{4}", "\\boxed{5}", "I think ten"],
     })
-    out = verify.fn(rollouts, problems, VerifyConfig(workers=1))
+    out = verify(rollouts, problems, VerifyConfig(workers=1))
     rows = {r["rollout_id"]: r for r in out.to_pylist()}
     assert {k: v["verdict"] for k, v in rows.items()} == {"r1": "correct", "r2": "wrong", "r3": "no_answer"}
     assert rows["r2"]["extracted_answer"] == "5" and rows["r2"]["gold"] == "4"
@@ -92,10 +92,10 @@ def test_a_demonstration_without_a_reference_is_marked_not_graded_and_filter_lea
     problems = pa.table({"problem_id": ["p1", "demo"], "answer": ["4", None]})
     rollouts = pa.table({"rollout_id": ["r1", "r2", "r3"], "problem_id": ["p1", "demo", "demo"],
                          "text": ["\\boxed{4}", "\\boxed{4}", "a free-text answer"], "completion_tokens": [3, 3, 4]})
-    out = {r["rollout_id"]: r for r in verify.fn(rollouts, problems, VerifyConfig(workers=1)).to_pylist()}
+    out = {r["rollout_id"]: r for r in verify(rollouts, problems, VerifyConfig(workers=1)).to_pylist()}
     assert {k: v["verdict"] for k, v in out.items()} == {"r1": "correct", "r2": "no_reference", "r3": "no_reference"}
     assert out["r2"]["gold"] is None and "no reference answer" in out["r2"]["detail"]
-    stats = filter_problems.fn(pa.Table.from_pylist(list(out.values())), rollouts, FilterConfig())
+    stats = filter_problems(pa.Table.from_pylist(list(out.values())), rollouts, FilterConfig())
     assert stats["problem_id"].to_pylist() == ["p1"]  # no accuracy, no bucket for the ungraded demonstration
 
 
@@ -109,7 +109,7 @@ def test_each_distinct_answer_is_graded_once_and_its_verdict_fanned_out_identica
         + [dict(rollout_id="q0", problem_id="q", text="\\boxed{1}, \\boxed{2}")])
     problems = pa.Table.from_pylist([dict(problem_id="p", answer="4"), dict(problem_id="q", answer="1, 2")])
     config = VerifyConfig(workers=1, deadline_seconds=30)
-    rows = {r["rollout_id"]: r for r in verify.fn(rollouts, problems, config).to_pylist()}
+    rows = {r["rollout_id"]: r for r in verify(rollouts, problems, config).to_pylist()}
     alone = grade_pairs([("4", t) for t in texts] + [("1, 2", "\\boxed{1}, \\boxed{2}")], config)
     for rollout_id, (verdict, extracted, detail, _) in zip([f"r{i}" for i in range(len(texts))] + ["q0"], alone):
         assert (rows[rollout_id]["verdict"], rows[rollout_id]["extracted_answer"], rows[rollout_id]["detail"]) == (

@@ -58,7 +58,7 @@ def _greedy(trainer, tokenizer, prompts: list[str], max_tokens: int = 16) -> tup
 
 def test_after_a_sync_the_engine_completes_exactly_as_the_trained_weights_do(tiny_model, scratch):
     prompts = ["What is 2 + 2?", "Name a colour.", "Count to five, then say something about the sea and the sky " * 8]
-    config = FinetuneConfig(method="grpo", max_steps=3, batch_size=8, grpo_generations=4, grpo_max_completion_tokens=16,
+    config = FinetuneConfig(method="grpo", max_steps=3, batch_size=8, grpo={"generations": 4, "max_completion_tokens": 16},
                             learning_rate=3e-2, few_shot=False, generation="vllm", report_to=[], guard={"held_out_rows": 0})
     trainer, tokenizer = _grpo_trainer(tiny_model, scratch, config)
     assert trainer.use_vllm and type(trainer.vllm_generation).__name__ == "CpuVLLMGeneration"
@@ -71,7 +71,8 @@ def test_after_a_sync_the_engine_completes_exactly_as_the_trained_weights_do(tin
     assert after == hf_after  # token for token, the long prompt too (no stale prefix cache)
     assert after != before  # training changed the weights, and the engine has the new ones
     # RARO's critic judges on the same engine: greedy, its judgments are the trained weights' own
-    from evoforge.tasks.critic import CriticConfig, RaroReward
+    from evoforge.tasks.critic import CriticConfig
+    from evoforge.tasks.finetune.raro import RaroReward
 
     reward = RaroReward(tokenizer, CriticConfig(sampling={"n": 1, "temperature": 0.0, "max_tokens": 12}))
     reward.trainer = trainer
@@ -86,7 +87,7 @@ def test_after_a_sync_the_engine_completes_exactly_as_the_trained_weights_do(tin
 
 
 def test_sync_steps_samples_from_weights_at_most_that_many_steps_old(tiny_model, scratch):
-    config = FinetuneConfig(method="grpo", max_steps=4, batch_size=8, grpo_generations=4, grpo_max_completion_tokens=8,
+    config = FinetuneConfig(method="grpo", max_steps=4, batch_size=8, grpo={"generations": 4, "max_completion_tokens": 8},
                             learning_rate=1e-3, few_shot=False, generation="vllm", sync_steps=2, report_to=[],
                             guard={"held_out_rows": 0})
     trainer, _ = _grpo_trainer(tiny_model, scratch, config)
@@ -96,7 +97,8 @@ def test_sync_steps_samples_from_weights_at_most_that_many_steps_old(tiny_model,
 
 
 def test_grpo_and_raro_train_through_vllm_in_the_finetune_processes(tiny_model, scratch):
-    from evoforge.tasks.critic import CriticConfig, raro_training_rows
+    from evoforge.tasks.critic import CriticConfig
+    from evoforge.tasks.finetune.raro import RaroConfig, build_rows
     from evoforge.tasks.finetune.launch import train_policy
     from evoforge.tasks.finetune.training import TrainingContext
 
@@ -106,11 +108,11 @@ def test_grpo_and_raro_train_through_vllm_in_the_finetune_processes(tiny_model, 
     compared = pa.Table.from_pylist([dict(problem_id=f"p{i}", question=f"What is {i} + 4?", expert_answer=solution(i),
                                           policy_answer="\\boxed{1}", order="policy_first") for i in range(4)])
     critic = CriticConfig(sampling={"n": 1, "max_tokens": 8, "temperature": 1.0})
-    config = FinetuneConfig(method="grpo+raro", max_steps=2, batch_size=8, grpo_generations=4, grpo_max_completion_tokens=8,
+    config = FinetuneConfig(method="grpo+raro", max_steps=2, batch_size=8, grpo={"generations": 4, "max_completion_tokens": 8},
                             learning_rate=1e-3, few_shot=False, generation="vllm", report_to=[], guard={"held_out_rows": 0})
     data = {"grpo": problems.select(["problem_id", "question", "answer"]),
-            "raro": raro_training_rows(problems, compared, compared.slice(0, 0), critic)}
-    result = train_policy.fn(str(tiny_model), data, config, scratch / "ckpt", TrainingContext(critic=critic))
+            "raro": build_rows(problems, compared, compared.slice(0, 0), RaroConfig())}
+    result = train_policy(str(tiny_model), data, config, scratch / "ckpt", TrainingContext(critic=critic))
     assert result["steps"] == 4 and all(math.isfinite(m["loss"]) for m in result["metrics"] if "loss" in m)
     for step in result["metrics"]:
         assert step["vllm/staleness_steps"] == 0 and step["vllm/sync_seconds"] > 0  # sampled on-policy through vLLM

@@ -1,32 +1,40 @@
-"""The finetune section of the round config, the methods it may chain, and the stage's summary."""
+"""The finetune section of the round config: the settings every method shares, one section per method
+that has settings of its own (`dpo`, `grpo`, `svs`, `raro`, each declared in its method's module, as TRL
+has one config per trainer), the methods it may chain, and the stage's summary."""
 from __future__ import annotations
 
 import importlib.util
+import logging
 from typing import Any, Literal
 
 import pyarrow as pa
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from evoforge.data.section import Section
+from evoforge.tasks.finetune.dpo import DpoConfig
+from evoforge.tasks.finetune.grpo import GrpoConfig
+from evoforge.tasks.finetune.raro import RaroConfig
+from evoforge.tasks.finetune.svs import SvsConfig
+
+# the keys of the flat section before each method had its own: read as their new place (see _read_old_keys)
+RENAMED = {"dpo_beta": ("dpo", "beta"), "grpo_generations": ("grpo", "generations"),
+           "grpo_max_completion_tokens": ("grpo", "max_completion_tokens"), "grpo_temperature": ("grpo", "temperature"),
+           "grpo_beta": ("grpo", "beta"), "grpo_problems": ("grpo", "problems")}
+_said: set[str] = set()
+
+
+def _say_once(line: str) -> None:
+    if line not in _said:
+        _said.add(line)
+        logging.getLogger("evoforge").warning(line)
+
 
 # policy methods, each a module of this package; `ppm` (the process preference model) is trained
 # beside the policy when `train_ppm` is set, never chained
 METHODS = ("sft", "dpo", "grpo", "traces", "raro", "svs")
 
 
-class SvsConfig(BaseModel):
-    """`method: svs`, SvS trained online (tasks/finetune/svs.py); the paper's defaults. G is grpo_generations."""
-    solve_band: tuple[float, float] = Field(
-        (0.125, 0.5), description="a problem whose accuracy over its G samples lies here (inclusive) is under-performing: "
-                                  "the policy writes G variants from one of its correct solutions")
-    synthesis_band: tuple[float, float] = Field(
-        (0.125, 0.625), description="a variant whose accuracy (against the ORIGINAL answer) lies here rewards its synthesis")
-    variant_generations: int = Field(8, ge=2, description="G_v: samples solving each valid variant")
-    epsilon_high: float = Field(0.28, gt=0, description="Clip-Higher: the upper clip of the policy ratio (DAPO)")
-    dynamic_sampling: bool = Field(True, description="drop the rows of groups whose rewards are all equal (no GRPO "
-                                                     "signal) from the update; TRL has no refill, so the batch shrinks")
-    max_variant_chars: int = Field(2000, ge=16, description="a longer variant is rejected (too_long)")
-
-
-class CollapseGuardConfig(BaseModel):
+class CollapseGuardConfig(Section):
     """Stop a method early when its policy collapses, judged on rows held out of its training data
     (tasks/finetune/guard.py): every `eval_steps` optimizer steps, and once before the first."""
     eval_steps: int = Field(10, ge=1, description="measure every N optimizer steps (and once before the first, as the baseline)")
@@ -52,7 +60,7 @@ class CollapseGuardConfig(BaseModel):
         return self.held_out_rows > 0 and (self.entropy_floor is not None or self.max_loss_rise is not None)
 
 
-class LoraConfig(BaseModel):
+class LoraConfig(Section):
     """A LoRA adapter trained instead of every weight (PEFT's `LoraConfig`, handed to the TRL trainer)."""
     r: int = Field(16, ge=1, description="adapter rank")
     alpha: int = Field(32, ge=1, description="scaling: the update is alpha / r x B A")
@@ -65,22 +73,18 @@ class LoraConfig(BaseModel):
                           "adapter alone, loaded on its base model (vLLM's LoRA support), and continued by later rounds")
 
 
-class FinetuneConfig(BaseModel):
+class FinetuneConfig(Section):
     method: str = Field("sft", description="sft, dpo, grpo, traces or raro, or a chain such as sft+grpo run in that order")
     train_ppm: bool = Field(False, description="also train a process preference model on the round's step pairs")
     max_steps: int = Field(30, ge=1, description="optimizer steps per method")
     learning_rate: float = Field(2e-5, gt=0)
-    batch_size: int = Field(4, ge=1, description="per device; for grpo, completions per step (a multiple of grpo_generations)")
+    batch_size: int = Field(4, ge=1, description="per device; for grpo, completions per step (a multiple of grpo.generations)")
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_length: int = Field(1024, ge=64)
-    dpo_beta: float = Field(0.1, gt=0)
-    grpo_generations: int = Field(4, ge=2, description="completions per prompt whose rewards form one GRPO group")
-    grpo_max_completion_tokens: int = Field(256, ge=8)
-    grpo_temperature: float = Field(1.0, gt=0)
-    grpo_beta: float = Field(0.0, ge=0, description="KL weight against the starting policy (0: no reference model)")
-    grpo_problems: Literal["learnable", "all"] = Field(
-        "learnable", description="grpo, svs: the round's learnable problems (SvS) or every problem with a reference answer")
+    dpo: DpoConfig = Field(default_factory=DpoConfig, description="method dpo's own settings")
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig, description="GRPO's own settings: grpo, and svs and raro, which train with it")
     svs: SvsConfig = Field(default_factory=SvsConfig, description="method svs: SvS's self-play inside GRPO training")
+    raro: RaroConfig = Field(default_factory=RaroConfig, description="method raro: how its rows mix the two roles")
     checkpoint_steps: int = Field(10, ge=1, description="save trainer state every N steps, so a killed run resumes there")
     seed: int = 0
     few_shot: bool = Field(True, description="train with the same few-shot prompt the generate stage uses")
@@ -118,6 +122,20 @@ class FinetuneConfig(BaseModel):
         1, ge=1, description="generation vllm on a CPU: the engine takes the trained weights every N optimizer steps "
                              "(1: on-policy; N > 1 samples from weights up to N - 1 steps old, recorded as "
                              "vllm/staleness_steps)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_old_keys(cls, data: Any) -> Any:
+        """A config written before the methods had sections of their own (a run's saved config.yaml among
+        them) reads as it always did: `dpo_beta` is `dpo.beta`, `grpo_generations` is `grpo.generations`, ..."""
+        if not isinstance(data, dict) or not RENAMED.keys() & data.keys():
+            return data
+        data = dict(data)
+        for old, (section, key) in RENAMED.items():
+            if old in data:
+                data[section] = {**(data.get(section) or {}), key: data.pop(old)}
+                _say_once(f"config: finetune.{old} is finetune.{section}.{key} now; read as that")
+        return data
 
     @field_validator("method")
     @classmethod

@@ -2,18 +2,35 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import Field
 
-from evoforge.tasks.finetune.config import FinetuneConfig
+from evoforge.data.section import Section
 from evoforge.tasks.finetune.trainer_args import build_arguments
+
+if TYPE_CHECKING:
+    from evoforge.tasks.finetune.config import FinetuneConfig
+    from evoforge.tasks.finetune.rows import RoundInputs
 
 TABLE = "pairs"
 
 
+class DpoConfig(Section):
+    """`finetune.dpo`: DPO's own settings (TRL's DPOConfig; any other field through `trainer_args`)."""
+    beta: float = Field(0.1, gt=0, description="how far the policy may move from the reference (DPO's beta)")
+
+
+def training_rows(inputs: RoundInputs, config: FinetuneConfig) -> pa.Table:
+    """The pairs stage's solution pairs of this round (a correct and a wrong answer to one problem)."""
+    pairs = inputs.round_table("pairs", "pairs")
+    return pairs.filter(pc.equal(pairs["kind"], "solution"))
+
+
 def arguments(config: FinetuneConfig, output_dir, run_name: str | None = None):
-    return build_arguments("dpo", config, output_dir, run_name, beta=config.dpo_beta, max_length=config.max_length)
+    return build_arguments("dpo", config, output_dir, run_name, beta=config.dpo.beta, max_length=config.max_length)
 
 
 def dataset(pairs: pa.Table, config: FinetuneConfig, context):

@@ -32,8 +32,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from evoforge.data import home
 from evoforge.data.home import PROJECT_ROOT
@@ -243,7 +241,6 @@ def _last_error(log_path: Path) -> str:
     return next((line for line in reversed(lines) if line.strip()), "no output")[:400]
 
 
-@task(name="finetune", cache_policy=NO_CACHE, persist_result=False)
 def train_policy(model_path: str, data: dict[str, pa.Table], config: FinetuneConfig, output_dir: Path,
                  context: TrainingContext | None = None, resume: bool = True, tracker: TrackerRun | None = None,
                  base_model: dict | None = None, log_path: Path | None = None) -> dict:
@@ -263,7 +260,6 @@ def train_policy(model_path: str, data: dict[str, pa.Table], config: FinetuneCon
                            base_model, config.methods, log_path)
 
 
-@task(name="train_ppm", cache_policy=NO_CACHE, persist_result=False)
 def train_ppm(model_path: str, step_pairs: pa.Table, config: FinetuneConfig, output_dir: Path,
               resume: bool = True, tracker: TrackerRun | None = None, log_path: Path | None = None) -> dict:
     """The process preference model from the policy at `model_path` on step pairs (see ppm.py), trained

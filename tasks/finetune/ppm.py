@@ -4,14 +4,24 @@ RewardTrainer on the round's step pairs (`pairs` of kind 'step') with the pairwi
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from evoforge.tasks.finetune.config import FinetuneConfig
 from evoforge.tasks.finetune.trainer_args import build_arguments
 
+if TYPE_CHECKING:
+    from evoforge.tasks.finetune.config import FinetuneConfig
+    from evoforge.tasks.finetune.rows import RoundInputs
+
 TABLE = "pairs"
+
+
+def training_rows(inputs: RoundInputs, config: FinetuneConfig) -> pa.Table:
+    """The pairs stage's step pairs of this round: Q-ranked sibling steps of the MCTS tree."""
+    pairs = inputs.stage_output("pairs", "pairs")
+    return pairs.filter(pc.equal(pairs["kind"], "step"))
 
 
 def arguments(config: FinetuneConfig, output_dir, run_name: str | None = None):

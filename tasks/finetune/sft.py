@@ -3,13 +3,22 @@ completion only, asked exactly as the generate stage asks."""
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from evoforge.tasks.finetune.config import FinetuneConfig
 from evoforge.tasks.finetune.trainer_args import build_arguments
 
+if TYPE_CHECKING:
+    from evoforge.tasks.finetune.config import FinetuneConfig
+    from evoforge.tasks.finetune.rows import RoundInputs
+
 TABLE = "sft_examples"
+
+
+def training_rows(inputs: RoundInputs, config: FinetuneConfig) -> pa.Table:
+    """The pairs stage's `sft_examples` of this round: a correct solution per problem, and the variants'."""
+    return inputs.round_table("sft_examples", "pairs")
 
 
 def arguments(config: FinetuneConfig, output_dir, run_name: str | None = None):

@@ -28,14 +28,39 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
+from pydantic import Field
 
+from evoforge.data.section import Section
 from evoforge.tasks.finetune import grpo
-from evoforge.tasks.finetune.config import FinetuneConfig
+
+if TYPE_CHECKING:
+    from evoforge.tasks.finetune.config import FinetuneConfig
+    from evoforge.tasks.finetune.rows import RoundInputs
 
 TABLE = "problems"
 KINDS = ("solve", "synthesize", "variant")
+
+
+class SvsConfig(Section):
+    """`finetune.svs`: SvS trained online; the paper's defaults. G is `finetune.grpo.generations`."""
+    solve_band: tuple[float, float] = Field(
+        (0.125, 0.5), description="a problem whose accuracy over its G samples lies here (inclusive) is under-performing: "
+                                  "the policy writes G variants from one of its correct solutions")
+    synthesis_band: tuple[float, float] = Field(
+        (0.125, 0.625), description="a variant whose accuracy (against the ORIGINAL answer) lies here rewards its synthesis")
+    variant_generations: int = Field(8, ge=2, description="G_v: samples solving each valid variant")
+    epsilon_high: float = Field(0.28, gt=0, description="Clip-Higher: the upper clip of the policy ratio (DAPO)")
+    dynamic_sampling: bool = Field(True, description="drop the rows of groups whose rewards are all equal (no GRPO "
+                                                     "signal) from the update; TRL has no refill, so the batch shrinks")
+    max_variant_chars: int = Field(2000, ge=16, description="a longer variant is rejected (too_long)")
+
+
+def training_rows(inputs: RoundInputs, config: FinetuneConfig) -> pa.Table:
+    """GRPO's rows (`grpo.problems`): svs solves the same problems and synthesizes from them online."""
+    return grpo.training_rows(inputs, config)
 
 
 def arguments(config: FinetuneConfig, output_dir, run_name: str | None = None):

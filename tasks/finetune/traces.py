@@ -2,12 +2,22 @@
 the completion. Trained exactly like SFT; only the data differs."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pyarrow as pa
 
-from evoforge.tasks.finetune.config import FinetuneConfig
 from evoforge.tasks.finetune.sft import arguments, trainer  # noqa: F401  (the SFT trainer, on traces)
 
+if TYPE_CHECKING:
+    from evoforge.tasks.finetune.config import FinetuneConfig
+    from evoforge.tasks.finetune.rows import RoundInputs
+
 TABLE = "traces"
+
+
+def training_rows(inputs: RoundInputs, config: FinetuneConfig) -> pa.Table:
+    """The traces this round's MCTS kept (its own rows only: no later stage adds any)."""
+    return inputs.stage_output("traces", "mcts")
 
 
 def dataset(traces: pa.Table, config: FinetuneConfig, context):
