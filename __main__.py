@@ -1,6 +1,6 @@
 """`python -m evoforge ...` is the `evoforge` command."""
 import sys
 
-from evoforge.flows.cli import main
+from evoforge.app.cli import main
 
 sys.exit(main())

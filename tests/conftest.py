@@ -2,11 +2,15 @@
 .cache/), as in a real run.
 
 Tiers (markers; `make test` runs all, `pytest -m unit` is the fast loop):
-- unit: no model and no server; the whole tier runs in about a minute
+- unit: no model and no server, and quick; the whole tier runs in under a minute
+- slow: no model and no server either, but seconds each: subprocesses and fresh interpreters, a wheel
+  build, deadlines waited out, vLLM imported; kept out of the fast loop, `make test` runs them
 - model: loads the tiny random model or the default model
 - server: starts a server: Prefect (the test harness, `prefect server start`), the local S3 server
   (moto), PostgreSQL, or a browser
-Every test carries at least one; a test that uses the model or server fixtures must carry that tier.
+Every test carries at least one; unit and slow each stand alone (a test is one or the other, and
+neither uses the model or server fixtures); a test that uses the model or server fixtures must carry
+that tier.
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ from evoforge.data import home
 
 home.configure()  # before Prefect, vLLM or torch are imported
 
-TIERS = ("unit", "model", "server")
+TIERS = ("unit", "slow", "model", "server")
+ALONE = ("unit", "slow")  # tiers that admit no other tier and no model or server fixture
 MODEL_FIXTURES = {"tiny_model", "tiny_engine_config", "apples_round"}
 SERVER_FIXTURES = {"prefect_server", "local_s3", "s3_runs"}
 
@@ -35,8 +40,10 @@ def pytest_collection_modifyitems(config, items):
         fixtures = set(getattr(item, "fixturenames", ()))
         if not tiers:
             wrong.append(f"{item.nodeid}: no tier marker ({', '.join(TIERS)})")
-        elif "unit" in tiers and (tiers != {"unit"} or fixtures & (MODEL_FIXTURES | SERVER_FIXTURES)):
-            wrong.append(f"{item.nodeid}: marked unit but uses {sorted(fixtures & (MODEL_FIXTURES | SERVER_FIXTURES))}")
+        elif tiers & set(ALONE) and len(tiers) > 1:
+            wrong.append(f"{item.nodeid}: marked {' and '.join(sorted(tiers))}; {' and '.join(ALONE)} each stand alone")
+        elif tiers & set(ALONE) and fixtures & (MODEL_FIXTURES | SERVER_FIXTURES):
+            wrong.append(f"{item.nodeid}: marked {next(iter(tiers))} but uses {sorted(fixtures & (MODEL_FIXTURES | SERVER_FIXTURES))}")
         elif fixtures & MODEL_FIXTURES and "model" not in tiers:
             wrong.append(f"{item.nodeid}: uses the model but is not marked model")
         elif fixtures & SERVER_FIXTURES and "server" not in tiers:

@@ -66,7 +66,7 @@ def test_model_references_resolve_to_a_stable_id(tiny_model):
     assert EngineConfig().model == "default"
 
 
-@pytest.mark.unit
+@pytest.mark.slow
 def test_truncated_top_p_keeps_exactly_the_tokens_vllms_sorted_top_p_keeps():
     """models/cpu_top_p.py replaces vLLM's CPU top-p: on peaked rows (a trained model's), flat rows
     (a random model's), rows whose mass needs more than the candidates, and p = 1, the logits it

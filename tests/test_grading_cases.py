@@ -36,8 +36,6 @@ from math_verify import parse, verify
 from evoforge.tasks.grading.answers import _EXTRACTION
 from evoforge.tasks.verify import VerifyConfig, grade_pairs
 
-pytestmark = pytest.mark.unit
-
 CASES = Path(__file__).parent / "data" / "math_verify_cases.jsonl"
 REQUIRED_AGREEMENT = 0.97
 
@@ -51,6 +49,7 @@ def plain_math_verify(gold: str, response: str) -> bool:
     return bool(verify(parse(gold, _EXTRACTION), parse(response, _EXTRACTION)))
 
 
+@pytest.mark.slow
 def test_agreement_with_math_verifys_own_cases_is_at_least_097():
     cases = [json.loads(line) for line in CASES.read_text().splitlines()]
     assert len(cases) == 168
@@ -67,6 +66,7 @@ def test_agreement_with_math_verifys_own_cases_is_at_least_097():
     assert evoforge_share >= REQUIRED_AGREEMENT, report
 
 
+@pytest.mark.unit
 def test_a_multi_part_answer_boxed_part_by_part_is_graded_as_a_whole():
     pairs = [
         ("\\{1,2,3\\}", "\\boxed{1}, \\boxed{2}, \\boxed{3}"),
@@ -80,6 +80,7 @@ def test_a_multi_part_answer_boxed_part_by_part_is_graded_as_a_whole():
     assert verdicts(pairs) == ["correct"] * 5 + ["wrong"] * 2
 
 
+@pytest.mark.unit
 def test_intermediate_boxes_do_not_count_the_last_box_is_the_answer():
     pairs = [
         ("5", "first \\boxed{3}, finally \\boxed{5}"),            # correct
@@ -91,6 +92,7 @@ def test_intermediate_boxes_do_not_count_the_last_box_is_the_answer():
     assert verdicts(pairs) == ["correct", "wrong", "wrong", "correct", "wrong"]
 
 
+@pytest.mark.unit
 def test_thousands_separators_when_the_gold_is_one_number():
     pairs = [
         ("1000", "\\boxed{1 000}"),
@@ -108,6 +110,7 @@ def test_thousands_separators_when_the_gold_is_one_number():
     assert verdicts(pairs) == ["correct"] * 8 + ["wrong"] * 2 + ["correct"]
 
 
+@pytest.mark.unit
 def test_a_gold_list_is_never_read_as_one_number():
     pairs = [
         ("1, 2", "\\boxed{12}"),              # wrong: {1, 2} is not 12

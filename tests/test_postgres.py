@@ -122,7 +122,7 @@ def test_database_choices_and_passwords_never_shown():
     assert "secret" not in str(err.value)
 
 
-@pytest.mark.unit
+@pytest.mark.slow
 def test_ui_says_in_one_line_when_the_database_is_wrong_or_does_not_answer(scratch):
     env = _environment(scratch, EVOFORGE_PREFECT_DATABASE="nonsense")
     done = subprocess.run([str(EVOFORGE), "ui", "--port", str(_free_port())], cwd=home.PROJECT_ROOT, env=env,

@@ -10,8 +10,6 @@ import pytest
 
 from evoforge.models.sandbox import Sandbox, SandboxConfig
 
-pytestmark = pytest.mark.unit
-
 
 @pytest.fixture(scope="module")
 def box():
@@ -19,10 +17,12 @@ def box():
         yield sandbox
 
 
+@pytest.mark.unit
 def test_uses_the_strongest_isolation_this_machine_has(box):
     assert box.isolation == "namespaces"  # bubblewrap is installed by deploy/setup.sh; user namespaces work here
 
 
+@pytest.mark.unit
 def test_code_runs_and_its_output_and_errors_come_back(box):
     ok = box.run("import sympy\nx = sympy.Symbol('x')\nprint(sympy.solve(x**2 - 4, x))")
     assert (ok.status, ok.stdout.strip(), ok.exit_code) == ("ok", "[-2, 2]", 0)
@@ -30,6 +30,7 @@ def test_code_runs_and_its_output_and_errors_come_back(box):
     assert failed.status == "error" and failed.stderr.strip().endswith("IndexError: list index out of range")
 
 
+@pytest.mark.slow
 def test_an_infinite_loop_is_killed_at_its_deadline(box):
     started = time.monotonic()
     result = box.run("while True:\n    pass")
@@ -37,6 +38,7 @@ def test_an_infinite_loop_is_killed_at_its_deadline(box):
     assert box.run("print('next')").stdout == "next\n"  # the worker is fine afterwards
 
 
+@pytest.mark.unit
 def test_the_cpu_limit_reads_as_a_timeout_not_as_a_kill():
     """With CPU time shorter than the wall deadline, the CPU limit ends the loop: that is a timeout."""
     with Sandbox(SandboxConfig(wall_seconds=6, cpu_seconds=1, memory_mb=256, max_processes=8, workers=1)) as sandbox:
@@ -44,11 +46,13 @@ def test_the_cpu_limit_reads_as_a_timeout_not_as_a_kill():
         assert result.status == "timeout" and result.seconds < 4
 
 
+@pytest.mark.unit
 def test_a_memory_bomb_is_contained(box):
     result = box.run("blocks = []\nwhile True:\n    blocks.append(bytearray(50 * 1024 * 1024))")
     assert result.status == "memory" and "MemoryError" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_fork_bomb_is_contained_and_the_machine_stays_responsive(box):
     bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
     started = time.monotonic()
@@ -60,6 +64,7 @@ def test_a_fork_bomb_is_contained_and_the_machine_stays_responsive(box):
     assert box.run("print('alive')").stdout == "alive\n"
 
 
+@pytest.mark.unit
 def test_no_network_even_to_a_listener_on_this_machine(box):
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -76,6 +81,7 @@ def test_no_network_even_to_a_listener_on_this_machine(box):
         listener.close()
 
 
+@pytest.mark.unit
 def test_writing_outside_the_scratch_folder_fails_and_the_project_is_invisible(box, scratch):
     target = scratch / "escaped.txt"
     result = box.run(f"open({str(target)!r}, 'w').write('x')")
@@ -87,22 +93,26 @@ def test_writing_outside_the_scratch_folder_fails_and_the_project_is_invisible(b
                    ).stdout == "False False False\n"
 
 
+@pytest.mark.unit
 def test_the_parent_environment_is_not_visible(box, monkeypatch):
     monkeypatch.setenv("EVOFORGE_SECRET_TOKEN", "hunter2")
     result = box.run("import os\nprint(sorted(os.environ))\nprint('hunter2' in str(os.environ))")
     assert result.stdout.splitlines() == ["['HOME', 'LANG', 'PATH', 'TMPDIR']", "False"]
 
 
+@pytest.mark.unit
 def test_output_is_cut_at_the_configured_size(box):
     result = box.run("print('x' * 100000)")
     assert result.status == "ok" and result.truncated and len(result.stdout) == 4000
 
 
+@pytest.mark.unit
 def test_many_executions_run_in_parallel_in_order(box):
     results = box.run_many([f"print({i} * {i})" for i in range(20)])
     assert [r.stdout.strip() for r in results] == [str(i * i) for i in range(20)]
 
 
+@pytest.mark.slow
 def test_resource_limits_alone_still_stop_loops_and_memory_bombs():
     with Sandbox(SandboxConfig(isolation="rlimits", wall_seconds=2, memory_mb=256, workers=1)) as weaker:
         assert weaker.isolation == "rlimits"
@@ -111,6 +121,7 @@ def test_resource_limits_alone_still_stop_loops_and_memory_bombs():
         assert weaker.run("import os; print(sorted(os.environ))").stdout.strip() == "['HOME', 'LANG', 'PATH', 'TMPDIR']"
 
 
+@pytest.mark.unit
 def test_the_cli_runs_a_file_the_way_the_search_does(scratch, capsys):
     from evoforge.app.cli import main
 
@@ -125,6 +136,7 @@ def test_the_cli_runs_a_file_the_way_the_search_does(scratch, capsys):
     assert "[sandbox] timeout" in capsys.readouterr().err
 
 
+@pytest.mark.unit
 def test_nothing_an_execution_plants_or_fills_reaches_the_next_one(box):
     """A step plants files where later executions will work, fills /tmp and /scratch, and leaves a
     file behind; the next executions on the same warm workers see none of it and run normally."""
@@ -159,6 +171,7 @@ def test_nothing_an_execution_plants_or_fills_reaches_the_next_one(box):
         assert results[4].stdout == results[5].stdout == "fine\n"
 
 
+@pytest.mark.unit
 def test_the_folders_sizes_come_out_of_the_memory_budget():
     with pytest.raises(ValueError, match="must leave at least 64 MB"):
         SandboxConfig(memory_mb=128, scratch_mb=32)  # /scratch, /tmp and /dev/shm: 96 MB of 128
@@ -166,6 +179,7 @@ def test_the_folders_sizes_come_out_of_the_memory_budget():
 
 # -- hostile: each escape a review tried (issue 27) -------------------------------------------------------
 
+@pytest.mark.unit
 @pytest.mark.parametrize("isolation", ["namespaces", "auto"])
 def test_without_namespaces_no_model_code_runs_unless_rlimits_is_named(monkeypatch, caplog, isolation):
     """No silent step down: where bubblewrap cannot run, the sandbox refuses in one line naming the opt-in;
@@ -207,6 +221,7 @@ def _daemons() -> list[int]:
     return found
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("isolation", ["namespaces", "rlimits"])
 def test_a_daemon_that_leaves_its_session_dies_with_its_execution(isolation):
     """fork, setsid, fork: the grandchild is in no process group of the execution, and its parent is gone. In
@@ -220,6 +235,7 @@ def test_a_daemon_that_leaves_its_session_dies_with_its_execution(isolation):
         assert _daemons() == []
 
 
+@pytest.mark.unit
 def test_no_nested_user_namespace_and_no_system_call_a_step_never_needs(box):
     """`unshare -Urn` would make the code uid 0 (with every capability) in a namespace of its own; mounts,
     ptrace, the keyring and BPF are refused; threads and subprocesses still work (clone3 falls back to clone)."""
@@ -251,6 +267,7 @@ def test_no_nested_user_namespace_and_no_system_call_a_step_never_needs(box):
         "thread [45] subprocess hi"]
 
 
+@pytest.mark.unit
 def test_memory_is_one_budget_for_all_of_an_executions_processes(box):
     """Four processes of 80 MB each fit the 256 MB address-space limit one by one, not the execution's budget."""
     spread = ("import os, time\n"

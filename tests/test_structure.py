@@ -11,8 +11,6 @@ import pytest
 
 from evoforge.data import home, schemas
 
-pytestmark = pytest.mark.unit
-
 PACKAGES = ("app", "data", "flows", "models", "tasks")
 
 
@@ -26,6 +24,7 @@ def project_modules() -> list[str]:
     return names
 
 
+@pytest.mark.slow
 def test_every_module_imports_on_its_own_in_a_fresh_interpreter():
     """Each module is imported first, alone: a cycle hidden by import order anywhere else fails here.
     One interpreter loads the third-party libraries once, then forks a fresh child per module, in
@@ -85,6 +84,7 @@ def evoforge_imports() -> dict[str, set[str]]:
     return graph
 
 
+@pytest.mark.unit
 def test_no_module_imports_a_layer_by_its_bare_name():
     """`from tasks.critic import ...` works under pytest (the checkout's root is on sys.path) and fails from the
     installed `evoforge` command (ModuleNotFoundError): every import of evoforge's own code names `evoforge.`,
@@ -107,6 +107,7 @@ def test_no_module_imports_a_layer_by_its_bare_name():
     assert len(files) > 50 and found == []
 
 
+@pytest.mark.unit
 def test_no_import_cycles_and_the_layers_point_one_way():
     """data <- models <- tasks <- flows <- app: storage knows nothing of engines, stages or flows, a flow
     nothing of the command line; no stage flow
@@ -134,6 +135,7 @@ def test_no_import_cycles_and_the_layers_point_one_way():
     assert [c for m in graph if (c := cycle_from(m))] == []
 
 
+@pytest.mark.unit
 def test_stages_in_tasks_are_plain_functions_and_prefect_stays_in_flows():
     """No module under tasks/ imports Prefect when it is imported: a stage is a plain function that tests,
     benches and training processes call without Prefect; flows/prefect_tasks.py makes the Prefect tasks.
@@ -161,6 +163,7 @@ def test_stages_in_tasks_are_plain_functions_and_prefect_stays_in_flows():
     assert [where.split(":")[0] for where in in_functions] == ["tasks/progress.py"]
 
 
+@pytest.mark.unit
 def test_evoforge_lives_beside_a_users_own_models_and_data_packages(scratch):
     """Installed evoforge takes one top-level name: a user's `models` and `data` packages stay theirs."""
     for name in ("models", "data"):
@@ -173,6 +176,7 @@ def test_evoforge_lives_beside_a_users_own_models_and_data_packages(scratch):
     assert done.stdout.strip() == "the user models | the user data | evoforge.models.engine Lake"
 
 
+@pytest.mark.unit
 def test_the_stage_registry_is_what_the_config_the_cli_and_the_lake_agree_on():
     from evoforge.app.cli import parser
     from evoforge.flows.config import RoundConfig
@@ -201,6 +205,7 @@ def test_the_stage_registry_is_what_the_config_the_cli_and_the_lake_agree_on():
     assert written == set(schemas.ROUND_TABLES) and set(schemas.ROUND_TABLES) | set(schemas.RUN_TABLES) <= views
 
 
+@pytest.mark.unit
 def test_a_stage_summary_reads_its_own_output_tables():
     import pyarrow as pa
 
@@ -212,6 +217,7 @@ def test_a_stage_summary_reads_its_own_output_tables():
                                  "- **rollouts**: 2, **tokens**: 7", "- **finish reasons**: length 1, stop 1"]
 
 
+@pytest.mark.unit
 def test_every_file_is_written_through_the_atomic_helper():
     """Hand-rolled temporary names escape the sweep of leftovers (data/atomic.py): none may exist."""
     offenders = []
@@ -226,6 +232,7 @@ def test_every_file_is_written_through_the_atomic_helper():
     assert offenders == []
 
 
+@pytest.mark.slow
 def test_a_regular_install_carries_its_sql_configs_and_data_sets_and_writes_outside_site_packages(scratch):
     """The wheel (what `pip install evoforge` installs) holds every subpackage and the files evoforge reads
     at run time; installed that way, its home is the user's data folder: not site-packages, and not the working

@@ -10,13 +10,12 @@ from evoforge.tasks.grading.pool import GraderPool
 from evoforge.tasks.grading.answers import last_boxed
 from evoforge.tasks.verify import VerifyConfig, grade_pairs, verify
 
-pytestmark = pytest.mark.unit
-
 
 def verdicts(pairs, **config):
     return [r[0] for r in grade_pairs(pairs, VerifyConfig(**config))]
 
 
+@pytest.mark.unit
 def test_last_boxed_takes_the_last_complete_box_and_never_concatenates():
     assert last_boxed("\\boxed{3} then \\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
     assert last_boxed("\\boxed{5} and an unclosed \\boxed{6") == "5"
@@ -24,6 +23,7 @@ def test_last_boxed_takes_the_last_complete_box_and_never_concatenates():
     assert last_boxed("no answer here") is None
 
 
+@pytest.mark.unit
 def test_verdicts_for_each_kind_of_response():
     pairs = [
         ("72", "48 + 24 = 72, so \\boxed{72}"),                # correct
@@ -41,6 +41,7 @@ def test_verdicts_for_each_kind_of_response():
     ]
 
 
+@pytest.mark.slow
 def test_adversarial_answers_end_as_timeouts_at_the_deadline_and_the_rest_still_grade():
     pairs = [
         ("5", "\\boxed{123456789^{123456789}}"),   # a power tower sympy would evaluate for minutes
@@ -57,6 +58,7 @@ def test_adversarial_answers_end_as_timeouts_at_the_deadline_and_the_rest_still_
     assert restarts >= 1
 
 
+@pytest.mark.unit
 def test_verify_task_returns_one_verdict_per_rollout_with_gold_and_answer():
     problems = pa.table({"problem_id": ["p1", "p2"], "answer": ["4", "10"]})
     rollouts = pa.table({
@@ -69,6 +71,7 @@ def test_verify_task_returns_one_verdict_per_rollout_with_gold_and_answer():
     assert rows["r2"]["extracted_answer"] == "5" and rows["r2"]["gold"] == "4"
 
 
+@pytest.mark.unit
 def test_verify_file_cli_grades_exactly_like_the_stage(scratch, capsys):
     from evoforge.app.cli import main
 
@@ -86,6 +89,7 @@ def test_verify_file_cli_grades_exactly_like_the_stage(scratch, capsys):
     assert "3 lines" in capsys.readouterr().out
 
 
+@pytest.mark.unit
 def test_a_demonstration_without_a_reference_is_marked_not_graded_and_filter_leaves_it_out():
     from evoforge.tasks.filter import FilterConfig, filter_problems
 
@@ -99,6 +103,7 @@ def test_a_demonstration_without_a_reference_is_marked_not_graded_and_filter_lea
     assert stats["problem_id"].to_pylist() == ["p1"]  # no accuracy, no bucket for the ungraded demonstration
 
 
+@pytest.mark.unit
 def test_each_distinct_answer_is_graded_once_and_its_verdict_fanned_out_identically():
     """A problem's samples repeat their final answers: the stage grades each distinct (gold, boxed
     answers) once; every row's verdict is what grading it alone gives, and `graded_with` says whose."""
