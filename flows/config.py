@@ -26,7 +26,7 @@ from evoforge.models.engine import EngineConfig
 from evoforge.tasks.critic import CriticConfig
 from evoforge.tasks.evaluate import EvaluateConfig
 from evoforge.tasks.filter import FilterConfig
-from evoforge.tasks.finetune.config import FinetuneConfig
+from evoforge.tasks.finetune.config import FinetuneConfig, say_once
 from evoforge.tasks.generate import GenerateConfig
 from evoforge.tasks.ingest import EvalSetConfig, SourceConfig
 from evoforge.tasks.mcts import MCTSConfig
@@ -104,6 +104,8 @@ class RoundConfig(Section):
         moved = {key: critic[key] for key in ("replay_size", "critic_share") if isinstance(critic, dict) and key in critic}
         if not moved:
             return data
+        for key in moved:
+            say_once(f"config: critic.{key} is finetune.raro.{key} now; read as that")
         finetune = dict(data.get("finetune") or {})
         finetune["raro"] = {**moved, **(finetune.get("raro") or {})}
         return {**data, "critic": {k: v for k, v in critic.items() if k not in moved}, "finetune": finetune}

@@ -19,6 +19,10 @@ def flow_run_logger() -> logging.Logger | logging.LoggerAdapter:
     """The active Prefect run's logger, else the `evoforge` logger. Prefect is imported here, not at
     module level, because inside a flow run the lines go to the Prefect UI; tasks/ stays plain functions
     that tests, benches and training processes call without Prefect (tests/test_structure.py checks it)."""
+    if "prefect" not in sys.modules:
+        # no Prefect run can be active in a process that never imported Prefect (a training process, a
+        # bench); importing it here would also replace the logging that process set up for itself
+        return logging.getLogger("evoforge")
     try:
         from prefect import get_run_logger
 

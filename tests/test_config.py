@@ -51,11 +51,18 @@ def test_every_section_of_the_round_config_refuses_keys_it_does_not_declare():
     assert len(seen) > 20  # the sections and what they nest (sampling, lora, guard, svs, ...)
 
 
-def test_keys_from_before_the_method_sections_read_as_their_new_place(scratch, caplog):
+def test_keys_from_before_the_method_sections_read_as_their_new_place(scratch, caplog, monkeypatch):
+    from evoforge.tasks.finetune import config as finetune_config
+
+    monkeypatch.setattr(finetune_config, "_said", set())  # said once per process: maybe already, by another test
     path = scratch / "old.yaml"
     path.write_text("critic: {replay_size: 7, critic_share: 0.25, tau_critic: 0.5}\n"
                     "finetune: {method: grpo, dpo_beta: 0.3, grpo_generations: 8, grpo_problems: all}\n")
-    config = load_config(path)
+    with caplog.at_level("WARNING", logger="evoforge"):
+        config = load_config(path)
+    said = [r.getMessage() for r in caplog.records]
+    assert "config: finetune.grpo_generations is finetune.grpo.generations now; read as that" in said
+    assert "config: critic.replay_size is finetune.raro.replay_size now; read as that" in said
     assert (config.finetune.dpo.beta, config.finetune.grpo.generations, config.finetune.grpo.problems) == (0.3, 8, "all")
     assert (config.finetune.raro.replay_size, config.finetune.raro.critic_share, config.critic.tau_critic) == (7, 0.25, 0.5)
     # saved again, the config has only the new keys, and loads to the same settings

@@ -23,7 +23,8 @@ RENAMED = {"dpo_beta": ("dpo", "beta"), "grpo_generations": ("grpo", "generation
 _said: set[str] = set()
 
 
-def _say_once(line: str) -> None:
+def say_once(line: str) -> None:
+    """A warning the `evoforge` logger gives once per process (a config is read many times in a round)."""
     if line not in _said:
         _said.add(line)
         logging.getLogger("evoforge").warning(line)
@@ -134,7 +135,7 @@ class FinetuneConfig(Section):
         for old, (section, key) in RENAMED.items():
             if old in data:
                 data[section] = {**(data.get(section) or {}), key: data.pop(old)}
-                _say_once(f"config: finetune.{old} is finetune.{section}.{key} now; read as that")
+                say_once(f"config: finetune.{old} is finetune.{section}.{key} now; read as that")
         return data
 
     @field_validator("method")

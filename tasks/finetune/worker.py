@@ -32,10 +32,12 @@ class MarkedLines(logging.Handler):
 
 
 def _configure_logging(rank: int) -> None:
-    import evoforge.tasks.finetune.training  # noqa: F401  (first: Prefect's import configures the logging it finds)
+    # training's imports first: a library that configures logging as it is imported must not undo what follows.
+    # Prefect is not among them (tasks/ does not import it), so no Prefect run logger is looked up here either
+    import evoforge.tasks.finetune.training  # noqa: F401
 
     own = logging.getLogger("evoforge")
-    own.handlers.clear()  # Prefect's console handler: the launcher is this process's terminal
+    own.handlers.clear()  # any handler a library gave it: the launcher is this process's terminal
     own.setLevel(logging.INFO)
     own.propagate = False
     if rank == 0:
