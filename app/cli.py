@@ -577,6 +577,10 @@ def _run_log(args):
     from evoforge.data.lake import LakeError, lake
 
     if args.command not in RUN_COMMANDS:
+        if args.command == "verify-file":  # a stage's grading outside a flow: its progress lines as the stage shows them
+            from prefect.logging.configuration import setup_logging
+
+            setup_logging()
         yield None
         return
     try:
