@@ -544,6 +544,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_arguments(argv: list[str]) -> argparse.Namespace:
+    """The command's arguments; `passed_on`: the options `pools setup` and `worker` hand to `prefect deploy` /
+    `prefect worker start`. Any other command refuses an option it does not know."""
+    command_line = parser()
+    args, passed_on = command_line.parse_known_args(argv)
+    if passed_on and not getattr(args, "passes_options_on", False):
+        command_line.error(f"unrecognized arguments: {' '.join(passed_on)}")
+    args.passed_on = passed_on
+    return args
+
+
 @contextmanager
 def _sigterm_as_interrupt():
     """`kill` (a supervisor, a timeout) ends a command the way Ctrl-C does: the server `evoforge ui`
@@ -627,11 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     import shlex
 
     argv = sys.argv[1:] if argv is None else argv
-    command_line = parser()
-    args, passed_on = command_line.parse_known_args(argv)
-    if passed_on and not getattr(args, "passes_options_on", False):
-        command_line.error(f"unrecognized arguments: {' '.join(passed_on)}")
-    args.passed_on = passed_on  # pools setup, worker: the options of `prefect deploy` / `prefect worker start`
+    args = parse_arguments(argv)
     started = time.time()
     # a handler that cannot deliver a record (Prefect's API log worker when the server went away)
     # must not print its own error into the terminal; the log file keeps the records

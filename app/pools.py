@@ -15,13 +15,12 @@ from evoforge.flows.dispatch import POOLS
 
 def create_pools(pools=POOLS) -> list[str]:
     """The process work pools (existing ones are left as they are); returns those it created."""
+    from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists
     from prefect.workers.process import ProcessWorker
 
     created = []
-    from prefect.client.orchestration import get_client
-
     with get_client(sync_client=True) as client:
         for pool in pools:
             try:

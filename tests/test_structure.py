@@ -261,3 +261,21 @@ def test_a_regular_install_carries_its_sql_configs_and_data_sets_and_writes_outs
     chosen = subprocess.run([sys.executable, "-c", "from evoforge.data import home; print(home.home())"], cwd=work,
                             capture_output=True, text=True, timeout=120, env={**env, "EVOFORGE_HOME": str(work)})
     assert chosen.stdout.split() == [str(work.resolve())]  # the user's choice wins
+
+
+@pytest.mark.unit
+def test_one_command_line_passes_prefects_own_options_only_to_pools_setup_and_worker(capsys):
+    """The cluster's set-up and workers are `evoforge` commands (deploy/cluster/*.sh call them); the options
+    they do not know go to `prefect deploy` / `prefect worker start`, and any other command refuses them."""
+    from evoforge.app.cli import parse_arguments
+
+    worker = parse_arguments(["worker", "gpu", "--name", "gpu-1", "--limit", "2"])
+    assert (worker.pool, worker.name, worker.passed_on) == ("gpu", "gpu-1", ["--limit", "2"])
+    setup = parse_arguments(["pools", "setup", "--name", "stage_flow/gpu"])
+    assert setup.passed_on == ["--name", "stage_flow/gpu"]
+    with pytest.raises(SystemExit) as refused:
+        parse_arguments(["status", "--run", "r", "--limit", "2"])
+    assert refused.value.code == 2 and "unrecognized arguments: --limit 2" in capsys.readouterr().err
+    for script in ("setup.sh", "worker.sh"):
+        last = (home.PROJECT_ROOT / "deploy" / "cluster" / script).read_text().strip().splitlines()[-1]
+        assert last.startswith('exec "$python" -m evoforge ')
