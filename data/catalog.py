@@ -14,7 +14,7 @@ from typing import Callable
 import duckdb
 
 from evoforge.data.atomic import atomic_path
-from evoforge.data.lake import Lake, RunHealth
+from evoforge.data.lake import Lake, LakeError, RunHealth
 from evoforge.data.storage import LakePath, duckdb_filesystem, is_remote, location
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
@@ -48,6 +48,21 @@ def run_health(run_dir: LakePath) -> RunHealth:
     except OSError:  # a lake this user may only read: the views keep the columns the run was written with
         pass
     return lake.inspect(run_dir.name)
+
+
+def all_runs_health(root: LakePath) -> RunHealth:
+    """`run_health` of every run under the lake's `root`, as one: the views then read every run, their
+    `run` column telling them apart (`evoforge sql --all-runs`)."""
+    lake = Lake(root)
+    merged = RunHealth()
+    for run in lake.runs():
+        health = run_health(lake.run_dir(run))
+        for table, files in health.files.items():
+            merged.files.setdefault(table, []).extend(files)
+        merged.damaged += health.damaged
+    if not merged.files:
+        raise LakeError(f"no runs under {lake.root}")
+    return merged
 
 
 def use_object_storage(con: duckdb.DuckDBPyConnection) -> None:

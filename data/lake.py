@@ -37,8 +37,8 @@ from evoforge.data import home, schemas
 from evoforge.data.atomic import atomic_path, commit, fsync_folder, leftovers, remove_leftovers
 from evoforge.data.ids import stable_hash
 from evoforge.data.manifest import (
-    MANIFEST_NAME, PART_NAME, Manifest, ManifestError, Part, describe_part, new_part_name, part_damage,
-    read_manifest, write_manifest,
+    HISTORY_FOLDER, MANIFEST_NAME, PART_NAME, Manifest, ManifestError, Part, describe_part, new_part_name, part_damage,
+    read_history, read_manifest, write_manifest,
 )
 from evoforge.data.runlock import check_run_lease
 from evoforge.data.storage import (
@@ -115,6 +115,7 @@ class RunHealth:
     damaged: list[Damage] = field(default_factory=list)
     unnamed: list[LakePath] = field(default_factory=list)  # files in table folders that no manifest lists
     leftovers: list[LakePath] = field(default_factory=list)  # temporary files and uncommitted parts of dead writers
+    superseded: list[LakePath] = field(default_factory=list)  # parts only earlier versions list (kept until vacuum)
     legacy: list[LakePath] = field(default_factory=list)  # parts of a stage an evoforge before manifests wrote
 
 
@@ -333,12 +334,16 @@ class Lake:
         run_dir = self.run_dir(run)
         return Path(run_dir) / "logs" if not is_remote(run_dir) else home.home() / "logs" / "runs" / run
 
+    def runs(self) -> list[str]:
+        """The names of the runs under the lake's root."""
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and RUN_NAME.fullmatch(p.name)) \
+            if self.root.is_dir() else []
+
     def existing_run_dir(self, run: str) -> LakePath:
         """The run's folder; LakeError listing the runs there when it does not exist."""
         run_dir = self.run_dir(run)
         if not run_dir.is_dir():
-            runs = sorted(p.name for p in self.root.iterdir() if p.is_dir() and RUN_NAME.fullmatch(p.name)) \
-                if self.root.is_dir() else []
+            runs = self.runs()
             raise LakeError(f"run {run!r} does not exist under {self.root}; runs there: {', '.join(runs) or 'none'}")
         return run_dir
 
@@ -474,6 +479,14 @@ class Lake:
                     raise _OutputChanged(f"{folder}: a new output was committed while it was read; read it again") from None
         raise LakeError(f"{folder}: the output kept changing while it was read; try again")
 
+    def read_parts(self, run: str, round: int, stage: str, parts: Iterable[Part], table: str) -> pa.Table:
+        """The rows of the given parts of one stage folder (of any of its versions, data/history.py), each
+        checked against its checksum as it is read."""
+        folder, schema = self.stage_dir(run, round, stage), self._schema(table)
+        batches = [batch for part in parts if part.table == table
+                   for batch in self._part_batches(run, round, stage, folder, part, schema)]
+        return pa.Table.from_batches(batches, schema)
+
     def _part_batches(self, run, round, stage, folder: LakePath, part: Part, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
         path = folder / part.file
         try:
@@ -559,18 +572,19 @@ class Lake:
         return len(files)
 
     def publish_stage(self, run: str, round: int, stage: str, tables: Mapping[str, TableSource],
-                      key: str | None = None) -> str | None:
+                      key: str | None = None, config_hash: str | None = None) -> str | None:
         """Commit `tables` as the stage's output; returns the output fingerprint (of `key`'s parts)."""
-        return self.publish(run, round, stage, tables, key).fingerprint
+        return self.publish(run, round, stage, tables, key, config_hash).fingerprint
 
     def publish(self, run: str, round: int, stage: str, tables: Mapping[str, TableSource],
-                key: str | None = None) -> Published:
+                key: str | None = None, config_hash: str | None = None) -> Published:
         """Commit `tables` as the stage's output: each a table, or its rows (tables or record
         batches) as they are produced, written in bounded parts as they come (`TableWriter`).
 
         Without `key` the whole output is replaced; with one, only the parts of that key (ingest: one
-        source). New parts first, then the manifest (the commit), then the superseded parts go: a
-        crash at any point leaves the old output or the new one, whole. Callers hold the run's lock."""
+        source). New parts first, then the manifest (the commit, a new version): a crash at any point
+        leaves the old output or the new one, whole. The superseded parts stay, listed by the earlier
+        versions (data/manifest.py, History) until `vacuum`. Callers hold the run's lock."""
         self.ensure_run(run)
         folder = self.stage_dir(run, round, stage)
         try:
@@ -598,10 +612,7 @@ class Lake:
             fsync_folder(table_folder)
         kept = [p for p in (old.parts if old else ()) if key is not None and p.key != key]
         check_run_lease(self.run_dir(run))  # a holder whose S3 lease was taken over must not commit
-        manifest = write_manifest(folder, kept + written)  # the commit
-        for part in (old.parts if old else ()):
-            if part not in kept:
-                (folder / part.file).unlink(missing_ok=True)
+        manifest = write_manifest(folder, kept + written, config_hash)  # the commit
         return Published(manifest.fingerprint(key), tuple(written))
 
     # -- health --------------------------------------------------------------------------------
@@ -619,6 +630,11 @@ class Lake:
             except ManifestError as err:
                 health.damaged.append(Damage(run, err.path, err.reason, round, stage))
                 continue
+            try:
+                earlier = {p.file for version in read_history(folder) for p in version.parts}
+            except ManifestError as err:  # a damaged copy: what it listed is unknown, so nothing of it is swept
+                health.damaged.append(Damage(run, err.path, err.reason, round, stage))
+                earlier = None
             listed = set()
             for part in manifest.parts if manifest else ():
                 listed.add(part.file)
@@ -629,9 +645,12 @@ class Lake:
                     health.files[part.table].append(folder / part.file)
             for path in sorted(folder.glob("*/*")):
                 relative = path.relative_to(folder).as_posix()
-                if not path.is_file() or relative in listed or path.name.startswith("."):
+                if not path.is_file() or relative in listed or path.name.startswith(".") \
+                        or path.parent.name == HISTORY_FOLDER:
                     continue
-                if PART_NAME.fullmatch(path.name):
+                if PART_NAME.fullmatch(path.name) and (earlier is None or relative in earlier):
+                    health.superseded.append(path)
+                elif PART_NAME.fullmatch(path.name):
                     health.leftovers.append(path)
                 elif manifest is None and LEGACY_PART.fullmatch(path.name) and path.parent.name in schemas.ROUND_TABLES:
                     health.legacy.append(path)
@@ -689,7 +708,7 @@ class Lake:
     def repair(self, run: str, damaged: list[Damage]) -> list[str]:
         """Move damaged files aside (runs/<run>/_damaged/<time>/...) and uncommit what they belong to:
         the whole output of a stage (its tables belong together), or for a stage committed one input
-        at a time, that input's parts. The stage then counts as not run: the next round or stage
+        at a time, that input's parts (the healthy ones stay, as an earlier version's). The stage then counts as not run: the next round or stage
         command recomputes it. Returns one line per action. Caller holds the run's lock."""
         run_dir = self.run_dir(run)
         aside = run_dir / DAMAGED_FOLDER / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
@@ -720,9 +739,6 @@ class Lake:
                 write_manifest(folder, kept)
             else:
                 move_aside(folder / MANIFEST_NAME)
-            for part in dropped:
-                if part != entry:
-                    (folder / part.file).unlink(missing_ok=True)
             what = f"the parts of input {entry.key}" if entry.key else "its output"
             lines.append(f"round {damage.round} {damage.stage}: moved {damage.path.name} aside and uncommitted "
                          f"{what} ({sum(p.rows for p in dropped)} rows); it will be recomputed")

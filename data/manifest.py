@@ -13,6 +13,15 @@ before its commit, swept at the next stage start.
 
 A part's `key` names the input it came from, for a stage that commits one input at a time (ingest:
 one source file): a commit with a key replaces that key's parts and keeps the others.
+
+History (docs/ARCHITECTURE.md, "The lake's history"): every commit is a version of its stage folder,
+numbered 1, 2, ... A copy of each committed manifest stays under `_history/v<version>-<commit>.json`,
+and the parts a newer commit no longer lists are kept (superseded, not deleted): a checkpoint's or an
+evaluation's data can always be read back as it was (`Lake.history`, `evoforge sql --as-of`) until
+`evoforge vacuum` removes what nothing refers to. The current `_manifest.json` stays the one commit
+point: its copy is written after it, and a commit that finds its predecessor's copy missing (a writer
+killed between the two) writes that copy first, so the history never lacks a version that was current
+and never holds one that was not.
 """
 from __future__ import annotations
 
@@ -20,7 +29,7 @@ import hashlib
 import json
 import re
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,7 +39,9 @@ from evoforge.data.ids import stable_hash
 from evoforge.data.storage import LakePath, is_remote, parquet_metadata
 
 MANIFEST_NAME = "_manifest.json"
-FORMAT = 1
+HISTORY_FOLDER = "_history"
+HISTORY_NAME = re.compile(r"v(?P<version>\d{8})-(?P<commit>[0-9a-f]{32})\.json")
+FORMAT = 1  # `version` and `config_hash` were added without a new format: an older reader ignores them
 PART_NAME = re.compile(r"part-[0-9a-f]{32}\.parquet")  # evoforge's own part names (committed or not): fullmatch
 KNOWN_TABLES = frozenset(ROUND_TABLES) | frozenset(RUN_TABLES)
 
@@ -58,6 +69,9 @@ class Manifest:
     commit: str
     committed_at: str
     parts: tuple[Part, ...]
+    version: int = 1  # 1, 2, ... per stage folder (a manifest written before versions is version 1)
+    config_hash: str | None = None  # the stage config that produced it, when a stage run committed it
+    vacuumed_at: str | None = None  # in a `_history/` copy: when `evoforge vacuum` removed parts only it listed
 
     def tables(self) -> set[str]:
         return {p.table for p in self.parts}
@@ -94,6 +108,10 @@ def read_manifest(stage_dir: LakePath) -> Manifest | None:
         text = path.read_text()
     except FileNotFoundError:
         return None
+    return _parse_manifest(path, text)
+
+
+def _parse_manifest(path: LakePath, text: str) -> Manifest:
     try:
         data = json.loads(text)
         if data.get("format") != FORMAT:
@@ -106,17 +124,72 @@ def read_manifest(stage_dir: LakePath) -> Manifest | None:
                 raise ValueError(f"table {p.table!r} is not one of evoforge's tables")
             if not PART_NAME.fullmatch(Path(p.file).name) or Path(p.file).parent.as_posix() != p.table:
                 raise ValueError(f"part {p.file!r} is not a part of table {p.table!r}")
-        return Manifest(commit=data["commit"], committed_at=data["committed_at"], parts=parts)
+        version = data.get("version", 1)
+        if not isinstance(version, int) or version < 1:
+            raise ValueError(f"version {version!r} is not a positive integer")
+        return Manifest(commit=data["commit"], committed_at=data["committed_at"], parts=parts, version=version,
+                        config_hash=data.get("config_hash"), vacuumed_at=data.get("vacuumed_at"))
     except (ValueError, KeyError, TypeError) as err:
         raise ManifestError(path, f"unreadable manifest: {err}") from None
 
 
-def write_manifest(stage_dir: LakePath, parts: list[Part]) -> Manifest:
-    manifest = Manifest(commit=uuid.uuid4().hex, committed_at=datetime.now(timezone.utc).isoformat(),
-                        parts=tuple(sorted(parts, key=lambda p: (p.table, p.key or "", p.file))))
+def _body(manifest: Manifest) -> str:
     body = {"format": FORMAT, "commit": manifest.commit, "committed_at": manifest.committed_at,
+            "version": manifest.version, "config_hash": manifest.config_hash,
             "parts": [asdict(p) for p in manifest.parts]}
-    write_text(stage_dir / MANIFEST_NAME, json.dumps(body, indent=1) + "\n")
+    if manifest.vacuumed_at:
+        body["vacuumed_at"] = manifest.vacuumed_at
+    return json.dumps(body, indent=1) + "\n"
+
+
+def _history_path(stage_dir: LakePath, manifest: Manifest) -> LakePath:
+    return stage_dir / HISTORY_FOLDER / f"v{manifest.version:08d}-{manifest.commit}.json"
+
+
+def history_names(stage_dir: LakePath) -> dict[int, LakePath]:
+    """version -> its copy under `_history/`, as listed (one listing; nothing is read)."""
+    folder = stage_dir / HISTORY_FOLDER
+    found = {}
+    for path in folder.iterdir() if folder.is_dir() else ():
+        match = HISTORY_NAME.fullmatch(path.name)
+        if match:
+            found[int(match["version"])] = path
+    return found
+
+
+def read_history(stage_dir: LakePath) -> list[Manifest]:
+    """Every version the stage folder has had, oldest first: the copies under `_history/` and the
+    current manifest (whose copy a killed writer may not have written yet). ManifestError names an
+    unreadable copy: what it listed is unknown, so nothing may be vacuumed on a guess."""
+    versions = {}
+    for version, path in history_names(stage_dir).items():
+        versions[version] = _parse_manifest(path, path.read_text())
+    current = read_manifest(stage_dir)
+    if current is not None:
+        versions[current.version] = current
+    return [versions[v] for v in sorted(versions)]
+
+
+def mark_vacuumed(stage_dir: LakePath, manifest: Manifest, when: str) -> None:
+    """Rewrite a superseded version's copy to say its own parts were removed (written before they are)."""
+    write_text(_history_path(stage_dir, manifest), _body(replace(manifest, vacuumed_at=when)))
+
+
+def write_manifest(stage_dir: LakePath, parts: list[Part], config_hash: str | None = None) -> Manifest:
+    """Commit `parts` as the stage folder's next version (see the module doc for the order of writes)."""
+    copies = history_names(stage_dir)
+    try:
+        current = read_manifest(stage_dir)
+    except ManifestError:
+        current = None  # an unreadable manifest is being replaced: its version number is lost, not reused
+    if current is not None and current.version not in copies:
+        write_text(_history_path(stage_dir, current), _body(current))
+    version = max([*copies, current.version if current else 0]) + 1
+    manifest = Manifest(commit=uuid.uuid4().hex, committed_at=datetime.now(timezone.utc).isoformat(),
+                        parts=tuple(sorted(parts, key=lambda p: (p.table, p.key or "", p.file))),
+                        version=version, config_hash=config_hash)
+    write_text(stage_dir / MANIFEST_NAME, _body(manifest))  # the commit
+    write_text(_history_path(stage_dir, manifest), _body(manifest))
     return manifest
 
 

@@ -45,6 +45,25 @@ def collect(run: str) -> dict:
             "collapse": catalog.query(con, "collapse"), "collapse_flags": collapse_flags(evals, _entropy_drop_flag(run))}
 
 
+def pin_report(run: str) -> int:
+    """Record that a report was made from the run as it is now (a `stage_runs` event of stage `report`),
+    so `evoforge vacuum` keeps the parts it read (data/history.py); returns the run's version it showed."""
+    import uuid
+    from datetime import datetime, timezone
+
+    import pyarrow as pa
+
+    from evoforge.data.history import run_history
+
+    versions = run_history(lake(), run)
+    now = datetime.now(timezone.utc)
+    event = {name: None for name in schemas.STAGE_RUNS.names} | {
+        "stage_run_id": uuid.uuid4().hex, "run": run, "round": max((v.round for v in versions), default=0),
+        "stage": "report", "started_at": now, "finished_at": now, "status": "completed"}
+    lake().append_run_table(run, "stage_runs", pa.Table.from_pylist([event], schema=schemas.STAGE_RUNS))
+    return len(versions)
+
+
 def _entropy_drop_flag(run: str) -> float:
     from evoforge.flows.config import ConfigError
     from evoforge.flows.inputs import saved_config

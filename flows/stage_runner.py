@@ -182,7 +182,7 @@ def _execute_locked(store: Lake, run, round, stage, config_hash, model_id, input
         unexpected = sorted(set(tables) - set(STAGES[stage].writes))
         if unexpected:  # the registry says what a stage writes; catalog views and readers rely on it
             raise RuntimeError(f"{stage} returned tables {unexpected} that the stage registry does not list")
-        published = store.publish(run, round, stage, tables, key=part)
+        published = store.publish(run, round, stage, tables, key=part, config_hash=config_hash)
         output_fp = published.fingerprint
     except BaseException as err:
         message = f"{type(err).__name__}: {err}".splitlines()[0][:500]

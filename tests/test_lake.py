@@ -14,7 +14,7 @@ import pytest
 
 from evoforge.data import catalog, schemas
 from evoforge.data.lake import DamagedPart, Lake, LakeError
-from evoforge.data.manifest import MANIFEST_NAME, describe_part, read_manifest, write_manifest
+from evoforge.data.manifest import MANIFEST_NAME, describe_part, read_history, read_manifest, write_manifest
 
 pytestmark = pytest.mark.unit
 
@@ -38,7 +38,7 @@ def test_views_match_the_arrow_schemas_before_any_stage_ran(scratch):
         view = con.execute(f"DESCRIBE {name}").fetchall()
         expected = [(f.name, t) for f, t in zip(schema, _duck_types(arrow_types, schema))] + JOINED_COLUMNS.get(name, [])
         if name in schemas.ROUND_TABLES:
-            expected += [("round", "BIGINT"), ("stage", "VARCHAR")]
+            expected += [("round", "BIGINT"), ("stage", "VARCHAR"), ("run", "VARCHAR")]
         assert [(c[0], c[1]) for c in view] == expected, name
         assert con.execute(f"SELECT count(*) FROM {name}").fetchone()[0] == 0
 
@@ -55,11 +55,15 @@ def test_publish_replaces_a_stage_output_and_reads_carry_the_round(scratch):
     assert first != second
     table = lake.read("r", "problems")
     assert table["problem_id"].to_pylist() == ["x0", "x1"] and set(table["round"].to_pylist()) == {1}
-    # the manifest lists exactly the parts in place; the superseded ones are gone
-    manifest = read_manifest(lake.stage_dir("r", 1, "ingest"))
-    assert [p.rows for p in manifest.parts] == [2] and manifest.fingerprint() == second
-    assert sorted(lake.stage_dir("r", 1, "ingest").glob("*/part-*.parquet")) == [
-        lake.stage_dir("r", 1, "ingest") / p.file for p in manifest.parts]
+    # the manifest lists only the new parts; the superseded one stays, listed by version 1, and is not swept
+    folder = lake.stage_dir("r", 1, "ingest")
+    manifest = read_manifest(folder)
+    assert [p.rows for p in manifest.parts] == [2] and manifest.fingerprint() == second and manifest.version == 2
+    (old,) = [v for v in read_history(folder) if v.version == 1]
+    assert sorted(folder.glob("*/part-*.parquet")) == sorted(folder / p.file for p in old.parts + manifest.parts)
+    health = lake.inspect("r")
+    assert health.superseded == [folder / p.file for p in old.parts] and health.leftovers == []
+    assert lake.sweep("r") == 0 and (folder / old.parts[0].file).exists()
 
 
 def test_a_commit_for_one_input_keeps_the_parts_of_the_others(scratch):
@@ -181,7 +185,9 @@ def test_an_unreadable_manifest_is_named_and_the_rest_of_the_run_reads(scratch):
     with pytest.raises(DamagedPart):  # one input's commit cannot know the other inputs' parts
         lake.publish_stage("r", 0, "ingest", {"problems": problems(1)}, key="source-a")
     lake.publish_stage("r", 0, "ingest", {"problems": problems(2)})  # a whole new output replaces it
-    assert lake.read("r", "problems").num_rows == 2 and lake.sweep("r") == 1  # the old part, unlisted
+    # the old part is version 1's (its copy under _history/ was written at its commit): kept, not swept
+    assert lake.read("r", "problems").num_rows == 2 and lake.sweep("r") == 0
+    assert len(lake.inspect("r").superseded) == 1 and read_manifest(lake.stage_dir("r", 0, "ingest")).version == 2
 
 
 def test_a_tampered_manifest_cannot_point_a_part_or_a_sweep_outside_its_stage(scratch):

@@ -40,12 +40,15 @@ def test_a_commit_on_object_storage_is_its_manifest_and_a_damaged_object_is_name
     assert [p.name for p in store.inspect("r").leftovers] == ["part-0123456789abcdef0123456789abcdef.parquet"]
     assert store.sweep("r") == 1
 
-    # a replaced input's old parts go after the new manifest is in place
+    # a replaced input's old parts stay, listed by the earlier version (kept until vacuum)
     store.publish_stage("r", 0, "ingest", {"problems": problems(2)}, key="a")
     after = json.loads((stage / MANIFEST_NAME).read_text())
     assert after["commit"] != committed["commit"] and store.read("r", "problems").num_rows == 5
+    assert after["version"] == committed["version"] + 1
+    earlier = {p["file"].split("/")[1] for p in committed["parts"]}
     assert sorted(p.name for p in (stage / "problems").iterdir()) == sorted(
-        p["file"].split("/")[1] for p in after["parts"])
+        earlier | {p["file"].split("/")[1] for p in after["parts"]})
+    assert len(store.inspect("r").superseded) == 1 and store.sweep("r") == 0
 
     # the catalog reads the objects through DuckDB with the S3 filesystem registered
     assert catalog.connect(store.run_dir("r")).execute("SELECT count(*) FROM problems").fetchone()[0] == 5

@@ -22,7 +22,8 @@ SELECT
     d.why,              -- the paired changes the gate read, or the reason given by hand
     d.decided_by,       -- 'gate' or 'manual'
     c.round,            -- the round whose data trained it: if promoted, the policy of round + 1
-    regexp_extract(c.filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
+    regexp_extract(c.filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage,  -- the stage that wrote the row (from the lake path)
+    regexp_extract(c.filename, '/([^/]+)/round=[0-9]+/[^/]+/[^/]+/[^/]+$', 1) AS run  -- the run (from the lake path; `evoforge sql --all-runs` reads them all)
 FROM read_parquet(${parts:checkpoints}, hive_partitioning = true, union_by_name = true, filename = true) AS c
 LEFT JOIN (
     -- the decision in force: by hand (stage 'promote') over the gate's, then the newest; on these very weights

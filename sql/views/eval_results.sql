@@ -14,5 +14,6 @@ SELECT
     settings_hash,      -- hash of the sampling, few-shot and grading settings: rows compare only under the same one
     coalesce(search, 'none') AS search,  -- 'none': the problem's n samples; 'ppm_best_of_n': the one sample the PPM picked among them (n = 1)
     round,              -- the round whose evaluate stage measured it
-    regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
+    regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage,  -- the stage that wrote the row (from the lake path)
+    regexp_extract(filename, '/([^/]+)/round=[0-9]+/[^/]+/[^/]+/[^/]+$', 1) AS run  -- the run (from the lake path; `evoforge sql --all-runs` reads them all)
 FROM read_parquet(${parts:eval_results}, hive_partitioning = true, union_by_name = true, filename = true);

@@ -16,5 +16,6 @@ SELECT
     distinct_answer_rate, -- distinct final answers / samples, per problem, averaged: collapse drives it towards 1/n
     coalesce(search, 'none') AS search,  -- 'none': plain sampling (pass@k over the n samples); 'ppm_best_of_n': the PPM picks one of the n samples per problem (n = 1)
     round,              -- the round whose evaluate stage measured it
-    regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
+    regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage,  -- the stage that wrote the row (from the lake path)
+    regexp_extract(filename, '/([^/]+)/round=[0-9]+/[^/]+/[^/]+/[^/]+$', 1) AS run  -- the run (from the lake path; `evoforge sql --all-runs` reads them all)
 FROM read_parquet(${parts:evals}, hive_partitioning = true, union_by_name = true, filename = true);

@@ -14,5 +14,6 @@ SELECT
     policy_reward,      -- 1[label = policy] + tau_policy * 1[tie]; NULL when unparseable (no reward)
     critic_model_id,    -- the model that judged (the round's policy)
     round,
-    regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
+    regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage,  -- the stage that wrote the row (from the lake path)
+    regexp_extract(filename, '/([^/]+)/round=[0-9]+/[^/]+/[^/]+/[^/]+$', 1) AS run  -- the run (from the lake path; `evoforge sql --all-runs` reads them all)
 FROM read_parquet(${parts:judgments}, hive_partitioning = true, union_by_name = true, filename = true);

@@ -13,5 +13,6 @@ SELECT
     chosen_score,         -- solution pairs: minus the response's token count; step pairs: Q-value
     rejected_score,       -- solution pairs: the response's mean log-probability; step pairs: Q-value
     round,
-    regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
+    regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage,  -- the stage that wrote the row (from the lake path)
+    regexp_extract(filename, '/([^/]+)/round=[0-9]+/[^/]+/[^/]+/[^/]+$', 1) AS run  -- the run (from the lake path; `evoforge sql --all-runs` reads them all)
 FROM read_parquet(${parts:pairs}, hive_partitioning = true, union_by_name = true, filename = true);

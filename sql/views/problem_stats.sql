@@ -9,5 +9,6 @@ SELECT
     mean_tokens,
     bucket,             -- unsolved (0) | underperforming (SvS band, default 12.5%-50%) | learnable (other 0<acc<1) | solved (1)
     round,
-    regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
+    regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage,  -- the stage that wrote the row (from the lake path)
+    regexp_extract(filename, '/([^/]+)/round=[0-9]+/[^/]+/[^/]+/[^/]+$', 1) AS run  -- the run (from the lake path; `evoforge sql --all-runs` reads them all)
 FROM read_parquet(${parts:problem_stats}, hive_partitioning = true, union_by_name = true, filename = true);

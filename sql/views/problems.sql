@@ -12,5 +12,6 @@ SELECT
     task,               -- tag of the source: 'math' (graded presets), 'demonstration', or the ingest's --task
     expert_answer,      -- the expert's worked answer the RARO critic compares with: a demonstration, a GSM8K/MATH solution; NULL if none
     round,              -- round the problem entered the pool (from the lake path round=<r>)
-    regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
+    regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage,  -- the stage that wrote the row (from the lake path)
+    regexp_extract(filename, '/([^/]+)/round=[0-9]+/[^/]+/[^/]+/[^/]+$', 1) AS run  -- the run (from the lake path; `evoforge sql --all-runs` reads them all)
 FROM read_parquet(${parts:problems}, hive_partitioning = true, union_by_name = true, filename = true);

@@ -11,5 +11,6 @@ SELECT
     matched_set,        -- contaminated: the evaluation set that shares an 8-word run
     matched_id,         -- contaminated: that set's problem_id; duplicate: the problem_id already in the run
     round,
-    regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
+    regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage,  -- the stage that wrote the row (from the lake path)
+    regexp_extract(filename, '/([^/]+)/round=[0-9]+/[^/]+/[^/]+/[^/]+$', 1) AS run  -- the run (from the lake path; `evoforge sql --all-runs` reads them all)
 FROM read_parquet(${parts:quarantine}, hive_partitioning = true, union_by_name = true, filename = true);

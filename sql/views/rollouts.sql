@@ -11,5 +11,6 @@ SELECT
     finish_reason,      -- 'stop' (end of sequence or stop string) or 'length' (hit max_tokens)
     mean_logprob,       -- mean log-probability of the sampled tokens (before temperature); its negative estimates entropy
     round,
-    regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
+    regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage,  -- the stage that wrote the row (from the lake path)
+    regexp_extract(filename, '/([^/]+)/round=[0-9]+/[^/]+/[^/]+/[^/]+$', 1) AS run  -- the run (from the lake path; `evoforge sql --all-runs` reads them all)
 FROM read_parquet(${parts:rollouts}, hive_partitioning = true, union_by_name = true, filename = true);

@@ -25,5 +25,6 @@ SELECT
     seed,               -- bootstrap seed
     coalesce(search, 'none') AS search,  -- 'none': plain sampling; 'ppm_best_of_n': the PPM's pick among the samples (compared with the baseline's pick by the same PPM)
     round,
-    regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
+    regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage,  -- the stage that wrote the row (from the lake path)
+    regexp_extract(filename, '/([^/]+)/round=[0-9]+/[^/]+/[^/]+/[^/]+$', 1) AS run  -- the run (from the lake path; `evoforge sql --all-runs` reads them all)
 FROM read_parquet(${parts:score_intervals}, hive_partitioning = true, union_by_name = true, filename = true);

@@ -18,5 +18,6 @@ SELECT
     coalesce(origin, 'offline') AS origin,  -- 'offline': the synthesize stage; 'online': written by the policy while training (svs)
     step,               -- online: the optimizer step whose update the synthesis took part in; offline: NULL
     round,
-    regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
+    regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage,  -- the stage that wrote the row (from the lake path)
+    regexp_extract(filename, '/([^/]+)/round=[0-9]+/[^/]+/[^/]+/[^/]+$', 1) AS run  -- the run (from the lake path; `evoforge sql --all-runs` reads them all)
 FROM read_parquet(${parts:variants}, hive_partitioning = true, union_by_name = true, filename = true);

@@ -10,5 +10,6 @@ SELECT
     seconds,            -- grading time of this item; 0 when it shared another row's grading
     graded_with,        -- the rollout whose grading this row shares: same gold, same boxed answers (itself when graded); NULL if not graded
     round,
-    regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage  -- the stage that wrote the row (from the lake path)
+    regexp_extract(filename, '/round=[0-9]+/([^/]+)/[^/]+/[^/]+$', 1) AS stage,  -- the stage that wrote the row (from the lake path)
+    regexp_extract(filename, '/([^/]+)/round=[0-9]+/[^/]+/[^/]+/[^/]+$', 1) AS run  -- the run (from the lake path; `evoforge sql --all-runs` reads them all)
 FROM read_parquet(${parts:verdicts}, hive_partitioning = true, union_by_name = true, filename = true);
