@@ -27,21 +27,22 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from evoforge.flows.inputs import MissingInput
     from evoforge.models.checkpoint_store import CheckpointError
     from evoforge.models.registry import ModelError
+    from evoforge.tasks.export import ExportError
     from evoforge.tasks.ingest import IngestError
 
     return (IngestError, LakeError, ConfigError, MissingInput, ModelError, FileNotFoundError, RunBusy, LockUnavailable,
-            LeaseLost, StorageError, CheckpointError)
+            LeaseLost, StorageError, CheckpointError, ExportError)
 
 
 def cmd_ingest(args) -> None:
     from evoforge.flows.config import load_config
     from evoforge.flows.ingest import ingest_flow
-    from evoforge.tasks.ingest import EvalSetConfig, SourceConfig
+    from evoforge.tasks.ingest import EvalSetConfig, SourceConfig, is_hub
 
     source = SourceConfig(
-        path=str(Path(args.path).resolve()), preset=args.preset, question_field=args.question_field,
-        answer_field=args.answer_field, name=args.name, limit=args.limit, reference_field=args.reference_field,
-        task=args.task,
+        path=args.path if is_hub(args.path) else str(Path(args.path).resolve()), preset=args.preset,
+        question_field=args.question_field, answer_field=args.answer_field, name=args.name, limit=args.limit,
+        reference_field=args.reference_field, task=args.task, split=args.split, subset=args.subset,
     )
     eval_sets: list[EvalSetConfig] = load_config(args.config).eval_sets if args.config else []
     result = ingest_flow(args.run, source, eval_sets, force=args.force)
@@ -117,11 +118,14 @@ def cmd_stage(args) -> None:
 
 def _print_report(run: str, out: str | None = None) -> None:
     from evoforge.data.lake import lake
-    from evoforge.flows.report import collect, format_report, plot
+    from evoforge.flows.report import collect, format_report, pin_report, plot
 
     lake().existing_run_dir(run)
+    version = pin_report(run)  # before reading: a round committing meanwhile can only make what it reads newer
     data = collect(run)
     print(format_report(run, data))
+    print(f"data: run version {version} (`evoforge sql --run {run} --as-of {version} ...` reads it again; "
+          "vacuum keeps it)")
     png = plot(run, data, Path(out) if out else lake().run_dir(run) / "report.png")
     if png:
         print(f"plot: {png}")
@@ -179,12 +183,21 @@ def cmd_sql(args, health=None) -> None:
     import duckdb
 
     from evoforge.data import catalog
-    from evoforge.data.lake import lake
+    from evoforge.data.lake import LakeError, lake
 
     # a damaged part is left out of the views and named on stderr; the rest of the run still answers
     read_only = not getattr(args, "allow_writes", False)
-    con = catalog.connect(lake().existing_run_dir(args.run), report=lambda line: print(line, file=sys.stderr),
-                          health=health, read_only=read_only)
+    if getattr(args, "all_runs", False) and (args.run or args.as_of):
+        raise LakeError("--all-runs reads every run as it is now: it takes neither --run nor --as-of")
+    if getattr(args, "all_runs", False):
+        where, health = lake().root, catalog.all_runs_health(lake().root)
+    else:
+        if not args.run:
+            raise LakeError("name a run (--run R) or query every run of the lake (--all-runs)")
+        where = lake().existing_run_dir(args.run)
+        if getattr(args, "as_of", None):
+            health = _health_as_of(args.run, args.as_of)
+    con = catalog.connect(where, report=lambda line: print(line, file=sys.stderr), health=health, read_only=read_only)
     query = catalog.resolve_query(args.query)
     if read_only:
         catalog.check_read_only(query)
@@ -210,6 +223,116 @@ def cmd_sql(args, health=None) -> None:
     Console(width=None if sys.stdout.isatty() else 240).print(table)
 
 
+def _health_as_of(run: str, as_of: str):
+    """The parts the views read for the run as it was at version `as_of` (or that moment), saying which."""
+    from evoforge.data import history
+    from evoforge.data.lake import lake
+
+    versions = history.run_history(lake(), run)
+    state = history.state_as_of(versions, history.parse_as_of(as_of))
+    last = max((v.number for v in state), default=0)
+    print(f"run {run} as of version {last} of {len(versions)}"
+          + (f" ({versions[last - 1].committed_at:%Y-%m-%d %H:%M:%S} UTC)" if last else " (before its first commit)"),
+          file=sys.stderr)
+    return history.state_health(lake(), run, state)
+
+
+def cmd_export(args) -> None:
+    from evoforge.data.lake import lake
+    from evoforge.flows.config import load_config
+    from evoforge.flows.export import export_run
+    from evoforge.flows.inputs import saved_config_path
+
+    config = load_config(args.config) if args.config else None
+    if config is None and lake().existing_run_dir(args.run) and not saved_config_path(args.run).exists():
+        print(f"run {args.run!r} has no saved config: the card states the default settings (--config FILE to give the run's)")
+    result = export_run(args.run, args.table, args.to, rounds=args.round, format=args.format, private=args.private,
+                        overwrite=args.overwrite, config=config, license=args.license, tags=args.tag)
+    rows = ", ".join(f"{name} {count}" for name, count in result.rows.items())
+    print(f"export run {args.run} (version {result.version}) -> {result.target}: {rows}")
+    if result.empty:
+        print(f"  no rows, left out: {', '.join(result.empty)}")
+    if not result.target.startswith("hub:"):
+        print(f"  load it: datasets.load_dataset({str(result.folder)!r}, CONFIG, split='train')"
+              + (f" or datasets.load_from_disk('{result.folder}/CONFIG')" if (args.format or "arrow") == "arrow" else ""))
+
+
+def cmd_history(args) -> None:
+    """Every commit of the run: its version, time, stage, config hash, rows per table, and what became of it."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from evoforge.data import history
+    from evoforge.data.lake import lake
+
+    table = Table("version", "committed (UTC)", "round", "stage", "stage version", "config hash", "rows", "state")
+    for v in history.run_history(lake(), args.run):
+        state = "current" if v.current else ("vacuumed" if v.manifest.vacuumed_at else "superseded")
+        rows = ", ".join(f"{name} {count}" for name, count in sorted(v.rows().items())) or "no rows"
+        table.add_row(str(v.number), f"{v.committed_at:%Y-%m-%d %H:%M:%S}", str(v.round), v.stage,
+                      str(v.manifest.version), (v.manifest.config_hash or "")[:12], rows, state)
+    Console(width=None if sys.stdout.isatty() else 240).print(table)
+    print(f"read a past version: evoforge sql --run {args.run} --as-of VERSION \"SELECT ...\"")
+
+
+def cmd_vacuum(args) -> None:
+    """Remove superseded parts nothing refers to; a dry run unless --apply."""
+    from datetime import timedelta
+
+    from evoforge.data import history
+    from evoforge.data.lake import lake
+    from evoforge.data.runlock import run_lock
+
+    older = _duration(args.older_than)
+    store = lake()
+    with run_lock(store.existing_run_dir(args.run), "vacuum"):  # no commit while the plan is made and carried out
+        plan = history.plan_vacuum(store, args.run, timedelta(seconds=older))
+        for path, part, versions in plan.removable:
+            print(f"{'remove' if args.apply else 'would remove'} {path.relative_to(store.run_dir(args.run))} "
+                  f"({part.rows} rows, {part.bytes} bytes; {', '.join(v.label() for v in versions)})")
+        removed = history.apply_vacuum(plan) if args.apply else 0
+    kept = f"kept: {len(plan.kept_referred)} superseded part(s) a checkpoint, evaluation or report refers to, " \
+           f"{len(plan.kept_recent)} superseded less than {args.older_than} ago"
+    if args.apply:
+        print(f"vacuum run {args.run}: removed {removed} part(s), {plan.bytes} bytes; {kept}")
+    else:
+        print(f"vacuum run {args.run} (dry run): {len(plan.removable)} part(s), {plan.bytes} bytes would go; {kept}; "
+              "--apply to remove them")
+
+
+def _duration(text: str) -> float:
+    """`30d`, `12h`, `45m`, `90s` or `0` as seconds."""
+    import re
+
+    from evoforge.data.lake import LakeError
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([dhms]?)\s*", text or "")
+    if not match or (not match[2] and float(match[1]) != 0):
+        raise LakeError(f"--older-than {text!r}: give a duration such as 30d, 12h, 45m, 90s (or 0)")
+    return float(match[1]) * {"d": 86400, "h": 3600, "m": 60, "s": 1, "": 0}[match[2]]
+
+
+def cmd_lineage(args) -> None:
+    """The exact parts a checkpoint trained on."""
+    from evoforge.data import history
+    from evoforge.data.lake import lake
+
+    store = lake()
+    found = history.checkpoint_lineage(store, args.checkpoint)
+    row = found.checkpoint
+    print(f"checkpoint {row['checkpoint_id']} ({row['model_id']}): run {found.run}, round {found.committed_by.round}, "
+          f"method {row['method']}, {row['train_rows']} training rows, data fingerprint {row['data_fingerprint']}")
+    print(f"  registered by {found.committed_by.label()} (run version {found.committed_by.number})"
+          + (f", stage run {found.stage_run['stage_run_id']} started {found.stage_run['started_at']:%Y-%m-%d %H:%M:%S} UTC"
+             if found.stage_run else ""))
+    print("  trained on the run as it was then:")
+    run_dir = store.run_dir(found.run)
+    for version, part in found.parts():
+        state = "current" if version.current else ("vacuumed" if version.manifest.vacuumed_at else "superseded")
+        print(f"    {version.label()} ({state}) {part.table}: {(version.folder / part.file).relative_to(run_dir)} "
+              f"{part.rows} rows sha256 {part.sha256[:16]}")
+
+
 def _not_data(path: Path) -> str:
     return f"not data: {path} (no manifest lists it; evoforge ignores it)"
 
@@ -230,6 +353,9 @@ def cmd_status(args) -> None:
     if health.leftovers:
         print(f"{len(health.leftovers)} uncommitted file(s) of a writer at work or one that died "
               "(swept when the next stage starts)", file=sys.stderr)
+    if health.superseded:
+        print(f"{len(health.superseded)} part(s) of earlier versions are kept (`evoforge history --run {args.run}`; "
+              f"`evoforge vacuum --run {args.run} --older-than 30d` lists what nothing refers to)", file=sys.stderr)
 
 
 def cmd_doctor(args) -> int:
@@ -413,8 +539,8 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--force", action="store_true")
     demo.set_defaults(func=cmd_demo)
 
-    ingest = sub.add_parser("ingest", help="read a JSONL/Parquet/datasets source into a run's problem pool")
-    ingest.add_argument("path")
+    ingest = sub.add_parser("ingest", help="read a JSONL/Parquet/datasets source or a hub dataset into a run's pool")
+    ingest.add_argument("path", help="a file, a `datasets` folder, or hub:ORG/NAME (from the Hugging Face cache)")
     ingest.add_argument("--run", required=True)
     ingest.add_argument("--preset", choices=["gsm8k", "math", "plain", "demonstrations"], default="plain",
                         help="demonstrations: free-text expert answers, judged by the RARO critic instead of graded")
@@ -424,6 +550,8 @@ def parser() -> argparse.ArgumentParser:
     ingest.add_argument("--task", help="tag recorded on each problem (default: math, or demonstration)")
     ingest.add_argument("--name", help="source name recorded on each problem")
     ingest.add_argument("--limit", type=int, help="read only the first N rows")
+    ingest.add_argument("--subset", help="hub:ORG/NAME: the subset (the hub's config name)")
+    ingest.add_argument("--split", help="split of a hub dataset or a `datasets` folder (default: train, or its only one)")
     ingest.add_argument("--config", help="a round config whose eval_sets to decontaminate against")
     ingest.add_argument("--force", action="store_true")
     ingest.set_defaults(func=cmd_ingest)
@@ -465,11 +593,46 @@ def parser() -> argparse.ArgumentParser:
 
     sql = sub.add_parser("sql", help="query a run's tables (or a named query of sql/queries/) with DuckDB")
     sql.add_argument("query")
-    sql.add_argument("--run", required=True)
+    sql.add_argument("--run", help="the run to query (or --all-runs)")
+    sql.add_argument("--all-runs", action="store_true", help="every run of the lake: the views' `run` column tells them apart")
+    sql.add_argument("--as-of", metavar="VERSION|TIME", help="the run as it was at a version of `evoforge history` or a time (UTC)")
     sql.add_argument("--csv", action="store_true")
     sql.add_argument("--allow-writes", action="store_true",
                      help="run statements that write (COPY ... TO, ATTACH, CREATE, ...); by default only reads")
     sql.set_defaults(func=cmd_sql)
+
+    export = sub.add_parser("export", help="a run's tables and training rows as a Hugging Face dataset with its card "
+                                           "(a folder, or hub:ORG/NAME)")
+    export.add_argument("--run", required=True)
+    export.add_argument("--round", type=int, action="append", help="a round to export (repeat it; default: every round)")
+    export.add_argument("--table", action="append", required=True,
+                        help="a lake table (rollouts, verdicts, pairs, ...) or a method's training rows (sft, dpo, grpo, "
+                             "traces, raro, svs, ppm): one config each; repeat it")
+    export.add_argument("--to", required=True, help="a folder, or hub:ORG/NAME (token: HF_TOKEN or `hf auth login`)")
+    export.add_argument("--format", choices=("arrow", "parquet"),
+                        help="arrow: save_to_disk per config (default for a folder); parquet: the hub's layout")
+    export.add_argument("--private", action="store_true", help="hub: create the repository private")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    export.add_argument("--license", help="the card's license (default: the config's export.license)")
+    export.add_argument("--tag", action="append", help="a tag on the card, besides the config's export.tags")
+    export.add_argument("--config", help="the round config (default: the run's saved one)")
+    export.set_defaults(func=cmd_export)
+
+    hist = sub.add_parser("history", help="every commit of a run as a version: time, stage, config hash, rows")
+    hist.add_argument("--run", required=True)
+    hist.set_defaults(func=cmd_history)
+
+    vacuum = sub.add_parser("vacuum", help="remove superseded parts that no checkpoint, evaluation or report refers to "
+                                           "(a dry run unless --apply)")
+    vacuum.add_argument("--run", required=True)
+    vacuum.add_argument("--older-than", required=True, metavar="DURATION",
+                        help="only parts superseded longer ago than this: 30d, 12h, 45m, 90s or 0")
+    vacuum.add_argument("--apply", action="store_true", help="remove them (default: list what would go)")
+    vacuum.set_defaults(func=cmd_vacuum)
+
+    lineage = sub.add_parser("lineage", help="the exact parts a checkpoint trained on")
+    lineage.add_argument("checkpoint", help="its checkpoint_id, model_id or path (`evoforge sql --run R checkpoints`)")
+    lineage.set_defaults(func=cmd_lineage)
 
     status = sub.add_parser("status", help="the stage_runs of a run")
     status.add_argument("--run", required=True)

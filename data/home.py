@@ -89,7 +89,10 @@ def environment_defaults(root: Path) -> dict[str, str]:
 def configure() -> Path:
     """Point every library's writes under EVOFORGE_HOME. Idempotent; explicit user settings win."""
     root = home()
-    for key, value in environment_defaults(root).items():
+    defaults = environment_defaults(root)
+    if "HF_HOME" in os.environ:  # the user's Hugging Face home: its datasets cache too, as `datasets` itself would
+        defaults.pop("HF_DATASETS_CACHE")
+    for key, value in defaults.items():
         os.environ.setdefault(key, value)
     for key in ("PREFECT_HOME", "TMPDIR", "VLLM_CACHE_ROOT", "HF_HOME", "MPLCONFIGDIR"):
         Path(os.environ[key]).mkdir(parents=True, exist_ok=True)

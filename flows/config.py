@@ -25,6 +25,7 @@ from evoforge.flows.stages import SVS_STAGES, RoundStage, StageName
 from evoforge.models.engine import EngineConfig
 from evoforge.tasks.critic import CriticConfig
 from evoforge.tasks.evaluate import EvaluateConfig
+from evoforge.tasks.export import ExportConfig
 from evoforge.tasks.filter import FilterConfig
 from evoforge.tasks.finetune.config import FinetuneConfig, say_once
 from evoforge.tasks.generate import GenerateConfig
@@ -74,7 +75,7 @@ class ClusterConfig(Section):
 
 class RoundConfig(Section):
     """engine, sources, eval_sets, then one section per stage in round order (the registry's), then the
-    stages to run, then where the stages run."""
+    stages to run, then where the stages run, then what an export's card says."""
     lake: str | None = Field(
         None, description="where the runs live when EVOFORGE_RUNS is not set: a folder, file:// or s3://bucket/prefix")
     engine: EngineConfig = Field(default_factory=EngineConfig)
@@ -94,6 +95,7 @@ class RoundConfig(Section):
         default_factory=lambda: list(SVS_STAGES),
         description="the stages a round runs, in this order (add mcts for rStar-Math, critic for RARO)")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig, description="the dataset card `evoforge export` writes")
 
     @model_validator(mode="before")
     @classmethod

@@ -11,7 +11,8 @@ from evoforge.data.lake import lake
 from evoforge.flows.config import config_hash, resolve_path
 from evoforge.flows.stage_runner import StageResult, execute_stage
 from evoforge.tasks.decontam import Decontaminator
-from evoforge.tasks.ingest import EvalSetConfig, IngestError, SourceConfig, ingest, load_eval_questions
+from evoforge.tasks.ingest import (EvalSetConfig, IngestError, SourceConfig, ingest, is_hub, load_eval_questions,
+                                   open_hub_source)
 from evoforge.tasks.verify import VerifyConfig, check_golds
 
 
@@ -38,17 +39,22 @@ def ingest_flow(
 ) -> StageResult:
     eval_sets = eval_sets or []
     verify = verify or VerifyConfig()
-    path = resolve_path(source.path)
-    if not path.exists():
-        raise IngestError(f"{source.path}: no such file or folder")
-    files = _input_files(path)
-    source_fp = fingerprint_files(files) if files else "empty"
+    if is_hub(source.path):  # hub:ORG/NAME: loaded here, so its revision is part of the key
+        path = open_hub_source(source)
+        source_fp, label, part = path.fingerprint, path.label, stable_hash(path.label)
+    else:
+        path = resolve_path(source.path)
+        if not path.exists():
+            raise IngestError(f"{source.path}: no such file or folder")
+        files = _input_files(path)
+        source_fp = fingerprint_files(files) if files else "empty"
+        # one part per source path: re-ingesting an edited file replaces its rows instead of adding to them
+        label, part = source.path, stable_hash(path.resolve())
     eval_fp = fingerprint_files([f for s in eval_sets for f in _input_files(resolve_path(s.path))]) if eval_sets else ""
-    settings = {"source": source.model_dump(mode="json", exclude={"path"}), "eval_sets": [
+    unset = {"subset"} if source.subset is None else set()  # a file source's key is what it was before `subset`
+    settings = {"source": source.model_dump(mode="json", exclude={"path"} | unset), "eval_sets": [
         e.model_dump(mode="json") for e in eval_sets]}
     input_fp = f"{source_fp}:{eval_fp}"
-    # one part per source path: re-ingesting an edited file replaces its rows instead of adding to them
-    part = stable_hash(path.resolve())
     store = lake()
 
     def compute(_chunks):
@@ -60,7 +66,7 @@ def ingest_flow(
             check_golds=lambda answers: check_golds(answers, verify),
             known_ids=known,
             decontaminator=build_decontaminator(eval_sets),
-            source_label=source.path,
+            source_label=label,
         )
         return {"problems": result.problems, "quarantine": result.quarantine}
 

@@ -1,8 +1,9 @@
-"""Ingest: JSONL, Parquet or a `datasets` dataset on disk -> `problems` + `quarantine`.
+"""Ingest: JSONL, Parquet, a `datasets` dataset on disk or a hub dataset (`hub:ORG/NAME`) -> `problems` + `quarantine`.
 
 Every input row ends as exactly one problem or one quarantine row (file, row, field, reason), so
 `rows_read == problems + quarantined` always holds and nothing is dropped silently. Only a file that
-is not of its format at all is an error (`IngestError`, naming the file).
+is not of its format at all is an error (`IngestError`, naming the file), and so is a hub id that
+cannot be loaded (one line: the id, and the subsets or splits it has, or how to get it into the cache).
 """
 from __future__ import annotations
 
@@ -13,13 +14,13 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import pyarrow as pa
 from pydantic import Field
 
 from evoforge.data import schemas
-from evoforge.data.ids import problem_id
+from evoforge.data.ids import problem_id, stable_hash
 from evoforge.data.section import Section
 from evoforge.tasks import summary
 from evoforge.tasks.decontam import Decontaminator
@@ -41,13 +42,16 @@ class IngestError(ValueError):
 
 
 class SourceConfig(Section):
-    path: str
+    path: str = Field(description="a JSONL/Parquet file, a `datasets` folder, or `hub:ORG/NAME` (a hub dataset)")
     preset: Preset = "plain"
     question_field: str | None = None
     answer_field: str | None = None
-    name: str | None = Field(None, description="source name recorded on each problem; default: folder/file name")
+    name: str | None = Field(
+        None, description="source name recorded on each problem; default: folder/file name, or ORG/NAME for hub:")
     limit: int | None = Field(None, ge=1, description="read only the first N rows")
-    split: str | None = Field(None, description="split of a datasets DatasetDict")
+    split: str | None = Field(
+        None, description="split of a datasets DatasetDict or a hub: dataset; default: train, or its only split")
+    subset: str | None = Field(None, description="hub: sources: the subset (the hub's config name) to read")
     max_question_chars: int = 4000
     reference_field: str | None = Field(
         None, description="demonstrations: a field with a final answer math-verify can grade, when the data has one")
@@ -81,7 +85,10 @@ class IngestResult:
 
 
 # -- reading ------------------------------------------------------------------------------------
-def read_records(path: Path, limit: int | None = None, split: str | None = None) -> Iterator[Record]:
+def read_records(path: Path | HubSource, limit: int | None = None, split: str | None = None) -> Iterator[Record]:
+    if isinstance(path, HubSource):  # already loaded: split and subset were chosen by open_hub_source
+        yield from _dataset_records(path.dataset, limit)
+        return
     if not path.exists():
         raise IngestError(f"{path}: no such file or folder")
     if path.is_dir():
@@ -164,10 +171,131 @@ def _read_dataset(path: Path, limit: int | None, split: str | None) -> Iterator[
         if chosen not in loaded:
             raise IngestError(f"{path}: holds splits {names}; name one with split")
         loaded = loaded[chosen]
+    yield from _dataset_records(loaded, limit)
+
+
+def _dataset_records(dataset, limit: int | None) -> Iterator[Record]:
+    """The rows of a `datasets.Dataset` one at a time (it is memory-mapped: never read whole)."""
     if limit is not None:
-        loaded = loaded.select(range(min(limit, len(loaded))))
-    for number, value in enumerate(loaded, start=1):
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    for number, value in enumerate(dataset, start=1):
         yield Record(number, dict(value), json.dumps(value, default=str)[:RAW_CHARS])
+
+
+# -- hub datasets (`hub:ORG/NAME`) ----------------------------------------------------------------
+HUB_PREFIX = "hub:"
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def is_hub(path: object) -> bool:
+    return isinstance(path, str) and path.startswith(HUB_PREFIX)
+
+
+@dataclass
+class HubSource:
+    """A split of a hub dataset, loaded by `open_hub_source`."""
+    repo_id: str
+    subset: str | None
+    split: str
+    revision: str | None  # the cached snapshot's commit; None when online, or when datasets' own cache answered
+    dataset: Any  # datasets.Dataset
+
+    @property
+    def label(self) -> str:
+        """What its rows record as `source_file`, and what a re-ingest of the same split replaces."""
+        subset = f"subset={self.subset}&" if self.subset else ""
+        return f"{HUB_PREFIX}{self.repo_id}?{subset}split={self.split}"
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes with the dataset's revision, subset and split: the dataset's own fingerprint is
+        the hash of its cache folder (revision, subset) and split."""
+        return stable_hash(self.label, self.revision, self.dataset._fingerprint)
+
+
+def open_hub_source(config: SourceConfig) -> HubSource:
+    """`datasets.load_dataset(ORG/NAME, subset, split=...)`, from the user's Hugging Face cache
+    (HF_HOME, HF_HUB_CACHE, HF_DATASETS_CACHE). Offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE, evoforge's
+    default) datasets does not look in the hub cache for an ORG/NAME, only in its own processed cache; so
+    the snapshot the hub cache holds for the revision `refs/main` names is loaded as the folder it is
+    (its README's `configs:` are the subsets, as on the hub), and datasets' own cache answers otherwise."""
+    import datasets
+    import huggingface_hub
+    from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
+
+    repo_id = config.path[len(HUB_PREFIX):].strip().strip("/")
+    if not _HUB_ID.fullmatch(repo_id):
+        raise IngestError(f"{config.path}: not a hub dataset id; expected hub:ORG/NAME")
+    offline = datasets.config.HF_HUB_OFFLINE or huggingface_hub.constants.is_offline_mode()
+    target, revision = repo_id, None
+    if offline:
+        try:
+            target = huggingface_hub.snapshot_download(repo_id, repo_type="dataset", local_files_only=True)
+        except IncompleteSnapshotError as err:  # files of other subsets missing: this one's may be there
+            target = err.snapshot_path
+        except LocalEntryNotFoundError:
+            pass
+        if target != repo_id:
+            revision = Path(target).name
+    where = f"{HUB_PREFIX}{repo_id}" + (f" subset {config.subset!r}" if config.subset else "")
+    quiet = not datasets.utils.are_progress_bars_disabled()
+    if quiet:  # the terminal shows evoforge's lines, not datasets' bars
+        datasets.disable_progress_bars()
+    try:
+        split = config.split or _default_split(datasets.get_dataset_split_names(target, config.subset), where)
+        dataset = datasets.load_dataset(target, config.subset, split=split)
+    except IngestError:
+        raise
+    except Exception as err:  # datasets, huggingface_hub and their HTTP client raise many kinds: one line for all
+        raise IngestError(_hub_problem(repo_id, target, config, offline, err)) from err
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
+    # the subset datasets chose when the dataset has one (or none: "default"), so naming it or not is the same source
+    return HubSource(repo_id, config.subset or dataset.info.config_name, split, revision, dataset)
+
+
+def _default_split(splits: list[str], where: str) -> str:
+    if "train" in splits or len(splits) == 1:
+        return "train" if "train" in splits else splits[0]
+    raise IngestError(f"{where} has splits {', '.join(splits)}: choose one with --split (`split:` in a config)")
+
+
+def _hub_problem(repo_id: str, target: str, config: SourceConfig, offline: bool, err: BaseException) -> str:
+    """One line: what is wrong with a hub source that would not load, and what to do."""
+    import datasets
+    import huggingface_hub
+
+    name = f"{HUB_PREFIX}{repo_id}"
+    if offline and target == repo_id and isinstance(err, ConnectionError):  # in neither the hub's cache nor datasets'
+        return (f"{name}: not in the Hugging Face cache (HF_HUB_CACHE={huggingface_hub.constants.HF_HUB_CACHE}) "
+                f"and offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE): download it once where the hub is reachable "
+                f"(`hf download {repo_id} --repo-type dataset`, or this command with HF_HUB_OFFLINE=0 "
+                f"HF_DATASETS_OFFLINE=0), or point HF_HOME / HF_HUB_CACHE at a cache that holds it")
+    try:
+        subsets = datasets.get_dataset_config_names(target)
+    except Exception:
+        subsets = []
+    if config.subset is None and len(subsets) > 1:
+        return f"{name} has subsets {', '.join(subsets)}: choose one with --subset (`subset:` in a config)"
+    if config.subset is not None and subsets and config.subset not in subsets:
+        return (f"{name} has no subset {config.subset!r}; its subsets: {', '.join(subsets)} "
+                f"(--subset, `subset:` in a config)")
+    where = name + (f" subset {config.subset!r}" if config.subset else "")
+    try:
+        splits = datasets.get_dataset_split_names(target, config.subset)
+    except Exception:
+        splits = []
+    if config.split is not None and splits and config.split not in splits:
+        return f"{where} has no split {config.split!r}; its splits: {', '.join(splits)} (--split, `split:` in a config)"
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if offline:
+        cached = f"the cached snapshot {target}" if target != repo_id else "the Hugging Face cache"
+        return (f"{where}: cannot be read from {cached} ({detail}); download its files once where the hub is "
+                f"reachable (`hf download {repo_id} --repo-type dataset`)")
+    unreachable = isinstance(err, (ConnectionError, TimeoutError)) or "connect" in type(err).__name__.lower()
+    hint = "; offline (HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1) reads the Hugging Face cache alone" if unreachable else ""
+    return f"{where}: cannot be loaded from the hub ({type(err).__name__}: {detail}){hint}"
 
 
 # -- interpreting -------------------------------------------------------------------------------
@@ -279,7 +407,7 @@ def question_of(value: dict, config: SourceConfig | EvalSetConfig) -> str:
 
 
 def ingest(
-    path: Path,
+    path: Path | HubSource,
     config: SourceConfig,
     *,
     check_golds: Callable[[list[str]], list[bool]],
@@ -289,8 +417,13 @@ def ingest(
 ) -> IngestResult:
     """Read one source. `check_golds` says which answers math-verify can parse (the grader pool's job);
     `known_ids` are problems already in the run, so a duplicate across files is caught too."""
-    label = source_label or str(path)
-    source = config.name or (path.parent.name if path.stem in ("train", "test", "validation") else path.stem)
+    if isinstance(path, HubSource):
+        label, source = source_label or path.label, config.name or path.repo_id
+    else:
+        if config.subset is not None:
+            raise IngestError(f"{path}: `subset` is for a hub dataset (hub:ORG/NAME), not a file or folder")
+        label = source_label or str(path)
+        source = config.name or (path.parent.name if path.stem in ("train", "test", "validation") else path.stem)
     candidates: list[dict] = []
     quarantined: list[dict] = []
 

@@ -9,6 +9,8 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from evoforge.data.section import Section
+from evoforge.tasks.arrow_datasets import arrow_dataset
+from evoforge.tasks.arrow_datasets import assistant_turn, messages_column
 from evoforge.tasks.finetune.trainer_args import build_arguments
 
 if TYPE_CHECKING:
@@ -34,18 +36,16 @@ def arguments(config: FinetuneConfig, output_dir, run_name: str | None = None):
 
 
 def dataset(pairs: pa.Table, config: FinetuneConfig, context):
-    """TRL conversational preference format: prompt messages, chosen and rejected assistant turns."""
-    import datasets
-
+    """TRL conversational preference format: prompt messages, chosen and rejected assistant turns, built in
+    Arrow (tasks/finetune/sft.py `messages_column`)."""
     from evoforge.models.prompts import solve_messages
 
-    rows = pairs.filter(pc.equal(pairs["kind"], "solution")).to_pylist()
-    return datasets.Dataset.from_list([
-        {"prompt": solve_messages(r["prompt"], config.few_shot),
-         "chosen": [{"role": "assistant", "content": r["chosen"]}],
-         "rejected": [{"role": "assistant", "content": r["rejected"]}]}
-        for r in rows
-    ])
+    rows = pairs.filter(pc.equal(pairs["kind"], "solution"))
+    return arrow_dataset(pa.table({
+        "prompt": messages_column(lambda question: solve_messages(question, config.few_shot), question=rows["prompt"]),
+        "chosen": assistant_turn(rows["chosen"]),
+        "rejected": assistant_turn(rows["rejected"]),
+    }))
 
 
 @contextmanager

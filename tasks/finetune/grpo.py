@@ -10,6 +10,8 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from evoforge.data.section import Section
+from evoforge.tasks.arrow_datasets import arrow_dataset
+from evoforge.tasks.arrow_datasets import messages_column
 from evoforge.tasks.finetune.trainer_args import build_arguments
 
 if TYPE_CHECKING:
@@ -70,15 +72,14 @@ def arguments(config: FinetuneConfig, output_dir, run_name: str | None = None, m
 
 
 def dataset(problems: pa.Table, config: FinetuneConfig, context):
-    """TRL conversational prompt format; `answer` travels along to the verifier reward."""
-    import datasets
-
+    """TRL conversational prompt format (built in Arrow: tasks/finetune/sft.py `messages_column`); `answer`
+    travels along to the verifier reward."""
     from evoforge.models.prompts import solve_messages
 
-    return datasets.Dataset.from_list([
-        {"prompt": solve_messages(r["question"], config.few_shot), "answer": r["answer"]}
-        for r in problems.select(["question", "answer"]).to_pylist()
-    ])
+    return arrow_dataset(pa.table({
+        "prompt": messages_column(lambda question: solve_messages(question, config.few_shot), question=problems["question"]),
+        "answer": problems["answer"],
+    }))
 
 
 class VerifierReward:

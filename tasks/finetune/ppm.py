@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from evoforge.tasks.arrow_datasets import arrow_dataset
 from evoforge.tasks.finetune.trainer_args import build_arguments
 
 if TYPE_CHECKING:
@@ -38,14 +39,14 @@ def load_model(path, dtype, tokenizer):
 
 def dataset(pairs: pa.Table, config: FinetuneConfig, context):
     """TRL reward-model format, plain text: the problem and the solution so far as the prompt, each
-    candidate step as a completion. The PPM scores a step in its context."""
-    import datasets
-
-    rows = pairs.filter(pc.equal(pairs["kind"], "step")).to_pylist()
-    return datasets.Dataset.from_list([
-        {"prompt": f"{r['prompt']}\n\n{r['prefix'] or ''}", "chosen": r["chosen"], "rejected": r["rejected"]}
-        for r in rows
-    ])
+    candidate step as a completion. The PPM scores a step in its context. All Arrow: the prompt is
+    `prompt + "\n\n" + (prefix or "")` (a missing prompt stays missing), the steps are the pairs' columns."""
+    rows = pairs.filter(pc.equal(pairs["kind"], "step"))
+    return arrow_dataset(pa.table({
+        "prompt": pc.binary_join_element_wise(rows["prompt"], pc.fill_null(rows["prefix"], ""), "\n\n"),
+        "chosen": rows["chosen"],
+        "rejected": rows["rejected"],
+    }))
 
 
 @contextmanager

@@ -18,7 +18,9 @@ from pydantic import Field
 
 from evoforge.data.section import Section
 from evoforge.tasks.critic import CriticConfig, critic_prompt, order_for, parse_label, rewards, winner
+from evoforge.tasks.arrow_datasets import arrow_dataset
 from evoforge.tasks.finetune import grpo
+from evoforge.tasks.arrow_datasets import messages_column
 
 if TYPE_CHECKING:
     from evoforge.tasks.finetune.config import FinetuneConfig
@@ -183,18 +185,26 @@ def arguments(config: FinetuneConfig, output_dir, run_name: str | None = None):
 def dataset(rows: pa.Table, config: FinetuneConfig, context):
     """TRL conversational prompts for both roles: a policy row is asked the question exactly as the
     generate stage asks it; a critic row is shown its two answers in the recorded order. `role`,
-    `question`, `expert_answer` and `order` travel along to the reward."""
-    import datasets
+    `question`, `expert_answer` and `order` travel along to the reward.
 
-    from evoforge.models.prompts import solve_messages
+    Built in Arrow (tasks/finetune/sft.py `messages_column`): both roles' prompts for every row, one picked
+    by `role`. The critic's is tasks/critic.py `critic_prompt` column-wise: each answer cut to
+    `max_answer_chars` characters, put first or second by `order` (`arrange`), in `critic_messages`."""
+    from evoforge.models.prompts import critic_messages, solve_messages
 
-    critic = context.critic
-    return datasets.Dataset.from_list([
-        {"prompt": solve_messages(r["question"], config.few_shot) if r["role"] == "policy" else
-         critic_prompt(r["question"], r["order"], r["policy_answer"], r["expert_answer"], critic.max_answer_chars),
-         "role": r["role"], "question": r["question"], "expert_answer": r["expert_answer"], "order": r["order"] or ""}
-        for r in rows.to_pylist()
-    ])
+    limit = context.critic.max_answer_chars  # in characters, as critic_prompt's answer[:limit]
+    policy_answer = pc.utf8_slice_codeunits(rows["policy_answer"], 0, limit)
+    expert_answer = pc.utf8_slice_codeunits(rows["expert_answer"], 0, limit)
+    policy_first = pc.fill_null(pc.equal(rows["order"], "policy_first"), False)
+    critic = messages_column(critic_messages, question=rows["question"],
+                             answer_1=pc.if_else(policy_first, policy_answer, expert_answer),
+                             answer_2=pc.if_else(policy_first, expert_answer, policy_answer))
+    policy = messages_column(lambda question: solve_messages(question, config.few_shot), question=rows["question"])
+    return arrow_dataset(pa.table({
+        "prompt": pc.if_else(pc.fill_null(pc.equal(rows["role"], "policy"), False), policy, critic),
+        "role": rows["role"], "question": rows["question"], "expert_answer": rows["expert_answer"],
+        "order": pc.fill_null(rows["order"], ""),
+    }))
 
 
 @contextmanager

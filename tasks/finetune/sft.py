@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from evoforge.tasks.arrow_datasets import arrow_dataset, assistant_turn, messages_column
 from evoforge.tasks.finetune.trainer_args import build_arguments
 
 if TYPE_CHECKING:
@@ -26,16 +27,15 @@ def arguments(config: FinetuneConfig, output_dir, run_name: str | None = None):
 
 
 def dataset(examples: pa.Table, config: FinetuneConfig, context):
-    """TRL conversational prompt/completion format, so the loss covers the completion only."""
-    import datasets
-
+    """TRL conversational prompt/completion format, so the loss covers the completion only. Built in Arrow
+    (`messages_column`): the rows equal `[{"prompt": solve_messages(r["prompt"]), "completion": [assistant
+    turn]} for r in rows]`; the completions keep the table's buffers."""
     from evoforge.models.prompts import solve_messages
 
-    return datasets.Dataset.from_list([
-        {"prompt": solve_messages(r["prompt"], config.few_shot),
-         "completion": [{"role": "assistant", "content": r["completion"]}]}
-        for r in examples.to_pylist()
-    ])
+    return arrow_dataset(pa.table({
+        "prompt": messages_column(lambda question: solve_messages(question, config.few_shot), question=examples["prompt"]),
+        "completion": assistant_turn(examples["completion"]),
+    }))
 
 
 @contextmanager

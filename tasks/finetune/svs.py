@@ -34,7 +34,9 @@ import pyarrow as pa
 from pydantic import Field
 
 from evoforge.data.section import Section
+from evoforge.tasks.arrow_datasets import arrow_dataset
 from evoforge.tasks.finetune import grpo
+from evoforge.tasks.arrow_datasets import messages_column
 
 if TYPE_CHECKING:
     from evoforge.tasks.finetune.config import FinetuneConfig
@@ -70,16 +72,16 @@ def arguments(config: FinetuneConfig, output_dir, run_name: str | None = None):
 
 def dataset(problems: pa.Table, config: FinetuneConfig, context):
     """GRPO's rows (the question as the generate stage asks it, the answer for the verifier), marked as
-    problems to solve; `problem_id` travels along to name the variants' parents."""
-    import datasets
-
+    problems to solve; `problem_id` travels along to name the variants' parents. Built in Arrow
+    (tasks/finetune/sft.py `messages_column`)."""
     from evoforge.models.prompts import solve_messages
 
-    return datasets.Dataset.from_list([
-        {"prompt": solve_messages(r["question"], config.few_shot), "answer": r["answer"], "kind": "solve",
-         "problem_id": r["problem_id"], "question": r["question"], "reward": 0.0}
-        for r in problems.select(["problem_id", "question", "answer"]).to_pylist()
-    ])
+    rows = problems.num_rows
+    return arrow_dataset(pa.table({
+        "prompt": messages_column(lambda question: solve_messages(question, config.few_shot), question=problems["question"]),
+        "answer": problems["answer"], "kind": pa.repeat("solve", rows), "problem_id": problems["problem_id"],
+        "question": problems["question"], "reward": pa.repeat(0.0, rows),
+    }))
 
 
 class SvsReward:

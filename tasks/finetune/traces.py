@@ -6,7 +6,9 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from evoforge.tasks.arrow_datasets import arrow_dataset
 from evoforge.tasks.finetune.sft import arguments, trainer  # noqa: F401  (the SFT trainer, on traces)
+from evoforge.tasks.arrow_datasets import assistant_turn, messages_column
 
 if TYPE_CHECKING:
     from evoforge.tasks.finetune.config import FinetuneConfig
@@ -21,11 +23,9 @@ def training_rows(inputs: RoundInputs, config: FinetuneConfig) -> pa.Table:
 
 
 def dataset(traces: pa.Table, config: FinetuneConfig, context):
-    import datasets
-
+    """SFT's conversational prompt/completion format with the step-format prompt, built in Arrow
+    (tasks/finetune/sft.py `messages_column`)."""
     from evoforge.models.prompts import step_messages
 
-    return datasets.Dataset.from_list([
-        {"prompt": step_messages(r["prompt"]), "completion": [{"role": "assistant", "content": r["completion"]}]}
-        for r in traces.to_pylist()
-    ])
+    return arrow_dataset(pa.table({"prompt": messages_column(step_messages, question=traces["prompt"]),
+                                   "completion": assistant_turn(traces["completion"])}))

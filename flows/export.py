@@ -1,0 +1,148 @@
+"""export: a run's tables and each method's training rows as a Hugging Face dataset with its card
+(`evoforge export`). This module reads the lake and gathers the lineage; tasks/export.py builds the
+datasets, writes the card and the folder, and pushes to the hub.
+
+A config is either a lake table (every round chosen, with `round` and `stage` as the views have them) or
+a finetune method's rows exactly as its trainer receives them (the method module's `training_rows`, then
+its `dataset`), one round after another with a `round` column. Its lineage names the stage versions the
+rows came from (data/history.py), the model that generated them and the checkpoint it was, the SQL that
+reads the same rows back from the lake at this version, the grader's settings and the decontamination
+sets.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+
+from evoforge import __version__
+from evoforge.data import home, schemas
+from evoforge.data.history import Version, run_history, state_as_of
+from evoforge.data.lake import LakeError, lake
+from evoforge.flows.config import RoundConfig
+from evoforge.flows.inputs import run_config, saved_config_path
+from evoforge.tasks import export as building
+from evoforge.tasks.finetune.training import METHOD_MODULES, TrainingContext
+
+# the view columns a lake table's config has: its schema, then where it came from
+PROVENANCE_COLUMNS = ("round", "stage")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    target: str  # the folder, or hub:ORG/NAME
+    rows: dict[str, int]  # config -> rows
+    version: int  # the run's version the export read (`evoforge sql --as-of`)
+    folder: Path  # what was written (for the hub: the Parquet folder that was pushed)
+    empty: list[str]  # tables asked for that have no rows in those rounds: left out (no config)
+
+
+def exportable() -> list[str]:
+    """What `--table` accepts: every lake table of a round, and each finetune method's training rows."""
+    return sorted(schemas.ROUND_TABLES) + sorted(METHOD_MODULES)
+
+
+def export_run(run: str, tables: list[str], to: str, *, rounds: list[int] | None = None, format: str | None = None,
+               private: bool = False, overwrite: bool = False, config: RoundConfig | None = None,
+               license: str | None = None, tags: list[str] | None = None, api=None) -> ExportResult:
+    """Export `tables` of `run` (all its rounds, or `rounds`) to the folder or hub repository `to`."""
+    store = lake()
+    store.existing_run_dir(run)
+    unknown = [t for t in tables if t not in exportable()]
+    if unknown:
+        raise LakeError(f"export: no table {unknown[0]!r}; choose from {', '.join(exportable())}")
+    repo_id = building.hub_repo_id(to)
+    if repo_id and format == "arrow":
+        raise LakeError("export: the hub gets the Parquet layout; drop --format arrow for a hub:ORG/NAME target")
+    format = format or ("parquet" if repo_id else "arrow")  # a folder: save_to_disk, what load_from_disk reads
+    if config is None:  # the run's saved settings; a run only `evoforge ingest` started has none: the defaults
+        config = run_config(run) if saved_config_path(run).exists() else RoundConfig()
+    versions = run_history(store, run)
+    state = state_as_of(versions, len(versions)) if versions else []
+    chosen = sorted({v.round for v in state}) if rounds is None else sorted(set(rounds))
+    missing = sorted(set(chosen) - {v.round for v in state})
+    if missing:
+        raise LakeError(f"export: run {run} has no round {missing[0]} (rounds: {sorted({v.round for v in state})})")
+
+    data: dict[str, pa.Table] = {}
+    sources: dict[str, list[Version]] = {}
+    for name in tables:
+        if name in METHOD_MODULES:
+            data[name], table = _method_rows(run, name, chosen, config), METHOD_MODULES[name].TABLE
+        else:
+            data[name], table = _lake_rows(run, name, chosen), name
+        sources[name] = [v for v in state if v.round in chosen and any(p.table == table for p in v.manifest.parts)]
+    empty = [name for name, table in data.items() if table.num_rows == 0]
+    data = {name: table for name, table in data.items() if table.num_rows}  # `datasets` cannot load a saved empty split
+    if not data:
+        raise LakeError(f"export: run {run} has no rows of {', '.join(tables)} in round(s) {chosen}")
+    lineage = _lineage(run, chosen, data, sources, len(versions), config)
+    settings = config.export
+    configs = building.dataset_configs(data)
+    card = building.dataset_card(configs, lineage, license=license or settings.license,
+                                 task_categories=settings.task_categories, tags=[*settings.tags, *(tags or [])],
+                                 pretty_name=settings.pretty_name or f"evoforge run {run}", format=format)
+    if repo_id is None:
+        folder = building.write_export(configs, card, Path(to), format, overwrite=overwrite)
+    else:
+        folder = home.home() / ".tmp" / "exports" / f"{run}-{repo_id.replace('/', '--')}"
+        building.write_export(configs, card, folder, "parquet", overwrite=True)
+        building.push_to_hub(folder, repo_id, private=private, api=api,
+                             commit_message=f"evoforge export of run {run}, version {len(versions)}")
+    return ExportResult(to, {name: t.num_rows for name, t in data.items()}, len(versions), folder, empty)
+
+
+def _lake_rows(run: str, table: str, rounds: list[int]) -> pa.Table:
+    parts = [lake().read(run, table, round) for round in rounds]
+    return pa.concat_tables(parts) if parts else lake().read_schema(table).empty_table()
+
+
+def _method_rows(run: str, method: str, rounds: list[int], config: RoundConfig) -> pa.Table:
+    """The method's rows as its trainer receives them (`training_rows`, then `dataset`), per round."""
+    from evoforge.flows.finetune import LakeRoundInputs  # imports Prefect: only when a method is exported
+
+    module = METHOD_MODULES[method]
+    context = TrainingContext(verify=config.verify, critic=config.critic)
+    pieces = []
+    for round in rounds:
+        rows = module.training_rows(LakeRoundInputs(run, round), config.finetune)
+        table = module.dataset(rows, config.finetune, context).data.table
+        pieces.append(table.append_column("round", pa.array([round] * table.num_rows, pa.int32())))
+    return pa.concat_tables(pieces)
+
+
+def _lineage(run: str, rounds: list[int], data: dict[str, pa.Table], sources: dict[str, list[Version]],
+             version: int, config: RoundConfig) -> dict:
+    events = lake().read(run, "stage_runs").to_pylist()
+    checkpoints = {row["model_id"]: row for row in lake().read(run, "checkpoints").to_pylist()}
+
+    def described(v: Version) -> dict:
+        made_by = next((e for e in sorted(events, key=lambda e: e["started_at"], reverse=True)
+                        if e["round"] == v.round and e["stage"] == v.stage and e["status"] == "completed"
+                        and e["output_fingerprint"] == v.manifest.fingerprint()), None)
+        model = made_by["model_id"] if made_by else None
+        trained = checkpoints.get(model) if model else None
+        return {"round": v.round, "stage": v.stage, "version": v.manifest.version, "commit": v.manifest.commit,
+                "committed_at": v.manifest.committed_at, "config_hash": v.manifest.config_hash, "model": model,
+                "checkpoint": trained["checkpoint_id"] if trained else (model and "the run's starting model")}
+
+    return {
+        "run": run, "rounds": rounds, "evoforge_version": __version__, "lake": str(lake().run_dir(run)),
+        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run_version": version,
+        "tables": {name: {"table": METHOD_MODULES[name].TABLE if name in METHOD_MODULES else name, "rows": table.num_rows, "sql": _sql(run, name, rounds, version),
+                          "sources": [described(v) for v in sources[name]]} for name, table in data.items()},
+        "grader": {"name": "math-verify", **config.verify.grading_settings()},
+        "decontamination": [{"name": s.name, "path": s.path} for s in config.eval_sets],
+    }
+
+
+def _sql(run: str, name: str, rounds: list[int], version: int) -> str:
+    where = f"round IN ({', '.join(map(str, rounds))})"
+    if name in METHOD_MODULES:
+        module = METHOD_MODULES[name]
+        return (f"-- built by evoforge.tasks.finetune.{name}.training_rows, then .dataset, from:\n"
+                f"-- evoforge sql --run {run} --as-of {version} \"...\"\nSELECT * FROM {module.TABLE} WHERE {where}")
+    columns = ", ".join([*schemas.ROUND_TABLES[name].names, *PROVENANCE_COLUMNS])
+    return f"-- evoforge sql --run {run} --as-of {version} \"...\"\nSELECT {columns} FROM {name} WHERE {where}"
