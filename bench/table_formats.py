@@ -29,11 +29,8 @@ Measures (each a function `measure_<n>_...`):
  6. damage: one byte flipped (same size) in a data file, and a truncated data file: what a normal read
     does, and whether the format keeps a per-file checksum.
 
-evoforge's candidate is `Lake.publish` with the history extension. When the checkout's data/manifest.py
-has it (`read_history`, `history_names`: a copy of each manifest under `<stage>/_history/v<n>-<commit>.json`,
-superseded parts kept, data/history.py's vacuum), that is what is measured. Otherwise it is emulated here
-without touching the lake's code: after each `_manifest.json` is written a copy goes to `<stage>/_history/`
-(one more small JSON write), and publish's unlink of the superseded parts is skipped.
+evoforge's candidate is `Lake.publish` with its history (data/manifest.py: a copy of each manifest under
+`<stage>/_history/v<n>-<commit>.json`, superseded parts kept; data/history.py's vacuum).
 
 Writes a markdown table (rows = measures, columns = formats) and notes to bench/out/table_formats.md.
 """
@@ -55,7 +52,6 @@ import time
 import traceback
 import warnings
 from collections import Counter
-from dataclasses import asdict
 from pathlib import Path
 
 BENCH_ROOT = Path(__file__).resolve().parent.parent
@@ -74,17 +70,11 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-import evoforge.data.lake as lake_module  # noqa: E402
-from evoforge.data.atomic import write_text  # noqa: E402
 from evoforge.data.lake import Lake  # noqa: E402
 from evoforge.data import manifest as manifest_module  # noqa: E402
-from evoforge.data.manifest import FORMAT, MANIFEST_NAME, PART_NAME, Part, read_manifest  # noqa: E402
+from evoforge.data.manifest import MANIFEST_NAME, Part, read_manifest  # noqa: E402
 from evoforge.data.schemas import ROLLOUTS  # noqa: E402
-from evoforge.data.storage import ObjectPath  # noqa: E402
 
-# the working tree's data/manifest.py may already keep history itself (being written while this bench was):
-# then that is what is measured, else the emulation described in the module doc
-NATIVE_HISTORY = hasattr(manifest_module, "read_history") and hasattr(manifest_module, "history_names")
 WORK = SCRATCH / "work"
 warnings.filterwarnings("ignore", message="Delete operation did not match any records")  # pyiceberg, 1st overwrite
 OUT = BENCH_ROOT / "bench" / "out" / "table_formats.md"
@@ -200,8 +190,7 @@ def file_path(uri: str) -> str:
 
 # -- the three formats, one interface --------------------------------------------------------------
 class EvoforgeTable:
-    """`Lake.publish` with history: the working tree's own (data/manifest.py `read_history`, when present) or
-    the emulation of the module doc. `root`: a folder or s3://bucket/prefix."""
+    """`Lake.publish` with its history (data/manifest.py). `root`: a folder or s3://bucket/prefix."""
     label = "evoforge manifests + _history"
 
     def __init__(self, root: str):
@@ -209,55 +198,18 @@ class EvoforgeTable:
         self.folder = self.lake.stage_dir(RUN, 0, STAGE)
         self.history = self.folder / HISTORY
 
-    @staticmethod
-    @contextlib.contextmanager
-    def history_extension():
-        """The emulation: a copy of each manifest under _history/, superseded parts not deleted."""
-        if NATIVE_HISTORY:
-            yield
-            return
-        original_write, original_unlinks = lake_module.write_manifest, (Path.unlink, ObjectPath.unlink)
-
-        def write_manifest(stage_dir, parts, *args, **kwargs):
-            manifest = original_write(stage_dir, parts, *args, **kwargs)  # the commit, as today
-            body = {"format": FORMAT, "commit": manifest.commit, "committed_at": manifest.committed_at,
-                    "parts": [asdict(p) for p in manifest.parts]}
-            stamp = re.sub(r"[^0-9T.]", "", manifest.committed_at)
-            write_text(stage_dir / HISTORY / f"{stamp}-{manifest.commit}.json", json.dumps(body, indent=1) + "\n")
-            return manifest
-
-        def keeping_parts(unlink):
-            def wrapper(self, missing_ok=False):
-                if PART_NAME.fullmatch(self.name):
-                    return None  # a superseded part stays for time travel
-                return unlink(self, missing_ok=missing_ok)
-            return wrapper
-
-        lake_module.write_manifest = write_manifest
-        Path.unlink, ObjectPath.unlink = keeping_parts(original_unlinks[0]), keeping_parts(original_unlinks[1])
-        try:
-            yield
-        finally:
-            lake_module.write_manifest = original_write
-            Path.unlink, ObjectPath.unlink = original_unlinks
-
     def commit(self, table: pa.Table) -> None:
-        with self.history_extension():
-            self.lake.publish(RUN, 0, STAGE, {TABLE: table})
+        self.lake.publish(RUN, 0, STAGE, {TABLE: table})
 
     def read(self) -> pa.Table:
         return self.lake.read(RUN, TABLE, 0, STAGE, columns=ROLLOUTS.names)
 
     def history_files(self) -> list:
-        if NATIVE_HISTORY:
-            return [path for _, path in sorted(manifest_module.history_names(self.folder).items())]
-        return sorted(self.history.iterdir(), key=lambda p: p.name) if self.history.is_dir() else []
+        return [path for _, path in sorted(manifest_module.history_names(self.folder).items())]
 
     def version_parts(self) -> list[list[Part]]:
         """The parts of every version, oldest first."""
-        if NATIVE_HISTORY:
-            return [list(m.parts) for m in manifest_module.read_history(self.folder)]
-        return [[Part(**p) for p in json.loads(f.read_text())["parts"]] for f in self.history_files()]
+        return [list(m.parts) for m in manifest_module.read_history(self.folder)]
 
     def versions(self) -> int:
         return len(self.version_parts())
@@ -285,24 +237,13 @@ class EvoforgeTable:
         return local_files(Path(self.folder))
 
     def vacuum(self) -> str:
-        """Down to the current version: the working tree's `plan_vacuum` + `apply_vacuum` (data/history.py) when
-        present, else a prototype (drop old history copies and the parts only they list)."""
-        try:
-            from datetime import timedelta
-            from evoforge.data.history import apply_vacuum, plan_vacuum
-        except ImportError:
-            apply_vacuum = plan_vacuum = None
-        if NATIVE_HISTORY and plan_vacuum is not None:
-            apply_vacuum(plan_vacuum(self.lake, RUN, older_than=timedelta(0)))
-            return "data/history.py plan_vacuum(older_than=0) + apply_vacuum (parts only; history copies kept, marked)"
-        entries = self.history_files()
-        keep = {str(self.folder / p.file) for p in read_manifest(self.folder).parts}
-        for path in sorted((self.folder / TABLE).iterdir()):
-            if PART_NAME.fullmatch(path.name) and str(path) not in keep:
-                path.unlink()
-        for entry in entries[:-1]:
-            entry.unlink()
-        return "prototype in this bench: drop old _history copies + the parts only they list"
+        """Down to the current version: data/history.py's `plan_vacuum` + `apply_vacuum`."""
+        from datetime import timedelta
+
+        from evoforge.data.history import apply_vacuum, plan_vacuum
+
+        apply_vacuum(plan_vacuum(self.lake, RUN, older_than=timedelta(0)))
+        return "data/history.py plan_vacuum(older_than=0) + apply_vacuum (parts only; history copies kept, marked)"
 
 
 class DeltaTableFormat:
@@ -1028,13 +969,8 @@ def report(args, elapsed: float) -> str:
     for row in sorted(ROW_ORDER, key=lambda r: r.split(" ", 1)[0]):  # "1.", "1b.", "2.", ...
         lines.append(f"| {esc(row)} | " + " | ".join(esc(RESULTS[row].get(f, "—")) for f in FORMATS) + " |")
     evoforge_mode = (
-        "the checkout's own history extension (data/manifest.py `write_manifest`: lists `_history/`, reads the "
-        "current manifest, PUTs `_manifest.json` (the commit) then its copy `_history/v<n>-<commit>.json`; "
-        "superseded parts kept; vacuum = data/history.py), uncommitted work in progress when measured"
-        if NATIVE_HISTORY else
-        "`Lake.publish` as committed + one extra small JSON write per commit (a copy of the manifest under "
-        "`<stage>/_history/`), publish's unlink of superseded parts skipped: both emulated in this bench by "
-        "wrapping `write_manifest` / `unlink`, lake.py unchanged")
+        "data/manifest.py `write_manifest`: lists `_history/`, reads the current manifest, PUTs `_manifest.json` (the "
+        "commit) then its copy `_history/v<n>-<commit>.json`; superseded parts kept; vacuum = data/history.py")
     lines += ["", "Notes:", "",
               f"- evoforge column: {evoforge_mode}. Every stage read of evoforge data checks each part's sha256.",
               "- The same table in all three: evoforge's `rollouts` schema; `mean_logprob` plays the reward. Each "

@@ -251,3 +251,18 @@ def test_the_ingest_command_and_a_round_config_read_a_hub_id_from_the_users_cach
     done = evoforge("stage", "ingest", "--run", "from-config", "--round", "0", "--config", str(config))
     assert done.returncode == 0, done.stderr
     assert lake().read("from-config", "problems")["source_file"].to_pylist() == ["hub:org/gsm?subset=main&split=test"] * 3
+
+
+@pytest.mark.server
+def test_a_hub_id_ingests_into_a_lake_on_object_storage(prefect_server, s3_runs, hf_home):
+    """The same hub source into a lake on the local S3 server: the stage commits it there, and a rerun of the
+    same revision, subset and split is skipped."""
+    from evoforge.data.lake import lake
+    from evoforge.flows.ingest import ingest_flow
+
+    write_hub_dataset(hf_home / "hub", "org/gsm", two_subsets())
+    source = SourceConfig(path="hub:org/gsm", preset="gsm8k", subset="socratic", split="test")
+    assert ingest_flow("s3hub", source, []).status == "completed"
+    problems = lake().read("s3hub", "problems")
+    assert problems.num_rows == 3 and set(problems["source_file"].to_pylist()) == {"hub:org/gsm?subset=socratic&split=test"}
+    assert ingest_flow("s3hub", source, []).status == "skipped"
