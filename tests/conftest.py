@@ -73,6 +73,20 @@ def runs_root(scratch, monkeypatch) -> Path:
     use_lake(None)
 
 
+def _lake_on(disk_tier):
+    @pytest.fixture(params=[pytest.param("disk", marks=disk_tier), pytest.param("s3", marks=pytest.mark.server)])
+    def lake_on(request) -> str:
+        """The test's lake (`runs_root`), or the same on the local S3 server (`s3_runs`, a server test)."""
+        request.getfixturevalue("runs_root" if request.param == "disk" else "s3_runs")
+        return request.param
+
+    return lake_on
+
+
+lake_on = _lake_on(pytest.mark.unit)  # a test run on both lakes: unit on disk, server on S3
+lake_on_with_processes = _lake_on(pytest.mark.slow)  # the same for a test that starts processes
+
+
 @pytest.fixture(scope="session")
 def local_s3():
     """One local S3 server (moto, data/local_s3.py) for the session; each test makes its own bucket."""

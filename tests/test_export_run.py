@@ -22,7 +22,8 @@ METHODS = sorted(METHOD_MODULES)  # sft, dpo, grpo, traces, raro, svs, ppm
 TABLES = sorted(schemas.ROUND_TABLES)
 
 
-def every_table_and_method_read_back_equal(folder, capsys) -> None:
+def test_every_table_and_method_of_a_round_exports_and_reads_back_equal(lake_on, scratch, capsys):
+    folder = scratch
     seed_every_methods_rows("r")
     capsys.readouterr()
     arguments = [arg for name in TABLES + METHODS for arg in ("--table", name)]
@@ -61,15 +62,6 @@ def every_table_and_method_read_back_equal(folder, capsys) -> None:
     text = card.text
     assert "SELECT" in text and "--as-of" in text and "math-verify" in text and "0 | pairs | 1 |" in text
 
-
-@pytest.mark.unit
-def test_every_table_and_method_of_a_round_exports_and_reads_back_equal(runs_root, scratch, capsys):
-    every_table_and_method_read_back_equal(scratch, capsys)
-
-
-@pytest.mark.server
-def test_every_table_and_method_of_a_round_on_s3_exports_and_reads_back_equal(s3_runs, scratch, capsys):
-    every_table_and_method_read_back_equal(scratch, capsys)
 
 
 class RecordingHub:

@@ -48,7 +48,7 @@ def checkpoint(round: int, model_id: str) -> pa.Table:
 
 
 # -- --force twice, then --as-of the first version --------------------------------------------------------
-def force_twice_then_read_the_first_version(capsys):
+def test_force_twice_then_as_of_the_first_version_returns_its_rows(lake_on, capsys):
     store = lake()
     for prefix, n in (("first", 3), ("second", 2), ("third", 4)):  # a stage committed, then rerun with --force twice
         store.publish_stage("r", 0, "ingest", {"problems": problems(n, prefix)}, config_hash=f"hash-{prefix}")
@@ -72,18 +72,9 @@ def force_twice_then_read_the_first_version(capsys):
     assert "the run has versions 1 to 3" in capsys.readouterr().err
 
 
-@pytest.mark.unit
-def test_force_twice_then_as_of_the_first_version_returns_its_rows(runs_root, capsys):
-    force_twice_then_read_the_first_version(capsys)
-
-
-@pytest.mark.server
-def test_force_twice_then_as_of_the_first_version_returns_its_rows_on_s3(s3_runs, capsys):
-    force_twice_then_read_the_first_version(capsys)
-
 
 # -- vacuum ---------------------------------------------------------------------------------------------------
-def vacuum_removes_only_what_nothing_refers_to(capsys):
+def test_vacuum_removes_only_superseded_parts_that_nothing_refers_to(lake_on, capsys):
     store = lake()
     store.publish_stage("r", 0, "ingest", {"problems": problems(3, "a")})  # version 1: a checkpoint trains on it
     time.sleep(0.01)
@@ -113,15 +104,6 @@ def vacuum_removes_only_what_nothing_refers_to(capsys):
     assert main(["history", "--run", "r"]) == 0 and "vacuumed" in capsys.readouterr().out
     assert store.sweep("r") == 0 and store.read("r", "problems").num_rows == 4
 
-
-@pytest.mark.unit
-def test_vacuum_removes_only_superseded_parts_that_nothing_refers_to(runs_root, capsys):
-    vacuum_removes_only_what_nothing_refers_to(capsys)
-
-
-@pytest.mark.server
-def test_vacuum_removes_only_superseded_parts_that_nothing_refers_to_on_s3(s3_runs, capsys):
-    vacuum_removes_only_what_nothing_refers_to(capsys)
 
 
 # -- lineage ----------------------------------------------------------------------------------------------
@@ -180,7 +162,7 @@ def kill_during_commit(when: str) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
-def a_killed_commit_leaves_the_previous_version_readable(capsys):
+def test_a_commit_killed_part_way_leaves_the_previous_version_readable(lake_on_with_processes, capsys):
     store = lake()
     store.publish_stage("r", 0, "ingest", {"problems": problems(3, "a")})
     store.publish_stage("r", 0, "ingest", {"problems": problems(2, "b")})
@@ -198,15 +180,6 @@ def a_killed_commit_leaves_the_previous_version_readable(capsys):
     assert sorted(history_names(folder)) == [1, 2, 3, 4]
     assert [len(sql(capsys, "--run", "r", "--as-of", str(v), "SELECT * FROM problems")) for v in (1, 2, 3, 4)] == [3, 2, 5, 1]
 
-
-@pytest.mark.slow
-def test_a_commit_killed_part_way_leaves_the_previous_version_readable(runs_root, capsys):
-    a_killed_commit_leaves_the_previous_version_readable(capsys)
-
-
-@pytest.mark.server
-def test_a_commit_killed_part_way_leaves_the_previous_version_readable_on_s3(s3_runs, capsys):
-    a_killed_commit_leaves_the_previous_version_readable(capsys)
 
 
 # -- across runs ------------------------------------------------------------------------------------------
