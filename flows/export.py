@@ -21,7 +21,7 @@ from evoforge import __version__
 from evoforge.data import home, schemas
 from evoforge.data.history import Version, run_history, state_as_of
 from evoforge.data.lake import LakeError, lake
-from evoforge.flows.config import RoundConfig
+from evoforge.flows.config import RoundConfig, resolve_path
 from evoforge.flows.inputs import run_config, saved_config_path
 from evoforge.tasks import export as building
 from evoforge.tasks.finetune.training import METHOD_MODULES, TrainingContext
@@ -134,8 +134,20 @@ def _lineage(run: str, rounds: list[int], data: dict[str, pa.Table], sources: di
         "tables": {name: {"table": METHOD_MODULES[name].TABLE if name in METHOD_MODULES else name, "rows": table.num_rows, "sql": _sql(run, name, rounds, version),
                           "sources": [described(v) for v in sources[name]]} for name, table in data.items()},
         "grader": {"name": "math-verify", **config.verify.grading_settings()},
-        "decontamination": [{"name": s.name, "path": s.path} for s in config.eval_sets],
+        "decontamination": [_eval_set(s) for s in config.eval_sets],
     }
+
+
+def _eval_set(eval_set) -> dict:
+    """What the card says of a set the pool was decontaminated against: its name, file and size (None when
+    the file cannot be read here any more)."""
+    from evoforge.tasks.ingest import IngestError, load_eval_set
+
+    try:
+        problems = load_eval_set(eval_set, resolve_path(".")).num_rows
+    except (IngestError, OSError):
+        problems = None
+    return {"name": eval_set.name, "path": eval_set.path, "problems": problems}
 
 
 def _sql(run: str, name: str, rounds: list[int], version: int) -> str:

@@ -48,3 +48,19 @@ stages: [generate, verify, filter]
     assert "completed" in capsys.readouterr().out
     assert main(["stage", "verify", "--run", "nosuchrun", "--round", "0"]) == 2
     assert capsys.readouterr().err.startswith("error: run 'nosuchrun' does not exist")
+
+    # the round as a dataset: each table a config, read back with its rows; the card names the model that
+    # generated the rollouts and the stage versions they came from
+    import datasets
+    from huggingface_hub import DatasetCard
+
+    tables = ["problems", "quarantine", "rollouts", "verdicts", "problem_stats"]
+    assert main(["export", "--run", "e2e", *[a for t in tables for a in ("--table", t)], "--table", "grpo",
+                 "--to", str(scratch / "export"), "--format", "parquet"]) == 0
+    for table in tables:
+        assert datasets.load_dataset(str(scratch / "export"), table, split="train").num_rows == store.read("e2e", table).num_rows
+    card = DatasetCard((scratch / "export" / "README.md").read_text())
+    model_id = store.read("e2e", "rollouts")["model_id"][0].as_py()
+    generate = store.manifest("e2e", 0, "generate")
+    assert f"| 0 | generate | {generate.version} | {generate.commit} |" in card.text and model_id in card.text
+    assert generate.config_hash and generate.config_hash in card.text and "gsm8k-test" in card.text
