@@ -1,0 +1,222 @@
+"""What the factory costs besides generating and training, per million rollouts, against the generation
+the same round would take: the issue-30 question "is evoforge's own work under 1% of generation, in
+bounded memory, at 10M rollouts?".
+
+    .venv/bin/python bench/factory_scale.py [--sizes 1000000,10000000] [--lake disk|s3] [--gpus 64]
+                                            [--tokens-per-second 20000] [--grader math-verify|trivial]
+
+For each size a synthetic round is built without a model (bench/memory.py `build`: the pool and the
+generate stage's rollouts written as the stage writes them, 8 per problem, ~300-character texts whose
+final answers agree as a small model's do: the gold about half the time, else one of a few wrong
+answers or none). Then each step runs in a fresh process that reports its own figures:
+
+- verify, filter, pairs: the stage flows (`<stage>_flow.fn`: lock, fingerprints, chunks, bounded parts,
+  stage_runs, catalog; Prefect's API calls stubbed);
+- export: `evoforge export` of rollouts, verdicts and the sft rows, Parquet layout (flows/export.py);
+- queries: every named query of sql/queries/ over the run (`evoforge sql`).
+
+Per step: seconds (and seconds per million rollouts), the process's peak RSS (VmHWM) and the largest of
+its grader processes, bytes read and written (/proc/<pid>/io: rchar / wchar, what the process asked
+the kernel for, page cache included), and with `--lake s3` the HTTP requests the local S3 server
+(moto) answered. The generation the round would take: the rollouts' completion tokens at
+`--tokens-per-second` per GPU on `--gpus` GPUs (`--tokens-per-rollout` each, default 300: issue 30's 80M
+rollouts in 330 H100-hours); the share is the steps' seconds on this machine (its cores: the figure a
+cluster divides by its CPU count for the steps that spread, verify above all) over that. Targets (issue 30): each step's peak RSS within 2x from the smallest to the largest size, and
+the sum under 1% of generation on 64 GPUs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from evoforge.data import home  # noqa: E402
+
+home.configure()
+
+from bench.memory import DescendantPeaks, TrivialPool, build, peak_rss_mb, quiet_prefect  # noqa: E402
+
+STEPS = ("verify", "filter", "pairs", "export", "queries")
+RUN = "factory"
+
+
+def io_counters() -> dict[str, int]:
+    counters = {}
+    for line in Path("/proc/self/io").read_text().splitlines():
+        key, value = line.split(":")
+        counters[key] = int(value)
+    return counters
+
+
+def run_step(step: str, lake_root: str, grader: str, out: Path) -> dict:
+    """One step in this (fresh) process: its seconds, memory and bytes."""
+    from evoforge.data.lake import use_lake
+    from evoforge.flows.config import RoundConfig
+
+    use_lake(lake_root)
+    quiet_prefect()
+    from evoforge.data import catalog
+    from evoforge.data.lake import lake
+
+    config = RoundConfig()
+    before = io_counters()
+    below = DescendantPeaks()
+    started = time.perf_counter()
+    if step == "verify":
+        if grader == "trivial":
+            from evoforge.tasks import verify as verify_task
+
+            verify_task.VerifyConfig.pool = lambda self: TrivialPool()
+        from evoforge.flows.verify import verify_flow
+
+        rows = verify_flow.fn(RUN, 0, config, force=True).rows_out
+    elif step == "filter":
+        from evoforge.flows.filter import filter_flow
+
+        rows = filter_flow.fn(RUN, 0, config, force=True).rows_in
+    elif step == "pairs":
+        from evoforge.flows.pairs import pairs_flow
+
+        lake().publish_stage(RUN, 0, "synthesize", {"problems": lake().read_schema("problems").empty_table()
+                                                    .drop_columns(["round", "stage"])})  # no variants this round
+        rows = pairs_flow.fn(RUN, 0, config, force=True).rows_in
+    elif step == "export":
+        from evoforge.flows.export import export_run
+
+        shutil.rmtree(out, ignore_errors=True)
+        rows = sum(export_run(RUN, ["rollouts", "verdicts", "sft"], str(out), format="parquet", config=config).rows.values())
+    elif step == "queries":
+        con = catalog.connect(lake().run_dir(RUN), read_only=True)
+        rows = 0
+        for name, path in catalog.named_queries().items():
+            try:
+                rows += len(con.execute(path.read_text()).fetchall())
+            except Exception as err:  # a query needing a table this round has no rows of still answers (empty)
+                raise RuntimeError(f"sql/queries/{name}.sql: {err}") from err
+    else:
+        raise SystemExit(f"unknown step {step}")
+    seconds = time.perf_counter() - started
+    processes, largest = below.stop()
+    after = io_counters()
+    return {"seconds": seconds, "rows": rows, "peak_mb": peak_rss_mb(), "graders": processes,
+            "largest_grader_mb": largest, "read_bytes": after["rchar"] - before["rchar"],
+            "written_bytes": after["wchar"] - before["wchar"]}
+
+
+def fresh(*options: str, env: dict | None = None) -> dict:
+    done = subprocess.run([sys.executable, __file__, *options], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+    if done.returncode != 0:
+        raise RuntimeError(f"bench/factory_scale.py {' '.join(options)} exited with {done.returncode}:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def completion_tokens(lake_root: str) -> int:
+
+    from evoforge.data import catalog
+    from evoforge.data.lake import Lake
+
+    con = catalog.connect(Lake(lake_root).run_dir(RUN))
+    return int(con.execute("SELECT sum(completion_tokens) FROM rollouts").fetchone()[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="1000000,10000000", help="rollouts per round, comma-separated")
+    parser.add_argument("--lake", choices=("disk", "s3"), default="disk")
+    parser.add_argument("--gpus", type=int, default=64)
+    parser.add_argument("--tokens-per-second", type=float, default=20_000, help="generation per GPU")
+    parser.add_argument("--tokens-per-rollout", type=float, default=300,
+                        help="completion tokens per rollout of the round generation is priced for (issue 30: 80M rollouts "
+                             "in 330 H100-hours at 20k tok/s is ~300); 0: the synthetic rollouts' own (~100)")
+    parser.add_argument("--grader", choices=("math-verify", "trivial"), default="math-verify")
+    parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--step", help=argparse.SUPPRESS)
+    parser.add_argument("--lake-root", help=argparse.SUPPRESS)
+    parser.add_argument("--rollouts", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    scratch = home.home() / ".tmp" / "bench-factory"
+    if args.step == "build":
+        print(json.dumps(build(args.lake_root, RUN, args.rollouts, 8)))
+        return
+    if args.step:
+        print(json.dumps(run_step(args.step, args.lake_root, args.grader, scratch / "export")))
+        return
+
+    sizes = [int(s) for s in args.sizes.split(",")]
+    s3 = requests = None
+    if args.lake == "s3":
+        from bench.table_formats import RequestLog
+        from evoforge.data.local_s3 import LocalS3
+
+        s3 = LocalS3().start()
+        os.environ.update(s3.environment())
+        requests = RequestLog(s3.log_path)
+    results = {}
+    try:
+        for size in sizes:
+            shutil.rmtree(scratch, ignore_errors=True)
+            scratch.mkdir(parents=True)
+            lake_root = (f"s3://{s3.create_bucket(f'factory-{size}-{time.time_ns()}')}/runs" if s3
+                         else str(scratch / "runs"))
+            started = time.perf_counter()
+            built = fresh("--step", "build", "--lake-root", lake_root, "--rollouts", str(size))
+            built["seconds"] = time.perf_counter() - started
+            tokens = int(args.tokens_per_rollout * built["rollouts"]) if args.tokens_per_rollout else completion_tokens(lake_root)
+            generation_s = tokens / (args.tokens_per_second * args.gpus)
+            steps = {}
+            for step in STEPS:
+                mark = requests.mark() if requests else 0
+                steps[step] = fresh("--step", step, "--lake-root", lake_root, "--grader", args.grader)
+                steps[step]["requests"] = sum(requests.since(mark).values()) if requests else None
+                print(f"  {size:>11,} rollouts  {step:<8} {steps[step]['seconds']:8.1f} s  "
+                      f"peak {steps[step]['peak_mb']:6.0f} MB  read {steps[step]['read_bytes'] / 2**30:6.2f} GiB  "
+                      f"written {steps[step]['written_bytes'] / 2**30:6.2f} GiB"
+                      + (f"  {steps[step]['requests']} requests" if requests else ""), flush=True)
+            results[size] = {"built": built, "tokens": tokens, "generation_s": generation_s, "steps": steps}
+            if not args.keep:
+                shutil.rmtree(scratch, ignore_errors=True)
+    finally:
+        if s3:
+            s3.stop()
+    report(results, sizes, args)
+
+
+def report(results: dict, sizes: list[int], args) -> None:
+    print()
+    print(f"lake: {args.lake}; grader: {args.grader}; generation at {args.tokens_per_second:,.0f} tok/s per GPU "
+          f"on {args.gpus} GPUs; this machine: {os.cpu_count()} cores")
+    print("| rollouts | step | s | s per 1M | peak RSS MB | largest grader MB | read GiB | written GiB | requests |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for size in sizes:
+        r = results[size]
+        for step in STEPS:
+            s = r["steps"][step]
+            print(f"| {size:,} | {step} | {s['seconds']:.1f} | {s['seconds'] / size * 1e6:.1f} | {s['peak_mb']:.0f} | "
+                  f"{s['largest_grader_mb']:.0f} | {s['read_bytes'] / 2**30:.2f} | {s['written_bytes'] / 2**30:.2f} | "
+                  f"{s['requests'] if s['requests'] is not None else '–'} |")
+        total = sum(s["seconds"] for s in r["steps"].values())
+        print(f"| {size:,} | **sum** | {total:.1f} | {total / size * 1e6:.1f} | | | | | |")
+    print()
+    for size in sizes:
+        r = results[size]
+        total = sum(s["seconds"] for s in r["steps"].values())
+        print(f"{size:,} rollouts: {r['tokens']:,} completion tokens -> generation {r['generation_s']:.0f} s on {args.gpus} "
+              f"GPUs; evoforge's steps {total:.0f} s here = {100 * total / r['generation_s']:.2f}% of it "
+              f"(target < 1%); without verify {100 * (total - r['steps']['verify']['seconds']) / r['generation_s']:.2f}%")
+    if len(sizes) > 1:
+        small, large = results[sizes[0]]["steps"], results[sizes[-1]]["steps"]
+        print("peak RSS, largest size / smallest (target: within 2x): "
+              + ", ".join(f"{step} {large[step]['peak_mb'] / small[step]['peak_mb']:.2f}x" for step in STEPS))
+
+
+if __name__ == "__main__":
+    main()
