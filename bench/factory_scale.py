@@ -120,7 +120,6 @@ def fresh(*options: str, env: dict | None = None) -> dict:
 
 
 def completion_tokens(lake_root: str) -> int:
-
     from evoforge.data import catalog
     from evoforge.data.lake import Lake
 
