@@ -487,6 +487,14 @@ class Lake:
                    for batch in self._part_batches(run, round, stage, folder, part, schema)]
         return pa.Table.from_batches(batches, schema)
 
+    def version_batches(self, run: str, round: int, stage: str, parts: Iterable[Part], table: str) -> Iterator[pa.RecordBatch]:
+        """`read_batches` over the given parts of one stage folder (one of its versions, data/history.py): the
+        rows with `round` and `stage`, part by part, each part checked against its checksum before its rows."""
+        folder, schema = self.stage_dir(run, round, stage), self.read_schema(table)
+        for part in parts:
+            if part.table == table:
+                yield from self._part_batches(run, round, stage, folder, part, schema)
+
     def _part_batches(self, run, round, stage, folder: LakePath, part: Part, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
         path = folder / part.file
         try:

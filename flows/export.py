@@ -66,21 +66,21 @@ def export_run(run: str, tables: list[str], to: str, *, rounds: list[int] | None
     if missing:
         raise LakeError(f"export: run {run} has no round {missing[0]} (rounds: {sorted({v.round for v in state})})")
 
-    data: dict[str, pa.Table] = {}
+    data: dict[str, pa.Table | building.StreamedConfig] = {}
     sources: dict[str, list[Version]] = {}
     for name in tables:
-        if name in METHOD_MODULES:
-            data[name], table = _method_rows(run, name, chosen, config), METHOD_MODULES[name].TABLE
-        else:
-            data[name], table = _lake_rows(run, name, chosen), name
+        table = METHOD_MODULES[name].TABLE if name in METHOD_MODULES else name
         sources[name] = [v for v in state if v.round in chosen and any(p.table == table for p in v.manifest.parts)]
-    empty = [name for name, table in data.items() if table.num_rows == 0]
-    data = {name: table for name, table in data.items() if table.num_rows}  # `datasets` cannot load a saved empty split
+        data[name] = _method_rows(run, name, chosen, config) if name in METHOD_MODULES else \
+            _lake_rows(run, name, sources[name])
+    empty = [name for name, rows in data.items() if _rows(rows) == 0]
+    data = {name: rows for name, rows in data.items() if _rows(rows)}  # `datasets` cannot load a saved empty split
     if not data:
         raise LakeError(f"export: run {run} has no rows of {', '.join(tables)} in round(s) {chosen}")
     lineage = _lineage(run, chosen, data, sources, len(versions), config)
     settings = config.export
-    configs = building.dataset_configs(data)
+    configs = {name: rows if isinstance(rows, building.StreamedConfig) else building.dataset_configs({name: rows})[name]
+               for name, rows in data.items()}
     card = building.dataset_card(configs, lineage, license=license or settings.license,
                                  task_categories=settings.task_categories, tags=[*settings.tags, *(tags or [])],
                                  pretty_name=settings.pretty_name or f"evoforge run {run}", format=format)
@@ -91,12 +91,22 @@ def export_run(run: str, tables: list[str], to: str, *, rounds: list[int] | None
         building.write_export(configs, card, folder, "parquet", overwrite=True)
         building.push_to_hub(folder, repo_id, private=private, api=api,
                              commit_message=f"evoforge export of run {run}, version {len(versions)}")
-    return ExportResult(to, {name: t.num_rows for name, t in data.items()}, len(versions), folder, empty)
+    return ExportResult(to, {name: _rows(rows) for name, rows in data.items()}, len(versions), folder, empty)
 
 
-def _lake_rows(run: str, table: str, rounds: list[int]) -> pa.Table:
-    parts = [lake().read(run, table, round) for round in rounds]
-    return pa.concat_tables(parts) if parts else lake().read_schema(table).empty_table()
+def _rows(data: pa.Table | building.StreamedConfig) -> int:
+    return data.rows if isinstance(data, building.StreamedConfig) else data.num_rows
+
+
+def _lake_rows(run: str, table: str, versions: list[Version]) -> building.StreamedConfig:
+    """A lake table streamed from exactly the versions the card names (not whatever is current when a
+    part is read), part by part: an export of a 10M-rollout round holds one batch at a time."""
+    def batches():
+        for v in versions:
+            yield from lake().version_batches(run, v.round, v.stage, v.manifest.parts, table)
+
+    rows = sum(p.rows for v in versions for p in v.manifest.parts if p.table == table)
+    return building.StreamedConfig(lake().read_schema(table), rows, batches)
 
 
 def _method_rows(run: str, method: str, rounds: list[int], config: RoundConfig) -> pa.Table:
@@ -113,7 +123,7 @@ def _method_rows(run: str, method: str, rounds: list[int], config: RoundConfig) 
     return pa.concat_tables(pieces)
 
 
-def _lineage(run: str, rounds: list[int], data: dict[str, pa.Table], sources: dict[str, list[Version]],
+def _lineage(run: str, rounds: list[int], data: dict[str, pa.Table | building.StreamedConfig], sources: dict[str, list[Version]],
              version: int, config: RoundConfig) -> dict:
     events = lake().read(run, "stage_runs").to_pylist()
     checkpoints = {row["model_id"]: row for row in lake().read(run, "checkpoints").to_pylist()}
@@ -131,7 +141,7 @@ def _lineage(run: str, rounds: list[int], data: dict[str, pa.Table], sources: di
     return {
         "run": run, "rounds": rounds, "evoforge_version": __version__, "lake": str(lake().run_dir(run)),
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run_version": version,
-        "tables": {name: {"table": METHOD_MODULES[name].TABLE if name in METHOD_MODULES else name, "rows": table.num_rows, "sql": _sql(run, name, rounds, version),
+        "tables": {name: {"table": METHOD_MODULES[name].TABLE if name in METHOD_MODULES else name, "rows": _rows(table), "sql": _sql(run, name, rounds, version),
                           "sources": [described(v) for v in sources[name]]} for name, table in data.items()},
         "grader": {"name": "math-verify", **config.verify.grading_settings()},
         "decontamination": [_eval_set(s) for s in config.eval_sets],

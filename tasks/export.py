@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+import shutil
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +68,16 @@ class ExportConfig(Section):
 
 class ExportError(ValueError):
     """A user's error in an export, said in one line (the command line prints it as it is)."""
+
+
+@dataclass(frozen=True)
+class StreamedConfig:
+    """A config too large to hold (a lake table of a 10M-rollout round): its schema, its row count (the lake's
+    manifests know it before a row is read) and its rows as record batches, read once, in order, while its
+    files are written. Memory holds one batch, whatever the table's size."""
+    schema: pa.Schema
+    rows: int
+    batches: Callable[[], Iterable[pa.RecordBatch]]
 
 
 def dataset_configs(tables: Mapping[str, pa.Table]) -> dict[str, datasets.DatasetDict]:
@@ -126,14 +138,20 @@ def _check_format(format: str) -> None:
 def _schema_and_rows(config: Any) -> tuple[pa.Schema, int, int]:
     """(hub-compatible schema, rows, Arrow bytes or 0 when unknown) of a config: a table, a dataset, a
     DatasetDict, or (schema, rows)."""
+    if isinstance(config, StreamedConfig):
+        config = (config.schema, config.rows)
     if isinstance(config, tuple):
         schema, rows = config
-        return pa.schema([field.with_type(hub_type(field.type)) for field in schema]).remove_metadata(), int(rows), 0
+        return _hub_schema(schema), int(rows), 0
     if isinstance(config, pa.Table):
         table = hub_compatible(config)
         return table.schema.remove_metadata(), table.num_rows, table.nbytes
     dataset = _train_split(config)
     return dataset.features.arrow_schema, dataset.num_rows, dataset.data.nbytes
+
+
+def _hub_schema(schema: pa.Schema) -> pa.Schema:
+    return pa.schema([field.with_type(hub_type(field.type)) for field in schema]).remove_metadata()
 
 
 def dataset_card(configs: Mapping[str, Any], lineage: Mapping[str, Any], *, license: str | None = None,
@@ -294,7 +312,7 @@ def write_export(configs: Mapping[str, Any], card_text: str, to: Path | str, for
     splits = {}
     for name, config in configs.items():
         _check_config_name(name)
-        splits[name] = _train_split(config)
+        splits[name] = config if isinstance(config, StreamedConfig) else _train_split(config)
     from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
 
     bars = is_progress_bar_enabled()
@@ -303,7 +321,9 @@ def write_export(configs: Mapping[str, Any], card_text: str, to: Path | str, for
         with atomic_path(to) as building:
             building.mkdir()
             for name, dataset in splits.items():
-                if format == "parquet":
+                if isinstance(dataset, StreamedConfig):
+                    _write_streamed(dataset, building, name, format, max_shard_bytes)
+                elif format == "parquet":
                     _write_parquet_shards(dataset, building / name, max_shard_bytes)
                 else:
                     dataset.save_to_disk(str(building / name), max_shard_size=max_shard_bytes)
@@ -326,6 +346,44 @@ def _write_parquet_shards(dataset: datasets.Dataset, folder: Path, max_shard_byt
     for index in range(shards):
         shard = dataset if shards == 1 else dataset.shard(num_shards=shards, index=index, contiguous=True)
         shard.to_parquet(str(folder / f"{SPLIT}-{index:05d}-of-{shards:05d}.parquet"))
+
+
+def _write_streamed(config: StreamedConfig, building: Path, name: str, format: str, max_shard_bytes: int) -> None:
+    """A streamed config's files, one batch in memory at a time. Parquet: shards of at most `max_shard_bytes`
+    of Arrow data, as `datasets` cuts a push, named once their count is known. Arrow: those shards read by
+    `datasets` into its memory-mapped cache (beside, removed after) and saved with `save_to_disk`."""
+    import pyarrow.parquet as pq
+
+    folder = building / name if format == "parquet" else building / f".{name}.parquet"
+    folder.mkdir()
+    schema, shards, writer, held = _hub_schema(config.schema), [], None, 0
+    for batch in config.batches():
+        if writer is None or held >= max_shard_bytes:
+            if writer is not None:
+                writer.close()
+            shards.append(folder / f".shard-{len(shards):05d}.parquet")
+            writer, held = pq.ParquetWriter(shards[-1], schema), 0
+        rows = hub_compatible(pa.Table.from_batches([batch])).cast(schema)
+        writer.write_table(rows)
+        held += rows.nbytes
+    if writer is None:  # no rows: one empty file, as `datasets` writes an empty split
+        shards.append(folder / ".shard-00000.parquet")
+        pq.write_table(schema.empty_table(), shards[-1])
+    else:
+        writer.close()
+    named = [shard.with_name(f"{SPLIT}-{index:05d}-of-{len(shards):05d}.parquet") for index, shard in enumerate(shards)]
+    for shard, target in zip(shards, named):
+        shard.rename(target)
+    if format == "arrow":
+        import datasets
+
+        cache = building / f".{name}.cache"
+        loaded = datasets.Dataset.from_parquet([str(p) for p in named], split=SPLIT, cache_dir=str(cache),
+                                               keep_in_memory=False)
+        loaded.save_to_disk(str(building / name), max_shard_size=max_shard_bytes)
+        del loaded
+        shutil.rmtree(folder)
+        shutil.rmtree(cache)
 
 
 # -- the hub -------------------------------------------------------------------------------------------

@@ -160,6 +160,23 @@ def test_an_arrow_export_loads_back_with_load_from_disk_one_config_per_folder(sc
     assert (folder / "README.md").read_text().startswith("---\n")
 
 
+@pytest.mark.parametrize("format", ["parquet", "arrow"])
+def test_a_streamed_config_is_written_batch_by_batch_into_bounded_shards_and_reads_back_equal(scratch, format):
+    """A lake table too large to hold reaches the export as a stream: shards close at the byte bound, are named
+    once their count is known, and the rows read back equal, maps as key/value structs as for a table."""
+    rows = pa.table({"problem_id": [f"p{i}" for i in range(1000)], "text": ["x" * 200] * 1000,
+                     "pass_at_k": pa.array([[(1, i / 1000)] for i in range(1000)], pa.map_(pa.int32(), pa.float64()))})
+    streamed = export.StreamedConfig(rows.schema, rows.num_rows, lambda: iter(rows.to_batches(max_chunksize=100)))
+    card = export.dataset_card({"rollouts": streamed}, LINEAGE, format=format)
+    folder = export.write_export({"rollouts": streamed}, card, scratch / "out", format, max_shard_bytes=60_000)
+    if format == "parquet":
+        shards = sorted(p.name for p in (folder / "rollouts").iterdir())
+        assert len(shards) > 2 and shards[0] == f"train-00000-of-{len(shards):05d}.parquet"
+    loaded = datasets.load_dataset(str(folder), "rollouts", split="train")
+    assert loaded.data.table.equals(export.hub_compatible(rows).replace_schema_metadata(None).cast(loaded.data.table.schema))
+    assert not [p for p in folder.rglob(".*")]  # no scratch left beside the configs
+
+
 def test_an_existing_export_is_refused_unless_overwritten(scratch):
     configs = export.dataset_configs({"sft": sft_table()})
     target = scratch / "out"
