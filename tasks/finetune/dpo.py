@@ -9,8 +9,7 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from evoforge.data.section import Section
-from evoforge.tasks.arrow_datasets import arrow_dataset
-from evoforge.tasks.arrow_datasets import assistant_turn, messages_column
+from evoforge.tasks.arrow_datasets import arrow_dataset, assistant_turn, messages_column
 from evoforge.tasks.finetune.trainer_args import build_arguments
 
 if TYPE_CHECKING:
@@ -37,7 +36,7 @@ def arguments(config: FinetuneConfig, output_dir, run_name: str | None = None):
 
 def dataset(pairs: pa.Table, config: FinetuneConfig, context):
     """TRL conversational preference format: prompt messages, chosen and rejected assistant turns, built in
-    Arrow (tasks/finetune/sft.py `messages_column`)."""
+    Arrow (tasks/arrow_datasets.py `messages_column`)."""
     from evoforge.models.prompts import solve_messages
 
     rows = pairs.filter(pc.equal(pairs["kind"], "solution"))

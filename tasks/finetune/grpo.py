@@ -10,8 +10,7 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from evoforge.data.section import Section
-from evoforge.tasks.arrow_datasets import arrow_dataset
-from evoforge.tasks.arrow_datasets import messages_column
+from evoforge.tasks.arrow_datasets import arrow_dataset, messages_column
 from evoforge.tasks.finetune.trainer_args import build_arguments
 
 if TYPE_CHECKING:
@@ -72,7 +71,7 @@ def arguments(config: FinetuneConfig, output_dir, run_name: str | None = None, m
 
 
 def dataset(problems: pa.Table, config: FinetuneConfig, context):
-    """TRL conversational prompt format (built in Arrow: tasks/finetune/sft.py `messages_column`); `answer`
+    """TRL conversational prompt format (built in Arrow: tasks/arrow_datasets.py `messages_column`); `answer`
     travels along to the verifier reward."""
     from evoforge.models.prompts import solve_messages
 

@@ -17,10 +17,9 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from evoforge.data.section import Section
+from evoforge.tasks.arrow_datasets import arrow_dataset, messages_column
 from evoforge.tasks.critic import CriticConfig, critic_prompt, order_for, parse_label, rewards, winner
-from evoforge.tasks.arrow_datasets import arrow_dataset
 from evoforge.tasks.finetune import grpo
-from evoforge.tasks.arrow_datasets import messages_column
 
 if TYPE_CHECKING:
     from evoforge.tasks.finetune.config import FinetuneConfig
@@ -187,7 +186,7 @@ def dataset(rows: pa.Table, config: FinetuneConfig, context):
     generate stage asks it; a critic row is shown its two answers in the recorded order. `role`,
     `question`, `expert_answer` and `order` travel along to the reward.
 
-    Built in Arrow (tasks/finetune/sft.py `messages_column`): both roles' prompts for every row, one picked
+    Built in Arrow (tasks/arrow_datasets.py `messages_column`): both roles' prompts for every row, one picked
     by `role`. The critic's is tasks/critic.py `critic_prompt` column-wise: each answer cut to
     `max_answer_chars` characters, put first or second by `order` (`arrange`), in `critic_messages`."""
     from evoforge.models.prompts import critic_messages, solve_messages

@@ -34,9 +34,8 @@ import pyarrow as pa
 from pydantic import Field
 
 from evoforge.data.section import Section
-from evoforge.tasks.arrow_datasets import arrow_dataset
+from evoforge.tasks.arrow_datasets import arrow_dataset, messages_column
 from evoforge.tasks.finetune import grpo
-from evoforge.tasks.arrow_datasets import messages_column
 
 if TYPE_CHECKING:
     from evoforge.tasks.finetune.config import FinetuneConfig
@@ -73,7 +72,7 @@ def arguments(config: FinetuneConfig, output_dir, run_name: str | None = None):
 def dataset(problems: pa.Table, config: FinetuneConfig, context):
     """GRPO's rows (the question as the generate stage asks it, the answer for the verifier), marked as
     problems to solve; `problem_id` travels along to name the variants' parents. Built in Arrow
-    (tasks/finetune/sft.py `messages_column`)."""
+    (tasks/arrow_datasets.py `messages_column`)."""
     from evoforge.models.prompts import solve_messages
 
     rows = problems.num_rows

@@ -6,9 +6,8 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from evoforge.tasks.arrow_datasets import arrow_dataset
+from evoforge.tasks.arrow_datasets import arrow_dataset, assistant_turn, messages_column
 from evoforge.tasks.finetune.sft import arguments, trainer  # noqa: F401  (the SFT trainer, on traces)
-from evoforge.tasks.arrow_datasets import assistant_turn, messages_column
 
 if TYPE_CHECKING:
     from evoforge.tasks.finetune.config import FinetuneConfig
@@ -24,7 +23,7 @@ def training_rows(inputs: RoundInputs, config: FinetuneConfig) -> pa.Table:
 
 def dataset(traces: pa.Table, config: FinetuneConfig, context):
     """SFT's conversational prompt/completion format with the step-format prompt, built in Arrow
-    (tasks/finetune/sft.py `messages_column`)."""
+    (tasks/arrow_datasets.py `messages_column`)."""
     from evoforge.models.prompts import step_messages
 
     return arrow_dataset(pa.table({"prompt": messages_column(step_messages, question=traces["prompt"]),
