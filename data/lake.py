@@ -65,8 +65,9 @@ READ_BATCH_ROWS = 8_192
 # Parts up to this size are fetched in one request and checksummed in memory; a larger one is
 # checksummed as a stream first and then read row group by row group (a second pass over it).
 WHOLE_PART_BYTES = 32 * 1024 * 1024
-# More event files than this in a run table are merged into one (an object store lists them slowly).
-RUN_TABLE_COMPACT_FILES = 64
+# More event files than this in a run table are merged into one: every stage start reads the events twice
+# (open attempts, then the earlier executions), on object storage two requests per file.
+RUN_TABLE_COMPACT_FILES = 16
 # Rows of one key range held at once where a stream is brought into key order (`in_key_ranges`):
 # how a stage sees a problem's rows together in a round of any size. A DuckDB sort, window or join
 # over the whole round instead needs more memory as the round grows (a sort of 10M rollouts ran out
@@ -314,6 +315,11 @@ def drop_duplicate_rows(table: pa.Table) -> pa.Table:
     return table.take(pc.take(firsts[f"{index}_min"], keep)) if firsts.num_rows < table.num_rows else table
 
 
+# The run folders whose schema files this process has checked or written (`Lake.ensure_run`), by
+# their str(): every Lake of the process shares it (the catalog builds its own).
+_checked_runs: set[str] = set()
+
+
 class Lake:
     def __init__(self, root: str | LakePath):
         self.root = location(root)  # a folder, or an s3:// prefix (data/storage.py)
@@ -358,9 +364,14 @@ class Lake:
                 found.append((int(folder.parent.name.split("=", 1)[1]), folder.name, folder))
         return sorted(found)
 
-    def ensure_run(self, run: str) -> LakePath:
-        """Create the run folder with a zero-row schema file per table (see module doc)."""
+    def ensure_run(self, run: str, check: bool = False) -> LakePath:
+        """Create the run folder with a zero-row schema file per table (see module doc), or renew one
+        that is missing, damaged or of an older schema. Checked once per process and run (on object
+        storage the check is two requests per file, and every commit and stage start asks): a file
+        removed or damaged while this process runs is renewed by the next command, or now with `check`."""
         run_dir = self.run_dir(run)
+        if not check and str(run_dir) in _checked_runs:
+            return run_dir
         for name, schema in {**schemas.ROUND_TABLES, **schemas.RUN_TABLES}.items():
             folder = run_dir / name if name in schemas.RUN_TABLES else run_dir / "round=0" / SCHEMA_FOLDER / name
             path = folder / SCHEMA_PART
@@ -372,6 +383,7 @@ class Lake:
                 current = None
             if current != schema:
                 write_parquet(schema.empty_table(), path)
+        _checked_runs.add(str(run_dir))
         return run_dir
 
     # -- committed output ----------------------------------------------------------------------
@@ -543,7 +555,7 @@ class Lake:
 
     def run_table_files(self, run: str, table: str) -> list[LakePath]:
         folder = self.run_dir(run) / table
-        return sorted(p for p in folder.glob("part-*.parquet") if PART_NAME.fullmatch(p.name)) if folder.is_dir() else []
+        return sorted(p for p in folder.glob("part-*.parquet") if PART_NAME.fullmatch(p.name))  # none when no folder
 
     @staticmethod
     def _schema(table: str) -> pa.Schema:
@@ -616,38 +628,57 @@ class Lake:
         return Published(manifest.fingerprint(key), tuple(written))
 
     # -- health --------------------------------------------------------------------------------
-    def inspect(self, run: str, checksum: bool = False) -> RunHealth:
+    def inspect(self, run: str, checksum: bool = False, parts: bool = True) -> RunHealth:
         """Every committed part checked against its manifest (cheaply, or with checksums), the files no
-        manifest lists, and the leftovers of dead writers. What status, sql and doctor report."""
+        manifest lists, and the leftovers of dead writers. What status, sql and doctor report.
+        `parts=False`: what lies beside the stage folders' committed parts (leftovers, superseded parts,
+        unnamed files), no part checked and the run tables not looked at: what `sweep` needs at a
+        stage start.
+
+        What it reads does not grow with the run's history: per stage folder one listing and its
+        current manifest, which names the parts of earlier versions still kept (`superseded`); the
+        folder's earlier versions (`_history/`) are read only when it holds a part no manifest names
+        there (a dead writer's leftover, or a folder last committed before manifests named them), and
+        always for `doctor` (`checksum=True`), which names a damaged copy. The stage folders are listed a
+        level at a time (`stage_dirs`), so the chunks of stages at work are never listed."""
         run_dir = self.run_dir(run)
         health = RunHealth()
-        for name in schemas.ROUND_TABLES:
-            schema_file = run_dir / "round=0" / SCHEMA_FOLDER / name / SCHEMA_PART
-            health.files[name] = [schema_file] if schema_file.exists() else []
+        if parts:
+            schema_files = {path.parent.name: path for path in (run_dir / "round=0" / SCHEMA_FOLDER).rglob(SCHEMA_PART)
+                            if path.parent.parent.name == SCHEMA_FOLDER}  # one listing, not a request per table
+            for name in schemas.ROUND_TABLES:
+                health.files[name] = [schema_files[name]] if name in schema_files else []
         for round, stage, folder in self.stage_dirs(run):
             try:
                 manifest = read_manifest(folder)
             except ManifestError as err:
                 health.damaged.append(Damage(run, err.path, err.reason, round, stage))
                 continue
-            try:
-                earlier = {p.file for version in read_history(folder) for p in version.parts}
-            except ManifestError as err:  # a damaged copy: what it listed is unknown, so nothing of it is swept
-                health.damaged.append(Damage(run, err.path, err.reason, round, stage))
-                earlier = None
+            below = {path.relative_to(folder).as_posix(): path for path in folder.rglob("*") if path.is_file()}
             listed = set()
             for part in manifest.parts if manifest else ():
                 listed.add(part.file)
-                reason = part_damage(folder, part, checksum=checksum)
+                if not parts:
+                    continue
+                reason = part_damage(folder, part, checksum=checksum, listed=below.get(part.file, False))
                 if reason:
                     health.damaged.append(Damage(run, folder / part.file, reason, round, stage))
                 elif part.table in health.files:
-                    health.files[part.table].append(folder / part.file)
-            for path in sorted(folder.glob("*/*")):
-                relative = path.relative_to(folder).as_posix()
-                if not path.is_file() or relative in listed or path.name.startswith(".") \
-                        or path.parent.name == HISTORY_FOLDER:
-                    continue
+                    health.files[part.table].append(below[part.file])
+            unlisted = [(relative, path) for relative, path in sorted(below.items())
+                        if relative.count("/") == 1 and relative not in listed and not path.name.startswith(".")
+                        and path.parent.name != HISTORY_FOLDER]
+            # the parts of earlier versions the manifest names are superseded; another part (or any, for a
+            # manifest written before it named them) is a leftover only if no version in `_history/` lists it
+            earlier: set[str] | None = set(manifest.superseded or ()) if manifest else set()
+            unknown = [relative for relative, path in unlisted if PART_NAME.fullmatch(path.name) and relative not in earlier]
+            if checksum or unknown:
+                try:
+                    earlier |= {p.file for version in read_history(folder) for p in version.parts}
+                except ManifestError as err:  # a damaged copy: what it listed is unknown, so nothing of it is swept
+                    health.damaged.append(Damage(run, err.path, err.reason, round, stage))
+                    earlier = None
+            for relative, path in unlisted:
                 if PART_NAME.fullmatch(path.name) and (earlier is None or relative in earlier):
                     health.superseded.append(path)
                 elif PART_NAME.fullmatch(path.name):
@@ -656,10 +687,11 @@ class Lake:
                     health.legacy.append(path)
                 else:
                     health.unnamed.append(path)
-        for table in schemas.RUN_TABLES:
+        for table in schemas.RUN_TABLES if parts else ():
             folder = run_dir / table
-            health.files[table] = [folder / SCHEMA_PART] if (folder / SCHEMA_PART).exists() else []
-            for path in sorted(folder.glob("*")) if folder.is_dir() else []:
+            files = sorted(folder.glob("*"))  # nothing when the folder is not there
+            health.files[table] = [path for path in files if path.name == SCHEMA_PART]
+            for path in files:
                 if path.name == SCHEMA_PART or path.name.startswith("."):
                     continue
                 if not PART_NAME.fullmatch(path.name):
@@ -678,7 +710,7 @@ class Lake:
         manifest lists under evoforge's part names; returns the count. Only while no writer of the run
         is alive (the caller holds the run's lock). A file with any other name is the user's: kept."""
         removed = remove_leftovers(self.run_dir(run))
-        for path in self.inspect(run).leftovers:
+        for path in self.inspect(run, parts=False).leftovers:
             path.unlink(missing_ok=True)
             removed += 1
         return removed
