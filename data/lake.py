@@ -77,7 +77,8 @@ SPILL_FANOUT = 128  # range files one spill pass keeps open per stream; more ran
 SQL_MEMORY_LIMIT = "128MB"
 
 Rows = Union[pa.Table, pa.RecordBatch]
-TableSource = Union[pa.Table, Iterable[Rows]]  # a table whole, or its rows as they are produced
+# a table whole, or its rows as they are produced (an `Interleaved` producer may feed several tables)
+TableSource = Union[pa.Table, Iterable[Rows], "Interleaved"]
 
 
 class LakeError(ValueError):
@@ -270,7 +271,27 @@ def _pieces(source: TableSource) -> Iterator[pa.Table]:
     if isinstance(source, (pa.Table, pa.RecordBatch)):
         source = [source]
     for rows in source:
-        yield pa.Table.from_batches([rows]) if isinstance(rows, pa.RecordBatch) else rows
+        yield _table(rows)
+
+
+def _table(rows: Rows) -> pa.Table:
+    return pa.Table.from_batches([rows]) if isinstance(rows, pa.RecordBatch) else rows
+
+
+class Interleaved:
+    """The rows of several output tables from one producer, as (table, rows) pairs in any order: what a
+    stage gives each of those tables when one pass over its inputs makes them all (pairs: `pairs` and
+    `sft_examples`), so no input is read once per output. `Lake.publish` writes every table's parts
+    as its rows come."""
+
+    def __init__(self, rows: Iterable[tuple[str, Rows]]):
+        self.rows = rows
+
+    def __iter__(self) -> Iterator[tuple[str, Rows]]:
+        return iter(self.rows)
+
+    def close(self) -> None:
+        _close(self.rows)
 
 
 def _close(source: TableSource) -> None:
@@ -591,7 +612,8 @@ class Lake:
     def publish(self, run: str, round: int, stage: str, tables: Mapping[str, TableSource],
                 key: str | None = None, config_hash: str | None = None) -> Published:
         """Commit `tables` as the stage's output: each a table, or its rows (tables or record
-        batches) as they are produced, written in bounded parts as they come (`TableWriter`).
+        batches) as they are produced, written in bounded parts as they come (`TableWriter`); one
+        `Interleaved` producer given for several tables feeds them all in one pass.
 
         Without `key` the whole output is replaced; with one, only the parts of that key (ingest: one
         source). New parts first, then the manifest (the commit, a new version): a crash at any point
@@ -605,17 +627,26 @@ class Lake:
             if key is not None:  # the other inputs' parts are unknown: doctor --repair first
                 raise
             old = None  # the whole output is replaced, the unreadable manifest with it
-        writers: list[TableWriter] = []
+        writers: dict[str, TableWriter] = {}
         try:
+            for table in tables:  # nothing is written before a table's first rows
+                writers[table] = TableWriter(folder, table, self._schema(table), key)
+            fed: set[int] = set()
             for table, source in tables.items():
-                schema = self._schema(table)
-                writer = TableWriter(folder, table, schema, key)
-                writers.append(writer)
+                if isinstance(source, Interleaved):
+                    if id(source) in fed:
+                        continue
+                    fed.add(id(source))
+                    for name, rows in source:
+                        if name not in writers:
+                            raise LakeError(f"{stage}: rows of table {name!r}, which this commit does not write")
+                        writers[name].write(schemas.conform(_table(rows), writers[name].schema, where=f"{stage}/{name}"))
+                    continue
                 for rows in _pieces(source):
-                    writer.write(schemas.conform(rows, schema, where=f"{stage}/{table}"))
-            written = [part for writer in writers for part in writer.close()]
+                    writers[table].write(schemas.conform(rows, writers[table].schema, where=f"{stage}/{table}"))
+            written = [part for writer in writers.values() for part in writer.close()]
         except BaseException:
-            for writer in writers:
+            for writer in writers.values():
                 writer.abort()
             for source in tables.values():
                 _close(source)
@@ -880,10 +911,45 @@ def fingerprint_rows(source: pa.Table | pa.RecordBatchReader) -> str:
     and the sum of DuckDB's row hashes), read once in constant memory. What `fingerprint_table`
     (data/ids.py) is for a table held whole, for one that is not; the two differ, and DuckDB's hash
     may change with its version (the stages then run once more)."""
-    names = source.schema.names
-    columns = ", ".join('"' + n.replace('"', '""') + '"' for n in names)
-    (batch,) = list(sql_batches(f"SELECT count(*) AS n, sum(hash({columns}))::VARCHAR AS total FROM rows", rows=source))
-    return stable_hash("rows", *names, batch.column(0)[0].as_py(), batch.column(1)[0].as_py())
+    rows = RowsFingerprint(source.schema)
+    for batch in (source.to_batches() if isinstance(source, pa.Table) else source):
+        rows.add(batch)
+    return rows.value()
+
+
+class RowsFingerprint:
+    """`fingerprint_rows` taken batch by batch, as a stage's own pass over a stream goes by (flows/inputs.py
+    `StageInputs`): the count and the sum of the row hashes add up over batches, so the value is the
+    same however the rows were cut."""
+
+    QUERY = "SELECT count(*)::BIGINT, sum(hash({columns}))::VARCHAR FROM batch"
+
+    def __init__(self, schema: pa.Schema):
+        self.names = schema.names
+        self.rows, self.total = 0, None
+        self._query = self.QUERY.format(columns=", ".join('"' + n.replace('"', '""') + '"' for n in self.names))
+        self._con = None
+
+    def add(self, batch: pa.RecordBatch | pa.Table) -> None:
+        if not batch.num_rows:
+            return
+        if self._con is None:
+            import duckdb
+
+            self._con = duckdb.connect(":memory:", config={"threads": 1})
+        self._con.register("batch", batch)
+        try:
+            ((count, total),) = self._con.execute(self._query).fetchall()
+        finally:
+            self._con.unregister("batch")
+        self.rows += count
+        self.total = int(total) + (self.total or 0)
+
+    def value(self) -> str:
+        if self._con is not None:
+            self._con.close()
+            self._con = None
+        return stable_hash("rows", *self.names, self.rows, None if self.total is None else str(self.total))
 
 
 def _whole(source: pa.Table | Iterable[pa.RecordBatch]) -> pa.Table:
