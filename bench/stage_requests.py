@@ -205,7 +205,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--versions", type=int, default=4, help="commits of every stage folder")
     parser.add_argument("--chunks", type=int, default=20_000, help="chunk parts of a stage in progress")
-    parser.add_argument("--events", type=int, default=40, help="stage_runs event files (compacted past 64)")
+    parser.add_argument("--events", type=int, default=12, help="stage_runs event files (merged past 16; before, 64)")
     parser.add_argument("--rollouts", type=int, default=200_000, help="rows of the last round's rollouts and verdicts")
     args = parser.parse_args()
     work = home.home() / ".tmp" / "bench-stage-requests"
