@@ -5,7 +5,8 @@
   (highest mean log-probability: the mistakes the policy is surest of are the ones worth unlearning).
 - SFT: correct rollouts of learnable and under-performing problems (solved ones teach nothing new,
   unsolved ones have none), at most `sft_per_problem` each, shortest first, duplicates collapsed.
-Both export to `datasets.Dataset` in TRL's conversational format.
+Both export to `datasets.Dataset` in TRL's conversational format. The stage makes both from one pass
+over the round's rollouts and verdicts (`pairs_and_sft`), a range of problems at a time.
 """
 from __future__ import annotations
 
