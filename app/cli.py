@@ -382,6 +382,7 @@ def cmd_doctor(args) -> int:
                   "for recomputation; commit the parts written before manifests as they are")
         return 1 if health.damaged or health.legacy else 0
     with run_lock(run_dir, "doctor --repair"):
+        store.ensure_run(args.run, check=True)  # a schema file removed or damaged since this process began
         swept = store.sweep(args.run)
         health = store.inspect(args.run, checksum=True)
         for line in store.adopt_legacy(args.run, health.legacy) + store.repair(args.run, health.damaged):

@@ -65,8 +65,9 @@ READ_BATCH_ROWS = 8_192
 # Parts up to this size are fetched in one request and checksummed in memory; a larger one is
 # checksummed as a stream first and then read row group by row group (a second pass over it).
 WHOLE_PART_BYTES = 32 * 1024 * 1024
-# More event files than this in a run table are merged into one (an object store lists them slowly).
-RUN_TABLE_COMPACT_FILES = 64
+# More event files than this in a run table are merged into one: every stage start reads the events twice
+# (open attempts, then the earlier executions), on object storage two requests per file.
+RUN_TABLE_COMPACT_FILES = 16
 # Rows of one key range held at once where a stream is brought into key order (`in_key_ranges`):
 # how a stage sees a problem's rows together in a round of any size. A DuckDB sort, window or join
 # over the whole round instead needs more memory as the round grows (a sort of 10M rollouts ran out
@@ -76,7 +77,8 @@ SPILL_FANOUT = 128  # range files one spill pass keeps open per stream; more ran
 SQL_MEMORY_LIMIT = "128MB"
 
 Rows = Union[pa.Table, pa.RecordBatch]
-TableSource = Union[pa.Table, Iterable[Rows]]  # a table whole, or its rows as they are produced
+# a table whole, or its rows as they are produced (an `Interleaved` producer may feed several tables)
+TableSource = Union[pa.Table, Iterable[Rows], "Interleaved"]
 
 
 class LakeError(ValueError):
@@ -269,7 +271,27 @@ def _pieces(source: TableSource) -> Iterator[pa.Table]:
     if isinstance(source, (pa.Table, pa.RecordBatch)):
         source = [source]
     for rows in source:
-        yield pa.Table.from_batches([rows]) if isinstance(rows, pa.RecordBatch) else rows
+        yield _table(rows)
+
+
+def _table(rows: Rows) -> pa.Table:
+    return pa.Table.from_batches([rows]) if isinstance(rows, pa.RecordBatch) else rows
+
+
+class Interleaved:
+    """The rows of several output tables from one producer, as (table, rows) pairs in any order: what a
+    stage gives each of those tables when one pass over its inputs makes them all (pairs: `pairs` and
+    `sft_examples`), so no input is read once per output. `Lake.publish` writes every table's parts
+    as its rows come."""
+
+    def __init__(self, rows: Iterable[tuple[str, Rows]]):
+        self.rows = rows
+
+    def __iter__(self) -> Iterator[tuple[str, Rows]]:
+        return iter(self.rows)
+
+    def close(self) -> None:
+        _close(self.rows)
 
 
 def _close(source: TableSource) -> None:
@@ -312,6 +334,11 @@ def drop_duplicate_rows(table: pa.Table) -> pa.Table:
     firsts = numbered.group_by(table.column_names, use_threads=False).aggregate([(index, "min")])
     keep = pc.sort_indices(firsts[f"{index}_min"])
     return table.take(pc.take(firsts[f"{index}_min"], keep)) if firsts.num_rows < table.num_rows else table
+
+
+# The run folders whose schema files this process has checked or written (`Lake.ensure_run`), by
+# their str(): every Lake of the process shares it (the catalog builds its own).
+_checked_runs: set[str] = set()
 
 
 class Lake:
@@ -358,9 +385,14 @@ class Lake:
                 found.append((int(folder.parent.name.split("=", 1)[1]), folder.name, folder))
         return sorted(found)
 
-    def ensure_run(self, run: str) -> LakePath:
-        """Create the run folder with a zero-row schema file per table (see module doc)."""
+    def ensure_run(self, run: str, check: bool = False) -> LakePath:
+        """Create the run folder with a zero-row schema file per table (see module doc), or renew one
+        that is missing, damaged or of an older schema. Checked once per process and run (on object
+        storage the check is two requests per file, and every commit and stage start asks): a file
+        removed or damaged while this process runs is renewed by the next command, or now with `check`."""
         run_dir = self.run_dir(run)
+        if not check and str(run_dir) in _checked_runs:
+            return run_dir
         for name, schema in {**schemas.ROUND_TABLES, **schemas.RUN_TABLES}.items():
             folder = run_dir / name if name in schemas.RUN_TABLES else run_dir / "round=0" / SCHEMA_FOLDER / name
             path = folder / SCHEMA_PART
@@ -372,6 +404,7 @@ class Lake:
                 current = None
             if current != schema:
                 write_parquet(schema.empty_table(), path)
+        _checked_runs.add(str(run_dir))
         return run_dir
 
     # -- committed output ----------------------------------------------------------------------
@@ -551,7 +584,7 @@ class Lake:
 
     def run_table_files(self, run: str, table: str) -> list[LakePath]:
         folder = self.run_dir(run) / table
-        return sorted(p for p in folder.glob("part-*.parquet") if PART_NAME.fullmatch(p.name)) if folder.is_dir() else []
+        return sorted(p for p in folder.glob("part-*.parquet") if PART_NAME.fullmatch(p.name))  # none when no folder
 
     @staticmethod
     def _schema(table: str) -> pa.Schema:
@@ -587,7 +620,8 @@ class Lake:
     def publish(self, run: str, round: int, stage: str, tables: Mapping[str, TableSource],
                 key: str | None = None, config_hash: str | None = None) -> Published:
         """Commit `tables` as the stage's output: each a table, or its rows (tables or record
-        batches) as they are produced, written in bounded parts as they come (`TableWriter`).
+        batches) as they are produced, written in bounded parts as they come (`TableWriter`); one
+        `Interleaved` producer given for several tables feeds them all in one pass.
 
         Without `key` the whole output is replaced; with one, only the parts of that key (ingest: one
         source). New parts first, then the manifest (the commit, a new version): a crash at any point
@@ -601,17 +635,26 @@ class Lake:
             if key is not None:  # the other inputs' parts are unknown: doctor --repair first
                 raise
             old = None  # the whole output is replaced, the unreadable manifest with it
-        writers: list[TableWriter] = []
+        writers: dict[str, TableWriter] = {}
         try:
+            for table in tables:  # nothing is written before a table's first rows
+                writers[table] = TableWriter(folder, table, self._schema(table), key)
+            fed: set[int] = set()
             for table, source in tables.items():
-                schema = self._schema(table)
-                writer = TableWriter(folder, table, schema, key)
-                writers.append(writer)
+                if isinstance(source, Interleaved):
+                    if id(source) in fed:
+                        continue
+                    fed.add(id(source))
+                    for name, rows in source:
+                        if name not in writers:
+                            raise LakeError(f"{stage}: rows of table {name!r}, which this commit does not write")
+                        writers[name].write(schemas.conform(_table(rows), writers[name].schema, where=f"{stage}/{name}"))
+                    continue
                 for rows in _pieces(source):
-                    writer.write(schemas.conform(rows, schema, where=f"{stage}/{table}"))
-            written = [part for writer in writers for part in writer.close()]
+                    writers[table].write(schemas.conform(rows, writers[table].schema, where=f"{stage}/{table}"))
+            written = [part for writer in writers.values() for part in writer.close()]
         except BaseException:
-            for writer in writers:
+            for writer in writers.values():
                 writer.abort()
             for source in tables.values():
                 _close(source)
@@ -624,38 +667,57 @@ class Lake:
         return Published(manifest.fingerprint(key), tuple(written))
 
     # -- health --------------------------------------------------------------------------------
-    def inspect(self, run: str, checksum: bool = False) -> RunHealth:
+    def inspect(self, run: str, checksum: bool = False, parts: bool = True) -> RunHealth:
         """Every committed part checked against its manifest (cheaply, or with checksums), the files no
-        manifest lists, and the leftovers of dead writers. What status, sql and doctor report."""
+        manifest lists, and the leftovers of dead writers. What status, sql and doctor report.
+        `parts=False`: what lies beside the stage folders' committed parts (leftovers, superseded parts,
+        unnamed files), no part checked and the run tables not looked at: what `sweep` needs at a
+        stage start.
+
+        What it reads does not grow with the run's history: per stage folder one listing and its
+        current manifest, which names the parts of earlier versions still kept (`superseded`); the
+        folder's earlier versions (`_history/`) are read only when it holds a part no manifest names
+        there (a dead writer's leftover, or a folder last committed before manifests named them), and
+        always for `doctor` (`checksum=True`), which names a damaged copy. The stage folders are listed a
+        level at a time (`stage_dirs`), so the chunks of stages at work are never listed."""
         run_dir = self.run_dir(run)
         health = RunHealth()
-        for name in schemas.ROUND_TABLES:
-            schema_file = run_dir / "round=0" / SCHEMA_FOLDER / name / SCHEMA_PART
-            health.files[name] = [schema_file] if schema_file.exists() else []
+        if parts:
+            schema_files = {path.parent.name: path for path in (run_dir / "round=0" / SCHEMA_FOLDER).rglob(SCHEMA_PART)
+                            if path.parent.parent.name == SCHEMA_FOLDER}  # one listing, not a request per table
+            for name in schemas.ROUND_TABLES:
+                health.files[name] = [schema_files[name]] if name in schema_files else []
         for round, stage, folder in self.stage_dirs(run):
             try:
                 manifest = read_manifest(folder)
             except ManifestError as err:
                 health.damaged.append(Damage(run, err.path, err.reason, round, stage))
                 continue
-            try:
-                earlier = {p.file for version in read_history(folder) for p in version.parts}
-            except ManifestError as err:  # a damaged copy: what it listed is unknown, so nothing of it is swept
-                health.damaged.append(Damage(run, err.path, err.reason, round, stage))
-                earlier = None
+            below = {path.relative_to(folder).as_posix(): path for path in folder.rglob("*") if path.is_file()}
             listed = set()
             for part in manifest.parts if manifest else ():
                 listed.add(part.file)
-                reason = part_damage(folder, part, checksum=checksum)
+                if not parts:
+                    continue
+                reason = part_damage(folder, part, checksum=checksum, listed=below.get(part.file, False))
                 if reason:
                     health.damaged.append(Damage(run, folder / part.file, reason, round, stage))
                 elif part.table in health.files:
-                    health.files[part.table].append(folder / part.file)
-            for path in sorted(folder.glob("*/*")):
-                relative = path.relative_to(folder).as_posix()
-                if not path.is_file() or relative in listed or path.name.startswith(".") \
-                        or path.parent.name == HISTORY_FOLDER:
-                    continue
+                    health.files[part.table].append(below[part.file])
+            unlisted = [(relative, path) for relative, path in sorted(below.items())
+                        if relative.count("/") == 1 and relative not in listed and not path.name.startswith(".")
+                        and path.parent.name != HISTORY_FOLDER]
+            # the parts of earlier versions the manifest names are superseded; another part (or any, for a
+            # manifest written before it named them) is a leftover only if no version in `_history/` lists it
+            earlier: set[str] | None = set(manifest.superseded or ()) if manifest else set()
+            unknown = [relative for relative, path in unlisted if PART_NAME.fullmatch(path.name) and relative not in earlier]
+            if checksum or unknown:
+                try:
+                    earlier |= {p.file for version in read_history(folder) for p in version.parts}
+                except ManifestError as err:  # a damaged copy: what it listed is unknown, so nothing of it is swept
+                    health.damaged.append(Damage(run, err.path, err.reason, round, stage))
+                    earlier = None
+            for relative, path in unlisted:
                 if PART_NAME.fullmatch(path.name) and (earlier is None or relative in earlier):
                     health.superseded.append(path)
                 elif PART_NAME.fullmatch(path.name):
@@ -664,10 +726,11 @@ class Lake:
                     health.legacy.append(path)
                 else:
                     health.unnamed.append(path)
-        for table in schemas.RUN_TABLES:
+        for table in schemas.RUN_TABLES if parts else ():
             folder = run_dir / table
-            health.files[table] = [folder / SCHEMA_PART] if (folder / SCHEMA_PART).exists() else []
-            for path in sorted(folder.glob("*")) if folder.is_dir() else []:
+            files = sorted(folder.glob("*"))  # nothing when the folder is not there
+            health.files[table] = [path for path in files if path.name == SCHEMA_PART]
+            for path in files:
                 if path.name == SCHEMA_PART or path.name.startswith("."):
                     continue
                 if not PART_NAME.fullmatch(path.name):
@@ -686,7 +749,7 @@ class Lake:
         manifest lists under evoforge's part names; returns the count. Only while no writer of the run
         is alive (the caller holds the run's lock). A file with any other name is the user's: kept."""
         removed = remove_leftovers(self.run_dir(run))
-        for path in self.inspect(run).leftovers:
+        for path in self.inspect(run, parts=False).leftovers:
             path.unlink(missing_ok=True)
             removed += 1
         return removed
@@ -856,10 +919,60 @@ def fingerprint_rows(source: pa.Table | pa.RecordBatchReader) -> str:
     and the sum of DuckDB's row hashes), read once in constant memory. What `fingerprint_table`
     (data/ids.py) is for a table held whole, for one that is not; the two differ, and DuckDB's hash
     may change with its version (the stages then run once more)."""
-    names = source.schema.names
-    columns = ", ".join('"' + n.replace('"', '""') + '"' for n in names)
-    (batch,) = list(sql_batches(f"SELECT count(*) AS n, sum(hash({columns}))::VARCHAR AS total FROM rows", rows=source))
-    return stable_hash("rows", *names, batch.column(0)[0].as_py(), batch.column(1)[0].as_py())
+    rows = RowsFingerprint(source.schema)
+    for batch in (source.to_batches() if isinstance(source, pa.Table) else source):
+        rows.add(batch)
+    return rows.value()
+
+
+class RowsFingerprint:
+    """`fingerprint_rows` taken batch by batch, as a stage's own pass over a stream goes by (flows/inputs.py
+    `StageInputs`): the count and the sum of the row hashes add up over batches, so the value is the
+    same however the rows were cut. Batches are hashed a row group at a time (ROW_GROUP_ROWS or
+    ROW_GROUP_BYTES held): one DuckDB query per 8,192-row batch would cost five times the hashing."""
+
+    QUERY = "SELECT count(*)::BIGINT, sum(hash({columns}))::VARCHAR FROM rows"
+
+    def __init__(self, schema: pa.Schema):
+        self.names = schema.names
+        self.rows, self.total = 0, None
+        self._query = self.QUERY.format(columns=", ".join('"' + n.replace('"', '""') + '"' for n in self.names))
+        self._con = None
+        self._pending: list[pa.RecordBatch | pa.Table] = []
+        self._pending_rows = self._pending_bytes = 0
+
+    def add(self, batch: pa.RecordBatch | pa.Table) -> None:
+        if not batch.num_rows:
+            return
+        self._pending.append(batch)
+        self._pending_rows += batch.num_rows
+        self._pending_bytes += batch.nbytes
+        if self._pending_rows >= ROW_GROUP_ROWS or self._pending_bytes >= ROW_GROUP_BYTES:
+            self._hash()
+
+    def _hash(self) -> None:
+        if not self._pending:
+            return
+        rows = pa.Table.from_batches([b for p in self._pending for b in (p.to_batches() if isinstance(p, pa.Table) else [p])])
+        self._pending, self._pending_rows, self._pending_bytes = [], 0, 0
+        if self._con is None:
+            import duckdb
+
+            self._con = duckdb.connect(":memory:", config={"threads": 1})
+        self._con.register("rows", rows)
+        try:
+            ((count, total),) = self._con.execute(self._query).fetchall()
+        finally:
+            self._con.unregister("rows")
+        self.rows += count
+        self.total = int(total) + (self.total or 0)
+
+    def value(self) -> str:
+        self._hash()
+        if self._con is not None:
+            self._con.close()
+            self._con = None
+        return stable_hash("rows", *self.names, self.rows, None if self.total is None else str(self.total))
 
 
 def _whole(source: pa.Table | Iterable[pa.RecordBatch]) -> pa.Table:

@@ -72,6 +72,9 @@ class Manifest:
     version: int = 1  # 1, 2, ... per stage folder (a manifest written before versions is version 1)
     config_hash: str | None = None  # the stage config that produced it, when a stage run committed it
     vacuumed_at: str | None = None  # in a `_history/` copy: when `evoforge vacuum` removed parts only it listed
+    # the parts of earlier versions still kept in the folder (those it held at this commit), so a sweep
+    # tells them from a dead writer's leftovers without reading every version; None: written before it
+    superseded: tuple[str, ...] | None = None
 
     def tables(self) -> set[str]:
         return {p.table for p in self.parts}
@@ -127,8 +130,12 @@ def _parse_manifest(path: LakePath, text: str) -> Manifest:
         version = data.get("version", 1)
         if not isinstance(version, int) or version < 1:
             raise ValueError(f"version {version!r} is not a positive integer")
+        superseded = data.get("superseded")
+        if superseded is not None and not (isinstance(superseded, list) and all(isinstance(f, str) for f in superseded)):
+            raise ValueError("superseded is not a list of part files")
         return Manifest(commit=data["commit"], committed_at=data["committed_at"], parts=parts, version=version,
-                        config_hash=data.get("config_hash"), vacuumed_at=data.get("vacuumed_at"))
+                        config_hash=data.get("config_hash"), vacuumed_at=data.get("vacuumed_at"),
+                        superseded=tuple(superseded) if superseded is not None else None)
     except (ValueError, KeyError, TypeError) as err:
         raise ManifestError(path, f"unreadable manifest: {err}") from None
 
@@ -137,6 +144,8 @@ def _body(manifest: Manifest) -> str:
     body = {"format": FORMAT, "commit": manifest.commit, "committed_at": manifest.committed_at,
             "version": manifest.version, "config_hash": manifest.config_hash,
             "parts": [asdict(p) for p in manifest.parts]}
+    if manifest.superseded is not None:
+        body["superseded"] = list(manifest.superseded)
     if manifest.vacuumed_at:
         body["vacuumed_at"] = manifest.vacuumed_at
     return json.dumps(body, indent=1) + "\n"
@@ -148,9 +157,8 @@ def _history_path(stage_dir: LakePath, manifest: Manifest) -> LakePath:
 
 def history_names(stage_dir: LakePath) -> dict[int, LakePath]:
     """version -> its copy under `_history/`, as listed (one listing; nothing is read)."""
-    folder = stage_dir / HISTORY_FOLDER
     found = {}
-    for path in folder.iterdir() if folder.is_dir() else ():
+    for path in (stage_dir / HISTORY_FOLDER).glob("*"):  # nothing when there is no history yet
         match = HISTORY_NAME.fullmatch(path.name)
         if match:
             found[int(match["version"])] = path
@@ -176,8 +184,12 @@ def mark_vacuumed(stage_dir: LakePath, manifest: Manifest, when: str) -> None:
 
 
 def write_manifest(stage_dir: LakePath, parts: list[Part], config_hash: str | None = None) -> Manifest:
-    """Commit `parts` as the stage folder's next version (see the module doc for the order of writes)."""
-    copies = history_names(stage_dir)
+    """Commit `parts` as the stage folder's next version (see the module doc for the order of writes).
+    The manifest also names the parts of earlier versions still in the folder (`superseded`): found by
+    the one listing of the folder that finds its history copies, from the version it replaces."""
+    present = {path.relative_to(stage_dir).as_posix(): path for path in stage_dir.rglob("*") if path.is_file()}
+    copies = {int(match["version"]): path for relative, path in present.items()
+              if relative.startswith(f"{HISTORY_FOLDER}/") and (match := HISTORY_NAME.fullmatch(path.name))}
     try:
         current = read_manifest(stage_dir)
     except ManifestError:
@@ -185,19 +197,34 @@ def write_manifest(stage_dir: LakePath, parts: list[Part], config_hash: str | No
     if current is not None and current.version not in copies:
         write_text(_history_path(stage_dir, current), _body(current))
     version = max([*copies, current.version if current else 0]) + 1
+    earlier: set[str] = set()
+    if current is not None:
+        earlier = {p.file for p in current.parts} | set(current.superseded or ())
+        if current.superseded is None:  # a version written before the list: its predecessors' parts, once
+            try:
+                earlier |= {p.file for version_ in read_history(stage_dir) for p in version_.parts}
+            except ManifestError:
+                pass  # a damaged copy: its parts are not named here, and a sweep reads the history to keep them
+    files = {p.file for p in parts}
     manifest = Manifest(commit=uuid.uuid4().hex, committed_at=datetime.now(timezone.utc).isoformat(),
                         parts=tuple(sorted(parts, key=lambda p: (p.table, p.key or "", p.file))),
-                        version=version, config_hash=config_hash)
+                        version=version, config_hash=config_hash,
+                        superseded=tuple(sorted(f for f in earlier - files if f in present)))
     write_text(stage_dir / MANIFEST_NAME, _body(manifest))  # the commit
     write_text(_history_path(stage_dir, manifest), _body(manifest))
     return manifest
 
 
-def part_damage(stage_dir: LakePath, part: Part, *, checksum: bool, data: bytes | None = None) -> str | None:
+def part_damage(stage_dir: LakePath, part: Part, *, checksum: bool, data: bytes | None = None,
+                listed: LakePath | None | bool = None) -> str | None:
     """Why the file does not match its manifest entry, or None. Without `checksum` only the cheap
     checks (size, Parquet footer, row count) run: what every query does; `doctor` and the stages
-    that read a part check the checksum too, a reader on the `data` it has already read."""
-    path = stage_dir / part.file
+    that read a part check the checksum too, a reader on the `data` it has already read. `listed`:
+    the part as a listing of its folder found it (its size known without asking the store again), or
+    False when that listing did not find it."""
+    if listed is False:
+        return "missing"
+    path = listed or stage_dir / part.file
     if data is None:
         try:
             size = path.stat().st_size

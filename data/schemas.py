@@ -84,6 +84,7 @@ STAGE_RUNS = pa.schema(
         ("config_hash", pa.string()),
         ("model_id", pa.string()),
         ("input_fingerprint", pa.string()),
+        ("input_parts", pa.string()),
         ("output_fingerprint", pa.string()),
         ("rows_in", pa.int64()),
         ("rows_out", pa.int64()),

@@ -174,16 +174,22 @@ class ObjectPath:
 
     def glob(self, pattern: str) -> Iterator["ObjectPath"]:
         """`*`-patterns segment by segment (`round=*/verify`, `*/part-*.parquet`), like Path.glob
-        (no `**`: `rglob`)."""
+        (no `**`: `rglob`). One level at a time, by prefix (a delimiter listing of each folder that
+        matched so far; a literal segment is joined, not listed), so a pattern over a run's rounds never
+        lists what lies below them: the tens of thousands of chunk parts of a stage at work, every
+        version's parts."""
         segments = pattern.strip("/").split("/")
         if "**" in segments:
             raise ValueError(f"ObjectPath.glob({pattern!r}): use rglob for a recursive match")
-        found = []
-        for path in self._listing(recursive=len(segments) > 1):
-            relative = path.relative_to(self).parts
-            if len(relative) == len(segments) and all(fnmatch.fnmatchcase(p, s) for p, s in zip(relative, segments)):
-                found.append(path)
-        return iter(sorted(found))
+        folders = [self]
+        for depth, segment in enumerate(segments):
+            last = depth == len(segments) - 1
+            if not last and not _wildcard(segment):
+                folders = [folder / segment for folder in folders]  # a prefix that is not there lists nothing
+                continue
+            folders = [path for folder in folders for path in folder._listing(recursive=False)
+                       if fnmatch.fnmatchcase(path.name, segment) and (last or path.is_dir())]
+        return iter(sorted(folders))
 
     def rglob(self, pattern: str) -> Iterator["ObjectPath"]:
         return iter(sorted(p for p in self._listing(recursive=True) if fnmatch.fnmatchcase(p.name, pattern)))
@@ -235,6 +241,10 @@ class ObjectPath:
         """Nothing to do: a prefix exists once an object is under it."""
 
 
+def _wildcard(segment: str) -> bool:
+    return any(c in segment for c in "*?[")
+
+
 LakePath = Union[Path, ObjectPath]
 
 
@@ -261,8 +271,8 @@ def is_remote(path: LakePath) -> bool:
 def read_parquet(path: LakePath, data: bytes | None = None) -> pa.Table:
     if data is not None:
         return pq.read_table(pa.BufferReader(data))
-    if isinstance(path, ObjectPath):
-        return pq.read_table(path._path, filesystem=path.fs)
+    if isinstance(path, ObjectPath):  # fetched whole in one GET: a dataset read of the key asks 5 times
+        return pq.read_table(pa.BufferReader(path.read_bytes()))
     return pq.read_table(path)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from prefect import flow
 
 from evoforge.flows.config import RoundConfig, config_hash
-from evoforge.flows.inputs import fingerprint_inputs, problem_pool, round_stream, stage_config
+from evoforge.flows.inputs import StageInputs, problem_pool, round_stream, stage_config
 from evoforge.flows.stage_runner import StageResult, execute_stage
 from evoforge.tasks.filter import problem_stats_batches
 
@@ -19,13 +19,14 @@ def filter_flow(run: str, round: int, config: RoundConfig | None = None, force: 
     rollouts = round_stream(run, round, "rollouts", "generate", ["rollout_id", "problem_id", "completion_tokens"])
     # the pool's problem ids split a large round into ranges of problems, counted one at a time
     problem_ids = problem_pool(run, round, ["problem_id"])["problem_id"].to_pylist()
+    inputs = StageInputs(verdicts, rollouts)
     return execute_stage(
         run, round, "filter",
         config_hash=config_hash(config.filter),
         model_id=None,
-        input_fingerprint=fingerprint_inputs(verdicts, rollouts),
+        input_fingerprint=inputs,  # hashed as filter reads them: each read once
         rows_in=verdicts.rows,
-        compute=lambda _chunks: {"problem_stats": problem_stats_batches(verdicts.reader(), rollouts.reader(),
-                                                                       config.filter, problem_ids, verdicts.rows)},
+        compute=lambda _chunks: {"problem_stats": problem_stats_batches(
+            inputs.reader(verdicts), inputs.reader(rollouts), config.filter, problem_ids, verdicts.rows)},
         force=force,
     )

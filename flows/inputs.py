@@ -3,7 +3,8 @@ functions and never import each other.
 
 - round tables: `round_table` (a stage's output in a round, required) and `stage_output` (may be empty),
   whole; `round_stream` / `stage_stream` for the large ones (rollouts, verdicts), read part by part
-- a stage's input fingerprint: `fingerprint_inputs` (a streamed table in one more streamed pass)
+- a stage's input fingerprint over streamed tables: `StageInputs` (from the parts' checksums, or hashed
+  in the stage's own pass: each input read once)
 - the problem pool of a round, and its problems with an expert answer (RARO)
 - the checkpoint a round trained, for a role (`policy`, `ppm`), and the promotion decision on it
 - the policy of a round: the last promoted model before it
@@ -18,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from evoforge.data.ids import fingerprint_table, stable_hash
-from evoforge.data.lake import fingerprint_rows, lake
+from evoforge.data.lake import RowsFingerprint, fingerprint_rows, lake
 from evoforge.flows.config import ConfigError, RoundConfig, load_config, resolve_path, save_config
 
 
@@ -73,6 +74,13 @@ class TableStream:
         with the same content (a damaged output recomputed) is still skipped as unchanged."""
         return fingerprint_rows(self.reader())
 
+    def parts(self) -> str:
+        """What the stream reads, without reading it: the columns and the checksums of the parts its
+        stage's manifest lists (`StageInputs`)."""
+        manifest = lake().manifest(self.run, self.round, self.made_by)
+        return stable_hash("parts", self.table, *self.columns,
+                           *(p.sha256 for p in (manifest.parts if manifest else ()) if p.table == self.table))
+
 
 def stage_stream(run: str, round: int, table: str, made_by: str, columns: list[str]) -> TableStream:
     """`stage_output`, streamed: empty when that stage wrote none."""
@@ -87,10 +95,62 @@ def round_stream(run: str, round: int, table: str, made_by: str, columns: list[s
     return stream
 
 
-def fingerprint_inputs(*inputs: pa.Table | TableStream) -> str:
-    """One fingerprint of a stage's inputs, by their content: a table held whole, or streamed."""
-    return stable_hash("inputs", *(i.fingerprint() if isinstance(i, TableStream) else fingerprint_table(i)
-                                   for i in inputs))
+class StageInputs:
+    """A stage's inputs, held tables and streams, fingerprinted without a pass of their own: what a
+    stage that streams a large input gives `execute_stage` as its input fingerprint.
+
+    - `parts()`: what they are made of, known without reading them: each held table by its content,
+      each stream by the checksums of the parts its manifest lists (and the columns read). A rerun
+      on the same parts is found unchanged by it alone.
+    - `reader(stream)`: the stream as the stage reads it, its rows hashed as they go by, so the first
+      complete pass also gives the stream's content fingerprint.
+    - `fingerprint()`: one hash of the inputs' content, each held table's `fingerprint_table` and each
+      stream's `TableStream.fingerprint` (an input rewritten with the same rows, e.g. a damaged part
+      recomputed, still counts as unchanged): a stream the stage has read whole is not read again;
+      only one it has not (to compare with an execution on other parts) is.
+    Each input is then read once per execution: by the stage, or to skip it."""
+
+    def __init__(self, *inputs: pa.Table | TableStream):
+        self.inputs = inputs
+        self._streams = [i for i in inputs if isinstance(i, TableStream)]
+        self._hashed: dict[int, str] = {}  # index in _streams -> content fingerprint of a complete pass
+        self._hashing: set[int] = set()
+        self._tables = [None if isinstance(i, TableStream) else fingerprint_table(i) for i in inputs]
+
+    def parts(self) -> str:
+        return stable_hash("input-parts", *(i.parts() if isinstance(i, TableStream) else held
+                                            for i, held in zip(self.inputs, self._tables)))
+
+    def _index(self, stream: TableStream) -> int:
+        return next(n for n, s in enumerate(self._streams) if s is stream)
+
+    def reader(self, stream: TableStream) -> pa.RecordBatchReader:
+        index = self._index(stream)
+        source = stream.reader()
+        if index in self._hashed or index in self._hashing:
+            return source
+        self._hashing.add(index)
+        rows = RowsFingerprint(source.schema)
+
+        def hashed():
+            for batch in source:
+                rows.add(batch)
+                yield batch
+            self._hashed[index] = rows.value()
+
+        return pa.RecordBatchReader.from_batches(source.schema, hashed())
+
+    def fingerprint(self) -> str:
+        values = []
+        for i, held in zip(self.inputs, self._tables):
+            if isinstance(i, TableStream):
+                index = self._index(i)
+                if index not in self._hashed:
+                    self._hashed[index] = i.fingerprint()  # a pass of its own: the stage did not read it whole
+                values.append(self._hashed[index])
+            else:
+                values.append(held)
+        return stable_hash("inputs", *values)
 
 
 def _require(run: str, round: int, table: str, made_by: str) -> None:

@@ -1,7 +1,8 @@
 """pairs flow: the round's graded rollouts -> DPO `pairs` and `sft_examples` (kept SvS variants
 included); when the round ran the mcts stage, its trees add step pairs (kind 'step') for the PPM.
-Rollouts and verdicts stream from the lake (DuckDB ranks each problem's rollouts); the problems,
-stats and trees are held."""
+Rollouts and verdicts stream from the lake in one pass that makes both tables (DuckDB ranks each
+problem's rollouts), hashed as they are read for the stage's input fingerprint (`StageInputs`); the
+problems, stats and trees are held."""
 from __future__ import annotations
 
 import itertools
@@ -10,11 +11,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import flow
 
+from evoforge.data.lake import Interleaved
 from evoforge.flows.config import RoundConfig, config_hash
-from evoforge.flows.inputs import (fingerprint_inputs, problem_pool, round_stream, round_table, stage_config,
-                                   stage_output, stage_stream)
+from evoforge.flows.inputs import (StageInputs, problem_pool, round_stream, round_table, stage_config, stage_output,
+                                   stage_stream)
 from evoforge.flows.stage_runner import StageResult, execute_stage
-from evoforge.tasks.pairs import build_step_pairs, sft_selection, solution_pairs
+from evoforge.tasks.pairs import build_step_pairs, pairs_and_sft
 
 ROLLOUT_COLUMNS = ["rollout_id", "problem_id", "text", "completion_tokens", "mean_logprob"]
 
@@ -37,40 +39,40 @@ def pairs_flow(run: str, round: int, config: RoundConfig | None = None, force: b
     variant_ids = frozenset(kept.to_pylist())
     nodes = stage_output(run, round, "mcts_nodes", "mcts")
     questions = dict(zip(problems["problem_id"].to_pylist(), problems["question"].to_pylist()))
+    inputs = StageInputs(problems, stats, rollouts, verdicts, variant_rollouts, variant_verdicts, nodes)
+    kept_variant_rows = [0]  # rollouts of kept variants, counted as the pass goes by
 
     def kept_rollouts(reader: pa.RecordBatchReader):
         for batch in reader:
-            yield batch.filter(pc.is_in(batch["problem_id"], kept))
+            batch = batch.filter(pc.is_in(batch["problem_id"], kept))
+            kept_variant_rows[0] += batch.num_rows
+            yield batch
 
     def all_rollouts() -> pa.RecordBatchReader:
-        own = rollouts.reader()
-        extra = kept_rollouts(variant_rollouts.reader()) if variants.num_rows else ()
+        own = inputs.reader(rollouts)
+        extra = kept_rollouts(inputs.reader(variant_rollouts)) if variants.num_rows else ()
         return pa.RecordBatchReader.from_batches(own.schema, itertools.chain(own, extra))
 
     def all_verdicts() -> pa.RecordBatchReader:
-        own = verdicts.reader()
-        extra = variant_verdicts.reader() if variants.num_rows else ()
+        own = inputs.reader(verdicts)
+        extra = inputs.reader(variant_verdicts) if variants.num_rows else ()
         return pa.RecordBatchReader.from_batches(own.schema, itertools.chain(own, extra))
 
     def compute(_chunks) -> dict:
-        total = rollouts.rows + kept_variant_rows
-        pairs = solution_pairs(problems, all_rollouts(), all_verdicts(), config.pairs, total)
+        # at most this many rows: it sets how many ranges of problems the pass takes, not what it finds
+        total = rollouts.rows + (variant_rollouts.rows if variants.num_rows else 0)
+        made = pairs_and_sft(problems, stats, all_rollouts(), all_verdicts(), config.pairs, variant_ids, total)
         if nodes.num_rows:
-            pairs = itertools.chain(pairs, [build_step_pairs(nodes, questions, config.pairs)])
-        return {"pairs": pairs,  # two passes over the streams: each output table is written whole in turn
-                "sft_examples": sft_selection(problems, stats, all_rollouts(), all_verdicts(), config.pairs,
-                                              variant_ids, total)}
+            made = itertools.chain(made, [("pairs", build_step_pairs(nodes, questions, config.pairs))])
+        both = Interleaved(made)  # one pass over the rollouts and verdicts writes both tables
+        return {"pairs": both, "sft_examples": both}
 
-    variant_problem_ids = stage_stream(run, round, "rollouts", "synthesize", ["problem_id"])
-    kept_variant_rows = sum(pc.sum(pc.is_in(batch["problem_id"], kept)).as_py() or 0
-                            for batch in variant_problem_ids.reader()) if variants.num_rows else 0
     return execute_stage(
         run, round, "pairs",
         config_hash=config_hash(config.pairs),
         model_id=None,
-        input_fingerprint=fingerprint_inputs(problems, stats, rollouts, verdicts, variant_rollouts, variant_verdicts,
-                                             nodes),
-        rows_in=rollouts.rows + kept_variant_rows + nodes.num_rows,
+        input_fingerprint=inputs,
+        rows_in=lambda: rollouts.rows + kept_variant_rows[0] + nodes.num_rows,
         compute=compute,
         force=force,
     )

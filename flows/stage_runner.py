@@ -19,7 +19,7 @@ from evoforge.data.lake import DamagedPart, Lake, TableSource, lake
 from evoforge.data.runlock import run_lock
 from evoforge.data.storage import remove_tree
 from evoforge.flows.artifacts import publish_stage_artifacts, summary_tables
-from evoforge.flows.inputs import FINISHED
+from evoforge.flows.inputs import FINISHED, StageInputs
 from evoforge.flows.stages import STAGES
 from evoforge.tasks.progress import flow_run_logger
 
@@ -99,8 +99,8 @@ def execute_stage(
     *,
     config_hash: str,
     model_id: str | None,
-    input_fingerprint: str,
-    rows_in: int | None,
+    input_fingerprint: str | StageInputs,
+    rows_in: int | None | Callable[[], int],
     compute: Callable[[Chunks], dict[str, TableSource]],
     force: bool = False,
     part: str | None = None,
@@ -113,8 +113,14 @@ def execute_stage(
     bounded parts as it is produced (Lake.publish) and never held. `part`: the stage commits
     one input at a time (ingest: one source) and replaces that input's parts instead of its whole
     output. A damaged output is never skipped as unchanged. `rows_in=None`: every input row ends in
-    an output or in quarantine (ingest), so rows in = rows out + rows quarantined. Holds the run's lock throughout: a second process working on
-    the same run is refused with RunBusy.
+    an output or in quarantine (ingest), so rows in = rows out + rows quarantined; a callable: counted
+    by `compute`'s own pass, asked once it is done. Holds the run's lock throughout: a second process
+    working on the same run is refused with RunBusy.
+
+    `input_fingerprint`: the inputs' content hash, or their `StageInputs` (flows/inputs.py), which
+    read nothing to decide: an earlier execution on the same parts (`input_parts`) is unchanged; one
+    on other parts reads the inputs once to compare their content; a computed execution hashes them
+    in its own pass. The chunks of an execution are keyed by its inputs' parts.
     """
     with run_guard(run, f"round {round} / {stage}") as store:
         result = _execute_locked(store, run, round, stage, config_hash, model_id, input_fingerprint, rows_in,
@@ -134,12 +140,14 @@ def execute_stage(
 def _execute_locked(store: Lake, run, round, stage, config_hash, model_id, input_fingerprint, rows_in,
                     compute, force, part) -> StageResult:
     log = flow_run_logger()
+    inputs = input_fingerprint if isinstance(input_fingerprint, StageInputs) else None
+    fingerprint = None if inputs is not None else input_fingerprint  # by content; for StageInputs, once known
+    input_parts = inputs.parts() if inputs is not None else None
     previous = [
         r
         for r in store.read(run, "stage_runs").to_pylist()
         if r["round"] == round and r["stage"] == stage and r["status"] in FINISHED
         and r["config_hash"] == config_hash and r["model_id"] == model_id
-        and r["input_fingerprint"] == input_fingerprint
     ]
     try:
         output_fp = store.output_fingerprint(run, round, stage, key=part)
@@ -150,14 +158,24 @@ def _execute_locked(store: Lake, run, round, stage, config_hash, model_id, input
         output_fp, damaged = None, [err.damage]
     for damage in damaged:
         log.warning(f"{stage} (run {run}, round {round}): {damage.path} is damaged ({damage.reason}); recomputing")
+    unchanged = []  # earlier executions on these inputs whose output is still in place
+    if not force and output_fp is not None and not damaged:
+        same_output = [r for r in previous if r["output_fingerprint"] == output_fp]
+        if inputs is not None and same_output:
+            unchanged = [r for r in same_output if r.get("input_parts") == input_parts]
+            if unchanged:
+                fingerprint = unchanged[0]["input_fingerprint"]  # the same parts: the same content
+            else:
+                fingerprint = inputs.fingerprint()  # other parts: one pass to compare their content
+        unchanged = unchanged or [r for r in same_output if r["input_fingerprint"] == fingerprint]
     base = dict(
         stage_run_id=uuid.uuid4().hex, run=run, round=round, stage=stage, flow_run_id=_flow_run_id(),
-        config_hash=config_hash, model_id=model_id, input_fingerprint=input_fingerprint,
-        output_fingerprint=None, rows_in=rows_in, rows_out=None, rows_quarantined=None,
+        config_hash=config_hash, model_id=model_id, input_fingerprint=fingerprint, input_parts=input_parts,
+        output_fingerprint=None, rows_in=None if callable(rows_in) else rows_in, rows_out=None, rows_quarantined=None,
         started_at=_now(), finished_at=None, status="running", error=None,
     )
-    if not force and output_fp is not None and not damaged and any(r["output_fingerprint"] == output_fp for r in previous):
-        done = max((r for r in previous if r["output_fingerprint"] == output_fp), key=lambda r: r["finished_at"])
+    if unchanged:
+        done = max(unchanged, key=lambda r: r["finished_at"])
         store.append_run_table(
             run, "stage_runs",
             _event(base, status="skipped", output_fingerprint=output_fp, rows_in=done["rows_in"], rows_out=done["rows_out"],
@@ -171,7 +189,7 @@ def _execute_locked(store: Lake, run, round, stage, config_hash, model_id, input
                            done["rows_quarantined"] or 0, output_fp)
 
     root = chunk_root(store.run_dir(run), round, stage)
-    chunks = Chunks(root / stable_hash(config_hash, model_id, input_fingerprint, part))
+    chunks = Chunks(root / stable_hash(config_hash, model_id, fingerprint if inputs is None else input_parts, part))
     if force:
         chunks.clear()  # --force means recompute, not resume
     elif chunks.folder.exists():
@@ -184,6 +202,8 @@ def _execute_locked(store: Lake, run, round, stage, config_hash, model_id, input
             raise RuntimeError(f"{stage} returned tables {unexpected} that the stage registry does not list")
         published = store.publish(run, round, stage, tables, key=part, config_hash=config_hash)
         output_fp = published.fingerprint
+        if inputs is not None:
+            fingerprint = inputs.fingerprint()  # hashed as `compute` read them: nothing is read again
     except BaseException as err:
         message = f"{type(err).__name__}: {err}".splitlines()[0][:500]
         # Ctrl-C or kill (SIGTERM): stopped, not broken; a rerun resumes from the completed chunks
@@ -201,11 +221,11 @@ def _execute_locked(store: Lake, run, round, stage, config_hash, model_id, input
     rows = {name: published.rows(name) for name in tables}  # counted from the parts written, not held
     rows_quarantined = rows.get("quarantine", 0)
     rows_out = sum(n for name, n in rows.items() if name != "quarantine")
-    rows_in = rows_out + rows_quarantined if rows_in is None else rows_in
+    rows_in = rows_out + rows_quarantined if rows_in is None else rows_in() if callable(rows_in) else rows_in
     store.append_run_table(
         run, "stage_runs",
-        _event(base, status="completed", output_fingerprint=output_fp, rows_in=rows_in, rows_out=rows_out,
-               rows_quarantined=rows_quarantined, finished_at=_now()),
+        _event(base, status="completed", input_fingerprint=fingerprint, output_fingerprint=output_fp, rows_in=rows_in,
+               rows_out=rows_out, rows_quarantined=rows_quarantined, finished_at=_now()),
     )
     catalog.refresh_catalog(store.run_dir(run))
     log.info(f"{stage} (run {run}, round {round}): {rows_in} in, {rows_out} out, {rows_quarantined} quarantined")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from evoforge.flows.config import RoundConfig, config_hash
-from evoforge.flows.inputs import fingerprint_inputs, problem_pool, round_stream, stage_config
+from evoforge.flows.inputs import StageInputs, problem_pool, round_stream, stage_config
 from evoforge.flows.stage_runner import StageResult, execute_stage
 from evoforge.tasks.verify import verify_batches
 
@@ -16,13 +16,14 @@ def verify_flow(run: str, round: int, config: RoundConfig | None = None, force: 
     config = stage_config(run, round, config)
     rollouts = round_stream(run, round, "rollouts", "generate", ["rollout_id", "problem_id", "text"])
     golds = problem_pool(run, round, ["problem_id", "answer"]).select(["problem_id", "answer"])
+    inputs = StageInputs(rollouts, golds)
     return execute_stage(
         run, round, "verify",
         config_hash=config_hash(config.verify.grading_settings()),
         model_id=None,
-        input_fingerprint=fingerprint_inputs(rollouts, golds),
+        input_fingerprint=inputs,  # hashed as verify reads the rollouts: read once
         rows_in=rollouts.rows,
-        compute=lambda chunks: {"verdicts": verify_batches(rollouts.reader(), golds, config.verify, chunks,
+        compute=lambda chunks: {"verdicts": verify_batches(inputs.reader(rollouts), golds, config.verify, chunks,
                                                            total=rollouts.rows)},
         force=force,
     )

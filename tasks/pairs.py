@@ -5,7 +5,8 @@
   (highest mean log-probability: the mistakes the policy is surest of are the ones worth unlearning).
 - SFT: correct rollouts of learnable and under-performing problems (solved ones teach nothing new,
   unsolved ones have none), at most `sft_per_problem` each, shortest first, duplicates collapsed.
-Both export to `datasets.Dataset` in TRL's conversational format.
+Both export to `datasets.Dataset` in TRL's conversational format. The stage makes both from one pass
+over the round's rollouts and verdicts (`pairs_and_sft`), a range of problems at a time.
 """
 from __future__ import annotations
 
@@ -83,14 +84,72 @@ def _in_tables(rows: Iterator[dict], schema: pa.Schema) -> Iterator[pa.Table]:
         yield pa.Table.from_pylist(out, schema=schema)
 
 
+def _ranges(problems: pa.Table, rollouts, verdicts, total: int | None) -> Iterator[dict[str, pa.Table]]:
+    """`rollouts` and `verdicts` over ranges of problem ids (`in_key_ranges`), so only one range is in
+    memory at a time."""
+    total = rollouts.num_rows if isinstance(rollouts, pa.Table) else total
+    boundaries = key_boundaries(problems["problem_id"].to_pylist(), total or 0)
+    return in_key_ranges({"rollouts": rollouts, "verdicts": verdicts}, "problem_id", boundaries)
+
+
 def _graded(problems: pa.Table, rollouts, verdicts, total: int | None, query: str, **small: pa.Table
             ) -> Iterator[tuple[str, list[dict]]]:
     """The rows `query` selects from `rollouts` joined with `verdicts`, problem by problem in problem
-    order: over ranges of problem ids (`in_key_ranges`), so only one range is in memory at a time."""
-    total = rollouts.num_rows if isinstance(rollouts, pa.Table) else total
-    boundaries = key_boundaries(problems["problem_id"].to_pylist(), total or 0)
-    for ranged in in_key_ranges({"rollouts": rollouts, "verdicts": verdicts}, "problem_id", boundaries):
+    order, one range of problems at a time."""
+    for ranged in _ranges(problems, rollouts, verdicts, total):
         yield from _by_problem(sql_batches(query, rollouts=ranged["rollouts"], verdicts=ranged["verdicts"], **small))
+
+
+class _Pairing:
+    """DPO pairs of one problem's ranked rollouts (PAIR_CANDIDATES): its i-th correct one (cycling) with
+    its i-th rejectable one, i < `pairs_per_problem`."""
+
+    def __init__(self, problems: pa.Table, config: PairsConfig):
+        self.question = dict(zip(problems["problem_id"].to_pylist(), problems["question"].to_pylist()))
+        self.query = PAIR_CANDIDATES.format(rejectable=str(REJECTABLE), pairs_per_problem=int(config.pairs_per_problem))
+
+    def rows(self, pid: str, rows: list[dict]) -> Iterator[dict]:
+        if pid not in self.question:
+            return
+        correct = [r for r in rows if r["is_correct"]]
+        wrong = [r for r in rows if not r["is_correct"]]
+        for i in range(len(wrong) if correct else 0):
+            chosen, rejected = correct[i % correct[0]["side_rows"]], wrong[i]
+            yield dict(
+                pair_id=stable_hash("pair", chosen["rollout_id"], rejected["rollout_id"]), kind="solution",
+                problem_id=pid, prompt=self.question[pid], prefix=None, chosen=chosen["text"], rejected=rejected["text"],
+                chosen_rollout_id=chosen["rollout_id"], rejected_rollout_id=rejected["rollout_id"],
+                chosen_score=-float(chosen["completion_tokens"]), rejected_score=rejected["mean_logprob"],
+            )
+
+
+class _Selection:
+    """SFT examples of one problem's correct rollouts in the order they are taken (SFT_CANDIDATES): up to
+    `sft_per_problem` distinct ones, for the problems in `sft_buckets` and the kept variants (`chosen`)."""
+
+    def __init__(self, problems: pa.Table, stats: pa.Table, config: PairsConfig, variant_problem_ids: frozenset[str]):
+        self.config = config
+        self.question = dict(zip(problems["problem_id"].to_pylist(), problems["question"].to_pylist()))
+        self.origin = dict(zip(problems["problem_id"].to_pylist(), problems["origin"].to_pylist()))
+        self.bucket = dict(zip(stats["problem_id"].to_pylist(), stats["bucket"].to_pylist()))
+        self.bucket.update({pid: "variant" for pid in variant_problem_ids})
+        self.chosen = pa.table({"problem_id": pa.array(
+            sorted(pid for pid, b in self.bucket.items() if b in (*config.sft_buckets, "variant")), pa.string())})
+
+    def rows(self, pid: str, rows: list[dict]) -> Iterator[dict]:
+        if pid not in self.question:
+            return
+        seen: set[str] = set()
+        for r in rows:
+            key = normalize_question(r["text"])
+            if key in seen or len(seen) >= self.config.sft_per_problem:
+                continue
+            seen.add(key)
+            yield dict(
+                example_id=stable_hash("sft", pid, key), problem_id=pid, rollout_id=r["rollout_id"],
+                prompt=self.question[pid], completion=r["text"], bucket=self.bucket[pid],
+                origin=self.origin.get(pid, "seed"),
+            )
 
 
 def solution_pairs(problems: pa.Table, rollouts: pa.Table | Iterable[pa.RecordBatch],
@@ -101,25 +160,10 @@ def solution_pairs(problems: pa.Table, rollouts: pa.Table | Iterable[pa.RecordBa
     `rollouts` (rollout_id, problem_id, text, completion_tokens, mean_logprob) and `verdicts`
     (rollout_id, verdict, and problem_id when `total` rows need more than one range) may be
     streams, read once."""
-    question = dict(zip(problems["problem_id"].to_pylist(), problems["question"].to_pylist()))
-    query = PAIR_CANDIDATES.format(rejectable=str(REJECTABLE), pairs_per_problem=int(config.pairs_per_problem))
-
-    def pairs() -> Iterator[dict]:
-        for pid, rows in _graded(problems, rollouts, verdicts, total, query):
-            if pid not in question:
-                continue
-            correct = [r for r in rows if r["is_correct"]]
-            wrong = [r for r in rows if not r["is_correct"]]
-            for i in range(len(wrong) if correct else 0):
-                chosen, rejected = correct[i % correct[0]["side_rows"]], wrong[i]
-                yield dict(
-                    pair_id=stable_hash("pair", chosen["rollout_id"], rejected["rollout_id"]), kind="solution",
-                    problem_id=pid, prompt=question[pid], prefix=None, chosen=chosen["text"], rejected=rejected["text"],
-                    chosen_rollout_id=chosen["rollout_id"], rejected_rollout_id=rejected["rollout_id"],
-                    chosen_score=-float(chosen["completion_tokens"]), rejected_score=rejected["mean_logprob"],
-                )
-
-    return _in_tables(pairs(), schemas.PAIRS)
+    pairing = _Pairing(problems, config)
+    rows = (row for pid, ranked in _graded(problems, rollouts, verdicts, total, pairing.query)
+            for row in pairing.rows(pid, ranked))
+    return _in_tables(rows, schemas.PAIRS)
 
 
 def sft_selection(problems: pa.Table, stats: pa.Table, rollouts: pa.Table | Iterable[pa.RecordBatch],
@@ -127,29 +171,36 @@ def sft_selection(problems: pa.Table, stats: pa.Table, rollouts: pa.Table | Iter
                   variant_problem_ids: frozenset[str] = frozenset(), total: int | None = None) -> Iterator[pa.Table]:
     """`sft_examples` in batches, by problem id: up to `sft_per_problem` distinct correct rollouts,
     shortest first, of each problem in `sft_buckets` and of each kept variant. Inputs as `solution_pairs`."""
-    question = dict(zip(problems["problem_id"].to_pylist(), problems["question"].to_pylist()))
-    origin = dict(zip(problems["problem_id"].to_pylist(), problems["origin"].to_pylist()))
-    bucket = dict(zip(stats["problem_id"].to_pylist(), stats["bucket"].to_pylist()))
-    bucket.update({pid: "variant" for pid in variant_problem_ids})
-    chosen = pa.table({"problem_id": pa.array(
-        sorted(pid for pid, b in bucket.items() if b in (*config.sft_buckets, "variant")), pa.string())})
+    selection = _Selection(problems, stats, config, variant_problem_ids)
+    rows = (row for pid, ranked in _graded(problems, rollouts, verdicts, total, SFT_CANDIDATES,
+                                           sft_problems=selection.chosen)
+            for row in selection.rows(pid, ranked))
+    return _in_tables(rows, schemas.SFT_EXAMPLES)
 
-    def examples() -> Iterator[dict]:
-        for pid, rows in _graded(problems, rollouts, verdicts, total, SFT_CANDIDATES, sft_problems=chosen):
-            if pid not in question:
-                continue
-            seen: set[str] = set()
-            for r in rows:
-                key = normalize_question(r["text"])
-                if key in seen or len(seen) >= config.sft_per_problem:
-                    continue
-                seen.add(key)
-                yield dict(
-                    example_id=stable_hash("sft", pid, key), problem_id=pid, rollout_id=r["rollout_id"],
-                    prompt=question[pid], completion=r["text"], bucket=bucket[pid], origin=origin.get(pid, "seed"),
-                )
 
-    return _in_tables(examples(), schemas.SFT_EXAMPLES)
+def pairs_and_sft(problems: pa.Table, stats: pa.Table, rollouts: pa.Table | Iterable[pa.RecordBatch],
+                  verdicts: pa.Table | Iterable[pa.RecordBatch], config: PairsConfig,
+                  variant_problem_ids: frozenset[str] = frozenset(), total: int | None = None
+                  ) -> Iterator[tuple[str, pa.Table]]:
+    """`solution_pairs` and `sft_selection` in one pass over `rollouts` and `verdicts` (streams read once):
+    ("pairs", rows) and ("sft_examples", rows) as each range of problems gives them, each table's rows in
+    the order the two functions give them."""
+    pairing, selection = _Pairing(problems, config), _Selection(problems, stats, config, variant_problem_ids)
+    out: dict[str, list[dict]] = {"pairs": [], "sft_examples": []}
+    table_schemas = {"pairs": schemas.PAIRS, "sft_examples": schemas.SFT_EXAMPLES}
+    for ranged in _ranges(problems, rollouts, verdicts, total):
+        found = {"pairs": (pairing.query, pairing.rows, {}),
+                 "sft_examples": (SFT_CANDIDATES, selection.rows, {"sft_problems": selection.chosen})}
+        for name, (query, make, small) in found.items():
+            for pid, ranked in _by_problem(sql_batches(query, rollouts=ranged["rollouts"], verdicts=ranged["verdicts"],
+                                                       **small)):
+                out[name].extend(make(pid, ranked))
+                while len(out[name]) >= OUT_ROWS:
+                    yield name, pa.Table.from_pylist(out[name][:OUT_ROWS], schema=table_schemas[name])
+                    del out[name][:OUT_ROWS]
+    for name, rows in out.items():
+        if rows:
+            yield name, pa.Table.from_pylist(rows, schema=table_schemas[name])
 
 
 def build_pairs(
@@ -157,14 +208,12 @@ def build_pairs(
     variant_problem_ids: frozenset[str] = frozenset(),
 ) -> dict[str, pa.Table]:
     """`variant_problem_ids`: kept SvS variants among `problems`; their correct rollouts join the SFT set.
-    Whole tables in and out; the pairs stage streams (`solution_pairs`, `sft_selection`)."""
-    return {
-        "pairs": pa.Table.from_batches(
-            [b for t in solution_pairs(problems, rollouts, verdicts, config) for b in t.to_batches()], schemas.PAIRS),
-        "sft_examples": pa.Table.from_batches(
-            [b for t in sft_selection(problems, stats, rollouts, verdicts, config, variant_problem_ids)
-             for b in t.to_batches()], schemas.SFT_EXAMPLES),
-    }
+    Whole tables in and out; the pairs stage streams (`pairs_and_sft`)."""
+    out: dict[str, list[pa.RecordBatch]] = {"pairs": [], "sft_examples": []}
+    for name, rows in pairs_and_sft(problems, stats, rollouts, verdicts, config, variant_problem_ids):
+        out[name] += rows.to_batches()
+    return {"pairs": pa.Table.from_batches(out["pairs"], schemas.PAIRS),
+            "sft_examples": pa.Table.from_batches(out["sft_examples"], schemas.SFT_EXAMPLES)}
 
 
 def _subtree_outcome(node_id: str, children: dict[str, list[dict]], nodes: dict[str, dict], memo: dict) -> str | None:

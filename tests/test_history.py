@@ -18,7 +18,7 @@ import pytest
 from evoforge.app.cli import main
 from evoforge.data import history, schemas
 from evoforge.data.lake import lake
-from evoforge.data.manifest import MANIFEST_NAME, history_names, read_history, read_manifest
+from evoforge.data.manifest import MANIFEST_NAME, history_names, new_part_name, read_history, read_manifest
 
 
 def problems(n: int, prefix: str) -> pa.Table:
@@ -104,6 +104,45 @@ def test_vacuum_removes_only_superseded_parts_that_nothing_refers_to(lake_on, ca
     assert main(["history", "--run", "r"]) == 0 and "vacuumed" in capsys.readouterr().out
     assert store.sweep("r") == 0 and store.read("r", "problems").num_rows == 4
 
+
+
+def test_status_and_a_stage_start_keep_superseded_parts_without_reading_the_history(lake_on, capsys):
+    """A manifest names the parts of earlier versions still kept: `status` and the sweep of a stage start
+    tell them from a dead writer's leftovers without `_history/` (here every copy is unreadable, and
+    nothing is lost or reported), while `doctor`, which reads every version, names a damaged copy."""
+    store = lake()
+    for prefix, n in (("a", 3), ("b", 2), ("c", 4)):
+        store.publish_stage("r", 0, "ingest", {"problems": problems(n, prefix)})
+    folder = store.stage_dir("r", 0, "ingest")
+    earlier = sorted(folder / p.file for version in read_history(folder)[:2] for p in version.parts)
+    copies = history_names(folder)
+    for path in copies.values():
+        path.write_text("not a manifest")
+    health = store.inspect("r")
+    assert sorted(health.superseded) == earlier and not health.damaged and not health.leftovers
+    assert store.sweep("r") == 0 and all(path.exists() for path in earlier)
+    assert store.read("r", "problems").num_rows == 4
+    capsys.readouterr()
+    assert main(["doctor", "--run", "r"]) == 1
+    assert any(f"damaged: {path} (unreadable manifest" in capsys.readouterr().out for path in copies.values())
+
+
+def test_a_folder_committed_before_manifests_named_superseded_parts_keeps_them_and_its_next_commit_names_them(lake_on):
+    import json
+
+    store = lake()
+    for prefix, n in (("a", 3), ("b", 2)):
+        store.publish_stage("r", 0, "ingest", {"problems": problems(n, prefix)})
+    folder = store.stage_dir("r", 0, "ingest")
+    body = json.loads((folder / MANIFEST_NAME).read_text())
+    del body["superseded"]  # as an evoforge before the list wrote it
+    (folder / MANIFEST_NAME).write_text(json.dumps(body))
+    (old,) = [folder / p.file for p in read_history(folder)[0].parts]
+    leftover = folder / "problems" / new_part_name()
+    leftover.write_bytes(b"PAR1 the part of a writer that died")
+    assert store.sweep("r") == 1 and old.exists() and not leftover.exists()  # the history tells them apart
+    store.publish_stage("r", 0, "ingest", {"problems": problems(1, "c")})
+    assert sorted(read_manifest(folder).superseded) == sorted(p.file for v in read_history(folder)[:2] for p in v.parts)
 
 
 # -- lineage ----------------------------------------------------------------------------------------------

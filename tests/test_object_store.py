@@ -3,12 +3,13 @@ and s3fs clients, real Prefect, vLLM (the tiny model) and math-verify."""
 from __future__ import annotations
 
 import json
+import re
 
 import pyarrow as pa
 import pytest
 
 from evoforge.data import catalog, home, schemas
-from evoforge.data.lake import Lake, lake
+from evoforge.data.lake import Lake, lake, write_parquet
 from evoforge.data.manifest import MANIFEST_NAME
 from evoforge.data.storage import ObjectPath, location
 from evoforge.flows.config import RoundConfig
@@ -75,6 +76,37 @@ def test_the_lake_location_is_a_uri_and_credentials_never_reach_the_lake(s3_runs
     secret = home.os.environ["AWS_SECRET_ACCESS_KEY"]
     for name in objects(store.run_dir("c")):
         assert secret.encode() not in (store.run_dir("c") / name).read_bytes(), name
+
+
+@pytest.mark.server
+def test_listings_go_one_level_at_a_time_and_never_into_the_chunks_of_a_stage_at_work(s3_runs, scratch, monkeypatch):
+    """A pattern over several segments finds on S3 what it finds on disk, listed a level at a time by
+    prefix: the stage folders, a stage start's sweep and `status` list nothing under `_chunks/` (where a
+    stage at work keeps its chunk parts: tens of thousands at 10M rollouts) and never the run whole."""
+    on_s3, on_disk = lake(), Lake(scratch / "runs")
+    for store in (on_s3, on_disk):
+        for round in (0, 1):
+            for _version in range(2):
+                store.publish_stage("r", round, "generate", {"rollouts": schemas.ROLLOUTS.empty_table()})
+        store.publish_stage("r", 0, "ingest", {"problems": problems(3)}, key="a")
+        for i in range(30):
+            write_parquet(schemas.ROLLOUTS.empty_table(),
+                          store.run_dir("r") / "_chunks" / "round=2" / "generate" / "0123" / f"batch-{i}.parquet")
+    for pattern in ("round=*/*", "round=*/generate", "round=0/*", "*/*", "round=1/generate/*/part-*.parquet",
+                    "round=*/nothing/*", "_chunks/*/*/*", "nothing"):
+        found = [sorted(re.sub("part-[0-9a-f]{32}", "part-X", p.relative_to(store.run_dir("r")).as_posix())
+                        for p in store.run_dir("r").glob(pattern)) for store in (on_s3, on_disk)]  # names are random
+        assert found[0] == found[1] and (found[0] or "nothing" in pattern), pattern
+
+    listed = []
+    listing = ObjectPath._listing
+    monkeypatch.setattr(ObjectPath, "_listing", lambda path, recursive: listed.append((str(path), recursive))
+                        or listing(path, recursive))
+    assert [(r, s) for r, s, _ in on_s3.stage_dirs("r")] == [(0, "generate"), (0, "ingest"), (1, "generate")]
+    assert on_s3.sweep("r") == 0 and len(on_s3.inspect("r").superseded) == 2
+    run_dir = str(on_s3.run_dir("r"))
+    assert listed and not [path for path, _ in listed if "/_chunks" in path]
+    assert not [path for path, recursive in listed if recursive and not path.startswith(f"{run_dir}/round=")]
 
 
 @pytest.fixture()

@@ -357,6 +357,63 @@ def test_pairs_over_streams_equal_the_python_reference(scratch, small_parts, gra
     assert pairs.to_pylist() == expected["pairs"] and sft.to_pylist() == expected["sft_examples"]
 
 
+def test_a_stage_reads_each_input_once_and_a_rerun_on_the_same_parts_reads_none(lake_on, small_parts, monkeypatch):
+    """filter and pairs over a round spread across parts: each reads each part of its streamed inputs once
+    (the input fingerprint is hashed in that pass; pairs writes both its tables from it), with the outputs
+    of the whole-table code; a rerun on the same parts reads none; an input rewritten with the same rows
+    is read once to find it unchanged."""
+    import prefect.artifacts
+
+    from evoforge.data.lake import lake
+    from evoforge.flows.config import RoundConfig
+    from evoforge.flows.filter import filter_flow
+    from evoforge.flows.pairs import pairs_flow
+
+    for name in ("create_table_artifact", "create_markdown_artifact"):  # no Prefect API in a unit test
+        monkeypatch.setattr(prefect.artifacts, name, lambda **kw: None)
+    monkeypatch.setattr(lake_module, "PART_MAX_ROWS", 300)  # 960 rollouts: 4 parts
+    monkeypatch.setattr(lake_module, "KEY_RANGE_ROWS", 200)  # ranges of problems, spilled
+    reads = {}
+    part_batches = Lake._part_batches
+
+    def counted(store, run, round, stage, folder, part, schema):
+        reads[(stage, part.table)] = reads.get((stage, part.table), 0) + 1
+        return part_batches(store, run, round, stage, folder, part, schema)
+
+    monkeypatch.setattr(Lake, "_part_batches", counted)
+    problems, _, table, verdicts = random_graded_round()
+    full_verdicts = schemas.conform(verdicts, schemas.VERDICTS, where="verdicts", missing_as_null=True)
+    store = lake()
+    store.publish_stage("r", 0, "ingest", {"problems": schemas.conform(problems, schemas.PROBLEMS, where="problems",
+                                                                       missing_as_null=True)}, key="source")
+    store.publish_stage("r", 0, "generate", {"rollouts": in_batches(table, 64)})
+    store.publish_stage("r", 0, "verify", {"verdicts": in_batches(full_verdicts, 50)})
+    parts = {(stage, name): len([p for p in store.manifest("r", 0, stage).parts if p.table == name])
+             for stage, name in (("generate", "rollouts"), ("verify", "verdicts"))}
+    assert min(parts.values()) > 1
+
+    def stage(flow, expected: str) -> dict:
+        reads.clear()
+        assert flow.fn("r", 0, RoundConfig()).status == expected
+        return {key: reads.get(key, 0) for key in parts}
+
+    assert stage(filter_flow, "completed") == parts and stage(pairs_flow, "completed") == parts
+    stats = store.read("r", "problem_stats", 0, "filter").select(["problem_id", "bucket"])
+    expected = build_pairs(problems, stats, table, verdicts, RoundConfig().pairs)
+    for name in ("pairs", "sft_examples"):
+        written = store.read("r", name, 0, "pairs").drop_columns(["round", "stage"])
+        assert written.sort_by([(written.column_names[0], "ascending")]).equals(
+            expected[name].sort_by([(written.column_names[0], "ascending")])), name
+    assert stage(filter_flow, "skipped") == {key: 0 for key in parts}
+    assert stage(pairs_flow, "skipped") == {key: 0 for key in parts}
+
+    store.publish_stage("r", 0, "verify", {"verdicts": in_batches(full_verdicts, 70)})  # the same rows, other parts
+    assert stage(filter_flow, "skipped") == {key: 1 * parts[key] if key[0] == "generate" else
+                                             len(store.manifest("r", 0, "verify").parts) for key in parts}
+    events = [e for e in store.read("r", "stage_runs").to_pylist() if e["stage"] == "filter" and e["status"] != "running"]
+    assert len({e["input_fingerprint"] for e in events}) == 1 and len({e["input_parts"] for e in events}) == 2
+
+
 # -- stage_runs compaction -------------------------------------------------------------------------
 def event(i: int, status: str = "completed") -> pa.Table:
     at = datetime(2025, 1, 1, tzinfo=timezone.utc) + timedelta(seconds=i)

@@ -9,7 +9,8 @@ SELECT
     flow_run_id,        -- Prefect flow run that executed the stage (open it in the UI)
     config_hash,        -- hash of the stage's config section
     model_id,           -- engine model for stages that generate, else NULL
-    input_fingerprint,  -- content hash of the stage's inputs
+    input_fingerprint,  -- content hash of the stage's inputs (NULL while a stage that hashes them as it reads them runs)
+    input_parts,        -- for stages that stream their inputs: hash of the parts they were read from (their manifests' checksums), so a rerun on the same parts is found unchanged without reading them
     output_fingerprint, -- content hash of the output files; an unchanged rerun is skipped when all three match
     rows_in,
     rows_out,
