@@ -25,6 +25,7 @@ import io
 import multiprocessing as mp
 import os
 import resource
+import signal
 import threading
 import time
 from collections import OrderedDict, deque
@@ -39,12 +40,16 @@ Item = tuple[str, str, str]  # (kind: "grade" | "gold", gold, response)
 Result = tuple[str, str | None, str | None, float]  # (verdict, extracted, detail, seconds)
 
 STARTUP_LIMIT_S = 60.0  # a worker not ready by then is broken: its chunk's first item fails as "did not start"
+CHUNKS_PER_WORKER = 4  # a run smaller than chunk_size x workers x this is cut finer, so every worker gets a share
 
 
 def _worker_main(conn: Connection, state, memory_mb: int) -> None:
     """state[0]: position in the chunk of the item being graded; state[1]: when it started
     (0: chunk received, no item begun yet; -1: chunk finished, results on their way); state[2]: when
     this worker became ready to grade (0: still starting)."""
+    # the parent ends a grader (None, or a kill at the deadline; EOF when the parent is gone): a Ctrl-C at
+    # the terminal, sent to the whole process group, must not kill a process's shared pool or print from it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if memory_mb:
         limit = memory_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -265,6 +270,8 @@ class GraderPool:
 
     def run(self, items: list[Item], on_progress: Callable[[int], None] | None = None) -> list[Result]:
         """Results in the order of `items`. `on_progress(done)` is called as results arrive."""
+        if not items:
+            return []
         self._adopt()
         with self._run_lock:
             self.start()
@@ -286,10 +293,14 @@ class GraderPool:
         # same gold -> same chunk -> one worker parses it (gold parsing is most of math-verify's cost)
         queue: deque = deque(sorted(range(len(items)), key=lambda i: items[i][1]))
         done = 0
+        # a small run in whole chunks leaves workers idle (a GRPO reward call's 12 distinct answers: one
+        # chunk, one worker busy): it is cut into CHUNKS_PER_WORKER chunks per worker instead
+        chunk_size = min(self.chunk_size, max(1, -(-len(items) // (CHUNKS_PER_WORKER * self.size)))) \
+            if self.size > 1 else self.chunk_size
 
         def dispatch(worker: _Worker, indices: list[int] | None = None) -> None:
             if indices is None:
-                indices = [queue.popleft() for _ in range(min(self.chunk_size, len(queue)))]
+                indices = [queue.popleft() for _ in range(min(chunk_size, len(queue)))]
             worker.chunk = indices
             if indices:
                 worker.state[0], worker.state[1] = 0, 0.0
