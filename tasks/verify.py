@@ -35,8 +35,9 @@ class VerifyConfig(Section):
 
     def pool(self) -> GraderPool:
         """Where to grade. Local: this process's grader pool for these settings, shared by every stage
-        and GRPO's reward in the process (`shared_pool`): the first call starts its workers in the
-        background, so they start while the caller reads its input; leaving a `with` keeps them.
+        and GRPO's reward in the process (`shared_pool`): the first call launches its forkserver, which
+        imports math-verify in its own process while the caller reads its input; leaving a `with`
+        keeps the workers.
         Ray: actors per run (tasks/grading/on_ray.py)."""
         if self.backend == "ray":
             from evoforge.tasks.grading.on_ray import RayGraderPool

@@ -14,9 +14,10 @@ process's own and its workers do not re-import the parent's main module (`_Grade
 Starting a pool costs ~0.7-1.5 s on 2 cores (the forkserver imports math-verify and sympy and warms
 their parsers); grading a distinct answer costs ~1-3 ms. So a process keeps one pool per settings
 (`shared_pool`, what `VerifyConfig.pool()` hands out): every stage and GRPO's reward in the process
-grade on the same workers, started in the background by the first call (`warm`) while the caller
-reads its input, and stopped at exit (or by `stop_shared_pools`). A worker's start-up never counts
-against an item's deadline: the clock of a chunk starts when its worker is ready.
+grade on the same workers. The first call launches the forkserver (`warm`), which gets ready in its
+own process while the caller reads its input; the workers stop at exit (or `stop_shared_pools`). A
+worker's start-up never counts against an item's deadline: a chunk's clock starts when its worker is
+ready.
 """
 from __future__ import annotations
 
@@ -152,10 +153,12 @@ class _Worker:
 
 
 class GraderPool:
-    """`workers` grader processes. `warm()` starts them in the background and returns at once;
-    `run` waits for them. As a context manager: entering warms, leaving stops the workers, unless the
-    pool is a process's shared one (`shared_pool`), which only exit or `stop_shared_pools` stops.
-    One `run` at a time (others wait). A pool used in a forked child starts that child's own workers."""
+    """`workers` grader processes. `warm()` launches this process's forkserver, which imports and
+    warms math-verify in its own process while the caller goes on (no thread here); the workers fork
+    from it, milliseconds each, when the first `run` needs them. As a context manager: entering warms,
+    leaving stops the workers, unless the pool is a process's shared one (`shared_pool`), which only
+    exit or `stop_shared_pools` stops. One `run` at a time (others wait). A pool used in a forked
+    child starts that child's own workers."""
 
     def __init__(self, workers: int = 2, deadline_s: float = 10.0, memory_mb: int = 2048, chunk_size: int = 32,
                  shared: bool = False):
@@ -174,8 +177,6 @@ class GraderPool:
         self._pid = os.getpid()
         self._lock = threading.Lock()  # guards starting and stopping
         self._run_lock = threading.Lock()
-        self._starting: threading.Thread | None = None
-        self._start_error: BaseException | None = None
 
     def _adopt(self) -> None:
         if self._pid != os.getpid():
@@ -191,53 +192,38 @@ class GraderPool:
             self.stop()
 
     def warm(self) -> "GraderPool":
-        """Start the workers in the background, unless they are running or starting; returns at once."""
+        """Begin starting, and return at once: the forkserver (a fresh interpreter: ~0.7-1.5 s of
+        imports and warm-up on 2 cores) is launched now and gets ready while the caller reads its input."""
         self._adopt()
-        with self._lock:
-            if not self.workers and self._starting is None:
-                self._start_error = None
-                self._starting = threading.Thread(target=self._start_all, name="grader-pool-start", daemon=True)
-                self._starting.start()
+        if not self.workers:
+            _fork_server().ensure_running()  # spawns the server; waits for nothing
         if self.shared:
             _remember(self)
         return self
 
     def start(self) -> "GraderPool":
-        """Start the workers (or finish starting them) and return once they run."""
+        """The workers, started (forked once the forkserver is ready) if they are not running."""
         self.warm()
-        starting = self._starting
-        if starting is not None:
-            starting.join()
         with self._lock:
-            self._starting = None
-            error, self._start_error = self._start_error, None
-        if error is not None:
-            raise RuntimeError(f"the grader pool could not start its workers: {error!r}") from error
+            if not self.workers:
+                started: list[_Worker] = []
+                try:
+                    for _ in range(self.size):
+                        started.append(self._start())
+                except BaseException:
+                    for worker in started:
+                        worker.process.kill()
+                        worker.process.join()
+                        worker.conn.close()
+                    raise
+                self.workers = started
         return self
 
-    def _start_all(self) -> None:
-        started: list[_Worker] = []
-        try:
-            for _ in range(self.size):
-                started.append(self._start())
-        except BaseException as err:  # reported by the `start` that waits for it
-            for worker in started:
-                worker.process.kill()
-                worker.process.join()
-                worker.conn.close()
-            self._start_error = err
-            return
-        with self._lock:
-            self.workers = started
-
     def stop(self) -> None:
-        """Ask the workers to exit (killed after 2 s); the next `warm` or `run` starts fresh ones."""
+        """Ask the workers to exit (killed after 2 s); the next `run` starts fresh ones."""
         self._adopt()
-        starting = self._starting
-        if starting is not None:
-            starting.join()
         with self._lock:
-            workers, self.workers, self._starting = self.workers, [], None
+            workers, self.workers = self.workers, []
         for worker in workers:
             try:
                 worker.conn.send(None)
