@@ -24,7 +24,7 @@ class VerifyConfig(Section):
     workers: int = Field(2, ge=1, description="grader processes")
     deadline_seconds: float = Field(10.0, gt=0, description="hard limit per item; the worker is killed past it")
     memory_mb: int = Field(2048, ge=256, description="address-space limit of each grader process")
-    chunk_size: int = Field(32, ge=1, description="items sent to a worker at once, at most (a small run is cut finer)")
+    chunk_size: int = Field(32, ge=1, description="items sent to a worker at once")
     backend: Literal["local", "ray"] = Field(
         "local", description="local: grader processes here; ray: grader actors on a Ray cluster (`workers` of them)")
     ray: RayConfig = Field(default_factory=RayConfig, description="ray: the cluster (only `address` applies here)")

@@ -41,7 +41,6 @@ Item = tuple[str, str, str]  # (kind: "grade" | "gold", gold, response)
 Result = tuple[str, str | None, str | None, float]  # (verdict, extracted, detail, seconds)
 
 STARTUP_LIMIT_S = 60.0  # a worker not ready by then is broken: its chunk's first item fails as "did not start"
-CHUNKS_PER_WORKER = 4  # a run smaller than chunk_size x workers x this is cut finer, so every worker gets a share
 
 
 def _worker_main(conn: Connection, state, memory_mb: int) -> None:
@@ -279,14 +278,10 @@ class GraderPool:
         # same gold -> same chunk -> one worker parses it (gold parsing is most of math-verify's cost)
         queue: deque = deque(sorted(range(len(items)), key=lambda i: items[i][1]))
         done = 0
-        # a small run in whole chunks leaves workers idle (a GRPO reward call's 12 distinct answers: one
-        # chunk, one worker busy): it is cut into CHUNKS_PER_WORKER chunks per worker instead
-        chunk_size = min(self.chunk_size, max(1, -(-len(items) // (CHUNKS_PER_WORKER * self.size)))) \
-            if self.size > 1 else self.chunk_size
 
         def dispatch(worker: _Worker, indices: list[int] | None = None) -> None:
             if indices is None:
-                indices = [queue.popleft() for _ in range(min(chunk_size, len(queue)))]
+                indices = [queue.popleft() for _ in range(min(self.chunk_size, len(queue)))]
             worker.chunk = indices
             if indices:
                 worker.state[0], worker.state[1] = 0, 0.0
