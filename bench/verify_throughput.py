@@ -59,22 +59,25 @@ def make_pairs(count: int, seed: int = 0, samples: int = 8) -> list[tuple[str, s
     pairs: list[tuple[str, str]] = []
     for gold in answers:
         for _ in range(samples):
-            kind = rng.random()
-            other = rng.choice(answers)
-            if kind < 0.35:
-                response = f"Working step by step, the answer is \\boxed{{{gold}}}."
-            elif kind < 0.45 and gold.lstrip("-").isdigit():
-                response = f"So \\boxed{{{gold}.0}}"
-            elif kind < 0.55:
-                response = f"First \\boxed{{{other}}}, then correcting: \\boxed{{{gold}}}"
-            elif kind < 0.85:
-                response = f"I get \\boxed{{{other}}}"
-            else:
-                response = f"The answer is {gold}."
-            pairs.append((gold, response))
+            pairs.append((gold, respond(rng, gold, answers)))
             if len(pairs) == count:
                 return pairs
     return pairs
+
+
+def respond(rng: random.Random, gold: str, answers: list[str]) -> str:
+    """One response to `gold`: correct, an equivalent form, wrong, repeated boxes or no box."""
+    kind = rng.random()
+    other = rng.choice(answers)
+    if kind < 0.35:
+        return f"Working step by step, the answer is \\boxed{{{gold}}}."
+    if kind < 0.45 and gold.lstrip("-").isdigit():
+        return f"So \\boxed{{{gold}.0}}"
+    if kind < 0.55:
+        return f"First \\boxed{{{other}}}, then correcting: \\boxed{{{gold}}}"
+    if kind < 0.85:
+        return f"I get \\boxed{{{other}}}"
+    return f"The answer is {gold}."
 
 
 def measure(side: str, pairs_count: int, workers: int, deadline: float) -> dict:
@@ -89,6 +92,7 @@ def measure(side: str, pairs_count: int, workers: int, deadline: float) -> dict:
         return {"total": time.perf_counter() - started, "startup": 0.0, "verdicts": verdicts}
     started = time.perf_counter()
     with GraderPool(workers, deadline) as pool:
+        pool.start()  # entering only begins the start, in the background
         ready = time.perf_counter()
         results = pool.run([("grade", g, r) for g, r in pairs])
         finished = time.perf_counter()

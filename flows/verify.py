@@ -14,6 +14,7 @@ from evoforge.tasks.verify import verify_batches
 def verify_flow(run: str, round: int, config: RoundConfig | None = None, force: bool = False) -> StageResult:
     """Rerunnable alone: with no config, the run's saved one; the round's policy either way."""
     config = stage_config(run, round, config)
+    config.verify.pool()  # the process's graders start in the background while the input is found and read
     rollouts = round_stream(run, round, "rollouts", "generate", ["rollout_id", "problem_id", "text"])
     golds = problem_pool(run, round, ["problem_id", "answer"]).select(["problem_id", "answer"])
     inputs = StageInputs(rollouts, golds)

@@ -16,7 +16,7 @@ from evoforge.data.section import Section
 from evoforge.models.engine import RayConfig
 from evoforge.tasks import summary
 from evoforge.tasks.grading.answers import all_boxes
-from evoforge.tasks.grading.pool import GraderPool
+from evoforge.tasks.grading.pool import GraderPool, Result, shared_pool
 from evoforge.tasks.progress import Progress
 
 
@@ -34,12 +34,17 @@ class VerifyConfig(Section):
         return self.model_dump(mode="json", include={"deadline_seconds", "memory_mb"})
 
     def pool(self) -> GraderPool:
+        """Where to grade. Local: this process's grader pool for these settings, shared by every stage
+        and GRPO's reward in the process (`shared_pool`): the first call launches its forkserver, which
+        imports math-verify in its own process while the caller reads its input; leaving a `with`
+        keeps the workers.
+        Ray: actors per run (tasks/grading/on_ray.py)."""
         if self.backend == "ray":
             from evoforge.tasks.grading.on_ray import RayGraderPool
 
             return RayGraderPool(self.workers, self.deadline_seconds, self.memory_mb, self.chunk_size,
                                  address=self.ray.address)
-        return GraderPool(self.workers, self.deadline_seconds, self.memory_mb, self.chunk_size)
+        return shared_pool(self.workers, self.deadline_seconds, self.memory_mb, self.chunk_size)
 
 
 def grade_pairs(pairs: list[tuple[str, str]], config: VerifyConfig, label: str = "verify") -> list[tuple]:
@@ -76,10 +81,11 @@ def verify_batches(rollouts: pa.Table | Iterable[pa.RecordBatch], problems: pa.T
     worker's gold-parse cache hits), and the chunks, their keys and the verdicts do not depend on the
     input's order. A large round is sorted range of problem ids by range (`in_key_ranges`: one range
     in memory, the rest spilled to local disk), so memory does not grow with it."""
+    graders = config.pool()  # their start-up overlaps reading and sorting the input
     gold_of = dict(zip(problems["problem_id"].to_pylist(), problems["answer"].to_pylist()))
     total = rollouts.num_rows if isinstance(rollouts, pa.Table) else total
     ranges = in_key_ranges({"rollouts": rollouts}, "problem_id", key_boundaries(gold_of, total or 0))
-    with config.pool() as pool, Progress("verify", total or 0, "rollouts") as progress:
+    with graders as pool, Progress("verify", total or 0, "rollouts") as progress:
         done = 0
         for rows in _exactly(_sorted(ranges), CHUNK_ROLLOUTS):
             batch = rows.to_pylist()
@@ -117,6 +123,18 @@ def _exactly(tables: Iterator[pa.Table], size: int) -> Iterator[pa.Table]:
 
 
 NO_REFERENCE = ("no_reference", None, "the problem has no reference answer (demonstrations only)", 0.0)
+
+
+def grade_each_answer_once(pool: GraderPool, pairs: list[tuple[str, str]]) -> list[Result]:
+    """(gold, response) pairs -> their results, each distinct (gold, boxed answers) graded once and its
+    result given to every pair that shares it, as the stage's `_grade_batch` does: GRPO's reward on a
+    group of G samples that agree grades one. `grade` reads a response only through its boxes
+    (`all_boxes`), so the verdicts are those of grading every pair."""
+    first_of: dict[tuple, int] = {}
+    shared = [first_of.setdefault((gold, all_boxes(text or "")), i) for i, (gold, text) in enumerate(pairs)]
+    graded = sorted(first_of.values())
+    results = dict(zip(graded, pool.run([("grade", *pairs[i]) for i in graded])))
+    return [results[i] for i in shared]
 
 
 def _grade_batch(batch: list[dict], gold_of: dict, pool: GraderPool, on_progress) -> pa.Table:

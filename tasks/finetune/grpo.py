@@ -86,6 +86,8 @@ class VerifierReward:
 
     Graded by the verify stage's own process pool, so a reward means exactly what a `correct`
     verdict means, and a pathological answer cannot hang training (the pool kills it at its deadline).
+    The pool is the process's shared one (`VerifyConfig.pool()`), already running when a verify stage
+    ran before in the process; a group's samples that agree are graded once.
     """
 
     __name__ = "verifier_correct"  # TRL logs each reward function under its name
@@ -94,8 +96,10 @@ class VerifierReward:
         self.pool = pool
 
     def __call__(self, prompts, completions, answer, **_) -> list[float]:
+        from evoforge.tasks.verify import grade_each_answer_once  # math-verify: not for config loading
+
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        results = self.pool.run([("grade", gold, text) for gold, text in zip(answer, texts)])
+        results = grade_each_answer_once(self.pool, list(zip(answer, texts)))
         return [1.0 if r[0] == "correct" else 0.0 for r in results]
 
 
