@@ -123,6 +123,13 @@ class Bench:
         if without:  # the stage's output is what the trial makes
             remove_tree(self.lake.stage_dir(target, 0, without))
 
+    def list_objects(self, run: str, logs: Path) -> None:
+        """On S3, what the run holds, object by object, into logs/<run>.objects (the store is gone after the bench)."""
+        if self.remote:
+            run_dir = self.lake.run_dir(run)
+            (logs / f"{run}.objects").write_text("".join(
+                f"{p.relative_to(run_dir).as_posix()} {p.info().size}\n" for p in self.objects(run_dir)))
+
     def objects(self, folder) -> list:
         """Every object under an s3:// folder, in one listing (directory markers left out)."""
         import pyarrow.fs as pafs
@@ -188,10 +195,11 @@ def leftovers(bench: Bench, run: str, stage: str) -> dict[str, int]:
     from evoforge.data.atomic import leftovers as temporaries
 
     run_dir = bench.lake.run_dir(run)
-    chunk_folder = run_dir / "_chunks" / "round=0" / stage
     inspected = bench.lake.inspect(run)
-    found = {"uncommitted parts": len(set(inspected.leftovers) | set(temporaries(run_dir))),
-             "chunk folder": 1 if chunk_folder.is_dir() and any(chunk_folder.iterdir()) else 0}
+    # a stage's chunk folder (any execution key) that still holds a chunk: a published stage removes it
+    chunk_folders = [f for f in run_dir.glob("_chunks/round=*/*") if f.is_dir() and any(f.rglob("*.parquet"))]
+    found = {"uncommitted parts and temporary files": len(set(inspected.leftovers) | set(temporaries(run_dir))),
+             "chunk folders": len(chunk_folders)}
     if bench.remote:
         found["checkpoint objects"] = len(unlisted_checkpoint_objects(bench, run_dir))
         found["unfinished uploads"] = len(unfinished_uploads(bench, run_dir))
@@ -265,6 +273,7 @@ def trial(bench: Bench, stage: str, number: int, moment: float | None, reference
     lost = sum(max(0, n - got.get(t, Counter())[k]) for t, rows in reference.items() for k, n in rows.items())
     duplicated = sum(max(0, n - reference.get(t, Counter())[k]) for t, rows in got.items() for k, n in rows.items())
     left = leftovers(bench, run, stage)
+    bench.list_objects(run, logs)
     return {"stage": stage, "trial": number, "kill_after_s": None if killed_at is None else round(killed_at, 2),
             "phase": where, "readable_after_kill": readable, "rerun_exit": code, "damaged": damaged,
             "recovered": code == 0 and damaged == 0 and readable, "lost": lost, "duplicated": duplicated,
@@ -334,6 +343,7 @@ def main() -> None:
             bench.copy(template, f"{stage}-reference", without=None)
             seconds = bench.run(stage, f"{stage}-reference", logs / f"{stage}-reference.log")
             reference = bench.rows(f"{stage}-reference", stage)
+            bench.list_objects(f"{stage}-reference", logs)
             rng = random.Random(f"{args.seed}-{stage}")
             moments = [rng.uniform(0.05, 1.0) * seconds for _ in range(max(0, args.kills - 2))] + [None] * min(2, args.kills)
             print(f"{stage}: uninterrupted {seconds:.1f} s, {sum(sum(c.values()) for c in reference.values())} rows; "
