@@ -61,7 +61,10 @@ BEFORE = {"generate": ["ingest"], "verify": ["ingest", "generate"],
 KEYS = {"problems": ["problem_id"], "quarantine": ["source_file", "source_row", "reason"],
         "rollouts": ["rollout_id"], "verdicts": ["rollout_id"], "problem_stats": ["problem_id"],
         "variants": ["variant_id"], "checkpoints": ["role", "method"], "train_metrics": ["step", "metric"],
-        "evals": ["model_round", "eval_set"]}
+        "evals": ["model_round", "eval_set", "search"],
+        "eval_results": ["model_round", "eval_set", "problem_id", "search"],
+        "score_intervals": ["model_round", "eval_set", "metric", "k", "search"],
+        "promotions": ["checkpoint_id", "model_round", "decided_by"]}
 SOURCE = "data/sets/easy_arithmetic/train.jsonl"
 
 
@@ -352,6 +355,7 @@ def main() -> None:
                 result = trial(bench, stage, number, moment, reference, logs)
                 results.append(result)
                 print("  " + json.dumps(result, default=str), flush=True)
+                (root / "results.json").write_text(json.dumps(results, indent=1, default=str))  # kept if a later stage fails
     finally:
         stop_server(server)
         if s3 is not None:
