@@ -1,6 +1,6 @@
 """Kill a stage with SIGKILL at seeded random moments, rerun it, and compare with an uninterrupted run.
 
-    .venv/bin/python bench/chaos.py [--kills 10] [--seed 0] [--stages ingest,generate,...]
+    .venv/bin/python bench/chaos.py [--kills 10] [--seed 0] [--stages ingest,generate,...] [--lake disk|s3]
 
 For each stage: a template run holds everything the stage reads (built once, uninterrupted); a
 reference copy runs the stage without interruption; then each trial copies the template, starts
@@ -18,6 +18,17 @@ machinery, not the answers). Its answers are all wrong, so the template's verdic
 mark 2 of each problem's 8 samples correct: that makes every problem under-performing and gives
 synthesize real work. Everything is written under runs/bench-chaos/ and the Prefect server it
 starts is stopped at the end.
+
+`--lake s3` runs the same seeds and kill points with the lake on a local S3 server (moto,
+data/local_s3.py; `EVOFORGE_RUNS=s3://<bucket>/runs`, the AWS variables pointing at it; logs and the
+Prefect server under runs/bench-chaos-s3/). The run lock is then a lease (`_lock.json`), which the
+rerun takes over at once since its holder died on this machine. Leftovers on S3 are counted the
+same way, adapted to what a store keeps: a part upload killed mid-way never becomes an object, but
+a part whose upload completed before the kill and that no version of the manifest lists is a
+leftover (parts an earlier version lists are history, `Lake.inspect().superseded`, not leftovers);
+so is a non-empty `_chunks/` folder of the stage, a checkpoint object its `_checkpoint.json` does
+not list (or a checkpoint folder without one), and a multipart upload the kill left unfinished under
+the run (no object, but the store keeps its parts, and bills them, until it is aborted).
 """
 from __future__ import annotations
 
@@ -50,7 +61,10 @@ BEFORE = {"generate": ["ingest"], "verify": ["ingest", "generate"],
 KEYS = {"problems": ["problem_id"], "quarantine": ["source_file", "source_row", "reason"],
         "rollouts": ["rollout_id"], "verdicts": ["rollout_id"], "problem_stats": ["problem_id"],
         "variants": ["variant_id"], "checkpoints": ["role", "method"], "train_metrics": ["step", "metric"],
-        "evals": ["model_round", "eval_set"]}
+        "evals": ["model_round", "eval_set", "search"],
+        "eval_results": ["model_round", "eval_set", "problem_id", "search"],
+        "score_intervals": ["model_round", "eval_set", "metric", "k", "search"],
+        "promotions": ["checkpoint_id", "model_round", "decided_by"]}
 SOURCE = "data/sets/easy_arithmetic/train.jsonl"
 
 
@@ -72,11 +86,14 @@ def config(tiny_model: Path) -> dict:
 
 
 class Bench:
-    def __init__(self, root: Path, env: dict, config_path: Path):
+    def __init__(self, root: Path, env: dict, config_path: Path, lake_root: str | Path, s3=None):
         from evoforge.data.lake import Lake
+        from evoforge.data.storage import is_remote
 
         self.root, self.env, self.config_path = root, env, config_path
-        self.lake = Lake(root / "lake")
+        self.lake = Lake(lake_root)
+        self.remote = is_remote(self.lake.root)
+        self.s3 = s3  # the LocalS3 server (data/local_s3.py) when the lake is on it
 
     def command(self, stage: str, run: str) -> list[str]:
         if stage == "ingest":
@@ -97,11 +114,48 @@ class Bench:
         return time.monotonic() - started
 
     def copy(self, source: str, target: str, without: str | None) -> None:
-        shutil.rmtree(self.lake.root / target, ignore_errors=True)
-        if (self.lake.root / source).is_dir():
+        from evoforge.data.storage import remove_tree
+
+        remove_tree(self.lake.run_dir(target))
+        if self.remote:  # object by object, copied on the server
+            source_dir, target_dir = self.lake.run_dir(source), self.lake.run_dir(target)
+            for path in self.objects(source_dir):
+                source_dir.fs.copy_file(path._path, (target_dir / path.relative_to(source_dir).as_posix())._path)
+        elif (self.lake.root / source).is_dir():
             shutil.copytree(self.lake.root / source, self.lake.root / target)
         if without:  # the stage's output is what the trial makes
-            shutil.rmtree(self.lake.stage_dir(target, 0, without), ignore_errors=True)
+            remove_tree(self.lake.stage_dir(target, 0, without))
+
+    def list_objects(self, run: str, logs: Path) -> None:
+        """On S3, what the run holds, object by object, into logs/<run>.objects (the store is gone after the bench)."""
+        if self.remote:
+            run_dir = self.lake.run_dir(run)
+            (logs / f"{run}.objects").write_text("".join(
+                f"{p.relative_to(run_dir).as_posix()} {p.info().size}\n" for p in self.objects(run_dir)))
+
+    def objects(self, folder) -> list:
+        """Every object under an s3:// folder, in one listing (directory markers left out)."""
+        import pyarrow.fs as pafs
+
+        from evoforge.data.storage import ObjectPath
+
+        selector = pafs.FileSelector(folder._path, recursive=True, allow_not_found=True)
+        return [ObjectPath(i.path, i) for i in folder.fs.get_file_info(selector) if i.type == pafs.FileType.File]
+
+    def new_parts(self, folder) -> bool:
+        """Whether a part sits in a table folder of `folder` (the trial's copy starts with none)."""
+        from evoforge.data.manifest import PART_NAME
+
+        if self.remote:
+            return any(PART_NAME.fullmatch(p.name) and len(p.relative_to(folder).parts) == 2 for p in self.objects(folder))
+        if not folder.is_dir():
+            return False
+        for table in os.scandir(folder):
+            if table.is_dir():
+                for entry in os.scandir(table.path):
+                    if PART_NAME.fullmatch(entry.name):
+                        return True
+        return False
 
     def rows(self, run: str, stage: str) -> dict[str, Counter]:
         from evoforge.flows.stages import STAGES as REGISTRY
@@ -113,8 +167,6 @@ class Bench:
         return found
 
     def phase(self, run: str, stage: str, attempt_started: float) -> str:
-        from evoforge.data.manifest import PART_NAME
-
         try:
             events = self.lake.read(run, "stage_runs").to_pylist()
         except Exception:
@@ -126,34 +178,63 @@ class Bench:
             return "after commit"
         if self.lake.has_output(run, 0, stage):  # the trial's copy starts without one
             return "after commit"
-        folder = self.lake.stage_dir(run, 0, stage)
-        return "publishing" if any(PART_NAME.fullmatch(p.name) for p in folder.glob("*/part-*.parquet")) else "computing"
+        return "publishing" if self.new_parts(self.lake.stage_dir(run, 0, stage)) else "computing"
 
 
 def wait_for_publication(bench: Bench, run: str, stage: str, process: subprocess.Popen) -> bool:
-    """Poll until a part of a new output appears before its manifest; True when caught in time."""
-    from evoforge.data.manifest import PART_NAME
-
+    """Poll until a part of a new output appears before its manifest; True when caught in time. On S3
+    a part appears when its upload completes; a listing there takes milliseconds, a commit after the
+    last part tens of them (the lease check, the manifest's read and PUT)."""
     folder = bench.lake.stage_dir(run, 0, stage)
     while process.poll() is None:
-        if folder.is_dir():
-            for table in os.scandir(folder):
-                if table.is_dir():
-                    for entry in os.scandir(table.path):
-                        if PART_NAME.fullmatch(entry.name):  # the trial's copy starts with no output
-                            return True
-        time.sleep(0.0005)
+        if bench.new_parts(folder):
+            return True
+        time.sleep(0.002 if bench.remote else 0.0005)
     return False
 
 
-def leftovers(bench: Bench, run: str, stage: str) -> int:
+def leftovers(bench: Bench, run: str, stage: str) -> dict[str, int]:
+    """What a dead attempt left that the rerun did not sweep, by kind (see the module doc)."""
     from evoforge.data.atomic import leftovers as temporaries
 
     run_dir = bench.lake.run_dir(run)
-    chunk_folder = run_dir / "_chunks" / "round=0" / stage
-    stale_chunks = 1 if chunk_folder.is_dir() and any(chunk_folder.iterdir()) else 0
     inspected = bench.lake.inspect(run)
-    return len(set(inspected.leftovers) | set(temporaries(run_dir))) + stale_chunks
+    # a stage's chunk folder (any execution key) that still holds a chunk: a published stage removes it
+    chunk_folders = [f for f in run_dir.glob("_chunks/round=*/*") if f.is_dir() and any(f.rglob("*.parquet"))]
+    found = {"uncommitted parts and temporary files": len(set(inspected.leftovers) | set(temporaries(run_dir))),
+             "chunk folders": len(chunk_folders)}
+    if bench.remote:
+        found["checkpoint objects"] = len(unlisted_checkpoint_objects(bench, run_dir))
+        found["unfinished uploads"] = len(unfinished_uploads(bench, run_dir))
+    return found
+
+
+def unlisted_checkpoint_objects(bench: Bench, run_dir) -> list:
+    """Objects under <run>/models/<id>/ that the folder's `_checkpoint.json` does not list (all of a
+    folder without one: an upload that never finished)."""
+    from evoforge.models.checkpoint_store import CHECKPOINT_MANIFEST
+
+    models = run_dir / "models"
+    by_folder: dict[str, list] = {}
+    for path in bench.objects(models):
+        by_folder.setdefault(path.relative_to(models).parts[0], []).append(path)
+    unlisted = []
+    for name, paths in by_folder.items():
+        try:
+            listed = {e["file"] for e in json.loads((models / name / CHECKPOINT_MANIFEST).read_text())["files"]}
+        except FileNotFoundError:
+            listed = set()
+        unlisted += [p for p in paths if p.relative_to(models / name).as_posix() not in listed | {CHECKPOINT_MANIFEST}]
+    return unlisted
+
+
+def unfinished_uploads(bench: Bench, run_dir) -> list[str]:
+    """Multipart uploads under the run that were started and neither completed nor aborted."""
+    prefix = run_dir.key.rstrip("/") + "/"
+    found, pages = [], bench.s3.client().get_paginator("list_multipart_uploads")
+    for page in pages.paginate(Bucket=run_dir.bucket, Prefix=prefix):
+        found += [u["Key"] for u in page.get("Uploads", [])]
+    return found
 
 
 def trial(bench: Bench, stage: str, number: int, moment: float | None, reference: dict, logs: Path) -> dict:
@@ -194,10 +275,13 @@ def trial(bench: Bench, stage: str, number: int, moment: float | None, reference
         damaged, got = 1, {}
     lost = sum(max(0, n - got.get(t, Counter())[k]) for t, rows in reference.items() for k, n in rows.items())
     duplicated = sum(max(0, n - reference.get(t, Counter())[k]) for t, rows in got.items() for k, n in rows.items())
+    left = leftovers(bench, run, stage)
+    bench.list_objects(run, logs)
     return {"stage": stage, "trial": number, "kill_after_s": None if killed_at is None else round(killed_at, 2),
             "phase": where, "readable_after_kill": readable, "rerun_exit": code, "damaged": damaged,
             "recovered": code == 0 and damaged == 0 and readable, "lost": lost, "duplicated": duplicated,
-            "leftovers": leftovers(bench, run, stage)}
+            "leftovers": sum(left.values()), "leftovers_by_kind": left,
+            "superseded_parts": len(bench.lake.inspect(run).superseded)}
 
 
 def free_port() -> int:
@@ -211,6 +295,8 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=10, help="kills per stage (2 of them at publication)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--lake", choices=["disk", "s3"], default="disk",
+                        help="where the runs live: a local folder, or a local S3 server (moto)")
     args = parser.parse_args()
     stages = [s for s in args.stages.split(",") if s]
     unknown = set(stages) - set(STAGES)
@@ -220,10 +306,20 @@ def main() -> None:
     from evoforge.app.prefect_server import api_url, start_server, stop_server
     from evoforge.models.tiny import tiny_model_folder
 
-    root = ROOT / "runs" / "bench-chaos"
+    root = ROOT / "runs" / ("bench-chaos" if args.lake == "disk" else "bench-chaos-s3")
     shutil.rmtree(root, ignore_errors=True)
     logs = root / "logs"
     logs.mkdir(parents=True)
+    s3 = bucket = None
+    if args.lake == "s3":
+        from evoforge.data.local_s3 import LocalS3
+
+        s3 = LocalS3(log_path=logs / "local-s3.log").start()
+        os.environ.update(s3.environment())  # this process's lake and the stages' processes
+        # a bucket of this invocation's own: the trials' checkpoint caches (.cache/checkpoints/<bucket>/)
+        # are keyed by bucket, so none of an earlier invocation is resumed from
+        bucket = s3.create_bucket(f"chaos-{os.getpid()}-{int(time.time())}")
+    lake_root = root / "lake" if args.lake == "disk" else f"s3://{bucket}/runs"
     prefect_home = root / "prefect"
     prefect_home.mkdir()
     config_path = root / "round.json"
@@ -233,8 +329,8 @@ def main() -> None:
                   "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{prefect_home / 'prefect.db'}"}
     os.environ.update(server_env)
     server = start_server(port=port, log_path=logs / "prefect-server.log")
-    env = {**os.environ, "EVOFORGE_RUNS": str(root / "lake"), "PREFECT_API_URL": api_url(port=port)}
-    bench = Bench(root, env, config_path)
+    env = {**os.environ, "EVOFORGE_RUNS": str(lake_root), "PREFECT_API_URL": api_url(port=port)}
+    bench = Bench(root, env, config_path, lake_root, s3)
     results = []
     try:
         done: list[str] = []  # stages the growing base run holds, each run once, uninterrupted
@@ -250,6 +346,7 @@ def main() -> None:
             bench.copy(template, f"{stage}-reference", without=None)
             seconds = bench.run(stage, f"{stage}-reference", logs / f"{stage}-reference.log")
             reference = bench.rows(f"{stage}-reference", stage)
+            bench.list_objects(f"{stage}-reference", logs)
             rng = random.Random(f"{args.seed}-{stage}")
             moments = [rng.uniform(0.05, 1.0) * seconds for _ in range(max(0, args.kills - 2))] + [None] * min(2, args.kills)
             print(f"{stage}: uninterrupted {seconds:.1f} s, {sum(sum(c.values()) for c in reference.values())} rows; "
@@ -258,10 +355,18 @@ def main() -> None:
                 result = trial(bench, stage, number, moment, reference, logs)
                 results.append(result)
                 print("  " + json.dumps(result, default=str), flush=True)
+                (root / "results.json").write_text(json.dumps(results, indent=1, default=str))  # kept if a later stage fails
     finally:
         stop_server(server)
+        if s3 is not None:
+            s3.stop()
+            from evoforge.data import home as evoforge_home
+
+            for cache in ("checkpoints", "checkpoints/training"):  # the trials' downloads and training folders
+                shutil.rmtree(evoforge_home.cache_dir() / cache / bucket, ignore_errors=True)
     (root / "results.json").write_text(json.dumps(results, indent=1, default=str))
     print()
+    print(f"lake: {'local folder' if args.lake == 'disk' else 'local S3 server (moto)'}")
     print("| stage | kills | landed: starting / computing / publishing / after commit / finished | recovered "
           "| rows lost | rows duplicated | leftovers not swept |")
     print("|---|---|---|---|---|---|---|")

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from evoforge.data.storage import ObjectPath, is_remote, move, upload_tree
+from evoforge.data.storage import ObjectPath, abort_unfinished_uploads, is_remote, move, upload_tree
 
 TEMPORARY_NAME = re.compile(r"^\..+\.tmp-[0-9a-f]{32}$")
 
@@ -142,7 +142,8 @@ def write_text(path, text: str, mode: int | None = None):
 
 def leftovers(root: Path) -> list[Path]:
     """The temporary files and folders below `root` that a writer left behind (it died mid-write).
-    None on object storage: an upload a writer did not complete never becomes an object."""
+    None on object storage: an upload a writer did not complete never becomes an object (what it
+    leaves there is an unfinished multipart upload, which `remove_leftovers` aborts)."""
     if is_remote(root):
         return []
     found: list[Path] = []
@@ -155,8 +156,11 @@ def leftovers(root: Path) -> list[Path]:
 
 
 def remove_leftovers(root: Path) -> int:
-    """Remove what `leftovers()` finds; returns the count. Only safe while no writer is at work below
-    `root` (the run's lock is held)."""
+    """Remove what `leftovers()` finds, and on object storage abort the uploads writers that died left
+    unfinished below `root` (data/storage.py `unfinished_uploads`); returns the count. Only safe while
+    no writer is at work below `root` (the run's lock is held)."""
+    if is_remote(root):
+        return abort_unfinished_uploads(root)
     found = leftovers(root)
     for path in found:
         _remove(path)

@@ -745,9 +745,10 @@ class Lake:
         return health
 
     def sweep(self, run: str) -> int:
-        """Remove what writers that died left behind: temporary files (data/atomic.py) and parts no
-        manifest lists under evoforge's part names; returns the count. Only while no writer of the run
-        is alive (the caller holds the run's lock). A file with any other name is the user's: kept."""
+        """Remove what writers that died left behind: temporary files (data/atomic.py; on object storage
+        the uploads they left unfinished, aborted) and parts no manifest lists under evoforge's part
+        names; returns the count. Only while no writer of the run is alive (the caller holds the run's
+        lock). A file with any other name is the user's: kept."""
         removed = remove_leftovers(self.run_dir(run))
         for path in self.inspect(run, parts=False).leftovers:
             path.unlink(missing_ok=True)

@@ -333,6 +333,59 @@ def upload_tree(local: Path, target: LakePath) -> list[str]:
     return names
 
 
+_clients: dict[str, object] = {}
+
+
+def s3_client():
+    """One boto3 S3 client per process and endpoint (the AWS variables, as for pyarrow): what pyarrow's
+    filesystem cannot do, list and abort multipart uploads. Clients are thread-safe; sessions are not,
+    so each client comes from a session of its own."""
+    import boto3
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+    with _filesystems_guard:
+        client = _clients.get(endpoint)
+        if client is None:
+            client = _clients[endpoint] = boto3.session.Session().client("s3", endpoint_url=endpoint or None)
+        return client
+
+
+def unfinished_uploads(folder: ObjectPath) -> list[tuple[str, str]]:
+    """(key, upload id) of every multipart upload under `folder` that was started and neither completed
+    nor aborted. pyarrow uploads every object it streams as a multipart upload, started when the
+    stream opens: a writer killed mid-upload leaves no object (nothing a reader sees), but the store
+    keeps the parts it received, and bills them, until the upload is aborted."""
+    prefix = folder.key.rstrip("/") + "/"  # run r, not r2 as well
+    found = []
+    for page in s3_client().get_paginator("list_multipart_uploads").paginate(Bucket=folder.bucket, Prefix=prefix):
+        found += [(upload["Key"], upload["UploadId"]) for upload in page.get("Uploads", [])]
+    return found
+
+
+def abort_unfinished_uploads(folder: ObjectPath) -> int:
+    """Abort what `unfinished_uploads` finds; returns the count. Only while no writer below `folder` is
+    alive (the run's lock is held): a live writer's upload would fail at its close. Credentials that
+    may not list or abort uploads leave them in place (one warning; a bucket lifecycle rule
+    AbortIncompleteMultipartUpload then has to clear them) rather than fail the stage."""
+    import logging
+
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        uploads = unfinished_uploads(folder)
+        for key, upload_id in uploads:
+            try:
+                s3_client().abort_multipart_upload(Bucket=folder.bucket, Key=key, UploadId=upload_id)
+            except ClientError as err:
+                if (err.response.get("Error") or {}).get("Code") != "NoSuchUpload":  # completed or aborted meanwhile
+                    raise
+    except (BotoCoreError, ClientError) as err:
+        logging.getLogger(__name__).warning("%s: could not abort the unfinished uploads of writers that died (%s)",
+                                            folder, " ".join(str(err).split())[:200])
+        return 0
+    return len(uploads)
+
+
 def duckdb_filesystem():
     """An fsspec S3 filesystem for DuckDB's `register_filesystem` (DuckDB 2.0 has no httpfs here),
     configured from the same AWS variables."""

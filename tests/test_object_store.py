@@ -3,7 +3,11 @@ and s3fs clients, real Prefect, vLLM (the tiny model) and math-verify."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 
 import pyarrow as pa
 import pytest
@@ -11,7 +15,8 @@ import pytest
 from evoforge.data import catalog, home, schemas
 from evoforge.data.lake import Lake, lake, write_parquet
 from evoforge.data.manifest import MANIFEST_NAME
-from evoforge.data.storage import ObjectPath, location
+from evoforge.data.manifest import read_manifest
+from evoforge.data.storage import ObjectPath, location, unfinished_uploads
 from evoforge.flows.config import RoundConfig
 
 
@@ -107,6 +112,59 @@ def test_listings_go_one_level_at_a_time_and_never_into_the_chunks_of_a_stage_at
     run_dir = str(on_s3.run_dir("r"))
     assert listed and not [path for path, _ in listed if "/_chunks" in path]
     assert not [path for path, recursive in listed if recursive and not path.startswith(f"{run_dir}/round=")]
+
+
+SLOW_WRITER = """
+import sys, time
+import pyarrow as pa, pyarrow.parquet as pq
+from evoforge.data import schemas
+from evoforge.data.lake import lake
+write = pq.ParquetWriter.write
+def slow(self, table, *args, **kw):
+    print("writing", flush=True)
+    for batch in table.to_batches(max_chunksize=100):
+        write(self, batch)
+        time.sleep(0.05)
+pq.ParquetWriter.write = slow
+rows = [dict(rollout_id=str(i), problem_id="p", model_id="m", seed=i, sample_index=0, text="x" * 100,
+             completion_tokens=1, finish_reason="stop", mean_logprob=0.0) for i in range(20_000)]
+lake().publish_stage(sys.argv[1], 0, "generate", {"rollouts": pa.Table.from_pylist(rows, schema=schemas.ROLLOUTS)})
+print("finished", flush=True)
+"""
+
+
+def kill_while_uploading(run: str) -> None:
+    """SIGKILL a writer (the lake from the environment: this test's bucket) while it uploads a new part of `run`."""
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, run], stdout=subprocess.PIPE, text=True, env=os.environ)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+
+
+@pytest.mark.server
+def test_an_upload_a_killed_writer_left_unfinished_is_aborted_when_the_next_stage_of_its_run_starts(s3_runs):
+    """On S3 a part killed mid-upload never becomes an object, but the store keeps (and bills) the parts
+    of its multipart upload until someone aborts it: the next stage start of the run does, under the
+    run's lock, and leaves another run's alone (a run whose name starts the same included)."""
+    from evoforge.flows.stage_runner import run_guard
+
+    store = lake()
+    store.publish_stage("r", 0, "generate", {"rollouts": schemas.ROLLOUTS.empty_table()})
+    before = read_manifest(store.stage_dir("r", 0, "generate"))
+    kill_while_uploading("r")
+    kill_while_uploading("r2")
+    folder = store.stage_dir("r", 0, "generate") / "rollouts"
+    assert read_manifest(store.stage_dir("r", 0, "generate")) == before and store.read("r", "rollouts").num_rows == 0
+    assert [p.name for p in folder.iterdir()] == [p.file.split("/")[1] for p in before.parts]  # no new object
+    ((key, _),) = unfinished_uploads(store.run_dir("r"))  # what the store still holds of the killed part
+    assert key.startswith(f"{folder.key}/part-") and len(unfinished_uploads(store.run_dir("r2"))) == 1
+
+    with run_guard("r", "round 0 / verify"):  # the next stage of the run starts
+        assert unfinished_uploads(store.run_dir("r")) == []
+    assert len(unfinished_uploads(store.run_dir("r2"))) == 1  # another run's writer is not this run's debris
+    assert read_manifest(store.stage_dir("r", 0, "generate")) == before and store.read("r", "rollouts").num_rows == 0
+    with run_guard("r2", "round 0 / generate"):
+        assert unfinished_uploads(store.run_dir("r2")) == []
 
 
 @pytest.fixture()
