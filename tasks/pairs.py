@@ -141,8 +141,10 @@ class _Selection:
             return
         seen: set[str] = set()
         for r in rows:
+            if len(seen) >= self.config.sft_per_problem:
+                break  # the rest would be skipped: not normalized at all (most of a problem's correct rollouts)
             key = normalize_question(r["text"])
-            if key in seen or len(seen) >= self.config.sft_per_problem:
+            if key in seen:
                 continue
             seen.add(key)
             yield dict(
