@@ -817,11 +817,21 @@ class Lake:
         return lines
 
 
-def key_boundaries(keys: Iterable[str], total_rows: int, range_rows: int | None = None) -> list[str]:
+def key_boundaries(keys: Iterable[str] | pa.Array | pa.ChunkedArray, total_rows: int, range_rows: int | None = None
+                   ) -> list[str]:
     """Where to split `in_key_ranges`: ranges of about equally many of `keys` (the keys the rows
     carry, e.g. the pool's problem ids), as many as it takes for a range to hold about `range_rows`
-    (KEY_RANGE_ROWS) of `total_rows` rows; none when one range holds them all."""
+    (KEY_RANGE_ROWS) of `total_rows` rows; none when one range holds them all. Arrow keys are sorted
+    in Arrow, and only the boundaries become Python strings: a pool of millions of problems costs
+    its Arrow column, not millions of Python objects."""
     ranges = -(-int(total_rows) // (range_rows or KEY_RANGE_ROWS))
+    if isinstance(keys, (pa.Array, pa.ChunkedArray)):
+        distinct = pc.unique(keys.drop_null())
+        count = len(distinct)
+        if ranges <= 1 or count < 2:
+            return []
+        ordered = distinct.take(pc.sort_indices(distinct))
+        return sorted({ordered[count * i // ranges].as_py() for i in range(1, ranges)})
     keys = sorted(set(keys))
     if ranges <= 1 or len(keys) < 2:
         return []

@@ -18,7 +18,7 @@ def filter_flow(run: str, round: int, config: RoundConfig | None = None, force: 
     verdicts = round_stream(run, round, "verdicts", "verify", ["rollout_id", "problem_id", "verdict"])
     rollouts = round_stream(run, round, "rollouts", "generate", ["rollout_id", "problem_id", "completion_tokens"])
     # the pool's problem ids split a large round into ranges of problems, counted one at a time
-    problem_ids = problem_pool(run, round, ["problem_id"])["problem_id"].to_pylist()
+    problem_ids = problem_pool(run, round, ["problem_id"])["problem_id"]  # an Arrow column: millions are cheap
     inputs = StageInputs(verdicts, rollouts)
     return execute_stage(
         run, round, "filter",

@@ -16,7 +16,7 @@ from evoforge.flows.config import RoundConfig, config_hash
 from evoforge.flows.inputs import (StageInputs, problem_pool, round_stream, round_table, stage_config, stage_output,
                                    stage_stream)
 from evoforge.flows.stage_runner import StageResult, execute_stage
-from evoforge.tasks.pairs import build_step_pairs, pairs_and_sft
+from evoforge.tasks.pairs import build_step_pairs, pairs_and_sft, questions_of
 
 ROLLOUT_COLUMNS = ["rollout_id", "problem_id", "text", "completion_tokens", "mean_logprob"]
 
@@ -38,7 +38,6 @@ def pairs_flow(run: str, round: int, config: RoundConfig | None = None, force: b
         problems = pa.concat_tables([problems, variants])
     variant_ids = frozenset(kept.to_pylist())
     nodes = stage_output(run, round, "mcts_nodes", "mcts")
-    questions = dict(zip(problems["problem_id"].to_pylist(), problems["question"].to_pylist()))
     inputs = StageInputs(problems, stats, rollouts, verdicts, variant_rollouts, variant_verdicts, nodes)
     kept_variant_rows = [0]  # rollouts of kept variants, counted as the pass goes by
 
@@ -63,7 +62,7 @@ def pairs_flow(run: str, round: int, config: RoundConfig | None = None, force: b
         total = rollouts.rows + (variant_rollouts.rows if variants.num_rows else 0)
         made = pairs_and_sft(problems, stats, all_rollouts(), all_verdicts(), config.pairs, variant_ids, total)
         if nodes.num_rows:
-            made = itertools.chain(made, [("pairs", build_step_pairs(nodes, questions, config.pairs))])
+            made = itertools.chain(made, [("pairs", build_step_pairs(nodes, questions_of(problems, nodes), config.pairs))])
         both = Interleaved(made)  # one pass over the rollouts and verdicts writes both tables
         return {"pairs": both, "sft_examples": both}
 

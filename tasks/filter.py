@@ -83,14 +83,15 @@ def filter_problems(verdicts: pa.Table, rollouts: pa.Table, config: FilterConfig
 
 
 def problem_stats_batches(verdicts: pa.Table | Iterable[pa.RecordBatch], rollouts: pa.Table | Iterable[pa.RecordBatch],
-                          config: FilterConfig, problem_ids: Iterable[str] = (), total: int | None = None
+                          config: FilterConfig, problem_ids: Iterable[str] | pa.ChunkedArray = (),
+                          total: int | None = None
                           ) -> Iterator[pa.Table]:
     """`problem_stats` in batches, by problem id. `verdicts` (rollout_id, problem_id, verdict) and
     `rollouts` (rollout_id, problem_id, completion_tokens) may be streams, read once, of `total`
     verdicts: they are then counted range of `problem_ids` by range (`in_key_ranges`), so memory
     holds one range, never the round."""
     if isinstance(verdicts, pa.Table):
-        problem_ids, total = verdicts["problem_id"].to_pylist(), verdicts.num_rows
+        problem_ids, total = verdicts["problem_id"], verdicts.num_rows
     boundaries = key_boundaries(problem_ids, total or 0)
     for ranged in in_key_ranges({"verdicts": verdicts, "rollouts": rollouts}, "problem_id", boundaries):
         for batch in sql_batches(PER_PROBLEM, verdicts=ranged["verdicts"], rollouts=ranged["rollouts"]):

@@ -14,6 +14,7 @@ import itertools
 from typing import Iterable, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field
 
 from evoforge.data import schemas
@@ -73,31 +74,14 @@ def _by_problem(batches: Iterator[pa.RecordBatch]) -> Iterator[tuple[str, list[d
         yield pid, list(group)
 
 
-def _in_tables(rows: Iterator[dict], schema: pa.Schema) -> Iterator[pa.Table]:
-    out = []
-    for row in rows:
-        out.append(row)
-        if len(out) >= OUT_ROWS:
-            yield pa.Table.from_pylist(out, schema=schema)
-            out = []
-    if out:
-        yield pa.Table.from_pylist(out, schema=schema)
-
-
-def _ranges(problems: pa.Table, rollouts, verdicts, total: int | None) -> Iterator[dict[str, pa.Table]]:
-    """`rollouts` and `verdicts` over ranges of problem ids (`in_key_ranges`), so only one range is in
-    memory at a time."""
+def _ranges(problems: pa.Table, stats: pa.Table, rollouts, verdicts, total: int | None) -> Iterator[dict[str, pa.Table]]:
+    """`rollouts`, `verdicts` and the per-problem `problems` and `stats` over ranges of problem ids
+    (`in_key_ranges`): only one range is in memory at a time, the lookups a range needs (questions,
+    buckets) included, so a pool of millions of problems is never one dict."""
     total = rollouts.num_rows if isinstance(rollouts, pa.Table) else total
-    boundaries = key_boundaries(problems["problem_id"].to_pylist(), total or 0)
-    return in_key_ranges({"rollouts": rollouts, "verdicts": verdicts}, "problem_id", boundaries)
-
-
-def _graded(problems: pa.Table, rollouts, verdicts, total: int | None, query: str, **small: pa.Table
-            ) -> Iterator[tuple[str, list[dict]]]:
-    """The rows `query` selects from `rollouts` joined with `verdicts`, problem by problem in problem
-    order, one range of problems at a time."""
-    for ranged in _ranges(problems, rollouts, verdicts, total):
-        yield from _by_problem(sql_batches(query, rollouts=ranged["rollouts"], verdicts=ranged["verdicts"], **small))
+    boundaries = key_boundaries(problems["problem_id"], total or 0)
+    return in_key_ranges({"rollouts": rollouts, "verdicts": verdicts, "problems": problems, "stats": stats},
+                         "problem_id", boundaries)
 
 
 class _Pairing:
@@ -132,7 +116,7 @@ class _Selection:
         self.question = dict(zip(problems["problem_id"].to_pylist(), problems["question"].to_pylist()))
         self.origin = dict(zip(problems["problem_id"].to_pylist(), problems["origin"].to_pylist()))
         self.bucket = dict(zip(stats["problem_id"].to_pylist(), stats["bucket"].to_pylist()))
-        self.bucket.update({pid: "variant" for pid in variant_problem_ids})
+        self.bucket.update({pid: "variant" for pid in variant_problem_ids if pid in self.question})  # this range's
         self.chosen = pa.table({"problem_id": pa.array(
             sorted(pid for pid, b in self.bucket.items() if b in (*config.sft_buckets, "variant")), pa.string())})
 
@@ -154,6 +138,9 @@ class _Selection:
             )
 
 
+NO_STATS = pa.schema([("problem_id", pa.string()), ("bucket", pa.string())]).empty_table()
+
+
 def solution_pairs(problems: pa.Table, rollouts: pa.Table | Iterable[pa.RecordBatch],
                    verdicts: pa.Table | Iterable[pa.RecordBatch], config: PairsConfig,
                    total: int | None = None) -> Iterator[pa.Table]:
@@ -162,10 +149,7 @@ def solution_pairs(problems: pa.Table, rollouts: pa.Table | Iterable[pa.RecordBa
     `rollouts` (rollout_id, problem_id, text, completion_tokens, mean_logprob) and `verdicts`
     (rollout_id, verdict, and problem_id when `total` rows need more than one range) may be
     streams, read once."""
-    pairing = _Pairing(problems, config)
-    rows = (row for pid, ranked in _graded(problems, rollouts, verdicts, total, pairing.query)
-            for row in pairing.rows(pid, ranked))
-    return _in_tables(rows, schemas.PAIRS)
+    return (rows for _, rows in _made(problems, NO_STATS, rollouts, verdicts, config, frozenset(), total, ("pairs",)))
 
 
 def sft_selection(problems: pa.Table, stats: pa.Table, rollouts: pa.Table | Iterable[pa.RecordBatch],
@@ -173,11 +157,8 @@ def sft_selection(problems: pa.Table, stats: pa.Table, rollouts: pa.Table | Iter
                   variant_problem_ids: frozenset[str] = frozenset(), total: int | None = None) -> Iterator[pa.Table]:
     """`sft_examples` in batches, by problem id: up to `sft_per_problem` distinct correct rollouts,
     shortest first, of each problem in `sft_buckets` and of each kept variant. Inputs as `solution_pairs`."""
-    selection = _Selection(problems, stats, config, variant_problem_ids)
-    rows = (row for pid, ranked in _graded(problems, rollouts, verdicts, total, SFT_CANDIDATES,
-                                           sft_problems=selection.chosen)
-            for row in selection.rows(pid, ranked))
-    return _in_tables(rows, schemas.SFT_EXAMPLES)
+    return (rows for _, rows in _made(problems, stats, rollouts, verdicts, config, variant_problem_ids, total,
+                                      ("sft_examples",)))
 
 
 def pairs_and_sft(problems: pa.Table, stats: pa.Table, rollouts: pa.Table | Iterable[pa.RecordBatch],
@@ -187,12 +168,23 @@ def pairs_and_sft(problems: pa.Table, stats: pa.Table, rollouts: pa.Table | Iter
     """`solution_pairs` and `sft_selection` in one pass over `rollouts` and `verdicts` (streams read once):
     ("pairs", rows) and ("sft_examples", rows) as each range of problems gives them, each table's rows in
     the order the two functions give them."""
-    pairing, selection = _Pairing(problems, config), _Selection(problems, stats, config, variant_problem_ids)
-    out: dict[str, list[dict]] = {"pairs": [], "sft_examples": []}
+    return _made(problems, stats, rollouts, verdicts, config, variant_problem_ids, total, ("pairs", "sft_examples"))
+
+
+def _made(problems: pa.Table, stats: pa.Table, rollouts, verdicts, config: PairsConfig,
+          variant_problem_ids: frozenset[str], total: int | None, names: tuple[str, ...]
+          ) -> Iterator[tuple[str, pa.Table]]:
+    """The tables `names` ("pairs", "sft_examples") in one pass, a range of problems at a time."""
+    out: dict[str, list[dict]] = {name: [] for name in names}
     table_schemas = {"pairs": schemas.PAIRS, "sft_examples": schemas.SFT_EXAMPLES}
-    for ranged in _ranges(problems, rollouts, verdicts, total):
-        found = {"pairs": (pairing.query, pairing.rows, {}),
-                 "sft_examples": (SFT_CANDIDATES, selection.rows, {"sft_problems": selection.chosen})}
+    for ranged in _ranges(problems, stats, rollouts, verdicts, total):
+        found = {}
+        if "pairs" in names:
+            pairing = _Pairing(ranged["problems"], config)
+            found["pairs"] = (pairing.query, pairing.rows, {})
+        if "sft_examples" in names:
+            selection = _Selection(ranged["problems"], ranged["stats"], config, variant_problem_ids)
+            found["sft_examples"] = (SFT_CANDIDATES, selection.rows, {"sft_problems": selection.chosen})
         for name, (query, make, small) in found.items():
             for pid, ranked in _by_problem(sql_batches(query, rollouts=ranged["rollouts"], verdicts=ranged["verdicts"],
                                                        **small)):
@@ -232,6 +224,12 @@ def _subtree_outcome(node_id: str, children: dict[str, list[dict]], nodes: dict[
         outcome = "correct" if "correct" in below else ("wrong" if "wrong" in below else None)
     memo[node_id] = outcome
     return outcome
+
+
+def questions_of(problems: pa.Table, nodes: pa.Table) -> dict[str, str]:
+    """The questions of the problems the search trees are of (a few), not of the whole pool."""
+    searched = problems.filter(pc.is_in(problems["problem_id"], pc.unique(nodes["problem_id"])))
+    return dict(zip(searched["problem_id"].to_pylist(), searched["question"].to_pylist()))
 
 
 def build_step_pairs(nodes: pa.Table, questions: dict[str, str], config: PairsConfig) -> pa.Table:

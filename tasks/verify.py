@@ -73,8 +73,8 @@ def verify(rollouts: pa.Table, problems: pa.Table, config: VerifyConfig, chunks:
 def verify_batches(rollouts: pa.Table | Iterable[pa.RecordBatch], problems: pa.Table, config: VerifyConfig,
                    chunks: Chunks = NO_CHUNKS, total: int | None = None) -> Iterator[pa.Table]:
     """Verdicts chunk by chunk as they are graded; `rollouts` (rollout_id, problem_id, text) may be a
-    stream read once, of `total` rows; `problems`: the golds (problem_id, answer), held (problems are
-    few beside rollouts).
+    stream read once, of `total` rows; `problems`: the golds (problem_id, answer), taken range by range
+    with the rollouts (a pool of millions of problems is an Arrow column, never one dict).
 
     The rollouts are graded sorted by (problem_id, rollout_id) and cut every CHUNK_ROLLOUTS rows, as a
     whole table always was: a problem's samples are together (each distinct answer graded once, the
@@ -82,19 +82,21 @@ def verify_batches(rollouts: pa.Table | Iterable[pa.RecordBatch], problems: pa.T
     input's order. A large round is sorted range of problem ids by range (`in_key_ranges`: one range
     in memory, the rest spilled to local disk), so memory does not grow with it."""
     graders = config.pool()  # their start-up overlaps reading and sorting the input
-    gold_of = dict(zip(problems["problem_id"].to_pylist(), problems["answer"].to_pylist()))
+    golds = problems.select(["problem_id", "answer"])
     total = rollouts.num_rows if isinstance(rollouts, pa.Table) else total
-    ranges = in_key_ranges({"rollouts": rollouts}, "problem_id", key_boundaries(gold_of, total or 0))
+    # the golds go range by range with the rollouts: a pool of millions of problems is never one dict
+    ranges = in_key_ranges({"rollouts": rollouts, "golds": golds}, "problem_id",
+                           key_boundaries(golds["problem_id"], total or 0))
     with graders as pool, Progress("verify", total or 0, "rollouts") as progress:
         done = 0
-        for rows in _exactly(_sorted(ranges), CHUNK_ROLLOUTS):
+        for rows, gold_of in _in_chunks(ranges, CHUNK_ROLLOUTS):
             batch = rows.to_pylist()
             missing = sorted({r["problem_id"] for r in batch if r["problem_id"] not in gold_of})
             if missing:
                 raise ValueError(f"verify: rollouts of {len(missing)} problem(s) are not in the pool (e.g. {missing[:3]})")
             key = stable_hash("verify", *(r["rollout_id"] for r in batch))
 
-            def grade(batch=batch, done=done) -> pa.Table:
+            def grade(batch=batch, done=done, gold_of=gold_of) -> pa.Table:
                 return _grade_batch(batch, gold_of, pool, lambda n: progress.update(done + n))
 
             # a chunk an older evoforge stored lacks the newer columns: they read as nulls
@@ -104,22 +106,25 @@ def verify_batches(rollouts: pa.Table | Iterable[pa.RecordBatch], problems: pa.T
             progress.update(done)
 
 
-def _sorted(ranges: Iterator[dict[str, pa.Table]]) -> Iterator[pa.Table]:
+def _in_chunks(ranges: Iterator[dict[str, pa.Table]], size: int) -> Iterator[tuple[pa.Table, dict]]:
+    """The rollouts of every range sorted by (problem_id, rollout_id), as tables of exactly `size` rows
+    (the last may be shorter), each with the golds of its problems. A chunk may straddle two ranges:
+    the rows carried over keep their golds, and nothing else of an earlier range is kept."""
+    pending, pending_golds = None, {}
     for ranged in ranges:
-        yield ranged["rollouts"].select(["rollout_id", "problem_id", "text"]).sort_by(
+        table = ranged["rollouts"].select(["rollout_id", "problem_id", "text"]).sort_by(
             [("problem_id", "ascending"), ("rollout_id", "ascending")])
-
-
-def _exactly(tables: Iterator[pa.Table], size: int) -> Iterator[pa.Table]:
-    """The rows of `tables`, in order, as tables of exactly `size` rows (the last may be shorter)."""
-    pending: pa.Table | None = None
-    for table in tables:
-        pending = table if pending is None else pa.concat_tables([pending, table])
-        while pending.num_rows >= size:
-            yield pending.slice(0, size)
-            pending = pending.slice(size)
+        golds = dict(zip(ranged["golds"]["problem_id"].to_pylist(), ranged["golds"]["answer"].to_pylist()))
+        if pending is not None:
+            table = pa.concat_tables([pending, table])
+            golds.update(pending_golds)
+        while table.num_rows >= size:
+            yield table.slice(0, size), golds
+            table = table.slice(size)
+        carried = set(table["problem_id"].to_pylist())
+        pending, pending_golds = table, {pid: golds[pid] for pid in carried if pid in golds}
     if pending is not None and pending.num_rows:
-        yield pending
+        yield pending, pending_golds
 
 
 NO_REFERENCE = ("no_reference", None, "the problem has no reference answer (demonstrations only)", 0.0)

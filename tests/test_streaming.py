@@ -494,6 +494,8 @@ def test_key_ranges_come_in_key_order_each_key_whole_through_one_or_two_spill_pa
         monkeypatch.setattr(lake_module, "SPILL_FANOUT", fanout)
         boundaries = lake_module.key_boundaries(ids, table.num_rows, range_rows=200)
         assert len(boundaries) == 11
+        # a pool's Arrow column splits where its Python list does (the stages pass the column)
+        assert lake_module.key_boundaries(table["problem_id"], table.num_rows, range_rows=200) == boundaries
         ranges = list(lake_module.in_key_ranges({"rows": table.to_batches(64), "same": table}, "problem_id", boundaries))
         assert len(ranges) == 12 and all(r["rows"].num_rows == r["same"].num_rows for r in ranges)
         keys = [sorted(set(r["rows"]["problem_id"].to_pylist())) for r in ranges]
