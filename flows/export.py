@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow as pa
 
@@ -28,6 +29,7 @@ from evoforge.tasks.finetune.training import METHOD_MODULES, TrainingContext
 
 # the view columns a lake table's config has: its schema, then where it came from
 PROVENANCE_COLUMNS = ("round", "stage")
+METHOD_SLICE_ROWS = 8_192  # rows of a row-wise method's table made into trainer rows at a time
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ def export_run(run: str, tables: list[str], to: str, *, rounds: list[int] | None
     for name in tables:
         table = METHOD_MODULES[name].TABLE if name in METHOD_MODULES else name
         sources[name] = [v for v in state if v.round in chosen and any(p.table == table for p in v.manifest.parts)]
-        data[name] = _method_rows(run, name, chosen, config) if name in METHOD_MODULES else \
+        data[name] = _method_rows(run, name, chosen, config, sources[name]) if name in METHOD_MODULES else \
             _lake_rows(run, name, sources[name])
     empty = [name for name, rows in data.items() if _rows(rows) == 0]
     data = {name: rows for name, rows in data.items() if _rows(rows)}  # `datasets` cannot load a saved empty split
@@ -109,18 +111,74 @@ def _lake_rows(run: str, table: str, versions: list[Version]) -> building.Stream
     return building.StreamedConfig(lake().read_schema(table), rows, batches)
 
 
-def _method_rows(run: str, method: str, rounds: list[int], config: RoundConfig) -> pa.Table:
-    """The method's rows as its trainer receives them (`training_rows`, then `dataset`), per round."""
+def _method_rows(run: str, method: str, rounds: list[int], config: RoundConfig, versions: list[Version]
+                 ) -> pa.Table | building.StreamedConfig:
+    """The method's rows as its trainer receives them (`training_rows`, then `dataset`), per round. A
+    row-wise method (`ROW_WISE`: both act on each row of its `TABLE` alone) is streamed part by part
+    from exactly `versions`; the others are built whole, as their trainer builds them."""
     from evoforge.flows.finetune import LakeRoundInputs  # imports Prefect: only when a method is exported
 
     module = METHOD_MODULES[method]
     context = TrainingContext(verify=config.verify, critic=config.critic)
+    if getattr(module, "ROW_WISE", False):
+        return _row_wise_method_rows(run, module, rounds, config, context, versions)
     pieces = []
     for round in rounds:
         rows = module.training_rows(LakeRoundInputs(run, round), config.finetune)
-        table = module.dataset(rows, config.finetune, context).data.table
-        pieces.append(table.append_column("round", pa.array([round] * table.num_rows, pa.int32())))
+        pieces.append(_with_round(module.dataset(rows, config.finetune, context).data.table, round))
     return pa.concat_tables(pieces)
+
+
+def _with_round(table: pa.Table, round: int) -> pa.Table:
+    return table.append_column("round", pa.array([round] * table.num_rows, pa.int32()))
+
+
+class _OneSlice:
+    """A `RoundInputs` whose table is one slice of the method's table: a row-wise method's `training_rows`
+    selects from it exactly the rows it selects from the whole."""
+
+    def __init__(self, rows: pa.Table):
+        self.rows = rows
+
+    def round_table(self, table: str, made_by: str) -> pa.Table:
+        return self.rows
+
+    stage_output = round_table
+
+
+def _row_wise_method_rows(run: str, module, rounds: list[int], config: RoundConfig, context,
+                          versions: list[Version]) -> building.StreamedConfig:
+    """A row-wise method's rows, a slice of METHOD_SLICE_ROWS of its table at a time: the export of a
+    10M-rollout round holds one slice's prompts (few-shot messages repeat per row) and never the round.
+    A first pass counts the rows `training_rows` keeps (Arrow filters, no prompt built)."""
+    from evoforge.flows.finetune import LakeRoundInputs
+
+    def slices(round: int) -> Iterator[pa.Table]:
+        for v in versions:
+            if v.round == round:
+                for batch in lake().version_batches(run, v.round, v.stage, v.manifest.parts, module.TABLE):
+                    for start in range(0, batch.num_rows, METHOD_SLICE_ROWS):
+                        yield pa.Table.from_batches([batch.slice(start, METHOD_SLICE_ROWS)])
+
+    rows, schema = 0, None
+    for round in rounds:
+        if not any(v.round == round for v in versions):  # as the trainer: a required input that is missing is named
+            module.training_rows(LakeRoundInputs(run, round), config.finetune)
+            continue
+        for piece in slices(round):
+            kept = module.training_rows(_OneSlice(piece), config.finetune)
+            if schema is None and kept.num_rows:
+                schema = _with_round(module.dataset(kept.slice(0, 1), config.finetune, context).data.table, round).schema
+            rows += kept.num_rows
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for round in rounds:
+            for piece in slices(round):
+                kept = module.training_rows(_OneSlice(piece), config.finetune)
+                if kept.num_rows:
+                    yield from _with_round(module.dataset(kept, config.finetune, context).data.table, round).to_batches()
+
+    return building.StreamedConfig(schema if schema is not None else pa.schema([]), rows, batches)
 
 
 def _lineage(run: str, rounds: list[int], data: dict[str, pa.Table | building.StreamedConfig], sources: dict[str, list[Version]],

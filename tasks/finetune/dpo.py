@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from evoforge.tasks.finetune.rows import RoundInputs
 
 TABLE = "pairs"
+ROW_WISE = True  # training_rows and dataset act on each row of TABLE alone: an export streams them
 
 
 class DpoConfig(Section):

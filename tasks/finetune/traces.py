@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from evoforge.tasks.finetune.rows import RoundInputs
 
 TABLE = "traces"
+ROW_WISE = True  # training_rows and dataset act on each row of TABLE alone: an export streams them
 
 
 def training_rows(inputs: RoundInputs, config: FinetuneConfig) -> pa.Table:
