@@ -337,3 +337,33 @@ def test_ppm_best_of_n_takes_the_sample_the_ppm_rates_highest_and_is_compared_pi
     assert set(by_search) == {"none", "ppm_best_of_n"}
     assert by_search["ppm_best_of_n"]["estimate"] == 1.0 and by_search["ppm_best_of_n"]["change"] == pytest.approx(0.5)
     assert by_search["none"]["estimate"] == pytest.approx(0.5) and by_search["none"]["change"] == pytest.approx(0.0)
+
+
+@pytest.mark.unit
+def test_the_pool_collapse_signals_are_those_of_every_sample_and_its_verdict(runs_root):
+    """`evoforge sql collapse`'s pool row counts each side per problem before they meet (a 10M-rollout
+    round is never joined row by row): its entropy, distinct-answer rate and pass@n are still those of
+    each sample with its verdict, and a problem without a reference answer is left out."""
+    from evoforge.data import catalog
+    from evoforge.data.lake import lake
+
+    answers = {"p0": ["4", "4", "5", None], "p1": ["7", "8", "9", "7"], "p2": ["1", "1", "1", "1"]}
+    verdicts = {"p0": ["correct", "correct", "wrong", "no_answer"], "p1": ["wrong"] * 4, "p2": ["no_reference"] * 4}
+    rollouts, graded = [], []
+    for p, (pid, given) in enumerate(answers.items()):
+        for k, answer in enumerate(given):
+            rid = f"{pid}-{k}"
+            rollouts.append(dict(rollout_id=rid, problem_id=pid, model_id="m0", seed=0, sample_index=k, text="x",
+                                 completion_tokens=1, finish_reason="stop", mean_logprob=-0.1 * (p + 1) * (k + 1)))
+            graded.append(dict(rollout_id=rid, problem_id=pid, verdict=verdicts[pid][k], extracted_answer=answer,
+                               gold=None, detail=None, seconds=0.0, graded_with=rid))
+    store = lake()
+    store.publish_stage("r", 0, "generate", {"rollouts": pa.Table.from_pylist(rollouts, schema=schemas.ROLLOUTS)})
+    store.publish_stage("r", 0, "verify", {"verdicts": pa.Table.from_pylist(graded, schema=schemas.VERDICTS)})
+
+    (pool,) = [c for c in catalog.query(catalog.connect(store.run_dir("r")), "collapse") if c["scope"] == "pool"]
+    samples = [r for r in rollouts if r["problem_id"] != "p2"]  # p2 has no reference answer
+    assert pool["problems"] == 2 and pool["n"] == 4 and pool["model_id"] == "m0"
+    assert pool["entropy"] == pytest.approx(sum(-r["mean_logprob"] for r in samples) / len(samples))
+    assert pool["distinct_answer_rate"] == pytest.approx((2 / 4 + 3 / 4) / 2)  # p0: 4, 5 (None is no answer); p1: 7, 8, 9
+    assert pool["pass_at_n"] == pytest.approx(0.5)  # p0 has a correct sample, p1 none

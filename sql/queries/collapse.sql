@@ -2,13 +2,24 @@
 -- set: entropy (mean negative log-probability of the sampled tokens), the distinct-answer rate (distinct final
 -- answers / samples, per problem, averaged) and pass@n for the largest n drawn (share of problems with a correct
 -- sample). Collapse shows as all three falling together.
-WITH pool_problems AS (
-    SELECT r.round, r.model_id, r.problem_id, count(*) AS n, count(*) FILTER (v.verdict = 'correct') AS correct,
-           count(DISTINCT v.extracted_answer) AS distinct_answers, sum(-r.mean_logprob) AS minus_logprob
-    FROM rollouts r
-    JOIN verdicts v ON v.rollout_id = r.rollout_id AND v.round = r.round AND v.stage = 'verify'
-    WHERE r.stage = 'generate' AND v.verdict <> 'no_reference'
+-- The pool's signals are counted per problem on each side before the two meet: the verdicts carry their
+-- problem, so a round's millions of rollouts are never joined row by row (memory grows with the problems).
+WITH pool_samples AS (
+    SELECT round, model_id, problem_id, count(*) AS n, sum(-mean_logprob) AS minus_logprob
+    FROM rollouts
+    WHERE stage = 'generate'
     GROUP BY ALL
+),
+pool_answers AS (
+    SELECT round, problem_id, count(*) FILTER (verdict = 'correct') AS correct,
+           count(DISTINCT extracted_answer) AS distinct_answers
+    FROM verdicts
+    WHERE stage = 'verify' AND verdict <> 'no_reference'  -- a problem without a reference answer is left out
+    GROUP BY ALL
+),
+pool_problems AS (
+    SELECT s.round, s.model_id, s.problem_id, s.n, a.correct, a.distinct_answers, s.minus_logprob
+    FROM pool_samples s JOIN pool_answers a USING (round, problem_id)
 ),
 held_out AS (
     SELECT * FROM eval_results WHERE search = 'none'  -- the samples themselves, not a PPM's picks among them
