@@ -46,17 +46,37 @@ def fingerprint_files(paths: list[Path]) -> str:
 
 
 def fingerprint_table(table: pa.Table) -> str:
-    """Content hash of a table's rows, independent of row order (ids are content hashes)."""
+    """Content hash of a table's rows, independent of row order (ids are content hashes). The sorted
+    rows' Arrow stream is hashed as it is written, never held: a pool of a million problems costs
+    its sorted copy, not two more of its bytes."""
     digest = hashlib.sha256()
     digest.update(str(table.schema.names).encode())
-    sink = pa.BufferOutputStream()
     if table.num_rows:
         sortable = [f.name for f in table.schema if not pa.types.is_nested(f.type)]
         table = table.take(pc.sort_indices(table, sort_keys=[(n, "ascending") for n in sortable]))
-    with pa.ipc.new_stream(sink, table.schema) as writer:
+    with pa.ipc.new_stream(pa.PythonFile(_Digesting(digest), mode="w"), table.schema) as writer:
         writer.write_table(table)
-    digest.update(sink.getvalue().to_pybytes())
     return digest.hexdigest()[:16]
+
+
+class _Digesting:
+    """A write-only file whose bytes go into a hash (the same bytes an in-memory buffer would hold)."""
+
+    def __init__(self, digest):
+        self.digest, self.closed = digest, False
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+    def writable(self) -> bool:
+        return True
 
 
 def fingerprint_tables(*tables: pa.Table) -> str:

@@ -291,3 +291,25 @@ def test_an_unreadable_manifest_stops_only_the_reads_of_the_tables_its_stage_wro
     assert lake.read("r", "problems").num_rows == 3
     with pytest.raises(DamagedPart):
         lake.read("r", "rollouts")
+
+
+@pytest.mark.unit
+def test_a_tables_fingerprint_is_the_hash_of_its_sorted_rows_arrow_stream_taken_without_holding_it():
+    """`fingerprint_table` hashes the stream as it is written: the value is the one the bytes held in
+    memory give (so a stage run before finds its inputs unchanged), in any row order and chunking."""
+    import hashlib
+
+    import pyarrow.compute as pc
+
+    from evoforge.data.ids import fingerprint_table
+
+    table = pa.table({"problem_id": [f"p{i % 97}" for i in range(5_000)], "n": list(range(5_000)),
+                      "tags": [[i, i + 1] for i in range(5_000)]})
+    ordered = table.take(pc.sort_indices(table, sort_keys=[("problem_id", "ascending"), ("n", "ascending")]))
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, ordered.schema) as writer:
+        writer.write_table(ordered)
+    held = hashlib.sha256(str(table.schema.names).encode() + sink.getvalue().to_pybytes()).hexdigest()[:16]
+    shuffled = pa.concat_tables([table.slice(2_500), table.slice(0, 2_500)])
+    assert fingerprint_table(table) == fingerprint_table(shuffled) == held
+    assert fingerprint_table(table.slice(1)) != held
