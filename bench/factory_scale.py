@@ -153,7 +153,7 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     s3 = requests = None
     if args.lake == "s3":
-        from bench.table_formats import RequestLog
+        from bench.s3_requests import RequestLog
         from evoforge.data.local_s3 import LocalS3
 
         s3 = LocalS3().start()

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import sys
 import time
@@ -36,7 +35,10 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from evoforge.data import home
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # bench/ beside evoforge: bench.s3_requests
+
+from evoforge.data import home  # noqa: E402
 
 home.configure()
 
@@ -47,38 +49,27 @@ from evoforge.data import schemas  # noqa: E402
 from evoforge.data.lake import Lake, use_lake  # noqa: E402
 from evoforge.data.local_s3 import LocalS3  # noqa: E402
 
+from bench.s3_requests import RequestLog as ServerLog  # noqa: E402
+
 RUN = "bench"
 BUCKET = "stage-requests"
 SAMPLES = 8
 STAGES = ("generate", "verify", "filter", "pairs")
 
 
-class RequestLog:
-    """The HTTP requests the moto server answered, from its request log (one line per request)."""
-    LINE = re.compile(r'"(GET|PUT|POST|HEAD|DELETE) (\S+) HTTP/[\d.]+" (\d+)')
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def _lines(self) -> list[str]:
-        return self.path.read_text(errors="replace").splitlines() if self.path.exists() else []
+class RequestLog(ServerLog):
+    """bench/s3_requests.py's log of the requests the moto server answered, read as (kind, target) per
+    request, kind LIST for a listing; it waits 0.2 s around every mark, since the server logs right after
+    answering."""
 
     def mark(self) -> int:
-        time.sleep(0.2)  # the server logs right after answering
-        return len(self._lines())
+        time.sleep(0.2)
+        return super().mark()
 
     def since(self, mark: int) -> list[tuple[str, str]]:
-        """(kind, target) of each request since `mark`; kind LIST for a listing."""
-        time.sleep(0.2)
-        found = []
-        for line in self._lines()[mark:]:
-            hit = self.LINE.search(line)
-            if hit:
-                method, target = hit.group(1), hit.group(2)
-                if method == "GET" and ("list-type" in target or "prefix=" in target):
-                    method = "LIST"
-                found.append((method, target))
-        return found
+        time.sleep(0.15)  # with the 0.05 s `entries` waits
+        return [("LIST" if method == "GET" and ("list-type" in target or "prefix=" in target) else method, target)
+                for method, target, _status in self.entries(mark)]
 
 
 def cell(requests: list[tuple[str, str]]) -> str:

@@ -55,6 +55,7 @@ from collections import Counter
 from pathlib import Path
 
 BENCH_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(BENCH_ROOT))  # bench/ beside evoforge: bench.s3_requests
 SCRATCH = BENCH_ROOT / ".tmp" / "tableformats"
 for site in ("site", "site-ice"):  # at the end: never shadows a package of the venv
     if (SCRATCH / site).is_dir():
@@ -74,6 +75,8 @@ from evoforge.data.lake import Lake  # noqa: E402
 from evoforge.data import manifest as manifest_module  # noqa: E402
 from evoforge.data.manifest import MANIFEST_NAME, Part, read_manifest  # noqa: E402
 from evoforge.data.schemas import ROLLOUTS  # noqa: E402
+
+from bench.s3_requests import RequestLog  # noqa: E402
 
 WORK = SCRATCH / "work"
 warnings.filterwarnings("ignore", message="Delete operation did not match any records")  # pyiceberg, 1st overwrite
@@ -639,36 +642,6 @@ def _reclaim(fmt: str, table, garbage: set[str]) -> str:
 
 
 # -- 5. S3 via moto --------------------------------------------------------------------------------------
-class RequestLog:
-    """HTTP requests the moto server answered, from its request log (one line per request)."""
-    LINE = re.compile(r'"(GET|PUT|POST|HEAD|DELETE) (\S+) HTTP/[\d.]+" (\d+)')
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def lines(self) -> list[str]:
-        return self.path.read_text(errors="replace").splitlines() if self.path.exists() else []
-
-    def mark(self) -> int:
-        return len(self.lines())
-
-    def entries(self, mark: int) -> list[tuple[str, str, str]]:
-        """(method, path, status) of each request since `mark`."""
-        time.sleep(0.05)  # the server logs right after answering
-        return [hit.groups() for line in self.lines()[mark:] if (hit := self.LINE.search(line))]
-
-    def since(self, mark: int) -> Counter:
-        found = Counter()
-        for method, target, status in self.entries(mark):
-            if status == "412":
-                found["412"] += 1
-                continue
-            if method == "GET" and ("list-type" in target or "delimiter=" in target or "prefix=" in target):
-                method = "LIST"
-            found[method] += 1
-        return found
-
-
 def timed_commits(tables: dict, data: list[pa.Table], requests: RequestLog | None = None
                   ) -> dict[str, tuple[list[float], list[int], Counter]]:
     """Commit each of `data` to every table in turn (interleaved, so a load that comes and goes on this
