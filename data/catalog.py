@@ -7,17 +7,23 @@ so the writer is short-lived and never waits on (or locks out) someone who has t
 """
 from __future__ import annotations
 
+import os
 import re
+import uuid
 from pathlib import Path
 from typing import Callable
 
 import duckdb
 
+from evoforge.data import home
 from evoforge.data.atomic import atomic_path
 from evoforge.data.lake import Lake, LakeError, RunHealth
 from evoforge.data.storage import LakePath, duckdb_filesystem, is_remote, location
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+# A query session's memory: past it DuckDB spills its hash tables and sorts to the session's own folder, so a
+# query over a 10M-rollout round holds what a 1M one does (bench/factory_scale.py); DuckDB's default is 80% of RAM
+QUERY_MEMORY_LIMIT = "256MB"
 
 
 def _list_literal(paths: list[LakePath]) -> str:
@@ -95,11 +101,19 @@ def connect(run_dir: LakePath, report: Callable[[str], None] | None = None,
     """An in-memory session with the run's views; `read_only`: DuckDB itself keeps it to them (`lock_to_parts`)."""
     run_dir = location(run_dir)
     health = health or run_health(run_dir)
-    con = duckdb.connect(":memory:")
+    con = duckdb.connect(":memory:", config={"memory_limit": QUERY_MEMORY_LIMIT, "temp_directory": str(session_spill())})
     create_views(con, run_dir, report, health)
     if read_only:
         lock_to_parts(con, [part for parts in health.files.values() for part in parts])
     return con
+
+
+def session_spill() -> Path:
+    """A folder of its own for one session's spill, under the project's scratch: DuckDB creates it at the first
+    spill and removes it when the session closes (a killed process leaves it to `.tmp`'s cleaning)."""
+    spill = home.home() / ".tmp" / "duckdb"
+    spill.mkdir(parents=True, exist_ok=True)
+    return spill / f"session-{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
 
 def lock_to_parts(con: duckdb.DuckDBPyConnection, parts: list[LakePath]) -> None:
@@ -108,10 +122,8 @@ def lock_to_parts(con: duckdb.DuckDBPyConnection, parts: list[LakePath]) -> None
     path fail inside DuckDB, whatever the statement), extensions neither installed nor loaded on their own,
     and the configuration locked so no statement can undo it. One write this leaves open, COPY over one of
     those very parts, is what `check_read_only` refuses."""
+    # DuckDB always lets a session open its spill folder besides these: `connect` gave it one of its own
     con.execute("SET allowed_paths = " + _list_literal(parts))
-    # DuckDB always lets a session open its spill folder, by default `.tmp` under the working directory
-    # (evoforge's own scratch when run from the project): no spilling, so no such opening
-    con.execute("SET temp_directory = ''")
     con.execute("SET autoinstall_known_extensions = false")
     con.execute("SET autoload_known_extensions = false")
     con.execute("SET allow_community_extensions = false")

@@ -75,6 +75,9 @@ RUN_TABLE_COMPACT_FILES = 16
 KEY_RANGE_ROWS = 32_768
 SPILL_FANOUT = 128  # range files one spill pass keeps open per stream; more ranges take another pass
 SQL_MEMORY_LIMIT = "128MB"
+# DuckDB's threads for one range's query: a window or join over a range spreads over the cores a stage has
+# (pairs 1.2x on this 2-core machine); the memory limit holds for all of them together
+SQL_THREADS = min(4, os.cpu_count() or 1)
 
 Rows = Union[pa.Table, pa.RecordBatch]
 # a table whole, or its rows as they are produced (an `Interleaved` producer may feed several tables)
@@ -997,7 +1000,7 @@ def _whole(source: pa.Table | Iterable[pa.RecordBatch]) -> pa.Table:
 def sql_batches(query: str, batch_rows: int = READ_BATCH_ROWS, **inputs: pa.Table | pa.RecordBatchReader
                 ) -> Iterator[pa.RecordBatch]:
     """The result of `query` in DuckDB over Arrow inputs named by keyword (tables, or streams scanned
-    once as they arrive), in batches of `batch_rows`, under SQL_MEMORY_LIMIT (past it DuckDB spills
+    once as they arrive), in batches of `batch_rows`, on SQL_THREADS under SQL_MEMORY_LIMIT (past it DuckDB spills
     under the project's .tmp/duckdb, or fails: give it one key range of a round, not the round). An
     error an input raised while it was read (a damaged part) is raised as itself, not as DuckDB's text."""
     import duckdb
@@ -1019,7 +1022,7 @@ def sql_batches(query: str, batch_rows: int = READ_BATCH_ROWS, **inputs: pa.Tabl
 
     spill = home.home() / ".tmp" / "duckdb"
     spill.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect(":memory:", config={"memory_limit": SQL_MEMORY_LIMIT, "threads": 1,
+    con = duckdb.connect(":memory:", config={"memory_limit": SQL_MEMORY_LIMIT, "threads": SQL_THREADS,
                                              "temp_directory": str(spill), "preserve_insertion_order": False})
     try:
         for name, source in inputs.items():

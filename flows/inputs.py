@@ -5,7 +5,7 @@ functions and never import each other.
   whole; `round_stream` / `stage_stream` for the large ones (rollouts, verdicts), read part by part
 - a stage's input fingerprint over streamed tables: `StageInputs` (from the parts' checksums, or hashed
   in the stage's own pass: each input read once)
-- the problem pool of a round, and its problems with an expert answer (RARO)
+- the problem pool of a round (held, or streamed: `pool_streams`), and its problems with an expert answer (RARO)
 - the checkpoint a round trained, for a role (`policy`, `ppm`), and the promotion decision on it
 - the policy of a round: the last promoted model before it
 - the run config: given, named by file, or the run's saved one; and a round's policy applied to it
@@ -171,6 +171,18 @@ def problem_pool(run: str, round: int, columns: list[str] | None = None) -> pa.T
     if problems.num_rows == 0:
         raise MissingInput(f"run {run!r} has no problems for round {round}: ingest a source first (evoforge ingest PATH --run {run})")
     return problems
+
+
+def pool_streams(run: str, round: int, columns: list[str]) -> list[TableStream]:
+    """`problem_pool`, streamed: one stream per stage output that holds the pool's problems (every ingest,
+    the synthesize stages of rounds before `round`), `columns` only. What a stage reads when the pool's
+    questions would be most of its memory (pairs, at a million problems)."""
+    streams = [stage_stream(run, r, "problems", stage, columns) for r, stage, _ in lake().stage_dirs(run)
+               if stage == "ingest" or (stage == "synthesize" and r < round)]
+    streams = [s for s in streams if s.rows]
+    if not streams:
+        raise MissingInput(f"run {run!r} has no problems for round {round}: ingest a source first (evoforge ingest PATH --run {run})")
+    return streams
 
 
 def problems_with_experts(run: str, round: int) -> pa.Table:

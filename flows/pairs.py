@@ -1,8 +1,9 @@
 """pairs flow: the round's graded rollouts -> DPO `pairs` and `sft_examples` (kept SvS variants
 included); when the round ran the mcts stage, its trees add step pairs (kind 'step') for the PPM.
-Rollouts and verdicts stream from the lake in one pass that makes both tables (DuckDB ranks each
-problem's rollouts), hashed as they are read for the stage's input fingerprint (`StageInputs`); the
-problems, stats and trees are held."""
+The pool's problems, rollouts and verdicts stream from the lake in one pass that makes both tables
+(DuckDB ranks each problem's rollouts, a range of problems at a time), hashed as they are read for the
+stage's input fingerprint (`StageInputs`); the round's stats (an id and a bucket per problem), its kept
+variants and its search trees are held."""
 from __future__ import annotations
 
 import itertools
@@ -11,13 +12,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import flow
 
-from evoforge.data.lake import Interleaved
+from evoforge.data.lake import Interleaved, lake
 from evoforge.flows.config import RoundConfig, config_hash
-from evoforge.flows.inputs import (StageInputs, problem_pool, round_stream, round_table, stage_config, stage_output,
+from evoforge.flows.inputs import (StageInputs, pool_streams, round_stream, round_table, stage_config, stage_output,
                                    stage_stream)
 from evoforge.flows.stage_runner import StageResult, execute_stage
 from evoforge.tasks.pairs import build_step_pairs, pairs_and_sft, questions_of
 
+PROBLEM_COLUMNS = ["problem_id", "question", "origin"]
 ROLLOUT_COLUMNS = ["rollout_id", "problem_id", "text", "completion_tokens", "mean_logprob"]
 
 
@@ -25,21 +27,33 @@ ROLLOUT_COLUMNS = ["rollout_id", "problem_id", "text", "completion_tokens", "mea
 def pairs_flow(run: str, round: int, config: RoundConfig | None = None, force: bool = False) -> StageResult:
     """Rerunnable alone: with no config, the run's saved one; the round's policy either way."""
     config = stage_config(run, round, config)
-    problems = problem_pool(run, round, ["problem_id", "question", "origin"]).select(["problem_id", "question", "origin"])
+    pool = pool_streams(run, round, PROBLEM_COLUMNS)
     stats = round_table(run, round, "problem_stats", "filter").select(["problem_id", "bucket"])
     rollouts = round_stream(run, round, "rollouts", "generate", ROLLOUT_COLUMNS)
     verdicts = round_stream(run, round, "verdicts", "verify", ["rollout_id", "problem_id", "verdict"])
     # kept variants of this round: their correct solutions are SFT data too
-    variants = stage_output(run, round, "problems", "synthesize").select(["problem_id", "question", "origin"])
+    variants = stage_output(run, round, "problems", "synthesize").select(PROBLEM_COLUMNS)
     variant_rollouts = stage_stream(run, round, "rollouts", "synthesize", ROLLOUT_COLUMNS)
     variant_verdicts = stage_stream(run, round, "verdicts", "synthesize", ["rollout_id", "problem_id", "verdict"])
     kept = pa.array(sorted(set(variants["problem_id"].to_pylist())), pa.string())
-    if variants.num_rows:
-        problems = pa.concat_tables([problems, variants])
     variant_ids = frozenset(kept.to_pylist())
     nodes = stage_output(run, round, "mcts_nodes", "mcts")
-    inputs = StageInputs(problems, stats, rollouts, verdicts, variant_rollouts, variant_verdicts, nodes)
+    inputs = StageInputs(*pool, variants, stats, rollouts, verdicts, variant_rollouts, variant_verdicts, nodes)
     kept_variant_rows = [0]  # rollouts of kept variants, counted as the pass goes by
+    searched_questions: dict[str, str] = {}  # of the problems the search trees are of, taken as the pool goes by
+
+    def all_problems() -> pa.RecordBatchReader:
+        schema = lake().read_schema("problems", PROBLEM_COLUMNS)
+
+        def batches():
+            for stream in pool:
+                for batch in inputs.reader(stream):
+                    if nodes.num_rows:
+                        searched_questions.update(questions_of(batch, nodes))
+                    yield batch
+            yield from variants.cast(schema).to_batches()
+
+        return pa.RecordBatchReader.from_batches(schema, batches())
 
     def kept_rollouts(reader: pa.RecordBatchReader):
         for batch in reader:
@@ -57,12 +71,16 @@ def pairs_flow(run: str, round: int, config: RoundConfig | None = None, force: b
         extra = inputs.reader(variant_verdicts) if variants.num_rows else ()
         return pa.RecordBatchReader.from_batches(own.schema, itertools.chain(own, extra))
 
+    def step_pairs():
+        # after the pass: the pool has gone by, so the searched problems' questions are in
+        yield "pairs", build_step_pairs(nodes, searched_questions, config.pairs)
+
     def compute(_chunks) -> dict:
         # at most this many rows: it sets how many ranges of problems the pass takes, not what it finds
         total = rollouts.rows + (variant_rollouts.rows if variants.num_rows else 0)
-        made = pairs_and_sft(problems, stats, all_rollouts(), all_verdicts(), config.pairs, variant_ids, total)
+        made = pairs_and_sft(all_problems(), stats, all_rollouts(), all_verdicts(), config.pairs, variant_ids, total)
         if nodes.num_rows:
-            made = itertools.chain(made, [("pairs", build_step_pairs(nodes, questions_of(problems, nodes), config.pairs))])
+            made = itertools.chain(made, step_pairs())
         both = Interleaved(made)  # one pass over the rollouts and verdicts writes both tables
         return {"pairs": both, "sft_examples": both}
 

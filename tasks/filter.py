@@ -8,6 +8,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from evoforge.data import schemas
+from evoforge.data import lake as lake_module
 from evoforge.data.lake import in_key_ranges, key_boundaries, sql_batches
 from evoforge.data.section import Section
 from evoforge.tasks import intervals, summary
@@ -62,6 +63,10 @@ def correct_counts(verdicts: pa.Table) -> dict[str, tuple[int, int]]:
     return {pid: (n, c) for pid, (n, c) in counts.items()}
 
 
+# filter's ranges hold ids, a verdict and a token count per rollout (~50 bytes), not texts: this many times
+# a text stage's rows (KEY_RANGE_ROWS) fit the same memory, with fewer ranges, spill passes and queries
+NARROW_RANGE_FACTOR = 8
+
 # Per problem, over every graded verdict: samples, correct ones, and their completion tokens (a
 # verdict whose rollout is not in `rollouts` counts 0 tokens); pass@k and the bucket are then
 # computed over this per-problem table.
@@ -92,7 +97,7 @@ def problem_stats_batches(verdicts: pa.Table | Iterable[pa.RecordBatch], rollout
     holds one range, never the round."""
     if isinstance(verdicts, pa.Table):
         problem_ids, total = verdicts["problem_id"], verdicts.num_rows
-    boundaries = key_boundaries(problem_ids, total or 0)
+    boundaries = key_boundaries(problem_ids, total or 0, lake_module.KEY_RANGE_ROWS * NARROW_RANGE_FACTOR)
     for ranged in in_key_ranges({"verdicts": verdicts, "rollouts": rollouts}, "problem_id", boundaries):
         for batch in sql_batches(PER_PROBLEM, verdicts=ranged["verdicts"], rollouts=ranged["rollouts"]):
             rows = []

@@ -10,7 +10,6 @@ over the round's rollouts and verdicts (`pairs_and_sft`), a range of problems at
 """
 from __future__ import annotations
 
-import itertools
 from typing import Iterable, Iterator
 
 import pyarrow as pa
@@ -35,107 +34,160 @@ class PairsConfig(Section):
                                           description="step pairs: 1 - difflib ratio of the two steps at least this")
 
 
-OUT_ROWS = 4_096  # output rows per yielded table
-
-# Each side of a problem ranked as the selection walks it: correct rollouts shortest first, rejectable
-# ones wrong before no_answer, most confident first; ties by rollout id. Only the first
-# `pairs_per_problem` of each side can be paired; `side_rows` is the side's full count.
-PAIR_CANDIDATES = """
+# Each side of a problem ranked: correct rollouts shortest first, rejectable ones wrong before no_answer,
+# most confident first; ties by rollout id. A problem's i-th rejectable rollout (i < `pairs_per_problem`) is
+# paired with its i-th correct one, cycling through the correct side's `side_rows`; the pair id is
+# `stable_hash("pair", chosen, rejected)`, as DuckDB's sha256 spells it.
+PAIRS_OF_RANGE = """
 WITH graded AS (
-    SELECT r.rollout_id, r.problem_id, r.text, r.completion_tokens, r.mean_logprob, v.verdict,
+    SELECT r.rollout_id, r.problem_id, r.completion_tokens, r.mean_logprob, v.verdict,
            v.verdict = 'correct' AS is_correct
     FROM rollouts r JOIN verdicts v ON v.rollout_id = r.rollout_id
     WHERE v.verdict = 'correct' OR v.verdict IN {rejectable}
+), ranked AS (
+    SELECT problem_id, is_correct, rollout_id, completion_tokens, mean_logprob,
+           row_number() OVER side AS rank, count(*) OVER (PARTITION BY problem_id, is_correct) AS side_rows
+    FROM graded
+    WINDOW side AS (PARTITION BY problem_id, is_correct ORDER BY
+        CASE WHEN is_correct THEN completion_tokens END,
+        CASE WHEN NOT is_correct THEN verdict <> 'wrong' END,
+        CASE WHEN NOT is_correct THEN mean_logprob END DESC,
+        rollout_id)
+    QUALIFY rank <= {pairs_per_problem}
+), paired AS (
+    SELECT w.problem_id, w.rank, c.rollout_id AS chosen_rollout_id, w.rollout_id AS rejected_rollout_id,
+           -(c.completion_tokens::DOUBLE) AS chosen_score, w.mean_logprob::DOUBLE AS rejected_score
+    FROM ranked w JOIN ranked c
+      ON c.problem_id = w.problem_id AND c.is_correct AND NOT w.is_correct AND c.rank = (w.rank - 1) % c.side_rows + 1
 )
-SELECT problem_id, is_correct, rollout_id, text, completion_tokens, mean_logprob, verdict,
-       row_number() OVER side AS rank, count(*) OVER (PARTITION BY problem_id, is_correct) AS side_rows
-FROM graded
-WINDOW side AS (PARTITION BY problem_id, is_correct ORDER BY
-    CASE WHEN is_correct THEN completion_tokens END,
-    CASE WHEN NOT is_correct THEN verdict <> 'wrong' END,
-    CASE WHEN NOT is_correct THEN mean_logprob END DESC,
-    rollout_id)
-QUALIFY rank <= {pairs_per_problem}
-ORDER BY problem_id, is_correct DESC, rank
+-- the texts join the few rows paired, not the ranking of every rollout
+SELECT left(sha256('pair' || chr(31) || chosen_rollout_id || chr(31) || rejected_rollout_id), 16) AS pair_id,
+       'solution' AS kind, p.problem_id, NULL::VARCHAR AS prefix, c.text AS chosen, w.text AS rejected,
+       chosen_rollout_id, rejected_rollout_id, chosen_score, rejected_score
+FROM paired p JOIN rollouts c ON c.rollout_id = chosen_rollout_id JOIN rollouts w ON w.rollout_id = rejected_rollout_id
+ORDER BY p.problem_id, p.rank
 """
 
-# The correct rollouts of the problems whose bucket takes SFT examples, in the order they are taken.
-SFT_CANDIDATES = """
-SELECT r.problem_id, r.rollout_id, r.text
-FROM rollouts r JOIN verdicts v ON v.rollout_id = r.rollout_id
-WHERE v.verdict = 'correct' AND r.problem_id IN (SELECT problem_id FROM sft_problems)
-ORDER BY r.problem_id, r.completion_tokens, r.rollout_id
+# The correct rollouts of the problems whose bucket takes SFT examples, in the order they are taken (shortest
+# first, ties by rollout id): a problem's first `sft_per_problem` distinct ones. Distinct is
+# `normalize_question`'s key, which DuckDB computes exactly for an ASCII text (NFKC leaves it as it is; the
+# whitespace is Python's `\s` over ASCII), and only for a problem's first `sft_per_problem` candidates: where
+# those are distinct ASCII texts they are the selection; a problem where they are not (a repeat, a text that is
+# not ASCII) comes with all its candidates (`python_key`) for Python to key and walk.
+SFT_OF_RANGE = r"""
+WITH candidates AS (
+    SELECT r.problem_id, r.rollout_id,
+           row_number() OVER (PARTITION BY r.problem_id ORDER BY r.completion_tokens, r.rollout_id) AS place
+    FROM rollouts r JOIN verdicts v ON v.rollout_id = r.rollout_id
+    WHERE v.verdict = 'correct' AND r.problem_id IN (SELECT problem_id FROM sft_problems)
+), firsts AS (
+    SELECT c.rollout_id, c.problem_id,
+           CASE WHEN NOT regexp_matches(r.text, '[^\x00-\x7f]')
+                THEN lower(trim(regexp_replace(r.text, '[\t-\r\x1c-\x20]+', ' ', 'g'))) END AS ascii_key
+    FROM candidates c JOIN rollouts r ON r.rollout_id = c.rollout_id
+    WHERE c.place <= {sft_per_problem}
+), walked AS (
+    SELECT problem_id FROM firsts GROUP BY problem_id
+    HAVING count(ascii_key) < count(*) OR count(DISTINCT ascii_key) < count(*)
+)
+SELECT c.problem_id, c.rollout_id, r.text, f.ascii_key, w.problem_id IS NOT NULL AS python_key,
+       left(sha256('sft' || chr(31) || c.problem_id || chr(31) || f.ascii_key), 16) AS example_id
+FROM candidates c JOIN rollouts r ON r.rollout_id = c.rollout_id
+LEFT JOIN firsts f ON f.rollout_id = c.rollout_id LEFT JOIN walked w ON w.problem_id = c.problem_id
+WHERE c.place <= {sft_per_problem} OR w.problem_id IS NOT NULL
+ORDER BY c.problem_id, c.place
 """
 
 
-def _by_problem(batches: Iterator[pa.RecordBatch]) -> Iterator[tuple[str, list[dict]]]:
-    rows = (row for batch in batches for row in batch.to_pylist())
-    for pid, group in itertools.groupby(rows, key=lambda r: r["problem_id"]):
-        yield pid, list(group)
-
-
-def _ranges(problems: pa.Table, stats: pa.Table, rollouts, verdicts, total: int | None) -> Iterator[dict[str, pa.Table]]:
+def _ranges(problems: pa.Table | Iterable[pa.RecordBatch], stats: pa.Table, rollouts, verdicts,
+            variant_problem_ids: frozenset[str], total: int | None) -> Iterator[dict[str, pa.Table]]:
     """`rollouts`, `verdicts` and the per-problem `problems` and `stats` over ranges of problem ids
     (`in_key_ranges`): only one range is in memory at a time, the lookups a range needs (questions,
-    buckets) included, so a pool of millions of problems is never one dict."""
+    buckets) included, so a pool of millions of problems is never held. A streamed pool is split
+    where the problems with rollouts are (the round's stats and its kept variants): the pool is read once."""
     total = rollouts.num_rows if isinstance(rollouts, pa.Table) else total
-    boundaries = key_boundaries(problems["problem_id"], total or 0)
+    keys = (problems["problem_id"] if isinstance(problems, pa.Table) else
+            pa.chunked_array([stats["problem_id"], pa.array(sorted(variant_problem_ids), pa.string())], pa.string()))
+    boundaries = key_boundaries(keys, total or 0)
     return in_key_ranges({"rollouts": rollouts, "verdicts": verdicts, "problems": problems, "stats": stats},
                          "problem_id", boundaries)
 
 
-class _Pairing:
-    """DPO pairs of one problem's ranked rollouts (PAIR_CANDIDATES): its i-th correct one (cycling) with
-    its i-th rejectable one, i < `pairs_per_problem`."""
+class _RangeProblems:
+    """A range's problems as columns to take from (question, origin, bucket by problem id), never a dict of
+    the pool: a problem listed twice keeps its last row (a later variant over an earlier one)."""
 
-    def __init__(self, problems: pa.Table, config: PairsConfig):
-        self.question = dict(zip(problems["problem_id"].to_pylist(), problems["question"].to_pylist()))
-        self.query = PAIR_CANDIDATES.format(rejectable=str(REJECTABLE), pairs_per_problem=int(config.pairs_per_problem))
+    def __init__(self, problems: pa.Table, stats: pa.Table, variant_problem_ids: frozenset[str]):
+        self.problems = problems.take(pa.array(range(problems.num_rows - 1, -1, -1), pa.int64()))
+        self.stats = stats
+        self.variants = pa.array(sorted(variant_problem_ids), pa.string())
 
-    def rows(self, pid: str, rows: list[dict]) -> Iterator[dict]:
-        if pid not in self.question:
-            return
-        correct = [r for r in rows if r["is_correct"]]
-        wrong = [r for r in rows if not r["is_correct"]]
-        for i in range(len(wrong) if correct else 0):
-            chosen, rejected = correct[i % correct[0]["side_rows"]], wrong[i]
-            yield dict(
-                pair_id=stable_hash("pair", chosen["rollout_id"], rejected["rollout_id"]), kind="solution",
-                problem_id=pid, prompt=self.question[pid], prefix=None, chosen=chosen["text"], rejected=rejected["text"],
-                chosen_rollout_id=chosen["rollout_id"], rejected_rollout_id=rejected["rollout_id"],
-                chosen_score=-float(chosen["completion_tokens"]), rejected_score=rejected["mean_logprob"],
-            )
+    def rows_of(self, problem_ids: pa.Array, column: str) -> pa.Array:
+        return self.problems[column].take(pc.index_in(problem_ids, value_set=self.problems["problem_id"]))
+
+    def known(self, problem_ids: pa.Array) -> pa.Array:
+        return pc.is_in(problem_ids, value_set=self.problems["problem_id"])
+
+    def buckets(self, problem_ids: pa.Array) -> pa.Array:
+        """The problem's bucket this round, or 'variant' for a kept variant of the range."""
+        stats = self.stats["bucket"].take(pc.index_in(problem_ids, value_set=self.stats["problem_id"]))
+        return pc.if_else(pc.is_in(problem_ids, value_set=self.variants), "variant", stats)
+
+    def sft_problems(self, config: PairsConfig) -> pa.Table:
+        """The range's problems whose bucket takes SFT examples, and its kept variants."""
+        ids = pa.chunked_array([self.stats["problem_id"], self.variants], pa.string())
+        ids = pc.unique(ids.filter(self.known(ids)))
+        taken = pc.is_in(self.buckets(ids), value_set=pa.array([*config.sft_buckets, "variant"], pa.string()))
+        return pa.table({"problem_id": ids.filter(taken)})
+
+
+def _pairs_table(batch: pa.RecordBatch, problems: _RangeProblems) -> pa.Table:
+    """PAIRS_OF_RANGE's rows with their prompt: those of a problem outside the pool are dropped."""
+    batch = batch.filter(problems.known(batch["problem_id"]))
+    columns = {name: batch[name] for name in batch.schema.names}
+    columns["prompt"] = problems.rows_of(batch["problem_id"], "question")
+    return pa.table([columns[name] for name in schemas.PAIRS.names], schema=schemas.PAIRS)
 
 
 class _Selection:
-    """SFT examples of one problem's correct rollouts in the order they are taken (SFT_CANDIDATES): up to
-    `sft_per_problem` distinct ones, for the problems in `sft_buckets` and the kept variants (`chosen`)."""
+    """SFT_OF_RANGE's candidates -> `sft_examples`: a problem keyed in SQL is taken as it comes; one with a
+    text that is not ASCII is walked here (keyed by `normalize_question`, up to `sft_per_problem` distinct),
+    across the query's batches."""
 
-    def __init__(self, problems: pa.Table, stats: pa.Table, config: PairsConfig, variant_problem_ids: frozenset[str]):
-        self.config = config
-        self.question = dict(zip(problems["problem_id"].to_pylist(), problems["question"].to_pylist()))
-        self.origin = dict(zip(problems["problem_id"].to_pylist(), problems["origin"].to_pylist()))
-        self.bucket = dict(zip(stats["problem_id"].to_pylist(), stats["bucket"].to_pylist()))
-        self.bucket.update({pid: "variant" for pid in variant_problem_ids if pid in self.question})  # this range's
-        self.chosen = pa.table({"problem_id": pa.array(
-            sorted(pid for pid, b in self.bucket.items() if b in (*config.sft_buckets, "variant")), pa.string())})
+    def __init__(self, problems: _RangeProblems, config: PairsConfig):
+        self.problems, self.config = problems, config
+        self.problem_id: str | None = None
+        self.seen: set[str] = set()
 
-    def rows(self, pid: str, rows: list[dict]) -> Iterator[dict]:
-        if pid not in self.question:
-            return
-        seen: set[str] = set()
-        for r in rows:
-            if len(seen) >= self.config.sft_per_problem:
-                break  # the rest would be skipped: not normalized at all (most of a problem's correct rollouts)
-            key = normalize_question(r["text"])
-            if key in seen:
-                continue
-            seen.add(key)
-            yield dict(
-                example_id=stable_hash("sft", pid, key), problem_id=pid, rollout_id=r["rollout_id"],
-                prompt=self.question[pid], completion=r["text"], bucket=self.bucket[pid],
-                origin=self.origin.get(pid, "seed"),
-            )
+    def examples(self, batch: pa.RecordBatch) -> pa.Table:
+        batch = batch.filter(self.problems.known(batch["problem_id"]))
+        example_ids = batch["example_id"].to_pylist()
+        keep = list(range(batch.num_rows))
+        if pc.any(batch["python_key"]).as_py():
+            keep = []
+            for i, (pid, walk) in enumerate(zip(batch["problem_id"].to_pylist(), batch["python_key"].to_pylist())):
+                if not walk:
+                    keep.append(i)
+                    continue
+                if pid != self.problem_id:
+                    self.problem_id, self.seen = pid, set()
+                if len(self.seen) >= self.config.sft_per_problem:
+                    continue  # the rest would be skipped: not normalized at all
+                key = batch["ascii_key"][i].as_py()
+                key = key if key is not None else normalize_question(batch["text"][i].as_py())
+                if key in self.seen:
+                    continue
+                self.seen.add(key)
+                example_ids[i] = stable_hash("sft", pid, key)
+                keep.append(i)
+        taken = batch.take(pa.array(keep, pa.int64()))
+        ids = taken["problem_id"]
+        return pa.table({
+            "example_id": pa.array([example_ids[i] for i in keep], pa.string()), "problem_id": ids,
+            "rollout_id": taken["rollout_id"], "prompt": self.problems.rows_of(ids, "question"),
+            "completion": taken["text"], "bucket": self.problems.buckets(ids),
+            "origin": pc.fill_null(self.problems.rows_of(ids, "origin"), "seed"),
+        }, schema=schemas.SFT_EXAMPLES)
 
 
 NO_STATS = pa.schema([("problem_id", pa.string()), ("bucket", pa.string())]).empty_table()
@@ -161,40 +213,36 @@ def sft_selection(problems: pa.Table, stats: pa.Table, rollouts: pa.Table | Iter
                                       ("sft_examples",)))
 
 
-def pairs_and_sft(problems: pa.Table, stats: pa.Table, rollouts: pa.Table | Iterable[pa.RecordBatch],
+def pairs_and_sft(problems: pa.Table | Iterable[pa.RecordBatch], stats: pa.Table, rollouts: pa.Table | Iterable[pa.RecordBatch],
                   verdicts: pa.Table | Iterable[pa.RecordBatch], config: PairsConfig,
                   variant_problem_ids: frozenset[str] = frozenset(), total: int | None = None
                   ) -> Iterator[tuple[str, pa.Table]]:
-    """`solution_pairs` and `sft_selection` in one pass over `rollouts` and `verdicts` (streams read once):
+    """`solution_pairs` and `sft_selection` in one pass over `problems`, `rollouts` and `verdicts` (streams
+    read once; a streamed pool is split at the ids of `stats` and `variant_problem_ids`):
     ("pairs", rows) and ("sft_examples", rows) as each range of problems gives them, each table's rows in
     the order the two functions give them."""
     return _made(problems, stats, rollouts, verdicts, config, variant_problem_ids, total, ("pairs", "sft_examples"))
 
 
-def _made(problems: pa.Table, stats: pa.Table, rollouts, verdicts, config: PairsConfig,
+def _made(problems: pa.Table | Iterable[pa.RecordBatch], stats: pa.Table, rollouts, verdicts, config: PairsConfig,
           variant_problem_ids: frozenset[str], total: int | None, names: tuple[str, ...]
           ) -> Iterator[tuple[str, pa.Table]]:
-    """The tables `names` ("pairs", "sft_examples") in one pass, a range of problems at a time."""
-    out: dict[str, list[dict]] = {name: [] for name in names}
-    table_schemas = {"pairs": schemas.PAIRS, "sft_examples": schemas.SFT_EXAMPLES}
-    for ranged in _ranges(problems, stats, rollouts, verdicts, total):
-        found = {}
+    """The tables `names` ("pairs", "sft_examples") in one pass, a range of problems at a time: DuckDB pairs,
+    ranks and keys each range's rows, the range's problems give them their prompts, buckets and origins."""
+    pairs_query = PAIRS_OF_RANGE.format(rejectable=str(REJECTABLE), pairs_per_problem=int(config.pairs_per_problem))
+    sft_query = SFT_OF_RANGE.format(sft_per_problem=int(config.sft_per_problem))
+    for ranged in _ranges(problems, stats, rollouts, verdicts, variant_problem_ids, total):
+        in_range = _RangeProblems(ranged["problems"], ranged["stats"], variant_problem_ids)
         if "pairs" in names:
-            pairing = _Pairing(ranged["problems"], config)
-            found["pairs"] = (pairing.query, pairing.rows, {})
+            for batch in sql_batches(pairs_query, rollouts=ranged["rollouts"], verdicts=ranged["verdicts"]):
+                if (table := _pairs_table(batch, in_range)).num_rows:
+                    yield "pairs", table
         if "sft_examples" in names:
-            selection = _Selection(ranged["problems"], ranged["stats"], config, variant_problem_ids)
-            found["sft_examples"] = (SFT_CANDIDATES, selection.rows, {"sft_problems": selection.chosen})
-        for name, (query, make, small) in found.items():
-            for pid, ranked in _by_problem(sql_batches(query, rollouts=ranged["rollouts"], verdicts=ranged["verdicts"],
-                                                       **small)):
-                out[name].extend(make(pid, ranked))
-                while len(out[name]) >= OUT_ROWS:
-                    yield name, pa.Table.from_pylist(out[name][:OUT_ROWS], schema=table_schemas[name])
-                    del out[name][:OUT_ROWS]
-    for name, rows in out.items():
-        if rows:
-            yield name, pa.Table.from_pylist(rows, schema=table_schemas[name])
+            selection = _Selection(in_range, config)
+            for batch in sql_batches(sft_query, rollouts=ranged["rollouts"], verdicts=ranged["verdicts"],
+                                     sft_problems=in_range.sft_problems(config)):
+                if (table := selection.examples(batch)).num_rows:
+                    yield "sft_examples", table
 
 
 def build_pairs(
@@ -226,8 +274,8 @@ def _subtree_outcome(node_id: str, children: dict[str, list[dict]], nodes: dict[
     return outcome
 
 
-def questions_of(problems: pa.Table, nodes: pa.Table) -> dict[str, str]:
-    """The questions of the problems the search trees are of (a few), not of the whole pool."""
+def questions_of(problems: pa.Table | pa.RecordBatch, nodes: pa.Table) -> dict[str, str]:
+    """The questions of the problems the search trees are of (a few), not of the whole pool (or batch)."""
     searched = problems.filter(pc.is_in(problems["problem_id"], pc.unique(nodes["problem_id"])))
     return dict(zip(searched["problem_id"].to_pylist(), searched["question"].to_pylist()))
 

@@ -172,6 +172,36 @@ def test_evoforge_sql_only_reads_the_runs_tables_unless_asked(runs_root, capsys,
         assert main(["sql", sql, "--run", "r", "--allow-writes"]) == 0 and list(folder.iterdir())
 
 
+def test_a_query_larger_than_its_sessions_memory_spills_to_a_folder_of_its_own_and_reads_no_other(runs_root, monkeypatch):
+    """A read-only session (`evoforge sql`) answers a query whose hash table outgrows its memory limit by
+    spilling to a folder only it may open, gone when it closes; another session's spill stays out of reach."""
+    import duckdb
+
+    from evoforge.data import catalog, home, schemas
+    from evoforge.data.lake import lake
+
+    monkeypatch.setattr(catalog, "QUERY_MEMORY_LIMIT", "80MB")  # the query's hash table alone is ~2x that
+    lake().publish_stage("r", 0, "ingest", {"problems": pa.Table.from_pylist([dict(
+        problem_id="p0", question="1+1?", answer="2", source="t", source_file="f", source_row=0, origin="seed")],
+        schema=schemas.PROBLEMS)})
+    other = home.home() / ".tmp" / "duckdb" / "session-another"
+    other.mkdir(parents=True, exist_ok=True)
+    (other / "rows.csv").write_text("secret\n1\n")
+    con = catalog.connect(lake().run_dir("r"), read_only=True)
+    spill = con.execute("SELECT current_setting('temp_directory')").fetchone()[0]
+    assert spill.startswith(str(home.home() / ".tmp" / "duckdb")) and not os.path.exists(spill)
+    groups = con.execute("SELECT count(*), sum(n), max(first) FROM (SELECT 'key-' || (i % 3000000)::VARCHAR AS k, "
+                         "count(*) AS n, min(i) AS first FROM range(6000000) t(i) GROUP BY k)").fetchone()
+    assert groups == (3_000_000, 6_000_000, 2_999_999)
+    assert con.execute("SELECT count(*) FROM problems").fetchone() == (1,)
+    with pytest.raises(duckdb.PermissionException):
+        con.execute(f"SELECT * FROM read_csv('{other / 'rows.csv'}')")
+    con.close()
+    assert not os.path.exists(spill)
+    (other / "rows.csv").unlink()
+    other.rmdir()
+
+
 def test_a_second_thread_of_the_same_process_is_refused_the_run_lock(scratch):
     import threading
 

@@ -19,6 +19,7 @@ from evoforge.data.ids import normalize_question, stable_hash
 from evoforge.data.lake import DamagedPart, Lake, drop_duplicate_rows, sql_batches
 from evoforge.data.manifest import read_manifest
 from evoforge.tasks import verify as verify_module
+from evoforge.tasks import filter as filter_module
 from evoforge.tasks.filter import FilterConfig, bucket, filter_problems, pass_at_k, problem_stats_batches
 from evoforge.tasks.pairs import REJECTABLE, PairsConfig, build_pairs, sft_selection, solution_pairs
 from evoforge.tasks.verify import VerifyConfig, verify, verify_batches
@@ -287,14 +288,21 @@ def reference_pairs(problems, stats, rollouts, verdicts, config, variant_problem
 
 
 def random_graded_round(seed: int = 1):
-    """A graded round with ties in tokens and log-probs, repeated texts, every verdict, a problem
-    outside the pool and rollouts without a verdict."""
+    """A graded round with ties in tokens and log-probs, repeated texts (ASCII and not), every verdict, a
+    problem outside the pool and rollouts without a verdict."""
     rng = random.Random(seed)
     table = rollouts(120, per_problem=8, seed=seed)
     table = table.set_column(table.schema.get_field_index("completion_tokens"), "completion_tokens",
                              pa.array([rng.choice([10, 10, 20, 30]) for _ in range(table.num_rows)], pa.int32()))
     table = table.set_column(table.schema.get_field_index("mean_logprob"), "mean_logprob",
                              pa.array([rng.choice([-0.5, -0.5, -0.1, -1.25]) for _ in range(table.num_rows)], pa.float64()))
+    # a third of the texts from a few that are one under normalize_question or only look so: case, Python's
+    # whitespace (\x0b, \x1c), a full-width letter NFKC makes ASCII, accents it does not
+    texts = table["text"].to_pylist()
+    for i in range(0, len(texts), 3):
+        texts[i] = rng.choice(["So \\boxed{1}", "so  \\BOXED{1}", "SO\t\\boxed{1} ", "\uff33o \\boxed{1}",
+                               "so\x0b\x1c\\boxed{1}\n", "Café \\boxed{1}", "CAFÉ  \\boxed{1}", "cafe \\boxed{1}"])
+    table = table.set_column(table.schema.get_field_index("text"), "text", pa.array(texts, pa.string()))
     verdict_names = ["correct", "correct", "wrong", "no_answer", "timeout", "bad_gold", "no_reference"]
     graded = [i for i in range(table.num_rows) if i % 17]  # every 17th rollout has no verdict
     verdicts = pa.table({"rollout_id": table["rollout_id"].take(graded),
@@ -321,7 +329,8 @@ def test_filter_over_streams_equals_the_python_reference(scratch, small_parts, g
         *(verdicts[c].to_pylist() for c in ("rollout_id", "problem_id", "verdict")))], schema=schemas.VERDICTS)
     lake.publish_stage("r", 0, "verify", {"verdicts": in_batches(full, 50)})
     assert len(read_manifest(lake.stage_dir("r", 0, "verify")).parts) == 4  # 903 rows, 300 a part
-    monkeypatch.setattr(lake_module, "KEY_RANGE_ROWS", 100)  # counted range of problems by range, spilled
+    monkeypatch.setattr(lake_module, "KEY_RANGE_ROWS", 100)  # counted range of problems by range, spilled:
+    monkeypatch.setattr(filter_module, "NARROW_RANGE_FACTOR", 1)  # 10 ranges
     streamed = pa.concat_tables(problem_stats_batches(
         lake.reader("r", "verdicts", 0, "verify", columns=["rollout_id", "problem_id", "verdict"]),
         lake.reader("r", "rollouts", 0, "generate", columns=["rollout_id", "problem_id", "completion_tokens"]), config,
@@ -359,7 +368,8 @@ def test_pairs_over_streams_equal_the_python_reference(scratch, small_parts, gra
 
 def test_a_stage_reads_each_input_once_and_a_rerun_on_the_same_parts_reads_none(lake_on, small_parts, monkeypatch):
     """filter and pairs over a round spread across parts: each reads each part of its streamed inputs once
-    (the input fingerprint is hashed in that pass; pairs writes both its tables from it), with the outputs
+    (the input fingerprint is hashed in that pass; pairs writes both its tables from it, and streams the
+    pool's problems too), with the outputs
     of the whole-table code; a rerun on the same parts reads none; an input rewritten with the same rows
     is read once to find it unchanged."""
     import prefect.artifacts
@@ -391,13 +401,14 @@ def test_a_stage_reads_each_input_once_and_a_rerun_on_the_same_parts_reads_none(
     parts = {(stage, name): len([p for p in store.manifest("r", 0, stage).parts if p.table == name])
              for stage, name in (("generate", "rollouts"), ("verify", "verdicts"))}
     assert min(parts.values()) > 1
+    with_pool = {**parts, ("ingest", "problems"): len(store.manifest("r", 0, "ingest").parts)}
 
-    def stage(flow, expected: str) -> dict:
+    def stage(flow, expected: str, keys: dict = parts) -> dict:
         reads.clear()
         assert flow.fn("r", 0, RoundConfig()).status == expected
-        return {key: reads.get(key, 0) for key in parts}
+        return {key: reads.get(key, 0) for key in keys}
 
-    assert stage(filter_flow, "completed") == parts and stage(pairs_flow, "completed") == parts
+    assert stage(filter_flow, "completed") == parts and stage(pairs_flow, "completed", with_pool) == with_pool
     stats = store.read("r", "problem_stats", 0, "filter").select(["problem_id", "bucket"])
     expected = build_pairs(problems, stats, table, verdicts, RoundConfig().pairs)
     for name in ("pairs", "sft_examples"):
@@ -405,13 +416,46 @@ def test_a_stage_reads_each_input_once_and_a_rerun_on_the_same_parts_reads_none(
         assert written.sort_by([(written.column_names[0], "ascending")]).equals(
             expected[name].sort_by([(written.column_names[0], "ascending")])), name
     assert stage(filter_flow, "skipped") == {key: 0 for key in parts}
-    assert stage(pairs_flow, "skipped") == {key: 0 for key in parts}
+    assert stage(pairs_flow, "skipped", with_pool) == {key: 0 for key in with_pool}
 
     store.publish_stage("r", 0, "verify", {"verdicts": in_batches(full_verdicts, 70)})  # the same rows, other parts
     assert stage(filter_flow, "skipped") == {key: 1 * parts[key] if key[0] == "generate" else
                                              len(store.manifest("r", 0, "verify").parts) for key in parts}
     events = [e for e in store.read("r", "stage_runs").to_pylist() if e["stage"] == "filter" and e["status"] != "running"]
     assert len({e["input_fingerprint"] for e in events}) == 1 and len({e["input_parts"] for e in events}) == 2
+
+
+def test_the_pairs_stage_gives_step_pairs_the_question_of_their_problem_from_the_streamed_pool(lake_on, small_parts,
+                                                                                              monkeypatch):
+    """The pool's questions are never held by the pairs stage: the searched problems' ones are taken as the
+    pool streams by, in ranges spilled to disk, and the step pairs made after the pass carry them."""
+    import prefect.artifacts
+
+    from evoforge.data.lake import lake
+    from evoforge.flows.config import RoundConfig
+    from evoforge.flows.filter import filter_flow
+    from evoforge.flows.pairs import pairs_flow
+    from tests.test_mcts import crafted_tree
+
+    for name in ("create_table_artifact", "create_markdown_artifact"):  # no Prefect API in a unit test
+        monkeypatch.setattr(prefect.artifacts, name, lambda **kw: None)
+    monkeypatch.setattr(lake_module, "KEY_RANGE_ROWS", 200)  # ranges of problems, spilled
+    problems, _, table, verdicts = random_graded_round()
+    store = lake()
+    store.publish_stage("r", 0, "ingest", {"problems": schemas.conform(problems, schemas.PROBLEMS, where="problems",
+                                                                       missing_as_null=True)}, key="source")
+    store.publish_stage("r", 0, "generate", {"rollouts": in_batches(table, 64)})
+    store.publish_stage("r", 0, "verify", {"verdicts": schemas.conform(verdicts, schemas.VERDICTS, where="verdicts",
+                                                                       missing_as_null=True)})
+    searched, question = problems["problem_id"][-1].as_py(), problems["question"][-1].as_py()
+    tree = crafted_tree()
+    tree = tree.set_column(tree.schema.get_field_index("problem_id"), "problem_id", pa.array([searched] * tree.num_rows))
+    store.publish_stage("r", 0, "mcts", {"mcts_nodes": tree})
+    assert filter_flow.fn("r", 0, RoundConfig()).status == "completed"
+    assert pairs_flow.fn("r", 0, RoundConfig()).status == "completed"
+    steps = [p for p in store.read("r", "pairs", 0, "pairs").to_pylist() if p["kind"] == "step"]
+    assert sorted((p["chosen_rollout_id"], p["rejected_rollout_id"]) for p in steps) == [("a", "b"), ("a", "c"), ("a1", "a2")]
+    assert {(p["problem_id"], p["prompt"]) for p in steps} == {(searched, question)}
 
 
 # -- stage_runs compaction -------------------------------------------------------------------------
