@@ -160,14 +160,14 @@ def _grade_batch(batch: list[dict], gold_of: dict, pool: GraderPool, on_progress
         graded_with.append(first_of[key])
     results = dict(zip((r["rollout_id"] for r in graded),
                        pool.run([("grade", gold_of[r["problem_id"]], r["text"]) for r in graded], on_progress)))
-    rows = []
-    for r, shared in zip(batch, graded_with):
-        gold = gold_of[r["problem_id"]]
-        verdict, extracted, detail, seconds = results[shared] if shared is not None else NO_REFERENCE
-        rows.append(dict(rollout_id=r["rollout_id"], problem_id=r["problem_id"], verdict=verdict,
-                         extracted_answer=extracted, gold=gold, detail=detail,
-                         seconds=seconds if shared == r["rollout_id"] else 0.0, graded_with=shared))
-    return pa.Table.from_pylist(rows, schema=schemas.VERDICTS)
+    outcomes = [results[shared] if shared is not None else NO_REFERENCE for shared in graded_with]
+    ids, problem_ids = [r["rollout_id"] for r in batch], [r["problem_id"] for r in batch]
+    return pa.table({  # column by column: no dict per row
+        "rollout_id": ids, "problem_id": problem_ids, "verdict": [o[0] for o in outcomes],
+        "extracted_answer": [o[1] for o in outcomes], "gold": [gold_of[pid] for pid in problem_ids],
+        "detail": [o[2] for o in outcomes],
+        "seconds": [o[3] if shared == rid else 0.0 for o, shared, rid in zip(outcomes, graded_with, ids)],
+        "graded_with": graded_with}, schema=schemas.VERDICTS)
 
 
 def summarize(tables: dict[str, pa.Table]) -> list[str]:

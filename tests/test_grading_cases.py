@@ -93,6 +93,20 @@ def test_intermediate_boxes_do_not_count_the_last_box_is_the_answer():
 
 
 @pytest.mark.unit
+def test_every_box_is_read_as_the_brace_walk_reads_it_flat_nested_open_or_spaced():
+    import random
+
+    from evoforge.tasks.grading.answers import all_boxes, last_boxes
+
+    pieces = ["\\boxed{", "\\fbox {", "\\boxed  {", "{", "}", "}", " 42 ", "x", "\\frac{1}{2}", "\\boxed", " ", "\n"]
+    rng = random.Random(7)
+    texts = ["", "no box", "\\boxed{1} and \\boxed{ 2 }", "\\boxed{\\frac{1}{2}}", "\\boxed{3", "\\boxed{\\boxed{4}}"]
+    texts += ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 14))) for _ in range(3000)]
+    assert [all_boxes(t) for t in texts] == [tuple(last_boxes(t, len(t))) for t in texts]
+    assert all_boxes("\\boxed{\\boxed{4}}") == ("4",) and all_boxes("\\boxed{1} \\fbox { 2 }") == ("1", "2")
+
+
+@pytest.mark.unit
 def test_thousands_separators_when_the_gold_is_one_number():
     pairs = [
         ("1000", "\\boxed{1 000}"),

@@ -57,10 +57,19 @@ def _closing_brace(text: str, opening: int) -> int | None:
     return None
 
 
+# a box whose content has no brace: it closes at its first `}` and no other box can be inside it
+_FLAT_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{([^{}]*)\}")
+
+
 def all_boxes(text: str) -> tuple[str, ...]:
     """Every box `last_boxes` could take, in reading order. `grade(gold, response)` depends on the
     response only through these (`last_boxes(text, k)` is their last k), so two responses with the
-    same boxes get the same verdict: the verify stage grades such a pair once."""
+    same boxes get the same verdict: the verify stage grades such a pair once. When every box is flat
+    (the common `\\boxed{42}`) none nests or stays open, and two regex scans give them: the verify
+    stage reads every rollout's boxes, so this is its per-row cost."""
+    flat = _FLAT_BOX.findall(text)
+    if len(flat) == len(_BOX.findall(text)):
+        return tuple(content.strip() for content in flat)
     return tuple(last_boxes(text, len(text)))
 
 
