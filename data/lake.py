@@ -73,7 +73,18 @@ RUN_TABLE_COMPACT_FILES = 16
 # over the whole round instead needs more memory as the round grows (a sort of 10M rollouts ran out
 # of 128 MB), so stages run their SQL one range at a time (`sql_batches`), under this limit.
 KEY_RANGE_ROWS = 32_768
-SPILL_FANOUT = 128  # range files one spill pass keeps open per stream; more ranges take another pass
+
+
+def _spill_fanout() -> int:
+    """Range files one spill pass keeps open (one stream's at a time; more ranges take another pass): half
+    the files this process may open, 64 to 1,024 (a 10M-rollout round's 306 ranges in one pass here)."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 1024 if soft == resource.RLIM_INFINITY else max(64, min(1024, soft // 2))
+
+
+SPILL_FANOUT = _spill_fanout()
 SQL_MEMORY_LIMIT = "128MB"
 # DuckDB's threads for one range's query: a window or join over a range spreads over the cores a stage has
 # (pairs 1.2x on this 2-core machine); the memory limit holds for all of them together
@@ -881,10 +892,15 @@ def _spilled(streams: Mapping[str, pa.Table | Iterable[pa.RecordBatch]], key: st
                     schemas_of[name] = batch.schema
                     where = np.searchsorted(splits, batch.column(key).to_numpy(zero_copy_only=False).astype(str),
                                             side="right")
-                    for index in np.unique(where).tolist():
+                    # the batch in range order once, then a zero-copy slice per range: not a filter per range
+                    order = np.argsort(where, kind="stable")
+                    where, batch = where[order], batch.take(pa.array(order))
+                    starts = np.flatnonzero(np.diff(where, prepend=-1))
+                    for start, end in zip(starts.tolist(), [*starts[1:].tolist(), len(where)]):
+                        index = int(where[start])
                         if index not in writers:
                             writers[index] = pa.ipc.new_stream(str(folder / f"{name}-{index}.arrow"), batch.schema)
-                        writers[index].write_batch(batch.filter(pa.array(where == index)))
+                        writers[index].write_batch(batch.slice(start, end - start))
             finally:
                 for writer in writers.values():
                     writer.close()
