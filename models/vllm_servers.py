@@ -20,6 +20,7 @@ import atexit
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -57,6 +58,12 @@ class Replica:
 
 def _state_dir() -> Path:
     return home.home() / ".tmp" / "vllm-serve"
+
+
+def ipc_dir(port: int) -> Path:
+    """A replica's own folder for vLLM's IPC sockets (VLLM_RPC_BASE_PATH; the API server and its engine core
+    talk through them): removed when the replica stops, so a killed one leaves none in the project's .tmp."""
+    return _state_dir() / f"{port}-ipc"
 
 
 def log_dir() -> Path:
@@ -257,6 +264,10 @@ class ServerFleet:
             env["CUDA_VISIBLE_DEVICES"] = replica.devices
         else:
             env.update(VLLM_CPU_OMP_THREADS_BIND=replica.devices, OMP_NUM_THREADS=str(len(replica.devices.split(","))))
+        sockets = ipc_dir(replica.port)
+        shutil.rmtree(sockets, ignore_errors=True)  # those of a replica killed on this port before
+        sockets.mkdir(parents=True)
+        env["VLLM_RPC_BASE_PATH"] = str(sockets)
         with open(replica.log_path, "ab") as log:
             replica.process = subprocess.Popen(self._command(replica.port, gpu), stdout=log, stderr=subprocess.STDOUT,
                                                stdin=subprocess.DEVNULL, env=env, start_new_session=True,
@@ -326,6 +337,7 @@ class ServerFleet:
             replica.process.wait()
         for replica in self.running:
             (_state_dir() / f"{replica.port}.json").unlink(missing_ok=True)
+            shutil.rmtree(ipc_dir(replica.port), ignore_errors=True)
         if started:
             log.info("vllm serve: stopped %d replica(s) of %s", len(started), self.model.model_id)
         self.running = []

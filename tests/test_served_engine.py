@@ -2,6 +2,7 @@
 replicas of the tiny model on this machine's two cores, against the in-process engine."""
 from __future__ import annotations
 
+import stat
 import threading
 import time
 
@@ -11,6 +12,7 @@ import pytest
 from evoforge.models.engine import EngineConfig, GenerationRequest, LaunchConfig, SamplingConfig
 from evoforge.models.loader import load_engine
 from evoforge.models.prompts import solve_messages
+from evoforge.models.vllm_servers import ipc_dir
 
 PORT = 8170  # the fleet takes the first free ports from here
 
@@ -24,9 +26,11 @@ def served(tiny_model):
     config = EngineConfig(model=str(tiny_model), backend="openai", max_model_len=1024,
                           launch=LaunchConfig(replicas=2, port=PORT), unavailable_timeout_s=60)
     engine = OpenAIEngine(resolve(config.model), config)
+    ports = [replica.port for replica in engine.fleet.running]
     yield engine
     engine.sleep()
     assert all(not r.alive for r in engine.fleet.running) and not engine.fleet.running
+    assert not any(ipc_dir(port).exists() for port in ports)  # nor their IPC sockets
 
 
 def _requests(count: int) -> list[GenerationRequest]:
@@ -48,6 +52,8 @@ def test_served_completions_equal_the_in_process_engines(served, tiny_engine_con
         assert [(c.text, c.token_count, c.finish_reason) for c in r] == [(c.text, c.token_count, c.finish_reason) for c in h]
         assert [c.mean_logprob for c in r] == pytest.approx([c.mean_logprob for c in h], abs=1e-3)
     assert all(count > 0 for count in served.requests_per_endpoint.values())  # both replicas served
+    # each replica's API server and engine core talk through sockets in its own folder, not the project's .tmp
+    assert all(any(stat.S_ISSOCK(p.lstat().st_mode) for p in ipc_dir(r.port).iterdir()) for r in served.fleet.running)
 
 
 @pytest.mark.model
