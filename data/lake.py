@@ -85,6 +85,7 @@ def _spill_fanout() -> int:
 
 
 SPILL_FANOUT = _spill_fanout()
+SPILL_BLOCK_ROWS = 65_536  # rows a spill splits at once (~25 MB of rollouts with their texts)
 SQL_MEMORY_LIMIT = "128MB"
 # DuckDB's threads for one range's query: a window or join over a range spreads over the cores a stage has
 # (pairs 1.2x on this 2-core machine); the memory limit holds for all of them together
@@ -874,6 +875,22 @@ def in_key_ranges(streams: Mapping[str, pa.Table | Iterable[pa.RecordBatch]], ke
         yield from in_key_ranges(ranged, key, [b for b in boundaries if (low is None or b > low) and (high is None or b < high)])
 
 
+def _in_blocks(batches: Iterable[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
+    """`batches` joined into batches of about `rows` rows: a spill over hundreds of ranges cuts each into a
+    slice per range, and a reader's 8,192 rows would make slices of tens of rows, each a message to write,
+    read back and scan."""
+    held: list[pa.RecordBatch] = []
+    count = 0
+    for batch in batches:
+        held.append(batch)
+        count += batch.num_rows
+        if count >= rows:
+            yield pa.Table.from_batches(held).combine_chunks().to_batches()[0]
+            held, count = [], 0
+    if count:
+        yield pa.Table.from_batches(held).combine_chunks().to_batches()[0]
+
+
 def _spilled(streams: Mapping[str, pa.Table | Iterable[pa.RecordBatch]], key: str, boundaries: list[str]
              ) -> Iterator[dict[str, pa.RecordBatchReader]]:
     """`in_key_ranges` through files: every stream written once, split by range; then each range's
@@ -888,7 +905,7 @@ def _spilled(streams: Mapping[str, pa.Table | Iterable[pa.RecordBatch]], key: st
             writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
             schemas_of[name] = getattr(source, "schema", None)
             try:
-                for batch in (source.to_batches() if isinstance(source, pa.Table) else source):
+                for batch in _in_blocks(source.to_batches() if isinstance(source, pa.Table) else source, SPILL_BLOCK_ROWS):
                     schemas_of[name] = batch.schema
                     where = np.searchsorted(splits, batch.column(key).to_numpy(zero_copy_only=False).astype(str),
                                             side="right")
@@ -1013,6 +1030,25 @@ def _whole(source: pa.Table | Iterable[pa.RecordBatch]) -> pa.Table:
     return pa.Table.from_batches(batches, schema) if schema is not None else pa.table({})
 
 
+_SQL_DATABASES: dict[tuple[int, str], object] = {}
+
+
+def _sql_database():
+    """This process's DuckDB for `sql_batches`, made once per home (a fork makes its own): opening one costs
+    ~18 ms, a cursor on it ~1 ms, and a stage asks hundreds of queries of it, two per range of problems."""
+    import duckdb
+
+    spill = home.home() / ".tmp" / "duckdb"
+    key = (os.getpid(), str(spill))
+    if key not in _SQL_DATABASES:
+        _SQL_DATABASES.clear()  # a parent's, inherited by a fork, or another home's: not ours to use
+        spill.mkdir(parents=True, exist_ok=True)
+        _SQL_DATABASES[key] = duckdb.connect(":memory:", config={
+            "memory_limit": SQL_MEMORY_LIMIT, "threads": SQL_THREADS, "temp_directory": str(spill),
+            "preserve_insertion_order": False})
+    return _SQL_DATABASES[key]
+
+
 def sql_batches(query: str, batch_rows: int = READ_BATCH_ROWS, **inputs: pa.Table | pa.RecordBatchReader
                 ) -> Iterator[pa.RecordBatch]:
     """The result of `query` in DuckDB over Arrow inputs named by keyword (tables, or streams scanned
@@ -1036,10 +1072,7 @@ def sql_batches(query: str, batch_rows: int = READ_BATCH_ROWS, **inputs: pa.Tabl
 
         return pa.RecordBatchReader.from_batches(source.schema, batches())
 
-    spill = home.home() / ".tmp" / "duckdb"
-    spill.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect(":memory:", config={"memory_limit": SQL_MEMORY_LIMIT, "threads": SQL_THREADS,
-                                             "temp_directory": str(spill), "preserve_insertion_order": False})
+    con = _sql_database().cursor()  # its own names, the database's limits
     try:
         for name, source in inputs.items():
             con.register(name, watched(source))
