@@ -15,9 +15,8 @@ from typing import Callable
 
 import duckdb
 
-from evoforge.data import home
 from evoforge.data.atomic import atomic_path
-from evoforge.data.lake import Lake, LakeError, RunHealth
+from evoforge.data.lake import Lake, LakeError, RunHealth, duckdb_spill_root
 from evoforge.data.storage import LakePath, duckdb_filesystem, is_remote, location
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
@@ -111,9 +110,7 @@ def connect(run_dir: LakePath, report: Callable[[str], None] | None = None,
 def session_spill() -> Path:
     """A folder of its own for one session's spill, under the project's scratch: DuckDB creates it at the first
     spill and removes it when the session closes (a killed process leaves it to `.tmp`'s cleaning)."""
-    spill = home.home() / ".tmp" / "duckdb"
-    spill.mkdir(parents=True, exist_ok=True)
-    return spill / f"session-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    return duckdb_spill_root() / f"session-{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
 
 def lock_to_parts(con: duckdb.DuckDBPyConnection, parts: list[LakePath]) -> None:

@@ -1033,16 +1033,23 @@ def _whole(source: pa.Table | Iterable[pa.RecordBatch]) -> pa.Table:
 _SQL_DATABASES: dict[tuple[int, str], object] = {}
 
 
+def duckdb_spill_root() -> Path:
+    """Where DuckDB spills past its memory limit: `sql_batches`' database, and each query session's own
+    folder beneath (data/catalog.py)."""
+    spill = home.home() / ".tmp" / "duckdb"
+    spill.mkdir(parents=True, exist_ok=True)
+    return spill
+
+
 def _sql_database():
     """This process's DuckDB for `sql_batches`, made once per home (a fork makes its own): opening one costs
     ~18 ms, a cursor on it ~1 ms, and a stage asks hundreds of queries of it, two per range of problems."""
     import duckdb
 
-    spill = home.home() / ".tmp" / "duckdb"
+    spill = duckdb_spill_root()
     key = (os.getpid(), str(spill))
     if key not in _SQL_DATABASES:
         _SQL_DATABASES.clear()  # a parent's, inherited by a fork, or another home's: not ours to use
-        spill.mkdir(parents=True, exist_ok=True)
         _SQL_DATABASES[key] = duckdb.connect(":memory:", config={
             "memory_limit": SQL_MEMORY_LIMIT, "threads": SQL_THREADS, "temp_directory": str(spill),
             "preserve_insertion_order": False})
