@@ -124,6 +124,15 @@ def test_an_option_out_of_range_is_one_line_naming_the_option_and_what_it_allows
 
 
 
+def publish_one_problem(store, run: str) -> None:
+    """A run whose only table is one ingested problem: what the `evoforge sql` tests query."""
+    from evoforge.data import schemas
+
+    store.publish_stage(run, 0, "ingest", {"problems": pa.Table.from_pylist([dict(
+        problem_id="p0", question="1+1?", answer="2", source="t", source_file="f", source_row=0, origin="seed")],
+        schema=schemas.PROBLEMS)})
+
+
 @pytest.mark.parametrize("statement", [
     "COPY (SELECT * FROM problems) TO '{folder}/part-copy.parquet'",
     "ATTACH '{run_dir}/catalog.duckdb' AS c",
@@ -145,14 +154,12 @@ def test_an_option_out_of_range_is_one_line_naming_the_option_and_what_it_allows
 def test_evoforge_sql_only_reads_the_runs_tables_unless_asked(runs_root, capsys, statement):
     """What `evoforge sql` refuses, each in one line: writes of any kind, and reads of anything but the parts
     its views read (DuckDB's own lock: allowed paths, no external access, locked configuration)."""
-    from evoforge.data import home, schemas
+    from evoforge.data import home
     from evoforge.data.lake import lake
     from evoforge.app.cli import main
 
     store = lake()
-    store.publish_stage("r", 0, "ingest", {"problems": pa.Table.from_pylist([dict(
-        problem_id="p0", question="1+1?", answer="2", source="t", source_file="f", source_row=0, origin="seed")],
-        schema=schemas.PROBLEMS)})
+    publish_one_problem(store, "r")
     run_dir = store.run_dir("r")
     (part,) = [p for p in (run_dir / "round=0" / "ingest" / "problems").iterdir() if p.suffix == ".parquet"]
     manifest = next(p for p in run_dir.rglob("*.json") if "manifest" in str(p))
@@ -177,13 +184,11 @@ def test_a_query_larger_than_its_sessions_memory_spills_to_a_folder_of_its_own_a
     spilling to a folder only it may open, gone when it closes; another session's spill stays out of reach."""
     import duckdb
 
-    from evoforge.data import catalog, home, schemas
+    from evoforge.data import catalog, home
     from evoforge.data.lake import lake
 
     monkeypatch.setattr(catalog, "QUERY_MEMORY_LIMIT", "80MB")  # the query's hash table alone is ~2x that
-    lake().publish_stage("r", 0, "ingest", {"problems": pa.Table.from_pylist([dict(
-        problem_id="p0", question="1+1?", answer="2", source="t", source_file="f", source_row=0, origin="seed")],
-        schema=schemas.PROBLEMS)})
+    publish_one_problem(lake(), "r")
     other = home.home() / ".tmp" / "duckdb" / "session-another"
     other.mkdir(parents=True, exist_ok=True)
     (other / "rows.csv").write_text("secret\n1\n")
