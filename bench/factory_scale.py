@@ -48,6 +48,19 @@ STEPS = ("verify", "filter", "pairs", "export", "queries")
 RUN = "factory"
 
 
+def use_trivial_grader() -> None:
+    """The stand-in grader for `--grader trivial`, in this process and in the workers of a spread stage: they are
+    spawned, and a spawned process imports this module anew, which calls this again (FACTORY_SCALE_GRADER)."""
+    from evoforge.tasks import verify as verify_task
+
+    os.environ["FACTORY_SCALE_GRADER"] = "trivial"
+    verify_task.VerifyConfig.pool = lambda self: TrivialPool()
+
+
+if os.environ.get("FACTORY_SCALE_GRADER") == "trivial":
+    use_trivial_grader()
+
+
 def io_counters() -> dict[str, int]:
     counters = {}
     for line in Path("/proc/self/io").read_text().splitlines():
@@ -56,41 +69,44 @@ def io_counters() -> dict[str, int]:
     return counters
 
 
-def run_step(step: str, lake_root: str, grader: str, out: Path) -> dict:
+def cpu_seconds() -> tuple[float, float]:
+    """User and system CPU of this process, and of its children that have ended (a spread stage's workers)."""
+    times = os.times()
+    return times.user + times.system, times.children_user + times.children_system
+
+
+def run_step(step: str, lake_root: str, grader: str, out: Path, range_workers: int = 0) -> dict:
     """One step in this (fresh) process: its seconds, memory and bytes."""
     from evoforge.data.lake import use_lake
-    from evoforge.flows.config import RoundConfig
+    from evoforge.flows.config import ClusterConfig, RoundConfig
 
     use_lake(lake_root)
     quiet_prefect()
     from evoforge.data import catalog
     from evoforge.data.lake import lake
 
-    config = RoundConfig()
-    before = io_counters()
+    # imported before the clock starts: a round's process imports them once for all its stages
+    from evoforge.flows.export import export_run
+    from evoforge.flows.filter import filter_flow
+    from evoforge.flows.pairs import pairs_flow
+    from evoforge.flows.verify import verify_flow
+
+    config = RoundConfig(cluster=ClusterConfig(range_workers=range_workers))
+    if step == "pairs":
+        lake().publish_stage(RUN, 0, "synthesize", {"problems": lake().read_schema("problems").empty_table()
+                                                    .drop_columns(["round", "stage"])})  # no variants this round
+    before, cpu_before = io_counters(), cpu_seconds()
     below = DescendantPeaks()
     started = time.perf_counter()
     if step == "verify":
         if grader == "trivial":
-            from evoforge.tasks import verify as verify_task
-
-            verify_task.VerifyConfig.pool = lambda self: TrivialPool()
-        from evoforge.flows.verify import verify_flow
-
+            use_trivial_grader()
         rows = verify_flow.fn(RUN, 0, config, force=True).rows_out
     elif step == "filter":
-        from evoforge.flows.filter import filter_flow
-
         rows = filter_flow.fn(RUN, 0, config, force=True).rows_in
     elif step == "pairs":
-        from evoforge.flows.pairs import pairs_flow
-
-        lake().publish_stage(RUN, 0, "synthesize", {"problems": lake().read_schema("problems").empty_table()
-                                                    .drop_columns(["round", "stage"])})  # no variants this round
         rows = pairs_flow.fn(RUN, 0, config, force=True).rows_in
     elif step == "export":
-        from evoforge.flows.export import export_run
-
         shutil.rmtree(out, ignore_errors=True)
         rows = sum(export_run(RUN, ["rollouts", "verdicts", "sft"], str(out), format="parquet", config=config).rows.values())
     elif step == "queries":
@@ -106,7 +122,11 @@ def run_step(step: str, lake_root: str, grader: str, out: Path) -> dict:
     seconds = time.perf_counter() - started
     processes, largest = below.stop()
     after = io_counters()
-    return {"seconds": seconds, "rows": rows, "peak_mb": peak_rss_mb(), "graders": processes,
+    own, ended = (after - before for after, before in zip(cpu_seconds(), cpu_before))
+    # the children's: exact for those that ended; for those still alive (the grader pool's), as last sampled
+    children = max(ended, sum(below.cpu.values()))
+    return {"seconds": seconds, "cpu_s": own + children, "rows": rows, "peak_mb": peak_rss_mb(),
+            "graders": processes,
             "largest_grader_mb": largest, "read_bytes": after["rchar"] - before["rchar"],
             "written_bytes": after["wchar"] - before["wchar"]}
 
@@ -137,6 +157,9 @@ def main() -> None:
                         help="completion tokens per rollout of the round generation is priced for (issue 30: 80M rollouts "
                              "in 330 H100-hours at 20k tok/s is ~300); 0: the synthetic rollouts' own (~100)")
     parser.add_argument("--grader", choices=("math-verify", "trivial"), default="math-verify")
+    parser.add_argument("--range-workers", type=int, default=0,
+                        help="processes verify, filter and pairs spread their ranges over (cluster.range_workers; "
+                             "0, the default: one per core from a million rows)")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--step", help=argparse.SUPPRESS)
     parser.add_argument("--lake-root", help=argparse.SUPPRESS)
@@ -147,7 +170,7 @@ def main() -> None:
         print(json.dumps(build(args.lake_root, RUN, args.rollouts, 8)))
         return
     if args.step:
-        print(json.dumps(run_step(args.step, args.lake_root, args.grader, scratch / "export")))
+        print(json.dumps(run_step(args.step, args.lake_root, args.grader, scratch / "export", args.range_workers)))
         return
 
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -174,9 +197,11 @@ def main() -> None:
             steps = {}
             for step in STEPS:
                 mark = requests.mark() if requests else 0
-                steps[step] = fresh("--step", step, "--lake-root", lake_root, "--grader", args.grader)
+                steps[step] = fresh("--step", step, "--lake-root", lake_root, "--grader", args.grader,
+                                    "--range-workers", str(args.range_workers))
                 steps[step]["requests"] = sum(requests.since(mark).values()) if requests else None
                 print(f"  {size:>11,} rollouts  {step:<8} {steps[step]['seconds']:8.1f} s  "
+                      f"cpu {steps[step]['cpu_s']:8.1f} s  "
                       f"peak {steps[step]['peak_mb']:6.0f} MB  read {steps[step]['read_bytes'] / 2**30:6.2f} GiB  "
                       f"written {steps[step]['written_bytes'] / 2**30:6.2f} GiB"
                       + (f"  {steps[step]['requests']} requests" if requests else ""), flush=True)
@@ -192,18 +217,22 @@ def main() -> None:
 def report(results: dict, sizes: list[int], args) -> None:
     print()
     print(f"lake: {args.lake}; grader: {args.grader}; generation at {args.tokens_per_second:,.0f} tok/s per GPU "
-          f"on {args.gpus} GPUs; this machine: {os.cpu_count()} cores")
-    print("| rollouts | step | s | s per 1M | peak RSS MB | largest grader MB | read GiB | written GiB | requests |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"on {args.gpus} GPUs; this machine: {os.cpu_count()} cores; verify, filter and pairs on "
+          f"{args.range_workers or 'one process per core (from a million rows)'}"
+          f"{' process(es)' if args.range_workers else ''}")
+    print("| rollouts | step | s | s per 1M | CPU s | peak RSS MB | largest child MB | read GiB | written GiB | requests |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for size in sizes:
         r = results[size]
         for step in STEPS:
             s = r["steps"][step]
-            print(f"| {size:,} | {step} | {s['seconds']:.1f} | {s['seconds'] / size * 1e6:.1f} | {s['peak_mb']:.0f} | "
+            print(f"| {size:,} | {step} | {s['seconds']:.1f} | {s['seconds'] / size * 1e6:.1f} | {s['cpu_s']:.1f} | "
+                  f"{s['peak_mb']:.0f} | "
                   f"{s['largest_grader_mb']:.0f} | {s['read_bytes'] / 2**30:.2f} | {s['written_bytes'] / 2**30:.2f} | "
                   f"{s['requests'] if s['requests'] is not None else '–'} |")
         total = sum(s["seconds"] for s in r["steps"].values())
-        print(f"| {size:,} | **sum** | {total:.1f} | {total / size * 1e6:.1f} | | | | | |")
+        cpu = sum(s["cpu_s"] for s in r["steps"].values())
+        print(f"| {size:,} | **sum** | {total:.1f} | {total / size * 1e6:.1f} | {cpu:.1f} | | | | | |")
     print()
     for size in sizes:
         r = results[size]

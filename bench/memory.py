@@ -59,6 +59,7 @@ class DescendantPeaks:
         import threading
 
         self.peaks: dict[int, float] = {}
+        self.cpu: dict[int, float] = {}  # the CPU seconds each has used, as last seen
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -81,7 +82,9 @@ class DescendantPeaks:
             for pid in self._descendants(os.getpid()):
                 try:
                     self.peaks[pid] = max(self.peaks.get(pid, 0.0), peak_rss_mb(pid))
-                except OSError:
+                    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                    self.cpu[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+                except (OSError, ValueError, IndexError):
                     pass
 
     def stop(self) -> tuple[int, float]:

@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Union
+from typing import Callable, Iterable, Iterator, Mapping, Union
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -93,7 +93,7 @@ SQL_THREADS = min(4, os.cpu_count() or 1)
 
 Rows = Union[pa.Table, pa.RecordBatch]
 # a table whole, or its rows as they are produced (an `Interleaved` producer may feed several tables)
-TableSource = Union[pa.Table, Iterable[Rows], "Interleaved"]
+TableSource = Union[pa.Table, Iterable[Rows], "Interleaved", "WrittenParts"]
 
 
 class LakeError(ValueError):
@@ -123,6 +123,9 @@ class DamagedPart(LakeError):
     def __init__(self, damage: Damage):
         super().__init__(damage.line())
         self.damage = damage
+
+    def __reduce__(self):  # raised in a worker process (data/spread.py), it crosses to the stage's whole
+        return DamagedPart, (self.damage,)
 
 
 @dataclass
@@ -230,9 +233,13 @@ class TableWriter:
     (one random prefix, then a sequence number): a manifest lists parts by name, so the table reads
     back in the order it was written (verify relies on a problem's rollouts staying together)."""
 
-    def __init__(self, stage_dir: LakePath, table: str, schema: pa.Schema, key: str | None):
+    def __init__(self, stage_dir: LakePath, table: str, schema: pa.Schema, key: str | None, order: int | None = None):
         self.stage_dir, self.table, self.schema, self.key = stage_dir, table, schema, key
+        # `order`: the writer's place among several writing one table (data/spread.py: a block of ranges each),
+        # first in the name, so the manifest lists their parts in that order
         self._prefix = new_part_name()[len("part-"):][:16]
+        if order is not None:
+            self._prefix = f"{order:06x}{self._prefix[6:]}"
         self.parts: list[Part] = []
         self._part: PartWriter | None = None
         self._buffer: list[pa.Table] = []
@@ -258,9 +265,11 @@ class TableWriter:
                 self.parts.append(self._part.close())
                 self._part = None
 
-    def close(self) -> list[Part]:
+    def close(self, empty_part: bool = True) -> list[Part]:
+        """The parts written; `empty_part=False`: none for a table that got no rows (a spread stage's worker:
+        the commit then writes the one empty part, if no worker wrote any)."""
         self._flush()
-        if self._part is None and not self.parts:
+        if empty_part and self._part is None and not self.parts:
             self._part = self._new_part()
             self._part.write(self.schema.empty_table())
         if self._part is not None:
@@ -307,6 +316,18 @@ class Interleaved:
 
     def close(self) -> None:
         _close(self.rows)
+
+
+@dataclass(frozen=True)
+class WrittenParts:
+    """A table's parts that other processes wrote into the stage folder and that no manifest lists yet
+    (data/spread.py: the workers of a spread stage), in the order they are to be listed: `Lake.publish`
+    commits them with the rest, or removes them when the commit fails. `more`: rows this process adds after
+    them (pairs: the step pairs of the search trees), written under names that sort after the workers'."""
+    parts: tuple[Part, ...]
+    more: TableSource | None = None
+
+    AFTER_WORKERS = 0xFFFFFF  # the `order` of the committing process's own parts (TableWriter)
 
 
 def _close(source: TableSource) -> None:
@@ -527,6 +548,28 @@ class Lake:
                     raise _OutputChanged(f"{folder}: a new output was committed while it was read; read it again") from None
         raise LakeError(f"{folder}: the output kept changing while it was read; try again")
 
+    def part_batches(self, run: str, round: int, stage: str, part: Part, columns: list[str],
+                     share: tuple[int, int] = (0, 1)) -> Iterator[pa.RecordBatch]:
+        """One committed part's rows, `columns` only: what a worker of a spread stage reads of an input
+        (data/spread.py). `share` (k, n): the k-th of n slices of its row groups, so that several workers
+        read one large part. The part is checked against its checksum before any row by the reader of
+        slice 0; the reader of another slice checks it only when its row groups do not read (a damage the
+        first reader names anyway: the stage fails and commits nothing)."""
+        folder, schema = self.stage_dir(run, round, stage), self.read_schema(part.table, columns)
+        if share == (0, 1) or share[0] == 0:
+            return self._part_batches(run, round, stage, folder, part, schema, share)
+
+        def checked_if_unreadable():
+            try:
+                yield from self._part_batches(run, round, stage, folder, part, schema, share, checksum=False)
+            except (OSError, pa.ArrowException) as err:
+                reason = part_damage(folder, part, checksum=True)
+                if reason:
+                    raise DamagedPart(Damage(run, folder / part.file, reason, round, stage)) from err
+                raise
+
+        return checked_if_unreadable()
+
     def read_parts(self, run: str, round: int, stage: str, parts: Iterable[Part], table: str) -> pa.Table:
         """The rows of the given parts of one stage folder (of any of its versions, data/history.py), each
         checked against its checksum as it is read."""
@@ -543,10 +586,14 @@ class Lake:
             if part.table == table:
                 yield from self._part_batches(run, round, stage, folder, part, schema)
 
-    def _part_batches(self, run, round, stage, folder: LakePath, part: Part, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+    def _part_batches(self, run, round, stage, folder: LakePath, part: Part, schema: pa.Schema,
+                      share: tuple[int, int] = (0, 1), checksum: bool = True) -> Iterator[pa.RecordBatch]:
         path = folder / part.file
         try:
-            if part.bytes <= WHOLE_PART_BYTES:
+            if not checksum:
+                reason = None
+                source = path.open_input() if is_remote(path) else pa.OSFile(str(path))
+            elif part.bytes <= WHOLE_PART_BYTES:
                 data = path.read_bytes()
                 reason = part_damage(folder, part, checksum=True, data=data)
                 source = pa.BufferReader(data)
@@ -567,7 +614,12 @@ class Lake:
             stored = set(parquet.schema_arrow.names)
             # a column added to the schema after the part was written reads as nulls
             wanted = [n for n in schema.names if n in stored and n not in from_path] or parquet.schema_arrow.names[:1]
-            for batch in parquet.iter_batches(batch_size=READ_BATCH_ROWS, columns=wanted, use_threads=False):
+            groups = parquet.num_row_groups
+            row_groups = list(range(groups * share[0] // share[1], groups * (share[0] + 1) // share[1]))
+            if not row_groups:
+                return
+            for batch in parquet.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=row_groups, columns=wanted,
+                                              use_threads=False):
                 columns = []
                 for field_ in schema:
                     if field_.name in from_path:
@@ -636,7 +688,8 @@ class Lake:
                 key: str | None = None, config_hash: str | None = None) -> Published:
         """Commit `tables` as the stage's output: each a table, or its rows (tables or record
         batches) as they are produced, written in bounded parts as they come (`TableWriter`); one
-        `Interleaved` producer given for several tables feeds them all in one pass.
+        `Interleaved` producer given for several tables feeds them all in one pass; `WrittenParts`, the
+        parts other processes wrote (a spread stage's workers), are listed as they are.
 
         Without `key` the whole output is replaced; with one, only the parts of that key (ingest: one
         source). New parts first, then the manifest (the commit, a new version): a crash at any point
@@ -651,11 +704,17 @@ class Lake:
                 raise
             old = None  # the whole output is replaced, the unreadable manifest with it
         writers: dict[str, TableWriter] = {}
+        given = [part for source in tables.values() if isinstance(source, WrittenParts) for part in source.parts]
         try:
-            for table in tables:  # nothing is written before a table's first rows
-                writers[table] = TableWriter(folder, table, self._schema(table), key)
+            for table, source in tables.items():  # nothing is written before a table's first rows
+                if not isinstance(source, WrittenParts):
+                    writers[table] = TableWriter(folder, table, self._schema(table), key)
+                elif source.more is not None or not any(p.table == table for p in source.parts):
+                    writers[table] = TableWriter(folder, table, self._schema(table), key, order=WrittenParts.AFTER_WORKERS)
             fed: set[int] = set()
             for table, source in tables.items():
+                if isinstance(source, WrittenParts):
+                    source = source.more if source.more is not None else ()
                 if isinstance(source, Interleaved):
                     if id(source) in fed:
                         continue
@@ -667,10 +726,13 @@ class Lake:
                     continue
                 for rows in _pieces(source):
                     writers[table].write(schemas.conform(rows, writers[table].schema, where=f"{stage}/{table}"))
-            written = [part for writer in writers.values() for part in writer.close()]
+            written = given + [part for table, writer in writers.items() for part in writer.close(
+                empty_part=not any(p.table == table for p in given))]
         except BaseException:
             for writer in writers.values():
                 writer.abort()
+            for part in given:
+                (folder / part.file).unlink(missing_ok=True)
             for source in tables.values():
                 _close(source)
             raise
@@ -895,32 +957,11 @@ def _spilled(streams: Mapping[str, pa.Table | Iterable[pa.RecordBatch]], key: st
              ) -> Iterator[dict[str, pa.RecordBatchReader]]:
     """`in_key_ranges` through files: every stream written once, split by range; then each range's
     rows as one reader per stream, to be read before the next range is asked for."""
-    import numpy as np
-
-    splits = np.array(boundaries, dtype=str)
     folder = _spill_folder()
     schemas_of: dict[str, pa.Schema | None] = {}
     try:
         for name, source in streams.items():
-            writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
-            schemas_of[name] = getattr(source, "schema", None)
-            try:
-                for batch in _in_blocks(source.to_batches() if isinstance(source, pa.Table) else source, SPILL_BLOCK_ROWS):
-                    schemas_of[name] = batch.schema
-                    where = np.searchsorted(splits, batch.column(key).to_numpy(zero_copy_only=False).astype(str),
-                                            side="right")
-                    # the batch in range order once, then a zero-copy slice per range: not a filter per range
-                    order = np.argsort(where, kind="stable")
-                    where, batch = where[order], batch.take(pa.array(order))
-                    starts = np.flatnonzero(np.diff(where, prepend=-1))
-                    for start, end in zip(starts.tolist(), [*starts[1:].tolist(), len(where)]):
-                        index = int(where[start])
-                        if index not in writers:
-                            writers[index] = pa.ipc.new_stream(str(folder / f"{name}-{index}.arrow"), batch.schema)
-                        writers[index].write_batch(batch.slice(start, end - start))
-            finally:
-                for writer in writers.values():
-                    writer.close()
+            schemas_of[name] = spill_by_range(source, key, boundaries, lambda index: folder / f"{name}-{index}.arrow")
         for index in range(len(boundaries) + 1):
             ranged, files = {}, []
             for name, schema in schemas_of.items():
@@ -940,6 +981,35 @@ def _spilled(streams: Mapping[str, pa.Table | Iterable[pa.RecordBatch]], key: st
                     (folder / f"{name}-{index}.arrow").unlink(missing_ok=True)
     finally:
         remove_tree(folder)
+
+
+def spill_by_range(source: pa.Table | Iterable[pa.RecordBatch], key: str, boundaries: list[str],
+                   file_of: Callable[[int], Path]) -> pa.Schema | None:
+    """Write `source`'s rows into one Arrow stream file per range of `key` (`file_of(range index)`, made at
+    its first row; the rows of a range keep their order); returns the rows' schema (None: no batch and no
+    schema to tell it)."""
+    import numpy as np
+
+    splits = np.array(boundaries, dtype=str)
+    schema = getattr(source, "schema", None)
+    writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
+    try:
+        for batch in _in_blocks(source.to_batches() if isinstance(source, pa.Table) else source, SPILL_BLOCK_ROWS):
+            schema = batch.schema
+            where = np.searchsorted(splits, batch.column(key).to_numpy(zero_copy_only=False).astype(str), side="right")
+            # the batch in range order once, then a zero-copy slice per range: not a filter per range
+            order = np.argsort(where, kind="stable")
+            where, batch = where[order], batch.take(pa.array(order))
+            starts = np.flatnonzero(np.diff(where, prepend=-1))
+            for start, end in zip(starts.tolist(), [*starts[1:].tolist(), len(where)]):
+                index = int(where[start])
+                if index not in writers:
+                    writers[index] = pa.ipc.new_stream(str(file_of(index)), batch.schema)
+                writers[index].write_batch(batch.slice(start, end - start))
+    finally:
+        for writer in writers.values():
+            writer.close()
+    return schema
 
 
 def _spill_folder() -> Path:
@@ -1014,12 +1084,21 @@ class RowsFingerprint:
         self.rows += count
         self.total = int(total) + (self.total or 0)
 
-    def value(self) -> str:
+    def sums(self) -> tuple[int, int | None]:
+        """The count and the sum of the row hashes so far: the shares of one stream that several processes
+        read add up to the stream's (`value_of`)."""
         self._hash()
         if self._con is not None:
             self._con.close()
             self._con = None
-        return stable_hash("rows", *self.names, self.rows, None if self.total is None else str(self.total))
+        return self.rows, self.total
+
+    def value(self) -> str:
+        return self.value_of(self.names, *self.sums())
+
+    @staticmethod
+    def value_of(names: list[str], rows: int, total: int | None) -> str:
+        return stable_hash("rows", *names, rows, None if total is None else str(total))
 
 
 def _whole(source: pa.Table | Iterable[pa.RecordBatch]) -> pa.Table:

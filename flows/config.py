@@ -56,6 +56,12 @@ class ClusterConfig(Section):
     lost_after_seconds: float = Field(
         90, ge=40, description="a dispatched stage run that reported nothing for this long is lost: marked Crashed and started again")
     poll_seconds: float = Field(2.0, gt=0, le=60, description="how often the round looks at a dispatched stage run")
+    range_workers: int = Field(
+        0, ge=0, le=256,
+        description="processes verify, filter and pairs spread their ranges of problems over, on the machine they run "
+                    "on (data/spread.py; verify shares `verify.workers` graders among them, at least one each); 1: the "
+                    "stage's own process; 0: one per core for a stage that reads a million rows or more, else 1. "
+                    "The same rows either way")
 
     @field_validator("pools")
     @classmethod

@@ -140,6 +140,10 @@ class StageInputs:
 
         return pa.RecordBatchReader.from_batches(source.schema, hashed())
 
+    def hashed(self, stream: TableStream, fingerprint: str) -> None:
+        """`stream`'s content fingerprint, taken by the processes that read it for the stage (flows/spread.py)."""
+        self._hashed[self._index(stream)] = fingerprint
+
     def fingerprint(self) -> str:
         values = []
         for i, held in zip(self.inputs, self._tables):

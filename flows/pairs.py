@@ -7,17 +7,19 @@ variants and its search trees are held."""
 from __future__ import annotations
 
 import itertools
+from functools import partial
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import flow
 
-from evoforge.data.lake import Interleaved, lake
+from evoforge.data.lake import Interleaved, WrittenParts, lake
 from evoforge.flows.config import RoundConfig, config_hash
 from evoforge.flows.inputs import (StageInputs, pool_streams, round_stream, round_table, stage_config, stage_output,
                                    stage_stream)
+from evoforge.flows.spread import range_workers, spread_stage
 from evoforge.flows.stage_runner import StageResult, execute_stage
-from evoforge.tasks.pairs import build_step_pairs, pairs_and_sft, questions_of
+from evoforge.tasks.pairs import build_step_pairs, made_of_range, pairs_and_sft, pairs_boundaries, questions_of
 
 PROBLEM_COLUMNS = ["problem_id", "question", "origin"]
 ROLLOUT_COLUMNS = ["rollout_id", "problem_id", "text", "completion_tokens", "mean_logprob"]
@@ -75,7 +77,30 @@ def pairs_flow(run: str, round: int, config: RoundConfig | None = None, force: b
         # after the pass: the pool has gone by, so the searched problems' questions are in
         yield "pairs", build_step_pairs(nodes, searched_questions, config.pairs)
 
+    def spread(workers: int) -> dict:
+        named = {"problems": pool, "variants": [variants], "stats": [stats], "rollouts": [rollouts], "verdicts": [verdicts]}
+        if variants.num_rows:  # as in one process: the synthesize stage's rollouts are read only for kept variants
+            named["rollouts"].append(variant_rollouts)
+            named["verdicts"].append(variant_verdicts)
+        total = rollouts.rows + (variant_rollouts.rows if variants.num_rows else 0)
+        searched = pc.unique(nodes["problem_id"]) if nodes.num_rows else None
+        made = spread_stage(run, round, "pairs", inputs, named, pairs_boundaries(stats, variant_ids, total),
+                            partial(made_of_range, config.pairs, variant_ids, ("pairs", "sft_examples"), searched=searched),
+                            ("pairs", "sft_examples"), workers, keep_keys={id(variant_rollouts): kept})
+        kept_variant_rows[0] = made.rows["rollouts"] - rollouts.rows
+        if not nodes.num_rows:
+            return dict(made.parts)
+        questions = made.returned.get("searched_questions")
+        if questions is not None:
+            searched_questions.update(zip(questions["problem_id"].to_pylist(), questions["question"].to_pylist()))
+        step = build_step_pairs(nodes, searched_questions, config.pairs)
+        return {"pairs": WrittenParts(made.parts["pairs"].parts, more=step), "sft_examples": made.parts["sft_examples"]}
+
+    workers = range_workers(config.cluster, rollouts.rows + verdicts.rows)
+
     def compute(_chunks) -> dict:
+        if workers > 1:
+            return spread(workers)
         # at most this many rows: it sets how many ranges of problems the pass takes, not what it finds
         total = rollouts.rows + (variant_rollouts.rows if variants.num_rows else 0)
         made = pairs_and_sft(all_problems(), stats, all_rollouts(), all_verdicts(), config.pairs, variant_ids, total)

@@ -97,24 +97,36 @@ def problem_stats_batches(verdicts: pa.Table | Iterable[pa.RecordBatch], rollout
     holds one range, never the round."""
     if isinstance(verdicts, pa.Table):
         problem_ids, total = verdicts["problem_id"], verdicts.num_rows
-    boundaries = key_boundaries(problem_ids, total or 0, lake_module.KEY_RANGE_ROWS * NARROW_RANGE_FACTOR)
-    for ranged in in_key_ranges({"verdicts": verdicts, "rollouts": rollouts}, "problem_id", boundaries):
-        for batch in sql_batches(PER_PROBLEM, verdicts=ranged["verdicts"], rollouts=ranged["rollouts"]):
-            rows = []
-            for problem, n, correct, tokens in zip(*(batch.column(c).to_pylist() for c in ("problem_id", "n", "correct", "tokens"))):
-                accuracy = correct / n
-                rows.append(
-                    dict(
-                        problem_id=problem,
-                        n=n,
-                        correct=correct,
-                        accuracy=accuracy,
-                        pass_at_k=[(k, v) for k in config.pass_k if (v := pass_at_k(n, correct, k)) is not None],
-                        mean_tokens=tokens / n,
-                        bucket=bucket(accuracy, config.underperforming),
-                    )
+    for ranged in in_key_ranges({"verdicts": verdicts, "rollouts": rollouts}, "problem_id",
+                                filter_boundaries(problem_ids, total or 0)):
+        for _, rows in stats_of_range(config, ranged):
+            yield rows
+
+
+def filter_boundaries(problem_ids: Iterable[str] | pa.ChunkedArray, total: int) -> list[str]:
+    """Where filter splits a round of `total` verdicts into ranges of problems."""
+    return key_boundaries(problem_ids, total, lake_module.KEY_RANGE_ROWS * NARROW_RANGE_FACTOR)
+
+
+def stats_of_range(config: FilterConfig, ranged: dict[str, pa.Table]) -> Iterator[tuple[str, pa.Table]]:
+    """("problem_stats", rows) of one range's `verdicts` and `rollouts`, in problem order: what the stage
+    does per range, in its own process or in a worker of a spread one (data/spread.py)."""
+    for batch in sql_batches(PER_PROBLEM, verdicts=ranged["verdicts"], rollouts=ranged["rollouts"]):
+        rows = []
+        for problem, n, correct, tokens in zip(*(batch.column(c).to_pylist() for c in ("problem_id", "n", "correct", "tokens"))):
+            accuracy = correct / n
+            rows.append(
+                dict(
+                    problem_id=problem,
+                    n=n,
+                    correct=correct,
+                    accuracy=accuracy,
+                    pass_at_k=[(k, v) for k in config.pass_k if (v := pass_at_k(n, correct, k)) is not None],
+                    mean_tokens=tokens / n,
+                    bucket=bucket(accuracy, config.underperforming),
                 )
-            yield pa.Table.from_pylist(rows, schema=schemas.PROBLEM_STATS)
+            )
+        yield "problem_stats", pa.Table.from_pylist(rows, schema=schemas.PROBLEM_STATS)
 
 
 def summarize(tables: dict[str, pa.Table]) -> list[str]:

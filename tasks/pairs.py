@@ -106,9 +106,8 @@ def _ranges(problems: pa.Table | Iterable[pa.RecordBatch], stats: pa.Table, roll
     buckets) included, so a pool of millions of problems is never held. A streamed pool is split
     where the problems with rollouts are (the round's stats and its kept variants): the pool is read once."""
     total = rollouts.num_rows if isinstance(rollouts, pa.Table) else total
-    keys = (problems["problem_id"] if isinstance(problems, pa.Table) else
-            pa.chunked_array([stats["problem_id"], pa.array(sorted(variant_problem_ids), pa.string())], pa.string()))
-    boundaries = key_boundaries(keys, total or 0)
+    boundaries = (key_boundaries(problems["problem_id"], total or 0) if isinstance(problems, pa.Table) else
+                  pairs_boundaries(stats, variant_problem_ids, total or 0))
     return in_key_ranges({"rollouts": rollouts, "verdicts": verdicts, "problems": problems, "stats": stats},
                          "problem_id", boundaries)
 
@@ -229,20 +228,43 @@ def _made(problems: pa.Table | Iterable[pa.RecordBatch], stats: pa.Table, rollou
           ) -> Iterator[tuple[str, pa.Table]]:
     """The tables `names` ("pairs", "sft_examples") in one pass, a range of problems at a time: DuckDB pairs,
     ranks and keys each range's rows, the range's problems give them their prompts, buckets and origins."""
-    pairs_query = PAIRS_OF_RANGE.format(rejectable=str(REJECTABLE), pairs_per_problem=int(config.pairs_per_problem))
-    sft_query = SFT_OF_RANGE.format(sft_per_problem=int(config.sft_per_problem))
     for ranged in _ranges(problems, stats, rollouts, verdicts, variant_problem_ids, total):
-        in_range = _RangeProblems(ranged["problems"], ranged["stats"], variant_problem_ids)
-        if "pairs" in names:
-            for batch in sql_batches(pairs_query, rollouts=ranged["rollouts"], verdicts=ranged["verdicts"]):
-                if (table := _pairs_table(batch, in_range)).num_rows:
-                    yield "pairs", table
-        if "sft_examples" in names:
-            selection = _Selection(in_range, config)
-            for batch in sql_batches(sft_query, rollouts=ranged["rollouts"], verdicts=ranged["verdicts"],
-                                     sft_problems=in_range.sft_problems(config)):
-                if (table := selection.examples(batch)).num_rows:
-                    yield "sft_examples", table
+        yield from made_of_range(config, variant_problem_ids, names, ranged)
+
+
+def pairs_boundaries(stats: pa.Table, variant_problem_ids: frozenset[str], total: int) -> list[str]:
+    """Where pairs splits a streamed pool and `total` rollouts into ranges of problems: at the ids of the
+    problems with rollouts (the round's stats, its kept variants), as `pairs_and_sft` does."""
+    return key_boundaries(pa.chunked_array([stats["problem_id"], pa.array(sorted(variant_problem_ids), pa.string())],
+                                           pa.string()), total)
+
+
+def made_of_range(config: PairsConfig, variant_problem_ids: frozenset[str], names: tuple[str, ...],
+                  ranged: dict[str, pa.Table], searched: pa.Array | None = None) -> Iterator[tuple[str, pa.Table]]:
+    """The tables `names` of one range's `problems` (and `variants`: kept variants, after the pool's),
+    `stats`, `rollouts` and `verdicts`: what the stage does per range, in its own process or in a worker of
+    a spread one (data/spread.py). `searched`: the problems of the round's search trees, whose questions the
+    range gives as ("searched_questions", rows) for the step pairs."""
+    problems = ranged["problems"]
+    if searched is not None and len(searched):
+        found = questions_of(problems, pa.table({"problem_id": searched}))
+        yield "searched_questions", pa.table({"problem_id": pa.array(list(found), pa.string()),
+                                              "question": pa.array(list(found.values()), pa.string())})
+    if "variants" in ranged:
+        problems = pa.concat_tables([problems, ranged["variants"].cast(problems.schema)])
+    in_range = _RangeProblems(problems, ranged["stats"], variant_problem_ids)
+    if "pairs" in names:
+        pairs_query = PAIRS_OF_RANGE.format(rejectable=str(REJECTABLE), pairs_per_problem=int(config.pairs_per_problem))
+        for batch in sql_batches(pairs_query, rollouts=ranged["rollouts"], verdicts=ranged["verdicts"]):
+            if (table := _pairs_table(batch, in_range)).num_rows:
+                yield "pairs", table
+    if "sft_examples" in names:
+        selection = _Selection(in_range, config)
+        sft_query = SFT_OF_RANGE.format(sft_per_problem=int(config.sft_per_problem))
+        for batch in sql_batches(sft_query, rollouts=ranged["rollouts"], verdicts=ranged["verdicts"],
+                                 sft_problems=in_range.sft_problems(config)):
+            if (table := selection.examples(batch)).num_rows:
+                yield "sft_examples", table
 
 
 def build_pairs(

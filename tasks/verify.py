@@ -87,25 +87,46 @@ def verify_batches(rollouts: pa.Table | Iterable[pa.RecordBatch], problems: pa.T
     golds = problems.select(["problem_id", "answer"])
     total = rollouts.num_rows if isinstance(rollouts, pa.Table) else total
     # the golds go range by range with the rollouts: a pool of millions of problems is never one dict
-    ranges = in_key_ranges({"rollouts": rollouts, "golds": golds}, "problem_id",
-                           key_boundaries(golds["problem_id"], total or 0))
+    ranges = in_key_ranges({"rollouts": rollouts, "golds": golds}, "problem_id", verify_boundaries(golds, total or 0))
     with graders as pool, Progress("verify", total or 0, "rollouts") as progress:
-        done = 0
-        for rows, gold_of in _in_chunks(ranges, CHUNK_ROLLOUTS):
-            batch = rows.to_pylist()
-            missing = sorted({r["problem_id"] for r in batch if r["problem_id"] not in gold_of})
-            if missing:
-                raise ValueError(f"verify: rollouts of {len(missing)} problem(s) are not in the pool (e.g. {missing[:3]})")
-            key = stable_hash("verify", *(r["rollout_id"] for r in batch))
+        yield from _graded_chunks(_in_chunks(ranges, CHUNK_ROLLOUTS), pool, chunks, progress.update)
 
-            def grade(batch=batch, done=done, gold_of=gold_of) -> pa.Table:
-                return _grade_batch(batch, gold_of, pool, lambda n: progress.update(done + n))
 
-            # a chunk an older evoforge stored lacks the newer columns: they read as nulls
-            yield schemas.conform(chunks.get_or_compute(key, grade), schemas.VERDICTS, where="verify chunk",
-                                  missing_as_null=True)
-            done += len(batch)
-            progress.update(done)
+def verify_boundaries(golds: pa.Table, total: int) -> list[str]:
+    """Where verify splits `total` rollouts into ranges of problems (by the pool's ids)."""
+    return key_boundaries(golds["problem_id"], total)
+
+
+def verdicts_of_range(config: VerifyConfig, chunks: Chunks, ranged: dict[str, pa.Table]) -> Iterator[tuple[str, pa.Table]]:
+    """("verdicts", rows) of one range's `rollouts` and `golds`, a resumable chunk of CHUNK_ROLLOUTS at a time
+    (cut within the range: the workers of a spread stage grade ranges apart, data/spread.py), on this
+    process's graders; then ("verify_chunks", how many chunks were reused and computed)."""
+    reused, computed = chunks.reused, chunks.computed
+    with config.pool() as pool:
+        for verdicts in _graded_chunks(_in_chunks(iter([ranged]), CHUNK_ROLLOUTS), pool, chunks):
+            yield "verdicts", verdicts
+    yield "verify_chunks", pa.table({"reused": [chunks.reused - reused], "computed": [chunks.computed - computed]})
+
+
+def _graded_chunks(chunked: Iterator[tuple[pa.Table, dict]], pool: GraderPool, chunks: Chunks,
+                   on_progress=lambda done: None) -> Iterator[pa.Table]:
+    """The verdicts of each chunk of rollouts (with its problems' golds), stored as a resumable chunk."""
+    done = 0
+    for rows, gold_of in chunked:
+        batch = rows.to_pylist()
+        missing = sorted({r["problem_id"] for r in batch if r["problem_id"] not in gold_of})
+        if missing:
+            raise ValueError(f"verify: rollouts of {len(missing)} problem(s) are not in the pool (e.g. {missing[:3]})")
+        key = stable_hash("verify", *(r["rollout_id"] for r in batch))
+
+        def grade(batch=batch, done=done, gold_of=gold_of) -> pa.Table:
+            return _grade_batch(batch, gold_of, pool, lambda n: on_progress(done + n))
+
+        # a chunk an older evoforge stored lacks the newer columns: they read as nulls
+        yield schemas.conform(chunks.get_or_compute(key, grade), schemas.VERDICTS, where="verify chunk",
+                              missing_as_null=True)
+        done += len(batch)
+        on_progress(done)
 
 
 def _in_chunks(ranges: Iterator[dict[str, pa.Table]], size: int) -> Iterator[tuple[pa.Table, dict]]:

@@ -1,0 +1,249 @@
+"""filter and pairs spread over worker processes (`cluster.range_workers`, data/spread.py): the same rows in
+the same order as one process, the same input fingerprints (each input read once, by the workers), one
+commit of every worker's parts; a worker's failure commits nothing and leaves nothing behind."""
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from evoforge.data import lake as lake_module
+from evoforge.data import schemas
+from evoforge.data import spread as spread_module
+from evoforge.data.ids import stable_hash
+from evoforge.data.lake import DamagedPart, Lake
+from tests.test_streaming import in_batches, random_graded_round
+
+
+@pytest.fixture()
+def no_prefect_api(monkeypatch):
+    import prefect.artifacts
+
+    for name in ("create_table_artifact", "create_markdown_artifact"):  # no Prefect API in these tests
+        monkeypatch.setattr(prefect.artifacts, name, lambda **kw: None)
+
+
+def config(workers: int):
+    from evoforge.flows.config import ClusterConfig, RoundConfig
+
+    return RoundConfig(cluster=ClusterConfig(range_workers=workers))
+
+
+def graded_round_with_variants_and_a_search(store) -> tuple[str, str]:
+    """A round in the lake, over several parts per input: the pool, its rollouts and verdicts, three
+    kept variants of this round among five that synthesize solved, and a search tree of one problem.
+    Returns the searched problem and its question."""
+    from tests.test_mcts import crafted_tree
+
+    problems, _, table, verdicts = random_graded_round(seed=3)
+    store.publish_stage("r", 0, "ingest", {"problems": schemas.conform(problems, schemas.PROBLEMS, where="problems",
+                                                                       missing_as_null=True)}, key="source")
+    store.publish_stage("r", 0, "generate", {"rollouts": in_batches(table, 64)})
+    store.publish_stage("r", 0, "verify", {"verdicts": in_batches(schemas.conform(
+        verdicts, schemas.VERDICTS, where="verdicts", missing_as_null=True), 50)})
+    variant_ids = [stable_hash("variant", i) for i in range(5)]
+    store.publish_stage("r", 0, "synthesize", {
+        "problems": schemas.conform(pa.table({
+            "problem_id": variant_ids[:3], "question": [f"variant {i}" for i in range(3)],
+            "origin": ["variant"] * 3}), schemas.PROBLEMS, where="variants", missing_as_null=True),
+        "rollouts": schemas.conform(pa.table({
+            "rollout_id": [stable_hash("variant rollout", v, i) for v in variant_ids for i in range(4)],
+            "problem_id": [v for v in variant_ids for _ in range(4)],
+            "text": [f"so \\boxed{{{i % 2}}}" for _ in variant_ids for i in range(4)],
+            "completion_tokens": pa.array([10 + i for _ in variant_ids for i in range(4)], pa.int32()),
+            "mean_logprob": [-0.5] * 20}), schemas.ROLLOUTS, where="variant rollouts", missing_as_null=True),
+        "verdicts": schemas.conform(pa.table({
+            "rollout_id": [stable_hash("variant rollout", v, i) for v in variant_ids for i in range(4)],
+            "problem_id": [v for v in variant_ids for _ in range(4)],
+            "verdict": ["correct", "wrong"] * 10}), schemas.VERDICTS, where="variant verdicts", missing_as_null=True)})
+    searched, question = problems["problem_id"][5].as_py(), problems["question"][5].as_py()
+    tree = crafted_tree()
+    store.publish_stage("r", 0, "mcts", {"mcts_nodes": tree.set_column(
+        tree.schema.get_field_index("problem_id"), "problem_id", pa.array([searched] * tree.num_rows))})
+    return searched, question
+
+
+@pytest.mark.slow
+def test_verify_over_two_workers_grades_what_one_process_grades(runs_root, no_prefect_api, monkeypatch):
+    from evoforge.data.lake import lake
+    from evoforge.flows.verify import verify_flow
+    from tests.test_streaming import golds, rollouts
+
+    monkeypatch.setattr(lake_module, "PART_MAX_ROWS", 150)  # 480 rollouts in 4 parts
+    monkeypatch.setattr(lake_module, "KEY_RANGE_ROWS", 100)  # 5 ranges, 2 workers with 2 graders each
+    table = rollouts(60)
+    problems = golds(table).append_column("question", pa.array(["q"] * 60))
+    store = lake()
+    store.publish_stage("r", 0, "ingest", {"problems": schemas.conform(problems, schemas.PROBLEMS, where="problems",
+                                                                       missing_as_null=True)}, key="source")
+    store.publish_stage("r", 0, "generate", {"rollouts": in_batches(table, 64)})
+    graded = {}
+    for workers in (1, 2):
+        assert verify_flow.fn("r", 0, config(workers), force=True).status == "completed"
+        verdicts = store.read("r", "verdicts", 0, "verify")
+        # `seconds` is how long grading took, `graded_with` which of a chunk's equal answers was graded
+        graded[workers] = verdicts.drop_columns(["seconds", "graded_with"]).to_pylist()
+    assert graded[2] == graded[1] and len(graded[1]) == table.num_rows
+    assert {v["verdict"] for v in graded[2]} >= {"correct", "wrong", "no_answer"}
+    one, two = executions(store, "verify")
+    assert one["input_fingerprint"] == two["input_fingerprint"]
+    assert verify_flow.fn("r", 0, config(1)).status == "skipped"
+
+
+def executions(store, stage: str) -> list[dict]:
+    return [e for e in store.read("r", "stage_runs").to_pylist() if e["stage"] == stage and e["status"] == "completed"]
+
+
+def test_filter_and_pairs_over_two_workers_write_what_one_process_writes(lake_on_with_processes, no_prefect_api,
+                                                                         monkeypatch):
+    from evoforge.data.lake import lake
+    from evoforge.flows.filter import filter_flow
+    from evoforge.flows.pairs import pairs_flow
+
+    monkeypatch.setattr(lake_module, "PART_MAX_ROWS", 300)  # every input in several parts,
+    monkeypatch.setattr(lake_module, "ROW_GROUP_ROWS", 50)  # of six row groups,
+    monkeypatch.setattr(spread_module, "READ_TASK_ROWS", 100)  # read in three slices by the workers
+    monkeypatch.setattr(lake_module, "KEY_RANGE_ROWS", 100)  # pairs: 10 ranges, filter: 2
+    store = lake()
+    searched, question = graded_round_with_variants_and_a_search(store)
+    # the parts of the streamed inputs this process reads (filter holds the pool's ids; pairs streams the pool):
+    # with workers, none: they read them, and hash them for the stage's input fingerprint
+    read_here, streamed = [], set()
+    part_batches = Lake._part_batches
+
+    def counted(store, run, round, stage, folder, part, schema):
+        if (stage, part.table) in streamed:
+            read_here.append((stage, part.table))
+        return part_batches(store, run, round, stage, folder, part, schema)
+
+    monkeypatch.setattr(Lake, "_part_batches", counted)
+    written = {}
+    for workers in (1, 2):
+        for flow, tables in ((filter_flow, ("problem_stats",)), (pairs_flow, ("pairs", "sft_examples"))):
+            streamed = {("generate", "rollouts"), ("verify", "verdicts")} | (
+                {("ingest", "problems"), ("synthesize", "rollouts"), ("synthesize", "verdicts")} if flow is pairs_flow else set())
+            read_here.clear()
+            assert flow.fn("r", 0, config(workers), force=True).status == "completed"
+            assert bool(read_here) == (workers == 1), (workers, flow.name, read_here)
+            for table in tables:
+                written[workers, table] = store.read("r", table, 0, flow.name).to_pylist()
+    for table in ("problem_stats", "pairs", "sft_examples"):
+        assert written[2, table] == written[1, table], table  # the same rows, in the same order
+    assert len(written[1, "pairs"]) > 20 and len(written[1, "sft_examples"]) > 20
+    kinds = {(p["kind"], p["prompt"]) for p in written[2, "pairs"] if p["problem_id"] == searched}
+    assert ("step", question) in kinds  # the step pairs got their question from the pool the workers read
+    assert {e["bucket"] for e in written[2, "sft_examples"] if e["origin"] == "variant"} == {"variant"}
+    assert len({e["problem_id"] for e in written[2, "sft_examples"] if e["origin"] == "variant"}) == 3  # kept only
+    for stage in ("filter", "pairs"):
+        one, two = executions(store, stage)
+        assert one["input_fingerprint"] == two["input_fingerprint"]  # the workers hashed what one pass hashes
+        assert (one["rows_in"], one["rows_out"]) == (two["rows_in"], two["rows_out"])
+    # a rerun on one process finds the spread execution's output unchanged
+    assert filter_flow.fn("r", 0, config(1)).status == "skipped"
+    assert store.inspect("r").leftovers == [] and not list((lake_module.home.home() / ".tmp" / "spill").glob(
+        f"*-{__import__('os').getpid()}-*"))
+
+
+@pytest.mark.slow
+def test_a_worker_that_fails_commits_nothing_and_leaves_no_part(runs_root, no_prefect_api, monkeypatch):
+    import os
+
+    from evoforge.data.lake import lake
+    from evoforge.flows.filter import filter_flow
+
+    monkeypatch.setattr(lake_module, "PART_MAX_ROWS", 300)
+    monkeypatch.setattr(lake_module, "ROW_GROUP_ROWS", 50)
+    monkeypatch.setattr(spread_module, "READ_TASK_ROWS", 100)  # a part's row groups in three slices
+    monkeypatch.setattr(lake_module, "KEY_RANGE_ROWS", 40)
+    store = lake()
+    graded_round_with_variants_and_a_search(store)
+    assert filter_flow.fn("r", 0, config(2)).status == "completed"
+    before = store.read("r", "problem_stats", 0, "filter")
+    manifest = store.manifest("r", 0, "filter")
+    # the last part of the verdicts is damaged: the worker that reads it fails, naming it
+    last = [p for p in store.manifest("r", 0, "verify").parts if p.table == "verdicts"][-1]
+    path = store.stage_dir("r", 0, "verify") / last.file
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(DamagedPart, match=last.file.split("/")[-1]):
+        filter_flow.fn("r", 0, config(2), force=True)
+    assert store.manifest("r", 0, "filter").commit == manifest.commit  # nothing committed
+    assert store.read("r", "problem_stats", 0, "filter").equals(before)
+    listed = {p.file for p in manifest.parts}
+    on_disk = {f"problem_stats/{p.name}" for p in (store.stage_dir("r", 0, "filter") / "problem_stats").iterdir()}
+    assert on_disk == listed  # no worker's part is left
+    failed = [e for e in store.read("r", "stage_runs").to_pylist() if e["stage"] == "filter" and e["status"] == "failed"]
+    assert len(failed) == 1 and last.file.split("/")[-1] in failed[0]["error"]
+    assert not list((lake_module.home.home() / ".tmp" / "spill").glob(f"*-{os.getpid()}-*"))  # the split files too
+
+
+def stats_or_fail(fail_at: str, ranged: dict[str, pa.Table]):
+    """A range function for the test below: the range's problems as `problem_stats` rows, or an error in the
+    range that holds `fail_at` (sent to the workers: defined at module level)."""
+    ids = sorted(ranged["problems"]["problem_id"].to_pylist())
+    if fail_at in ids:
+        raise ValueError(f"range of {fail_at} failed")
+    yield "problem_stats", pa.Table.from_pylist([dict(problem_id=p, n=1, correct=1, accuracy=1.0, pass_at_k=[],
+                                                      mean_tokens=1.0, bucket="solved") for p in ids],
+                                                schema=schemas.PROBLEM_STATS)
+
+
+@pytest.mark.slow
+def test_a_range_that_fails_in_a_worker_removes_the_parts_the_other_workers_wrote(runs_root):
+    import functools
+    import os
+
+    from evoforge.data.lake import lake
+    from evoforge.data.spread import RangedPass, spread_ranges
+
+    ids = sorted(stable_hash("p", i) for i in range(400))
+    boundaries = tuple(ids[i] for i in range(20, 400, 20))  # 20 ranges, 8 blocks on two workers
+    store = lake()
+    store.ensure_run("r")
+    ok = spread_ranges(RangedPass("r", 0, "filter", "problem_id", boundaries, {"problems": [pa.table({"problem_id": ids})]},
+                                  functools.partial(stats_or_fail, "none"), ("problem_stats",)), workers=2)
+    parts = ok.parts["problem_stats"].parts
+    assert len(parts) == 8 and sum(p.rows for p in parts) == 400  # a part per block, in block order:
+    assert [p.file for p in parts] == sorted(p.file for p in parts)
+    store.publish("r", 0, "filter", {"problem_stats": ok.parts["problem_stats"]})
+    assert store.read("r", "problem_stats", 0, "filter")["problem_id"].to_pylist() == ids  # range order
+    folder = store.stage_dir("r", 0, "filter") / "problem_stats"
+    committed = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(ValueError, match=f"range of {ids[-1]} failed"):  # the last block fails
+        spread_ranges(RangedPass("r", 0, "filter", "problem_id", boundaries, {"problems": [pa.table({"problem_id": ids})]},
+                                 functools.partial(stats_or_fail, ids[-1]), ("problem_stats",)), workers=2)
+    # the parts of the blocks that finished are removed; a block the failure cut short (the other worker's, at
+    # most one) may leave a part no manifest lists, which the next stage start on the run sweeps
+    left = sorted(p.name for p in folder.iterdir() if p.name not in committed)
+    assert len(left) <= 1 and store.inspect("r").leftovers == [folder / name for name in left]
+    store.sweep("r")
+    assert sorted(p.name for p in folder.iterdir()) == committed
+    assert not list((lake_module.home.home() / ".tmp" / "spill").glob(f"*-{os.getpid()}-*"))
+
+
+@pytest.mark.unit
+def test_a_parts_row_groups_read_in_slices_give_the_part_and_a_damaged_slice_is_named(runs_root, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from evoforge.data.lake import lake
+    from tests.test_streaming import rollouts
+
+    monkeypatch.setattr(lake_module, "ROW_GROUP_ROWS", 50)
+    store = lake()
+    table = rollouts(40)  # 320 rows: seven row groups
+    store.publish_stage("r", 0, "generate", {"rollouts": table})
+    (part,) = store.manifest("r", 0, "generate").parts
+    columns = ["rollout_id", "problem_id", "text"]
+    slices = [pa.Table.from_batches(list(store.part_batches("r", 0, "generate", part, columns, (k, 3))))
+              for k in range(3)]
+    assert [s.num_rows for s in slices] == [100, 100, 120]  # row groups 0-1, 2-3, 4-6
+    assert pa.concat_tables(slices).equals(table.select(columns))
+    path = store.stage_dir("r", 0, "generate") / part.file
+    text = pq.ParquetFile(path).metadata.row_group(5).column(table.schema.get_field_index("text"))
+    offset = text.dictionary_page_offset or text.data_page_offset  # the first page of a column the last slice reads
+    data = bytearray(path.read_bytes())
+    data[offset:offset + 8] = b"\xff" * 8
+    path.write_bytes(bytes(data))
+    for k in (0, 2):  # the first slice checks the checksum; the last finds its pages unreadable, then checks it
+        with pytest.raises(DamagedPart, match="checksum differs"):
+            list(store.part_batches("r", 0, "generate", part, columns, (k, 3)))
