@@ -39,6 +39,7 @@ import pyarrow.compute as pc
 
 from evoforge.data import lake as lake_module
 from evoforge.data import schemas
+from evoforge.data.children import die_with_parent
 from evoforge.data.lake import Lake, RowsFingerprint, TableWriter, WrittenParts, _spill_folder, lake, spill_by_range, use_lake
 from evoforge.data.manifest import Part
 from evoforge.data.storage import remove_tree
@@ -207,7 +208,8 @@ def _split_file(folder: str, task: int, input: str, index: int) -> Path:
 
 
 # -- in the workers ------------------------------------------------------------------------------
-def _start_worker(lake_root: str, sql_threads: int) -> None:
+def _start_worker(stage_process: int, lake_root: str, sql_threads: int) -> None:
+    die_with_parent(stage_process)  # a stage process killed outright takes its workers with it: none writes on, unwatched
     use_lake(lake_root)
     lake_module.SQL_THREADS = sql_threads  # the machine's cores, shared by the workers' DuckDBs
 
@@ -282,7 +284,7 @@ class _Workers:
     def __init__(self, workers: int, lake_root: str):
         threads = max(1, (os.cpu_count() or 1) // workers)
         self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_start_worker, initargs=(lake_root, threads))
+                                         initializer=_start_worker, initargs=(os.getpid(), lake_root, threads))
 
     def __enter__(self) -> "_Workers":
         return self

@@ -247,3 +247,66 @@ def test_a_parts_row_groups_read_in_slices_give_the_part_and_a_damaged_slice_is_
     for k in (0, 2):  # the first slice checks the checksum; the last finds its pages unreadable, then checks it
         with pytest.raises(DamagedPart, match="checksum differs"):
             list(store.part_batches("r", 0, "generate", part, columns, (k, 3)))
+
+
+def slow_range(ranged: dict[str, pa.Table]):
+    """A range that takes a minute (sent to the workers of the test below), once it has said it started."""
+    import os
+    import time
+    from pathlib import Path
+
+    Path(os.environ["SLOW_RANGE_STARTED"], str(os.getpid())).touch()
+    time.sleep(60)
+    yield from ()
+
+
+SPREAD_THAT_SLEEPS = """
+import functools, sys
+import pyarrow as pa
+from evoforge.data.lake import lake
+from evoforge.data.spread import RangedPass, spread_ranges
+from tests.test_spread import slow_range
+lake().ensure_run("r")
+print("started", flush=True)
+spread_ranges(RangedPass("r", 0, "filter", "problem_id", ("b",), {"problems": [pa.table({"problem_id": ["a", "c"]})]},
+                         slow_range, ("problem_stats",)), workers=2)
+"""
+
+
+@pytest.mark.slow
+def test_a_stage_process_killed_outright_takes_its_workers_with_it(runs_root, scratch, monkeypatch):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    started = scratch / "ranges started"
+    started.mkdir()
+    monkeypatch.setenv("SLOW_RANGE_STARTED", str(started))
+    stage = subprocess.Popen([sys.executable, "-c", SPREAD_THAT_SLEEPS], stdout=subprocess.PIPE, text=True,
+                             cwd=str(Path(__file__).resolve().parent.parent))
+    assert stage.stdout.readline().strip() == "started"
+
+    def children(pid: int) -> list[int]:
+        found = []
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                found += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+        return found
+
+    deadline = time.monotonic() + 60
+    while len(list(started.iterdir())) < 2:  # both workers are in a range
+        assert time.monotonic() < deadline, "the workers did not start"
+        time.sleep(0.2)
+    workers = [int(p.name) for p in started.iterdir()]
+    assert set(workers) <= set(children(stage.pid))
+    os.kill(stage.pid, signal.SIGKILL)
+    stage.wait()
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{w}").exists() and "Z" not in Path(f"/proc/{w}/stat").read_text().split()[2] for w in workers):
+        assert time.monotonic() < deadline, "a worker outlived the stage process"
+        time.sleep(0.1)

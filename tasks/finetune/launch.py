@@ -20,7 +20,6 @@ launcher is torchrun, which does not need a GPU; the trainers are told `use_cpu`
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -34,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from evoforge.data import home
+from evoforge.data.children import die_with_parent
 from evoforge.data.home import PROJECT_ROOT
 from evoforge.tasks.finetune.config import FinetuneConfig
 from evoforge.tasks.finetune.training import TrackerRun, TrainingContext, check_rows, staging_folder
@@ -41,7 +41,6 @@ from evoforge.tasks.progress import Progress, flow_run_logger
 
 MARKER = "@evoforge "  # a line evoforge's logger wrote in a training process: JSON, forwarded to the flow run
 RECIPES = PROJECT_ROOT / "deploy" / "accelerate"
-_PR_SET_PDEATHSIG = 1
 
 
 class TrainingFailed(RuntimeError):
@@ -56,17 +55,6 @@ def recipe_path(name_or_path: str) -> Path:
         names = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
         raise ValueError(f"finetune.accelerate_config: {name_or_path!r} is neither a shipped recipe ({names}) nor a file")
     return path
-
-
-def die_with_parent() -> None:
-    """Ask the kernel to SIGKILL this process when its parent dies (Linux); exit now if it already has."""
-    parent = os.getppid()
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        return  # not Linux: the launcher's own cleanup still stops the children on every way out but SIGKILL
-    if os.getppid() != parent:  # the parent died before the request took effect
-        os._exit(1)
 
 
 def launch_command(config: FinetuneConfig, job: Path) -> list[str]:

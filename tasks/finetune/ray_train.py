@@ -39,7 +39,7 @@ def train_loop(loop_config: dict) -> dict | None:
 
 
 def main(job_path: str) -> int:
-    from evoforge.tasks.finetune.launch import die_with_parent
+    from evoforge.data.children import die_with_parent
 
     die_with_parent()
     from evoforge.data import home

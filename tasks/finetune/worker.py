@@ -63,7 +63,7 @@ def run_job(job: dict, data: dict) -> dict:
 
 
 def main(job_path: str) -> int:
-    from evoforge.tasks.finetune.launch import die_with_parent
+    from evoforge.data.children import die_with_parent
 
     die_with_parent()  # the launcher (accelerate, torchrun) dying takes this trainer with it
     from evoforge.data import home
