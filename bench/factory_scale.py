@@ -4,6 +4,7 @@ bounded memory, at 10M rollouts?".
 
     .venv/bin/python bench/factory_scale.py [--sizes 1000000,10000000] [--lake disk|s3] [--gpus 64]
                                             [--tokens-per-second 20000] [--grader math-verify|trivial]
+                                            [--range-workers N]
 
 For each size a synthetic round is built without a model (bench/memory.py `build`: the pool and the
 generate stage's rollouts written as the stage writes them, 8 per problem, ~300-character texts whose
@@ -11,18 +12,21 @@ final answers agree as a small model's do: the gold about half the time, else on
 answers or none). Then each step runs in a fresh process that reports its own figures:
 
 - verify, filter, pairs: the stage flows (`<stage>_flow.fn`: lock, fingerprints, chunks, bounded parts,
-  stage_runs, catalog; Prefect's API calls stubbed);
+  stage_runs, catalog; Prefect's API calls stubbed), spread over `--range-workers` processes
+  (`cluster.range_workers`; by default one per core from a million rows: data/spread.py);
 - export: `evoforge export` of rollouts, verdicts and the sft rows, Parquet layout (flows/export.py);
 - queries: every named query of sql/queries/ over the run (`evoforge sql`).
 
-Per step: seconds (and seconds per million rollouts), the process's peak RSS (VmHWM) and the largest of
-its grader processes, bytes read and written (/proc/<pid>/io: rchar / wchar, what the process asked
-the kernel for, page cache included), and with `--lake s3` the HTTP requests the local S3 server
-(moto) answered. The generation the round would take: the rollouts' completion tokens at
-`--tokens-per-second` per GPU on `--gpus` GPUs (`--tokens-per-rollout` each, default 300: issue 30's 80M
-rollouts in 330 H100-hours); the share is the steps' seconds on this machine (its cores: the figure a
-cluster divides by its CPU count for the steps that spread, verify above all) over that. Targets (issue 30): each step's peak RSS within 2x from the smallest to the largest size, and
-the sum under 1% of generation on 64 GPUs.
+Per step: seconds (and seconds per million rollouts, with the modules a round's process imports once
+already imported), CPU seconds (the process's, its ended children's, its live ones' as last sampled:
+a grader pool's), the process's peak RSS (VmHWM) and the largest of its children's (a spread stage's
+workers, graders), bytes read and written (/proc/<pid>/io: rchar / wchar, what the processes asked the
+kernel for, page cache included; the children's as last sampled, twice a second), and with `--lake s3`
+the HTTP requests the local S3 server (moto) answered. The generation the round would take: the
+rollouts' completion tokens at `--tokens-per-second` per GPU on `--gpus` GPUs (`--tokens-per-rollout`
+each, default 300: issue 30's 80M rollouts in 330 H100-hours); the share is the steps' seconds on this
+machine over that. Targets (issue 30): each step's peak RSS within 2x from the smallest to the largest
+size, and the sum under 1% of generation on 64 GPUs.
 """
 from __future__ import annotations
 
@@ -125,10 +129,12 @@ def run_step(step: str, lake_root: str, grader: str, out: Path, range_workers: i
     own, ended = (after - before for after, before in zip(cpu_seconds(), cpu_before))
     # the children's: exact for those that ended; for those still alive (the grader pool's), as last sampled
     children = max(ended, sum(below.cpu.values()))
+    # the children's bytes as last sampled: a spread stage's workers read and write most of it
+    children_read, children_written = (sum(io[i] for io in below.io.values()) for i in (0, 1))
     return {"seconds": seconds, "cpu_s": own + children, "rows": rows, "peak_mb": peak_rss_mb(),
-            "graders": processes,
-            "largest_grader_mb": largest, "read_bytes": after["rchar"] - before["rchar"],
-            "written_bytes": after["wchar"] - before["wchar"]}
+            "children": processes, "largest_child_mb": largest,
+            "read_bytes": after["rchar"] - before["rchar"] + children_read,
+            "written_bytes": after["wchar"] - before["wchar"] + children_written}
 
 
 def fresh(*options: str, env: dict | None = None) -> dict:
@@ -228,7 +234,7 @@ def report(results: dict, sizes: list[int], args) -> None:
             s = r["steps"][step]
             print(f"| {size:,} | {step} | {s['seconds']:.1f} | {s['seconds'] / size * 1e6:.1f} | {s['cpu_s']:.1f} | "
                   f"{s['peak_mb']:.0f} | "
-                  f"{s['largest_grader_mb']:.0f} | {s['read_bytes'] / 2**30:.2f} | {s['written_bytes'] / 2**30:.2f} | "
+                  f"{s['largest_child_mb']:.0f} | {s['read_bytes'] / 2**30:.2f} | {s['written_bytes'] / 2**30:.2f} | "
                   f"{s['requests'] if s['requests'] is not None else '–'} |")
         total = sum(s["seconds"] for s in r["steps"].values())
         cpu = sum(s["cpu_s"] for s in r["steps"].values())

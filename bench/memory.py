@@ -48,6 +48,8 @@ def peak_rss_mb(pid: int | str = "self") -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
+    if pid != "self":
+        return 0.0  # a process that has ended and not been waited for (a zombie) has no memory lines
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -60,6 +62,7 @@ class DescendantPeaks:
 
         self.peaks: dict[int, float] = {}
         self.cpu: dict[int, float] = {}  # the CPU seconds each has used, as last seen
+        self.io: dict[int, tuple[int, int]] = {}  # the bytes each has read and written (rchar, wchar), as last seen
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -84,6 +87,8 @@ class DescendantPeaks:
                     self.peaks[pid] = max(self.peaks.get(pid, 0.0), peak_rss_mb(pid))
                     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
                     self.cpu[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+                    io = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+                    self.io[pid] = (int(io["rchar"]), int(io["wchar"]))
                 except (OSError, ValueError, IndexError):
                     pass
 

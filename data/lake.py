@@ -957,7 +957,7 @@ def _spilled(streams: Mapping[str, pa.Table | Iterable[pa.RecordBatch]], key: st
              ) -> Iterator[dict[str, pa.RecordBatchReader]]:
     """`in_key_ranges` through files: every stream written once, split by range; then each range's
     rows as one reader per stream, to be read before the next range is asked for."""
-    folder = _spill_folder()
+    folder = new_spill_folder()
     schemas_of: dict[str, pa.Schema | None] = {}
     try:
         for name, source in streams.items():
@@ -1012,7 +1012,7 @@ def spill_by_range(source: pa.Table | Iterable[pa.RecordBatch], key: str, bounda
     return schema
 
 
-def _spill_folder() -> Path:
+def new_spill_folder() -> Path:
     """A new folder for one spill, named by host and process: the folders a killed process of this
     host left behind are removed first (another host's, on a shared home, are not ours to judge)."""
     import socket

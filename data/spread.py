@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 from evoforge.data import lake as lake_module
 from evoforge.data import schemas
 from evoforge.data.children import die_with_parent
-from evoforge.data.lake import Lake, RowsFingerprint, TableWriter, WrittenParts, _spill_folder, lake, spill_by_range, use_lake
+from evoforge.data.lake import Lake, RowsFingerprint, TableWriter, WrittenParts, lake, new_spill_folder, spill_by_range, use_lake
 from evoforge.data.manifest import Part
 from evoforge.data.storage import remove_tree
 
@@ -117,13 +117,13 @@ def spread_ranges(job: RangedPass, workers: int, on_progress: Callable[[str, int
     then ranges done."""
     store = lake()
     progress = on_progress or (lambda step, done, total: None)
-    folder = _spill_folder()
+    folder = new_spill_folder()
     written: list[Part] = []
     try:
         tasks, schemas_of = _read_tasks(store, job, folder)
         with _Workers(workers, str(store.root)) as pool:
             # 1. read and split: each task's rows into its own files, one per range
-            sums: dict[StreamSource, list[int]] = {}
+            sums: dict[StreamSource, tuple[int, int | None]] = {}
             rows: dict[str, int] = {name: 0 for name in job.inputs}
             total_rows = sum(t.rows for t in tasks)
             done = 0
@@ -132,17 +132,14 @@ def spread_ranges(job: RangedPass, workers: int, on_progress: Callable[[str, int
                     [(task, pool.submit(_read_and_split, task, str(folder), job.key, job.boundaries)) for task in tasks]):
                 rows[task.input] += taken
                 if task.source is not None:
-                    count, total = sums.setdefault(task.source, [0, None])
-                    sums[task.source] = [count + hashed[0], hashed[1] if total is None else
-                                         total if hashed[1] is None else total + hashed[1]]
+                    sums[task.source] = _added(sums.get(task.source, (0, None)), hashed)
                 done += task.rows
                 progress("read", done, total_rows)
             fingerprints = {}
             for name, sources in job.inputs.items():
                 for source in sources:
                     if isinstance(source, StreamSource):
-                        count, total = sums.get(source, [0, None])
-                        fingerprints[source] = RowsFingerprint.value_of(list(source.columns), count, total)
+                        fingerprints[source] = RowsFingerprint.value_of(list(source.columns), *sums.get(source, (0, None)))
             # 2. ranges: contiguous blocks, each written under names that sort by block
             ranges = len(job.boundaries) + 1
             count = max(1, min(ranges, workers * BLOCKS_PER_WORKER))
@@ -174,6 +171,12 @@ def spread_ranges(job: RangedPass, workers: int, on_progress: Callable[[str, int
         raise
     finally:
         remove_tree(folder)
+
+
+def _added(sums: tuple[int, int | None], more: tuple[int, int | None]) -> tuple[int, int | None]:
+    """Two shares of a stream's (row count, sum of row hashes); None: no row hashed yet."""
+    (rows, total), (more_rows, more_total) = sums, more
+    return rows + more_rows, more_total if total is None else total if more_total is None else total + more_total
 
 
 def _read_tasks(store: Lake, job: RangedPass, folder: Path) -> tuple[list[_ReadTask], dict[str, pa.Schema]]:
@@ -266,7 +269,7 @@ def _ranges(run: str, round: int, stage: str, block: int, first: int, last: int,
                     handed_back.setdefault(table, []).append(rows)
                     continue
                 if table not in writers:
-                    writers[table] = TableWriter(stage_dir, table, Lake._schema(table), None, order=block)
+                    writers[table] = TableWriter(stage_dir, table, schemas.ROUND_TABLES[table], None, order=block)
                 writers[table].write(schemas.conform(rows, writers[table].schema, where=f"{stage}/{table}"))
         parts = {table: writer.close(empty_part=False) for table, writer in writers.items()}
     except BaseException:
