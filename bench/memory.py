@@ -81,9 +81,12 @@ class DescendantPeaks:
     def _run(self) -> None:
         import os
 
+        own = Path("/proc/self/cmdline").read_bytes()
         while not self._stop.wait(0.5):
             for pid in self._descendants(os.getpid()):
                 try:
+                    if Path(f"/proc/{pid}/cmdline").read_bytes() == own:
+                        continue  # forked, not yet exec'd (a process being spawned): it still reads as this one
                     self.peaks[pid] = max(self.peaks.get(pid, 0.0), peak_rss_mb(pid))
                     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
                     self.cpu[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime

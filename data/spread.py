@@ -121,7 +121,7 @@ def spread_ranges(job: RangedPass, workers: int, on_progress: Callable[[str, int
     written: list[Part] = []
     try:
         tasks, schemas_of = _read_tasks(store, job, folder)
-        with _Workers(workers, str(store.root)) as pool:
+        with LakeWorkers(workers, str(store.root)) as pool:
             # 1. read and split: each task's rows into its own files, one per range
             sums: dict[StreamSource, tuple[int, int | None]] = {}
             rows: dict[str, int] = {name: 0 for name in job.inputs}
@@ -280,17 +280,23 @@ def _ranges(run: str, round: int, stage: str, block: int, first: int, last: int,
 
 
 # -- the processes ---------------------------------------------------------------------------------
-class _Workers:
-    """`workers` spawned processes pointed at the lake. Leaving the block stops them; on an error they are
-    killed, not waited for (a block of ranges can take minutes)."""
+class LakeWorkers:
+    """`workers` spawned processes pointed at the lake under `lake_root`, each dying with this one. Leaving the
+    block stops them; on an error they are killed, not waited for (a block of ranges can take minutes)."""
 
     def __init__(self, workers: int, lake_root: str):
         threads = max(1, (os.cpu_count() or 1) // workers)
         self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                          initializer=_start_worker, initargs=(os.getpid(), lake_root, threads))
 
-    def __enter__(self) -> "_Workers":
+    def __enter__(self) -> "LakeWorkers":
         return self
+
+    def map(self, function: Callable, calls: list[tuple]) -> list:
+        """`function(*args)` for each of `calls`, in the workers; the results in order (the first error raised)."""
+        futures = [(index, self.submit(function, *args)) for index, args in enumerate(calls)]
+        results = dict(self.each(futures))
+        return [results[index] for index in range(len(calls))]
 
     def submit(self, function, *args) -> Future:
         return self._pool.submit(function, *args)

@@ -11,7 +11,9 @@ sets.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -22,8 +24,11 @@ from evoforge import __version__
 from evoforge.data import home, schemas
 from evoforge.data.history import Version, run_history, state_as_of
 from evoforge.data.lake import LakeError, lake
+from evoforge.data.manifest import Part
+from evoforge.data.spread import LakeWorkers
 from evoforge.flows.config import RoundConfig, resolve_path
 from evoforge.flows.inputs import run_config, saved_config_path
+from evoforge.flows.spread import range_workers
 from evoforge.tasks import export as building
 from evoforge.tasks.finetune.training import METHOD_MODULES, TrainingContext
 
@@ -86,11 +91,15 @@ def export_run(run: str, tables: list[str], to: str, *, rounds: list[int] | None
     card = building.dataset_card(configs, lineage, license=license or settings.license,
                                  task_categories=settings.task_categories, tags=[*settings.tags, *(tags or [])],
                                  pretty_name=settings.pretty_name or f"evoforge run {run}", format=format)
-    if repo_id is None:
-        folder = building.write_export(configs, card, Path(to), format, overwrite=overwrite)
-    else:
-        folder = home.home() / ".tmp" / "exports" / f"{run}-{repo_id.replace('/', '--')}"
-        building.write_export(configs, card, folder, "parquet", overwrite=True)
+    streamed = [rows.rows for rows in data.values() if isinstance(rows, building.StreamedConfig) and rows.pieces]
+    workers = range_workers(config.cluster, max(streamed, default=0))
+    with (LakeWorkers(workers, str(store.root)) if workers > 1 else nullcontext()) as pool:
+        if repo_id is None:
+            folder = building.write_export(configs, card, Path(to), format, overwrite=overwrite, workers=pool)
+        else:
+            folder = home.home() / ".tmp" / "exports" / f"{run}-{repo_id.replace('/', '--')}"
+            building.write_export(configs, card, folder, "parquet", overwrite=True, workers=pool)
+    if repo_id is not None:
         building.push_to_hub(folder, repo_id, private=private, api=api,
                              commit_message=f"evoforge export of run {run}, version {len(versions)}")
     return ExportResult(to, {name: _rows(rows) for name, rows in data.items()}, len(versions), folder, empty)
@@ -102,13 +111,21 @@ def _rows(data: pa.Table | building.StreamedConfig) -> int:
 
 def _lake_rows(run: str, table: str, versions: list[Version]) -> building.StreamedConfig:
     """A lake table streamed from exactly the versions the card names (not whatever is current when a
-    part is read), part by part: an export of a 10M-rollout round holds one batch at a time."""
+    part is read), part by part: an export of a 10M-rollout round holds one batch at a time. Its pieces
+    are its parts, which a spread export's workers read and write at once."""
     def batches():
         for v in versions:
             yield from lake().version_batches(run, v.round, v.stage, v.manifest.parts, table)
 
     rows = sum(p.rows for v in versions for p in v.manifest.parts if p.table == table)
-    return building.StreamedConfig(lake().read_schema(table), rows, batches)
+    pieces = tuple(partial(part_rows, run, v.round, v.stage, part) for v in versions for part in v.manifest.parts
+                   if part.table == table)
+    return building.StreamedConfig(lake().read_schema(table), rows, batches, pieces)
+
+
+def part_rows(run: str, round: int, stage: str, part: Part) -> Iterator[pa.RecordBatch]:
+    """One part's rows, with `round` and `stage`, checked as it is read: a piece of a lake table's export."""
+    return lake().version_batches(run, round, stage, [part], part.table)
 
 
 def _method_rows(run: str, method: str, rounds: list[int], config: RoundConfig, versions: list[Version]

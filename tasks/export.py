@@ -78,6 +78,9 @@ class StreamedConfig:
     schema: pa.Schema
     rows: int
     batches: Callable[[], Iterable[pa.RecordBatch]]
+    # the same rows as pieces, in order (a lake table: one per part), each a callable another process can be
+    # sent: `write_export` given workers writes each piece's shards in one of them, all at once
+    pieces: tuple[Callable[[], Iterable[pa.RecordBatch]], ...] = ()
 
 
 def dataset_configs(tables: Mapping[str, pa.Table]) -> dict[str, datasets.DatasetDict]:
@@ -294,11 +297,13 @@ def _card_body(shapes: Mapping[str, tuple[pa.Schema, int]], lineage: Mapping[str
 # -- the export folder ---------------------------------------------------------------------------------
 
 def write_export(configs: Mapping[str, Any], card_text: str, to: Path | str, format: str = "arrow", *,
-                 overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+                 overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES, workers=None) -> Path:
     """Write the export folder `to` (layout: this module's docstring): built in a hidden temporary sibling
     and renamed into place (data/atomic.py), so a failure leaves no half-written export and the old one, if
     any, stays whole. An existing non-empty `to` is refused unless `overwrite`. `configs`: name -> a
-    DatasetDict from `dataset_configs` (or a Dataset, or a pyarrow Table). Returns `to`."""
+    DatasetDict from `dataset_configs` (or a Dataset, or a pyarrow Table, or a `StreamedConfig`). `workers`:
+    processes with a `map(function, calls)` (data/spread.py `LakeWorkers`) that write a streamed config's
+    pieces at once. Returns `to`."""
     _check_format(format)
     if not configs:
         raise ExportError("export: no tables to export")
@@ -322,7 +327,7 @@ def write_export(configs: Mapping[str, Any], card_text: str, to: Path | str, for
             building.mkdir()
             for name, dataset in splits.items():
                 if isinstance(dataset, StreamedConfig):
-                    _write_streamed(dataset, building, name, format, max_shard_bytes)
+                    _write_streamed(dataset, building, name, format, max_shard_bytes, workers)
                 elif format == "parquet":
                     _write_parquet_shards(dataset, building / name, max_shard_bytes)
                 else:
@@ -348,29 +353,26 @@ def _write_parquet_shards(dataset: datasets.Dataset, folder: Path, max_shard_byt
         shard.to_parquet(str(folder / f"{SPLIT}-{index:05d}-of-{shards:05d}.parquet"))
 
 
-def _write_streamed(config: StreamedConfig, building: Path, name: str, format: str, max_shard_bytes: int) -> None:
+def _write_streamed(config: StreamedConfig, building: Path, name: str, format: str, max_shard_bytes: int,
+                    workers=None) -> None:
     """A streamed config's files, one batch in memory at a time. Parquet: shards of at most `max_shard_bytes`
-    of Arrow data, as `datasets` cuts a push, named once their count is known. Arrow: those shards read by
-    `datasets` into its memory-mapped cache (beside, removed after) and saved with `save_to_disk`."""
+    of Arrow data, as `datasets` cuts a push, named once their count is known (with `workers`, each piece's
+    shards are written by a worker: a shard holds one piece's rows). Arrow: those shards read by `datasets`
+    into its memory-mapped cache (beside, removed after) and saved with `save_to_disk`."""
     import pyarrow.parquet as pq
 
     folder = building / name if format == "parquet" else building / f".{name}.parquet"
     folder.mkdir()
-    schema, shards, writer, held = _hub_schema(config.schema), [], None, 0
-    for batch in config.batches():
-        if writer is None or held >= max_shard_bytes:
-            if writer is not None:
-                writer.close()
-            shards.append(folder / f".shard-{len(shards):05d}.parquet")
-            writer, held = pq.ParquetWriter(shards[-1], schema), 0
-        rows = hub_compatible(pa.Table.from_batches([batch])).cast(schema)
-        writer.write_table(rows)
-        held += rows.nbytes
-    if writer is None:  # no rows: one empty file, as `datasets` writes an empty split
+    schema = _hub_schema(config.schema)
+    if workers is not None and len(config.pieces) > 1:
+        written = workers.map(_write_shards, [(piece, str(folder / f".piece-{index:06d}"), schema, max_shard_bytes)
+                                              for index, piece in enumerate(config.pieces)])
+        shards = [Path(path) for paths in written for path in paths]
+    else:
+        shards = [Path(path) for path in _write_shards(config.batches, str(folder / ".shard"), schema, max_shard_bytes)]
+    if not shards:  # no rows: one empty file, as `datasets` writes an empty split
         shards.append(folder / ".shard-00000.parquet")
         pq.write_table(schema.empty_table(), shards[-1])
-    else:
-        writer.close()
     named = [shard.with_name(f"{SPLIT}-{index:05d}-of-{len(shards):05d}.parquet") for index, shard in enumerate(shards)]
     for shard, target in zip(shards, named):
         shard.rename(target)
@@ -384,6 +386,31 @@ def _write_streamed(config: StreamedConfig, building: Path, name: str, format: s
         del loaded
         shutil.rmtree(folder)
         shutil.rmtree(cache)
+
+
+def _write_shards(batches: Callable[[], Iterable[pa.RecordBatch]], prefix: str, schema: pa.Schema,
+                  max_shard_bytes: int) -> list[str]:
+    """`batches()`' rows as Parquet files `<prefix>-00000.parquet`, ... of at most `max_shard_bytes` of Arrow
+    data each (none for no rows): what one process writes of a streamed config, or one worker of one piece."""
+    import pyarrow.parquet as pq
+
+    shards, writer, held = [], None, 0
+    try:
+        for batch in batches():
+            if not batch.num_rows:
+                continue
+            if writer is None or held >= max_shard_bytes:
+                if writer is not None:
+                    writer.close()
+                shards.append(f"{prefix}-{len(shards):05d}.parquet")
+                writer, held = pq.ParquetWriter(shards[-1], schema), 0
+            rows = hub_compatible(pa.Table.from_batches([batch])).cast(schema)
+            writer.write_table(rows)
+            held += rows.nbytes
+    finally:
+        if writer is not None:
+            writer.close()
+    return shards
 
 
 # -- the hub -------------------------------------------------------------------------------------------

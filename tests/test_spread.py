@@ -310,3 +310,32 @@ def test_a_stage_process_killed_outright_takes_its_workers_with_it(runs_root, sc
     while any(Path(f"/proc/{w}").exists() and "Z" not in Path(f"/proc/{w}/stat").read_text().split()[2] for w in workers):
         assert time.monotonic() < deadline, "a worker outlived the stage process"
         time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_an_export_spread_over_two_workers_writes_each_parts_shards_and_reads_back_equal(runs_root, scratch,
+                                                                                      monkeypatch):
+    import datasets
+    import pyarrow.parquet as pq
+
+    from evoforge.data.lake import lake
+    from evoforge.flows.export import export_run
+    from evoforge.tasks.arrow_datasets import hub_compatible
+
+    monkeypatch.setattr(lake_module, "PART_MAX_ROWS", 300)  # rollouts and verdicts in four parts each
+    store = lake()
+    graded_round_with_variants_and_a_search(store)
+    for format in ("parquet", "arrow"):
+        for workers in (1, 2):
+            export_run("r", ["rollouts", "verdicts"], str(scratch / f"{format}-{workers}"), format=format,
+                       config=config(workers))
+        for table in ("rollouts", "verdicts"):
+            expected = hub_compatible(store.read("r", table))
+            # the shards in name order, as the card's `train-*.parquet` gives them (not through `datasets`' cache)
+            one, two = (pa.concat_tables(pq.read_table(p) for p in sorted((scratch / f"{format}-{workers}" / table).iterdir()))
+                        if format == "parquet" else datasets.load_from_disk(str(scratch / f"{format}-{workers}" / table)).data.table
+                        for workers in (1, 2))
+            assert two.num_rows == expected.num_rows and two.equals(one), (format, table)  # rows and order
+            assert two.select(expected.column_names).cast(expected.schema).equals(expected), (format, table)
+    shards = sorted(p.name for p in (scratch / "parquet-2" / "rollouts").iterdir())
+    assert shards == [f"train-{i:05d}-of-00005.parquet" for i in range(5)]  # a shard per part of the rollouts
