@@ -47,7 +47,10 @@ from evoforge.data.storage import remove_tree
 # rows of an input per reading task: a part of a million rows is read by four workers (each a slice of its row
 # groups), a round's stats at 10M rollouts (1.25M problems) by five
 READ_TASK_ROWS = 262_144
-# blocks of ranges per worker: several, so a worker that drew cheap ranges takes another block
+# Blocks of ranges: each writes parts of its own, so a block per worker at least (all work at once), and one
+# per BLOCK_ROWS input rows above that, up to BLOCKS_PER_WORKER each (a worker done early takes another): a
+# 1M-rollout round on 2 workers writes verify's verdicts in 2 parts, not 8 parts that every query lists
+BLOCK_ROWS = 1_000_000
 BLOCKS_PER_WORKER = 4
 
 
@@ -142,7 +145,7 @@ def spread_ranges(job: RangedPass, workers: int, on_progress: Callable[[str, int
                         fingerprints[source] = RowsFingerprint.value_of(list(source.columns), *sums.get(source, (0, None)))
             # 2. ranges: contiguous blocks, each written under names that sort by block
             ranges = len(job.boundaries) + 1
-            count = max(1, min(ranges, workers * BLOCKS_PER_WORKER))
+            count = min(ranges, workers * BLOCKS_PER_WORKER, max(workers, total_rows // BLOCK_ROWS))
             blocks = [(ranges * b // count, ranges * (b + 1) // count) for b in range(count)]
             files = {name: [t.index for t in tasks if t.input == name] for name in job.inputs}
             progress("ranges", 0, ranges)

@@ -103,6 +103,7 @@ def test_filter_and_pairs_over_two_workers_write_what_one_process_writes(lake_on
     monkeypatch.setattr(lake_module, "ROW_GROUP_ROWS", 50)  # of six row groups,
     monkeypatch.setattr(spread_module, "READ_TASK_ROWS", 100)  # read in three slices by the workers
     monkeypatch.setattr(lake_module, "KEY_RANGE_ROWS", 100)  # pairs: 10 ranges, filter: 2
+    monkeypatch.setattr(spread_module, "BLOCK_ROWS", 100)  # pairs: 8 blocks of ranges, each writing its parts
     store = lake()
     searched, question = graded_round_with_variants_and_a_search(store)
     # the parts of the streamed inputs this process reads (filter holds the pool's ids; pairs streams the pool):
@@ -189,15 +190,16 @@ def stats_or_fail(fail_at: str, ranged: dict[str, pa.Table]):
 
 
 @pytest.mark.slow
-def test_a_range_that_fails_in_a_worker_removes_the_parts_the_other_workers_wrote(runs_root):
+def test_a_range_that_fails_in_a_worker_removes_the_parts_the_other_workers_wrote(runs_root, monkeypatch):
     import functools
     import os
 
     from evoforge.data.lake import lake
     from evoforge.data.spread import RangedPass, spread_ranges
 
+    monkeypatch.setattr(spread_module, "BLOCK_ROWS", 50)
     ids = sorted(stable_hash("p", i) for i in range(400))
-    boundaries = tuple(ids[i] for i in range(20, 400, 20))  # 20 ranges, 8 blocks on two workers
+    boundaries = tuple(ids[i] for i in range(20, 400, 20))  # 20 ranges, 8 blocks of 50 rows on two workers
     store = lake()
     store.ensure_run("r")
     ok = spread_ranges(RangedPass("r", 0, "filter", "problem_id", boundaries, {"problems": [pa.table({"problem_id": ids})]},
