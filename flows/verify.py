@@ -19,7 +19,9 @@ def verify_flow(run: str, round: int, config: RoundConfig | None = None, force: 
     """Rerunnable alone: with no config, the run's saved one; the round's policy either way."""
     config = stage_config(run, round, config)
     rollouts = round_stream(run, round, "rollouts", "generate", ["rollout_id", "problem_id", "text"])
-    workers = range_workers(config.cluster, rollouts.rows)
+    # graders on Ray spread over the cluster already, from one process that holds the connection (a worker
+    # of its own would each connect, or start a local cluster when no address is set)
+    workers = 1 if config.verify.backend == "ray" else range_workers(config.cluster, rollouts.rows)
     if workers == 1:
         config.verify.pool()  # the process's graders start in the background while the input is found and read
     golds = problem_pool(run, round, ["problem_id", "answer"]).select(["problem_id", "answer"])
