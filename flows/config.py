@@ -60,7 +60,8 @@ class ClusterConfig(Section):
         0, ge=0, le=256,
         description="processes verify, filter and pairs spread their ranges of problems over, on the machine they run "
                     "on (data/spread.py; verify shares `verify.workers` graders among them, at least one each); 1: the "
-                    "stage's own process; 0: one per core for a stage that reads a million rows or more, else 1. "
+                    "stage's own process; 0: one per core (and per 262,144 rows read) for a stage that reads a million rows "
+                    "or more, else 1. "
                     "The same rows either way")
 
     @field_validator("pools")

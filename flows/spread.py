@@ -7,7 +7,7 @@ import os
 
 import pyarrow as pa
 
-from evoforge.data.spread import RangedPass, RangeFunction, SpreadResult, StreamSource, spread_ranges
+from evoforge.data.spread import READ_TASK_ROWS, RangedPass, RangeFunction, SpreadResult, StreamSource, spread_ranges
 from evoforge.flows.config import ClusterConfig
 from evoforge.flows.inputs import StageInputs, TableStream
 from evoforge.tasks.progress import Progress
@@ -19,10 +19,14 @@ AUTO_SPREAD_ROWS = 1_000_000
 
 
 def range_workers(cluster: ClusterConfig, rows: int) -> int:
-    """How many processes a ranged stage reading `rows` rows runs in (`cluster.range_workers`)."""
+    """How many processes a ranged stage reading `rows` rows runs in (`cluster.range_workers`); by default one
+    per core, and one per reading task at most (each worker writes parts of its own: a 1M-row stage on a
+    64-core machine takes 4, not 64 that would write 64 small parts of every output)."""
     if cluster.range_workers:
         return cluster.range_workers
-    return len(os.sched_getaffinity(0)) if rows >= AUTO_SPREAD_ROWS else 1
+    if rows < AUTO_SPREAD_ROWS:
+        return 1
+    return max(1, min(len(os.sched_getaffinity(0)), rows // READ_TASK_ROWS))
 
 
 def stream_source(stream: TableStream, keep_keys: pa.Array | None = None) -> StreamSource:

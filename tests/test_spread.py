@@ -341,3 +341,93 @@ def test_an_export_spread_over_two_workers_writes_each_parts_shards_and_reads_ba
             assert two.select(expected.column_names).cast(expected.schema).equals(expected), (format, table)
     shards = sorted(p.name for p in (scratch / "parquet-2" / "rollouts").iterdir())
     assert shards == [f"train-{i:05d}-of-00005.parquet" for i in range(5)]  # a shard per part of the rollouts
+
+
+VERIFY_ON_TWO_WORKERS = """
+from evoforge.data import lake as lake_module
+from evoforge.flows.config import ClusterConfig, RoundConfig
+from evoforge.flows.verify import verify_flow
+from tests.test_spread import no_prefect_artifacts
+
+if __name__ == "__main__":
+    no_prefect_artifacts()
+    lake_module.KEY_RANGE_ROWS = 8_192  # five ranges of two resumable chunks each
+    verify_flow.fn("r", 0, RoundConfig(cluster=ClusterConfig(range_workers=2)), force={force})
+"""
+
+
+def no_prefect_artifacts() -> None:
+    import prefect.artifacts
+
+    for name in ("create_table_artifact", "create_markdown_artifact"):  # no Prefect API here
+        setattr(prefect.artifacts, name, lambda **kw: None)
+
+
+@pytest.mark.slow
+def test_a_spread_verify_killed_midway_resumes_from_its_workers_chunks(runs_root, scratch):
+    """kill -9 of the stage process while its two workers grade: the rerun reuses the chunks they stored, and the
+    verdicts are those of a run that was never killed: none lost, none twice."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from evoforge.data.chunks import chunk_root
+    from evoforge.data.lake import lake
+    from tests.test_streaming import golds, rollouts
+
+    table = rollouts(500, per_problem=80)  # 40,000 rollouts, a few distinct answers per problem
+    problems = golds(table).append_column("question", pa.array(["q"] * 500))
+    store = lake()
+    store.publish_stage("r", 0, "ingest", {"problems": schemas.conform(problems, schemas.PROBLEMS, where="problems",
+                                                                       missing_as_null=True)}, key="source")
+    store.publish_stage("r", 0, "generate", {"rollouts": table})
+    root = Path(__file__).resolve().parent.parent
+
+    def stage(force: bool, **options) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", VERIFY_ON_TWO_WORKERS.format(force=force)], cwd=str(root),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **options)
+
+    first = stage(False)
+    chunks = chunk_root(store.run_dir("r"), 0, "verify")
+    deadline = time.monotonic() + 300
+    while len(list(chunks.glob("*/*.parquet"))) < 3:
+        assert first.poll() is None, f"verify ended before it could be killed:\n{first.stdout.read()[-3000:]}"
+        assert time.monotonic() < deadline, "no verify chunks appeared"
+        time.sleep(0.05)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    stored = len(list(chunks.glob("*/*.parquet")))
+    assert 3 <= stored < 10 and store.manifest("r", 0, "verify") is None  # nothing committed
+
+    second = stage(False)
+    log = second.communicate(timeout=600)[0]
+    assert second.returncode == 0, log[-3000:]
+    reused = int(log.split(" chunk(s) reused")[0].rsplit(" ", 1)[-1])
+    assert stored <= reused < 10 and "was interrupted" in log  # what the killed workers stored, and any finishing
+    resumed = store.read("r", "verdicts", 0, "verify")
+    ids = resumed["rollout_id"].to_pylist()
+    assert len(ids) == table.num_rows and len(set(ids)) == len(ids)
+
+    never_killed = stage(True)
+    assert never_killed.wait(timeout=600) == 0
+    again = store.read("r", "verdicts", 0, "verify")
+    columns = ["rollout_id", "problem_id", "verdict", "extracted_answer", "gold"]
+    assert resumed.select(columns).equals(again.select(columns))
+
+
+@pytest.mark.unit
+def test_a_stage_spreads_by_default_only_from_a_million_rows_and_over_no_more_workers_than_reading_tasks(monkeypatch):
+    import os
+
+    from evoforge.flows.config import ClusterConfig
+    from evoforge.flows.spread import range_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))  # a 64-core machine
+    default = ClusterConfig()
+    assert range_workers(default, 999_999) == 1  # the demo's rounds, the tests': the stage's own process
+    assert range_workers(default, 1_000_000) == 3  # three reading tasks' worth: no worker would idle
+    assert range_workers(default, 10_000_000) == 38 and range_workers(default, 80_000_000) == 64
+    assert range_workers(ClusterConfig(range_workers=5), 100) == 5  # as the user sets it
