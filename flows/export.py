@@ -73,27 +73,30 @@ def export_run(run: str, tables: list[str], to: str, *, rounds: list[int] | None
     if missing:
         raise LakeError(f"export: run {run} has no round {missing[0]} (rounds: {sorted({v.round for v in state})})")
 
-    data: dict[str, pa.Table | building.StreamedConfig] = {}
     sources: dict[str, list[Version]] = {}
+    lake_rows = []  # of each table exported or made into a method's rows
     for name in tables:
         table = METHOD_MODULES[name].TABLE if name in METHOD_MODULES else name
         sources[name] = [v for v in state if v.round in chosen and any(p.table == table for p in v.manifest.parts)]
-        data[name] = _method_rows(run, name, chosen, config, sources[name]) if name in METHOD_MODULES else \
-            _lake_rows(run, name, sources[name])
-    empty = [name for name, rows in data.items() if _rows(rows) == 0]
-    data = {name: rows for name, rows in data.items() if _rows(rows)}  # `datasets` cannot load a saved empty split
-    if not data:
-        raise LakeError(f"export: run {run} has no rows of {', '.join(tables)} in round(s) {chosen}")
-    lineage = _lineage(run, chosen, data, sources, len(versions), config)
-    settings = config.export
-    configs = {name: rows if isinstance(rows, building.StreamedConfig) else building.dataset_configs({name: rows})[name]
-               for name, rows in data.items()}
-    card = building.dataset_card(configs, lineage, license=license or settings.license,
-                                 task_categories=settings.task_categories, tags=[*settings.tags, *(tags or [])],
-                                 pretty_name=settings.pretty_name or f"evoforge run {run}", format=format)
-    streamed = [rows.rows for rows in data.values() if isinstance(rows, building.StreamedConfig) and rows.pieces]
-    workers = range_workers(config.cluster, max(streamed, default=0))
+        lake_rows.append(sum(p.rows for v in sources[name] for p in v.manifest.parts if p.table == table))
+    # a lake table's parts, and a row-wise method's, are written a part per worker (and the method's counted so)
+    workers = range_workers(config.cluster, max(lake_rows, default=0))
     with (LakeWorkers(workers, str(store.root)) if workers > 1 else nullcontext()) as pool:
+        data: dict[str, pa.Table | building.StreamedConfig] = {}
+        for name in tables:
+            data[name] = _method_rows(run, name, chosen, config, sources[name], pool) if name in METHOD_MODULES else \
+                _lake_rows(run, name, sources[name])
+        empty = [name for name, rows in data.items() if _rows(rows) == 0]
+        data = {name: rows for name, rows in data.items() if _rows(rows)}  # `datasets` cannot load a saved empty split
+        if not data:
+            raise LakeError(f"export: run {run} has no rows of {', '.join(tables)} in round(s) {chosen}")
+        lineage = _lineage(run, chosen, data, sources, len(versions), config)
+        settings = config.export
+        configs = {name: rows if isinstance(rows, building.StreamedConfig) else building.dataset_configs({name: rows})[name]
+                   for name, rows in data.items()}
+        card = building.dataset_card(configs, lineage, license=license or settings.license,
+                                     task_categories=settings.task_categories, tags=[*settings.tags, *(tags or [])],
+                                     pretty_name=settings.pretty_name or f"evoforge run {run}", format=format)
         if repo_id is None:
             folder = building.write_export(configs, card, Path(to), format, overwrite=overwrite, workers=pool)
         else:
@@ -128,17 +131,18 @@ def part_rows(run: str, round: int, stage: str, part: Part) -> Iterator[pa.Recor
     return lake().version_batches(run, round, stage, [part], part.table)
 
 
-def _method_rows(run: str, method: str, rounds: list[int], config: RoundConfig, versions: list[Version]
+def _method_rows(run: str, method: str, rounds: list[int], config: RoundConfig, versions: list[Version], workers=None
                  ) -> pa.Table | building.StreamedConfig:
     """The method's rows as its trainer receives them (`training_rows`, then `dataset`), per round. A
     row-wise method (`ROW_WISE`: both act on each row of its `TABLE` alone) is streamed part by part
-    from exactly `versions`; the others are built whole, as their trainer builds them."""
+    from exactly `versions` (counted by `workers` when given); the others are built whole, as their
+    trainer builds them."""
     from evoforge.flows.finetune import LakeRoundInputs  # imports Prefect: only when a method is exported
 
     module = METHOD_MODULES[method]
     context = TrainingContext(verify=config.verify, critic=config.critic)
     if getattr(module, "ROW_WISE", False):
-        return _row_wise_method_rows(run, module, rounds, config, context, versions)
+        return _row_wise_method_rows(run, method, rounds, config, versions, workers)
     pieces = []
     for round in rounds:
         rows = module.training_rows(LakeRoundInputs(run, round), config.finetune)
@@ -163,39 +167,63 @@ class _OneSlice:
     stage_output = round_table
 
 
-def _row_wise_method_rows(run: str, module, rounds: list[int], config: RoundConfig, context,
-                          versions: list[Version]) -> building.StreamedConfig:
+def _row_wise_method_rows(run: str, method: str, rounds: list[int], config: RoundConfig, versions: list[Version],
+                          workers=None) -> building.StreamedConfig:
     """A row-wise method's rows, a slice of METHOD_SLICE_ROWS of its table at a time: the export of a
     10M-rollout round holds one slice's prompts (few-shot messages repeat per row) and never the round.
-    A first pass counts the rows `training_rows` keeps (Arrow filters, no prompt built)."""
+    A first pass counts the rows `training_rows` keeps (Arrow filters, no prompt built), a part per
+    worker when `workers` are given; each part is then a piece the workers write at once."""
     from evoforge.flows.finetune import LakeRoundInputs
 
-    def slices(round: int) -> Iterator[pa.Table]:
-        for v in versions:
-            if v.round == round:
-                for batch in lake().version_batches(run, v.round, v.stage, v.manifest.parts, module.TABLE):
-                    for start in range(0, batch.num_rows, METHOD_SLICE_ROWS):
-                        yield pa.Table.from_batches([batch.slice(start, METHOD_SLICE_ROWS)])
-
-    rows, schema = 0, None
+    module = METHOD_MODULES[method]
+    parts = []  # (round, stage, part) in the order the trainer reads them
     for round in rounds:
         if not any(v.round == round for v in versions):  # as the trainer: a required input that is missing is named
             module.training_rows(LakeRoundInputs(run, round), config.finetune)
             continue
-        for piece in slices(round):
-            kept = module.training_rows(_OneSlice(piece), config.finetune)
-            if schema is None and kept.num_rows:
-                schema = _with_round(module.dataset(kept.slice(0, 1), config.finetune, context).data.table, round).schema
-            rows += kept.num_rows
+        parts += [(v.round, v.stage, part) for v in versions if v.round == round for part in v.manifest.parts
+                  if part.table == module.TABLE]
+    calls = [(run, method, config, round, stage, part) for round, stage, part in parts]
+    counted = workers.map(method_part_count, calls) if workers is not None and len(calls) > 1 else \
+        [method_part_count(*call) for call in calls]
+    rows = sum(n for n, _ in counted)
+    schema = next((schema for _, schema in counted if schema is not None), None)
+    pieces = tuple(partial(method_part_rows, *call) for call in calls)
 
     def batches() -> Iterator[pa.RecordBatch]:
-        for round in rounds:
-            for piece in slices(round):
-                kept = module.training_rows(_OneSlice(piece), config.finetune)
-                if kept.num_rows:
-                    yield from _with_round(module.dataset(kept, config.finetune, context).data.table, round).to_batches()
+        for piece in pieces:
+            yield from piece()
 
-    return building.StreamedConfig(schema if schema is not None else pa.schema([]), rows, batches)
+    return building.StreamedConfig(schema if schema is not None else pa.schema([]), rows, batches, pieces)
+
+
+def _part_slices(run: str, round: int, stage: str, part: Part) -> Iterator[pa.Table]:
+    for batch in lake().version_batches(run, round, stage, [part], part.table):
+        for start in range(0, batch.num_rows, METHOD_SLICE_ROWS):
+            yield pa.Table.from_batches([batch.slice(start, METHOD_SLICE_ROWS)])
+
+
+def method_part_count(run: str, method: str, config: RoundConfig, round: int, stage: str, part: Part
+                      ) -> tuple[int, pa.Schema | None]:
+    """How many of a part's rows a row-wise method keeps, and the schema of its rows (None: it keeps none)."""
+    module, context = METHOD_MODULES[method], TrainingContext(verify=config.verify, critic=config.critic)
+    rows, schema = 0, None
+    for piece in _part_slices(run, round, stage, part):
+        kept = module.training_rows(_OneSlice(piece), config.finetune)
+        if schema is None and kept.num_rows:
+            schema = _with_round(module.dataset(kept.slice(0, 1), config.finetune, context).data.table, round).schema
+        rows += kept.num_rows
+    return rows, schema
+
+
+def method_part_rows(run: str, method: str, config: RoundConfig, round: int, stage: str, part: Part
+                     ) -> Iterator[pa.RecordBatch]:
+    """A row-wise method's rows of one part, as its trainer receives them, with their round: a piece of its export."""
+    module, context = METHOD_MODULES[method], TrainingContext(verify=config.verify, critic=config.critic)
+    for piece in _part_slices(run, round, stage, part):
+        kept = module.training_rows(_OneSlice(piece), config.finetune)
+        if kept.num_rows:
+            yield from _with_round(module.dataset(kept, config.finetune, context).data.table, round).to_batches()
 
 
 def _lineage(run: str, rounds: list[int], data: dict[str, pa.Table | building.StreamedConfig], sources: dict[str, list[Version]],

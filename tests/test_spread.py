@@ -316,7 +316,7 @@ def test_a_stage_process_killed_outright_takes_its_workers_with_it(runs_root, sc
 
 @pytest.mark.slow
 def test_an_export_spread_over_two_workers_writes_each_parts_shards_and_reads_back_equal(runs_root, scratch,
-                                                                                      monkeypatch):
+                                                                                      no_prefect_api, monkeypatch):
     import datasets
     import pyarrow.parquet as pq
 
@@ -324,21 +324,30 @@ def test_an_export_spread_over_two_workers_writes_each_parts_shards_and_reads_ba
     from evoforge.flows.export import export_run
     from evoforge.tasks.arrow_datasets import hub_compatible
 
+    from evoforge.flows.filter import filter_flow
+    from evoforge.flows.pairs import pairs_flow
+
     monkeypatch.setattr(lake_module, "PART_MAX_ROWS", 300)  # rollouts and verdicts in four parts each
+    monkeypatch.setattr(lake_module, "ROW_GROUP_ROWS", 50)
     store = lake()
     graded_round_with_variants_and_a_search(store)
+    assert filter_flow.fn("r", 0, config(1)).status == "completed"
+    monkeypatch.setattr(lake_module, "PART_MAX_ROWS", 60)  # the sft examples in several parts too
+    assert pairs_flow.fn("r", 0, config(1)).status == "completed"
+    assert len([p for p in store.manifest("r", 0, "pairs").parts if p.table == "sft_examples"]) > 2
+    tables = ("rollouts", "verdicts", "sft")  # two lake tables and a row-wise method's rows
     for format in ("parquet", "arrow"):
         for workers in (1, 2):
-            export_run("r", ["rollouts", "verdicts"], str(scratch / f"{format}-{workers}"), format=format,
-                       config=config(workers))
-        for table in ("rollouts", "verdicts"):
-            expected = hub_compatible(store.read("r", table))
+            export_run("r", list(tables), str(scratch / f"{format}-{workers}"), format=format, config=config(workers))
+        for table in tables:
+            expected = None if table == "sft" else hub_compatible(store.read("r", table))
             # the shards in name order, as the card's `train-*.parquet` gives them (not through `datasets`' cache)
             one, two = (pa.concat_tables(pq.read_table(p) for p in sorted((scratch / f"{format}-{workers}" / table).iterdir()))
                         if format == "parquet" else datasets.load_from_disk(str(scratch / f"{format}-{workers}" / table)).data.table
                         for workers in (1, 2))
-            assert two.num_rows == expected.num_rows and two.equals(one), (format, table)  # rows and order
-            assert two.select(expected.column_names).cast(expected.schema).equals(expected), (format, table)
+            assert two.num_rows == one.num_rows > 20 and two.equals(one), (format, table)  # rows and order
+            if expected is not None:
+                assert two.select(expected.column_names).cast(expected.schema).equals(expected), (format, table)
     shards = sorted(p.name for p in (scratch / "parquet-2" / "rollouts").iterdir())
     assert shards == [f"train-{i:05d}-of-00005.parquet" for i in range(5)]  # a shard per part of the rollouts
 
