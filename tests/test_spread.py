@@ -12,6 +12,7 @@ from evoforge.data import spread as spread_module
 from evoforge.data.ids import stable_hash
 from evoforge.data.lake import DamagedPart, Lake
 from tests.test_streaming import in_batches, random_graded_round
+from tests.waiting import wait_until
 
 
 @pytest.fixture()
@@ -281,7 +282,6 @@ def test_a_stage_process_killed_outright_takes_its_workers_with_it(runs_root, sc
     import signal
     import subprocess
     import sys
-    import time
     from pathlib import Path
 
     started = scratch / "ranges started"
@@ -300,18 +300,19 @@ def test_a_stage_process_killed_outright_takes_its_workers_with_it(runs_root, sc
                 pass
         return found
 
-    deadline = time.monotonic() + 60
-    while len(list(started.iterdir())) < 2:  # both workers are in a range
-        assert time.monotonic() < deadline, "the workers did not start"
-        time.sleep(0.2)
+    wait_until("both workers in a range", lambda: len(list(started.iterdir())) == 2, 60, every=0.2)
     workers = [int(p.name) for p in started.iterdir()]
     assert set(workers) <= set(children(stage.pid))
     os.kill(stage.pid, signal.SIGKILL)
     stage.wait()
-    deadline = time.monotonic() + 10
-    while any(Path(f"/proc/{w}").exists() and "Z" not in Path(f"/proc/{w}/stat").read_text().split()[2] for w in workers):
-        assert time.monotonic() < deadline, "a worker outlived the stage process"
-        time.sleep(0.1)
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # not a zombie
+        except OSError:
+            return False
+
+    wait_until("the workers to end with the stage process", lambda: not any(alive(w) for w in workers), 10, every=0.1)
 
 
 @pytest.mark.slow
@@ -380,7 +381,6 @@ def test_a_spread_verify_killed_midway_resumes_from_its_workers_chunks(runs_root
     import signal
     import subprocess
     import sys
-    import time
     from pathlib import Path
 
     from evoforge.data.chunks import chunk_root
@@ -401,11 +401,12 @@ def test_a_spread_verify_killed_midway_resumes_from_its_workers_chunks(runs_root
 
     first = stage(False)
     chunks = chunk_root(store.run_dir("r"), 0, "verify")
-    deadline = time.monotonic() + 300
-    while len(list(chunks.glob("*/*.parquet"))) < 3:
+
+    def three_chunks_stored() -> bool:
         assert first.poll() is None, f"verify ended before it could be killed:\n{first.stdout.read()[-3000:]}"
-        assert time.monotonic() < deadline, "no verify chunks appeared"
-        time.sleep(0.05)
+        return len(list(chunks.glob("*/*.parquet"))) >= 3
+
+    wait_until("three verify chunks", three_chunks_stored, 300, every=0.05)
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
     stored = len(list(chunks.glob("*/*.parquet")))
