@@ -1,8 +1,8 @@
 """A stage's pass over ranges of problems, spread over worker processes of the machine it runs on.
 
-In one process a ranged stage (filter, pairs) reads every input, spills it by range (`in_key_ranges`),
-runs its function on each range and writes the output (`Lake.publish`): one core, however many the
-machine has. `spread_ranges` does the same work in `workers` processes, in two steps:
+In one process a ranged stage (verify, filter, pairs) reads every input, spills it by range
+(`in_key_ranges`), runs its function on each range and writes the output (`Lake.publish`): one core,
+however many the machine has. `spread_ranges` does the same work in `workers` processes, in two steps:
 
 1. read and split: each input is read in tasks, in its order: slices of its parts' row groups (a part of
    a million rows is four tasks), or of a held input (a round's stats), written once to an Arrow file. A
@@ -23,7 +23,8 @@ the run sweeps (`Lake.sweep`, under the run's lock). The split files live in the
 folder, removed at the end whatever happens.
 
 Workers are spawned (the stage process holds DuckDB and Prefect threads, which a fork would copy
-mid-state), once per call, and each runs DuckDB on its share of the machine's cores.
+mid-state), once per call, and each runs DuckDB on its share of the machine's cores. `LakeWorkers` is
+the pool itself, which `evoforge export` also uses to write a table's parts at once (flows/export.py).
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ import pyarrow.compute as pc
 from evoforge.data import lake as lake_module
 from evoforge.data import schemas
 from evoforge.data.children import die_with_parent
-from evoforge.data.lake import Lake, RowsFingerprint, TableWriter, WrittenParts, lake, new_spill_folder, spill_by_range, use_lake
+from evoforge.data.lake import (Lake, RowsFingerprint, TableWriter, WrittenParts, lake, new_spill_folder, spill_by_range,
+                                use_lake)
 from evoforge.data.manifest import Part
 from evoforge.data.storage import remove_tree
 
@@ -288,7 +290,7 @@ class LakeWorkers:
     block stops them; on an error they are killed, not waited for (a block of ranges can take minutes)."""
 
     def __init__(self, workers: int, lake_root: str):
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
         self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                          initializer=_start_worker, initargs=(os.getpid(), lake_root, threads))
 
