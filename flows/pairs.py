@@ -77,12 +77,15 @@ def pairs_flow(run: str, round: int, config: RoundConfig | None = None, force: b
         # after the pass: the pool has gone by, so the searched problems' questions are in
         yield "pairs", build_step_pairs(nodes, searched_questions, config.pairs)
 
-    def spread(workers: int) -> dict:
+    # at most this many rows: it sets how many ranges of problems the pass takes, not what it finds
+    total = rollouts.rows + (variant_rollouts.rows if variants.num_rows else 0)
+    workers = range_workers(config.cluster, rollouts.rows + verdicts.rows)
+
+    def spread() -> dict:
         named = {"problems": pool, "variants": [variants], "stats": [stats], "rollouts": [rollouts], "verdicts": [verdicts]}
         if variants.num_rows:  # as in one process: the synthesize stage's rollouts are read only for kept variants
             named["rollouts"].append(variant_rollouts)
             named["verdicts"].append(variant_verdicts)
-        total = rollouts.rows + (variant_rollouts.rows if variants.num_rows else 0)
         searched = pc.unique(nodes["problem_id"]) if nodes.num_rows else None
         made = spread_stage(run, round, "pairs", inputs, named, pairs_boundaries(stats, variant_ids, total),
                             partial(made_of_range, config.pairs, variant_ids, ("pairs", "sft_examples"), searched=searched),
@@ -96,13 +99,9 @@ def pairs_flow(run: str, round: int, config: RoundConfig | None = None, force: b
         step = build_step_pairs(nodes, searched_questions, config.pairs)
         return {"pairs": WrittenParts(made.parts["pairs"].parts, more=step), "sft_examples": made.parts["sft_examples"]}
 
-    workers = range_workers(config.cluster, rollouts.rows + verdicts.rows)
-
     def compute(_chunks) -> dict:
         if workers > 1:
-            return spread(workers)
-        # at most this many rows: it sets how many ranges of problems the pass takes, not what it finds
-        total = rollouts.rows + (variant_rollouts.rows if variants.num_rows else 0)
+            return spread()
         made = pairs_and_sft(all_problems(), stats, all_rollouts(), all_verdicts(), config.pairs, variant_ids, total)
         if nodes.num_rows:
             made = itertools.chain(made, step_pairs())
