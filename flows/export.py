@@ -116,14 +116,10 @@ def _lake_rows(run: str, table: str, versions: list[Version]) -> building.Stream
     """A lake table streamed from exactly the versions the card names (not whatever is current when a
     part is read), part by part: an export of a 10M-rollout round holds one batch at a time. Its pieces
     are its parts, which a spread export's workers read and write at once."""
-    def batches():
-        for v in versions:
-            yield from lake().version_batches(run, v.round, v.stage, v.manifest.parts, table)
-
     rows = sum(p.rows for v in versions for p in v.manifest.parts if p.table == table)
     pieces = tuple(partial(part_rows, run, v.round, v.stage, part) for v in versions for part in v.manifest.parts
                    if part.table == table)
-    return building.StreamedConfig(lake().read_schema(table), rows, batches, pieces)
+    return building.StreamedConfig.of_pieces(lake().read_schema(table), rows, pieces)
 
 
 def part_rows(run: str, round: int, stage: str, part: Part) -> Iterator[pa.RecordBatch]:
@@ -140,9 +136,9 @@ def _method_rows(run: str, method: str, rounds: list[int], config: RoundConfig, 
     from evoforge.flows.finetune import LakeRoundInputs  # imports Prefect: only when a method is exported
 
     module = METHOD_MODULES[method]
-    context = TrainingContext(verify=config.verify, critic=config.critic)
     if getattr(module, "ROW_WISE", False):
         return _row_wise_method_rows(run, method, rounds, config, versions, workers)
+    context = TrainingContext(verify=config.verify, critic=config.critic)
     pieces = []
     for round in rounds:
         rows = module.training_rows(LakeRoundInputs(run, round), config.finetune)
@@ -189,12 +185,7 @@ def _row_wise_method_rows(run: str, method: str, rounds: list[int], config: Roun
     rows = sum(n for n, _ in counted)
     schema = next((schema for _, schema in counted if schema is not None), None)
     pieces = tuple(partial(method_part_rows, *call) for call in calls)
-
-    def batches() -> Iterator[pa.RecordBatch]:
-        for piece in pieces:
-            yield from piece()
-
-    return building.StreamedConfig(schema if schema is not None else pa.schema([]), rows, batches, pieces)
+    return building.StreamedConfig.of_pieces(schema if schema is not None else pa.schema([]), rows, pieces)
 
 
 def _part_slices(run: str, round: int, stage: str, part: Part) -> Iterator[pa.Table]:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import re
 import shutil
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,6 +81,16 @@ class StreamedConfig:
     # the same rows as pieces, in order (a lake table: one per part), each a callable another process can be
     # sent: `write_export` given workers writes each piece's shards in one of them, all at once
     pieces: tuple[Callable[[], Iterable[pa.RecordBatch]], ...] = ()
+
+    @classmethod
+    def of_pieces(cls, schema: pa.Schema, rows: int, pieces: tuple[Callable[[], Iterable[pa.RecordBatch]], ...]
+                  ) -> "StreamedConfig":
+        """A config whose rows are its pieces' in order (read one after another when no workers write them)."""
+        def batches() -> Iterator[pa.RecordBatch]:
+            for piece in pieces:
+                yield from piece()
+
+        return cls(schema, rows, batches, pieces)
 
 
 def dataset_configs(tables: Mapping[str, pa.Table]) -> dict[str, datasets.DatasetDict]:
