@@ -4,12 +4,13 @@ bounded memory, at 10M rollouts?".
 
     .venv/bin/python bench/factory_scale.py [--sizes 1000000,10000000] [--lake disk|s3] [--gpus 64]
                                             [--tokens-per-second 20000] [--grader math-verify|trivial]
-                                            [--range-workers N]
+                                            [--radical-golds 0.0] [--range-workers N]
 
 For each size a synthetic round is built without a model (bench/memory.py `build`: the pool and the
 generate stage's rollouts written as the stage writes them, 8 per problem, ~300-character texts whose
 final answers agree as a small model's do: the gold about half the time, else one of a few wrong
-answers or none). Then each step runs in a fresh process that reports its own figures:
+answers or none; golds whole numbers, decided without math-verify, or with `--radical-golds` that share
+of them radicals, which math-verify grades). Then each step runs in a fresh process that reports its own figures:
 
 - verify, filter, pairs: the stage flows (`<stage>_flow.fn`: lock, fingerprints, chunks, bounded parts,
   stage_runs, catalog; Prefect's API calls stubbed), spread over `--range-workers` processes
@@ -19,7 +20,7 @@ answers or none). Then each step runs in a fresh process that reports its own fi
 
 Per step: seconds (and seconds per million rollouts, with the modules a round's process imports once
 already imported), CPU seconds (the process's, its ended children's, its live ones' as last sampled:
-a grader pool's), the process's peak RSS (VmHWM) and the largest of its children's (a spread stage's
+a grader pool's; and the process's own apart: the work a spread stage does not spread), the process's peak RSS (VmHWM) and the largest of its children's (a spread stage's
 workers, graders), bytes read and written (/proc/<pid>/io: rchar / wchar, what the processes asked the
 kernel for, page cache included; the children's as last sampled, twice a second), and with `--lake s3`
 the HTTP requests the local S3 server (moto) answered. The generation the round would take: the
@@ -131,7 +132,7 @@ def run_step(step: str, lake_root: str, grader: str, out: Path, range_workers: i
     children = max(ended, sum(below.cpu.values()))
     # the children's bytes as last sampled: a spread stage's workers read and write most of it
     children_read, children_written = (sum(io[i] for io in below.io.values()) for i in (0, 1))
-    return {"seconds": seconds, "cpu_s": own + children, "rows": rows, "peak_mb": peak_rss_mb(),
+    return {"seconds": seconds, "cpu_s": own + children, "own_cpu_s": own, "rows": rows, "peak_mb": peak_rss_mb(),
             "children": processes, "largest_child_mb": largest,
             "read_bytes": after["rchar"] - before["rchar"] + children_read,
             "written_bytes": after["wchar"] - before["wchar"] + children_written}
@@ -166,6 +167,9 @@ def main() -> None:
     parser.add_argument("--range-workers", type=int, default=0,
                         help="processes verify, filter and pairs spread their ranges over (cluster.range_workers; "
                              "0, the default: one per core from a million rows)")
+    parser.add_argument("--radical-golds", type=float, default=0.0,
+                        help="share of problems whose gold is a radical (a\\sqrt{c}), graded by math-verify; the rest are "
+                             "whole numbers (GSM8K-, AIME-, DAPO-Math-like), decided without it")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--step", help=argparse.SUPPRESS)
     parser.add_argument("--lake-root", help=argparse.SUPPRESS)
@@ -173,7 +177,7 @@ def main() -> None:
     args = parser.parse_args()
     scratch = home.home() / ".tmp" / "bench-factory"
     if args.step == "build":
-        print(json.dumps(build(args.lake_root, RUN, args.rollouts, 8)))
+        print(json.dumps(build(args.lake_root, RUN, args.rollouts, 8, radical_golds=args.radical_golds)))
         return
     if args.step:
         print(json.dumps(run_step(args.step, args.lake_root, args.grader, scratch / "export", args.range_workers)))
@@ -196,7 +200,8 @@ def main() -> None:
             lake_root = (f"s3://{s3.create_bucket(f'factory-{size}-{time.time_ns()}')}/runs" if s3
                          else str(scratch / "runs"))
             started = time.perf_counter()
-            built = fresh("--step", "build", "--lake-root", lake_root, "--rollouts", str(size))
+            built = fresh("--step", "build", "--lake-root", lake_root, "--rollouts", str(size),
+                          "--radical-golds", str(args.radical_golds))
             built["seconds"] = time.perf_counter() - started
             tokens = int(args.tokens_per_rollout * built["rollouts"]) if args.tokens_per_rollout else completion_tokens(lake_root)
             generation_s = tokens / (args.tokens_per_second * args.gpus)
@@ -207,7 +212,7 @@ def main() -> None:
                                     "--range-workers", str(args.range_workers))
                 steps[step]["requests"] = sum(requests.since(mark).values()) if requests else None
                 print(f"  {size:>11,} rollouts  {step:<8} {steps[step]['seconds']:8.1f} s  "
-                      f"cpu {steps[step]['cpu_s']:8.1f} s  "
+                      f"cpu {steps[step]['cpu_s']:8.1f} s (own {steps[step]['own_cpu_s']:6.1f})  "
                       f"peak {steps[step]['peak_mb']:6.0f} MB  read {steps[step]['read_bytes'] / 2**30:6.2f} GiB  "
                       f"written {steps[step]['written_bytes'] / 2**30:6.2f} GiB"
                       + (f"  {steps[step]['requests']} requests" if requests else ""), flush=True)
@@ -222,23 +227,24 @@ def main() -> None:
 
 def report(results: dict, sizes: list[int], args) -> None:
     print()
-    print(f"lake: {args.lake}; grader: {args.grader}; generation at {args.tokens_per_second:,.0f} tok/s per GPU "
+    print(f"lake: {args.lake}; grader: {args.grader}; radical golds: {args.radical_golds:.0%}; generation at {args.tokens_per_second:,.0f} tok/s per GPU "
           f"on {args.gpus} GPUs; this machine: {os.cpu_count()} cores; verify, filter and pairs on "
           f"{args.range_workers or 'one process per core (from a million rows)'}"
           f"{' process(es)' if args.range_workers else ''}")
-    print("| rollouts | step | s | s per 1M | CPU s | peak RSS MB | largest child MB | read GiB | written GiB | requests |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| rollouts | step | s | s per 1M | CPU s | of which the step's process | peak RSS MB | largest child MB | "
+          "read GiB | written GiB | requests |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for size in sizes:
         r = results[size]
         for step in STEPS:
             s = r["steps"][step]
-            print(f"| {size:,} | {step} | {s['seconds']:.1f} | {s['seconds'] / size * 1e6:.1f} | {s['cpu_s']:.1f} | "
+            print(f"| {size:,} | {step} | {s['seconds']:.1f} | {s['seconds'] / size * 1e6:.1f} | {s['cpu_s']:.1f} | {s['own_cpu_s']:.1f} | "
                   f"{s['peak_mb']:.0f} | "
                   f"{s['largest_child_mb']:.0f} | {s['read_bytes'] / 2**30:.2f} | {s['written_bytes'] / 2**30:.2f} | "
                   f"{s['requests'] if s['requests'] is not None else '–'} |")
         total = sum(s["seconds"] for s in r["steps"].values())
         cpu = sum(s["cpu_s"] for s in r["steps"].values())
-        print(f"| {size:,} | **sum** | {total:.1f} | {total / size * 1e6:.1f} | {cpu:.1f} | | | | | |")
+        print(f"| {size:,} | **sum** | {total:.1f} | {total / size * 1e6:.1f} | {cpu:.1f} | | | | | | |")
     print()
     for size in sizes:
         r = results[size]

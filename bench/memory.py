@@ -102,7 +102,11 @@ class DescendantPeaks:
 
 
 # -- the synthetic lake ---------------------------------------------------------------------------
-def build(root: Path, run: str, rollouts: int, per_problem: int, seed: int = 0) -> dict:
+def build(root: Path, run: str, rollouts: int, per_problem: int, seed: int = 0, radical_golds: float = 0.0) -> dict:
+    """The pool and the generate stage's rollouts of a round. Golds are whole numbers (GSM8K's, AIME's, DAPO-Math's),
+    but a `radical_golds` share of the problems, whose golds are radicals `a\\sqrt{c}` (MATH has such answers): an
+    exact number is graded without math-verify (tasks/grading/answers.py `exact_number_verdict`), a radical with it,
+    and a correct answer to one is sometimes written another way (`\\sqrt{a^2 c}`)."""
     import pyarrow as pa
 
     from evoforge.data import schemas
@@ -118,20 +122,28 @@ def build(root: Path, run: str, rollouts: int, per_problem: int, seed: int = 0) 
         question = (f"Problem {i}: a shop packs {a} apples into each of {c} boxes in the morning and sells {b} apples "
                     f"before noon. In the afternoon it receives {a + b} more apples. How many apples does the shop "
                     f"have at the end of the day?")
+        radical = radical_golds > 0 and rng.random() < radical_golds
         pid = problem_id(question)
-        problems.append(dict(problem_id=pid, question=question, answer=str(a * c - b + a + b), source="bench",
+        gold = (a, rng.choice((2, 3, 5, 6, 7))) if radical else a * c + a
+        answer = f"{gold[0]}\\sqrt{{{gold[1]}}}" if radical else str(gold)
+        problems.append(dict(problem_id=pid, question=question, answer=answer, source="bench",
                              source_file="bench.jsonl", source_row=i, origin="seed", parent_problem_id=None,
                              task="math", expert_answer=None))
-        golds.append((pid, a * c + a))
+        golds.append((pid, gold))
     lake.publish_stage(run, 0, "ingest", {"problems": pa.Table.from_pylist(problems, schema=schemas.PROBLEMS),
                                           "quarantine": schemas.QUARANTINE.empty_table()}, key="bench")
 
-    def text_of(gold: int) -> str:
+    def text_of(gold: int | tuple[int, int]) -> str:
         steps = " ".join(rng.choice(WORDS) for _ in range(rng.randint(40, 52)))
         roll = rng.random()
         if roll < 0.05:
             return f"{steps}. I am not sure of the answer."
-        answer = gold if roll < 0.55 else gold + rng.choice((-2, -1, 1, 10))
+        if isinstance(gold, tuple):
+            factor, root = gold
+            answer = (f"\\sqrt{{{factor * factor * root}}}" if roll < 0.15 else f"{factor}\\sqrt{{{root}}}" if roll < 0.55 else
+                      f"{factor + rng.choice((-2, -1, 1, 10))}\\sqrt{{{root}}}")
+        else:
+            answer = gold if roll < 0.55 else gold + rng.choice((-2, -1, 1, 10))
         return f"Let me think step by step. {steps}. The answer is \\boxed{{{answer}}}"
 
     def produced():

@@ -15,7 +15,7 @@ from evoforge.data.lake import in_key_ranges, key_boundaries
 from evoforge.data.section import Section
 from evoforge.models.engine import RayConfig
 from evoforge.tasks import summary
-from evoforge.tasks.grading.answers import all_boxes
+from evoforge.tasks.grading.answers import all_boxes, exact_number_verdict
 from evoforge.tasks.grading.pool import GraderPool, Result, shared_pool
 from evoforge.tasks.progress import Progress
 
@@ -160,17 +160,23 @@ def grade_each_answer_once(pool: GraderPool, pairs: list[tuple[str, str]]) -> li
     (`all_boxes`), so the verdicts are those of grading every pair."""
     first_of: dict[tuple, int] = {}
     shared = [first_of.setdefault((gold, all_boxes(text or "")), i) for i, (gold, text) in enumerate(pairs)]
-    graded = sorted(first_of.values())
-    results = dict(zip(graded, pool.run([("grade", *pairs[i]) for i in graded])))
+    results: dict[int, Result] = {}
+    for (gold, boxes), i in first_of.items():
+        if (decided := exact_number_verdict(gold, boxes)) is not None:  # no grader needed
+            results[i] = (*decided, 0.0)
+    graded = sorted(i for i in first_of.values() if i not in results)
+    results.update(zip(graded, pool.run([("grade", *pairs[i]) for i in graded])))
     return [results[i] for i in shared]
 
 
 def _grade_batch(batch: list[dict], gold_of: dict, pool: GraderPool, on_progress) -> pa.Table:
     """Verdicts of a batch of rollouts. A problem's samples repeat their final answers: each distinct
     (gold, boxed answers) is graded once and its verdict fanned out to the rows that share it
-    (`graded_with` names the row that was graded; `seconds` is 0 on the others)."""
+    (`graded_with` names the row that was graded; `seconds` is 0 on the others). A whole-number gold and box
+    are decided here (`exact_number_verdict`: 0 seconds of a grader), the rest go to the pool."""
     first_of: dict[tuple, str] = {}  # (gold, boxes) -> the rollout graded for it
     graded, graded_with = [], []
+    results: dict[str, Result] = {}
     for r in batch:
         gold = gold_of[r["problem_id"]]
         if gold is None:  # a demonstration without a reference answer has nothing to grade against
@@ -179,9 +185,12 @@ def _grade_batch(batch: list[dict], gold_of: dict, pool: GraderPool, on_progress
         key = (gold, all_boxes(r["text"] or ""))
         if key not in first_of:
             first_of[key] = r["rollout_id"]
-            graded.append(r)
+            if (decided := exact_number_verdict(*key)) is not None:  # decided here, no grader: 0 seconds of one
+                results[r["rollout_id"]] = (*decided, 0.0)
+            else:
+                graded.append(r)
         graded_with.append(first_of[key])
-    results = dict(zip((r["rollout_id"] for r in graded),
+    results.update(zip((r["rollout_id"] for r in graded),
                        pool.run([("grade", gold_of[r["problem_id"]], r["text"]) for r in graded], on_progress)))
     outcomes = [results[shared] if shared is not None else NO_REFERENCE for shared in graded_with]
     ids, problem_ids = [r["rollout_id"] for r in batch], [r["problem_id"] for r in batch]

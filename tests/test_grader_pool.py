@@ -23,7 +23,8 @@ def worker_pids(pool: GraderPool) -> list[int]:
 
 
 def a_round(problems: int = 3, samples: int = 4) -> tuple[pa.Table, pa.Table]:
-    rollouts = [dict(rollout_id=f"r{p}-{s}", problem_id=f"p{p}", text=f"so \\boxed{{{p + s % 2}}}")
+    """Answers as square roots: an exact number (whole, or a fraction) is decided without a grader (`exact_number_verdict`)."""
+    rollouts = [dict(rollout_id=f"r{p}-{s}", problem_id=f"p{p}", text=f"so \\boxed{{\\sqrt{{{(p + s % 2) ** 2}}}}}")
                 for p in range(problems) for s in range(samples)]
     golds = [dict(problem_id=f"p{p}", answer=str(p)) for p in range(problems)]
     return pa.Table.from_pylist(rollouts), pa.Table.from_pylist(golds)
@@ -39,7 +40,7 @@ def test_every_stage_and_the_reward_in_a_process_grade_on_the_same_workers():
     assert len(pids) == 2 and all(worker.process.is_alive() for worker in pool.workers)  # leaving the stage kept them
     second = verify(rollouts, golds, config)
     with config.pool() as reward_pool:  # as GRPO's trainer holds it
-        rewards = VerifierReward(reward_pool)(prompts=[None] * 2, completions=["\\boxed{1}", "\\boxed{2}"],
+        rewards = VerifierReward(reward_pool)(prompts=[None] * 2, completions=["\\boxed{\\sqrt{1}}", "\\boxed{\\sqrt{4}}"],
                                               answer=["1", "1"])
     assert config.pool() is pool is reward_pool and worker_pids(pool) == pids
     verdicts = ["rollout_id", "verdict", "extracted_answer", "detail", "graded_with"]

@@ -134,3 +134,46 @@ def test_a_gold_list_is_never_read_as_one_number():
         ("1, 234", "\\boxed{1 234}"),         # wrong: a gap joins digits only for a one-number gold
     ]
     assert verdicts(pairs) == ["wrong", "correct", "correct", "wrong", "wrong"]
+
+
+@pytest.mark.unit
+def test_exact_numbers_are_graded_as_math_verify_grades_them_without_it():
+    """The verify stage decides a gold and a box that are both whole numbers or fractions of two by their values
+    (`exact_number_verdict`), in its own process: each verdict must be math-verify's on the same pair, for numbers
+    a factor of 10 or 100 apart (math-verify's percent leniency), one apart, equal in other forms, past 64 bits,
+    and near each other (1/3 against 333333/1000000: math-verify rounds floats, never two rationals)."""
+    import random
+
+    from evoforge.tasks.grading.answers import _grade_answer, exact_number_verdict, grade, parse_gold
+
+    rng = random.Random(11)
+
+    def written(top: int, bottom: int) -> str:
+        if bottom == 1 and rng.random() < 0.5:
+            return str(top)
+        command = rng.choice(["frac", "dfrac", "tfrac"])
+        return f"-\\{command}{{{-top}}}{{{bottom}}}" if top < 0 and rng.random() < 0.5 else f"\\{command}{{{top}}}{{{bottom}}}"
+
+    values = [(1, 3), (333333, 1000000), (2, 3), (666667, 1000000), (0, 1), (5, 1), (50, 1), (500, 1),
+              (99999999999999999999, 1), (10**20, 1)]
+    for _ in range(60):
+        top = rng.choice([rng.randint(-30, 30), rng.randint(0, 10**7), rng.randint(0, 10**22), -rng.randint(1, 10**4)])
+        bottom, scale = rng.choice([1, 1, 2, 3, 7, 12, 10**6]), rng.choice([1, 2, 10])
+        values += [(top, bottom), (top * scale, bottom * scale), (top * 10, bottom), (top * 100, bottom), (top + 1, bottom)]
+    numbers = [written(*value) for value in values]
+    pairs = [(gold, box) for gold in numbers[:40] for box in numbers[:40]]
+    pairs += [(rng.choice(numbers), rng.choice(numbers)) for _ in range(800)]
+    assert sum(exact_number_verdict(gold, (box,))[0] == "correct" for gold, box in pairs) > 50  # equal values are there
+    for gold, box in pairs:
+        decided = exact_number_verdict(gold, (box,))
+        assert decided is not None, (gold, box)
+        assert (decided[0] == "correct") == _grade_answer(parse_gold(gold), box), (gold, box)
+        assert grade(gold, f"so \\boxed{{{box}}}") == decided
+    # anything else is math-verify's: a sign, a leading zero, a decimal, digit groups, an expression, `\frac12`
+    for gold, box in [("5", "+5"), ("5", "05"), ("5", "5.0"), ("0", "-0"), ("1000", "1,000"), ("4", "2+2"), ("5.0", "5"),
+                      ("\\frac{1}{2}", "\\frac12"), ("\\frac{1}{2}", "0.5"), ("\\frac{1}{2}", "1/2")]:
+        assert exact_number_verdict(gold, (box,)) is None
+        assert grade(gold, f"\\boxed{{{box}}}")[0] == "correct"
+    assert exact_number_verdict("5", ()) is None and exact_number_verdict("\\frac{1}{0}", ("1",)) is None
+    assert exact_number_verdict(" 7 ", ("3", "7")) == ("correct", "7", None)
+    assert exact_number_verdict("-\\frac{-3}{4}", ("\\frac{6}{8}",)) == ("correct", "\\frac{6}{8}", None)

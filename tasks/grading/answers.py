@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from fractions import Fraction
 from functools import lru_cache
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
@@ -178,18 +179,53 @@ def _grade_answer(gold_parsed: tuple, answer: str) -> bool | None:
     return bool(verify(list(gold_parsed), pred_parsed, timeout_seconds=None))
 
 
+# A number as one writes it exactly: a whole number (no leading zero, no sign but a minus, not `-0`) or a fraction
+# of two, `\\frac{a}{b}` (`\\dfrac`, `\\tfrac`; a minus before it or on a). math-verify compares two such as
+# rationals, exactly (no float is involved, so none of its rounding applies): `Fraction` gives the same verdict
+# without sympy (tests/test_grading_cases.py checks it against math-verify, near values included). The answers
+# of GSM8K, AIME or DAPO-Math, and many of MATH's, are graded so.
+_WHOLE = r"-?[1-9][0-9]{0,99}|0"  # 100 digits at most: Python's int() refuses past 4,300
+_EXACT_NUMBER = re.compile(rf"(?P<whole>{_WHOLE})|(?P<minus>-)?\\[dt]?frac\{{(?P<top>{_WHOLE})\}}\{{(?P<bottom>[1-9][0-9]{{0,99}})\}}")
+
+
+def _exact_number(text: str) -> Fraction | None:
+    match = _EXACT_NUMBER.fullmatch(text)
+    if match is None:
+        return None
+    if match["whole"] is not None:
+        return Fraction(int(match["whole"]))
+    return Fraction(int(match["top"]), int(match["bottom"])) * (-1 if match["minus"] else 1)
+
+
+def exact_number_verdict(gold: str, boxes: tuple[str, ...] | list[str]) -> tuple[str, str, None] | None:
+    """`grade(gold, response)` where it needs no math-verify: a gold and a last box (`boxes`: the response's
+    `all_boxes`, or its last ones) that are both exact numbers; None otherwise. The verify stage and GRPO's
+    reward decide these in their own process, never sending them to a grader."""
+    if not boxes or (answer := _exact_number(boxes[-1])) is None:
+        return None
+    if (expected := _exact_number((gold or "").strip())) is None:
+        return None
+    return ("correct" if answer == expected else "wrong"), boxes[-1], None
+
+
 def grade(gold: str, response: str) -> tuple[str, str | None, str | None]:
     """(verdict, extracted answer, detail) with verdict in correct / wrong / no_answer / bad_gold."""
-    gold_parsed = parse_gold(gold)
-    if not gold_parsed:
+    exact = bool(gold) and _exact_number(gold.strip()) is not None
+    gold_parsed = () if exact else parse_gold(gold)  # an exact number parses, as one part
+    if not exact and not gold_parsed:
         return "bad_gold", None, f"math-verify cannot parse the gold answer {gold[:80]!r}"
-    parts = _gold_parts(gold_parsed)
+    parts = 1 if exact else _gold_parts(gold_parsed)
     boxes = last_boxes(response or "", parts)
     if not boxes:
         return "no_answer", None, "no \\boxed{} answer in the response"
     final = boxes[-1]
     if not final:
         return "no_answer", "", "empty \\boxed{}"
+    if exact:
+        decided = exact_number_verdict(gold, boxes)
+        if decided is not None:
+            return decided
+        gold_parsed = parse_gold(gold)
     ok = _grade_answer(gold_parsed, final)
     if ok:
         return "correct", final, None
