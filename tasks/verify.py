@@ -102,10 +102,34 @@ def verdicts_of_range(config: VerifyConfig, chunks: Chunks, ranged: dict[str, pa
     (cut within the range: the workers of a spread stage grade ranges apart, data/spread.py), on this
     process's graders; then ("verify_chunks", how many chunks were reused and computed)."""
     reused, computed = chunks.reused, chunks.computed
-    with config.pool() as pool:
+    with GradersWhenNeeded(config) as pool:
         for verdicts in _graded_chunks(_in_chunks(iter([ranged]), CHUNK_ROLLOUTS), pool, chunks):
             yield "verdicts", verdicts
     yield "verify_chunks", pa.table({"reused": [chunks.reused - reused], "computed": [chunks.computed - computed]})
+
+
+class GradersWhenNeeded:
+    """`config.pool()`, entered at the first answer that needs math-verify: a worker of a spread stage whose
+    ranges hold only exact numbers (`exact_number_verdict`) starts no graders of its own (a forkserver importing
+    math-verify: ~1.5 CPU-seconds each). The stage's own process warms its pool at once instead, while it reads."""
+
+    def __init__(self, config: VerifyConfig):
+        self.config = config
+        self._pool: GraderPool | None = None
+
+    def __enter__(self) -> "GradersWhenNeeded":
+        return self
+
+    def run(self, items: list, on_progress=None) -> list[Result]:
+        if not items:
+            return []
+        if self._pool is None:
+            self._pool = self.config.pool().__enter__()
+        return self._pool.run(items, on_progress)
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.__exit__(*exc)
 
 
 def _graded_chunks(chunked: Iterator[tuple[pa.Table, dict]], pool: GraderPool, chunks: Chunks,

@@ -177,3 +177,33 @@ def test_exact_numbers_are_graded_as_math_verify_grades_them_without_it():
     assert exact_number_verdict("5", ()) is None and exact_number_verdict("\\frac{1}{0}", ("1",)) is None
     assert exact_number_verdict(" 7 ", ("3", "7")) == ("correct", "7", None)
     assert exact_number_verdict("-\\frac{-3}{4}", ("\\frac{6}{8}",)) == ("correct", "\\frac{6}{8}", None)
+
+
+@pytest.mark.unit
+def test_constants_whose_values_differ_are_wrong_as_math_verify_finds_them(monkeypatch):
+    """`_constants_that_differ` spares math-verify's `simplify` on two constants of different values: every
+    verdict must be math-verify's own (radicals, pi, logs, trig, powers, complex numbers; and what it must leave
+    alone: floats, percents, variables, sets, intervals, equations), and it must have spared some."""
+    import math
+    import random
+
+    from evoforge.tasks.grading import answers
+
+    rng = random.Random(2)
+    groups = []
+    for _ in range(12):
+        a, c = rng.randint(1, 60), rng.choice((2, 3, 5, 6, 7, 10))
+        groups.append([f"{a}\\sqrt{{{c}}}", f"\\sqrt{{{a * a * c}}}", f"{a + 1}\\sqrt{{{c}}}", f"{a}\\pi",
+                       f"\\frac{{{a}\\pi}}{{3}}", f"\\sqrt{{{c}}}+{a}", f"2^{{{a % 9}}}", f"{2 ** (a % 9)}", f"{a}.5",
+                       f"{a}\\%", f"x+{a}", f"\\log_2 {2 ** (a % 7)}", f"{a % 7}", f"\\cos(\\pi/{c})", f"({a}, {c})",
+                       f"[{a}, {a + c}]", f"x = {a}", f"{a}+{c}i", f"\\frac{{1}}{{\\sqrt{{{c}}}}}",
+                       f"\\frac{{\\sqrt{{{c}}}}}{{{c}}}", f"\\sqrt{{{c}}}-\\sqrt{{{c}}}+{a}", f"0.{a}",
+                       f"{a * math.sqrt(c):.6f}", f"{a * math.pi:.6f}"])  # floats that round to a radical, to a pi
+    pairs = [(gold, rng.choice(group)) for group in groups for gold in group]
+    spared = []
+    real = answers._constants_that_differ
+    monkeypatch.setattr(answers, "_constants_that_differ", lambda g, p: spared.append(real(g, p)) or spared[-1])
+    fast = [answers._grade_answer(answers.parse_gold(gold), pred) for gold, pred in pairs]
+    monkeypatch.setattr(answers, "_constants_that_differ", lambda g, p: False)
+    assert fast == [answers._grade_answer(answers.parse_gold(gold), pred) for gold, pred in pairs]
+    assert sum(spared) >= 40 and fast.count(True) >= 15

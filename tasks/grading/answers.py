@@ -18,13 +18,15 @@ clock. A memory blow-up (e.g. `2^{10^{10}}`) hits the worker's address-space lim
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from fractions import Fraction
 from functools import lru_cache
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
-from sympy import FiniteSet, Interval, Tuple
+from sympy import Abs, Expr, FiniteSet, Float, Interval, Symbol, Tuple, UnevaluatedExpr, nan, oo, zoo
+from sympy.core.relational import Relational
 
 # it warns on every call that its own timeouts are off; that is deliberate here (see above)
 logging.getLogger("math_verify").setLevel(logging.ERROR)
@@ -176,7 +178,32 @@ def _grade_answer(gold_parsed: tuple, answer: str) -> bool | None:
     pred_parsed = _parse_boxed(answer)
     if not pred_parsed:
         return None
+    if _constants_that_differ(gold_parsed, pred_parsed):
+        return False
     return bool(verify(list(gold_parsed), pred_parsed, timeout_seconds=None))
+
+
+def _constants_that_differ(gold_parsed, pred_parsed) -> bool:
+    """True where math-verify's `verify` is sure to say False and would take its slowest way there: two
+    constant expressions (no variable, no float, no percent; not a set, relation or matrix), such as `5\\sqrt{3}`
+    against `6\\sqrt{3}`, whose values differ by more than rounding. math-verify then finds them unequal as
+    text, as structures and by `evalf` (its float rounding applies only where a float is), and last tries
+    `simplify(gold - pred) == 0`, ~5 ms of sympy, which a difference of non-zero value never passes. Any
+    other pair, and every equal one, goes to `verify` (tests/test_grading_cases.py compares the two)."""
+    if len(gold_parsed) != 2 or len(pred_parsed) != 2:
+        return False
+    (gold, gold_text), (pred, pred_text) = gold_parsed, pred_parsed
+    if not isinstance(gold_text, str) or not isinstance(pred_text, str) or gold_text.strip() == pred_text.strip():
+        return False
+    for expr in (gold, pred):
+        if (not isinstance(expr, Expr) or isinstance(expr, (Symbol, Relational)) or expr.free_symbols
+                or expr.has(Float, UnevaluatedExpr, nan, zoo, oo, -oo)):
+            return False
+    try:
+        difference, scale = (complex(e.evalf(30)) for e in (gold - pred, Abs(gold) + Abs(pred) + 1))
+    except (TypeError, ValueError, ArithmeticError):  # not a number after all
+        return False
+    return math.isfinite(abs(difference)) and math.isfinite(abs(scale)) and abs(difference) > 1e-12 * abs(scale)
 
 
 # A number as one writes it exactly: a whole number (no leading zero, no sign but a minus, not `-0`) or a fraction
