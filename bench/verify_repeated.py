@@ -12,8 +12,8 @@ golds disjoint from the first's; each pair repeated `--repeats` times, as G samp
 4,800 rollouts per set with the defaults, one problem per gold.
 
 Each side runs in a fresh process (code imported, caches cold), sides alternating, `--repeat`
-times; medians are printed. The sequential loop (plain math-verify: whole numbers too, which the stage
-and the reward decide without it) warms math-verify's parsers first
+times; medians are printed. The sequential loop (plain math-verify: exact numbers and differing constants
+too, which the stage and the reward decide without it or its simplify) warms math-verify's parsers first
 (answers.warm_up, timed apart), then calls `grade` on every rollout of one set, in one of two orders:
 
     passes    the distinct pairs, then all of them again, `--repeats` times over (pairs x 8): a
@@ -115,9 +115,11 @@ def measure(side: str, args) -> dict:
         from evoforge.tasks.grading import answers
         from evoforge.tasks.grading.answers import grade, warm_up
 
-        # the baseline is a plain math-verify loop: every pair through math-verify, whole numbers too
-        # (`exact_number_verdict` decides those without it; off here, on in the stages and the reward)
-        answers._WHOLE_NUMBER = re.compile(r"(?!)")
+        # the baseline is a plain math-verify loop: every pair through all of math-verify, exact numbers
+        # too (`exact_number_verdict` decides those without it) and constants that differ (`_constants_that_differ`
+        # spares them its simplify): both off here, on in the stages and the reward
+        answers._EXACT_NUMBER = re.compile(r"(?!)")
+        answers._constants_that_differ = lambda gold_parsed, pred_parsed: False
 
         _, which, order = side.split(":")
         rollouts = round_set(args, int(which))[0]
