@@ -196,8 +196,8 @@ def grade_each_answer_once(pool: GraderPool, pairs: list[tuple[str, str]]) -> li
 def _grade_batch(batch: list[dict], gold_of: dict, pool: GraderPool, on_progress) -> pa.Table:
     """Verdicts of a batch of rollouts. A problem's samples repeat their final answers: each distinct
     (gold, boxed answers) is graded once and its verdict fanned out to the rows that share it
-    (`graded_with` names the row that was graded; `seconds` is 0 on the others). A whole-number gold and box
-    are decided here (`exact_number_verdict`: 0 seconds of a grader), the rest go to the pool."""
+    (`graded_with` names the row that was graded; `seconds` is 0 on the others). A gold and a last box that
+    are exact numbers are decided here (`exact_number_verdict`: 0 seconds of a grader), the rest go to the pool."""
     first_of: dict[tuple, str] = {}  # (gold, boxes) -> the rollout graded for it
     graded, graded_with = [], []
     results: dict[str, Result] = {}
