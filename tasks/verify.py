@@ -182,42 +182,36 @@ def grade_each_answer_once(pool: GraderPool, pairs: list[tuple[str, str]]) -> li
     result given to every pair that shares it, as the stage's `_grade_batch` does: GRPO's reward on a
     group of G samples that agree grades one. `grade` reads a response only through its boxes
     (`all_boxes`), so the verdicts are those of grading every pair."""
+    return _each_answer_once(pool, pairs)[0]
+
+
+def _each_answer_once(pool: GraderPool, pairs: list[tuple[str, str]], on_progress=None) -> tuple[list[Result], list[int]]:
+    """Each pair's result, and the index of the pair whose grading it shares (its own when graded): the first
+    pair of each distinct (gold, boxes) is graded, on the pool, or here where the gold and the last box are
+    exact numbers (`exact_number_verdict`: no grader, 0 seconds of one)."""
     first_of: dict[tuple, int] = {}
     shared = [first_of.setdefault((gold, all_boxes(text or "")), i) for i, (gold, text) in enumerate(pairs)]
     results: dict[int, Result] = {}
     for (gold, boxes), i in first_of.items():
-        if (decided := exact_number_verdict(gold, boxes)) is not None:  # no grader needed
+        if (decided := exact_number_verdict(gold, boxes)) is not None:
             results[i] = (*decided, 0.0)
-    graded = sorted(i for i in first_of.values() if i not in results)
-    results.update(zip(graded, pool.run([("grade", *pairs[i]) for i in graded])))
-    return [results[i] for i in shared]
+    graded = [i for i in first_of.values() if i not in results]  # in the pairs' order: a dict keeps insertion order
+    results.update(zip(graded, pool.run([("grade", *pairs[i]) for i in graded], on_progress)))
+    return [results[i] for i in shared], shared
 
 
 def _grade_batch(batch: list[dict], gold_of: dict, pool: GraderPool, on_progress) -> pa.Table:
     """Verdicts of a batch of rollouts. A problem's samples repeat their final answers: each distinct
     (gold, boxed answers) is graded once and its verdict fanned out to the rows that share it
-    (`graded_with` names the row that was graded; `seconds` is 0 on the others). A gold and a last box that
-    are exact numbers are decided here (`exact_number_verdict`: 0 seconds of a grader), the rest go to the pool."""
-    first_of: dict[tuple, str] = {}  # (gold, boxes) -> the rollout graded for it
-    graded, graded_with = [], []
-    results: dict[str, Result] = {}
-    for r in batch:
-        gold = gold_of[r["problem_id"]]
-        if gold is None:  # a demonstration without a reference answer has nothing to grade against
-            graded_with.append(None)
-            continue
-        key = (gold, all_boxes(r["text"] or ""))
-        if key not in first_of:
-            first_of[key] = r["rollout_id"]
-            if (decided := exact_number_verdict(*key)) is not None:  # decided here, no grader: 0 seconds of one
-                results[r["rollout_id"]] = (*decided, 0.0)
-            else:
-                graded.append(r)
-        graded_with.append(first_of[key])
-    results.update(zip((r["rollout_id"] for r in graded),
-                       pool.run([("grade", gold_of[r["problem_id"]], r["text"]) for r in graded], on_progress)))
-    outcomes = [results[shared] if shared is not None else NO_REFERENCE for shared in graded_with]
+    (`_each_answer_once`; `graded_with` names the row that was graded; `seconds` is 0 on the others). A row
+    without a gold (a demonstration) is not graded."""
     ids, problem_ids = [r["rollout_id"] for r in batch], [r["problem_id"] for r in batch]
+    with_gold = [k for k, pid in enumerate(problem_ids) if gold_of[pid] is not None]
+    results, shared = _each_answer_once(pool, [(gold_of[problem_ids[k]], batch[k]["text"]) for k in with_gold],
+                                        on_progress)
+    outcomes, graded_with = [NO_REFERENCE] * len(batch), [None] * len(batch)
+    for k, result, first in zip(with_gold, results, shared):
+        outcomes[k], graded_with[k] = result, ids[with_gold[first]]
     return pa.table({  # column by column: no dict per row
         "rollout_id": ids, "problem_id": problem_ids, "verdict": [o[0] for o in outcomes],
         "extracted_answer": [o[1] for o in outcomes], "gold": [gold_of[pid] for pid in problem_ids],
