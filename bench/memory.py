@@ -122,6 +122,7 @@ def build(root: Path, run: str, rollouts: int, per_problem: int, seed: int = 0, 
         question = (f"Problem {i}: a shop packs {a} apples into each of {c} boxes in the morning and sells {b} apples "
                     f"before noon. In the afternoon it receives {a + b} more apples. How many apples does the shop "
                     f"have at the end of the day?")
+        # no draw without radicals: the default round is the one the earlier figures were measured on
         radical = radical_golds > 0 and rng.random() < radical_golds
         pid = problem_id(question)
         gold = (a, rng.choice((2, 3, 5, 6, 7))) if radical else a * c + a
