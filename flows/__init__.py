@@ -5,3 +5,8 @@ the one input layer over the lake (docs/ARCHITECTURE.md, "Layers")."""
 from evoforge.data import home as _home
 
 _home.configure()
+
+# Prefect's temporary server (no PREFECT_API_URL) must not outlive a process killed outright (flows/temporary_server.py)
+from evoforge.flows.temporary_server import install as _make_the_temporary_server_die_with_us
+
+_make_the_temporary_server_die_with_us()

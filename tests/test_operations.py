@@ -10,7 +10,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -238,6 +237,74 @@ def test_killing_evoforge_ui_stops_its_server_too(scratch):
     finally:
         if ui.poll() is None:
             ui.kill()
+
+
+def _running_children(pid: int, marker: str) -> list[int]:
+    """The pids of `pid`'s children (not zombies) whose command line holds `marker`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        state, parent = stat.rsplit(")", 1)[1].split()[:2]
+        if int(parent) == pid and state != "Z" and marker in command:
+            found.append(int(entry.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.server
+def test_a_process_killed_outright_takes_prefects_temporary_server_with_it(scratch):
+    """With no PREFECT_API_URL a flow runs against a temporary Prefect server, a child process Prefect
+    stops at exit. kill -9 runs no exit handler: the server must still go with its process, not run on
+    without a parent (it did: ~200 MB each, one per killed stage)."""
+    import textwrap
+
+    script = scratch / "flow_then_wait.py"
+    script.write_text(textwrap.dedent("""
+        import time
+
+        import evoforge.flows  # what every evoforge command that runs a flow imports first
+        from prefect import flow
+
+
+        @flow
+        def nothing():
+            return 1
+
+
+        if __name__ == "__main__":
+            nothing()
+            print("flow done", flush=True)
+            time.sleep(600)
+    """))
+    env = {**os.environ}
+    env.pop("PREFECT_API_URL", None)
+    process = subprocess.Popen([sys.executable, str(script)], cwd=home.PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        printed = []
+        for line in process.stdout:
+            printed.append(line)
+            if line.strip() == "flow done":
+                break
+        assert process.poll() is None, "".join(printed)
+        servers = _running_children(process.pid, "prefect.server.api.server:create_app")
+        assert len(servers) == 1, "".join(printed)  # the flow ran against a temporary server of its own
+        process.kill()
+        process.wait()
+        _wait("the temporary server to die with its process", lambda: not any(_running(pid) for pid in servers), 30)
+    finally:
+        if process.poll() is None:
+            process.kill()
 
 
 @pytest.mark.model

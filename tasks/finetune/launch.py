@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from evoforge.data import home
-from evoforge.data.children import die_with_parent
+from evoforge.data.children import dies_with_this_process
 from evoforge.data.home import PROJECT_ROOT
 from evoforge.tasks.finetune.config import FinetuneConfig
 from evoforge.tasks.finetune.training import TrackerRun, TrainingContext, check_rows, staging_folder
@@ -153,7 +153,7 @@ def run_supervised(command: list[str], log_path: Path, what: str) -> int:
         log.info(f"finetune: training {what}; log: {log_path}")
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    env=_environment(), cwd=str(home.home()), start_new_session=True,
-                                   preexec_fn=die_with_parent, text=True, errors="replace", bufsize=1)
+                                   preexec_fn=dies_with_this_process(), text=True, errors="replace", bufsize=1)
         bars: dict[str, Progress] = {}
         try:
             for line in process.stdout:
