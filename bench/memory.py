@@ -105,7 +105,7 @@ class DescendantPeaks:
 def build(root: Path, run: str, rollouts: int, per_problem: int, seed: int = 0, radical_golds: float = 0.0) -> dict:
     """The pool and the generate stage's rollouts of a round. Golds are whole numbers (GSM8K's, AIME's, DAPO-Math's),
     but a `radical_golds` share of the problems, whose golds are radicals `a\\sqrt{c}` (MATH has such answers): an
-    exact number is graded without math-verify (tasks/grading/answers.py `exact_number_verdict`), a radical with it,
+    exact number is graded without math-verify (tasks/grading/answers.py `exact_gold_verdict`), a radical with it,
     and a correct answer to one is sometimes written another way (`\\sqrt{a^2 c}`)."""
     import pyarrow as pa
 

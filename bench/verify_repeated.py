@@ -116,12 +116,12 @@ def measure(side: str, args) -> dict:
         from evoforge.tasks.grading.answers import grade, warm_up
 
         # the baseline is a plain math-verify loop: every pair through all of math-verify, exact numbers
-        # too (`exact_number_verdict` decides those without it) and constants that differ (`_constants_that_differ`
+        # too (`exact_gold_verdict` decides those without it) and constants that differ (`_constants_that_differ`
         # spares them its simplify): both off here, on in the stages and the reward
         answers._EXACT_NUMBER = re.compile(r"(?!)")
         answers._constants_that_differ = lambda gold_parsed, pred_parsed: False
         # a rename in answers.py would leave these names unused and the loop not plain: check the rules are off
-        if answers.exact_number_verdict("1", ("1",)) is not None:
+        if answers.exact_gold_verdict("1", ("1",)) is not None:
             raise SystemExit("bench/verify_repeated.py: the plain loop still decides exact numbers without math-verify")
 
         _, which, order = side.split(":")

@@ -15,7 +15,7 @@ from evoforge.data.lake import in_key_ranges, key_boundaries
 from evoforge.data.section import Section
 from evoforge.models.engine import RayConfig
 from evoforge.tasks import summary
-from evoforge.tasks.grading.answers import all_boxes, exact_number_verdict
+from evoforge.tasks.grading.answers import all_boxes, exact_gold_verdict
 from evoforge.tasks.grading.pool import GraderPool, Result, shared_pool
 from evoforge.tasks.progress import Progress
 
@@ -110,7 +110,8 @@ def verdicts_of_range(config: VerifyConfig, chunks: Chunks, ranged: dict[str, pa
 
 class GradersWhenNeeded:
     """`config.pool()`, entered at the first answer that needs math-verify: a worker of a spread stage whose
-    ranges hold only exact numbers (`exact_number_verdict`) starts no graders of its own (a forkserver importing
+    ranges hold only exact-number golds answered with an exact number or with none (`exact_gold_verdict`) starts no
+    graders of its own (a forkserver importing
     math-verify: ~1.5 CPU-seconds each). The stage's own process warms its pool at once instead, while it reads."""
 
     def __init__(self, config: VerifyConfig):
@@ -187,13 +188,13 @@ def grade_each_answer_once(pool: GraderPool, pairs: list[tuple[str, str]]) -> li
 
 def _each_answer_once(pool: GraderPool, pairs: list[tuple[str, str]], on_progress=None) -> tuple[list[Result], list[int]]:
     """Each pair's result, and the index of the pair whose grading it shares (its own when graded): the first
-    pair of each distinct (gold, boxes) is graded, on the pool, or here where the gold and the last box are
-    exact numbers (`exact_number_verdict`: no grader, 0 seconds of one)."""
+    pair of each distinct (gold, boxes) is graded, on the pool, or here where the gold is an exact number and the
+    last box one too, or empty, or missing (`exact_gold_verdict`: no grader, 0 seconds of one)."""
     first_of: dict[tuple, int] = {}
     shared = [first_of.setdefault((gold, all_boxes(text or "")), i) for i, (gold, text) in enumerate(pairs)]
     results: dict[int, Result] = {}
     for (gold, boxes), i in first_of.items():
-        if (decided := exact_number_verdict(gold, boxes)) is not None:
+        if (decided := exact_gold_verdict(gold, boxes)) is not None:
             results[i] = (*decided, 0.0)
     graded = [i for i in first_of.values() if i not in results]  # in the pairs' order: a dict keeps insertion order
     results.update(zip(graded, pool.run([("grade", *pairs[i]) for i in graded], on_progress)))

@@ -23,7 +23,7 @@ def worker_pids(pool: GraderPool) -> list[int]:
 
 
 def a_round(problems: int = 3, samples: int = 4) -> tuple[pa.Table, pa.Table]:
-    """Answers as square roots: an exact number (whole, or a fraction) is decided without a grader (`exact_number_verdict`)."""
+    """Answers as square roots: an exact number (whole, or a fraction) is decided without a grader (`exact_gold_verdict`)."""
     rollouts = [dict(rollout_id=f"r{p}-{s}", problem_id=f"p{p}", text=f"so \\boxed{{\\sqrt{{{(p + s % 2) ** 2}}}}}")
                 for p in range(problems) for s in range(samples)]
     golds = [dict(problem_id=f"p{p}", answer=str(p)) for p in range(problems)]

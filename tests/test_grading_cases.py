@@ -139,12 +139,12 @@ def test_a_gold_list_is_never_read_as_one_number():
 @pytest.mark.unit
 def test_exact_numbers_are_graded_as_math_verify_grades_them_without_it():
     """The verify stage decides a gold and a box that are both whole numbers or fractions of two by their values
-    (`exact_number_verdict`), in its own process: each verdict must be math-verify's on the same pair, for numbers
+    (`exact_gold_verdict`), in its own process: each verdict must be math-verify's on the same pair, for numbers
     a factor of 10 or 100 apart (math-verify's percent leniency), one apart, equal in other forms, past 64 bits,
     and near each other (1/3 against 333333/1000000: math-verify rounds floats, never two rationals)."""
     import random
 
-    from evoforge.tasks.grading.answers import _grade_answer, exact_number_verdict, grade, parse_gold
+    from evoforge.tasks.grading.answers import _grade_answer, exact_gold_verdict, grade, parse_gold
 
     rng = random.Random(11)
 
@@ -163,20 +163,25 @@ def test_exact_numbers_are_graded_as_math_verify_grades_them_without_it():
     numbers = [written(*value) for value in values]
     pairs = [(gold, box) for gold in numbers[:40] for box in numbers[:40]]
     pairs += [(rng.choice(numbers), rng.choice(numbers)) for _ in range(800)]
-    assert sum(exact_number_verdict(gold, (box,))[0] == "correct" for gold, box in pairs) > 50  # equal values are there
+    assert sum(exact_gold_verdict(gold, (box,))[0] == "correct" for gold, box in pairs) > 50  # equal values are there
     for gold, box in pairs:
-        decided = exact_number_verdict(gold, (box,))
+        decided = exact_gold_verdict(gold, (box,))
         assert decided is not None, (gold, box)
         assert (decided[0] == "correct") == _grade_answer(parse_gold(gold), box), (gold, box)
         assert grade(gold, f"so \\boxed{{{box}}}") == decided
     # anything else is math-verify's: a sign, a leading zero, a decimal, digit groups, an expression, `\frac12`
     for gold, box in [("5", "+5"), ("5", "05"), ("5", "5.0"), ("0", "-0"), ("1000", "1,000"), ("4", "2+2"), ("5.0", "5"),
                       ("\\frac{1}{2}", "\\frac12"), ("\\frac{1}{2}", "0.5"), ("\\frac{1}{2}", "1/2")]:
-        assert exact_number_verdict(gold, (box,)) is None
+        assert exact_gold_verdict(gold, (box,)) is None
         assert grade(gold, f"\\boxed{{{box}}}")[0] == "correct"
-    assert exact_number_verdict("5", ()) is None and exact_number_verdict("\\frac{1}{0}", ("1",)) is None
-    assert exact_number_verdict(" 7 ", ("3", "7")) == ("correct", "7", None)
-    assert exact_number_verdict("-\\frac{-3}{4}", ("\\frac{6}{8}",)) == ("correct", "\\frac{6}{8}", None)
+    assert exact_gold_verdict("\\frac{1}{0}", ("1",)) is None and exact_gold_verdict("2\\sqrt{3}", ()) is None
+    # no answer to an exact gold needs no math-verify either: grade's own verdict, detail included
+    for response, boxes in [("I am not sure.", ()), ("so \\boxed{ }", ("",)), ("\\boxed{4} then \\boxed{}", ("4", ""))]:
+        decided = exact_gold_verdict("5", boxes)
+        assert decided[0] == "no_answer" and decided == grade("5", response)
+        assert grade("2\\sqrt{3}", response) == decided  # what the path through math-verify's gold parse gives
+    assert exact_gold_verdict(" 7 ", ("3", "7")) == ("correct", "7", None)
+    assert exact_gold_verdict("-\\frac{-3}{4}", ("\\frac{6}{8}",)) == ("correct", "\\frac{6}{8}", None)
 
 
 @pytest.mark.unit

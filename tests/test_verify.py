@@ -104,6 +104,30 @@ def test_a_demonstration_without_a_reference_is_marked_not_graded_and_filter_lea
 
 
 @pytest.mark.unit
+def test_a_spread_verify_worker_starts_graders_only_for_an_answer_that_needs_math_verify(monkeypatch):
+    """A worker of a spread verify stage grades its ranges on graders of its own (a forkserver importing
+    math-verify, ~1.5 CPU-seconds): whole-number golds answered with whole numbers, with an empty box or
+    with none need none of them; a radical does."""
+    from evoforge.data.chunks import NO_CHUNKS
+    from evoforge.tasks.verify import verdicts_of_range
+
+    started = []
+    real_pool = VerifyConfig.pool
+    monkeypatch.setattr(VerifyConfig, "pool", lambda self: started.append(self) or real_pool(self))
+    config = VerifyConfig(workers=1, deadline_seconds=30)
+
+    def ranged(texts: list[str], gold: str) -> dict[str, pa.Table]:
+        return {"rollouts": pa.table({"rollout_id": [f"r{i}" for i in range(len(texts))], "problem_id": ["p"] * len(texts),
+                                      "text": texts}),
+                "golds": pa.table({"problem_id": ["p"], "answer": [gold]})}
+
+    made = dict(verdicts_of_range(config, NO_CHUNKS, ranged(["\\boxed{12}", "\\boxed{13}", "no idea", "\\boxed{ }"], "12")))
+    assert made["verdicts"]["verdict"].to_pylist() == ["correct", "wrong", "no_answer", "no_answer"] and started == []
+    made = dict(verdicts_of_range(config, NO_CHUNKS, ranged(["\\boxed{\\sqrt{12}}", "no idea"], "2\\sqrt{3}")))
+    assert made["verdicts"]["verdict"].to_pylist() == ["correct", "no_answer"] and len(started) == 1
+
+
+@pytest.mark.unit
 def test_each_distinct_answer_is_graded_once_and_its_verdict_fanned_out_identically():
     """A problem's samples repeat their final answers: the stage grades each distinct (gold, boxed
     answers) once; every row's verdict is what grading it alone gives, and `graded_with` says whose."""
@@ -123,5 +147,6 @@ def test_each_distinct_answer_is_graded_once_and_its_verdict_fanned_out_identica
     # same boxes, same gold: shared; a different gold never shares, even with the same boxes
     assert graded_with == {"r0": "r0", "r1": "r0", "r2": "r2", "r3": "r3", "r4": "r3", "r5": "r5", "r6": "r6",
                            "q0": "q0"}
-    assert rows["r1"]["seconds"] == 0.0 and rows["r4"]["seconds"] == 0.0 and rows["r3"]["seconds"] > 0.0
-    assert rows["r0"]["seconds"] == 0.0  # a whole number boxed, against a whole number: decided without a grader
+    assert rows["r1"]["seconds"] == 0.0 and rows["r4"]["seconds"] == 0.0 and rows["q0"]["seconds"] > 0.0
+    # a whole number boxed, or no box, against a whole number: decided without a grader
+    assert rows["r0"]["seconds"] == 0.0 and rows["r3"]["seconds"] == 0.0

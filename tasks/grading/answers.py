@@ -224,35 +224,41 @@ def _exact_number(text: str) -> Fraction | None:
     return Fraction(int(match["top"]), int(match["bottom"])) * (-1 if match["minus"] else 1)
 
 
-def exact_number_verdict(gold: str, boxes: tuple[str, ...] | list[str]) -> tuple[str, str, None] | None:
-    """`grade(gold, response)` where it needs no math-verify: a gold and a last box (`boxes`: the response's
-    `all_boxes`, or its last ones) that are both exact numbers; None otherwise. The verify stage and GRPO's
-    reward decide these in their own process, never sending them to a grader."""
-    if not boxes or (answer := _exact_number(boxes[-1])) is None:
+NO_BOX = "no \\boxed{} answer in the response"
+EMPTY_BOX = "empty \\boxed{}"
+
+
+def exact_gold_verdict(gold: str, boxes: tuple[str, ...] | list[str]) -> tuple[str, str | None, str | None] | None:
+    """`grade(gold, response)` where it needs no math-verify, for a gold that is an exact number (`boxes`: the
+    response's `all_boxes`, or its last ones): no box or an empty last box (no answer), or a last box that is an
+    exact number too (compared by value); None otherwise. The verify stage and GRPO's reward decide these in
+    their own process, never sending them to a grader."""
+    if _exact_number((gold or "").strip()) is None:
         return None
-    if (expected := _exact_number((gold or "").strip())) is None:
+    if not boxes:
+        return "no_answer", None, NO_BOX
+    if not boxes[-1]:
+        return "no_answer", "", EMPTY_BOX
+    if (answer := _exact_number(boxes[-1])) is None:
         return None
-    return ("correct" if answer == expected else "wrong"), boxes[-1], None
+    return ("correct" if answer == _exact_number(gold.strip()) else "wrong"), boxes[-1], None
 
 
 def grade(gold: str, response: str) -> tuple[str, str | None, str | None]:
     """(verdict, extracted answer, detail) with verdict in correct / wrong / no_answer / bad_gold."""
     exact = bool(gold) and _exact_number(gold.strip()) is not None
-    gold_parsed = () if exact else parse_gold(gold)  # an exact number parses, as one part
-    if not exact and not gold_parsed:
+    if exact and (decided := exact_gold_verdict(gold, last_boxes(response or "", 1))) is not None:
+        return decided
+    gold_parsed = parse_gold(gold)
+    if not gold_parsed:
         return "bad_gold", None, f"math-verify cannot parse the gold answer {gold[:80]!r}"
-    parts = 1 if exact else _gold_parts(gold_parsed)
+    parts = 1 if exact else _gold_parts(gold_parsed)  # an exact number parses, as one part
     boxes = last_boxes(response or "", parts)
     if not boxes:
-        return "no_answer", None, "no \\boxed{} answer in the response"
+        return "no_answer", None, NO_BOX
     final = boxes[-1]
     if not final:
-        return "no_answer", "", "empty \\boxed{}"
-    if exact:
-        decided = exact_number_verdict(gold, boxes)
-        if decided is not None:
-            return decided
-        gold_parsed = parse_gold(gold)
+        return "no_answer", "", EMPTY_BOX
     ok = _grade_answer(gold_parsed, final)
     if ok:
         return "correct", final, None
