@@ -68,12 +68,27 @@ FROM paired p JOIN rollouts c ON c.rollout_id = chosen_rollout_id JOIN rollouts 
 ORDER BY p.problem_id, p.rank
 """
 
+def _spaced(text: str, folds: int = 4) -> str:
+    """SQL for `text` with each ASCII whitespace character Python's `\\s` matches (tab to carriage return, the
+    separators 0x1c-0x1f) made a space, and runs of up to 2**`folds` spaces made one."""
+    for code in (9, 10, 11, 12, 13, 28, 29, 30, 31):
+        text = f"replace({text}, chr({code}), ' ')"
+    for _ in range(folds):  # each pass halves a run
+        text = f"replace({text}, '  ', ' ')"
+    return text
+
+
+SPACED = _spaced("r.text")
+
+
 # The correct rollouts of the problems whose bucket takes SFT examples, in the order they are taken (shortest
 # first, ties by rollout id): a problem's first `sft_per_problem` distinct ones. Distinct is
 # `normalize_question`'s key, which DuckDB computes exactly for an ASCII text (NFKC leaves it as it is; the
 # whitespace is Python's `\s` over ASCII), and only for a problem's first `sft_per_problem` candidates: where
 # those are distinct ASCII texts they are the selection; a problem where they are not (a repeat, a text that is
-# not ASCII) comes with all its candidates (`python_key`) for Python to key and walk.
+# not ASCII) comes with all its candidates (`python_key`) for Python to key and walk. An ASCII text is one whose bytes
+# are its characters; its whitespace becomes one space through `SPACED` (plain replaces: a third of what one
+# regexp_replace costs), and through the regex only where a run of spaces is longer than SPACED folds.
 SFT_OF_RANGE = r"""
 WITH candidates AS (
     SELECT r.problem_id, r.rollout_id,
@@ -81,9 +96,10 @@ WITH candidates AS (
     FROM rollouts r JOIN verdicts v ON v.rollout_id = r.rollout_id
     WHERE v.verdict = 'correct' AND r.problem_id IN (SELECT problem_id FROM sft_problems)
 ), firsts AS (
-    SELECT c.rollout_id, c.problem_id,
-           CASE WHEN NOT regexp_matches(r.text, '[^\x00-\x7f]')
-                THEN lower(trim(regexp_replace(r.text, '[\t-\r\x1c-\x20]+', ' ', 'g'))) END AS ascii_key
+    SELECT c.rollout_id, c.problem_id, {spaced} AS spaced,
+           CASE WHEN strlen(r.text) = length(r.text)
+                THEN lower(trim(CASE WHEN contains(spaced, '  ') THEN regexp_replace(r.text, '[\t-\r\x1c-\x20]+', ' ', 'g')
+                                     ELSE spaced END)) END AS ascii_key
     FROM candidates c JOIN rollouts r ON r.rollout_id = c.rollout_id
     WHERE c.place <= {sft_per_problem}
 ), walked AS (
@@ -260,7 +276,7 @@ def made_of_range(config: PairsConfig, variant_problem_ids: frozenset[str], name
                 yield "pairs", table
     if "sft_examples" in names:
         selection = _Selection(in_range, config)
-        sft_query = SFT_OF_RANGE.format(sft_per_problem=int(config.sft_per_problem))
+        sft_query = SFT_OF_RANGE.format(sft_per_problem=int(config.sft_per_problem), spaced=SPACED)
         for batch in sql_batches(sft_query, rollouts=ranged["rollouts"], verdicts=ranged["verdicts"],
                                  sft_problems=in_range.sft_problems(config)):
             if (table := selection.examples(batch)).num_rows:

@@ -3,6 +3,7 @@ streams giving exactly what the whole-table code gave, and stage_runs compaction
 from __future__ import annotations
 
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -463,6 +464,36 @@ def event(i: int, status: str = "completed") -> pa.Table:
     at = datetime(2025, 1, 1, tzinfo=timezone.utc) + timedelta(seconds=i)
     return pa.Table.from_pylist([dict(stage_run_id=f"run-{i}", run="r", round=0, stage="verify", status=status,
                                       started_at=at, finished_at=at)], schema=schemas.STAGE_RUNS)
+
+
+@pytest.mark.unit
+def test_the_sft_key_duckdb_gives_an_ascii_text_is_normalize_questions_for_every_whitespace():
+    """SFT_OF_RANGE keys an ASCII text in SQL: each whitespace Python's `\\s` matches made a space by plain
+    replaces, runs folded to one, the regex only past a run of 16. Its example ids and the repeats it finds
+    must be `normalize_question`'s, for every such character, mixed case and runs of any length."""
+    rng = random.Random(5)
+    whitespace = [" ", " ", "\t", "\n", "\x0b", "\x0c", "\r", "\x1c", "\x1d", "\x1e", "\x1f"]
+
+    def spaced_out(words: list[str]) -> str:
+        gap = lambda: "".join(rng.choice(whitespace) for _ in range(rng.choice([1, 1, 1, 2, 3, 15, 16, 17, 33, 40])))  # noqa: E731
+        edges = [gap() if rng.random() < 0.3 else "" for _ in range(2)]
+        return edges[0] + gap().join(w.upper() if rng.random() < 0.2 else w for w in words) + edges[1]
+
+    sentences = [["so", "x", "is", "\\boxed{1}"], ["so", "x", "is", "\\boxed{1}."]]
+    rows = [dict(rollout_id=f"r{p}-{k}", problem_id=f"p{p:03d}", text=spaced_out(rng.choice(sentences)),
+                 completion_tokens=rng.choice([10, 20]), mean_logprob=-0.5) for p in range(120) for k in range(3)]
+    table = pa.Table.from_pylist(rows)
+    verdicts = pa.table({"rollout_id": table["rollout_id"], "problem_id": table["problem_id"],
+                         "verdict": ["correct"] * table.num_rows})
+    ids = sorted(set(table["problem_id"].to_pylist()))
+    problems = pa.table({"problem_id": ids, "question": [f"question {p}" for p in ids], "origin": ["seed"] * len(ids)})
+    stats = pa.table({"problem_id": ids, "bucket": ["learnable"] * len(ids)})
+    config = PairsConfig(pairs_per_problem=0, sft_per_problem=2)
+    expected = reference_pairs(problems, stats, table, verdicts, config)["sft_examples"]
+    assert build_pairs(problems, stats, table, verdicts, config)["sft_examples"].to_pylist() == expected
+    # both ways through the SQL were taken: first candidates distinct, and one a repeat of the other
+    assert 120 < len(expected) < 240
+    assert sum(bool(re.search(r"\s{17,}", row["text"])) for row in rows) > 50  # runs the replaces leave to the regex
 
 
 @pytest.mark.unit
