@@ -988,28 +988,35 @@ def spill_by_range(source: pa.Table | Iterable[pa.RecordBatch], key: str, bounda
     """Write `source`'s rows into one Arrow stream file per range of `key` (`file_of(range index)`, made at
     its first row; the rows of a range keep their order); returns the rows' schema (None: no batch and no
     schema to tell it)."""
-    import numpy as np
-
-    splits = np.array(boundaries, dtype=str)
     schema = getattr(source, "schema", None)
     writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
     try:
-        for batch in _in_blocks(source.to_batches() if isinstance(source, pa.Table) else source, SPILL_BLOCK_ROWS):
-            schema = batch.schema
-            where = np.searchsorted(splits, batch.column(key).to_numpy(zero_copy_only=False).astype(str), side="right")
-            # the batch in range order once, then a zero-copy slice per range: not a filter per range
-            order = np.argsort(where, kind="stable")
-            where, batch = where[order], batch.take(pa.array(order))
-            starts = np.flatnonzero(np.diff(where, prepend=-1))
-            for start, end in zip(starts.tolist(), [*starts[1:].tolist(), len(where)]):
-                index = int(where[start])
-                if index not in writers:
-                    writers[index] = pa.ipc.new_stream(str(file_of(index)), batch.schema)
-                writers[index].write_batch(batch.slice(start, end - start))
+        for index, rows in range_slices(source, key, boundaries):
+            schema = rows.schema
+            if index not in writers:
+                writers[index] = pa.ipc.new_stream(str(file_of(index)), rows.schema)
+            writers[index].write_batch(rows)
     finally:
         for writer in writers.values():
             writer.close()
     return schema
+
+
+def range_slices(source: pa.Table | Iterable[pa.RecordBatch], key: str, boundaries: list[str]
+                 ) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """`source`'s rows as (range index of `key` split at `boundaries`, rows of that range), in blocks of about
+    SPILL_BLOCK_ROWS rows: each block sorted by range once, then a zero-copy slice per range (not a filter
+    per range); the rows of a range keep their order."""
+    import numpy as np
+
+    splits = np.array(boundaries, dtype=str)
+    for batch in _in_blocks(source.to_batches() if isinstance(source, pa.Table) else source, SPILL_BLOCK_ROWS):
+        where = np.searchsorted(splits, batch.column(key).to_numpy(zero_copy_only=False).astype(str), side="right")
+        order = np.argsort(where, kind="stable")
+        where, batch = where[order], batch.take(pa.array(order))
+        starts = np.flatnonzero(np.diff(where, prepend=-1))
+        for start, end in zip(starts.tolist(), [*starts[1:].tolist(), len(where)]):
+            yield int(where[start]), batch.slice(start, end - start)
 
 
 def new_spill_folder() -> Path:
