@@ -233,7 +233,7 @@ def exact_gold_verdict(gold: str, boxes: tuple[str, ...] | list[str]) -> tuple[s
     response's `all_boxes`, or its last ones): no box or an empty last box (no answer), or a last box that is an
     exact number too (compared by value); None otherwise. The verify stage and GRPO's reward decide these in
     their own process, never sending them to a grader."""
-    if _exact_number((gold or "").strip()) is None:
+    if (expected := _exact_number((gold or "").strip())) is None:
         return None
     if not boxes:
         return "no_answer", None, NO_BOX
@@ -241,7 +241,7 @@ def exact_gold_verdict(gold: str, boxes: tuple[str, ...] | list[str]) -> tuple[s
         return "no_answer", "", EMPTY_BOX
     if (answer := _exact_number(boxes[-1])) is None:
         return None
-    return ("correct" if answer == _exact_number(gold.strip()) else "wrong"), boxes[-1], None
+    return ("correct" if answer == expected else "wrong"), boxes[-1], None
 
 
 def grade(gold: str, response: str) -> tuple[str, str | None, str | None]:
