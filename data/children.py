@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+from functools import partial
 from typing import Callable
 
 _PR_SET_PDEATHSIG = 1
@@ -22,13 +23,7 @@ def die_with_parent(parent: int | None = None) -> None:
     """Ask the kernel to SIGKILL this process when its parent dies (Linux); exit now if it already has.
     `parent`: the pid of the process that started this one, when it may have died before this is called
     (a spawned worker calls it once its interpreter is up: by then it may belong to init)."""
-    parent = os.getppid() if parent is None else parent
-    prctl = _prctl()
-    if prctl is None:
-        return  # not Linux: the launcher's own cleanup still stops the children on every way out but SIGKILL
-    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before the request took effect
-        os._exit(1)
+    _die_with(os.getppid() if parent is None else parent, _prctl())
 
 
 def dies_with_this_process() -> Callable[[], None]:
@@ -37,12 +32,12 @@ def dies_with_this_process() -> Callable[[], None]:
     kernel signals when the *thread* that started the child ends: start it from one that lives as long as
     the process (the main thread). prctl is looked up here, before the fork: a forked child of a process
     with threads must not load a library."""
-    parent, prctl = os.getpid(), _prctl()
+    return partial(_die_with, os.getpid(), _prctl())
 
-    def in_the_child() -> None:
-        if prctl is not None:
-            prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-            if os.getppid() != parent:
-                os._exit(1)
 
-    return in_the_child
+def _die_with(parent: int, prctl) -> None:
+    if prctl is None:
+        return  # not Linux: the launcher's own cleanup still stops the children on every way out but SIGKILL
+    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
