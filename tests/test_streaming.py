@@ -2,6 +2,7 @@
 streams giving exactly what the whole-table code gave, and stage_runs compaction."""
 from __future__ import annotations
 
+import bisect
 import random
 import re
 import signal
@@ -577,3 +578,18 @@ def test_key_ranges_come_in_key_order_each_key_whole_through_one_or_two_spill_pa
         assert sum(keys, []) == sorted(set(ids))  # in key order, each key in one range only
         assert sum(r["rows"].num_rows for r in ranges) == table.num_rows
     assert not list((lake_module.home.home() / ".tmp" / "spill").glob("*"))
+
+
+@pytest.mark.unit
+def test_boundaries_cut_from_a_sample_of_a_long_pool_split_it_evenly_and_the_same_way_every_time():
+    ids = [stable_hash("problem", i) for i in range(200_000)]
+    column = pa.chunked_array([pa.array(ids[:70_000]), pa.array(ids[70_000:])])  # as a pool's parts give it
+    boundaries = lake_module.key_boundaries(column, 1_600_000, range_rows=32_768)  # 49 ranges: a sample of ~12,500 ids
+    assert len(boundaries) == 48 and boundaries == sorted(boundaries)
+    assert lake_module.key_boundaries(column, 1_600_000, range_rows=32_768) == boundaries  # a rerun splits alike
+    ordered = sorted(ids)
+    exact = [ordered[len(ordered) * i // 49] for i in range(1, 49)]
+    assert boundaries != exact  # cut from the sample, not the whole column
+    cuts = [0] + [bisect.bisect_left(ordered, b) for b in boundaries] + [len(ordered)]
+    sizes = [high - low for low, high in zip(cuts, cuts[1:])]
+    assert max(sizes) < 1.3 * len(ordered) / 49 and min(sizes) > 0.7 * len(ordered) / 49
