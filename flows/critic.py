@@ -19,7 +19,7 @@ def critic_flow(run: str, round: int, config: RoundConfig | None = None, force: 
     """Rerunnable alone: with no config, the run's saved one; the round's policy either way."""
     config = stage_config(run, round, config)
     problems = problems_with_experts(run, round)
-    rollouts = round_table(run, round, "rollouts", "generate").select(["rollout_id", "problem_id", "text"])
+    rollouts = round_table(run, round, "rollouts", "generate", ["rollout_id", "problem_id", "text"])
     judged = rollouts.filter(pc.is_in(rollouts["problem_id"], problems["problem_id"]))
     if judged.num_rows < rollouts.num_rows:
         flow_run_logger().info(f"critic (run {run}, round {round}): {rollouts.num_rows - judged.num_rows} of "

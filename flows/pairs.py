@@ -30,7 +30,7 @@ def pairs_flow(run: str, round: int, config: RoundConfig | None = None, force: b
     """Rerunnable alone: with no config, the run's saved one; the round's policy either way."""
     config = stage_config(run, round, config)
     pool = pool_streams(run, round, PROBLEM_COLUMNS)
-    stats = round_table(run, round, "problem_stats", "filter").select(["problem_id", "bucket"])
+    stats = round_table(run, round, "problem_stats", "filter", ["problem_id", "bucket"])
     rollouts = round_stream(run, round, "rollouts", "generate", ROLLOUT_COLUMNS)
     verdicts = round_stream(run, round, "verdicts", "verify", ["rollout_id", "problem_id", "verdict"])
     # kept variants of this round: their correct solutions are SFT data too

@@ -17,9 +17,9 @@ def synthesize_flow(run: str, round: int, config: RoundConfig | None = None, for
     """Rerunnable alone: with no config, the run's saved one; the round's policy either way."""
     config = stage_config(run, round, config)
     problems = problem_pool(run, round).select(["problem_id", "question", "answer"])
-    stats = round_table(run, round, "problem_stats", "filter").select(["problem_id", "bucket"])
-    rollouts = round_table(run, round, "rollouts", "generate").select(["rollout_id", "problem_id", "sample_index", "text"])
-    verdicts = round_table(run, round, "verdicts", "verify").select(["rollout_id", "verdict"])
+    stats = round_table(run, round, "problem_stats", "filter", ["problem_id", "bucket"])
+    rollouts = round_table(run, round, "rollouts", "generate", ["rollout_id", "problem_id", "sample_index", "text"])
+    verdicts = round_table(run, round, "verdicts", "verify", ["rollout_id", "verdict"])
     return execute_stage(
         run, round, "synthesize",
         config_hash=config_hash({"synthesize": config.synthesize.model_dump(mode="json"),

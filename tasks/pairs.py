@@ -251,7 +251,8 @@ def _made(problems: pa.Table | Iterable[pa.RecordBatch], stats: pa.Table, rollou
 def pairs_boundaries(stats: pa.Table, variant_problem_ids: frozenset[str], total: int) -> list[str]:
     """Where pairs splits a streamed pool and `total` rollouts into ranges of problems: at the ids of the
     problems with rollouts (the round's stats, its kept variants), as `pairs_and_sft` does."""
-    return key_boundaries(pa.chunked_array([stats["problem_id"], pa.array(sorted(variant_problem_ids), pa.string())],
+    # the stats' own chunks: a ChunkedArray inside the list would be converted through 1.25M Python strings
+    return key_boundaries(pa.chunked_array([*stats["problem_id"].chunks, pa.array(sorted(variant_problem_ids), pa.string())],
                                            pa.string()), total)
 
 
