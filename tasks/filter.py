@@ -5,6 +5,7 @@ from collections import Counter
 from typing import Iterable, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from evoforge.data import schemas
@@ -112,21 +113,29 @@ def stats_of_range(config: FilterConfig, ranged: dict[str, pa.Table]) -> Iterato
     """("problem_stats", rows) of one range's `verdicts` and `rollouts`, in problem order: what the stage
     does per range, in its own process or in a worker of a spread one (data/spread.py)."""
     for batch in sql_batches(PER_PROBLEM, verdicts=ranged["verdicts"], rollouts=ranged["rollouts"]):
-        rows = []
-        for problem, n, correct, tokens in zip(*(batch.column(c).to_pylist() for c in ("problem_id", "n", "correct", "tokens"))):
-            accuracy = correct / n
-            rows.append(
-                dict(
-                    problem_id=problem,
-                    n=n,
-                    correct=correct,
-                    accuracy=accuracy,
-                    pass_at_k=[(k, v) for k in config.pass_k if (v := pass_at_k(n, correct, k)) is not None],
-                    mean_tokens=tokens / n,
-                    bucket=bucket(accuracy, config.underperforming),
-                )
-            )
-        yield "problem_stats", pa.Table.from_pylist(rows, schema=schemas.PROBLEM_STATS)
+        yield "problem_stats", _stats_of_counts(batch, config)
+
+
+def _stats_of_counts(batch: pa.RecordBatch, config: FilterConfig) -> pa.Table:
+    """A problem's pass@k and bucket follow from its (samples, correct) alone, and a round has few such pairs
+    (n is G for nearly all): each distinct pair is computed once in Python and the rows take theirs, where a
+    Python dict per problem cost a fifth of filter's CPU at 10M rollouts."""
+    n, correct = batch.column("n").cast(pa.int64()), batch.column("correct").cast(pa.int64())
+    pair = pc.add(pc.multiply(n, (1 << 32)), correct)
+    distinct = pc.unique(pair)
+    which = pc.index_in(pair, value_set=distinct)
+    pass_at, buckets = [], []
+    for code in distinct.to_pylist():
+        samples, right = code >> 32, code & 0xFFFFFFFF
+        pass_at.append([(k, v) for k in config.pass_k if (v := pass_at_k(samples, right, k)) is not None])
+        buckets.append(bucket(right / samples, config.underperforming))
+    samples = n.cast(pa.float64())  # float64 division is correctly rounded, as Python's int / int is
+    return pa.Table.from_arrays(
+        [batch.column("problem_id"), n, correct, pc.divide(correct.cast(pa.float64()), samples),
+         pa.array(pass_at, schemas.PROBLEM_STATS.field("pass_at_k").type).take(which),
+         pc.divide(batch.column("tokens").cast(pa.float64()), samples),
+         pa.array(buckets, pa.string()).take(which)],
+        names=schemas.PROBLEM_STATS.names).cast(schemas.PROBLEM_STATS)
 
 
 def summarize(tables: dict[str, pa.Table]) -> list[str]:
