@@ -25,7 +25,7 @@ from evoforge.data import home, schemas
 from evoforge.data.history import Version, run_history, state_as_of
 from evoforge.data.lake import LakeError, lake
 from evoforge.data.manifest import Part
-from evoforge.data.spread import LakeWorkers
+from evoforge.data.spread import READ_TASK_ROWS, LakeWorkers
 from evoforge.flows.config import RoundConfig, resolve_path
 from evoforge.flows.inputs import run_config, saved_config_path
 from evoforge.flows.spread import range_workers
@@ -115,16 +115,22 @@ def _rows(data: pa.Table | building.StreamedConfig) -> int:
 def _lake_rows(run: str, table: str, versions: list[Version]) -> building.StreamedConfig:
     """A lake table streamed from exactly the versions the card names (not whatever is current when a
     part is read), part by part: an export of a 10M-rollout round holds one batch at a time. Its pieces
-    are its parts, which a spread export's workers read and write at once."""
+    are slices of its parts' row groups (READ_TASK_ROWS rows each, as a spread stage reads them), which a
+    spread export's workers read and write at once: a round of one part of a million rollouts is four
+    pieces, not one that its own process writes while the workers wait."""
     rows = sum(p.rows for v in versions for p in v.manifest.parts if p.table == table)
-    pieces = tuple(partial(part_rows, run, v.round, v.stage, part) for v in versions for part in v.manifest.parts
-                   if part.table == table)
+    pieces = tuple(partial(part_rows, run, v.round, v.stage, part, (k, slices))
+                   for v in versions for part in v.manifest.parts if part.table == table
+                   for slices in [max(1, -(-part.rows // READ_TASK_ROWS))] for k in range(slices))
     return building.StreamedConfig.of_pieces(lake().read_schema(table), rows, pieces)
 
 
-def part_rows(run: str, round: int, stage: str, part: Part) -> Iterator[pa.RecordBatch]:
-    """One part's rows, with `round` and `stage`, checked as it is read: a piece of a lake table's export."""
-    return lake().version_batches(run, round, stage, [part], part.table)
+def part_rows(run: str, round: int, stage: str, part: Part, share: tuple[int, int] = (0, 1)) -> Iterator[pa.RecordBatch]:
+    """One part's rows (`share`: the k-th of n slices of its row groups), with `round` and `stage`, the part
+    checked against its checksum by the reader of its first slice (`Lake.part_batches`): a piece of a lake
+    table's export."""
+    store = lake()
+    return store.part_batches(run, round, stage, part, store.read_schema(part.table).names, share)
 
 
 def _method_rows(run: str, method: str, rounds: list[int], config: RoundConfig, versions: list[Version], workers=None

@@ -337,6 +337,8 @@ def test_an_export_spread_over_two_workers_writes_each_parts_shards_and_reads_ba
     assert pairs_flow.fn("r", 0, config(1)).status == "completed"
     assert len([p for p in store.manifest("r", 0, "pairs").parts if p.table == "sft_examples"]) > 2
     tables = ("rollouts", "verdicts", "sft")  # two lake tables and a row-wise method's rows
+    import evoforge.flows.export as export_flow
+    monkeypatch.setattr(export_flow, "READ_TASK_ROWS", 150)  # a lake table's part of 300 rows is two pieces
     for format in ("parquet", "arrow"):
         for workers in (1, 2):
             export_run("r", list(tables), str(scratch / f"{format}-{workers}"), format=format, config=config(workers))
@@ -350,7 +352,10 @@ def test_an_export_spread_over_two_workers_writes_each_parts_shards_and_reads_ba
             if expected is not None:
                 assert two.select(expected.column_names).cast(expected.schema).equals(expected), (format, table)
     shards = sorted(p.name for p in (scratch / "parquet-2" / "rollouts").iterdir())
-    assert shards == [f"train-{i:05d}-of-00005.parquet" for i in range(5)]  # a shard per part of the rollouts
+    slices = [-(-p.rows // 150) for stage in ("generate", "synthesize") for p in store.manifest("r", 0, stage).parts
+              if p.table == "rollouts"]
+    assert len(slices) == 5 and sum(slices) > 5  # a shard per slice of each part of the rollouts
+    assert shards == [f"train-{i:05d}-of-{sum(slices):05d}.parquet" for i in range(sum(slices))]
 
 
 VERIFY_ON_TWO_WORKERS = """
