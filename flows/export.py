@@ -119,10 +119,15 @@ def _lake_rows(run: str, table: str, versions: list[Version]) -> building.Stream
     spread export's workers read and write at once: a round of one part of a million rollouts is four
     pieces, not one that its own process writes while the workers wait."""
     rows = sum(p.rows for v in versions for p in v.manifest.parts if p.table == table)
-    pieces = tuple(partial(part_rows, run, v.round, v.stage, part, (k, slices))
-                   for v in versions for part in v.manifest.parts if part.table == table
-                   for slices in [max(1, -(-part.rows // READ_TASK_ROWS))] for k in range(slices))
+    pieces = tuple(partial(part_rows, run, v.round, v.stage, part, share)
+                   for v in versions for part in v.manifest.parts if part.table == table for share in _shares(part))
     return building.StreamedConfig.of_pieces(lake().read_schema(table), rows, pieces)
+
+
+def _shares(part: Part) -> list[tuple[int, int]]:
+    """A part's slices of row groups, one per READ_TASK_ROWS rows: (k, n) for the k-th of n."""
+    slices = max(1, -(-part.rows // READ_TASK_ROWS))
+    return [(k, slices) for k in range(slices)]
 
 
 def part_rows(run: str, round: int, stage: str, part: Part, share: tuple[int, int] = (0, 1)) -> Iterator[pa.RecordBatch]:
