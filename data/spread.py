@@ -206,9 +206,8 @@ def _read_tasks(store: Lake, job: RangedPass, folder: Path) -> tuple[list[_ReadT
                 manifest = store.manifest(source.run, source.round, source.made_by)
                 for part in manifest.parts if manifest else ():
                     if part.table == source.table:
-                        slices = max(1, -(-part.rows // READ_TASK_ROWS))
-                        tasks += [_ReadTask(len(tasks) + k, name, source=source, part=part, share=(k, slices))
-                                  for k in range(slices)]
+                        tasks += [_ReadTask(len(tasks) + k, name, source=source, part=part, share=share)
+                                  for k, share in enumerate(part_shares(part))]
                 continue
             path = folder / f"held-{len(tasks)}.arrow"
             with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schemas_of[name]) as writer:
@@ -217,6 +216,13 @@ def _read_tasks(store: Lake, job: RangedPass, folder: Path) -> tuple[list[_ReadT
                 tasks.append(_ReadTask(len(tasks), name, held_file=str(path), start=start,
                                        length=min(READ_TASK_ROWS, source.num_rows - start)))
     return tasks, schemas_of
+
+
+def part_shares(part: Part) -> list[tuple[int, int]]:
+    """The slices of a part's row groups its readers take, one per READ_TASK_ROWS rows: (k, n), the k-th of n
+    (`Lake.part_batches`'s `share`)."""
+    slices = max(1, -(-part.rows // READ_TASK_ROWS))
+    return [(k, slices) for k in range(slices)]
 
 
 def _split_file(folder: str, task: int) -> Path:

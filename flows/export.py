@@ -25,7 +25,7 @@ from evoforge.data import home, schemas
 from evoforge.data.history import Version, run_history, state_as_of
 from evoforge.data.lake import LakeError, lake
 from evoforge.data.manifest import Part
-from evoforge.data.spread import READ_TASK_ROWS, LakeWorkers
+from evoforge.data.spread import LakeWorkers, part_shares
 from evoforge.flows.config import RoundConfig, resolve_path
 from evoforge.flows.inputs import run_config, saved_config_path
 from evoforge.flows.spread import range_workers
@@ -115,19 +115,13 @@ def _rows(data: pa.Table | building.StreamedConfig) -> int:
 def _lake_rows(run: str, table: str, versions: list[Version]) -> building.StreamedConfig:
     """A lake table streamed from exactly the versions the card names (not whatever is current when a
     part is read), part by part: an export of a 10M-rollout round holds one batch at a time. Its pieces
-    are slices of its parts' row groups (READ_TASK_ROWS rows each, as a spread stage reads them), which a
+    are slices of its parts' row groups (`part_shares`, as a spread stage reads them), which a
     spread export's workers read and write at once: a round of one part of a million rollouts is four
     pieces, not one that its own process writes while the workers wait."""
     rows = sum(p.rows for v in versions for p in v.manifest.parts if p.table == table)
     pieces = tuple(partial(part_rows, run, v.round, v.stage, part, share)
-                   for v in versions for part in v.manifest.parts if part.table == table for share in _shares(part))
+                   for v in versions for part in v.manifest.parts if part.table == table for share in part_shares(part))
     return building.StreamedConfig.of_pieces(lake().read_schema(table), rows, pieces)
-
-
-def _shares(part: Part) -> list[tuple[int, int]]:
-    """A part's slices of row groups, one per READ_TASK_ROWS rows: (k, n) for the k-th of n."""
-    slices = max(1, -(-part.rows // READ_TASK_ROWS))
-    return [(k, slices) for k in range(slices)]
 
 
 def part_rows(run: str, round: int, stage: str, part: Part, share: tuple[int, int] = (0, 1)) -> Iterator[pa.RecordBatch]:

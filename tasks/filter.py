@@ -129,11 +129,11 @@ def _stats_of_counts(batch: pa.RecordBatch, config: FilterConfig) -> pa.Table:
         samples, right = code >> 32, code & 0xFFFFFFFF
         pass_at.append([(k, v) for k in config.pass_k if (v := pass_at_k(samples, right, k)) is not None])
         buckets.append(bucket(right / samples, config.underperforming))
-    samples = n.cast(pa.float64())  # float64 division is correctly rounded, as Python's int / int is
+    n_float = n.cast(pa.float64())  # float64 division is correctly rounded, as Python's int / int is
     return pa.Table.from_arrays(
-        [batch.column("problem_id"), n, correct, pc.divide(correct.cast(pa.float64()), samples),
+        [batch.column("problem_id"), n, correct, pc.divide(correct.cast(pa.float64()), n_float),
          pa.array(pass_at, schemas.PROBLEM_STATS.field("pass_at_k").type).take(which),
-         pc.divide(batch.column("tokens").cast(pa.float64()), samples),
+         pc.divide(batch.column("tokens").cast(pa.float64()), n_float),
          pa.array(buckets, pa.string()).take(which)],
         names=schemas.PROBLEM_STATS.names).cast(schemas.PROBLEM_STATS)
 

@@ -337,8 +337,7 @@ def test_an_export_spread_over_two_workers_writes_each_parts_shards_and_reads_ba
     assert pairs_flow.fn("r", 0, config(1)).status == "completed"
     assert len([p for p in store.manifest("r", 0, "pairs").parts if p.table == "sft_examples"]) > 2
     tables = ("rollouts", "verdicts", "sft")  # two lake tables and a row-wise method's rows
-    import evoforge.flows.export as export_flow
-    monkeypatch.setattr(export_flow, "READ_TASK_ROWS", 150)  # a lake table's part of 300 rows is two pieces
+    monkeypatch.setattr(spread_module, "READ_TASK_ROWS", 150)  # a lake table's part of 300 rows is two pieces
     for format in ("parquet", "arrow"):
         for workers in (1, 2):
             export_run("r", list(tables), str(scratch / f"{format}-{workers}"), format=format, config=config(workers))
