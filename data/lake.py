@@ -909,19 +909,21 @@ def key_boundaries(keys: Iterable[str] | pa.Array | pa.ChunkedArray, total_rows:
     its Arrow column, not millions of Python objects. Of a long Arrow column only an evenly spaced
     sample is sorted (`BOUNDARY_KEYS_PER_RANGE`): the same column gives the same boundaries."""
     ranges = -(-int(total_rows) // (range_rows or KEY_RANGE_ROWS))
+    if ranges <= 1:
+        return []
     if isinstance(keys, (pa.Array, pa.ChunkedArray)):
         keys = keys.drop_null()
         sample = ranges * BOUNDARY_KEYS_PER_RANGE
-        if ranges > 1 and len(keys) > 2 * sample:
+        if len(keys) > 2 * sample:
             keys = keys.take(pa.array(range(0, len(keys), len(keys) // sample), pa.int64()))
         distinct = pc.unique(keys)
         count = len(distinct)
-        if ranges <= 1 or count < 2:
+        if count < 2:
             return []
         ordered = distinct.take(pc.sort_indices(distinct))
         return sorted({ordered[count * i // ranges].as_py() for i in range(1, ranges)})
     keys = sorted(set(keys))
-    if ranges <= 1 or len(keys) < 2:
+    if len(keys) < 2:
         return []
     return sorted({keys[len(keys) * i // ranges] for i in range(1, ranges)})
 
@@ -1051,9 +1053,9 @@ def new_spill_folder() -> Path:
 
 def fingerprint_rows(source: pa.Table | pa.RecordBatchReader) -> str:
     """Content hash of a table's or stream's rows, independent of their order (a multiset: the count
-    and the sum of DuckDB's row hashes), read once in constant memory. What `fingerprint_table`
-    (data/ids.py) is for a table held whole, for one that is not; the two differ, and DuckDB's hash
-    may change with its version (the stages then run once more)."""
+    and the sum of DuckDB's row hashes), read once in constant memory, with no sorted copy: what a stage's
+    inputs are hashed with, held or streamed (`StageInputs`). It differs from `fingerprint_table`
+    (data/ids.py), and DuckDB's hash may change with its version (the stages then run once more)."""
     rows = RowsFingerprint(source.schema)
     for batch in (source.to_batches() if isinstance(source, pa.Table) else source):
         rows.add(batch)
