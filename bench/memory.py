@@ -164,7 +164,8 @@ def build(root: Path, run: str, rollouts: int, per_problem: int, seed: int = 0, 
     for stage, rows in (("ingest", n_problems), ("generate", n_problems * per_problem)):
         now = __import__("datetime").datetime.now(__import__("datetime").timezone.utc)
         lake.append_run_table(run, "stage_runs", pa.Table.from_pylist([dict(
-            stage_run_id=f"bench-{stage}", run=run, round=0, stage=stage, config_hash="bench", model_id=None,
+            stage_run_id=f"bench-{stage}", run=run, round=0, stage=stage, config_hash="bench",
+            model_id="bench@0" if stage == "generate" else None,  # the model of its rollouts, as the generate stage records it
             input_fingerprint="bench", output_fingerprint=lake.output_fingerprint(run, 0, stage), rows_in=rows,
             rows_out=rows, rows_quarantined=0, started_at=now, finished_at=now, status="completed")],
             schema=schemas.STAGE_RUNS))

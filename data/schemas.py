@@ -71,6 +71,8 @@ PROBLEM_STATS = pa.schema(
         ("pass_at_k", pa.map_(pa.int32(), pa.float64())),
         ("mean_tokens", pa.float64()),
         ("bucket", pa.string()),
+        ("distinct_answers", pa.int32()),  # NULL: counted before filter wrote it (collapse then reads the verdicts)
+        ("mean_logprob", pa.float64()),
     ]
 )
 

@@ -1,4 +1,5 @@
-"""filter flow: the round's `verdicts` -> `problem_stats` (accuracy, pass@k, bucket), counted per
+"""filter flow: the round's `verdicts` -> `problem_stats` (accuracy, pass@k, bucket, and the collapse
+signals: distinct answers, mean log-probability), counted per
 problem by DuckDB over the verdicts and rollouts as they stream from the lake, a range of problems
 at a time."""
 from __future__ import annotations
@@ -18,8 +19,10 @@ from evoforge.tasks.filter import filter_boundaries, problem_stats_batches, stat
 def filter_flow(run: str, round: int, config: RoundConfig | None = None, force: bool = False) -> StageResult:
     """Rerunnable alone: with no config, the run's saved one; the round's policy either way."""
     config = stage_config(run, round, config)
-    verdicts = round_stream(run, round, "verdicts", "verify", ["rollout_id", "problem_id", "verdict"])
-    rollouts = round_stream(run, round, "rollouts", "generate", ["rollout_id", "problem_id", "completion_tokens"])
+    verdicts = round_stream(run, round, "verdicts", "verify", ["rollout_id", "problem_id", "verdict",
+                                                                "extracted_answer"])
+    rollouts = round_stream(run, round, "rollouts", "generate", ["rollout_id", "problem_id", "completion_tokens",
+                                                                 "mean_logprob"])
     # the pool's problem ids split a large round into ranges of problems, counted one at a time
     problem_ids = problem_pool(run, round, ["problem_id"])["problem_id"]  # an Arrow column: millions are cheap
     inputs = StageInputs(verdicts, rollouts)

@@ -68,14 +68,19 @@ def correct_counts(verdicts: pa.Table) -> dict[str, tuple[int, int]]:
 # a text stage's rows (KEY_RANGE_ROWS) fit the same memory, with fewer ranges, spill passes and queries
 NARROW_RANGE_FACTOR = 8
 
-# Per problem, over every graded verdict: samples, correct ones, and their completion tokens (a
-# verdict whose rollout is not in `rollouts` counts 0 tokens); pass@k and the bucket are then
-# computed over this per-problem table.
+# Per problem, over every graded verdict: samples, correct ones, their completion tokens (a verdict whose
+# rollout is not in `rollouts` counts 0 tokens), the distinct final answers among them and the mean of their
+# mean token log-probabilities (what `evoforge sql collapse` tracks over rounds, read here so that the query
+# reads 1.25M problems' stats at 10M rollouts, not the verdicts again); pass@k and the bucket are then
+# computed over this per-problem table. An input without the answer or log-probability column (a table
+# handed to `filter_problems`) leaves that figure NULL, not 0.
 PER_PROBLEM = """
 SELECT v.problem_id,
        count(*) AS n,
        count(*) FILTER (WHERE v.verdict = 'correct') AS correct,
-       coalesce(sum(r.completion_tokens), 0)::BIGINT AS tokens
+       coalesce(sum(r.completion_tokens), 0)::BIGINT AS tokens,
+       {distinct_answers} AS distinct_answers,
+       {mean_logprob} AS mean_logprob
 FROM verdicts v LEFT JOIN rollouts r ON r.rollout_id = v.rollout_id
 WHERE v.verdict IS DISTINCT FROM 'no_reference'  -- ungraded demonstrations have no accuracy to bucket
 GROUP BY v.problem_id
@@ -112,7 +117,12 @@ def filter_boundaries(problem_ids: Iterable[str] | pa.ChunkedArray, total: int) 
 def stats_of_range(config: FilterConfig, ranged: dict[str, pa.Table]) -> Iterator[tuple[str, pa.Table]]:
     """("problem_stats", rows) of one range's `verdicts` and `rollouts`, in problem order: what the stage
     does per range, in its own process or in a worker of a spread one (data/spread.py)."""
-    for batch in sql_batches(PER_PROBLEM, verdicts=ranged["verdicts"], rollouts=ranged["rollouts"]):
+    verdicts, rollouts = ranged["verdicts"], ranged["rollouts"]
+    query = PER_PROBLEM.format(
+        distinct_answers="count(DISTINCT v.extracted_answer)" if "extracted_answer" in verdicts.column_names
+        else "NULL::BIGINT",
+        mean_logprob="avg(r.mean_logprob)" if "mean_logprob" in rollouts.column_names else "NULL::DOUBLE")
+    for batch in sql_batches(query, verdicts=verdicts, rollouts=rollouts):
         yield "problem_stats", _stats_of_counts(batch, config)
 
 
@@ -134,7 +144,7 @@ def _stats_of_counts(batch: pa.RecordBatch, config: FilterConfig) -> pa.Table:
         [batch.column("problem_id"), n, correct, pc.divide(correct.cast(pa.float64()), n_float),
          pa.array(pass_at, schemas.PROBLEM_STATS.field("pass_at_k").type).take(which),
          pc.divide(batch.column("tokens").cast(pa.float64()), n_float),
-         pa.array(buckets, pa.string()).take(which)],
+         pa.array(buckets, pa.string()).take(which), batch.column("distinct_answers"), batch.column("mean_logprob")],
         names=schemas.PROBLEM_STATS.names).cast(schemas.PROBLEM_STATS)
 
 

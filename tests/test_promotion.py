@@ -339,31 +339,83 @@ def test_ppm_best_of_n_takes_the_sample_the_ppm_rates_highest_and_is_compared_pi
     assert by_search["none"]["estimate"] == pytest.approx(0.5) and by_search["none"]["change"] == pytest.approx(0.0)
 
 
-@pytest.mark.unit
-def test_the_pool_collapse_signals_are_those_of_every_sample_and_its_verdict(runs_root):
-    """`evoforge sql collapse`'s pool row counts each side per problem before they meet (a 10M-rollout
-    round is never joined row by row): its entropy, distinct-answer rate and pass@n are still those of
-    each sample with its verdict, and a problem without a reference answer is left out."""
-    from evoforge.data import catalog
-    from evoforge.data.lake import lake
-
+def graded_pool(round: int, shift: float = 0.0) -> tuple[list[dict], list[dict]]:
+    """A round's rollouts and verdicts: p0 has a correct sample, repeated answers and one without; p1 three
+    distinct wrong answers; p2 has no reference answer. `shift` moves every log-probability."""
     answers = {"p0": ["4", "4", "5", None], "p1": ["7", "8", "9", "7"], "p2": ["1", "1", "1", "1"]}
     verdicts = {"p0": ["correct", "correct", "wrong", "no_answer"], "p1": ["wrong"] * 4, "p2": ["no_reference"] * 4}
     rollouts, graded = [], []
     for p, (pid, given) in enumerate(answers.items()):
         for k, answer in enumerate(given):
-            rid = f"{pid}-{k}"
-            rollouts.append(dict(rollout_id=rid, problem_id=pid, model_id="m0", seed=0, sample_index=k, text="x",
-                                 completion_tokens=1, finish_reason="stop", mean_logprob=-0.1 * (p + 1) * (k + 1)))
+            rid = f"{pid}-{k}-{round}"
+            rollouts.append(dict(rollout_id=rid, problem_id=pid, model_id=f"m{round}", seed=0, sample_index=k, text="x",
+                                 completion_tokens=1, finish_reason="stop", mean_logprob=-0.1 * (p + 1) * (k + 1) + shift))
             graded.append(dict(rollout_id=rid, problem_id=pid, verdict=verdicts[pid][k], extracted_answer=answer,
                                gold=None, detail=None, seconds=0.0, graded_with=rid))
+    return rollouts, graded
+
+
+def assert_pool_signals(pool: dict, rollouts: list[dict]) -> None:
+    samples = [r for r in rollouts if r["problem_id"] != "p2"]  # p2 has no reference answer
+    assert pool["problems"] == 2 and pool["n"] == 4
+    assert pool["entropy"] == pytest.approx(sum(-r["mean_logprob"] for r in samples) / len(samples))
+    assert pool["distinct_answer_rate"] == pytest.approx((2 / 4 + 3 / 4) / 2)  # p0: 4, 5 (None is no answer); p1: 7, 8, 9
+    assert pool["pass_at_n"] == pytest.approx(0.5)  # p0 has a correct sample, p1 none
+
+
+@pytest.mark.unit
+def test_the_pool_collapse_signals_are_those_of_every_sample_and_its_verdict(runs_root):
+    """`evoforge sql collapse`'s pool row of a round filter has not counted counts each side per problem before
+    they meet (a 10M-rollout round is never joined row by row): its entropy, distinct-answer rate and pass@n
+    are still those of each sample with its verdict, and a problem without a reference answer is left out."""
+    from evoforge.data import catalog
+    from evoforge.data.lake import lake
+
+    rollouts, graded = graded_pool(0)
     store = lake()
     store.publish_stage("r", 0, "generate", {"rollouts": pa.Table.from_pylist(rollouts, schema=schemas.ROLLOUTS)})
     store.publish_stage("r", 0, "verify", {"verdicts": pa.Table.from_pylist(graded, schema=schemas.VERDICTS)})
 
     (pool,) = [c for c in catalog.query(catalog.connect(store.run_dir("r")), "collapse") if c["scope"] == "pool"]
-    samples = [r for r in rollouts if r["problem_id"] != "p2"]  # p2 has no reference answer
-    assert pool["problems"] == 2 and pool["n"] == 4 and pool["model_id"] == "m0"
-    assert pool["entropy"] == pytest.approx(sum(-r["mean_logprob"] for r in samples) / len(samples))
-    assert pool["distinct_answer_rate"] == pytest.approx((2 / 4 + 3 / 4) / 2)  # p0: 4, 5 (None is no answer); p1: 7, 8, 9
-    assert pool["pass_at_n"] == pytest.approx(0.5)  # p0 has a correct sample, p1 none
+    assert_pool_signals(pool, rollouts)
+    assert pool["model_id"] == "m0"
+
+
+@pytest.mark.unit
+def test_a_filtered_round_has_its_collapse_signals_read_from_problem_stats(runs_root):
+    """filter counts each problem's distinct answers and mean log-probability into `problem_stats`, and
+    collapse reads them there (at 10M rollouts, not the verdicts again); the model is the one the round's
+    generate stage recorded. A round filtered before those columns existed is still counted from its verdicts."""
+    from datetime import datetime, timezone
+
+    from evoforge.data import catalog
+    from evoforge.data.lake import lake
+    from evoforge.tasks.filter import FilterConfig, filter_problems
+
+    store = lake()
+    pools = {round: graded_pool(round, shift=-0.5 * round) for round in (0, 1)}
+    for round, (rollouts, graded) in pools.items():
+        rollouts_table = pa.Table.from_pylist(rollouts, schema=schemas.ROLLOUTS)
+        verdicts_table = pa.Table.from_pylist(graded, schema=schemas.VERDICTS)
+        store.publish_stage("r", round, "generate", {"rollouts": rollouts_table})
+        stats = filter_problems(verdicts_table, rollouts_table, FilterConfig())
+        if round == 1:  # as filter wrote it before it counted the collapse signals: the view reads NULLs
+            for name in ("distinct_answers", "mean_logprob"):
+                index = stats.schema.get_field_index(name)
+                stats = stats.set_column(index, name, pa.nulls(stats.num_rows, stats.schema.field(name).type))
+        store.publish_stage("r", round, "filter", {"problem_stats": stats})
+        if round == 0:  # verdicts unlike those filter counted: the pool row must be filter's
+            verdicts_table = pa.Table.from_pylist([dict(v, extracted_answer="0", verdict="wrong") for v in graded],
+                                                  schema=schemas.VERDICTS)
+        store.publish_stage("r", round, "verify", {"verdicts": verdicts_table})
+        now = datetime.now(timezone.utc)
+        store.append_run_table("r", "stage_runs", pa.Table.from_pylist([dict(
+            stage_run_id=f"g{round}", run="r", round=round, stage="generate", model_id=f"m{round}", status="completed",
+            started_at=now, finished_at=now)], schema=schemas.STAGE_RUNS))
+
+    rows = {c["round"]: c for c in catalog.query(catalog.connect(store.run_dir("r")), "collapse") if c["scope"] == "pool"}
+    assert set(rows) == {0, 1}  # each round once: from its stats, or from its verdicts
+    for round, (rollouts, _) in pools.items():
+        assert_pool_signals(rows[round], rollouts)
+        assert rows[round]["model_id"] == f"m{round}"
+    assert rows[1]["entropy"] > rows[0]["entropy"]

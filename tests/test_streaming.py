@@ -236,20 +236,31 @@ def test_verify_streamed_with_math_verify_grades_like_the_whole_table(scratch, s
 
 # -- filter and pairs against the Python they replaced --------------------------------------------
 def reference_filter(verdicts: pa.Table, rollouts: pa.Table, config: FilterConfig) -> list[dict]:
+    """Per problem in Python; the collapse signals are None where the input lacks their column."""
     tokens_of = dict(zip(rollouts["rollout_id"].to_pylist(), rollouts["completion_tokens"].to_pylist()))
+    logprob_of = (dict(zip(rollouts["rollout_id"].to_pylist(), rollouts["mean_logprob"].to_pylist()))
+                  if "mean_logprob" in rollouts.column_names else None)
+    answers = (verdicts["extracted_answer"].to_pylist() if "extracted_answer" in verdicts.column_names
+               else [None] * verdicts.num_rows)
     per_problem: dict[str, list] = {}
-    for rollout, problem, verdict in zip(verdicts["rollout_id"].to_pylist(), verdicts["problem_id"].to_pylist(),
-                                         verdicts["verdict"].to_pylist()):
+    for rollout, problem, verdict, answer in zip(verdicts["rollout_id"].to_pylist(), verdicts["problem_id"].to_pylist(),
+                                                 verdicts["verdict"].to_pylist(), answers):
         if verdict == "no_reference":
             continue
-        counts = per_problem.setdefault(problem, [0, 0, 0])
+        counts = per_problem.setdefault(problem, [0, 0, 0, set(), []])
         counts[0] += 1
         counts[1] += verdict == "correct"
         counts[2] += tokens_of.get(rollout, 0)
+        if answer is not None:
+            counts[3].add(answer)
+        if logprob_of is not None and logprob_of.get(rollout) is not None:
+            counts[4].append(logprob_of[rollout])
     return [dict(problem_id=p, n=n, correct=c, accuracy=c / n,
                  pass_at_k=[(k, v) for k in config.pass_k if (v := pass_at_k(n, c, k)) is not None],
-                 mean_tokens=t / n, bucket=bucket(c / n, config.underperforming))
-            for p, (n, c, t) in sorted(per_problem.items())]
+                 mean_tokens=t / n, bucket=bucket(c / n, config.underperforming),
+                 distinct_answers=len(distinct) if "extracted_answer" in verdicts.column_names else None,
+                 mean_logprob=sum(logprobs) / len(logprobs) if logprobs else None)
+            for p, (n, c, t, distinct, logprobs) in sorted(per_problem.items())]
 
 
 def reference_pairs(problems, stats, rollouts, verdicts, config, variant_problem_ids=frozenset()) -> dict[str, list]:
@@ -309,7 +320,8 @@ def random_graded_round(seed: int = 1):
     graded = [i for i in range(table.num_rows) if i % 17]  # every 17th rollout has no verdict
     verdicts = pa.table({"rollout_id": table["rollout_id"].take(graded),
                          "problem_id": table["problem_id"].take(graded),
-                         "verdict": [rng.choice(verdict_names) for _ in graded]})
+                         "verdict": [rng.choice(verdict_names) for _ in graded],
+                         "extracted_answer": [rng.choice(["1", "2", "2", "\\frac{1}{2}", None]) for _ in graded]})
     ids = sorted(set(table["problem_id"].to_pylist()))
     problems = pa.table({"problem_id": ids[1:], "question": [f"question {p}" for p in ids[1:]],
                          "origin": ["seed"] * (len(ids) - 1)})
@@ -325,17 +337,20 @@ def test_filter_over_streams_equals_the_python_reference(scratch, small_parts, g
     problems, stats, table, verdicts = random_graded_round()
     expected = reference_filter(verdicts, table, config)
     assert filter_problems(verdicts, table, config).to_pylist() == expected
+    assert {row["distinct_answers"] for row in expected} >= {1, 2, 3}  # repeated answers and NULLs among them
     lake = Lake(scratch)
     lake.publish_stage("r", 0, "generate", {"rollouts": in_batches(table, 50)})
-    full = pa.Table.from_pylist([dict(rollout_id=r, problem_id=p, verdict=v) for r, p, v in zip(
-        *(verdicts[c].to_pylist() for c in ("rollout_id", "problem_id", "verdict")))], schema=schemas.VERDICTS)
+    full = pa.Table.from_pylist([dict(rollout_id=r, problem_id=p, verdict=v, extracted_answer=a) for r, p, v, a in zip(
+        *(verdicts[c].to_pylist() for c in ("rollout_id", "problem_id", "verdict", "extracted_answer")))],
+        schema=schemas.VERDICTS)
     lake.publish_stage("r", 0, "verify", {"verdicts": in_batches(full, 50)})
     assert len(read_manifest(lake.stage_dir("r", 0, "verify")).parts) == 4  # 903 rows, 300 a part
     monkeypatch.setattr(lake_module, "KEY_RANGE_ROWS", 100)  # counted range of problems by range, spilled:
     monkeypatch.setattr(filter_module, "NARROW_RANGE_FACTOR", 1)  # 10 ranges
     streamed = pa.concat_tables(problem_stats_batches(
-        lake.reader("r", "verdicts", 0, "verify", columns=["rollout_id", "problem_id", "verdict"]),
-        lake.reader("r", "rollouts", 0, "generate", columns=["rollout_id", "problem_id", "completion_tokens"]), config,
+        lake.reader("r", "verdicts", 0, "verify", columns=["rollout_id", "problem_id", "verdict", "extracted_answer"]),
+        lake.reader("r", "rollouts", 0, "generate", columns=["rollout_id", "problem_id", "completion_tokens",
+                                                              "mean_logprob"]), config,
         problems["problem_id"].to_pylist(), total=full.num_rows))
     assert streamed.to_pylist() == expected
     # the small graded round of the pairs tests, too
