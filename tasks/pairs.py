@@ -89,29 +89,39 @@ SPACED = _spaced("r.text")
 # not ASCII) comes with all its candidates (`python_key`) for Python to key and walk. An ASCII text is one whose bytes
 # are its characters; its whitespace becomes one space through `SPACED` (plain replaces: a third of what one
 # regexp_replace costs), and through the regex only where a run of spaces is longer than SPACED folds.
+# `spaced` has a CTE of its own, joined back: used twice in one SELECT, DuckDB expanded it into each use and
+# ran the replaces again (a third of the query's time). The first candidates carry their text to the output;
+# only a walked problem's later ones are joined to theirs.
 SFT_OF_RANGE = r"""
 WITH candidates AS (
     SELECT r.problem_id, r.rollout_id,
            row_number() OVER (PARTITION BY r.problem_id ORDER BY r.completion_tokens, r.rollout_id) AS place
     FROM rollouts r JOIN verdicts v ON v.rollout_id = r.rollout_id
     WHERE v.verdict = 'correct' AND r.problem_id IN (SELECT problem_id FROM sft_problems)
-), firsts AS (
-    SELECT c.rollout_id, c.problem_id, {spaced} AS spaced,
-           CASE WHEN strlen(r.text) = length(r.text)
-                THEN lower(trim(CASE WHEN contains(spaced, '  ') THEN regexp_replace(r.text, '[\t-\r\x1c-\x20]+', ' ', 'g')
-                                     ELSE spaced END)) END AS ascii_key
+), ascii_firsts AS (
+    SELECT c.rollout_id, {spaced} AS spaced
     FROM candidates c JOIN rollouts r ON r.rollout_id = c.rollout_id
+    WHERE c.place <= {sft_per_problem} AND strlen(r.text) = length(r.text)
+), firsts AS (
+    SELECT c.rollout_id, c.problem_id, c.place, r.text,
+           lower(trim(CASE WHEN contains(a.spaced, '  ') THEN regexp_replace(r.text, '[\t-\r\x1c-\x20]+', ' ', 'g')
+                           ELSE a.spaced END)) AS ascii_key
+    FROM candidates c JOIN rollouts r ON r.rollout_id = c.rollout_id LEFT JOIN ascii_firsts a ON a.rollout_id = c.rollout_id
     WHERE c.place <= {sft_per_problem}
 ), walked AS (
     SELECT problem_id FROM firsts GROUP BY problem_id
     HAVING count(ascii_key) < count(*) OR count(DISTINCT ascii_key) < count(*)
+), taken AS (
+    SELECT problem_id, rollout_id, text, ascii_key, place FROM firsts
+    UNION ALL
+    SELECT c.problem_id, c.rollout_id, r.text, NULL AS ascii_key, c.place
+    FROM candidates c JOIN walked w ON w.problem_id = c.problem_id JOIN rollouts r ON r.rollout_id = c.rollout_id
+    WHERE c.place > {sft_per_problem}
 )
-SELECT c.problem_id, c.rollout_id, r.text, f.ascii_key, w.problem_id IS NOT NULL AS python_key,
-       left(sha256('sft' || chr(31) || c.problem_id || chr(31) || f.ascii_key), 16) AS example_id
-FROM candidates c JOIN rollouts r ON r.rollout_id = c.rollout_id
-LEFT JOIN firsts f ON f.rollout_id = c.rollout_id LEFT JOIN walked w ON w.problem_id = c.problem_id
-WHERE c.place <= {sft_per_problem} OR w.problem_id IS NOT NULL
-ORDER BY c.problem_id, c.place
+SELECT t.problem_id, t.rollout_id, t.text, t.ascii_key, w.problem_id IS NOT NULL AS python_key,
+       left(sha256('sft' || chr(31) || t.problem_id || chr(31) || t.ascii_key), 16) AS example_id
+FROM taken t LEFT JOIN walked w ON w.problem_id = t.problem_id
+ORDER BY t.problem_id, t.place
 """
 
 
