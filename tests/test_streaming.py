@@ -184,7 +184,8 @@ def today_verify(table: pa.Table, problems: pa.Table, pool) -> pa.Table:
     rows = table.select(["rollout_id", "problem_id", "text"]).to_pylist()
     rows.sort(key=lambda r: (r["problem_id"], r["rollout_id"]))
     size = verify_module.CHUNK_ROLLOUTS
-    parts = [verify_module._grade_batch(rows[i:i + size], gold_of, pool, lambda n: None) for i in range(0, len(rows), size)]
+    parts = [verify_module._grade_batch(*([r[name] for r in rows[i:i + size]] for name in ("rollout_id", "problem_id", "text")),
+                                        gold_of, pool, lambda n: None) for i in range(0, len(rows), size)]
     return pa.concat_tables(parts)
 
 

@@ -72,7 +72,7 @@ def all_boxes(text: str) -> tuple[str, ...]:
     stage reads every rollout's boxes, so this is its per-row cost."""
     flat = _FLAT_BOX.findall(text)
     if len(flat) == len(_BOX.findall(text)):
-        return tuple(content.strip() for content in flat)
+        return tuple(map(str.strip, flat))  # a generator here was a fifth of the function's time
     return tuple(last_boxes(text, len(text)))
 
 
