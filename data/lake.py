@@ -1023,13 +1023,33 @@ def range_slices(source: pa.Table | Iterable[pa.RecordBatch], key: str, boundari
     import numpy as np
 
     splits = np.array(boundaries, dtype=str)
+    split_bytes = np.array([b.encode() for b in boundaries], dtype=f"S{max([len(b.encode()) for b in boundaries] or [1])}")
     for batch in _in_blocks(source.to_batches() if isinstance(source, pa.Table) else source, SPILL_BLOCK_ROWS):
-        where = np.searchsorted(splits, batch.column(key).to_numpy(zero_copy_only=False).astype(str), side="right")
+        where = _ranges_of_keys(batch.column(key), splits, split_bytes)
         order = np.argsort(where, kind="stable")
         where, batch = where[order], batch.take(pa.array(order))
         starts = np.flatnonzero(np.diff(where, prepend=-1))
         for start, end in zip(starts.tolist(), [*starts[1:].tolist(), len(where)]):
             yield int(where[start]), batch.slice(start, end - start)
+
+
+def _ranges_of_keys(keys: pa.Array, splits, split_bytes):
+    """Each key's range index (how many boundaries are <= it). Keys of one byte length (content-hash ids) are
+    compared as the fixed-width bytes of the column's own buffer, with no Python string made per key (~0.07
+    µs a key against ~0.2 µs, range_slices included; at 10M rollouts the ranged stages split ~50M keys);
+    UTF-8 bytes sort as the strings' code points do. Other keys go through NumPy strings."""
+    import numpy as np
+
+    if keys.type in (pa.string(), pa.large_string()) and keys.null_count == 0 and len(keys):
+        offset_type = np.int32 if keys.type == pa.string() else np.int64
+        offsets = np.frombuffer(keys.buffers()[1], offset_type, count=len(keys) + 1,
+                                offset=keys.offset * np.dtype(offset_type).itemsize)
+        width = int(offsets[1] - offsets[0])
+        if width > 0 and (np.diff(offsets) == width).all():
+            data = np.frombuffer(keys.buffers()[2], np.uint8, count=width * len(keys), offset=int(offsets[0]))
+            if data.all():  # NumPy drops a fixed-width string's trailing NUL bytes: a key with one goes the other way
+                return np.searchsorted(split_bytes, data.view(f"S{width}"), side="right")
+    return np.searchsorted(splits, keys.to_numpy(zero_copy_only=False).astype(str), side="right")
 
 
 def new_spill_folder() -> Path:

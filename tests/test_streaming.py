@@ -609,3 +609,27 @@ def test_boundaries_cut_from_a_sample_of_a_long_pool_split_it_evenly_and_the_sam
     cuts = [0] + [bisect.bisect_left(ordered, b) for b in boundaries] + [len(ordered)]
     sizes = [high - low for low, high in zip(cuts, cuts[1:])]
     assert max(sizes) < 1.3 * len(ordered) / 49 and min(sizes) > 0.7 * len(ordered) / 49
+
+
+@pytest.mark.unit
+def test_every_row_goes_to_the_range_bisect_gives_its_key_whatever_the_keys_bytes():
+    """`range_slices` compares keys of one byte length as raw bytes (hash ids: no Python string per key) and
+    others as strings: both must put each row where Python's string order does, its rows in their order."""
+    rng = random.Random(3)
+    ids = [stable_hash("problem", i % 700) for i in range(5_000)]
+    cases = [
+        (pa.array(ids), sorted({stable_hash("cut", i) for i in range(30)})),
+        (pa.array(ids).slice(777, 2_000), sorted(rng.sample(ids, 12))),  # a slice; boundaries equal to keys
+        (pa.array(ids, pa.large_string()), sorted(rng.sample(ids, 12))),
+        (pa.array(["é" + i[:14] for i in ids[:500]] + ["z" * 16] * 3), sorted(["é5", "éa", "f"])),  # 2-byte characters, 16 bytes a key
+        (pa.array(["a\x00b", "a\x00c", "abb", "a\x00a"]), ["a\x00b", "ab"]),  # NUL bytes: compared as strings
+        (pa.array(["ab", "abc", "b", "a"]), ["ab", "abc"]),  # keys of several lengths
+        (pa.array(ids[:50]), []),
+    ]
+    for keys, boundaries in cases:
+        batch = pa.record_batch({"problem_id": keys, "row": pa.array(range(len(keys)))})
+        got = [(index, row) for index, rows in lake_module.range_slices([batch], "problem_id", boundaries)
+               for row in rows["row"].to_pylist()]
+        expected = sorted(((bisect.bisect_right(boundaries, key), row) for row, key in enumerate(keys.to_pylist())),
+                          key=lambda pair: pair[0])  # stable: a range's rows in their order
+        assert got == expected, boundaries
