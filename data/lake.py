@@ -1023,7 +1023,7 @@ def range_slices(source: pa.Table | Iterable[pa.RecordBatch], key: str, boundari
     import numpy as np
 
     splits = np.array(boundaries, dtype=str)
-    split_bytes = np.array([b.encode() for b in boundaries], dtype=f"S{max([len(b.encode()) for b in boundaries] or [1])}")
+    split_bytes = np.array([b.encode() for b in boundaries], dtype=bytes)  # as wide as the longest
     for batch in _in_blocks(source.to_batches() if isinstance(source, pa.Table) else source, SPILL_BLOCK_ROWS):
         where = _ranges_of_keys(batch.column(key), splits, split_bytes)
         order = np.argsort(where, kind="stable")
