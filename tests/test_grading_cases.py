@@ -107,6 +107,32 @@ def test_every_box_is_read_as_the_brace_walk_reads_it_flat_nested_open_or_spaced
 
 
 @pytest.mark.unit
+def test_a_column_of_texts_has_the_boxes_python_reads_in_each_whatever_its_spaces_and_braces():
+    """`all_boxes_of_column` reads the common text (one flat box, or none) with Arrow's regex engine (RE2), whose
+    `\\s` is ASCII only and whose trim is not `str.strip`: its whitespace is Python's 29 characters spelled out,
+    and every text's boxes, counted, last and earlier, are `all_boxes`' for it."""
+    import random
+    import sys
+
+    import pyarrow as pa
+
+    from evoforge.tasks.grading.answers import WHITESPACE, all_boxes, all_boxes_of_column
+
+    assert WHITESPACE == "".join(c for c in map(chr, range(sys.maxunicode + 1)) if c.isspace())
+    pieces = ["\\boxed{", "\\fbox {", "{", "}", "}", " 42 ", "x", "\\frac{1}{2}", "\\boxed", "\\", "é", "日本", ":",
+              "\x00", "\n"] + [f"\\boxed{space}{{" for space in WHITESPACE] + list(WHITESPACE)
+    rng = random.Random(5)
+    texts = [None, "", "no box", "\\boxed{ 7 }", "\\boxed\u3000{\u2028 5\x85}", "\\boxed{\\boxed{4}}", "\\boxed{3",
+             "\\boxed{1} \\fbox{2}", "\\boxed{}", "\\boxed{\n1\n2}"]
+    texts += ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 12))) for _ in range(20000)]
+    column = all_boxes_of_column(pa.chunked_array([texts[:7000], texts[7000:]], pa.string()))
+    assert [column.boxes(i) for i in range(len(texts))] == [all_boxes(text or "") for text in texts]
+    assert list(column.count) == [len(all_boxes(text or "")) for text in texts]
+    single = int((column.count == 1).sum())
+    assert single > 1000 and len(column.earlier) > 50  # one box (Arrow's way) and several (Python's), many times
+
+
+@pytest.mark.unit
 def test_thousands_separators_when_the_gold_is_one_number():
     pairs = [
         ("1000", "\\boxed{1 000}"),

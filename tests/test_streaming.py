@@ -25,6 +25,7 @@ from evoforge.tasks import filter as filter_module
 from evoforge.tasks.filter import FilterConfig, bucket, filter_problems, pass_at_k, problem_stats_batches
 from evoforge.tasks.pairs import REJECTABLE, PairsConfig, build_pairs, sft_selection, solution_pairs
 from evoforge.tasks.verify import VerifyConfig, verify, verify_batches
+from tests.verify_reference import python_verdicts
 
 
 def rollouts(n_problems: int, per_problem: int = 8, seed: int = 0) -> pa.Table:
@@ -179,14 +180,14 @@ def test_a_producer_that_fails_mid_stream_leaves_the_old_output_and_no_new_part(
 
 # -- verify ----------------------------------------------------------------------------------------
 def today_verify(table: pa.Table, problems: pa.Table, pool) -> pa.Table:
-    """The verify stage before it streamed: the whole table sorted in Python, cut every CHUNK_ROLLOUTS rows."""
+    """The verify stage before it streamed: the whole table sorted in Python, cut every CHUNK_ROLLOUTS rows, each
+    chunk graded row by row in Python (`python_verdicts`)."""
     gold_of = dict(zip(problems["problem_id"].to_pylist(), problems["answer"].to_pylist()))
     rows = table.select(["rollout_id", "problem_id", "text"]).to_pylist()
     rows.sort(key=lambda r: (r["problem_id"], r["rollout_id"]))
+    rows = [{**row, "gold": gold_of[row["problem_id"]]} for row in rows]
     size = verify_module.CHUNK_ROLLOUTS
-    parts = [verify_module._grade_batch(*([r[name] for r in rows[i:i + size]] for name in ("rollout_id", "problem_id", "text")),
-                                        gold_of, pool, lambda n: None) for i in range(0, len(rows), size)]
-    return pa.concat_tables(parts)
+    return pa.concat_tables([python_verdicts(rows[i:i + size], pool) for i in range(0, len(rows), size)])
 
 
 @pytest.mark.unit

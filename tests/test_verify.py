@@ -150,3 +150,63 @@ def test_each_distinct_answer_is_graded_once_and_its_verdict_fanned_out_identica
     assert rows["r1"]["seconds"] == 0.0 and rows["r4"]["seconds"] == 0.0 and rows["q0"]["seconds"] > 0.0
     # a whole number boxed, or no box, against a whole number: decided without a grader
     assert rows["r0"]["seconds"] == 0.0 and rows["r3"]["seconds"] == 0.0
+
+
+class RecordingPool:
+    """A deterministic stand-in grader (no processes) that keeps what it was sent: a verdict, an answer and a time
+    from the text's length, so that a row given another row's result would show."""
+
+    def __init__(self):
+        self.items = []
+
+    def run(self, items, on_progress=None):
+        self.items += items
+        return [(("correct", "wrong", "no_answer")[len(text) % 3], f"answer {len(text)}", None if len(text) % 2 else
+                 "odd", len(text) / 1000) for _, gold, text in items]
+
+
+@pytest.mark.unit
+def test_the_stage_grades_a_chunk_on_columns_exactly_as_row_by_row_python_does():
+    """`_grade_batch` reads boxes with Arrow's regex engine, finds the distinct (gold, boxes) by a dictionary of key
+    strings and decides whole-number answers on the columns: every row's verdict, answer, detail, seconds and
+    `graded_with`, and what goes to the graders, in order, are those of the Python reference (a row at a time),
+    over golds whole, spaced, fractional, symbolic or missing and texts with flat, nested, open, empty, repeated
+    and Unicode-spaced boxes."""
+    import random
+
+    from evoforge.tasks.grading.answers import WHITESPACE
+    from evoforge.tasks.verify import _grade_batch
+    from tests.verify_reference import python_verdicts
+
+    rng = random.Random(11)
+    golds = ["12", " 12 ", "-3", "0", "7", "12\u3000", "\\frac{1}{2}", "-\\frac{3}{4}", "1, 2", "x^2", None, "1:2"]
+    answers = ["12", "-3", "0", "007", "7", "+7", "-0", "", " ", "\\frac{1}{2}", "\\frac{2}{4}", "x^2", "1:2", "3:",
+               "1, 2", "12.0", "é", "{1}", "\\boxed{12}"]
+    pieces = ["Step: add. ", "\\boxed{", "\\fbox {", "}", "{", " ", "\n", "\\boxed", ":"] + list(WHITESPACE[:12])
+
+    def text() -> str | None:
+        if rng.random() < 0.02:
+            return None
+        parts = [rng.choice(pieces) for _ in range(rng.randint(0, 3))]
+        for _ in range(rng.choice([0, 1, 1, 1, 2])):
+            space = rng.choice(["", " ", rng.choice(WHITESPACE)])
+            parts.append(f"\\boxed{space}{{{rng.choice(WHITESPACE[:3]) if rng.random() < 0.1 else ''}"
+                         f"{rng.choice(answers)}}}")
+        return "".join(parts)
+
+    rows = [dict(rollout_id=f"r{i:05d}", problem_id=f"p{i // 8}", gold=golds[(i // 8) % len(golds)], text=text())
+            for i in range(4000)]
+    # two pairs whose key strings would be one without the gold's length in front: "7:1" + ":1:" + "x" and "7" + ":1:" + "1:x"
+    rows += [dict(rollout_id="s0", problem_id="s0", gold="7:1", text="\\boxed{x}"),
+             dict(rollout_id="s1", problem_id="s1", gold="7", text="\\boxed{1:x}")]
+    ours, reference = RecordingPool(), RecordingPool()
+    table = pa.Table.from_pylist(rows, schema=pa.schema([("rollout_id", pa.string()), ("problem_id", pa.string()),
+                                                         ("gold", pa.string()), ("text", pa.string())]))
+    graded = _grade_batch(table.select(["rollout_id", "problem_id", "text", "gold"]), ours, lambda n: None)
+    expected = python_verdicts(rows, reference)
+    assert graded.to_pylist() == expected.to_pylist() and graded.equals(expected)
+    assert ours.items == reference.items and 0 < len(ours.items) < len(rows) // 4
+    verdicts = graded["verdict"].to_pylist()
+    assert {verdict: verdicts.count(verdict) > 50 for verdict in ("correct", "wrong", "no_answer", "no_reference")} == {
+        "correct": True, "wrong": True, "no_answer": True, "no_reference": True}
+    assert len(set(graded["graded_with"].drop_null().to_pylist())) < len(rows) // 2  # gradings were shared
