@@ -200,7 +200,7 @@ def leftovers(bench: Bench, run: str, stage: str) -> dict[str, int]:
     run_dir = bench.lake.run_dir(run)
     inspected = bench.lake.inspect(run)
     # a stage's chunk folder (any execution key) that still holds a chunk: a published stage removes it
-    chunk_folders = [f for f in run_dir.glob("_chunks/round=*/*") if f.is_dir() and any(f.rglob("*.parquet"))]
+    chunk_folders = [f for f in run_dir.glob("_chunks/round=*/*") if f.is_dir() and any(f.rglob("*.arrow"))]
     found = {"uncommitted parts and temporary files": len(set(inspected.leftovers) | set(temporaries(run_dir))),
              "chunk folders": len(chunk_folders)}
     if bench.remote:

@@ -150,14 +150,14 @@ def build(lake: Lake, s3: LocalS3, rounds: int, versions: int, chunks: int, even
             status="completed")], schema=schemas.STAGE_RUNS))
     client = s3.client()
     body = pa.BufferOutputStream()
-    import pyarrow.parquet as pq
-
-    pq.write_table(rows_of("rollouts", 8, "chunk"), body)
+    chunk = rows_of("rollouts", 8, "chunk")
+    with pa.ipc.new_file(body, chunk.schema) as out:  # a chunk as data/chunks.py stores it
+        out.write_table(chunk)
     data = body.getvalue().to_pybytes()
     prefix = f"runs/{RUN}/_chunks/round={last + 1}/generate/{'0' * 16}"
 
     def put(i: int) -> None:
-        client.put_object(Bucket=BUCKET, Key=f"{prefix}/batch-{i:06d}.parquet", Body=data)
+        client.put_object(Bucket=BUCKET, Key=f"{prefix}/batch-{i:06d}.arrow", Body=data)
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(put, range(chunks)))

@@ -4,10 +4,15 @@ A stage that works in batches (generate, verify, synthesize) asks `chunks.get_or
 for each batch. The key names the batch's content (e.g. a hash of its problem ids); the folder is
 keyed by the execution's identity (stage, config hash, model, input fingerprint), so a rerun of the
 same command after a crash finds the batches it already paid for, and a changed config or input
-never picks up stale ones. Each chunk is one atomically written Parquet file: it is there whole, or
-not at all. The folder is removed once the stage's output is published.
+never picks up stale ones. Each chunk is one atomically written file: it is there whole, or not at all.
+The folder is removed once the stage's output is published.
 
-    runs/<run>/_chunks/round=<r>/<stage>/<execution key>/<namespace>/<chunk key>.parquet
+A chunk is an Arrow IPC file (LZ4-compressed buffers), not Parquet: it is written once and read back only by a
+rerun, and at 10M rollouts verify writes ~2,400 of them: a 4,096-row chunk of verdicts costs ~0.5 ms to
+write against ~1.7 ms as zstd Parquet, at ~3x the bytes (~220 KB), for the time the stage runs. (A chunk an
+evoforge before this stored, `<key>.parquet`, is not read: that batch is computed again.)
+
+    runs/<run>/_chunks/round=<r>/<stage>/<execution key>/<namespace>/<chunk key>.arrow
 """
 from __future__ import annotations
 
@@ -16,8 +21,8 @@ from typing import Callable
 
 import pyarrow as pa
 
-from evoforge.data.lake import write_parquet
-from evoforge.data.storage import LakePath, read_parquet, remove_tree
+from evoforge.data.atomic import atomic_path
+from evoforge.data.storage import LakePath, ObjectPath, remove_tree
 
 _KEY = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
@@ -43,16 +48,16 @@ class Chunks:
         if self.folder is None:
             self.computed += 1
             return compute()
-        path = self.folder / f"{key}.parquet"
+        path = self.folder / f"{key}.arrow"
         try:
-            table = read_parquet(path)
+            table = read_chunk(path)
         except FileNotFoundError:
             pass
         else:
             self.reused += 1
             return table
         table = compute()
-        write_parquet(table, path)
+        write_chunk(table, path)
         self.computed += 1
         return table
 
@@ -70,6 +75,19 @@ class Chunks:
 
 
 NO_CHUNKS = Chunks(None)
+_FORMAT = pa.ipc.IpcWriteOptions(compression="lz4")
+
+
+def write_chunk(table: pa.Table, path: LakePath) -> None:
+    # built aside and renamed, or uploaded, once whole
+    with atomic_path(path) as building, pa.ipc.new_file(str(building), table.schema, options=_FORMAT) as out:
+        out.write_table(table)
+
+
+def read_chunk(path: LakePath) -> pa.Table:
+    source = pa.BufferReader(path.read_bytes()) if isinstance(path, ObjectPath) else pa.OSFile(str(path))
+    with source:
+        return pa.ipc.open_file(source).read_all()
 
 
 def chunk_root(run_dir: LakePath, round: int, stage: str) -> LakePath:

@@ -16,6 +16,22 @@ def stable_hash(*parts: object, length: int = 16) -> str:
     return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()[:length]
 
 
+def stable_hash_of_column(head: str, strings: pa.Array | pa.ChunkedArray, length: int = 16) -> str:
+    """`stable_hash(head, *strings)` of a column of strings, joined by Arrow, not as a Python string per value
+    (4,096 ids: ~0.09 ms against ~0.3 ms): the key of a verify chunk. A column holding a null (`str(None)` is
+    'None') goes the Python way."""
+    if isinstance(strings, pa.ChunkedArray):
+        strings = strings.combine_chunks()
+    if strings.type == pa.large_string() and strings.nbytes < 2**31 - 1:
+        strings = strings.cast(pa.string())  # Arrow joins a list of strings, not a large list of large strings
+    if strings.null_count or not len(strings) or strings.type != pa.string():
+        return stable_hash(head, *strings.to_pylist(), length=length)
+    listed = pa.ListArray.from_arrays(pa.array([0, len(strings)], pa.int32()), strings)
+    digest = hashlib.sha256(f"{head}\x1f".encode())
+    digest.update(pc.binary_join(listed, "\x1f")[0].as_buffer())
+    return digest.hexdigest()[:length]
+
+
 def normalize_question(text: str) -> str:
     """What makes two questions the same problem: Unicode compatibility forms, case and spacing do not."""
     return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text)).strip().lower()

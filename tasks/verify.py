@@ -12,7 +12,7 @@ from pydantic import Field
 
 from evoforge.data import schemas
 from evoforge.data.chunks import NO_CHUNKS, Chunks
-from evoforge.data.ids import stable_hash
+from evoforge.data.ids import stable_hash_of_column
 from evoforge.data.lake import in_key_ranges, key_boundaries
 from evoforge.data.section import Section
 from evoforge.models.engine import RayConfig
@@ -141,7 +141,7 @@ def _graded_chunks(chunked: Iterator[pa.Table], pool: GraderPool, chunks: Chunks
     """The verdicts of each chunk of rollouts (with their golds), stored as a resumable chunk."""
     done = 0
     for rows in chunked:
-        key = stable_hash("verify", *rows["rollout_id"].to_pylist())
+        key = stable_hash_of_column("verify", rows["rollout_id"])
 
         def grade(rows=rows, done=done) -> pa.Table:
             return _grade_batch(rows, pool, lambda n: on_progress(done + n))

@@ -459,14 +459,14 @@ def test_a_round_split_over_a_gpu_and_a_cpu_machine_survives_losing_the_cpu_mach
 
         def verify_midway():
             assert the_round.poll() is None, f"the round ended before verify could be interrupted\n{machines.explain()}"
-            return len(list(chunks.glob("*/*.parquet"))) >= 3
+            return len(list(chunks.glob("*/*.arrow"))) >= 3
 
         _wait("verify to store 3 chunks", verify_midway, 300, every=0.3, explain=machines.explain)
         timings["verify midway"] = time.monotonic() - started
         assert on_command_lines(secret_values) == []  # every machine's processes are up now
         machines.kill(cpu_worker)  # the CPU machine dies: its worker, the verify run, its graders
         time.sleep(1)  # a chunk whose upload was under way when it died lands now, or never
-        done_before = {p.name for p in chunks.glob("*/*.parquet")}
+        done_before = {p.name for p in chunks.glob("*/*.arrow")}
         machines.start("cpu-worker-again", [*worker, "cpu", "--name", "cpu-machine"], cpu)
 
         assert the_round.wait(timeout=400) == 0, machines.explain()

@@ -262,3 +262,22 @@ def test_the_readme_lines_give_a_notebook_the_catalog_of_an_s3_run(s3_runs, scra
     con = duckdb.connect("catalog.duckdb", read_only=True)
     con.register_filesystem(fs)                                       # DuckDB reads s3:// through s3fs
     assert con.sql("SELECT count(*) FROM problems").fetchall() == [(7,)]
+
+
+@pytest.mark.server
+def test_a_stage_chunk_on_object_storage_is_stored_whole_and_read_back_by_the_next_attempt(s3_runs):
+    """A resumable chunk (data/chunks.py, an Arrow IPC object) is uploaded once whole: the next attempt of the
+    stage reads the same rows instead of computing them; a batch whose computing fails leaves no object."""
+    from evoforge.data.chunks import Chunks, chunk_root
+
+    folder = chunk_root(lake().run_dir("r"), 0, "verify") / "0123"
+    rows = pa.table({"rollout_id": ["a", "b", None], "text": ["x" * 5000, "é", None]})
+    first = Chunks(folder)
+    assert first.get_or_compute("k1", lambda: rows).equals(rows) and first.counts() == (0, 1)
+    with pytest.raises(RuntimeError):
+        first.get_or_compute("k2", lambda: (_ for _ in ()).throw(RuntimeError("grader died")))
+    assert [p.name for p in folder.glob("*")] == ["k1.arrow"] and unfinished_uploads(folder.parent) == []
+    again = Chunks(folder)
+    assert again.get_or_compute("k1", lambda: pytest.fail("computed again")).equals(rows) and again.counts() == (1, 0)
+    again.clear()
+    assert list(folder.glob("*")) == []

@@ -13,8 +13,9 @@ import time
 import pytest
 
 from evoforge.data import home
+from evoforge.data.chunks import read_chunk
 from evoforge.data.lake import Lake
-from evoforge.data.storage import location, read_parquet
+from evoforge.data.storage import location
 
 
 @pytest.mark.model
@@ -52,14 +53,14 @@ def test_a_round_killed_mid_generate_resumes_without_redoing_or_losing_rows(writ
         first = subprocess.Popen(command, cwd=home.PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                  start_new_session=True)
     deadline = time.monotonic() + 300
-    while len(list(chunk_dir.glob("*/*.parquet"))) < 3:
+    while len(list(chunk_dir.glob("*/*.arrow"))) < 3:
         assert first.poll() is None, f"the round ended before it could be killed:\n{output.read_text()[-3000:]}"
         assert time.monotonic() < deadline, "no generate chunks appeared"
         time.sleep(0.05)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
 
-    done_before = {p.name: read_parquet(p) for p in chunk_dir.glob("*/*.parquet")}
+    done_before = {p.name: read_chunk(p) for p in chunk_dir.glob("*/*.arrow")}
     assert 3 <= len(done_before) < problems
     assert not (runs / "crash" / "round=0" / "generate").exists()  # nothing half-published
 

@@ -408,12 +408,12 @@ def test_a_spread_verify_killed_midway_resumes_from_its_workers_chunks(runs_root
 
     def three_chunks_stored() -> bool:
         assert first.poll() is None, f"verify ended before it could be killed:\n{first.stdout.read()[-3000:]}"
-        return len(list(chunks.glob("*/*.parquet"))) >= 3
+        return len(list(chunks.glob("*/*.arrow"))) >= 3
 
     wait_until("three verify chunks", three_chunks_stored, 300, every=0.05)
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
-    stored = len(list(chunks.glob("*/*.parquet")))
+    stored = len(list(chunks.glob("*/*.arrow")))
     assert 3 <= stored < 10 and store.manifest("r", 0, "verify") is None  # nothing committed
 
     second = stage(False)

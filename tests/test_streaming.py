@@ -634,3 +634,22 @@ def test_every_row_goes_to_the_range_bisect_gives_its_key_whatever_the_keys_byte
         expected = sorted(((bisect.bisect_right(boundaries, key), row) for row, key in enumerate(keys.to_pylist())),
                           key=lambda pair: pair[0])  # stable: a range's rows in their order
         assert got == expected, boundaries
+
+
+@pytest.mark.unit
+def test_a_stage_chunk_on_disk_is_there_whole_or_not_at_all_and_the_next_attempt_reads_it_back(scratch):
+    """A resumable chunk (an Arrow IPC file, data/chunks.py) reads back equal, nulls and long texts included; a
+    computing that fails leaves no file and no temporary beside it."""
+    from evoforge.data import chunks as chunks_module
+    from evoforge.data.atomic import leftovers
+
+    folder = scratch / "chunks" / "0123"
+    rows = rollouts(30)
+    first = Chunks(folder)
+    assert first.get_or_compute("k1", lambda: rows).equals(rows) and first.counts() == (0, 1)
+    with pytest.raises(RuntimeError, match="grader died"):
+        first.get_or_compute("k2", lambda: (_ for _ in ()).throw(RuntimeError("grader died")))
+    assert sorted(p.name for p in folder.iterdir()) == ["k1.arrow"] and leftovers(folder) == []
+    again = Chunks(folder)
+    assert again.get_or_compute("k1", lambda: pytest.fail("computed again")).equals(rows) and again.counts() == (1, 0)
+    assert chunks_module.read_chunk(folder / "k1.arrow").equals(rows)
