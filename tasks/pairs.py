@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Iterable, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
@@ -37,92 +38,85 @@ class PairsConfig(Section):
 # Each side of a problem ranked: correct rollouts shortest first, rejectable ones wrong before no_answer,
 # most confident first; ties by rollout id. A problem's i-th rejectable rollout (i < `pairs_per_problem`) is
 # paired with its i-th correct one, cycling through the correct side's `side_rows`; the pair id is
-# `stable_hash("pair", chosen, rejected)`, as DuckDB's sha256 spells it.
+# `stable_hash("pair", chosen, rejected)`, as DuckDB's sha256 spells it. `graded` is the range's rollouts with
+# their verdicts joined and their row numbers, without their texts: the texts of the rows paired are taken
+# by row number afterwards (joined here, DuckDB copied every text of the range into two hash tables).
 PAIRS_OF_RANGE = """
-WITH graded AS (
-    SELECT r.rollout_id, r.problem_id, r.completion_tokens, r.mean_logprob, v.verdict,
-           v.verdict = 'correct' AS is_correct
-    FROM rollouts r JOIN verdicts v ON v.rollout_id = r.rollout_id
-    WHERE v.verdict = 'correct' OR v.verdict IN {rejectable}
-), ranked AS (
-    SELECT problem_id, is_correct, rollout_id, completion_tokens, mean_logprob,
+WITH ranked AS (
+    SELECT problem_id, verdict = 'correct' AS is_correct, row, rollout_id, completion_tokens, mean_logprob,
            row_number() OVER side AS rank, count(*) OVER (PARTITION BY problem_id, is_correct) AS side_rows
     FROM graded
+    WHERE verdict = 'correct' OR verdict IN {rejectable}
     WINDOW side AS (PARTITION BY problem_id, is_correct ORDER BY
         CASE WHEN is_correct THEN completion_tokens END,
         CASE WHEN NOT is_correct THEN verdict <> 'wrong' END,
         CASE WHEN NOT is_correct THEN mean_logprob END DESC,
         rollout_id)
     QUALIFY rank <= {pairs_per_problem}
-), paired AS (
-    SELECT w.problem_id, w.rank, c.rollout_id AS chosen_rollout_id, w.rollout_id AS rejected_rollout_id,
-           -(c.completion_tokens::DOUBLE) AS chosen_score, w.mean_logprob::DOUBLE AS rejected_score
-    FROM ranked w JOIN ranked c
-      ON c.problem_id = w.problem_id AND c.is_correct AND NOT w.is_correct AND c.rank = (w.rank - 1) % c.side_rows + 1
 )
--- the texts join the few rows paired, not the ranking of every rollout
-SELECT left(sha256('pair' || chr(31) || chosen_rollout_id || chr(31) || rejected_rollout_id), 16) AS pair_id,
-       'solution' AS kind, p.problem_id, NULL::VARCHAR AS prefix, c.text AS chosen, w.text AS rejected,
-       chosen_rollout_id, rejected_rollout_id, chosen_score, rejected_score
-FROM paired p JOIN rollouts c ON c.rollout_id = chosen_rollout_id JOIN rollouts w ON w.rollout_id = rejected_rollout_id
-ORDER BY p.problem_id, p.rank
+SELECT left(sha256('pair' || chr(31) || c.rollout_id || chr(31) || w.rollout_id), 16) AS pair_id,
+       'solution' AS kind, w.problem_id, NULL::VARCHAR AS prefix, c.row AS chosen_row, w.row AS rejected_row,
+       c.rollout_id AS chosen_rollout_id, w.rollout_id AS rejected_rollout_id,
+       -(c.completion_tokens::DOUBLE) AS chosen_score, w.mean_logprob::DOUBLE AS rejected_score
+FROM ranked w JOIN ranked c
+  ON c.problem_id = w.problem_id AND c.is_correct AND NOT w.is_correct AND c.rank = (w.rank - 1) % c.side_rows + 1
+ORDER BY w.problem_id, w.rank
 """
 
-def _spaced(text: str, folds: int = 4) -> str:
-    """SQL for `text` with each ASCII whitespace character Python's `\\s` matches (tab to carriage return, the
-    separators 0x1c-0x1f) made a space, and runs of up to 2**`folds` spaces made one."""
-    for code in (9, 10, 11, 12, 13, 28, 29, 30, 31):
-        text = f"replace({text}, chr({code}), ' ')"
-    for _ in range(folds):  # each pass halves a run
-        text = f"replace({text}, '  ', ' ')"
-    return text
+def _graded(rollouts: pa.Table, verdicts: pa.Table) -> pa.Table:
+    """A range's rollouts with their verdict (null: none) and their row number, the verdicts joined by Arrow's
+    hash of the ids (a rollout's one verdict: the verify stage writes one)."""
+    verdict_ids = verdicts["rollout_id"]
+    found = pc.index_in(rollouts["rollout_id"], value_set=verdict_ids.combine_chunks()
+                        if isinstance(verdict_ids, pa.ChunkedArray) else verdict_ids)
+    return rollouts.append_column("verdict", verdicts["verdict"].take(found)).append_column(
+        "row", pa.array(np.arange(rollouts.num_rows, dtype=np.int64)))
 
 
-SPACED = _spaced("r.text")
-
-
-# The correct rollouts of the problems whose bucket takes SFT examples, in the order they are taken (shortest
-# first, ties by rollout id): a problem's first `sft_per_problem` distinct ones. Distinct is
-# `normalize_question`'s key, which DuckDB computes exactly for an ASCII text (NFKC leaves it as it is; the
-# whitespace is Python's `\s` over ASCII), and only for a problem's first `sft_per_problem` candidates: where
-# those are distinct ASCII texts they are the selection; a problem where they are not (a repeat, a text that is
-# not ASCII) comes with all its candidates (`python_key`) for Python to key and walk. An ASCII text is one whose bytes
-# are its characters; its whitespace becomes one space through `SPACED` (plain replaces: a third of what one
-# regexp_replace costs), and through the regex only where a run of spaces is longer than SPACED folds.
-# `spaced` has a CTE of its own, joined back: used twice in one SELECT, DuckDB expanded it into each use and
-# ran the replaces again (a third of the query's time). The first candidates carry their text to the output;
-# only a walked problem's later ones are joined to theirs.
-SFT_OF_RANGE = r"""
-WITH candidates AS (
-    SELECT r.problem_id, r.rollout_id,
-           row_number() OVER (PARTITION BY r.problem_id ORDER BY r.completion_tokens, r.rollout_id) AS place
-    FROM rollouts r JOIN verdicts v ON v.rollout_id = r.rollout_id
-    WHERE v.verdict = 'correct' AND r.problem_id IN (SELECT problem_id FROM sft_problems)
-), ascii_firsts AS (
-    SELECT c.rollout_id, {spaced} AS spaced
-    FROM candidates c JOIN rollouts r ON r.rollout_id = c.rollout_id
-    WHERE c.place <= {sft_per_problem} AND strlen(r.text) = length(r.text)
-), firsts AS (
-    SELECT c.rollout_id, c.problem_id, c.place, r.text,
-           lower(trim(CASE WHEN contains(a.spaced, '  ') THEN regexp_replace(r.text, '[\t-\r\x1c-\x20]+', ' ', 'g')
-                           ELSE a.spaced END)) AS ascii_key
-    FROM candidates c JOIN rollouts r ON r.rollout_id = c.rollout_id LEFT JOIN ascii_firsts a ON a.rollout_id = c.rollout_id
-    WHERE c.place <= {sft_per_problem}
-), walked AS (
-    SELECT problem_id FROM firsts GROUP BY problem_id
-    HAVING count(ascii_key) < count(*) OR count(DISTINCT ascii_key) < count(*)
-), taken AS (
-    SELECT problem_id, rollout_id, text, ascii_key, place FROM firsts
-    UNION ALL
-    SELECT c.problem_id, c.rollout_id, r.text, NULL AS ascii_key, c.place
-    FROM candidates c JOIN walked w ON w.problem_id = c.problem_id JOIN rollouts r ON r.rollout_id = c.rollout_id
-    WHERE c.place > {sft_per_problem}
-)
-SELECT t.problem_id, t.rollout_id, t.text, t.ascii_key, w.problem_id IS NOT NULL AS python_key,
-       left(sha256('sft' || chr(31) || t.problem_id || chr(31) || t.ascii_key), 16) AS example_id
-FROM taken t LEFT JOIN walked w ON w.problem_id = t.problem_id
-ORDER BY t.problem_id, t.place
-"""
+def sft_candidates(graded: pa.Table, sft_problems: pa.Array, per_problem: int) -> pa.Table:
+    """The correct rollouts of `sft_problems` in the order they are taken (by problem, shortest first, ties by
+    rollout id; `completion_tokens` null last), as `_Selection` takes them: a problem's first `per_problem`, keyed
+    (`ascii_key`, `normalize_question`'s for an ASCII text; null for another text) with their `example_id`; where
+    those are not distinct ASCII keys (a repeat, a text that is not ASCII), the problem is `python_key` and comes
+    with all its candidates, for Python to key and walk. The ranking and the walk's choice are Arrow's over the
+    range's columns; Python sees only the first candidates' texts (it was DuckDB's query, at ~2x the CPU)."""
+    if isinstance(sft_problems, pa.ChunkedArray):
+        sft_problems = sft_problems.combine_chunks()
+    correct = graded.filter(pc.and_(pc.equal(graded["verdict"], "correct"),
+                                    pc.is_in(graded["problem_id"], value_set=sft_problems)))
+    correct = correct.take(pc.sort_indices(correct, sort_keys=[  # as DuckDB orders: nulls last
+        ("problem_id", "ascending", "at_end"), ("completion_tokens", "ascending", "at_end"),
+        ("rollout_id", "ascending", "at_end")]))
+    problem_ids = correct["problem_id"].combine_chunks()
+    rows = np.arange(correct.num_rows)
+    starts = np.ones(correct.num_rows, dtype=bool)
+    if correct.num_rows > 1:
+        starts[1:] = pc.not_equal(problem_ids.slice(1), problem_ids.slice(0, correct.num_rows - 1)).to_numpy(
+            zero_copy_only=False)
+    place = rows - np.maximum.accumulate(np.where(starts, rows, 0)) + 1
+    first = place <= per_problem
+    firsts = correct.filter(pa.array(first))
+    # an ASCII text's key: `normalize_question`'s (NFKC leaves ASCII as it is; `str.split()` splits an ASCII text
+    # where `\s+` does), in Python: Arrow's replaces of the whitespace cost ~3x more over these texts
+    texts, problem_of_first = firsts["text"].to_pylist(), firsts["problem_id"].to_pylist()
+    keys = [" ".join(text.split()).lower() if text.isascii() else None for text in texts]
+    key = pa.array(keys, pa.string())
+    # a problem is walked in Python when a first candidate has no ASCII key, or two share one
+    keyed = pa.table({"problem_id": firsts["problem_id"], "key": key})
+    shared = keyed.group_by(["problem_id", "key"]).aggregate([([], "count_all")])
+    walked = pc.unique(pa.chunked_array([keyed["problem_id"].filter(pc.is_null(key)),
+                                         shared["problem_id"].filter(pc.greater(shared["count_all"], 1))], pa.string()))
+    later = ~first & pc.is_in(problem_ids, value_set=walked).to_numpy(zero_copy_only=False)
+    taken = pa.concat_tables([
+        firsts.select(["problem_id", "rollout_id", "text"]).append_column("ascii_key", key).append_column(
+            "place", pa.array(place[first])),
+        correct.filter(pa.array(later)).select(["problem_id", "rollout_id", "text"]).append_column(
+            "ascii_key", pa.nulls(int(later.sum()), pa.string())).append_column("place", pa.array(place[later]))])
+    example_ids = [None if key is None else stable_hash("sft", problem_id, key)
+                   for problem_id, key in zip(problem_of_first, keys)]
+    taken = taken.append_column("example_id", pa.array([*example_ids, *[None] * int(later.sum())], pa.string()))
+    taken = taken.take(pc.sort_indices(taken, sort_keys=[("problem_id", "ascending"), ("place", "ascending")]))
+    return taken.drop_columns(["place"]).append_column("python_key", pc.is_in(taken["problem_id"], value_set=walked))
 
 
 def _ranges(problems: pa.Table | Iterable[pa.RecordBatch], stats: pa.Table, rollouts, verdicts,
@@ -166,8 +160,8 @@ class _RangeProblems:
         return pa.table({"problem_id": ids.filter(taken)})
 
 
-def _pairs_table(batch: pa.RecordBatch, problems: _RangeProblems) -> pa.Table:
-    """PAIRS_OF_RANGE's rows with their prompt: those of a problem outside the pool are dropped."""
+def _pairs_table(batch: pa.Table, problems: _RangeProblems) -> pa.Table:
+    """PAIRS_OF_RANGE's rows with their texts and prompt: those of a problem outside the pool are dropped."""
     batch = batch.filter(problems.known(batch["problem_id"]))
     columns = {name: batch[name] for name in batch.schema.names}
     columns["prompt"] = problems.rows_of(batch["problem_id"], "question")
@@ -280,16 +274,19 @@ def made_of_range(config: PairsConfig, variant_problem_ids: frozenset[str], name
     if "variants" in ranged:
         problems = pa.concat_tables([problems, ranged["variants"].cast(problems.schema)])
     in_range = _RangeProblems(problems, ranged["stats"], variant_problem_ids)
+    graded = _graded(ranged["rollouts"], ranged["verdicts"])
     if "pairs" in names:
         pairs_query = PAIRS_OF_RANGE.format(rejectable=str(REJECTABLE), pairs_per_problem=int(config.pairs_per_problem))
-        for batch in sql_batches(pairs_query, rollouts=ranged["rollouts"], verdicts=ranged["verdicts"]):
+        texts = graded["text"]
+        for batch in sql_batches(pairs_query, graded=graded.drop_columns(["text"])):
+            batch = pa.Table.from_batches([batch]).append_column("chosen", texts.take(batch["chosen_row"])).append_column(
+                "rejected", texts.take(batch["rejected_row"]))
             if (table := _pairs_table(batch, in_range)).num_rows:
                 yield "pairs", table
     if "sft_examples" in names:
         selection = _Selection(in_range, config)
-        sft_query = SFT_OF_RANGE.format(sft_per_problem=int(config.sft_per_problem), spaced=SPACED)
-        for batch in sql_batches(sft_query, rollouts=ranged["rollouts"], verdicts=ranged["verdicts"],
-                                 sft_problems=in_range.sft_problems(config)):
+        candidates = sft_candidates(graded, in_range.sft_problems(config)["problem_id"], int(config.sft_per_problem))
+        for batch in candidates.to_batches():
             if (table := selection.examples(batch)).num_rows:
                 yield "sft_examples", table
 

@@ -12,6 +12,7 @@ import time
 from datetime import datetime, timedelta, timezone
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from evoforge.data import lake as lake_module
@@ -485,10 +486,10 @@ def event(i: int, status: str = "completed") -> pa.Table:
 
 
 @pytest.mark.unit
-def test_the_sft_key_duckdb_gives_an_ascii_text_is_normalize_questions_for_every_whitespace():
-    """SFT_OF_RANGE keys an ASCII text in SQL: each whitespace Python's `\\s` matches made a space by plain
-    replaces, runs folded to one, the regex only past a run of 16. Its example ids and the repeats it finds
-    must be `normalize_question`'s, for every such character, mixed case and runs of any length."""
+def test_the_sft_key_of_an_ascii_text_is_normalize_questions_for_every_whitespace():
+    """`sft_candidates` keys an ASCII text without `normalize_question` (its words split and joined by one space,
+    lowered): its example ids and the repeats it finds must be `normalize_question`'s, for every whitespace
+    character Python's `\\s` matches in ASCII, mixed case and runs of any length."""
     rng = random.Random(5)
     whitespace = [" ", " ", "\t", "\n", "\x0b", "\x0c", "\r", "\x1c", "\x1d", "\x1e", "\x1f"]
 
@@ -509,9 +510,9 @@ def test_the_sft_key_duckdb_gives_an_ascii_text_is_normalize_questions_for_every
     config = PairsConfig(pairs_per_problem=0, sft_per_problem=2)
     expected = reference_pairs(problems, stats, table, verdicts, config)["sft_examples"]
     assert build_pairs(problems, stats, table, verdicts, config)["sft_examples"].to_pylist() == expected
-    # both ways through the SQL were taken: first candidates distinct, and one a repeat of the other
+    # both ways were taken: first candidates distinct, and one a repeat of the other
     assert 120 < len(expected) < 240
-    assert sum(bool(re.search(r"\s{17,}", row["text"])) for row in rows) > 50  # runs the replaces leave to the regex
+    assert sum(bool(re.search(r"\s{17,}", row["text"])) for row in rows) > 50  # long runs too
 
 
 @pytest.mark.unit
@@ -653,3 +654,35 @@ def test_a_stage_chunk_on_disk_is_there_whole_or_not_at_all_and_the_next_attempt
     again = Chunks(folder)
     assert again.get_or_compute("k1", lambda: pytest.fail("computed again")).equals(rows) and again.counts() == (1, 0)
     assert chunks_module.read_chunk(folder / "k1.arrow").equals(rows)
+
+
+@pytest.mark.unit
+def test_a_ranges_pairs_and_sft_candidates_are_those_the_duckdb_queries_gave_nulls_and_repeats_included():
+    """`made_of_range` pairs on DuckDB without the texts (taken by row number afterwards) and ranks and keys the SFT
+    candidates with Arrow and Python: its pairs and candidates (keys, walked problems, example ids, order) are
+    those of the stage's earlier queries (tests/pairs_reference.py), over a round with ties, repeated and
+    non-ASCII texts, rollouts without a verdict and null token counts and log-probabilities, which DuckDB orders
+    last."""
+    from evoforge.tasks.pairs import _graded, _RangeProblems, made_of_range, sft_candidates
+    from tests.pairs_reference import old_pairs, old_sft_candidates
+
+    rng = random.Random(4)
+    problems, stats, table, verdicts = random_graded_round(seed=4)
+    for column in ("completion_tokens", "mean_logprob"):
+        values = [None if rng.random() < 0.1 else value for value in table[column].to_pylist()]
+        table = table.set_column(table.schema.get_field_index(column), column, pa.array(values, table.schema.field(column).type))
+    table = table.take(pa.array(rng.sample(range(table.num_rows), table.num_rows)))  # rows in no order
+    ranged = {"rollouts": table.select(["rollout_id", "problem_id", "text", "completion_tokens", "mean_logprob"]),
+              "verdicts": verdicts.select(["rollout_id", "problem_id", "verdict"]), "problems": problems, "stats": stats}
+    for per_problem in (1, 2, 5):
+        config = PairsConfig(pairs_per_problem=per_problem, sft_per_problem=per_problem)
+        made = pa.concat_tables([rows for name, rows in made_of_range(config, frozenset(), ("pairs",), ranged)])
+        expected = old_pairs(ranged["rollouts"], ranged["verdicts"], REJECTABLE, per_problem)
+        expected = expected.filter(pc.is_in(expected["problem_id"], value_set=problems["problem_id"]))
+        assert made.drop_columns(["prompt"]).select(expected.column_names).to_pylist() == expected.to_pylist()
+        sft_problems = _RangeProblems(problems, stats, frozenset()).sft_problems(config)
+        candidates = sft_candidates(_graded(ranged["rollouts"], ranged["verdicts"]), sft_problems["problem_id"], per_problem)
+        expected = old_sft_candidates(ranged["rollouts"], ranged["verdicts"], sft_problems, per_problem)
+        assert candidates.select(expected.column_names).to_pylist() == expected.to_pylist()
+        assert 0 < sum(candidates["python_key"].to_pylist()) < candidates.num_rows  # both ways, walked and keyed
+    assert None in made["chosen_score"].to_pylist() or None in made["rejected_score"].to_pylist()  # nulls were paired
