@@ -31,6 +31,7 @@ the pool itself, which `evoforge export` also uses to write a table's parts at o
 """
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
@@ -242,6 +243,14 @@ def _files_of_block(tasks: list[_ReadTask], batches_of: dict[int, dict[int, list
 
 
 # -- in the workers ------------------------------------------------------------------------------
+def _frozen_first(function: Callable, *args):
+    """`function(*args)`, the objects alive before it (the modules a worker imported, its caches) first left out of
+    the cyclic garbage collector's passes: a worker allocating millions of objects ran full collections over
+    them (~4% of export's CPU)."""
+    gc.freeze()
+    return function(*args)
+
+
 def _start_worker(stage_process: int, lake_root: str, sql_threads: int) -> None:
     die_with_parent(stage_process)  # a stage process killed outright takes its workers with it: none writes on, unwatched
     use_lake(lake_root)
@@ -353,7 +362,7 @@ class LakeWorkers:
         return [results[index] for index in range(len(calls))]
 
     def submit(self, function, *args) -> Future:
-        return self._pool.submit(function, *args)
+        return self._pool.submit(_frozen_first, function, *args)
 
     def each(self, futures: list[tuple[object, Future]], on_result: Callable[[object], None] | None = None):
         """(label, result) as each future finishes; the first error is raised once every result that
