@@ -17,8 +17,8 @@ from evoforge.data.lake import in_key_ranges, key_boundaries
 from evoforge.data.section import Section
 from evoforge.models.engine import RayConfig
 from evoforge.tasks import summary
-from evoforge.tasks.grading.answers import (EMPTY_BOX, NO_BOX, WHITESPACE, WHOLE_NUMBER, BoxesOfColumn, all_boxes,
-                                            all_boxes_of_column, exact_gold_verdict)
+from evoforge.tasks.grading.answer_columns import BoxesOfColumn, all_boxes_of_column
+from evoforge.tasks.grading.answers import EMPTY_BOX, NO_BOX, WHITESPACE, WHOLE_NUMBER, all_boxes, exact_gold_verdict
 from evoforge.tasks.grading.pool import GraderPool, Result, shared_pool
 from evoforge.tasks.progress import Progress
 

@@ -116,7 +116,8 @@ def test_a_column_of_texts_has_the_boxes_python_reads_in_each_whatever_its_space
 
     import pyarrow as pa
 
-    from evoforge.tasks.grading.answers import WHITESPACE, all_boxes, all_boxes_of_column
+    from evoforge.tasks.grading.answer_columns import all_boxes_of_column
+    from evoforge.tasks.grading.answers import WHITESPACE, all_boxes
 
     assert WHITESPACE == "".join(c for c in map(chr, range(sys.maxunicode + 1)) if c.isspace())
     pieces = ["\\boxed{", "\\fbox {", "{", "}", "}", " 42 ", "x", "\\frac{1}{2}", "\\boxed", "\\", "é", "日本", ":",
@@ -130,6 +131,23 @@ def test_a_column_of_texts_has_the_boxes_python_reads_in_each_whatever_its_space
     assert list(column.count) == [len(all_boxes(text or "")) for text in texts]
     single = int((column.count == 1).sum())
     assert single > 1000 and len(column.earlier) > 50  # one box (Arrow's way) and several (Python's), many times
+
+
+@pytest.mark.unit
+def test_what_the_graders_preload_brings_no_arrow_into_their_limited_address_space():
+    """A grader's `memory_mb` limits its address space; its forkserver preloads math-verify, sympy and the answers'
+    rules (tasks/grading/preload.py). Arrow and NumPy (~300 MB of address space, the verify stage's column code in
+    tasks/grading/answer_columns.py) must stay out of it."""
+    import subprocess
+    import sys
+
+    from evoforge.data import home
+
+    code = ("import sys, evoforge.tasks.grading.preload; "
+            "print(sorted(name for name in ('pyarrow', 'numpy') if name in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=home.PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 @pytest.mark.unit

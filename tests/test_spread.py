@@ -389,6 +389,7 @@ def test_a_spread_verify_killed_midway_resumes_from_its_workers_chunks(runs_root
 
     from evoforge.data.chunks import chunk_root
     from evoforge.data.lake import lake
+    from tests.test_cluster import SLOW_VERIFY
     from tests.test_streaming import golds, rollouts
 
     table = rollouts(500, per_problem=80)  # 40,000 rollouts, a few distinct answers per problem
@@ -403,7 +404,12 @@ def test_a_spread_verify_killed_midway_resumes_from_its_workers_chunks(runs_root
         return subprocess.Popen([sys.executable, "-c", VERIFY_ON_TWO_WORKERS.format(force=force)], cwd=str(root),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **options)
 
-    first = stage(False)
+    # its workers grade a chunk in ~5 ms: the first attempt's take 0.3 s a chunk (a sitecustomize every process of
+    # it imports, spawned workers included), so that the kill lands with chunks left to do
+    slow = scratch / "slow-site"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text(SLOW_VERIFY.format(chunk=4096, delay=0.3))
+    first = stage(False, env={**os.environ, "PYTHONPATH": str(slow)})
     chunks = chunk_root(store.run_dir("r"), 0, "verify")
 
     def three_chunks_stored() -> bool:

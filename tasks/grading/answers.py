@@ -21,13 +21,8 @@ import logging
 import math
 import re
 import time
-from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 from sympy import Abs, Expr, FiniteSet, Float, Interval, Symbol, Tuple, UnevaluatedExpr, nan, oo, zoo
@@ -69,12 +64,10 @@ def _closing_brace(text: str, opening: int) -> int | None:
 _FLAT_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{([^{}]*)\}")
 
 # Python's whitespace, what `\s` and `str.strip()` take (tests/test_grading_cases.py checks the list against
-# `str.isspace` over every code point), spelled out for Arrow's regex engine (RE2), whose own `\s` is ASCII only
+# `str.isspace` over every code point), spelled out for Arrow's regex engine (RE2: answer_columns.py), whose own
+# `\s` is ASCII only
 WHITESPACE = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008"
               "\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
-_RE2_SPACE = "[" + "".join(f"\\x{{{ord(c):x}}}" for c in WHITESPACE) + "]"
-_RE2_BOX = rf"\\(?:boxed|fbox){_RE2_SPACE}*\{{"  # _BOX
-_RE2_FLAT_BOX = rf"\\(?:boxed|fbox){_RE2_SPACE}*\{{(?P<box>[^{{}}]*)\}}"  # _FLAT_BOX
 
 
 def all_boxes(text: str) -> tuple[str, ...]:
@@ -87,45 +80,6 @@ def all_boxes(text: str) -> tuple[str, ...]:
     if len(flat) == len(_BOX.findall(text)):
         return tuple(map(str.strip, flat))  # a generator here was a fifth of the function's time
     return tuple(last_boxes(text, len(text)))
-
-
-@dataclass(frozen=True)
-class BoxesOfColumn:
-    """`all_boxes` of every text of a column: `count[i]` boxes, the last `last[i]` (null when none), and for the
-    texts holding two or more `earlier[i]`, every box but the last. `boxes(i)` is `all_boxes(text i)`."""
-    count: np.ndarray
-    last: pa.Array
-    earlier: dict[int, tuple[str, ...]]
-
-    def boxes(self, i: int) -> tuple[str, ...]:
-        return () if not self.count[i] else (*self.earlier.get(i, ()), self.last[i].as_py())
-
-
-def all_boxes_of_column(texts: pa.Array | pa.ChunkedArray) -> BoxesOfColumn:
-    """`all_boxes` of a column of texts (a null reads as ""), without a Python string for the common text, one
-    flat box or none: Arrow counts the box openings and takes the first flat box (RE2, ~0.5 µs a 300-character
-    text against ~1.4 µs in Python); a text whose opening count is 1 and whose one box is flat holds that box
-    alone (a flat box starts at an opening). Any other text holding an opening goes through `all_boxes`."""
-    texts = pc.fill_null(texts.combine_chunks() if isinstance(texts, pa.ChunkedArray) else texts, "")
-    openings = pc.count_substring_regex(texts, _RE2_BOX).to_numpy(zero_copy_only=False)
-    flat = pc.struct_field(pc.extract_regex(texts, _RE2_FLAT_BOX), [0])  # null where the text holds no flat box
-    alone = (openings == 1) & ~pc.is_null(flat).to_numpy(zero_copy_only=False)
-    last = pc.if_else(pa.array(alone), pc.utf8_trim(flat, WHITESPACE), pa.scalar(None, pa.string()))
-    count = alone.astype(np.int64)
-    earlier: dict[int, tuple[str, ...]] = {}
-    rest = np.flatnonzero((openings > 0) & ~alone)  # nested, open, or several boxes
-    lasts = []
-    for i, text in zip(rest.tolist(), texts.take(pa.array(rest)).to_pylist()):
-        boxes = all_boxes(text)
-        count[i] = len(boxes)
-        lasts.append(boxes[-1] if boxes else None)
-        if len(boxes) > 1:
-            earlier[i] = boxes[:-1]
-    if len(rest):
-        mask = np.zeros(len(texts), dtype=bool)
-        mask[rest] = True
-        last = pc.replace_with_mask(last, pa.array(mask), pa.array(lasts, pa.string()))
-    return BoxesOfColumn(count, last, earlier)
 
 
 def last_boxed(text: str) -> str | None:
