@@ -169,9 +169,9 @@ def _pairs_table(batch: pa.Table, problems: _RangeProblems) -> pa.Table:
 
 
 class _Selection:
-    """SFT_OF_RANGE's candidates -> `sft_examples`: a problem keyed in SQL is taken as it comes; one with a
-    text that is not ASCII is walked here (keyed by `normalize_question`, up to `sft_per_problem` distinct),
-    across the query's batches."""
+    """`sft_candidates` -> `sft_examples`: a problem whose first candidates were keyed there is taken as it comes;
+    one with a repeat or a text that is not ASCII is walked here (keyed by `normalize_question`, up to
+    `sft_per_problem` distinct), across the candidates' batches."""
 
     def __init__(self, problems: _RangeProblems, config: PairsConfig):
         self.problems, self.config = problems, config
@@ -246,8 +246,9 @@ def pairs_and_sft(problems: pa.Table | Iterable[pa.RecordBatch], stats: pa.Table
 def _made(problems: pa.Table | Iterable[pa.RecordBatch], stats: pa.Table, rollouts, verdicts, config: PairsConfig,
           variant_problem_ids: frozenset[str], total: int | None, names: tuple[str, ...]
           ) -> Iterator[tuple[str, pa.Table]]:
-    """The tables `names` ("pairs", "sft_examples") in one pass, a range of problems at a time: DuckDB pairs,
-    ranks and keys each range's rows, the range's problems give them their prompts, buckets and origins."""
+    """The tables `names` ("pairs", "sft_examples") in one pass, a range of problems at a time (`made_of_range`):
+    DuckDB pairs each range's rows, Arrow ranks its SFT candidates, the range's problems give them their prompts,
+    buckets and origins."""
     for ranged in _ranges(problems, stats, rollouts, verdicts, variant_problem_ids, total):
         yield from made_of_range(config, variant_problem_ids, names, ranged)
 
