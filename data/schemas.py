@@ -327,6 +327,13 @@ RUN_TABLES: dict[str, pa.Schema] = {"stage_runs": STAGE_RUNS}
 BUCKETS = ("unsolved", "underperforming", "learnable", "solved")
 
 
+def one_array(column: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """A column as one array, without a copy when it is one chunk already (`combine_chunks` copies even one)."""
+    if isinstance(column, pa.ChunkedArray):
+        return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    return column
+
+
 def conform(table: pa.Table, schema: pa.Schema, *, where: str, missing_as_null: bool = False) -> pa.Table:
     """Cast `table` to exactly `schema` (column order and types), naming what does not fit.
     `missing_as_null`: a column added to the schema after the file was written reads as NULLs."""

@@ -10,6 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from evoforge.data.schemas import one_array
+
 if TYPE_CHECKING:
     import datasets
 
@@ -73,8 +75,7 @@ def arrow_dataset(table: pa.Table, split: str | None = None) -> datasets.Dataset
 
 def _strings(column) -> pa.Array:
     """A text column as one `string` array (zero-copy when it is one already)."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()  # combining copies even one chunk
+    column = one_array(column)
     return column if column.type == pa.string() else column.cast(pa.string())
 
 

@@ -206,7 +206,7 @@ def _grade_batch(rows: pa.Table, pool: GraderPool, on_progress) -> pa.Table:
     over one key string per row, and the exact-number verdicts of whole-number answers (most of GSM8K's, AIME's,
     DAPO's) decided by Arrow on each distinct pair; Python sees only the pairs left (`exact_gold_verdict`, then
     the graders): at 10M rollouts, ~2 CPU-µs a rollout less."""
-    ids, golds, texts = (rows[name].combine_chunks() for name in ("rollout_id", "gold", "text"))
+    ids, golds, texts = (schemas.one_array(rows[name]) for name in ("rollout_id", "gold", "text"))
     with_gold = np.flatnonzero(golds.is_valid().to_numpy(zero_copy_only=False))
     if len(with_gold) < rows.num_rows:  # demonstrations among them
         golds_graded, texts = golds.take(pa.array(with_gold)), texts.take(pa.array(with_gold))
