@@ -5,7 +5,10 @@ for each batch. The key names the batch's content (e.g. a hash of its problem id
 keyed by the execution's identity (stage, config hash, model, input fingerprint), so a rerun of the
 same command after a crash finds the batches it already paid for, and a changed config or input
 never picks up stale ones. Each chunk is one atomically written file: it is there whole, or not at all.
-The folder is removed once the stage's output is published.
+The folder is removed once the stage's output is published. A stage may leave a chunk that computed in less
+than `store_from_seconds` unstored (verify: a chunk decided on its columns takes ~5 ms, storing it ~2 ms of write
+and fsync, or a request on object storage): an interrupted attempt's rerun computes those again, for no more than
+that each.
 
 A chunk is an Arrow IPC file (LZ4-compressed buffers), not Parquet: it is written once and read back only by a
 rerun, and at 10M rollouts verify writes ~2,400 of them: a 4,096-row chunk of verdicts costs ~0.5 ms to
@@ -17,6 +20,7 @@ evoforge before this stored, `<key>.parquet`, is not read: that batch is compute
 from __future__ import annotations
 
 import re
+import time
 from typing import Callable
 
 import pyarrow as pa
@@ -42,7 +46,9 @@ class Chunks:
         self._children.append(child)
         return child
 
-    def get_or_compute(self, key: str, compute: Callable[[], pa.Table]) -> pa.Table:
+    def get_or_compute(self, key: str, compute: Callable[[], pa.Table], store_from_seconds: float = 0.0) -> pa.Table:
+        """The chunk `key` stored by an earlier attempt, or `compute()`'s, stored unless it took less than
+        `store_from_seconds` (wall-clock: what a rerun would spend again)."""
         if not _KEY.fullmatch(key):
             raise ValueError(f"chunk key {key!r}: use letters, digits, '_', '.', '-'")
         if self.folder is None:
@@ -56,8 +62,10 @@ class Chunks:
         else:
             self.reused += 1
             return table
+        started = time.perf_counter()
         table = compute()
-        write_chunk(table, path)
+        if time.perf_counter() - started >= store_from_seconds:
+            write_chunk(table, path)
         self.computed += 1
         return table
 

@@ -8,7 +8,8 @@ however many the machine has. `spread_ranges` does the same work in `workers` pr
    a million rows is four tasks), or of a held input (a round's stats), written once to an Arrow file. A
    worker reads its task's rows, checked against the manifest as `Lake.reader` reads them
    (`Lake.part_batches`), adds them to the input's fingerprint (a count and a sum of row hashes: the
-   tasks' shares add up to what one pass would hash, `RowsFingerprint`) and splits them by range into
+   tasks' shares add up to what one pass would hash, `RowsFingerprint`), maps them through the input's
+   `prepare` if it has one (verify keeps a rollout's boxes, not its text), and splits them by range into
    one Arrow file of its own: each block of rows sorted by range, a batch per range, and an index of which
    batches hold which range (at 10M rollouts a file per range and task was ~24,000 files a stage, and
    removing them ~2.5 s of the stage process's own time).
@@ -35,7 +36,7 @@ import gc
 import multiprocessing
 import os
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Union
 
@@ -76,6 +77,8 @@ class StreamSource:
 Source = Union[StreamSource, pa.Table]
 # a range's inputs, by name -> (table, rows) pairs: rows of an output table, or of a table handed back to the caller
 RangeFunction = Callable[[dict[str, pa.Table]], Iterable[tuple[str, pa.Table]]]
+# an input's rows as read -> the rows its ranges are given (a module-level function: it is sent to the workers)
+Prepare = Callable[[pa.RecordBatch], pa.RecordBatch]
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,8 @@ class RangedPass:
     `per_range` a range at a time, under the input's name. The tables `per_range` gives that are in
     `outputs` are written into stage `stage`'s folder of `run`/`round`; any other it gives is handed back
     (small ones: pairs' questions of the searched problems). `per_range` is sent to the workers: a
-    module-level function, or a `functools.partial` of one."""
+    module-level function, or a `functools.partial` of one. `prepare`: per input, what its rows become as they
+    are read, before they are split (the input's fingerprint is of the rows read)."""
     run: str
     round: int
     stage: str
@@ -93,6 +97,7 @@ class RangedPass:
     inputs: dict[str, list[Source]]
     per_range: RangeFunction
     outputs: tuple[str, ...]
+    prepare: dict[str, Prepare] = field(default_factory=dict)
 
 
 @dataclass
@@ -139,7 +144,8 @@ def spread_ranges(job: RangedPass, workers: int, on_progress: Callable[[str, int
             progress("read", 0, total_rows)
             batches_of: dict[int, dict[int, list[int]]] = {}  # per task: its file's batches of each range
             for task, (hashed, taken, batches_of[task.index]) in pool.each(
-                    [(task, pool.submit(_read_and_split, task, str(folder), job.key, job.boundaries)) for task in tasks]):
+                    [(task, pool.submit(_read_and_split, task, str(folder), job.key, job.boundaries,
+                                        job.prepare.get(task.input))) for task in tasks]):
                 rows[task.input] += taken
                 if task.source is not None:
                     sums[task.source] = _added(sums.get(task.source, (0, None)), hashed)
@@ -195,7 +201,7 @@ def _added(sums: tuple[int, int | None], more: tuple[int, int | None]) -> tuple[
 
 def _read_tasks(store: Lake, job: RangedPass, folder: Path) -> tuple[list[_ReadTask], dict[str, pa.Schema]]:
     """Every part of every stream, and slices of every held input, in input order; the schema each input's
-    rows have (a held input is cast to its streams')."""
+    rows have (a held input is cast to its streams'), and have once prepared."""
     tasks: list[_ReadTask] = []
     schemas_of: dict[str, pa.Schema] = {}
     for name, sources in job.inputs.items():
@@ -216,6 +222,8 @@ def _read_tasks(store: Lake, job: RangedPass, folder: Path) -> tuple[list[_ReadT
             for start in range(0, source.num_rows, READ_TASK_ROWS):
                 tasks.append(_ReadTask(len(tasks), name, held_file=str(path), start=start,
                                        length=min(READ_TASK_ROWS, source.num_rows - start)))
+    for name, prepare in job.prepare.items():
+        schemas_of[name] = prepare(pa.RecordBatch.from_pylist([], schema=schemas_of[name])).schema
     return tasks, schemas_of
 
 
@@ -257,10 +265,11 @@ def _start_worker(stage_process: int, lake_root: str, sql_threads: int) -> None:
     lake_module.SQL_THREADS = sql_threads  # the machine's cores, shared by the workers' DuckDBs
 
 
-def _read_and_split(task: _ReadTask, folder: str, key: str, boundaries: tuple[str, ...]
+def _read_and_split(task: _ReadTask, folder: str, key: str, boundaries: tuple[str, ...], prepare: Prepare | None
                     ) -> tuple[tuple[int, int | None], int, dict[int, list[int]]]:
     """Step 1 for one task: (the rows' count and hash sum, for the input's fingerprint), rows taken, and which
-    batches of its file hold each range (`_split_file`: written only when a row was taken)."""
+    batches of its file hold each range (`_split_file`: written only when a row was taken), of its rows
+    through `prepare`."""
     source = task.source
     hashed = None
     if source is not None:
@@ -279,7 +288,7 @@ def _read_and_split(task: _ReadTask, folder: str, key: str, boundaries: tuple[st
             if keep is not None:
                 batch = batch.filter(pc.is_in(batch[key], value_set=keep))
             taken[0] += batch.num_rows
-            yield batch
+            yield batch if prepare is None else prepare(batch)
 
     of_range: dict[int, list[int]] = {}
     writer, written = None, 0

@@ -7,7 +7,8 @@ import os
 
 import pyarrow as pa
 
-from evoforge.data.spread import READ_TASK_ROWS, RangedPass, RangeFunction, SpreadResult, StreamSource, spread_ranges
+from evoforge.data.spread import (READ_TASK_ROWS, Prepare, RangedPass, RangeFunction, SpreadResult, StreamSource,
+                                  spread_ranges)
 from evoforge.flows.config import ClusterConfig
 from evoforge.flows.inputs import StageInputs, TableStream
 from evoforge.tasks.progress import Progress
@@ -36,9 +37,10 @@ def stream_source(stream: TableStream, keep_keys: pa.Array | None = None) -> Str
 
 def spread_stage(run: str, round: int, stage: str, inputs: StageInputs, named: dict[str, list[TableStream | pa.Table]],
                  boundaries: list[str], per_range: RangeFunction, outputs: tuple[str, ...], workers: int,
-                 keep_keys: dict[int, pa.Array] | None = None) -> SpreadResult:
+                 keep_keys: dict[int, pa.Array] | None = None, prepare: dict[str, Prepare] | None = None) -> SpreadResult:
     """`named` inputs (streams of `inputs`, or held tables) over ranges of problem ids split at `boundaries`;
-    `keep_keys`: for a stream (by `id`), only the rows of these problems."""
+    `keep_keys`: for a stream (by `id`), only the rows of these problems; `prepare`: per input, what its rows
+    become as they are read (`RangedPass.prepare`)."""
     keep_keys = keep_keys or {}
     sources = {name: [stream_source(s, keep_keys.get(id(s))) if isinstance(s, TableStream) else s for s in items]
                for name, items in named.items()}
@@ -53,8 +55,8 @@ def spread_stage(run: str, round: int, stage: str, inputs: StageInputs, named: d
         bars[step].update(done)
 
     try:
-        result = spread_ranges(RangedPass(run, round, stage, "problem_id", tuple(boundaries), sources, per_range, outputs),
-                               workers, on_progress)
+        result = spread_ranges(RangedPass(run, round, stage, "problem_id", tuple(boundaries), sources, per_range, outputs,
+                                          prepare or {}), workers, on_progress)
     finally:
         for bar in bars.values():
             bar.close()

@@ -11,7 +11,7 @@ from evoforge.flows.config import RoundConfig, config_hash
 from evoforge.flows.inputs import StageInputs, problem_pool, round_stream, stage_config
 from evoforge.flows.spread import range_workers, spread_stage
 from evoforge.flows.stage_runner import StageResult, execute_stage
-from evoforge.tasks.verify import verdicts_of_range, verify_batches, verify_boundaries
+from evoforge.tasks.verify import boxed_rollouts, verdicts_of_range, verify_batches, verify_boundaries
 
 
 @flow(name="verify", flow_run_name="{run}/round-{round}/verify")
@@ -34,7 +34,7 @@ def verify_flow(run: str, round: int, config: RoundConfig | None = None, force: 
         graders = config.verify.model_copy(update={"workers": max(1, -(-config.verify.workers // workers))})
         spread = spread_stage(run, round, "verify", inputs, {"rollouts": [rollouts], "golds": [golds]},
                               verify_boundaries(golds, rollouts.rows), partial(verdicts_of_range, graders, chunks),
-                              ("verdicts",), workers)
+                              ("verdicts",), workers, prepare={"rollouts": boxed_rollouts})
         counts = spread.returned.get("verify_chunks")
         if counts is not None:
             chunks.reused += sum(counts["reused"].to_pylist())

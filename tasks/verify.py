@@ -65,34 +65,65 @@ def check_golds(answers: list[str], config: VerifyConfig) -> list[bool]:
 # verdicts per resumable chunk: ~2 s of math-verify on two workers, what a kill can lose; each chunk costs ~3 ms to
 # store and read back (at 1,024 a chunk, ~3 s per 1M rollouts)
 CHUNK_ROLLOUTS = 4096
+# a chunk graded faster is not stored: one decided on its columns (whole numbers, no math-verify) takes ~5 ms, and
+# storing it (~1 ms of IPC write, an fsync and a rename; on object storage a request) cost more than computing it
+# again after a kill would (at 10M rollouts, ~2,400 chunks: ~8 CPU-s of verify's ~44)
+STORE_CHUNKS_FROM_SECONDS = 0.05
 
 
 def verify(rollouts: pa.Table, problems: pa.Table, config: VerifyConfig, chunks: Chunks = NO_CHUNKS) -> pa.Table:
     """Verdicts of a table of rollouts, whole (synthesize, evaluate); the verify stage streams them
     (`verify_batches`): the same chunks, the same verdicts."""
-    parts = list(verify_batches(rollouts.select(["rollout_id", "problem_id", "text"]), problems, config, chunks,
-                                total=rollouts.num_rows))
+    parts = list(verify_batches(rollouts.select(["rollout_id", "problem_id", "text"]).to_batches(), problems, config,
+                                chunks, total=rollouts.num_rows))
     return pa.concat_tables(parts) if parts else schemas.VERDICTS.empty_table()
 
 
-def verify_batches(rollouts: pa.Table | Iterable[pa.RecordBatch], problems: pa.Table, config: VerifyConfig,
+def verify_batches(rollouts: Iterable[pa.RecordBatch], problems: pa.Table, config: VerifyConfig,
                    chunks: Chunks = NO_CHUNKS, total: int | None = None) -> Iterator[pa.Table]:
-    """Verdicts chunk by chunk as they are graded; `rollouts` (rollout_id, problem_id, text) may be a
-    stream read once, of `total` rows; `problems`: the golds (problem_id, answer), taken range by range
-    with the rollouts (a pool of millions of problems is an Arrow column, never one dict).
+    """Verdicts chunk by chunk as they are graded; `rollouts` (rollout_id, problem_id, text): a stream read
+    once, of `total` rows; `problems`: the golds (problem_id, answer), taken range by range with the
+    rollouts (a pool of millions of problems is an Arrow column, never one dict).
 
     The rollouts are graded sorted by (problem_id, rollout_id) and cut every CHUNK_ROLLOUTS rows, as a
     whole table always was: a problem's samples are together (each distinct answer graded once, the
     worker's gold-parse cache hits), and the chunks, their keys and the verdicts do not depend on the
     input's order. A large round is sorted range of problem ids by range (`in_key_ranges`: one range
-    in memory, the rest spilled to local disk), so memory does not grow with it."""
+    in memory, the rest spilled to local disk), so memory does not grow with it; what is sorted and
+    spilled is each rollout's boxes, not its text (`boxed_rollouts`)."""
     graders = config.pool()  # their start-up overlaps reading and sorting the input
     golds = problems.select(["problem_id", "answer"])
-    total = rollouts.num_rows if isinstance(rollouts, pa.Table) else total
+    boxed = (boxed_rollouts(batch) for batch in rollouts)
     # the golds go range by range with the rollouts: a pool of millions of problems is never one dict
-    ranges = in_key_ranges({"rollouts": rollouts, "golds": golds}, "problem_id", verify_boundaries(golds, total or 0))
+    ranges = in_key_ranges({"rollouts": boxed, "golds": golds}, "problem_id", verify_boundaries(golds, total or 0))
     with graders as pool, Progress("verify", total or 0, "rollouts") as progress:
         yield from _graded_chunks(_in_chunks(ranges, CHUNK_ROLLOUTS), pool, chunks, progress.update)
+
+
+# a rollout as verify sorts, spills and splits it (`boxed_rollouts`): its boxes; its text only where Arrow could
+# not read them
+BOXED_ROLLOUTS = pa.schema([
+    ("rollout_id", pa.string()),
+    ("problem_id", pa.string()),
+    ("box_count", pa.int32()),  # `len(all_boxes(text))`
+    ("last_box", pa.string()),  # `all_boxes(text)[-1]`, null with no box
+    ("text", pa.string()),  # null unless its boxes are nested, open or several (`BoxesOfColumn.by_python`)
+])
+
+
+def boxed_rollouts(rollouts: pa.RecordBatch) -> pa.RecordBatch:
+    """(rollout_id, problem_id, text) -> `BOXED_ROLLOUTS`: what verify needs of a rollout, read where its part is
+    read. A text holding one flat box or no box opening is dropped: its boxes are (`last_box`,) or (), and
+    `grade` reads a response only through its boxes, so a grader given `\\boxed{last_box}` (`_grader_text`)
+    gives it its verdict. A text Arrow could not read is kept, for `_grade_batch` and the graders. Texts are
+    ~97% of a rollout's bytes: at 10M rollouts verify sorted and split ~3 GB of them."""
+    texts = schemas.one_array(rollouts["text"])
+    boxes = all_boxes_of_column(texts)
+    kept = np.zeros(len(texts), dtype=bool)
+    kept[boxes.by_python] = True
+    return pa.record_batch([rollouts["rollout_id"], rollouts["problem_id"], pa.array(boxes.count, pa.int32()),
+                            boxes.last, pc.if_else(pa.array(kept), texts, pa.scalar(None, pa.string()))],
+                           schema=BOXED_ROLLOUTS)
 
 
 def verify_boundaries(golds: pa.Table, total: int) -> list[str]:
@@ -101,7 +132,8 @@ def verify_boundaries(golds: pa.Table, total: int) -> list[str]:
 
 
 def verdicts_of_range(config: VerifyConfig, chunks: Chunks, ranged: dict[str, pa.Table]) -> Iterator[tuple[str, pa.Table]]:
-    """("verdicts", rows) of one range's `rollouts` and `golds`, a resumable chunk of CHUNK_ROLLOUTS at a time
+    """("verdicts", rows) of one range's `rollouts` (`BOXED_ROLLOUTS`: the spread stage's split takes them
+    through `boxed_rollouts`) and `golds`, a resumable chunk of CHUNK_ROLLOUTS at a time
     (cut within the range: the workers of a spread stage grade ranges apart, data/spread.py), on this
     process's graders; then ("verify_chunks", how many chunks were reused and computed)."""
     reused, computed = chunks.reused, chunks.computed
@@ -138,7 +170,8 @@ class GradersWhenNeeded:
 
 def _graded_chunks(chunked: Iterator[pa.Table], pool: GraderPool, chunks: Chunks,
                    on_progress=lambda done: None) -> Iterator[pa.Table]:
-    """The verdicts of each chunk of rollouts (with their golds), stored as a resumable chunk."""
+    """The verdicts of each chunk of rollouts (with their golds), stored as a resumable chunk when grading it took
+    STORE_CHUNKS_FROM_SECONDS or more."""
     done = 0
     for rows in chunked:
         key = stable_hash_of_column("verify", rows["rollout_id"])
@@ -147,19 +180,19 @@ def _graded_chunks(chunked: Iterator[pa.Table], pool: GraderPool, chunks: Chunks
             return _grade_batch(rows, pool, lambda n: on_progress(done + n))
 
         # a chunk an older evoforge stored lacks the newer columns: they read as nulls
-        yield schemas.conform(chunks.get_or_compute(key, grade), schemas.VERDICTS, where="verify chunk",
-                              missing_as_null=True)
+        yield schemas.conform(chunks.get_or_compute(key, grade, STORE_CHUNKS_FROM_SECONDS), schemas.VERDICTS,
+                              where="verify chunk", missing_as_null=True)
         done += rows.num_rows
         on_progress(done)
 
 
 def _in_chunks(ranges: Iterator[dict[str, pa.Table]], size: int) -> Iterator[pa.Table]:
-    """The rollouts of every range sorted by (problem_id, rollout_id), each with its problem's `gold` (null: a
+    """The rollouts (`BOXED_ROLLOUTS`) of every range sorted by (problem_id, rollout_id), each with its problem's `gold` (null: a
     problem without a reference), as tables of exactly `size` rows (the last may be shorter). A chunk may
     straddle two ranges: the rows carried over keep their golds, and nothing else of an earlier range is kept."""
     pending = None
     for ranged in ranges:
-        table = ranged["rollouts"].select(["rollout_id", "problem_id", "text"]).sort_by(
+        table = ranged["rollouts"].select(BOXED_ROLLOUTS.names).sort_by(
             [("problem_id", "ascending"), ("rollout_id", "ascending")])
         golds = ranged["golds"]
         of_problem = pc.index_in(table["problem_id"], value_set=golds["problem_id"].combine_chunks())
@@ -197,22 +230,24 @@ def grade_each_answer_once(pool: GraderPool, pairs: list[tuple[str, str]]) -> li
 
 
 def _grade_batch(rows: pa.Table, pool: GraderPool, on_progress) -> pa.Table:
-    """Verdicts of a batch of rollouts (rollout_id, problem_id, text, gold), as `grade_each_answer_once` gives
+    """Verdicts of a batch of rollouts (`BOXED_ROLLOUTS` and their `gold`), as `grade_each_answer_once` gives
     them, column by column. A problem's samples repeat their final answers: each distinct (gold, boxed answers)
     is graded once and its verdict fanned out to the rows that share it (`graded_with` names the row that was
     graded; `seconds` is 0 on the others). A row without a gold (a demonstration) is not graded.
 
-    The rows' boxes are read by Arrow (`all_boxes_of_column`), the distinct (gold, boxes) found by a dictionary
+    The rows' boxes were read by Arrow (`boxed_rollouts`), the distinct (gold, boxes) are found by a dictionary
     over one key string per row, and the exact-number verdicts of whole-number answers (most of GSM8K's, AIME's,
     DAPO's) decided by Arrow on each distinct pair; Python sees only the pairs left (`exact_gold_verdict`, then
     the graders): at 10M rollouts, ~2 CPU-µs a rollout less."""
-    ids, golds, texts = (schemas.one_array(rows[name]) for name in ("rollout_id", "gold", "text"))
+    ids, golds, texts, last = (schemas.one_array(rows[name]) for name in ("rollout_id", "gold", "text", "last_box"))
+    count = rows["box_count"].to_numpy()
     with_gold = np.flatnonzero(golds.is_valid().to_numpy(zero_copy_only=False))
     if len(with_gold) < rows.num_rows:  # demonstrations among them
-        golds_graded, texts = golds.take(pa.array(with_gold)), texts.take(pa.array(with_gold))
+        taken = pa.array(with_gold)
+        golds_graded, texts, last, count = golds.take(taken), texts.take(taken), last.take(taken), count[with_gold]
     else:
         golds_graded = golds
-    boxes = all_boxes_of_column(texts)
+    boxes = _boxes_of_rows(count, last, texts)
     pair_of_row, first = _first_of_each_key(golds_graded, boxes)
     first_taken = pa.array(first, pa.int64())
     verdict, extracted, detail, seconds = _pair_results(golds_graded.take(first_taken), texts, boxes, first, pool,
@@ -234,6 +269,23 @@ def _grade_batch(rows: pa.Table, pool: GraderPool, on_progress) -> pa.Table:
         "detail": each_row(detail, NO_REFERENCE[2]),
         "seconds": np.where(is_graded, np.append(seconds, NO_REFERENCE[3])[pair], 0.0),
         "graded_with": each_row(ids.take(pa.array(graded_row, pa.int64())), None)}, schema=schemas.VERDICTS)
+
+
+def _boxes_of_rows(count: np.ndarray, last: pa.Array, texts: pa.Array) -> BoxesOfColumn:
+    """The rows' `all_boxes` from `boxed_rollouts`' columns: a kept text is one whose boxes Python read, and of
+    those holding several, every box but the last is read again."""
+    kept = np.flatnonzero(texts.is_valid().to_numpy(zero_copy_only=False))
+    earlier = {i: all_boxes(text)[:-1] for i, text in zip(kept.tolist(), texts.take(pa.array(kept)).to_pylist())
+               if count[i] > 1}
+    return BoxesOfColumn(count, last, earlier, kept)
+
+
+def _grader_text(texts: pa.Array, boxes: BoxesOfColumn, row: int) -> str | None:
+    """What a grader is sent of row `row`: its text where `boxed_rollouts` kept it, else a text with its boxes
+    (its one flat box, or none), which `grade` reads as it read the rollout's own."""
+    if texts[row].is_valid:
+        return texts[row].as_py()
+    return "\\boxed{" + boxes.last[row].as_py() + "}" if boxes.count[row] else ""
 
 
 def _first_of_each_key(gold: pa.Array, boxes: BoxesOfColumn) -> tuple[np.ndarray, np.ndarray]:
@@ -260,7 +312,7 @@ def _first_of_each_key(gold: pa.Array, boxes: BoxesOfColumn) -> tuple[np.ndarray
 def _pair_results(gold: pa.Array, texts: pa.Array, boxes: BoxesOfColumn, first: np.ndarray, pool: GraderPool,
                    on_progress) -> tuple[pa.Array, pa.Array, pa.Array, np.ndarray]:
     """(verdict, extracted answer, detail, seconds) of each distinct pair, whose first row is `first[g]` (of
-    `texts` and `boxes`; `gold[g]` its gold): where the gold is a whole number and the last box one too, or
+    `texts`, as `boxed_rollouts` kept them, and `boxes`; `gold[g]` its gold): where the gold is a whole number and the last box one too, or
     there is no box or an empty one, decided here on the columns as `exact_gold_verdict` decides (a whole number
     has one spelling: equal values are equal strings); the rest by `exact_gold_verdict`, then the graders."""
     def flags(mask: pa.Array) -> np.ndarray:
@@ -284,7 +336,7 @@ def _pair_results(gold: pa.Array, texts: pa.Array, boxes: BoxesOfColumn, first: 
             verdict[g], extracted[g], detail[g] = exact
         else:
             sent.append(g)
-            items.append(("grade", pair_gold, texts[row].as_py()))
+            items.append(("grade", pair_gold, _grader_text(texts, boxes, row)))
     for g, result in zip(sent, pool.run(items, on_progress)):
         verdict[g], extracted[g], detail[g], seconds[g] = result
     return pa.array(verdict, pa.string()), pa.array(extracted, pa.string()), pa.array(detail, pa.string()), seconds

@@ -195,6 +195,7 @@ def today_verify(table: pa.Table, problems: pa.Table, pool) -> pa.Table:
 def test_verify_streamed_over_several_parts_gives_the_verdicts_and_chunks_of_the_whole_table(scratch, small_parts,
                                                                                             monkeypatch):
     monkeypatch.setattr(verify_module, "CHUNK_ROLLOUTS", 64)
+    monkeypatch.setattr(verify_module, "STORE_CHUNKS_FROM_SECONDS", 0.0)  # every chunk stored, as slow gradings are
     monkeypatch.setattr(lake_module, "KEY_RANGE_ROWS", 500)  # sorted range by range, spilled: 7 ranges
     monkeypatch.setattr(VerifyConfig, "pool", lambda self: FakePool())
     lake = Lake(scratch)
@@ -654,6 +655,29 @@ def test_a_stage_chunk_on_disk_is_there_whole_or_not_at_all_and_the_next_attempt
     again = Chunks(folder)
     assert again.get_or_compute("k1", lambda: pytest.fail("computed again")).equals(rows) and again.counts() == (1, 0)
     assert chunks_module.read_chunk(folder / "k1.arrow").equals(rows)
+
+
+@pytest.mark.unit
+def test_a_chunk_computed_faster_than_storing_it_is_worth_is_returned_and_counted_but_not_stored(scratch):
+    """`store_from_seconds`: verify's chunks decided on their columns take ~5 ms, less than storing them costs; a
+    rerun computes them again. A slower chunk is stored as ever, and read back by the next attempt."""
+    import time
+
+    folder = scratch / "chunks" / "0123"
+    rows = rollouts(3)
+    first = Chunks(folder)
+
+    def slow() -> pa.Table:
+        time.sleep(0.6)
+        return rows
+
+    assert first.get_or_compute("quick", lambda: rows, store_from_seconds=0.5).equals(rows)
+    assert first.get_or_compute("slow", slow, store_from_seconds=0.5).equals(rows) and first.counts() == (0, 2)
+    assert sorted(p.name for p in folder.iterdir()) == ["slow.arrow"]
+    again = Chunks(folder)
+    assert again.get_or_compute("slow", lambda: pytest.fail("computed again"), store_from_seconds=0.5).equals(rows)
+    assert again.get_or_compute("quick", lambda: rows, store_from_seconds=0.5).equals(rows)
+    assert again.counts() == (1, 1)
 
 
 @pytest.mark.unit

@@ -109,7 +109,7 @@ def test_a_spread_verify_worker_starts_graders_only_for_an_answer_that_needs_mat
     math-verify, ~1.5 CPU-seconds): whole-number golds answered with whole numbers, with an empty box or
     with none need none of them; a radical does."""
     from evoforge.data.chunks import NO_CHUNKS
-    from evoforge.tasks.verify import verdicts_of_range
+    from evoforge.tasks.verify import boxed_rollouts, verdicts_of_range
 
     started = []
     real_pool = VerifyConfig.pool
@@ -117,8 +117,10 @@ def test_a_spread_verify_worker_starts_graders_only_for_an_answer_that_needs_mat
     config = VerifyConfig(workers=1, deadline_seconds=30)
 
     def ranged(texts: list[str], gold: str) -> dict[str, pa.Table]:
-        return {"rollouts": pa.table({"rollout_id": [f"r{i}" for i in range(len(texts))], "problem_id": ["p"] * len(texts),
-                                      "text": texts}),
+        rollouts = pa.record_batch({"rollout_id": [f"r{i}" for i in range(len(texts))], "problem_id": ["p"] * len(texts),
+                                    "text": texts})
+        # as the spread stage's split gives a range its rollouts
+        return {"rollouts": pa.Table.from_batches([boxed_rollouts(rollouts)]),
                 "golds": pa.table({"problem_id": ["p"], "answer": [gold]})}
 
     made = dict(verdicts_of_range(config, NO_CHUNKS, ranged(["\\boxed{12}", "\\boxed{13}", "no idea", "\\boxed{ }"], "12")))
@@ -153,29 +155,38 @@ def test_each_distinct_answer_is_graded_once_and_its_verdict_fanned_out_identica
 
 
 class RecordingPool:
-    """A deterministic stand-in grader (no processes) that keeps what it was sent: a verdict, an answer and a time
-    from the text's length, so that a row given another row's result would show."""
+    """A deterministic stand-in grader (no processes) that keeps what it was sent: as `grade`, a function of the gold
+    and the text's boxes only (a verdict, an answer naming them, a time), so that a row given another row's result
+    would show."""
 
     def __init__(self):
         self.items = []
 
     def run(self, items, on_progress=None):
+        from evoforge.tasks.grading.answers import all_boxes
+
         self.items += items
-        return [(("correct", "wrong", "no_answer")[len(text) % 3], f"answer {len(text)}", None if len(text) % 2 else
-                 "odd", len(text) / 1000) for _, gold, text in items]
+        results = []
+        for _, gold, text in items:
+            read = f"{gold}|{'|'.join(all_boxes(text or ''))}"
+            results.append((("correct", "wrong", "no_answer")[len(read) % 3], f"answer {read}",
+                            None if len(read) % 2 else "odd", len(read) / 1000))
+        return results
 
 
 @pytest.mark.unit
 def test_the_stage_grades_a_chunk_on_columns_exactly_as_row_by_row_python_does():
-    """`_grade_batch` reads boxes with Arrow's regex engine, finds the distinct (gold, boxes) by a dictionary of key
+    """`boxed_rollouts` reads boxes with Arrow's regex engine (where the spread stage reads a part) and keeps a text
+    only where Python must read its boxes; `_grade_batch` finds the distinct (gold, boxes) by a dictionary of key
     strings and decides whole-number answers on the columns: every row's verdict, answer, detail, seconds and
-    `graded_with`, and what goes to the graders, in order, are those of the Python reference (a row at a time),
-    over golds whole, spaced, fractional, symbolic or missing and texts with flat, nested, open, empty, repeated
-    and Unicode-spaced boxes."""
+    `graded_with` are those of the Python reference (a row at a time), and the graders are sent the same golds
+    with texts of the same boxes, in order (its own text where Python read it), over golds whole, spaced,
+    fractional, symbolic or missing and texts with flat, nested, open, empty, repeated and Unicode-spaced boxes."""
     import random
+    import re
 
-    from evoforge.tasks.grading.answers import WHITESPACE
-    from evoforge.tasks.verify import _grade_batch
+    from evoforge.tasks.grading.answers import WHITESPACE, all_boxes, last_boxes
+    from evoforge.tasks.verify import _grade_batch, boxed_rollouts
     from tests.verify_reference import python_verdicts
 
     rng = random.Random(11)
@@ -202,10 +213,22 @@ def test_the_stage_grades_a_chunk_on_columns_exactly_as_row_by_row_python_does()
     ours, reference = RecordingPool(), RecordingPool()
     table = pa.Table.from_pylist(rows, schema=pa.schema([("rollout_id", pa.string()), ("problem_id", pa.string()),
                                                          ("gold", pa.string()), ("text", pa.string())]))
-    graded = _grade_batch(table.select(["rollout_id", "problem_id", "text", "gold"]), ours, lambda n: None)
+    boxed = boxed_rollouts(table.select(["rollout_id", "problem_id", "text"]).combine_chunks().to_batches()[0])
+    # a text is dropped where it holds one flat box alone or no box opening (its boxes are in `last_box`), else kept
+    openings, flat = re.compile(r"\\(?:boxed|fbox)\s*\{"), re.compile(r"\\(?:boxed|fbox)\s*\{[^{}]*\}")
+    read_by_arrow = [len(openings.findall(t or "")) == 0 or len(openings.findall(t)) == len(flat.findall(t)) == 1
+                     for t in table["text"].to_pylist()]
+    assert boxed["text"].to_pylist() == [None if simple else row["text"] for simple, row in zip(read_by_arrow, rows)]
+    assert 1000 < sum(read_by_arrow) < len(rows) - 1000
+    graded = _grade_batch(pa.Table.from_batches([boxed]).append_column("gold", table["gold"]), ours, lambda n: None)
     expected = python_verdicts(rows, reference)
     assert graded.to_pylist() == expected.to_pylist() and graded.equals(expected)
-    assert ours.items == reference.items and 0 < len(ours.items) < len(rows) // 4
+    assert 0 < len(ours.items) < len(rows) // 4 and len(ours.items) == len(reference.items)
+    for (kind, gold, text), (_, reference_gold, reference_text) in zip(ours.items, reference.items):
+        assert (kind, gold) == ("grade", reference_gold)
+        assert [last_boxes(text, k) for k in (1, 2, 3)] == [last_boxes(reference_text or "", k) for k in (1, 2, 3)]
+        boxes = all_boxes(reference_text or "")
+        assert text == reference_text or text == (f"\\boxed{{{boxes[-1]}}}" if boxes else "")
     verdicts = graded["verdict"].to_pylist()
     assert {verdict: verdicts.count(verdict) > 50 for verdict in ("correct", "wrong", "no_answer", "no_reference")} == {
         "correct": True, "wrong": True, "no_answer": True, "no_reference": True}

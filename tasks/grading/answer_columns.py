@@ -21,10 +21,13 @@ _RE2_FLAT_BOX = rf"\\(?:boxed|fbox){_RE2_SPACE}*\{{(?P<box>[^{{}}]*)\}}"
 @dataclass(frozen=True)
 class BoxesOfColumn:
     """`all_boxes` of every text of a column: `count[i]` boxes, the last `last[i]` (null when none), and for the
-    texts holding two or more `earlier[i]`, every box but the last. `boxes(i)` is `all_boxes(text i)`."""
+    texts holding two or more `earlier[i]`, every box but the last. `boxes(i)` is `all_boxes(text i)`.
+    `by_python`: the rows whose boxes `all_boxes` read (nested, open or several boxes); every other text holds one
+    flat box alone or no box opening at all."""
     count: np.ndarray
     last: pa.Array
     earlier: dict[int, tuple[str, ...]]
+    by_python: np.ndarray
 
     def boxes(self, i: int) -> tuple[str, ...]:
         return () if not self.count[i] else (*self.earlier.get(i, ()), self.last[i].as_py())
@@ -54,4 +57,4 @@ def all_boxes_of_column(texts: pa.Array | pa.ChunkedArray) -> BoxesOfColumn:
         mask = np.zeros(len(texts), dtype=bool)
         mask[rest] = True
         last = pc.replace_with_mask(last, pa.array(mask), pa.array(lasts, pa.string()))
-    return BoxesOfColumn(count, last, earlier)
+    return BoxesOfColumn(count, last, earlier, rest)
