@@ -682,19 +682,25 @@ def test_a_chunk_computed_faster_than_storing_it_is_worth_is_returned_and_counte
 
 @pytest.mark.unit
 def test_a_ranges_pairs_and_sft_candidates_are_those_the_duckdb_queries_gave_nulls_and_repeats_included():
-    """`made_of_range` pairs on DuckDB without the texts (taken by row number afterwards) and ranks and keys the SFT
-    candidates with Arrow and Python: its pairs and candidates (keys, walked problems, example ids, order) are
-    those of the stage's earlier queries (tests/pairs_reference.py), over a round with ties, repeated and
-    non-ASCII texts, rollouts without a verdict and null token counts and log-probabilities, which DuckDB orders
-    last."""
+    """`made_of_range` ranks and pairs with Arrow and NumPy, without the texts (taken by row number afterwards), and
+    ranks and keys the SFT candidates with Arrow and Python: its pairs and candidates (keys, walked problems,
+    example ids, order) are those of the stage's earlier DuckDB queries (tests/pairs_reference.py), over a round
+    with ties, repeated and non-ASCII texts, rollouts without a verdict, null token counts and null, NaN and
+    infinite log-probabilities (DuckDB orders nulls last, NaN above every number)."""
+    import math
+
     from evoforge.tasks.pairs import _graded, _RangeProblems, made_of_range, sft_candidates
     from tests.pairs_reference import old_pairs, old_sft_candidates
 
     rng = random.Random(4)
     problems, stats, table, verdicts = random_graded_round(seed=4)
-    for column in ("completion_tokens", "mean_logprob"):
-        values = [None if rng.random() < 0.1 else value for value in table[column].to_pylist()]
+    for column, odd in (("completion_tokens", [None]), ("mean_logprob", [None, math.nan, -math.inf])):
+        values = [rng.choice(odd) if rng.random() < 0.15 else value for value in table[column].to_pylist()]
         table = table.set_column(table.schema.get_field_index(column), column, pa.array(values, table.schema.field(column).type))
+
+    def comparable(rows: list[dict]) -> list[dict]:  # NaN equals nothing, itself included
+        return [{k: "NaN" if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()} for row in rows]
+
     table = table.take(pa.array(rng.sample(range(table.num_rows), table.num_rows)))  # rows in no order
     ranged = {"rollouts": table.select(["rollout_id", "problem_id", "text", "completion_tokens", "mean_logprob"]),
               "verdicts": verdicts.select(["rollout_id", "problem_id", "verdict"]), "problems": problems, "stats": stats}
@@ -703,10 +709,12 @@ def test_a_ranges_pairs_and_sft_candidates_are_those_the_duckdb_queries_gave_nul
         made = pa.concat_tables([rows for name, rows in made_of_range(config, frozenset(), ("pairs",), ranged)])
         expected = old_pairs(ranged["rollouts"], ranged["verdicts"], REJECTABLE, per_problem)
         expected = expected.filter(pc.is_in(expected["problem_id"], value_set=problems["problem_id"]))
-        assert made.drop_columns(["prompt"]).select(expected.column_names).to_pylist() == expected.to_pylist()
+        assert comparable(made.drop_columns(["prompt"]).select(expected.column_names).to_pylist()) == comparable(
+            expected.to_pylist())
         sft_problems = _RangeProblems(problems, stats, frozenset()).sft_problems(config)
         candidates = sft_candidates(_graded(ranged["rollouts"], ranged["verdicts"]), sft_problems["problem_id"], per_problem)
         expected = old_sft_candidates(ranged["rollouts"], ranged["verdicts"], sft_problems, per_problem)
         assert candidates.select(expected.column_names).to_pylist() == expected.to_pylist()
         assert 0 < sum(candidates["python_key"].to_pylist()) < candidates.num_rows  # both ways, walked and keyed
-    assert None in made["chosen_score"].to_pylist() or None in made["rejected_score"].to_pylist()  # nulls were paired
+    assert None in made["chosen_score"].to_pylist() and None in made["rejected_score"].to_pylist()  # nulls were paired
+    assert pc.any(pc.is_nan(made["rejected_score"])).as_py() and -math.inf in made["rejected_score"].to_pylist()
