@@ -474,3 +474,27 @@ def test_messages_column_refuses_a_template_that_does_not_insert_its_argument_ve
         messages_column(lambda q: [{"role": "user", "content": q, "name": "x"}], q=column)
     empty = messages_column(lambda q: [{"role": "system", "content": "s"}, {"role": "user", "content": q}], q=pa.array([], pa.string()))
     assert len(empty) == 0 and empty.type == pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+
+
+def test_an_export_counts_a_row_wise_methods_rows_by_the_columns_it_chooses_by_and_types_them_from_no_rows():
+    """`evoforge export` counts a row-wise method's rows from its `ROWS_CHOSEN_BY` columns alone (none: every row)
+    and takes their types from its `dataset` of no rows (flows/export.py): the count is `training_rows`' over
+    whole rows, the types, metadata included, those of the rows it builds."""
+    from evoforge.data import schemas
+    from evoforge.flows.export import _OneSlice
+    from evoforge.tasks.finetune import dpo, ppm, sft, traces
+
+    examples = pa.Table.from_pylist([dict(example_id="e0", problem_id="p0", prompt="What is 2+2?", completion="4"),
+                                     dict(example_id="e1", problem_id="p1", prompt="Q", completion=LONG)],
+                                    schema=schemas.SFT_EXAMPLES)
+    steps = pa.Table.from_pylist([dict(trace_id="t0", problem_id="p0", prompt="Q", completion="step 1\n\\boxed{4}")],
+                                 schema=schemas.TRACES)
+    for config in configs_both_ways():
+        for module, table in ((sft, examples), (traces, steps), (dpo, pairs_table()), (ppm, pairs_table())):
+            kept = module.training_rows(_OneSlice(table), config)
+            counted = module.training_rows(_OneSlice(table.select(list(module.ROWS_CHOSEN_BY))), config).num_rows \
+                if module.ROWS_CHOSEN_BY else table.num_rows
+            assert 0 < counted == kept.num_rows, module.__name__
+            typed = module.dataset(module.training_rows(_OneSlice(table.schema.empty_table()), config), config, None)
+            built = module.dataset(kept, config, None)
+            assert typed.data.table.schema.equals(built.data.table.schema, check_metadata=True), module.__name__

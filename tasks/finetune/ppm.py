@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 TABLE = "pairs"
 ROW_WISE = True  # training_rows and dataset act on each row of TABLE alone: an export streams them
+ROWS_CHOSEN_BY = ("kind",)  # the columns training_rows reads to keep a row (its step pairs): an export counts by them
 
 
 def training_rows(inputs: RoundInputs, config: FinetuneConfig) -> pa.Table:

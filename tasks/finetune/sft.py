@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 TABLE = "sft_examples"
 ROW_WISE = True  # training_rows and dataset act on each row of TABLE alone: an export streams them
+ROWS_CHOSEN_BY = ()  # the columns training_rows reads to keep a row (every row): an export counts by them
 
 
 def training_rows(inputs: RoundInputs, config: FinetuneConfig) -> pa.Table:
