@@ -6,9 +6,9 @@ keyed by the execution's identity (stage, config hash, model, input fingerprint)
 same command after a crash finds the batches it already paid for, and a changed config or input
 never picks up stale ones. Each chunk is one atomically written file: it is there whole, or not at all.
 The folder is removed once the stage's output is published. A stage may leave a chunk that computed in less
-than `store_from_seconds` unstored (verify: a chunk decided on its columns takes ~5 ms, storing it ~2 ms of write
-and fsync, or a request on object storage): an interrupted attempt's rerun computes those again, for no more than
-that each.
+than `store_from_seconds` unstored (verify: a chunk decided on its columns takes ~5 ms, less than its write, fsync
+and rename, or a request on object storage): an interrupted attempt's rerun computes those again, for no more
+than that each.
 
 A chunk is an Arrow IPC file (LZ4-compressed buffers), not Parquet: it is written once and read back only by a
 rerun, and at 10M rollouts verify writes ~2,400 of them: a 4,096-row chunk of verdicts costs ~0.5 ms to

@@ -66,8 +66,8 @@ def check_golds(answers: list[str], config: VerifyConfig) -> list[bool]:
 # store and read back (at 1,024 a chunk, ~3 s per 1M rollouts)
 CHUNK_ROLLOUTS = 4096
 # a chunk graded faster is not stored: one decided on its columns (whole numbers, no math-verify) takes ~5 ms, and
-# storing it (~1 ms of IPC write, an fsync and a rename; on object storage a request) cost more than computing it
-# again after a kill would (at 10M rollouts, ~2,400 chunks: ~8 CPU-s of verify's ~44)
+# storing it (its IPC write, an fsync and a rename; on object storage a request) cost more than computing it again
+# after a kill would (at 10M rollouts, ~2,400 chunks: ~17% of verify's CPU in a profile)
 STORE_CHUNKS_FROM_SECONDS = 0.05
 
 
@@ -93,7 +93,8 @@ def verify_batches(rollouts: Iterable[pa.RecordBatch], problems: pa.Table, confi
     spilled is each rollout's boxes, not its text (`boxed_rollouts`)."""
     graders = config.pool()  # their start-up overlaps reading and sorting the input
     golds = problems.select(["problem_id", "answer"])
-    boxed = (boxed_rollouts(batch) for batch in rollouts)
+    # a reader, not a bare generator: with no rollouts at all, the ranges still know their columns
+    boxed = pa.RecordBatchReader.from_batches(BOXED_ROLLOUTS, (boxed_rollouts(batch) for batch in rollouts))
     # the golds go range by range with the rollouts: a pool of millions of problems is never one dict
     ranges = in_key_ranges({"rollouts": boxed, "golds": golds}, "problem_id", verify_boundaries(golds, total or 0))
     with graders as pool, Progress("verify", total or 0, "rollouts") as progress:
@@ -187,9 +188,10 @@ def _graded_chunks(chunked: Iterator[pa.Table], pool: GraderPool, chunks: Chunks
 
 
 def _in_chunks(ranges: Iterator[dict[str, pa.Table]], size: int) -> Iterator[pa.Table]:
-    """The rollouts (`BOXED_ROLLOUTS`) of every range sorted by (problem_id, rollout_id), each with its problem's `gold` (null: a
-    problem without a reference), as tables of exactly `size` rows (the last may be shorter). A chunk may
-    straddle two ranges: the rows carried over keep their golds, and nothing else of an earlier range is kept."""
+    """The rollouts (`BOXED_ROLLOUTS`) of every range sorted by (problem_id, rollout_id), each with its problem's
+    `gold` (null: a problem without a reference), as tables of exactly `size` rows (the last may be shorter). A
+    chunk may straddle two ranges: the rows carried over keep their golds, and nothing else of an earlier range
+    is kept."""
     pending = None
     for ranged in ranges:
         table = ranged["rollouts"].select(BOXED_ROLLOUTS.names).sort_by(
@@ -280,7 +282,7 @@ def _boxes_of_rows(count: np.ndarray, last: pa.Array, texts: pa.Array) -> BoxesO
     return BoxesOfColumn(count, last, earlier, kept)
 
 
-def _grader_text(texts: pa.Array, boxes: BoxesOfColumn, row: int) -> str | None:
+def _grader_text(texts: pa.Array, boxes: BoxesOfColumn, row: int) -> str:
     """What a grader is sent of row `row`: its text where `boxed_rollouts` kept it, else a text with its boxes
     (its one flat box, or none), which `grade` reads as it read the rollout's own."""
     if texts[row].is_valid:
@@ -312,9 +314,10 @@ def _first_of_each_key(gold: pa.Array, boxes: BoxesOfColumn) -> tuple[np.ndarray
 def _pair_results(gold: pa.Array, texts: pa.Array, boxes: BoxesOfColumn, first: np.ndarray, pool: GraderPool,
                    on_progress) -> tuple[pa.Array, pa.Array, pa.Array, np.ndarray]:
     """(verdict, extracted answer, detail, seconds) of each distinct pair, whose first row is `first[g]` (of
-    `texts`, as `boxed_rollouts` kept them, and `boxes`; `gold[g]` its gold): where the gold is a whole number and the last box one too, or
-    there is no box or an empty one, decided here on the columns as `exact_gold_verdict` decides (a whole number
-    has one spelling: equal values are equal strings); the rest by `exact_gold_verdict`, then the graders."""
+    `texts`, as `boxed_rollouts` kept them, and `boxes`; `gold[g]` its gold): where the gold is a whole number
+    and the last box one too, or there is no box or an empty one, decided here on the columns as
+    `exact_gold_verdict` decides (a whole number has one spelling: equal values are equal strings); the rest by
+    `exact_gold_verdict`, then the graders."""
     def flags(mask: pa.Array) -> np.ndarray:
         return pc.fill_null(mask, False).to_numpy(zero_copy_only=False)
 

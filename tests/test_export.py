@@ -483,6 +483,12 @@ def test_an_export_counts_a_row_wise_methods_rows_by_the_columns_it_chooses_by_a
     from evoforge.data import schemas
     from evoforge.flows.export import _OneSlice
     from evoforge.tasks.finetune import dpo, ppm, sft, traces
+    from evoforge.tasks.finetune.training import METHOD_MODULES
+
+    # every row-wise method says what it chooses its rows by: the export counts a new one only so
+    assert [m.__name__ for m in METHOD_MODULES.values() if getattr(m, "ROW_WISE", False)] == [
+        m.__name__ for m in METHOD_MODULES.values() if isinstance(getattr(m, "ROWS_CHOSEN_BY", None), tuple)] == [
+        m.__name__ for m in (sft, dpo, traces, ppm)]
 
     examples = pa.Table.from_pylist([dict(example_id="e0", problem_id="p0", prompt="What is 2+2?", completion="4"),
                                      dict(example_id="e1", problem_id="p1", prompt="Q", completion=LONG)],

@@ -130,6 +130,20 @@ def test_a_spread_verify_worker_starts_graders_only_for_an_answer_that_needs_mat
 
 
 @pytest.mark.unit
+def test_a_round_without_rollouts_verifies_to_no_verdicts_whole_or_streamed():
+    """No rollouts (a synthesize step whose variants all failed, an empty part): no verdicts, and no error, from a
+    table as from a stream with no batch."""
+    from evoforge.data import schemas
+    from evoforge.tasks.verify import verify_batches
+
+    problems = pa.table({"problem_id": ["p"], "answer": ["1"]})
+    config = VerifyConfig(workers=1, deadline_seconds=30)
+    assert verify(schemas.ROLLOUTS.empty_table(), problems, config).equals(schemas.VERDICTS.empty_table())
+    columns = schemas.ROLLOUTS.empty_table().select(["rollout_id", "problem_id", "text"])
+    assert list(verify_batches(pa.RecordBatchReader.from_batches(columns.schema, []), problems, config, total=0)) == []
+
+
+@pytest.mark.unit
 def test_each_distinct_answer_is_graded_once_and_its_verdict_fanned_out_identically():
     """A problem's samples repeat their final answers: the stage grades each distinct (gold, boxed
     answers) once; every row's verdict is what grading it alone gives, and `graded_with` says whose."""
