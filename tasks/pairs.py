@@ -105,18 +105,10 @@ def sft_candidates(graded: pa.Table, sft_problems: pa.Array, per_problem: int) -
     range's columns; Python sees only the first candidates' texts (it was DuckDB's query, at ~2x the CPU)."""
     if isinstance(sft_problems, pa.ChunkedArray):
         sft_problems = sft_problems.combine_chunks()
-    correct = graded.filter(pc.and_(pc.equal(graded["verdict"], "correct"),
-                                    pc.is_in(graded["problem_id"], value_set=sft_problems)))
-    correct = correct.take(pc.sort_indices(correct, sort_keys=[  # as DuckDB orders: nulls last
-        ("problem_id", "ascending", "at_end"), ("completion_tokens", "ascending", "at_end"),
-        ("rollout_id", "ascending", "at_end")]))
-    problem_ids = correct["problem_id"].combine_chunks()
-    rows = np.arange(correct.num_rows)
-    starts = np.ones(correct.num_rows, dtype=bool)
-    if correct.num_rows > 1:
-        starts[1:] = pc.not_equal(problem_ids.slice(1), problem_ids.slice(0, correct.num_rows - 1)).to_numpy(
-            zero_copy_only=False)
-    place = rows - np.maximum.accumulate(np.where(starts, rows, 0)) + 1
+    correct = _ranked_by_problem(graded.filter(pc.and_(pc.equal(graded["verdict"], "correct"),
+                                                       pc.is_in(graded["problem_id"], value_set=sft_problems))),
+                                 [("completion_tokens", "ascending", "at_end")])  # as DuckDB orders: nulls last
+    problem_ids, place = schemas.one_array(correct["problem_id"]), correct["rank"].to_numpy()
     first = place <= per_problem
     firsts = correct.filter(pa.array(first))
     # an ASCII text's key: `normalize_question`'s (NFKC leaves ASCII as it is; `str.split()` splits an ASCII text
