@@ -11,6 +11,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from evoforge.data.schemas import one_array
+
 
 def stable_hash(*parts: object, length: int = 16) -> str:
     return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()[:length]
@@ -20,8 +22,7 @@ def stable_hash_of_column(head: str, strings: pa.Array | pa.ChunkedArray, length
     """`stable_hash(head, *strings)` of a column of strings, joined by Arrow, not as a Python string per value
     (4,096 ids: ~0.09 ms against ~0.3 ms): the key of a verify chunk. A column holding a null (`str(None)` is
     'None') goes the Python way."""
-    if isinstance(strings, pa.ChunkedArray):
-        strings = strings.combine_chunks()
+    strings = one_array(strings)
     if strings.type == pa.large_string() and strings.nbytes < 2**31 - 1:
         strings = strings.cast(pa.string())  # Arrow joins a list of strings, not a large list of large strings
     if strings.null_count or not len(strings) or strings.type != pa.string():

@@ -89,9 +89,7 @@ def _ranked_by_problem(side: pa.Table, keys: list[tuple[str, str, str]]) -> pa.T
 def _graded(rollouts: pa.Table, verdicts: pa.Table) -> pa.Table:
     """A range's rollouts with their verdict (null: none) and their row number, the verdicts joined by Arrow's
     hash of the ids (a rollout's one verdict: the verify stage writes one)."""
-    verdict_ids = verdicts["rollout_id"]
-    found = pc.index_in(rollouts["rollout_id"], value_set=verdict_ids.combine_chunks()
-                        if isinstance(verdict_ids, pa.ChunkedArray) else verdict_ids)
+    found = pc.index_in(rollouts["rollout_id"], value_set=schemas.one_array(verdicts["rollout_id"]))
     return rollouts.append_column("verdict", verdicts["verdict"].take(found)).append_column(
         "row", pa.array(np.arange(rollouts.num_rows, dtype=np.int64)))
 
@@ -103,8 +101,7 @@ def sft_candidates(graded: pa.Table, sft_problems: pa.Array, per_problem: int) -
     those are not distinct ASCII keys (a repeat, a text that is not ASCII), the problem is `python_key` and comes
     with all its candidates, for Python to key and walk. The ranking and the walk's choice are Arrow's over the
     range's columns; Python sees only the first candidates' texts (it was DuckDB's query, at ~2x the CPU)."""
-    if isinstance(sft_problems, pa.ChunkedArray):
-        sft_problems = sft_problems.combine_chunks()
+    sft_problems = schemas.one_array(sft_problems)
     correct = _ranked_by_problem(graded.filter(pc.and_(pc.equal(graded["verdict"], "correct"),
                                                        pc.is_in(graded["problem_id"], value_set=sft_problems))),
                                  [("completion_tokens", "ascending", "at_end")])  # as DuckDB orders: nulls last

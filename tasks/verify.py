@@ -197,11 +197,11 @@ def _in_chunks(ranges: Iterator[dict[str, pa.Table]], size: int) -> Iterator[pa.
         table = ranged["rollouts"].select(BOXED_ROLLOUTS.names).sort_by(
             [("problem_id", "ascending"), ("rollout_id", "ascending")])
         golds = ranged["golds"]
-        of_problem = pc.index_in(table["problem_id"], value_set=golds["problem_id"].combine_chunks())
+        of_problem = pc.index_in(table["problem_id"], value_set=schemas.one_array(golds["problem_id"]))
         if of_problem.null_count:
             missing = sorted(set(pc.filter(table["problem_id"], pc.is_null(of_problem)).to_pylist()))
             raise ValueError(f"verify: rollouts of {len(missing)} problem(s) are not in the pool (e.g. {missing[:3]})")
-        table = table.append_column("gold", golds["answer"].combine_chunks().take(of_problem))
+        table = table.append_column("gold", schemas.one_array(golds["answer"]).take(of_problem))
         if pending is not None:
             table = pa.concat_tables([pending, table])
         while table.num_rows >= size:

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from evoforge.data.schemas import one_array
 from evoforge.tasks.grading.answers import WHITESPACE, all_boxes
 
 # `answers._BOX` and `answers._FLAT_BOX` for RE2, whose own `\s` is ASCII only: Python's whitespace spelled out
@@ -38,7 +39,7 @@ def all_boxes_of_column(texts: pa.Array | pa.ChunkedArray) -> BoxesOfColumn:
     flat box or none: Arrow counts the box openings and takes the first flat box (RE2, ~0.5 µs a 300-character
     text against ~1.4 µs in Python); a text whose opening count is 1 and whose one box is flat holds that box
     alone (a flat box starts at an opening). Any other text holding an opening goes through `all_boxes`."""
-    texts = pc.fill_null(texts.combine_chunks() if isinstance(texts, pa.ChunkedArray) else texts, "")
+    texts = pc.fill_null(one_array(texts), "")
     openings = pc.count_substring_regex(texts, _RE2_BOX).to_numpy(zero_copy_only=False)
     flat = pc.struct_field(pc.extract_regex(texts, _RE2_FLAT_BOX), [0])  # null where the text holds no flat box
     alone = (openings == 1) & ~pc.is_null(flat).to_numpy(zero_copy_only=False)
